@@ -1,0 +1,3 @@
+"""sheepdog: a Sheepdog-style distributed block store for virtual machines."""
+
+__version__ = "0.1.0"

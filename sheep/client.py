@@ -1,0 +1,247 @@
+"""The client library: asyncio connections to a sheep, and a blocking wrapper.
+
+``Connection`` pipelines requests over one TCP connection: each request gets a
+fresh request id and a future; a reader callback matches replies by id, so
+replies may come back in any order. Sheep use it to talk to their peers, dog
+and the NBD plugin use it to talk to a gateway sheep.
+
+Failed replies raise the exception class of their result code (sheep/errors.py)
+with the sheep's own message. A dead or unreachable sheep raises NetworkError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+from sheep import constants, proto
+from sheep.errors import NetworkError, SheepError, Timeout, error_for
+from sheep.proto import Header, Op
+
+
+class _ReplyProtocol(asyncio.Protocol):
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.decoder = proto.FrameDecoder()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.decoder.feed(data)
+        except proto.ProtocolError:
+            frames = []
+        for header, payload in frames:
+            self.connection._deliver(header, payload)
+        error = self.decoder.error
+        if error is not None:
+            self.connection._fail(NetworkError(f"bad reply from {self.connection.endpoint}: "
+                                               f"{error.reason}"))
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connection._fail(NetworkError(f"connection to {self.connection.endpoint} lost"))
+
+
+class Connection:
+    """One pipelined connection to a sheep."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self._transport: asyncio.Transport | None = None
+        self._pending: dict[int, asyncio.Future[tuple[Header, bytes]]] = {}
+        self._ids = itertools.count(1)
+        self._error: SheepError | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def closed(self) -> bool:
+        return self._transport is None or self._error is not None
+
+    @classmethod
+    async def open(cls, host: str, port: int,
+                   timeout_ms: int = constants.peer_connect_timeout_ms) -> Connection:
+        connection = cls(host, port)
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(lambda: _ReplyProtocol(connection), host, port),
+                timeout_ms / 1000)
+        except (OSError, asyncio.TimeoutError) as error:
+            reason = getattr(error, "strerror", None) or "timed out"
+            raise NetworkError(f"cannot connect to sheep at {host}:{port}: {reason}") from error
+        connection._transport = transport  # type: ignore[assignment]
+        return connection
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+        self._fail(NetworkError(f"connection to {self.endpoint} closed"))
+
+    def _deliver(self, header: Header, payload: bytes) -> None:
+        future = self._pending.pop(header.request_id, None)
+        if future is not None and not future.done():
+            future.set_result((header, payload))
+
+    def _fail(self, error: SheepError) -> None:
+        if self._error is None:
+            self._error = error
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(error)
+
+    async def call(self, header: Header, payload: bytes | bytearray | memoryview = b"",
+                   timeout_ms: int = constants.peer_timeout_ms) -> tuple[Header, bytes]:
+        """Send one request and wait for its reply; raise on a failed result."""
+        if self._error is not None:
+            raise self._error
+        assert self._transport is not None
+        request_id = next(self._ids) & 0xFFFFFFFF
+        header = Header(**{**_fields(header), "request_id": request_id, "length": len(payload)})
+        future: asyncio.Future[tuple[Header, bytes]] = (
+            asyncio.get_running_loop().create_future())
+        self._pending[request_id] = future
+        if payload:
+            self._transport.writelines([header.pack(), payload])
+        else:
+            self._transport.write(header.pack())
+        try:
+            reply, data = await asyncio.wait_for(future, timeout_ms / 1000)
+        except asyncio.TimeoutError:
+            self._pending.pop(request_id, None)
+            raise Timeout(f"no reply from {self.endpoint} within {timeout_ms} ms") from None
+        if reply.result:
+            raise error_for(reply.result, proto.error_message(data) or None)
+        return reply, data
+
+
+def _fields(header: Header) -> dict[str, Any]:
+    return {name: getattr(header, name) for name in Header.__slots__}  # type: ignore[attr-defined]
+
+
+class Client:
+    """What dog and the NBD plugin call: object and admin operations via one gateway."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    @classmethod
+    async def connect(cls, host: str = constants.address_default,
+                      port: int = constants.port_default) -> Client:
+        return cls(await Connection.open(host, port))
+
+    def close(self) -> None:
+        self.connection.close()
+
+    async def _json(self, op: Op, body: Any = None, **fields: int) -> Any:
+        payload = b"" if body is None else proto.encode_json(body)
+        _, data = await self.connection.call(Header(opcode=op, **fields), payload)
+        return proto.decode_json(data) if data else None
+
+    # --- objects -------------------------------------------------------------
+
+    async def create_and_write(self, oid: int, data: bytes, offset: int = 0) -> None:
+        await self.connection.call(
+            Header(opcode=Op.CREATE_AND_WRITE_OBJ, oid=oid, offset=offset, count=len(data)), data)
+
+    async def write(self, oid: int, data: bytes, offset: int = 0, fua: bool = False) -> None:
+        flags = proto.FLAG_FUA if fua else 0
+        await self.connection.call(
+            Header(opcode=Op.WRITE_OBJ, oid=oid, offset=offset, count=len(data), flags=flags),
+            data)
+
+    async def read(self, oid: int, offset: int, count: int) -> bytes:
+        _, data = await self.connection.call(
+            Header(opcode=Op.READ_OBJ, oid=oid, offset=offset, count=count))
+        return data
+
+    async def remove(self, oid: int) -> None:
+        await self.connection.call(Header(opcode=Op.REMOVE_OBJ, oid=oid))
+
+    async def discard(self, oid: int, offset: int, count: int) -> None:
+        await self.connection.call(
+            Header(opcode=Op.DISCARD_OBJ, oid=oid, offset=offset, count=count))
+
+    async def flush(self) -> None:
+        await self.connection.call(Header(opcode=Op.FLUSH))
+
+    async def stat(self, oid: int) -> dict[str, Any]:
+        """Where the object lives now: its replicas and each one's version."""
+        result: dict[str, Any] = await self._json(Op.STAT_OBJ, oid=oid)
+        return result
+
+    # --- administration ----------------------------------------------------------
+
+    async def ping(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._json(Op.PING)
+        return result
+
+    async def cluster_info(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._json(Op.CLUSTER_INFO)
+        return result
+
+    async def format(self, copies: int, object_size: int, force: bool = False) -> dict[str, Any]:
+        result: dict[str, Any] = await self._json(
+            Op.FORMAT, {"copies": copies, "object_size": object_size, "force": force})
+        return result
+
+    async def shutdown(self) -> None:
+        await self.connection.call(Header(opcode=Op.SHUTDOWN))
+
+    async def node_info(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._json(Op.NODE_INFO)
+        return result
+
+    async def node_list(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._json(Op.NODE_LIST)
+        return result
+
+    async def kill_node(self) -> None:
+        """Make the connected sheep leave and exit."""
+        await self.connection.call(Header(opcode=Op.KILL_NODE))
+
+    async def list_objects(self) -> list[int]:
+        """The oids stored on the connected sheep itself."""
+        result: list[int] = await self._json(Op.LIST_PEER)
+        return result
+
+
+class SyncClient:
+    """A blocking wrapper: the same calls, each run to completion on a private loop."""
+
+    def __init__(self, host: str = constants.address_default,
+                 port: int = constants.port_default) -> None:
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._client = self._loop.run_until_complete(Client.connect(host, port))
+        except BaseException:
+            self._loop.close()
+            raise
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._client.close()
+        self._loop.run_until_complete(asyncio.sleep(0))
+        self._loop.close()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self._loop.run_until_complete(method(*args, **kwargs))
+
+        return call

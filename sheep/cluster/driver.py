@@ -1,0 +1,69 @@
+"""The cluster driver interface.
+
+A driver gives every sheep the same totally ordered stream of events: joins,
+leaves (graceful or detected deaths) and broadcast operations, each numbered
+by a sequence number that increases by one per event. The state machine in
+sheep/cluster_state.py consumes the stream and knows nothing of the driver.
+
+A driver must:
+- deliver every event with seq > from_seq, in order, to ``events``;
+- include this sheep's own join, so the sheep knows when it is a member;
+- notice a member's death (SIGKILL included) and log a leave for it;
+- make ``broadcast`` append to the same log everyone reads.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from typing import Any
+
+from sheep.cluster_state import Event
+from sheep.errors import UsageError
+from sheep.node import NodeInfo
+
+
+class ClusterDriver(abc.ABC):
+    name = "driver"
+
+    def __init__(self) -> None:
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+
+    @abc.abstractmethod
+    async def join(self, node: NodeInfo, from_seq: int) -> None:
+        """Become a member; deliver events after from_seq (own join included)."""
+
+    @abc.abstractmethod
+    async def broadcast(self, op_id: str, body: dict[str, Any]) -> None:
+        """Append an operation to the ordered log."""
+
+    @abc.abstractmethod
+    async def leave(self) -> None:
+        """Leave the cluster gracefully; the others see a leave event."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop, without logging a leave (the others will see a death)."""
+
+    @abc.abstractmethod
+    def info(self) -> dict[str, Any]:
+        """A description for dog cluster info."""
+
+
+def default_local_directory() -> str:
+    import os
+    import tempfile
+
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = runtime if runtime and os.access(runtime, os.W_OK) else tempfile.gettempdir()
+    return os.path.join(base, f"sheepdog-{os.getuid()}", "cluster")
+
+
+def make_driver(spec: str) -> ClusterDriver:
+    """Build a driver from '-c local[:PATH]'."""
+    name, _, argument = spec.partition(":")
+    if name == "local":
+        from sheep.cluster.local import LocalDriver
+
+        return LocalDriver(argument or default_local_directory())
+    raise UsageError(f"unknown cluster driver {name!r} (known: local)")

@@ -1,0 +1,249 @@
+"""The cluster's deterministic state machine, sans-IO.
+
+Every sheep feeds it the same events in the same order, from the cluster
+driver's totally ordered log: joins, leaves and cluster operations. It holds
+the membership, the epoch (bumped by every membership change), the epoch log
+(epoch -> node list, so placement under any past epoch can be recomputed), and
+the formatted parameters (copies, object size).
+
+``apply`` never raises for a bad operation: it returns an error result that the
+sheep which broadcast the operation hands back to its client. It must not look
+at clocks or randomness: times come inside the events.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sheep import constants
+from sheep.errors import Result
+from sheep.node import NodeInfo
+
+
+class EventKind(enum.Enum):
+    JOIN = "join"
+    LEAVE = "leave"
+    OP = "op"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of the driver's ordered log."""
+
+    seq: int
+    kind: EventKind
+    time: float
+    node: NodeInfo | None = None  # JOIN
+    node_id: str = ""  # LEAVE: who left; OP: who broadcast it
+    reason: str = ""  # LEAVE: "leave" (graceful) or "dead"
+    op_id: str = ""  # OP
+    body: dict[str, Any] = field(default_factory=dict)  # OP
+
+    def to_json(self) -> dict[str, Any]:
+        value: dict[str, Any] = {"seq": self.seq, "kind": self.kind.value, "time": self.time}
+        if self.node is not None:
+            value["node"] = self.node.to_json()
+        for name in ("node_id", "reason", "op_id"):
+            if getattr(self, name):
+                value[name] = getattr(self, name)
+        if self.body:
+            value["body"] = self.body
+        return value
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> Event:
+        node = value.get("node")
+        return cls(
+            seq=int(value["seq"]), kind=EventKind(value["kind"]), time=float(value["time"]),
+            node=None if node is None else NodeInfo.from_json(node),
+            node_id=str(value.get("node_id", "")), reason=str(value.get("reason", "")),
+            op_id=str(value.get("op_id", "")), body=dict(value.get("body", {})))
+
+
+class Status(enum.Enum):
+    WAIT_FOR_FORMAT = "wait_for_format"
+    OK = "ok"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass
+class EpochEntry:
+    epoch: int
+    time: float
+    nodes: list[NodeInfo]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "time": self.time, "nodes": [n.to_json() for n in self.nodes]}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> EpochEntry:
+        return cls(epoch=int(value["epoch"]), time=float(value["time"]),
+                   nodes=[NodeInfo.from_json(n) for n in value["nodes"]])
+
+
+@dataclass
+class ApplyResult:
+    """What applying one event did: its answer, and effects for the daemon to carry out."""
+
+    result: Result = Result.SUCCESS
+    message: str = ""
+    value: dict[str, Any] = field(default_factory=dict)
+    epoch_changed: bool = False
+    wipe_store: bool = False
+    shutdown: bool = False
+
+
+def _error(result: Result, message: str) -> ApplyResult:
+    return ApplyResult(result=result, message=message)
+
+
+class ClusterState:
+    def __init__(self) -> None:
+        self.seq = 0
+        self.epoch = 0
+        self.members: dict[str, NodeInfo] = {}
+        self.epochs: list[EpochEntry] = []
+        self.status = Status.WAIT_FOR_FORMAT
+        self.copies = 0
+        self.object_size = 0
+        self.format_time = 0.0
+        self.format_epoch = 0
+        self._ops: dict[str, Callable[[Event], ApplyResult]] = {
+            "format": self._apply_format,
+            "shutdown": self._apply_shutdown,
+        }
+
+    # --- queries ---------------------------------------------------------
+
+    @property
+    def nodes(self) -> list[NodeInfo]:
+        """Members in a canonical order (by node id)."""
+        return [self.members[node_id] for node_id in sorted(self.members)]
+
+    @property
+    def zones(self) -> int:
+        return len({node.zone for node in self.members.values()})
+
+    def epoch_nodes(self, epoch: int) -> list[NodeInfo] | None:
+        for entry in reversed(self.epochs):
+            if entry.epoch == epoch:
+                return entry.nodes
+            if entry.epoch < epoch:
+                break
+        return None
+
+    # --- the one way in ----------------------------------------------------
+
+    def apply(self, event: Event) -> ApplyResult:
+        assert event.seq > self.seq, f"event {event.seq} applied after {self.seq}"
+        self.seq = event.seq
+        if event.kind is EventKind.JOIN:
+            result = self._apply_join(event)
+        elif event.kind is EventKind.LEAVE:
+            result = self._apply_leave(event)
+        else:
+            handler = self._ops.get(str(event.body.get("type")))
+            if handler is None:
+                result = _error(Result.UNKNOWN_OP, f"unknown cluster op {event.body.get('type')!r}")
+            else:
+                result = handler(event)
+        self._check()
+        return result
+
+    def _new_epoch(self, event: Event) -> None:
+        self.epoch += 1
+        self.epochs.append(EpochEntry(self.epoch, event.time, self.nodes))
+
+    def _apply_join(self, event: Event) -> ApplyResult:
+        assert event.node is not None
+        if event.node.node_id in self.members and self.members[event.node.node_id] == event.node:
+            return ApplyResult()  # a duplicate join changes nothing
+        self.members[event.node.node_id] = event.node
+        self._new_epoch(event)
+        return ApplyResult(epoch_changed=True)
+
+    def _apply_leave(self, event: Event) -> ApplyResult:
+        if event.node_id not in self.members:
+            return ApplyResult()
+        del self.members[event.node_id]
+        self._new_epoch(event)
+        return ApplyResult(epoch_changed=True)
+
+    def _apply_format(self, event: Event) -> ApplyResult:
+        body = event.body
+        copies = body.get("copies")
+        object_size = body.get("object_size")
+        problem = format_problem(copies, object_size, self.zones)
+        if problem is not None:
+            return _error(*problem)
+        if self.status is Status.OK and not body.get("force"):
+            return _error(Result.ALREADY_FORMATTED,
+                          "the cluster is already formatted (use --force to erase it)")
+        self.status = Status.OK
+        self.copies = int(copies)  # type: ignore[arg-type]
+        self.object_size = int(object_size)  # type: ignore[arg-type]
+        self.format_time = event.time
+        self.format_epoch = self.epoch
+        return ApplyResult(wipe_store=True, value={"copies": self.copies,
+                                                   "object_size": self.object_size})
+
+    def _apply_shutdown(self, event: Event) -> ApplyResult:
+        return ApplyResult(shutdown=True)
+
+    # --- persistence -------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything but the epoch log, which is persisted entry by entry."""
+        return {
+            "seq": self.seq, "epoch": self.epoch,
+            "members": [node.to_json() for node in self.nodes],
+            "status": self.status.value, "copies": self.copies,
+            "object_size": self.object_size, "format_time": self.format_time,
+            "format_epoch": self.format_epoch,
+        }
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any], epochs: list[dict[str, Any]]) -> ClusterState:
+        state = cls()
+        state.seq = int(value["seq"])
+        state.epoch = int(value["epoch"])
+        state.members = {n["node_id"]: NodeInfo.from_json(n) for n in value["members"]}
+        state.status = Status(value["status"])
+        state.copies = int(value["copies"])
+        state.object_size = int(value["object_size"])
+        state.format_time = float(value["format_time"])
+        state.format_epoch = int(value["format_epoch"])
+        state.epochs = sorted((EpochEntry.from_json(e) for e in epochs), key=lambda e: e.epoch)
+        state._check()
+        return state
+
+    def _check(self) -> None:
+        assert self.seq >= 0 and self.epoch >= 0
+        assert all(node_id == node.node_id for node_id, node in self.members.items())
+        if self.epochs:
+            assert self.epochs[-1].epoch == self.epoch
+            assert {n.node_id for n in self.epochs[-1].nodes} == set(self.members)
+        if self.status is Status.OK:
+            assert 1 <= self.copies <= constants.copies_max
+            assert constants.object_size_min_bytes <= self.object_size
+            assert self.object_size <= constants.object_size_max_bytes
+
+
+def format_problem(copies: Any, object_size: Any, zones: int) -> tuple[Result, str] | None:
+    """Why a format with these parameters must be refused, or None."""
+    if not isinstance(copies, int) or not 1 <= copies <= constants.copies_max:
+        return Result.INVALID_PARMS, f"copies must be 1 to {constants.copies_max}, not {copies!r}"
+    if (not isinstance(object_size, int) or object_size & (object_size - 1)
+            or not constants.object_size_min_bytes <= object_size
+            <= constants.object_size_max_bytes):
+        return Result.INVALID_PARMS, (
+            f"object size must be a power of two from {constants.object_size_min_bytes >> 20} MiB"
+            f" to {constants.object_size_max_bytes >> 20} MiB, not {object_size!r}")
+    if copies > zones:
+        return Result.TOO_FEW_ZONES, (
+            f"cannot keep {copies} copies in {zones} zone{'s' if zones != 1 else ''}:"
+            " copies must not exceed the number of zones")
+    return None

@@ -1,0 +1,77 @@
+"""Every limit and default of the system, in one place.
+
+Names carry their unit last (``object_size_default_bytes``, ``peer_timeout_ms``).
+Relations between the numbers are asserted at import, so a bad edit fails at
+once instead of at the first oversized frame.
+"""
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+TiB = 1024 * GiB
+PiB = 1024 * TiB
+
+# --- network -------------------------------------------------------------
+port_default = 7000
+address_default = "127.0.0.1"
+listen_backlog = 128
+
+# --- objects -------------------------------------------------------------
+object_size_default_bytes = 4 * MiB
+object_size_min_bytes = 1 * MiB
+object_size_max_bytes = 64 * MiB
+copies_default = 3
+copies_max = 8
+block_size_bytes = 4 * KiB  # unit of checksums and of discard alignment
+
+# --- protocol ------------------------------------------------------------
+proto_magic = 0x5344  # "SD"
+proto_version = 1
+# A data payload never exceeds one object; control payloads (JSON) are small.
+payload_data_max_bytes = object_size_max_bytes
+payload_control_max_bytes = 16 * MiB
+payload_max_bytes = max(payload_data_max_bytes, payload_control_max_bytes)
+requests_in_flight_max = 256  # per connection; the server stops reading past it
+
+# --- ring ----------------------------------------------------------------
+vnode_weight_bytes = 256 * MiB  # one vnode per this much weight
+vnodes_min = 16
+vnodes_max = 2048
+zones_max = 2**32 - 1
+
+# --- cluster -------------------------------------------------------------
+driver_poll_interval_ms = 100  # how often the local driver tails its log
+member_check_interval_ms = 500  # how often it probes members' locks
+member_death_detect_ms_max = 2000
+op_timeout_ms = 30_000  # a cluster op not applied by then is reported failed
+epoch_wait_ms = 5_000  # how long a request waits for the epochs to agree
+node_ids_per_cluster_max = 1024
+
+# --- peers and gateway ---------------------------------------------------
+peer_connect_timeout_ms = 2_000
+peer_timeout_ms = 30_000
+gateway_retry_total_ms = 20_000  # a write retries across epochs this long
+gateway_retry_backoff_ms = 50
+
+# --- store ---------------------------------------------------------------
+lmdb_map_size_bytes = 4 * GiB  # sparse; a store's metadata stays far below it
+lmdb_max_dbs = 8
+object_fanout_dirs = 256
+
+# --- VDIs (see sheep/oid.py for how these bound the object id) -----------
+generation_bits = 28
+index_bits = 32
+vdi_size_max_bytes = 16 * PiB
+
+assert object_size_min_bytes <= object_size_default_bytes <= object_size_max_bytes
+for _size in (object_size_min_bytes, object_size_default_bytes, object_size_max_bytes):
+    assert _size & (_size - 1) == 0, "object sizes are powers of two"
+assert object_size_min_bytes % block_size_bytes == 0
+assert payload_data_max_bytes <= payload_max_bytes
+assert payload_max_bytes < 2**32, "payload length travels in a u32"
+assert 1 <= copies_default <= copies_max
+assert vnodes_min <= vnodes_max
+assert driver_poll_interval_ms * 4 <= member_death_detect_ms_max
+assert member_check_interval_ms * 2 <= member_death_detect_ms_max
+assert generation_bits + index_bits + 4 == 64
+assert (2**index_bits) * object_size_default_bytes == vdi_size_max_bytes

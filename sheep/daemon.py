@@ -1,0 +1,317 @@
+"""The composition root: a Sheep built from its config, store and driver.
+
+No module-level state: several Sheep objects can live in one process (the
+in-process test cluster does exactly that). The Sheep owns the event loop's
+tasks: the driver's event stream feeding the cluster state machine, and the
+server dispatching requests by the op table to the gateway, the peer side and
+the admin handlers below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sheep import __version__, constants, proto
+from sheep.cluster.driver import ClusterDriver
+from sheep.cluster_state import ApplyResult, ClusterState, Event, EventKind, Status, format_problem
+from sheep.errors import (
+    NotFormatted,
+    Result,
+    SheepError,
+    ShuttingDown,
+    Timeout,
+    Unavailable,
+    error_for,
+)
+from sheep.gateway import Gateway, PeerPool
+from sheep.group import Group
+from sheep.net import Reply, Server
+from sheep.node import NodeInfo
+from sheep.peer import Peer
+from sheep.proto import Header, Kind, Op
+from sheep.store import Store
+
+log = logging.getLogger(__name__)
+
+_empty: Reply = (b"", {})
+
+
+@dataclass(frozen=True)
+class SheepConfig:
+    directory: str
+    address: str = constants.address_default
+    port: int = constants.port_default
+    zone: int | None = None
+    weight: int | None = None  # bytes; default: the free space of the store's filesystem
+
+
+class Sheep:
+    def __init__(self, config: SheepConfig, store: Store, driver: ClusterDriver) -> None:
+        self.config = config
+        self.store = store
+        self.driver = driver
+        self.node: NodeInfo | None = None
+        self.group = Group(ClusterState())
+        self.pool = PeerPool()
+        self.server = Server(self.dispatch)
+        self.joined = asyncio.Event()
+        self.stopped = asyncio.Event()
+        self.stopping = False
+        self.started_at = time.time()
+        self._op_ids = itertools.count(1)
+        self._op_waiters: dict[str, asyncio.Future[ApplyResult]] = {}
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._applied = asyncio.Event()  # set after every applied event
+        self.peer: Peer | None = None
+        self.gateway: Gateway | None = None
+        self.admin: dict[Op, Callable[[Header, bytes], Awaitable[Reply]]] = {
+            Op.PING: self.ping,
+            Op.CLUSTER_INFO: self.cluster_info,
+            Op.FORMAT: self.format,
+            Op.SHUTDOWN: self.shutdown,
+            Op.NODE_INFO: self.node_info,
+            Op.NODE_LIST: self.node_list,
+            Op.KILL_NODE: self.kill_node,
+        }
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def start(self, sock: socket.socket) -> None:
+        """Open the store, join the cluster, serve. Returns once this sheep is a member."""
+        self.store.open()
+        saved, epochs = self.store.load_cluster_state()
+        if saved is not None:
+            self.group.state = ClusterState.from_json(saved, epochs)
+        if self.group.state.status is not Status.WAIT_FOR_FORMAT:
+            self.store.object_size = self.group.state.object_size
+        self.node = self._make_node()
+        self.peer = Peer(self.store, self.group)
+        self.gateway = Gateway(self.group, self.peer, self.node.node_id, self.pool)
+        await self.server.start(sock)
+        await self.driver.join(self.node, self.group.state.seq)
+        self._tasks.append(asyncio.get_running_loop().create_task(self._apply_events()))
+        await self.joined.wait()
+        log.info("sheep %s joined at epoch %d", self.node.node_id, self.group.epoch)
+
+    def _make_node(self) -> NodeInfo:
+        from sheep.node import vnodes_for_weight, zone_for_address
+
+        config = self.config
+        weight = config.weight
+        if weight is None:
+            fs = os.statvfs(self.store.path)
+            weight = fs.f_bavail * fs.f_frsize
+        zone = config.zone if config.zone is not None else zone_for_address(
+            config.address, config.port)
+        node_id = f"{config.address}:{config.port}/{self.store.node_secret()}"
+        return NodeInfo(node_id=node_id, address=config.address, port=config.port, zone=zone,
+                        vnodes=vnodes_for_weight(weight))
+
+    async def stop(self, leave: bool = True) -> None:
+        """Finish in-flight requests, sync the store, leave the cluster, close."""
+        if self.stopping:
+            await self.stopped.wait()
+            return
+        self.stopping = True
+        log.info("stopping (leave=%s)", leave)
+        await self.server.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            self.store.sync()
+        except SheepError:
+            log.exception("final sync failed")
+        if leave:
+            await self.driver.leave()
+        else:
+            await self.driver.close()
+        self.pool.close()
+        self.store.close()
+        self.stopped.set()
+
+    def _stop_soon(self) -> None:
+        """Stop from inside a request: the reply goes out before the server drains."""
+        asyncio.get_running_loop().call_later(0.05, lambda: asyncio.ensure_future(self.stop()))
+
+    # --- the ordered event stream ----------------------------------------------
+
+    async def _apply_events(self) -> None:
+        while True:
+            event = await self.driver.events.get()
+            self._apply(event)
+
+    def _apply(self, event: Event) -> None:
+        state = self.group.state
+        if event.seq <= state.seq:
+            return
+        epochs_before = len(state.epochs)
+        result = state.apply(event)
+        self.store.save_cluster_state(
+            state.to_json(), [entry.to_json() for entry in state.epochs[epochs_before:]])
+        if result.wipe_store:
+            self.store.wipe()
+            self.store.object_size = state.object_size
+        if result.epoch_changed:
+            log.info("epoch %d: %s %s", state.epoch, event.kind.value,
+                     event.node.node_id if event.node else event.node_id)
+            self.group.notify_epoch()
+        assert self.node is not None
+        if event.kind is EventKind.JOIN and event.node == self.node:
+            self.joined.set()
+        if result.shutdown and not self.stopping:
+            log.info("cluster shutdown requested")
+            self._stop_soon()
+        self._applied.set()
+        waiter = self._op_waiters.pop(event.op_id, None) if event.op_id else None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(result)
+
+    async def broadcast(self, body: dict[str, Any]) -> ApplyResult:
+        """Send a cluster op through the ordered log; wait until it is applied here."""
+        assert self.node is not None
+        op_id = f"{self.node.node_id}#{next(self._op_ids)}#{secrets.token_hex(4)}"
+        future: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()
+        self._op_waiters[op_id] = future
+        await self.driver.broadcast(op_id, body)
+        try:
+            result = await asyncio.wait_for(future, constants.op_timeout_ms / 1000)
+        except asyncio.TimeoutError:
+            self._op_waiters.pop(op_id, None)
+            raise Timeout(f"cluster operation {body.get('type')} was not applied in time") from None
+        if result.result != Result.SUCCESS:
+            raise error_for(result.result, result.message)
+        await self._wait_members_applied(self.group.state.seq)
+        return result
+
+    async def _wait_members_applied(self, seq: int) -> None:
+        """A barrier: every member has applied the log up to seq (dead ones are skipped),
+        so a client may use the op's effect through any sheep once it is answered."""
+        assert self.node is not None
+
+        async def wait(node: NodeInfo) -> None:
+            try:
+                connection = await self.pool.get(node)
+                await connection.call(Header(opcode=Op.PING, arg0=seq),
+                                      timeout_ms=constants.epoch_wait_ms)
+            except SheepError as error:
+                log.warning("member %s did not confirm seq %d: %s", node.node_id, seq, error)
+
+        await asyncio.gather(*(wait(node) for node in self.group.state.nodes
+                               if node.node_id != self.node.node_id))
+
+    async def wait_applied(self, seq: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.group.state.seq < seq:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Timeout(f"log position {seq} not applied here in time")
+            self._applied.clear()
+            try:
+                await asyncio.wait_for(self._applied.wait(), remaining)
+            except asyncio.TimeoutError:
+                continue
+
+    # --- dispatch ----------------------------------------------------------------
+
+    async def dispatch(self, header: Header, payload: bytes) -> Reply:
+        info = proto.OPS[Op(header.opcode)]
+        if info.kind is Kind.ADMIN:
+            return await self.admin[Op(header.opcode)](header, payload)
+        if self.stopping:
+            raise ShuttingDown(f"sheep {self.config.address}:{self.config.port} is shutting down")
+        if not self.joined.is_set():
+            raise Unavailable("this sheep has not joined the cluster yet")
+        assert self.peer is not None and self.gateway is not None
+        if self.group.state.status is not Status.OK:
+            if info.kind is Kind.PEER:  # the gateway saw a format that has not reached us yet
+                raise Unavailable("this sheep has not applied the format yet")
+            raise NotFormatted()
+        if info.kind is Kind.PEER:
+            return await self.peer.serve(header, payload)
+        return await self.gateway.serve(header, payload)
+
+    # --- admin ops -----------------------------------------------------------------
+
+    async def ping(self, header: Header, payload: bytes) -> Reply:
+        """Who and where this sheep is; with arg0, first wait until log position arg0 applies."""
+        assert self.node is not None
+        if header.arg0:
+            await self.wait_applied(header.arg0, constants.epoch_wait_ms / 1000)
+        value = {"node_id": self.node.node_id, "epoch": self.group.epoch,
+                 "seq": self.group.state.seq,
+                 "version": __version__, "joined": self.joined.is_set()}
+        return proto.encode_json(value), {}
+
+    async def cluster_info(self, header: Header, payload: bytes) -> Reply:
+        state = self.group.state
+        value = {
+            **state.to_json(),
+            "zones": state.zones,
+            "epochs": [entry.to_json() for entry in state.epochs],
+            "driver": self.driver.info(),
+            "node_id": self.node.node_id if self.node else None,
+        }
+        return proto.encode_json(value), {}
+
+    async def format(self, header: Header, payload: bytes) -> Reply:
+        body = proto.decode_json(payload)
+        if not isinstance(body, dict):
+            raise error_for(Result.INVALID_PARMS, "format takes a JSON object")
+        copies = body.get("copies", constants.copies_default)
+        object_size = body.get("object_size", constants.object_size_default_bytes)
+        problem = format_problem(copies, object_size, self.group.state.zones)
+        if problem is not None:
+            raise error_for(*problem)
+        result = await self.broadcast({"type": "format", "copies": copies,
+                                       "object_size": object_size,
+                                       "force": bool(body.get("force"))})
+        return proto.encode_json(result.value), {}
+
+    async def shutdown(self, header: Header, payload: bytes) -> Reply:
+        await self.broadcast({"type": "shutdown"})
+        return _empty
+
+    async def node_info(self, header: Header, payload: bytes) -> Reply:
+        return proto.encode_json(self.local_node_info()), {}
+
+    def local_node_info(self) -> dict[str, Any]:
+        assert self.node is not None
+        usage = self.store.usage()
+        return {
+            **self.node.to_json(), **usage, "epoch": self.group.epoch,
+            "status": "stopping" if self.stopping else (
+                "ok" if self.joined.is_set() else "joining"),
+            "store": self.store.path, "pid": os.getpid(), "version": __version__,
+            "uptime": time.time() - self.started_at,
+        }
+
+    async def node_list(self, header: Header, payload: bytes) -> Reply:
+        nodes = sorted(self.group.state.nodes, key=lambda n: (n.address, n.port, n.node_id))
+
+        async def info(node: NodeInfo) -> dict[str, Any]:
+            if self.node is not None and node.node_id == self.node.node_id:
+                return self.local_node_info()
+            try:
+                connection = await self.pool.get(node)
+                _, data = await connection.call(Header(opcode=Op.NODE_INFO), timeout_ms=5000)
+                value: dict[str, Any] = proto.decode_json(data)
+                return value
+            except SheepError as error:
+                return {**node.to_json(), "status": "unreachable", "error": error.message}
+
+        infos = await asyncio.gather(*(info(node) for node in nodes))
+        return proto.encode_json(infos), {}
+
+    async def kill_node(self, header: Header, payload: bytes) -> Reply:
+        self._stop_soon()
+        return _empty

@@ -1,0 +1,229 @@
+"""The gateway role: a client's object request fanned out to the replicas.
+
+Placement comes from the ring of the current epoch. A write is acknowledged
+only when every replica has it; the local replica is called directly, without
+a network hop. A read goes to one replica, the local one when it holds the
+object, and falls back to the others.
+
+When a replica cannot be reached or the epochs disagree, the request waits for
+the next epoch (the driver notices a dead node within 2 s) and is retried on
+the new placement, so clients see latency instead of errors, for up to
+gateway_retry_total_ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sheep import constants, proto
+from sheep.client import Connection
+from sheep.errors import (
+    NetworkError,
+    NewNodeVersion,
+    NoObject,
+    OldNodeVersion,
+    SheepError,
+    Timeout,
+    Unavailable,
+)
+from sheep.group import Group
+from sheep.net import Reply
+from sheep.node import NodeInfo
+from sheep.peer import Peer
+from sheep.proto import Header, Op
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = (NetworkError, Timeout, OldNodeVersion, NewNodeVersion, Unavailable)
+
+_peer_op = {
+    Op.CREATE_AND_WRITE_OBJ: Op.CREATE_AND_WRITE_PEER,
+    Op.READ_OBJ: Op.READ_PEER,
+    Op.WRITE_OBJ: Op.WRITE_PEER,
+    Op.REMOVE_OBJ: Op.REMOVE_PEER,
+    Op.DISCARD_OBJ: Op.DISCARD_PEER,
+    Op.FLUSH: Op.FLUSH_PEER,
+    Op.STAT_OBJ: Op.STAT_PEER,
+}
+
+past_epochs_searched_max = 16
+
+
+class PeerPool:
+    """One pipelined connection per peer, opened on first use, reopened after failure."""
+
+    def __init__(self) -> None:
+        self._connections: dict[str, asyncio.Task[Connection]] = {}
+
+    async def get(self, node: NodeInfo) -> Connection:
+        task = self._connections.get(node.endpoint)
+        if task is not None and task.done() and (
+                task.exception() is not None or task.result().closed):
+            task = None
+        if task is None:
+            task = asyncio.get_running_loop().create_task(
+                Connection.open(node.address, node.port))
+            self._connections[node.endpoint] = task
+        return await asyncio.shield(task)
+
+    def close(self) -> None:
+        for task in self._connections.values():
+            if task.done() and task.exception() is None:
+                task.result().close()
+            else:
+                task.cancel()
+        self._connections.clear()
+
+
+class Gateway:
+    def __init__(self, group: Group, local: Peer, node_id: str, pool: PeerPool) -> None:
+        self.group = group
+        self.local = local
+        self.node_id = node_id
+        self.pool = pool
+        self.handlers: dict[Op, Callable[[Header, bytes], Awaitable[Reply]]] = {
+            Op.CREATE_AND_WRITE_OBJ: self.write_all,
+            Op.WRITE_OBJ: self.write_all,
+            Op.DISCARD_OBJ: self.write_all,
+            Op.REMOVE_OBJ: self.remove,
+            Op.READ_OBJ: self.read,
+            Op.FLUSH: self.flush,
+            Op.STAT_OBJ: self.stat,
+        }
+
+    async def serve(self, header: Header, payload: bytes) -> Reply:
+        return await self.handlers[Op(header.opcode)](header, payload)
+
+    # --- calling one replica -----------------------------------------------
+
+    async def call(self, node: NodeInfo, header: Header, payload: bytes, epoch: int) -> Reply:
+        peer_header = Header(
+            opcode=_peer_op.get(Op(header.opcode), header.opcode), epoch=epoch, oid=header.oid,
+            offset=header.offset, count=header.count, flags=header.flags & proto.FLAG_FUA)
+        if node.node_id == self.node_id:
+            return await self.local.serve(peer_header, payload)
+        connection = await self.pool.get(node)
+        reply, data = await connection.call(peer_header, payload)
+        return data, {"arg0": reply.arg0}
+
+    async def _retrying(self, attempt: Callable[[int], Awaitable[Reply]]) -> Reply:
+        """Run attempt(epoch) until it succeeds, retrying retryable failures on new epochs."""
+        deadline = time.monotonic() + constants.gateway_retry_total_ms / 1000
+        while True:
+            epoch = self.group.epoch
+            try:
+                return await attempt(epoch)
+            except RETRYABLE as error:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise
+                log.info("retrying after %s (epoch %d)", error, epoch)
+                await self.group.wait_epoch_after(epoch, min(remaining, 1.0))
+                await asyncio.sleep(constants.gateway_retry_backoff_ms / 1000)
+
+    async def _all(self, nodes: list[NodeInfo], header: Header, payload: bytes,
+                   epoch: int) -> list[Reply]:
+        if not nodes:
+            raise Unavailable("no node is available to hold the object")
+        results = await asyncio.gather(
+            *(self.call(node, header, payload, epoch) for node in nodes), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for error in errors:  # a non-retryable failure wins: it will not go away
+            if not isinstance(error, RETRYABLE):
+                raise error
+        if errors:
+            raise errors[0]
+        return results  # type: ignore[return-value]
+
+    # --- the ops -------------------------------------------------------------
+
+    async def write_all(self, header: Header, payload: bytes) -> Reply:
+        async def attempt(epoch: int) -> Reply:
+            replies = await self._all(self.group.placement(header.oid, epoch), header, payload,
+                                      epoch)
+            return b"", {"arg0": max(fields.get("arg0", 0) for _, fields in replies)}
+
+        return await self._retrying(attempt)
+
+    async def remove(self, header: Header, payload: bytes) -> Reply:
+        async def attempt(epoch: int) -> Reply:
+            nodes = self.group.placement(header.oid, epoch)
+            results = await asyncio.gather(
+                *(self.call(node, header, payload, epoch) for node in nodes),
+                return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            missing = [e for e in errors if isinstance(e, NoObject)]
+            if len(missing) == len(nodes):
+                raise NoObject(f"object {header.oid:016x} does not exist")
+            for error in errors:
+                if not isinstance(error, NoObject):
+                    raise error
+            return b"", {}
+
+        return await self._retrying(attempt)
+
+    def _read_order(self, nodes: list[NodeInfo]) -> list[NodeInfo]:
+        return sorted(nodes, key=lambda node: node.node_id != self.node_id)
+
+    async def read(self, header: Header, payload: bytes) -> Reply:
+        async def attempt(epoch: int) -> Reply:
+            retryable: SheepError | None = None
+            for node in self._read_order(self.group.placement(header.oid, epoch)):
+                try:
+                    return await self.call(node, header, payload, epoch)
+                except NoObject:
+                    continue
+                except RETRYABLE as error:
+                    retryable = error
+            found = await self._read_from_past_epochs(header, epoch)
+            if found is not None:
+                return found
+            if retryable is not None:
+                raise retryable
+            raise NoObject(f"object {header.oid:016x} does not exist")
+
+        return await self._retrying(attempt)
+
+    async def _read_from_past_epochs(self, header: Header, epoch: int) -> Reply | None:
+        """Before recovery has moved an object, its copies sit where earlier epochs put them."""
+        tried = {node.node_id for node in self.group.placement(header.oid, epoch)}
+        members = self.group.state.members
+        for past in self.group.past_epochs(past_epochs_searched_max):
+            for node in self._read_order(self.group.placement(header.oid, past)):
+                if node.node_id in tried or node.node_id not in members:
+                    continue
+                tried.add(node.node_id)
+                try:
+                    return await self.call(node, header, payload=b"", epoch=epoch)
+                except (NoObject, *RETRYABLE):
+                    continue
+        return None
+
+    async def flush(self, header: Header, payload: bytes) -> Reply:
+        async def attempt(epoch: int) -> Reply:
+            await self._all(self.group.state.nodes, header, b"", epoch)
+            return b"", {}
+
+        return await self._retrying(attempt)
+
+    async def stat(self, header: Header, payload: bytes) -> Reply:
+        epoch = self.group.epoch
+        nodes = self.group.placement(header.oid, epoch)
+        results = await asyncio.gather(
+            *(self.call(node, header, b"", epoch) for node in nodes), return_exceptions=True)
+        replicas: list[dict[str, Any]] = []
+        for node, result in zip(nodes, results, strict=True):
+            entry: dict[str, Any] = {"node_id": node.node_id, "endpoint": node.endpoint,
+                                     "zone": node.zone}
+            if isinstance(result, BaseException):
+                entry["error"] = str(result)
+            else:
+                entry.update(proto.decode_json(result[0]))
+            replicas.append(entry)
+        value = {"oid": header.oid, "epoch": epoch, "copies": self.group.state.copies,
+                 "replicas": replicas}
+        return proto.encode_json(value), {}

@@ -1,0 +1,223 @@
+"""The ``sheep`` command: check the store and the port, daemonize, run a Sheep.
+
+Every check that can fail for a user's reason (a busy store directory, a port
+in use, an unwritable directory) runs before the fork, so the error reaches the
+terminal. The daemon reports back through a pipe once it has joined the
+cluster; only then does the command return 0, so a loop of ``sheep`` commands
+leaves a working cluster behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import IO
+
+import click
+
+from sheep import constants, net
+from sheep.cluster.driver import make_driver
+from sheep.daemon import Sheep, SheepConfig
+from sheep.errors import EXIT_FAILURE, EXIT_USAGE, SheepError
+from sheep.size import parse_size
+from sheep.store import Store
+
+log = logging.getLogger("sheep")
+
+ready_timeout_s = 60.0
+
+
+class StartError(Exception):
+    """A reason the sheep cannot start, told to the user in one line."""
+
+
+def _lock_directory(directory: str) -> int:
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as error:
+        raise StartError(f"cannot create store directory {directory}: {error.strerror}") from error
+    if not os.path.isdir(directory):
+        raise StartError(f"store path {directory} is not a directory")
+    probe = os.path.join(directory, ".write-test")
+    try:
+        with open(probe, "w") as file:
+            file.write("ok")
+        os.unlink(probe)
+    except OSError as error:
+        raise StartError(f"cannot write to store directory {directory}: {error.strerror}") from error
+    lock_path = os.path.join(directory, "sheep.lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid = _read_pid(directory)
+        holder = f" (pid {pid})" if pid else ""
+        raise StartError(f"store directory {directory} is in use by a running sheep{holder}") from None
+    return fd
+
+
+def _read_pid(directory: str) -> int | None:
+    try:
+        with open(os.path.join(directory, "sheep.pid")) as file:
+            return int(file.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _bind(address: str, port: int) -> socket.socket:
+    try:
+        return net.bind(address, port)
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise StartError(f"port {port} on {address} is already in use") from error
+        if error.errno == errno.EADDRNOTAVAIL:
+            raise StartError(f"address {address} is not an address of this host") from error
+        raise StartError(f"cannot listen on {address}:{port}: {error.strerror}") from error
+
+
+def _setup_logging(level: str, stream: IO[str] | None, path: str | None) -> None:
+    handlers: list[logging.Handler] = []
+    if stream is not None:
+        handlers.append(logging.StreamHandler(stream))
+    if path is not None:
+        handlers.append(logging.FileHandler(path))
+    logging.basicConfig(
+        level=level.upper(), handlers=handlers, force=True,
+        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+
+
+def _daemonize(directory: str) -> int:
+    """Fork into the background. Returns the write end of the readiness pipe in the daemon;
+    the parent never returns: it exits with the daemon's verdict."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(write_end)
+        sys.exit(_wait_ready(read_end, pid, directory))
+    os.close(read_end)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    return write_end
+
+
+def _wait_ready(read_end: int, pid: int, directory: str) -> int:
+    import select
+
+    os.waitpid(pid, 0)  # the first child exits at once; the daemon is its child
+    message = b""
+    readable, _, _ = select.select([read_end], [], [], ready_timeout_s)
+    if readable:
+        while chunk := os.read(read_end, 4096):
+            message += chunk
+    text = message.decode(errors="replace").strip()
+    if text == "ok":
+        return 0
+    if not text:
+        text = (f"the sheep did not report ready within {ready_timeout_s:.0f} s;"
+                f" see {os.path.join(directory, 'sheep.log')}")
+    click.echo(f"sheep: {text}", err=True)
+    return EXIT_FAILURE
+
+
+def _report(fd: int | None, message: str) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, message.encode())
+        os.close(fd)
+    except OSError:
+        pass
+
+
+async def _run(sheep: Sheep, sock: socket.socket, ready_fd: int | None) -> int:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, lambda: asyncio.ensure_future(sheep.stop()))
+    try:
+        await sheep.start(sock)
+    except SheepError as error:
+        _report(ready_fd, error.message)
+        log.error("cannot start: %s", error.message)
+        return EXIT_FAILURE
+    _report(ready_fd, "ok")
+    await sheep.stopped.wait()
+    log.info("sheep stopped")
+    return 0
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("-p", "--port", type=click.IntRange(1, 65535), default=constants.port_default,
+              show_default=True, help="Port to listen on.")
+@click.option("-b", "--bind", "address", default=constants.address_default, show_default=True,
+              help="Address to listen on; peers and clients reach the sheep there.")
+@click.option("-c", "--cluster", "driver", default="local", show_default=True,
+              help="Cluster driver: local or local:PATH (the shared directory).")
+@click.option("-z", "--zone", type=click.IntRange(0, constants.zones_max), default=None,
+              help="Failure domain; copies go to distinct zones. Default: the node itself.")
+@click.option("-w", "--weight", default=None,
+              help="Placement weight as a size (e.g. 100G). Default: free space of DIRECTORY.")
+@click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground, log to stderr.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@click.version_option(package_name="sheepdog")
+def command(directory: str, port: int, address: str, driver: str, zone: int | None,
+            weight: str | None, foreground: bool, log_level: str) -> None:
+    """Run a sheep: a storage daemon of the cluster, keeping its objects in DIRECTORY."""
+    directory = os.path.abspath(directory)
+    weight_bytes = None
+    if weight is not None:
+        try:
+            weight_bytes = parse_size(weight)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="'-w/--weight'") from None
+    try:
+        cluster_driver = make_driver(driver)
+    except SheepError as error:
+        raise click.BadParameter(error.message, param_hint="'-c/--cluster'") from None
+    try:
+        lock_fd = _lock_directory(directory)
+        sock = _bind(address, port)
+    except StartError as error:
+        click.echo(f"sheep: {error}", err=True)
+        sys.exit(EXIT_FAILURE)
+
+    ready_fd = None if foreground else _daemonize(directory)
+    log_path = os.path.join(directory, "sheep.log")
+    _setup_logging(log_level, sys.stderr if foreground else None, log_path)
+    with open(os.path.join(directory, "sheep.pid"), "w") as file:
+        file.write(f"{os.getpid()}\n")
+    config = SheepConfig(directory=directory, address=address, port=port, zone=zone,
+                         weight=weight_bytes)
+    sheep = Sheep(config, Store(directory), cluster_driver)
+    code = asyncio.run(_run(sheep, sock, ready_fd))
+    try:
+        os.unlink(os.path.join(directory, "sheep.pid"))
+    except OSError:
+        pass
+    os.close(lock_fd)
+    sys.exit(code)
+
+
+def main() -> None:
+    try:
+        command.main(standalone_mode=False)
+    except click.UsageError as error:
+        error.show()
+        sys.exit(EXIT_USAGE)
+    except click.Abort:
+        sys.exit(EXIT_FAILURE)
+    except click.exceptions.Exit as exit_:
+        sys.exit(exit_.exit_code)

@@ -1,0 +1,80 @@
+"""The replica side of object I/O: peer requests served from the local store.
+
+Every peer request carries the sender's epoch. One that is older than ours is
+refused (the sender's placement may be wrong); one that is newer is held until
+our driver delivers that epoch. A request is never served under a placement
+that the two sides disagree on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sheep import constants, proto
+from sheep.group import Group
+from sheep.net import Reply
+from sheep.proto import Header, Op
+from sheep.store import Store
+
+PeerHandler = Callable[[Header, bytes], Awaitable[Reply]]
+
+_empty: Reply = (b"", {})
+
+
+class Peer:
+    def __init__(self, store: Store, group: Group) -> None:
+        self.store = store
+        self.group = group
+        self.handlers: dict[Op, PeerHandler] = {
+            Op.CREATE_AND_WRITE_PEER: self.create_and_write,
+            Op.READ_PEER: self.read,
+            Op.WRITE_PEER: self.write,
+            Op.REMOVE_PEER: self.remove,
+            Op.DISCARD_PEER: self.discard,
+            Op.FLUSH_PEER: self.flush,
+            Op.STAT_PEER: self.stat,
+            Op.LIST_PEER: self.list_objects,
+        }
+
+    async def serve(self, header: Header, payload: bytes) -> Reply:
+        if header.opcode != Op.LIST_PEER:
+            await self.group.check_epoch(header.epoch, constants.epoch_wait_ms / 1000)
+        return await self.handlers[Op(header.opcode)](header, payload)
+
+    async def create_and_write(self, header: Header, payload: bytes) -> Reply:
+        version = self.store.create_and_write(header.oid, header.offset, payload)
+        return b"", {"arg0": version}
+
+    async def read(self, header: Header, payload: bytes) -> Reply:
+        return self.store.read(header.oid, header.offset, header.count), {
+            "arg0": self.store.version(header.oid)}
+
+    async def write(self, header: Header, payload: bytes) -> Reply:
+        fua = bool(header.flags & proto.FLAG_FUA)
+        version = self.store.write(header.oid, header.offset, payload, fua=fua)
+        if fua:
+            await self.flush(header, b"")
+        return b"", {"arg0": version}
+
+    async def remove(self, header: Header, payload: bytes) -> Reply:
+        self.store.remove(header.oid)
+        return _empty
+
+    async def discard(self, header: Header, payload: bytes) -> Reply:
+        version = self.store.discard(header.oid, header.offset, header.count)
+        return b"", {"arg0": version}
+
+    async def flush(self, header: Header, payload: bytes) -> Reply:
+        import asyncio
+
+        fds = self.store.begin_sync()
+        await asyncio.get_running_loop().run_in_executor(None, self.store.finish_sync, fds)
+        return _empty
+
+    async def stat(self, header: Header, payload: bytes) -> Reply:
+        return proto.encode_json(self.store.stat(header.oid)), {}
+
+    async def list_objects(self, header: Header, payload: bytes) -> Reply:
+        value: list[Any] = self.store.list_oids()
+        return proto.encode_json(value), {}

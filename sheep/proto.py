@@ -1,0 +1,291 @@
+"""The sheep wire protocol, sans-IO: no sockets, no asyncio, no clocks.
+
+Every message, request or reply, is one fixed 56-byte header followed by
+``length`` bytes of payload. The header is one precompiled struct:
+
+    magic u16, version u8, opcode u8, flags u16, result u16,
+    request_id u32, epoch u32, oid u64, offset u64,
+    length u32 (payload bytes that follow), count u32 (bytes asked to read),
+    arg0 u64, arg1 u64 (op-specific words)
+
+Replies reuse the request's opcode and request id, set FLAG_REPLY and carry a
+result code; a failed reply's payload is a UTF-8 message naming the problem.
+Requests are pipelined and answered out of order, matched by request id.
+
+Data travels raw; control payloads are JSON. Limits are checked on the header
+before a single payload byte is buffered, so a hostile length costs nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from dataclasses import dataclass, replace
+from typing import Any
+
+from sheep import constants
+from sheep.errors import BadRequest, Result
+
+HEADER = struct.Struct("<HBBHHIIQQIIQQ")
+HEADER_SIZE = HEADER.size
+assert HEADER_SIZE == 56
+
+FLAG_REPLY = 0x0001
+FLAG_FUA = 0x0002  # the write is on stable storage before it is acknowledged
+FLAG_DIRECT = 0x0004  # gateway ops: serve from this node's store only (admin, tests)
+FLAGS_KNOWN = FLAG_REPLY | FLAG_FUA | FLAG_DIRECT
+
+
+class Payload(enum.Enum):
+    NONE = "none"
+    DATA = "data"
+    JSON = "json"
+
+
+class Kind(enum.Enum):
+    GATEWAY = "gateway"  # object ops from clients: the receiver fans out to replicas
+    PEER = "peer"  # object ops between sheep: the receiver serves from its store
+    ADMIN = "admin"  # cluster and node management
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    name: str
+    kind: Kind
+    request: Payload
+    reply: Payload
+
+
+class Op(enum.IntEnum):
+    CREATE_AND_WRITE_OBJ = 0x01
+    READ_OBJ = 0x02
+    WRITE_OBJ = 0x03
+    REMOVE_OBJ = 0x04
+    DISCARD_OBJ = 0x05
+    FLUSH = 0x06
+    STAT_OBJ = 0x07
+
+    CREATE_AND_WRITE_PEER = 0x11
+    READ_PEER = 0x12
+    WRITE_PEER = 0x13
+    REMOVE_PEER = 0x14
+    DISCARD_PEER = 0x15
+    FLUSH_PEER = 0x16
+    STAT_PEER = 0x17
+    LIST_PEER = 0x18  # the oids this node stores (JSON list)
+
+    CLUSTER_INFO = 0x21
+    FORMAT = 0x22
+    SHUTDOWN = 0x23
+    NODE_INFO = 0x24
+    NODE_LIST = 0x25
+    KILL_NODE = 0x26
+    PING = 0x27
+
+
+OPS: dict[Op, OpInfo] = {
+    Op.CREATE_AND_WRITE_OBJ: OpInfo("create_and_write_obj", Kind.GATEWAY, Payload.DATA, Payload.NONE),
+    Op.READ_OBJ: OpInfo("read_obj", Kind.GATEWAY, Payload.NONE, Payload.DATA),
+    Op.WRITE_OBJ: OpInfo("write_obj", Kind.GATEWAY, Payload.DATA, Payload.NONE),
+    Op.REMOVE_OBJ: OpInfo("remove_obj", Kind.GATEWAY, Payload.NONE, Payload.NONE),
+    Op.DISCARD_OBJ: OpInfo("discard_obj", Kind.GATEWAY, Payload.NONE, Payload.NONE),
+    Op.FLUSH: OpInfo("flush", Kind.GATEWAY, Payload.NONE, Payload.NONE),
+    Op.STAT_OBJ: OpInfo("stat_obj", Kind.GATEWAY, Payload.NONE, Payload.JSON),
+    Op.CREATE_AND_WRITE_PEER: OpInfo("create_and_write_peer", Kind.PEER, Payload.DATA, Payload.NONE),
+    Op.READ_PEER: OpInfo("read_peer", Kind.PEER, Payload.NONE, Payload.DATA),
+    Op.WRITE_PEER: OpInfo("write_peer", Kind.PEER, Payload.DATA, Payload.NONE),
+    Op.REMOVE_PEER: OpInfo("remove_peer", Kind.PEER, Payload.NONE, Payload.NONE),
+    Op.DISCARD_PEER: OpInfo("discard_peer", Kind.PEER, Payload.NONE, Payload.NONE),
+    Op.FLUSH_PEER: OpInfo("flush_peer", Kind.PEER, Payload.NONE, Payload.NONE),
+    Op.STAT_PEER: OpInfo("stat_peer", Kind.PEER, Payload.NONE, Payload.JSON),
+    Op.LIST_PEER: OpInfo("list_peer", Kind.PEER, Payload.NONE, Payload.JSON),
+    Op.CLUSTER_INFO: OpInfo("cluster_info", Kind.ADMIN, Payload.NONE, Payload.JSON),
+    Op.FORMAT: OpInfo("format", Kind.ADMIN, Payload.JSON, Payload.JSON),
+    Op.SHUTDOWN: OpInfo("shutdown", Kind.ADMIN, Payload.NONE, Payload.NONE),
+    Op.NODE_INFO: OpInfo("node_info", Kind.ADMIN, Payload.NONE, Payload.JSON),
+    Op.NODE_LIST: OpInfo("node_list", Kind.ADMIN, Payload.NONE, Payload.JSON),
+    Op.KILL_NODE: OpInfo("kill_node", Kind.ADMIN, Payload.NONE, Payload.NONE),
+    Op.PING: OpInfo("ping", Kind.ADMIN, Payload.NONE, Payload.JSON),
+}
+assert set(OPS) == set(Op), "every opcode has an entry in the op table"
+
+# Ops whose offset and count address bytes inside one object.
+OBJECT_RANGE_OPS = frozenset({
+    Op.CREATE_AND_WRITE_OBJ, Op.READ_OBJ, Op.WRITE_OBJ, Op.DISCARD_OBJ,
+    Op.CREATE_AND_WRITE_PEER, Op.READ_PEER, Op.WRITE_PEER, Op.DISCARD_PEER,
+})
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    opcode: int
+    request_id: int = 0
+    flags: int = 0
+    result: int = 0
+    epoch: int = 0
+    oid: int = 0
+    offset: int = 0
+    length: int = 0
+    count: int = 0
+    arg0: int = 0
+    arg1: int = 0
+    magic: int = constants.proto_magic
+    version: int = constants.proto_version
+
+    @property
+    def is_reply(self) -> bool:
+        return bool(self.flags & FLAG_REPLY)
+
+    def pack(self) -> bytes:
+        return HEADER.pack(
+            self.magic, self.version, self.opcode, self.flags, self.result,
+            self.request_id, self.epoch, self.oid, self.offset, self.length, self.count,
+            self.arg0, self.arg1)
+
+    def reply(self, result: int = Result.SUCCESS, length: int = 0, **fields: int) -> Header:
+        """The header of the reply to this request."""
+        return replace(
+            self, flags=(self.flags | FLAG_REPLY), result=int(result), length=length, **fields)
+
+
+def unpack_header(buffer: bytes | bytearray | memoryview, offset: int = 0) -> Header:
+    (magic, version, opcode, flags, result, request_id, epoch, oid, offset_, length, count,
+     arg0, arg1) = HEADER.unpack_from(buffer, offset)
+    return Header(
+        opcode=opcode, request_id=request_id, flags=flags, result=result, epoch=epoch, oid=oid,
+        offset=offset_, length=length, count=count, arg0=arg0, arg1=arg1, magic=magic,
+        version=version)
+
+
+class ProtocolError(Exception):
+    """The byte stream cannot be framed any further: the connection must close.
+
+    ``header`` is set when the header itself was readable, so the peer can be
+    told which request was bad before the connection closes.
+    """
+
+    def __init__(self, reason: str, header: Header | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.header = header
+
+
+def framing_problem(header: Header) -> str | None:
+    """Why this header cannot be framed (the stream is lost), or None."""
+    if header.magic != constants.proto_magic:
+        return f"bad magic 0x{header.magic:04x}"
+    if header.version != constants.proto_version:
+        return f"unsupported protocol version {header.version}"
+    if header.length > constants.payload_max_bytes:
+        return f"payload length {header.length} exceeds {constants.payload_max_bytes}"
+    return None
+
+
+def request_problem(header: Header) -> tuple[Result, str] | None:
+    """Why a well-framed request cannot be served: (result code, reason), or None.
+
+    The connection survives these: the server answers with the code and goes on.
+    """
+    try:
+        op = Op(header.opcode)
+    except ValueError:
+        return Result.UNKNOWN_OP, f"unknown opcode 0x{header.opcode:02x}"
+    info = OPS[op]
+    if header.flags & ~FLAGS_KNOWN:
+        return Result.BAD_REQUEST, f"unknown flags 0x{header.flags:04x}"
+    if info.request is Payload.NONE and header.length:
+        return Result.BAD_REQUEST, f"{info.name} takes no payload, got {header.length} bytes"
+    if info.request is Payload.JSON and header.length > constants.payload_control_max_bytes:
+        return Result.BAD_REQUEST, f"{info.name} payload of {header.length} bytes is too large"
+    if op in OBJECT_RANGE_OPS:
+        if info.request is Payload.DATA and header.count != header.length:
+            return Result.BAD_REQUEST, (
+                f"{info.name}: count {header.count} differs from payload length {header.length}")
+        end = header.offset + header.count
+        if end > constants.object_size_max_bytes:
+            return Result.INVALID_PARMS, (
+                f"{info.name}: range {header.offset}+{header.count} exceeds the largest object")
+    return None
+
+
+class FrameDecoder:
+    """Incremental decoder: feed bytes, take whole frames.
+
+    Frames come out as (Header, bytes). When the stream breaks (a header that
+    cannot be framed), the frames before the break are still returned and
+    ``error`` is set; a call that decodes nothing raises the ProtocolError.
+    After a break the decoder refuses more input.
+    """
+
+    def __init__(self, payload_max_bytes: int = constants.payload_max_bytes) -> None:
+        self._buffer = bytearray()
+        self._header: Header | None = None
+        self._payload_max_bytes = payload_max_bytes
+        self._broken: ProtocolError | None = None
+
+    @property
+    def buffered_bytes(self) -> int:
+        return len(self._buffer)
+
+    @property
+    def error(self) -> ProtocolError | None:
+        return self._broken
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[Header, bytes]]:
+        if self._broken is not None:
+            raise self._broken
+        self._buffer += data
+        frames: list[tuple[Header, bytes]] = []
+        while True:
+            try:
+                frame = self._next()
+            except ProtocolError:
+                if not frames:
+                    raise
+                return frames
+            if frame is None:
+                return frames
+            frames.append(frame)
+
+    def _next(self) -> tuple[Header, bytes] | None:
+        if self._header is None:
+            if len(self._buffer) < HEADER_SIZE:
+                return None
+            header = unpack_header(self._buffer)
+            problem = framing_problem(header)
+            if problem is None and header.length > self._payload_max_bytes:
+                problem = f"payload length {header.length} exceeds {self._payload_max_bytes}"
+            if problem is not None:
+                self._broken = ProtocolError(
+                    problem, header if header.magic == constants.proto_magic else None)
+                raise self._broken
+            del self._buffer[:HEADER_SIZE]
+            self._header = header
+        header = self._header
+        if len(self._buffer) < header.length:
+            return None
+        payload = bytes(self._buffer[:header.length])
+        del self._buffer[:header.length]
+        self._header = None
+        return header, payload
+
+
+def encode(header: Header, payload: bytes | bytearray | memoryview = b"") -> bytes:
+    """One whole frame; the header's length is set from the payload."""
+    return replace(header, length=len(payload)).pack() + bytes(payload)
+
+
+def encode_json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
+
+
+def decode_json(payload: bytes | bytearray | memoryview) -> Any:
+    try:
+        return json.loads(bytes(payload))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise BadRequest(f"malformed JSON payload: {error}") from error
+
+
+def error_message(payload: bytes | bytearray | memoryview) -> str:
+    return bytes(payload).decode("utf-8", "replace")

@@ -1,0 +1,263 @@
+"""The wire protocol without sockets: headers, framing, request checks, JSON."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sheep import constants
+from sheep.errors import BadRequest, Result
+from sheep.proto import (
+    FLAG_FUA,
+    FLAG_REPLY,
+    HEADER_SIZE,
+    OPS,
+    FrameDecoder,
+    Header,
+    Op,
+    Payload,
+    ProtocolError,
+    decode_json,
+    encode,
+    encode_json,
+    request_problem,
+    unpack_header,
+)
+
+u8 = st.integers(0, 2**8 - 1)
+u16 = st.integers(0, 2**16 - 1)
+u32 = st.integers(0, 2**32 - 1)
+u64 = st.integers(0, 2**64 - 1)
+
+headers = st.builds(
+    Header, opcode=u8, request_id=u32, flags=u16, result=u16, epoch=u32, oid=u64,
+    offset=u64, length=u32, count=u32, arg0=u64, arg1=u64, magic=u16, version=u8)
+
+
+def frame(request_id: int, payload: bytes = b"", opcode: Op = Op.WRITE_OBJ) -> bytes:
+    return encode(Header(opcode=opcode, request_id=request_id, count=len(payload)), payload)
+
+
+def some_frames() -> tuple[bytes, list[tuple[int, bytes]]]:
+    """Three frames back to back, and the (request id, payload) of each."""
+    expected = [(1, b"hello"), (2, b""), (3, bytes(range(256)) * 5)]
+    return b"".join(frame(request_id, payload) for request_id, payload in expected), expected
+
+
+def summary(frames: list[tuple[Header, bytes]]) -> list[tuple[int, bytes]]:
+    return [(header.request_id, payload) for header, payload in frames]
+
+
+# --- header ------------------------------------------------------------------
+
+@given(headers)
+def test_header_round_trip(header):
+    packed = header.pack()
+    assert len(packed) == HEADER_SIZE
+    assert unpack_header(packed) == header
+    assert unpack_header(b"xyz" + packed, 3) == header
+
+
+def test_reply_keeps_request_identity():
+    request = Header(opcode=Op.READ_OBJ, request_id=42, epoch=7, oid=99, count=4096)
+    reply = request.reply(Result.NO_OBJ)
+    assert reply.is_reply and not request.is_reply
+    assert (reply.opcode, reply.request_id, reply.epoch, reply.oid) == (Op.READ_OBJ, 42, 7, 99)
+    assert reply.result == Result.NO_OBJ
+    assert reply.flags & FLAG_REPLY
+
+
+def test_encode_sets_length_from_payload():
+    data = encode(Header(opcode=Op.WRITE_OBJ, length=12345), b"abc")
+    assert unpack_header(data).length == 3
+    assert data[HEADER_SIZE:] == b"abc"
+
+
+# --- framing -----------------------------------------------------------------
+
+def test_decoder_whole_frames():
+    data, expected = some_frames()
+    decoder = FrameDecoder()
+    frames = []
+    for request_id, payload in expected:
+        frames += decoder.feed(frame(request_id, payload))
+    assert summary(frames) == expected
+    assert decoder.buffered_bytes == 0
+
+
+def test_decoder_one_byte_at_a_time():
+    data, expected = some_frames()
+    decoder = FrameDecoder()
+    frames = []
+    for position in range(len(data)):
+        frames += decoder.feed(data[position:position + 1])
+    assert summary(frames) == expected
+    assert decoder.buffered_bytes == 0
+
+
+def test_decoder_several_frames_at_once_with_trailing_partial_bytes():
+    data, expected = some_frames()
+    tail = frame(4, b"the rest")
+    decoder = FrameDecoder()
+    assert summary(decoder.feed(data + tail[:HEADER_SIZE + 3])) == expected
+    assert decoder.buffered_bytes == 3
+    assert summary(decoder.feed(memoryview(tail)[HEADER_SIZE + 3:])) == [(4, b"the rest")]
+    assert decoder.buffered_bytes == 0
+
+
+def test_decoder_partial_header_waits():
+    decoder = FrameDecoder()
+    assert decoder.feed(frame(1)[:HEADER_SIZE - 1]) == []
+    assert decoder.buffered_bytes == HEADER_SIZE - 1
+
+
+@given(st.lists(st.binary(max_size=300), max_size=5), st.data())
+@settings(max_examples=50)
+def test_decoder_any_split(payloads, data):
+    stream = b"".join(frame(number, payload) for number, payload in enumerate(payloads))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+    decoder = FrameDecoder()
+    frames = []
+    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        frames += decoder.feed(stream[start:end])
+    assert summary(frames) == list(enumerate(payloads))
+
+
+def bad_header_frame(**fields: int) -> bytes:
+    return Header(opcode=Op.PING, request_id=5, **fields).pack()
+
+
+@pytest.mark.parametrize(("fields", "reason", "header_known"), [
+    ({"magic": 0x1234}, "bad magic 0x1234", False),
+    ({"version": 9}, "unsupported protocol version 9", True),
+    ({"length": 2**32 - 1}, f"payload length {2**32 - 1} exceeds", True),
+    ({"length": constants.payload_max_bytes + 1}, "exceeds", True),
+])
+def test_decoder_rejects_unframeable_headers(fields, reason, header_known):
+    decoder = FrameDecoder()
+    with pytest.raises(ProtocolError) as raised:
+        decoder.feed(bad_header_frame(**fields) + b"x" * 100)
+    assert reason in raised.value.reason
+    assert (raised.value.header is not None) == header_known
+    if header_known:
+        assert raised.value.header.request_id == 5
+    # Nothing near the announced length was buffered or allocated.
+    assert decoder.buffered_bytes <= HEADER_SIZE + 100
+    # A broken stream stays broken.
+    with pytest.raises(ProtocolError):
+        decoder.feed(frame(6))
+    with pytest.raises(ProtocolError):
+        decoder.feed(b"")
+
+
+def test_decoder_own_payload_limit():
+    decoder = FrameDecoder(payload_max_bytes=1024)
+    assert len(decoder.feed(frame(1, b"x" * 1024))) == 1
+    with pytest.raises(ProtocolError, match="exceeds 1024"):
+        decoder.feed(frame(2, b"x" * 1025))
+
+
+def test_decoder_huge_length_allocates_nothing():
+    decoder = FrameDecoder()
+    header = Header(opcode=Op.WRITE_OBJ, length=constants.payload_max_bytes).pack()
+    # A legal but large length: the decoder waits for the payload without
+    # reserving room for it.
+    assert decoder.feed(header) == []
+    assert decoder.buffered_bytes == 0
+    assert decoder.feed(b"x" * 10) == []
+    assert decoder.buffered_bytes == 10
+
+
+def test_decoder_keeps_good_frames_before_a_bad_one():
+    decoder = FrameDecoder()
+    try:
+        frames = decoder.feed(frame(1, b"ok") + bad_header_frame(magic=0))
+    except ProtocolError:
+        frames = []
+    assert summary(frames) == [(1, b"ok")]
+
+
+# --- request checks ----------------------------------------------------------
+
+def test_well_formed_requests_pass():
+    assert request_problem(Header(opcode=Op.READ_OBJ, count=4096, offset=4096)) is None
+    assert request_problem(Header(opcode=Op.WRITE_OBJ, count=512, length=512)) is None
+    assert request_problem(Header(opcode=Op.FORMAT, length=100)) is None
+    assert request_problem(Header(opcode=Op.PING, flags=FLAG_REPLY)) is None
+    assert request_problem(Header(
+        opcode=Op.WRITE_OBJ, flags=FLAG_FUA, offset=constants.object_size_max_bytes - 1,
+        count=1, length=1)) is None
+
+
+def test_unknown_opcode():
+    result, reason = request_problem(Header(opcode=0xEE))
+    assert result == Result.UNKNOWN_OP
+    assert "0xee" in reason
+
+
+def test_unknown_flags():
+    result, reason = request_problem(Header(opcode=Op.PING, flags=0x8000))
+    assert result == Result.BAD_REQUEST
+    assert "0x8000" in reason
+
+
+@pytest.mark.parametrize("op", [op for op, info in OPS.items() if info.request is Payload.NONE])
+def test_payload_on_a_no_payload_op(op):
+    result, reason = request_problem(Header(opcode=op, length=1))
+    assert result == Result.BAD_REQUEST
+    assert OPS[op].name in reason and "no payload" in reason
+
+
+def test_json_payload_too_large():
+    header = Header(opcode=Op.FORMAT, length=constants.payload_control_max_bytes + 1)
+    assert request_problem(header)[0] == Result.BAD_REQUEST
+
+
+@pytest.mark.parametrize("op", [Op.WRITE_OBJ, Op.CREATE_AND_WRITE_OBJ, Op.WRITE_PEER])
+def test_count_differs_from_length_on_data_ops(op):
+    result, reason = request_problem(Header(opcode=op, count=4096, length=4095))
+    assert result == Result.BAD_REQUEST
+    assert "4096" in reason and "4095" in reason
+
+
+@pytest.mark.parametrize(("offset", "count"), [
+    (constants.object_size_max_bytes, 1),
+    (0, constants.object_size_max_bytes + 1),
+    (2**64 - 1, 1),
+])
+def test_range_past_the_largest_object(offset, count):
+    result, reason = request_problem(Header(opcode=Op.READ_OBJ, offset=offset, count=count))
+    assert result == Result.INVALID_PARMS
+    assert str(offset) in reason
+
+
+# --- JSON payloads -----------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text()
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+    max_leaves=20)
+
+
+@given(json_values)
+def test_json_round_trip(value):
+    encoded = encode_json(value)
+    assert decode_json(encoded) == value
+    assert decode_json(memoryview(encoded)) == value
+
+
+def test_json_is_canonical():
+    assert encode_json({"b": 1, "a": [1, 2]}) == b'{"a":[1,2],"b":1}'
+
+
+@pytest.mark.parametrize("garbage", [b"", b"{", b"\xff\xfe\x00", b"nope", b'{"a":}', b"[1,]"])
+def test_decode_json_garbage(garbage):
+    with pytest.raises(BadRequest, match="malformed JSON"):
+        decode_json(garbage)
+
+
+def test_decode_json_deep_nesting():
+    with pytest.raises(BadRequest):
+        decode_json(b"[" * 100_000)
