@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 from typing import Any
 
 from sheep import constants, proto
@@ -74,7 +75,12 @@ class Connection:
                 loop.create_connection(lambda: _ReplyProtocol(connection), host, port),
                 timeout_ms / 1000)
         except (OSError, asyncio.TimeoutError) as error:
-            reason = getattr(error, "strerror", None) or "timed out"
+            if isinstance(error, OSError) and error.errno:
+                reason = os.strerror(error.errno)
+            elif isinstance(error, OSError):
+                reason = str(error)
+            else:
+                reason = "timed out"
             raise NetworkError(f"cannot connect to sheep at {host}:{port}: {reason}") from error
         connection._transport = transport  # type: ignore[assignment]
         return connection

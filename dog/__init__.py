@@ -1,0 +1,1 @@
+"""dog: the command-line interface to a sheep cluster."""

@@ -1,0 +1,3 @@
+from dog.main import main
+
+main()

@@ -1,0 +1,110 @@
+"""What every dog command shares: where the sheep is, and how to reach it.
+
+-a/--address and -p/--port are accepted both before the command (global, as
+in ``dog -p 7001 node list``) and after it (as Sheepdog takes them:
+``dog node list -p 7001``); DOG_ADDRESS and DOG_PORT set the defaults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import click
+
+from sheep import constants
+from sheep.client import Client
+from sheep.size import parse_size
+
+T = TypeVar("T")
+
+
+@dataclass
+class Target:
+    address: str = constants.address_default
+    port: int = constants.port_default
+
+
+def _set_address(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.ensure_object(Target).address = value
+
+
+def _set_port(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
+    if value is not None:
+        ctx.ensure_object(Target).port = value
+
+
+def connection_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    function = click.option(
+        "-p", "--port", type=click.IntRange(1, 65535), callback=_set_port, expose_value=False,
+        is_eager=True, help="Port of the sheep to talk to (default 7000).")(function)
+    function = click.option(
+        "-a", "--address", callback=_set_address, expose_value=False, is_eager=True,
+        help="Address of the sheep to talk to (default 127.0.0.1).")(function)
+    return function
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def run(call: Callable[[Client], Awaitable[T]]) -> T:
+    """Connect to the chosen sheep, run one call, disconnect."""
+    target = click.get_current_context().ensure_object(Target)
+
+    async def main() -> T:
+        client = await Client.connect(target.address, target.port)
+        try:
+            return await call(client)
+        finally:
+            client.close()
+
+    return asyncio.run(main())
+
+
+class SizeType(click.ParamType):
+    """Sizes like 4M, 256G, 1.5T (binary units)."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
+SIZE = SizeType()
+
+
+class OidType(click.ParamType):
+    """Object ids in hex (0x1f, or 16 hex digits as printed) or decimal."""
+
+    name = "oid"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        try:
+            if text.startswith("0x"):
+                oid = int(text, 16)
+            elif len(text) == 16:
+                oid = int(text, 16)
+            else:
+                oid = int(text, 10)
+        except ValueError:
+            self.fail(f"invalid object id {value!r}: use decimal, 0x-hex or 16 hex digits",
+                      param, ctx)
+        if not 0 <= oid < 2**64:
+            self.fail(f"object id {value!r} does not fit in 64 bits", param, ctx)
+        return oid
+
+
+OID = OidType()

@@ -1,0 +1,56 @@
+"""The dog command: parse, call the client library, format. Nothing else.
+
+Errors become one line on stderr and Sheepdog's exit codes: 0 ok, 1 failure,
+2 system (unreachable sheep), 3 exists, 4 full, 5 not found, 64 usage.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from dog.cluster import cluster
+from dog.common import Target, connection_options
+from dog.node import node
+from dog.object import object_
+from dog.output import error
+from sheep.errors import EXIT_FAILURE, EXIT_USAGE, SheepError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"],
+                               "auto_envvar_prefix": "DOG"})
+@connection_options
+@click.version_option(package_name="sheepdog")
+@click.pass_context
+def dog(ctx: click.Context) -> None:
+    """Manage a sheep cluster: its nodes, objects and (later) virtual disks."""
+    ctx.ensure_object(Target)
+
+
+dog.add_command(cluster)
+dog.add_command(node)
+dog.add_command(object_)
+
+
+def main() -> None:
+    try:
+        dog.main(standalone_mode=False)
+    except click.UsageError as usage:
+        hint = f" (see '{usage.ctx.command_path} --help')" if usage.ctx else ""
+        error(f"{usage.format_message()}{hint}")
+        sys.exit(EXIT_USAGE)
+    except click.ClickException as failure:
+        failure.show()
+        sys.exit(failure.exit_code or EXIT_FAILURE)
+    except click.Abort:
+        error("aborted")
+        sys.exit(EXIT_FAILURE)
+    except SheepError as failure:
+        error(failure.message)
+        sys.exit(failure.exit_code)
+    except BrokenPipeError:
+        sys.exit(EXIT_FAILURE)
+    except KeyboardInterrupt:
+        error("interrupted")
+        sys.exit(130)

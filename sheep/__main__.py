@@ -1,0 +1,3 @@
+from sheep.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""What the tests share: a cluster of real sheep processes on loopback."""

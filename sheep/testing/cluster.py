@@ -1,0 +1,149 @@
+"""A cluster of real sheep processes for tests, benchmarks and the demo.
+
+Each sheep runs in the foreground as a child process (``python -m sheep -f``)
+on a free 127.0.0.1 port with its own store directory and a private local
+driver directory, so tests never touch a user's cluster. Processes are stopped
+by PID: SIGTERM for a graceful stop, SIGKILL to simulate a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from sheep.client import SyncClient
+from sheep.errors import SheepError
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class SheepProcess:
+    index: int
+    directory: str
+    port: int
+    zone: int
+    process: subprocess.Popen[bytes] | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.directory, "sheep.log")
+
+
+class LocalCluster:
+    def __init__(self, base: str, nodes: int = 3, zones: list[int] | None = None,
+                 driver: str | None = None) -> None:
+        self.base = base
+        self.driver = driver or f"local:{os.path.join(base, 'cluster')}"
+        zones = zones if zones is not None else list(range(nodes))
+        assert len(zones) == nodes
+        self.sheep = [
+            SheepProcess(i, os.path.join(base, f"store{i}"), free_port(), zones[i])
+            for i in range(nodes)
+        ]
+
+    def add(self, zone: int | None = None) -> SheepProcess:
+        index = len(self.sheep)
+        node = SheepProcess(index, os.path.join(self.base, f"store{index}"), free_port(),
+                            index if zone is None else zone)
+        self.sheep.append(node)
+        return node
+
+    def start(self, index: int | None = None, wait: bool = True) -> None:
+        targets = self.sheep if index is None else [self.sheep[index]]
+        for node in targets:
+            if node.alive:
+                continue
+            os.makedirs(node.directory, exist_ok=True)
+            log = open(os.path.join(node.directory, "stderr.log"), "ab")
+            node.process = subprocess.Popen(
+                [sys.executable, "-m", "sheep", node.directory, "-f", "-p", str(node.port),
+                 "-z", str(node.zone), "-c", self.driver, "-w", "80G", *node.extra_args],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+            log.close()
+            if wait:
+                self.wait_ready(node.index)
+
+    def wait_ready(self, index: int, timeout_s: float = 20.0) -> None:
+        node = self.sheep[index]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not node.alive:
+                raise RuntimeError(f"sheep {index} exited; see {node.directory}/stderr.log")
+            try:
+                with SyncClient("127.0.0.1", node.port) as client:
+                    if client.ping()["joined"]:
+                        return
+            except SheepError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"sheep {index} not ready within {timeout_s} s")
+
+    def client(self, index: int = 0) -> SyncClient:
+        return SyncClient("127.0.0.1", self.sheep[index].port)
+
+    def format(self, copies: int, object_size: int = 4 << 20) -> None:
+        with self.client(self.first_alive()) as client:
+            client.format(copies, object_size)
+
+    def first_alive(self) -> int:
+        return next(node.index for node in self.sheep if node.alive)
+
+    def kill(self, index: int, sig: int = signal.SIGKILL) -> None:
+        node = self.sheep[index]
+        assert node.process is not None
+        node.process.send_signal(sig)
+        node.process.wait(timeout=30)
+
+    def stop(self, index: int) -> int:
+        """Graceful stop (SIGTERM); returns the exit code."""
+        node = self.sheep[index]
+        assert node.process is not None
+        node.process.send_signal(signal.SIGTERM)
+        return node.process.wait(timeout=30)
+
+    def wait_epoch(self, index: int, members: int, timeout_s: float = 10.0) -> dict:
+        """Wait until sheep index sees exactly ``members`` members; return its cluster info."""
+        deadline = time.monotonic() + timeout_s
+        info: dict = {}
+        while time.monotonic() < deadline:
+            with self.client(index) as client:
+                info = client.cluster_info()
+            if len(info["members"]) == members:
+                return info
+            time.sleep(0.05)
+        raise AssertionError(f"sheep {index} sees {len(info.get('members', []))} members, "
+                             f"not {members}")
+
+    def object_files(self, oid: int) -> list[int]:
+        """Indexes of the sheep whose store directory holds the object's file."""
+        name = f"{oid:016x}"
+        return [node.index for node in self.sheep
+                if os.path.exists(os.path.join(node.directory, "obj", name[-2:], name))]
+
+    def close(self) -> None:
+        for node in self.sheep:
+            if node.alive:
+                assert node.process is not None
+                node.process.send_signal(signal.SIGKILL)
+                node.process.wait(timeout=30)
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
