@@ -17,11 +17,20 @@ def cluster() -> None:
     """Format, inspect and shut down the cluster."""
 
 
+def _check_object_size(value: int) -> int:
+    low, high = constants.object_size_min_bytes, constants.object_size_max_bytes
+    if value & (value - 1) or not low <= value <= high:
+        raise click.BadParameter(
+            f"{value} bytes is not a power of two from {format_size(low)} to {format_size(high)}")
+    return value
+
+
 @cluster.command()
 @click.option("-c", "--copies", type=click.IntRange(1, constants.copies_max),
               default=constants.copies_default, show_default=True,
               help="Copies of every object, each in a different zone.")
 @click.option("--object-size", type=SIZE, default=constants.object_size_default_bytes,
+              callback=lambda ctx, param, value: _check_object_size(value),
               help="Object size, a power of two from 1M to 64M (default 4M).")
 @click.option("--force", is_flag=True, help="Format even a formatted cluster, erasing its data.")
 @connection_options

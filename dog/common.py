@@ -93,9 +93,7 @@ class OidType(click.ParamType):
             return value
         text = str(value).strip().lower()
         try:
-            if text.startswith("0x"):
-                oid = int(text, 16)
-            elif len(text) == 16:
+            if text.startswith("0x") or len(text) == 16:
                 oid = int(text, 16)
             else:
                 oid = int(text, 10)

@@ -7,6 +7,7 @@ checking that the cluster places and replicates what it is given.
 from __future__ import annotations
 
 import sys
+from typing import BinaryIO
 
 import click
 
@@ -26,7 +27,7 @@ def object_() -> None:
 @click.argument("source", type=click.File("rb"), default="-")
 @click.option("--offset", type=click.IntRange(0), default=0, help="Byte offset in the object.")
 @connection_options
-def put(oid: int, source: click.utils.LazyFile, offset: int) -> None:
+def put(oid: int, source: BinaryIO, offset: int) -> None:
     """Write SOURCE (a file, or - for stdin) into object OID, creating it."""
     data = source.read()
 
