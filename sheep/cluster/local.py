@@ -215,8 +215,13 @@ class LocalDriver(ClusterDriver):
             self._catch_up_locked()
             self._write_records_locked(self._reap_locked(exclude=self._node.node_id))
 
-    def _probe_dead(self, node_id: str) -> bool:
-        """True if no live process holds node_id's member lock."""
+    def _probe_dead(self, node_id: str, remove: bool = False) -> bool:
+        """True if no live process holds node_id's member lock; remove then drops its file.
+
+        The file goes while we hold its lock: a restarting incarnation cannot lock it
+        meanwhile, and one that locks it after we let go sees it unlinked and makes a
+        new one. Unlinking after letting go could remove the file it had just locked.
+        """
         path = os.path.join(self.members_dir, _member_file_name(node_id))
         try:
             fd = os.open(path, os.O_RDWR)
@@ -224,8 +229,12 @@ class LocalDriver(ClusterDriver):
             return True
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            if remove:
+                os.unlink(path)
         except BlockingIOError:
             return False
+        except FileNotFoundError:
+            pass
         finally:
             os.close(fd)  # closing drops a lock we may have taken
         return True
@@ -234,14 +243,10 @@ class LocalDriver(ClusterDriver):
         """Leave records for dead members; their files go. Caller holds the log lock."""
         records = []
         for node_id in list(self._membership):
-            if node_id == exclude or not self._probe_dead(node_id):
+            if node_id == exclude or not self._probe_dead(node_id, remove=True):
                 continue
             log.warning("member %s is dead", node_id)
             records.append({"kind": EventKind.LEAVE.value, "node_id": node_id, "reason": "dead"})
-            try:
-                os.unlink(os.path.join(self.members_dir, _member_file_name(node_id)))
-            except FileNotFoundError:
-                pass
         return records
 
     class _LockedLog:

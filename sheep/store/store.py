@@ -157,10 +157,12 @@ class Store:
         self._fds[oid] = fd
         if len(self._fds) > _fd_cache_max:
             old_oid, old_fd = self._fds.popitem(last=False)
-            if old_oid in self._dirty:
-                os.fdatasync(old_fd)
+            try:
+                if old_oid in self._dirty:
+                    os.fdatasync(old_fd)
+            finally:
                 self._dirty.discard(old_oid)
-            os.close(old_fd)
+                os.close(old_fd)
         return fd
 
     def _drop_fd(self, oid: int) -> None:
@@ -192,6 +194,7 @@ class Store:
         self._check_range(offset, len(data))
         with _translated(f"create object {oid:016x}"):
             fd = self._fd(oid, create=True)
+            os.ftruncate(fd, 0)  # an old object's bytes must not show through the new one
             os.ftruncate(fd, self.object_size)
             if data:
                 os.pwrite(fd, data, offset)

@@ -18,9 +18,9 @@ import pytest
 
 from sheep.client import Client
 from sheep.errors import AlreadyFormatted, NoObject, NotFormatted, TooFewZones
-from sheep.ring import Ring
 from sheep.node import NodeInfo
 from sheep.oid import ObjectType, make_oid
+from sheep.ring import Ring
 from sheep.testing.cluster import LocalCluster
 
 object_size = 4 << 20

@@ -403,6 +403,7 @@ def event_sequences(draw: st.DrawFn) -> list[Event]:
     events = []
     seq = 0
     time = 1_700_000_000.0
+    step: Any
     for step in draw(st.lists(steps, max_size=40)):
         seq += draw(st.integers(1, 3))
         time += draw(st.floats(0.0, 10.0, allow_nan=False, allow_infinity=False))
@@ -443,7 +444,8 @@ def test_same_events_same_state(events: list[Event]) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(event_sequences(), st.data())
-def test_persist_and_reload_midway_changes_nothing(events: list[Event], data: st.DataObject) -> None:
+def test_persist_and_reload_midway_changes_nothing(
+        events: list[Event], data: st.DataObject) -> None:
     cut = data.draw(st.integers(0, len(events)))
     straight = ClusterState()
     straight_results = run(straight, events)

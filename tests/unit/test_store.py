@@ -1,0 +1,568 @@
+"""The object store: sparse object files, versions, metadata, sync, errors.
+
+Runs on a real filesystem under tmp_path (allocation is measured through
+st_blocks); failures the disk will not produce on demand are injected by
+monkeypatching os.pwrite, os.fdatasync and the fallocate binding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from sheep import constants
+from sheep.constants import KiB, MiB
+from sheep.errors import InvalidParameters, IOErrorResult, NoObject, NoSpace, SystemFailure
+from sheep.store import punch
+from sheep.store import store as store_module
+from sheep.store.punch import punch_hole
+from sheep.store.store import Store
+
+object_size = constants.object_size_default_bytes
+block = constants.block_size_bytes
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    store = Store(str(tmp_path / "store"))
+    store.open()
+    yield store
+    store.close()
+
+
+def reopen(store: Store) -> Store:
+    store.close()
+    again = Store(store.path)
+    again.open()
+    return again
+
+
+def allocated(path: str) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def pattern(length: int, seed: int = 1) -> bytes:
+    return bytes((seed + index * 7) % 251 for index in range(length))
+
+
+# --- object operations ------------------------------------------------------------
+
+
+def test_create_and_write_then_read(store: Store) -> None:
+    data = pattern(8 * KiB)
+    assert store.create_and_write(0x10, 4 * KiB, data) == 1
+    assert store.read(0x10, 4 * KiB, len(data)) == data
+    assert store.read(0x10, 0, 4 * KiB) == bytes(4 * KiB)
+    assert store.read(0x10, 12 * KiB, 100) == bytes(100)
+    assert store.read(0x10, object_size - 1, 1) == b"\0"
+    assert store.read(0x10, 5 * KiB, 0) == b""
+    assert store.exists(0x10) and not store.exists(0x11)
+
+
+def test_create_with_no_data_makes_a_zero_object(store: Store) -> None:
+    store.create_and_write(7, 0, b"")
+    assert store.read(7, 0, 64 * KiB) == bytes(64 * KiB)
+    assert store.stat(7)["size"] == object_size
+
+
+def test_small_write_allocates_only_what_it_writes(store: Store) -> None:
+    store.create_and_write(1, 2 * MiB, pattern(4 * KiB))
+    path = store.object_path(1)
+    assert os.path.getsize(path) == object_size
+    assert 4 * KiB <= allocated(path) <= 16 * KiB
+    info = store.stat(1)
+    assert info == {"oid": 1, "version": 1, "size": object_size, "allocated": allocated(path)}
+    store.write(1, 0, pattern(4 * KiB, seed=3))
+    assert allocated(path) <= 32 * KiB
+    assert store.read(1, 4 * KiB, 2 * MiB - 4 * KiB) == bytes(2 * MiB - 4 * KiB)
+
+
+def test_write_overwrites_a_range(store: Store) -> None:
+    store.create_and_write(1, 0, pattern(16 * KiB))
+    store.write(1, 4 * KiB, b"x" * 100)
+    expected = bytearray(pattern(16 * KiB))
+    expected[4 * KiB:4 * KiB + 100] = b"x" * 100
+    assert store.read(1, 0, 16 * KiB) == bytes(expected)
+    store.write(1, object_size - 3, memoryview(b"end"))
+    assert store.read(1, object_size - 3, 3) == b"end"
+
+
+def test_versions_bump_on_every_change(store: Store) -> None:
+    assert store.version(5) == 0
+    assert store.create_and_write(5, 0, b"a") == 1
+    assert store.write(5, 1, b"b") == 2
+    assert store.write(5, 2, b"c", fua=True) == 3
+    assert store.discard(5, 0, block) == 4
+    assert store.version(5) == 4 and store.stat(5)["version"] == 4
+    store.read(5, 0, 10)
+    assert store.version(5) == 4  # reads change nothing
+    assert store.create_and_write(5, 0, b"again") == 5  # an overwrite is a change too
+    assert store.create_and_write(6, 0, b"copy", version=42) == 42  # recovery keeps versions
+    assert store.write(6, 0, b"x") == 43
+
+
+@pytest.mark.parametrize(("offset", "count"), [
+    (object_size, 1), (object_size - 1, 2), (0, object_size + 1), (-1, 1), (0, -1),
+    (object_size + block, 0)])
+def test_ranges_outside_the_object_are_invalid(store: Store, offset: int, count: int) -> None:
+    store.create_and_write(1, 0, b"a")
+    with pytest.raises(InvalidParameters):
+        store.read(1, offset, count)
+    with pytest.raises(InvalidParameters):
+        store.discard(1, offset, count)
+    if count >= 0:
+        with pytest.raises(InvalidParameters):
+            store.write(1, offset, bytes(count))
+        with pytest.raises(InvalidParameters):
+            store.create_and_write(2, offset, bytes(count))
+    assert not store.exists(2)
+    assert store.version(1) == 1
+
+
+def test_whole_object_range_is_valid(store: Store) -> None:
+    data = pattern(object_size)
+    store.create_and_write(3, 0, data)
+    assert store.read(3, 0, object_size) == data
+
+
+def test_missing_objects(store: Store) -> None:
+    for call in (lambda: store.read(9, 0, 1), lambda: store.write(9, 0, b"x"),
+                 lambda: store.discard(9, 0, block), lambda: store.stat(9),
+                 lambda: store.remove(9)):
+        with pytest.raises(NoObject):
+            call()
+    assert not store.exists(9)
+    assert store.list_oids() == []
+    assert store.version(9) == 0
+
+
+def test_remove(store: Store) -> None:
+    store.create_and_write(1, 0, b"one")
+    store.create_and_write(2, 0, b"two")
+    store.remove(1)
+    assert not store.exists(1) and store.version(1) == 0
+    with pytest.raises(NoObject):
+        store.read(1, 0, 3)
+    assert store.list_oids() == [2]
+    assert store.create_and_write(1, 0, b"new") == 1  # a new life starts at version 1
+    assert store.read(1, 0, 3) == b"new"
+
+
+def test_discard_reads_as_zeros_and_frees_blocks(store: Store) -> None:
+    store.create_and_write(1, 0, pattern(MiB))
+    before = allocated(store.object_path(1))
+    store.discard(1, 256 * KiB, 512 * KiB)
+    after = allocated(store.object_path(1))
+    assert before - after >= 512 * KiB - 2 * block
+    assert store.read(1, 256 * KiB, 512 * KiB) == bytes(512 * KiB)
+    assert store.read(1, 0, 256 * KiB) == pattern(MiB)[:256 * KiB]
+    assert store.read(1, 768 * KiB, 256 * KiB) == pattern(MiB)[768 * KiB:]
+    assert store.stat(1)["size"] == object_size
+
+
+def test_list_oids_and_usage(store: Store) -> None:
+    oids = [0x8000_0000_0000_0001, 0x2, 0xABCD_0000_0000_00FF, 0x1FF]
+    for oid in oids:
+        store.create_and_write(oid, 0, pattern(8 * KiB))
+    # A stray file in the object tree is not an object.
+    Path(store.object_dir, "01", "not-an-oid").write_bytes(b"")
+    assert store.list_oids() == sorted(oids)
+    usage = store.usage()
+    assert usage["objects"] == len(oids) + 1
+    assert len(oids) * 8 * KiB <= usage["used"] <= len(oids) * 64 * KiB
+    assert usage["capacity"] == usage["used"] + usage["free"]
+    assert 0 < usage["free"] <= usage["fs_size"]
+
+
+def test_object_paths_fan_out(store: Store) -> None:
+    path = store.object_path(0x1234)
+    assert path == os.path.join(store.object_dir, "34", "0000000000001234")
+
+
+def test_wipe_drops_every_object(store: Store) -> None:
+    for oid in range(1, 6):
+        store.create_and_write(oid, 0, b"data")
+    store.write(3, 0, b"dirty")
+    store.wipe()
+    assert store.list_oids() == [] and store.usage()["objects"] == 0
+    assert all(store.version(oid) == 0 for oid in range(1, 6))
+    with pytest.raises(NoObject):
+        store.read(3, 0, 1)
+    assert store.begin_sync() == []
+    assert store.create_and_write(3, 0, b"fresh") == 1
+    assert store.read(3, 0, 5) == b"fresh"
+
+
+def test_objects_survive_reopen(store: Store) -> None:
+    store.create_and_write(1, 100, b"kept")
+    store.write(1, 200, b"too")
+    store = reopen(store)
+    try:
+        assert store.read(1, 100, 4) == b"kept" and store.read(1, 200, 3) == b"too"
+        assert store.version(1) == 2
+        assert store.list_oids() == [1]
+    finally:
+        store.close()
+
+
+# --- metadata ------------------------------------------------------------------------
+
+
+def test_config_persists(store: Store) -> None:
+    assert store.config_get("missing") is None
+    store.config_put("answer", {"a": [1, 2], "b": None})
+    store.config_put("name", "sheep")
+    store = reopen(store)
+    try:
+        assert store.config_get("answer") == {"a": [1, 2], "b": None}
+        assert store.config_get("name") == "sheep"
+    finally:
+        store.close()
+
+
+def test_node_secret_is_stable(store: Store, tmp_path: Path) -> None:
+    secret = store.node_secret()
+    assert len(secret) == 8 and int(secret, 16) >= 0
+    assert store.node_secret() == secret
+    store = reopen(store)
+    try:
+        assert store.node_secret() == secret
+    finally:
+        store.close()
+    other = Store(str(tmp_path / "other"))
+    other.open()
+    try:
+        assert other.node_secret() != secret
+    finally:
+        other.close()
+
+
+def test_cluster_state_persists(store: Store) -> None:
+    assert store.load_cluster_state() == (None, [])
+    node = {"node_id": "127.0.0.1:7000/00000001", "address": "127.0.0.1", "port": 7000,
+            "zone": 1, "vnodes": 16}
+    epochs = [{"epoch": epoch, "time": float(epoch), "nodes": [node]} for epoch in (1, 2, 300)]
+    store.save_cluster_state({"seq": 2, "epoch": 2}, epochs[:2])
+    store.save_cluster_state({"seq": 5, "epoch": 300}, epochs[2:])
+    store = reopen(store)
+    try:
+        state, loaded = store.load_cluster_state()
+        assert state == {"seq": 5, "epoch": 300}
+        assert loaded == epochs  # in epoch order, not text order
+    finally:
+        store.close()
+
+
+def test_cluster_state_machine_round_trips_through_the_store(store: Store) -> None:
+    from sheep.cluster_state import ClusterState, Event, EventKind
+    from sheep.node import NodeInfo
+
+    state = ClusterState()
+    seen = 0
+    for seq in range(1, 13):
+        node = NodeInfo(f"n{seq % 4}", "127.0.0.1", 7000 + seq % 4, seq % 4, 16)
+        kind = EventKind.JOIN if seq % 3 else EventKind.LEAVE
+        state.apply(Event(seq=seq, kind=kind, time=float(seq), node=node if seq % 3 else None,
+                          node_id="" if seq % 3 else node.node_id))
+        store.save_cluster_state(state.to_json(), [e.to_json() for e in state.epochs[seen:]])
+        seen = len(state.epochs)
+    store = reopen(store)
+    try:
+        saved, epochs = store.load_cluster_state()
+        assert saved is not None
+        loaded = ClusterState.from_json(saved, epochs)
+        assert loaded.to_json() == state.to_json()
+        assert [e.to_json() for e in loaded.epochs] == [e.to_json() for e in state.epochs]
+    finally:
+        store.close()
+
+
+# --- sync ------------------------------------------------------------------------------
+
+
+def test_sync_fsyncs_dirty_objects_once(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[int] = []
+    real_fdatasync = os.fdatasync
+
+    def recording_fdatasync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", recording_fdatasync)
+    store.create_and_write(1, 0, b"a")
+    store.create_and_write(2, 0, b"b")
+    store.write(2, 1, b"c")
+    store.create_and_write(4, 0, b"d")
+    store.write(4, 0, b"e", fua=True)  # synced at once; still dirty from the create
+    inode = {oid: os.stat(store.object_path(oid)).st_ino for oid in (1, 2, 4)}
+    assert synced == [inode[4]]
+    synced.clear()
+    store.sync()
+    assert sorted(synced) == sorted(inode.values())
+    synced.clear()
+    store.sync()
+    assert synced == []
+
+
+def test_fua_write_is_not_left_dirty(store: Store) -> None:
+    store.create_and_write(1, 0, b"a")
+    store.sync()
+    store.write(1, 0, b"b", fua=True)
+    assert store.begin_sync() == []
+
+
+def test_begin_and_finish_sync(store: Store) -> None:
+    store.create_and_write(1, 0, b"a")
+    store.create_and_write(2, 0, b"b")
+    fds = store.begin_sync()
+    assert len(fds) == 2
+    assert store.begin_sync() == []  # taken: a second flush does not repeat the work
+    # The duplicates outlive the cache's own fds: remove closes those.
+    store.remove(1)
+    store.write(2, 0, b"c")  # dirty again, for the next flush
+    store.finish_sync(fds)
+    for fd in fds:
+        with pytest.raises(OSError) as caught:
+            os.fstat(fd)
+        assert caught.value.errno == errno.EBADF
+    assert len(store.begin_sync()) == 1
+
+
+def test_finish_sync_closes_fds_even_when_it_fails(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    store.create_and_write(1, 0, b"a")
+    fds = store.begin_sync()
+
+    def failing_fdatasync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing_fdatasync)
+    with pytest.raises(IOErrorResult):
+        store.finish_sync(fds)
+    with pytest.raises(OSError):
+        os.fstat(fds[0])
+
+
+def test_close_twice_and_close_unopened(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s"))
+    store.close()
+    store.open()
+    store.create_and_write(1, 0, b"a")
+    store.close()
+    store.close()
+
+
+# --- the fd cache ---------------------------------------------------------------------
+
+
+def test_fd_cache_evicts_and_fsyncs(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache_max = store_module._fd_cache_max
+    count = cache_max + 50
+    synced: set[int] = set()
+    # Record instead of syncing: a thousand real fsyncs would make this test slow.
+    monkeypatch.setattr(os, "fdatasync", lambda fd: synced.add(os.fstat(fd).st_ino))
+
+    for oid in range(1, count + 1):
+        store.create_and_write(oid, 0, oid.to_bytes(8, "little"))
+    assert len(store._fds) == cache_max
+    evicted = list(range(1, count - cache_max + 1))
+    assert all(oid not in store._fds for oid in evicted)
+    # Evicted dirty objects were synced on the way out, and are no longer dirty.
+    inode = {oid: os.stat(store.object_path(oid)).st_ino for oid in range(1, count + 1)}
+    assert synced == {inode[oid] for oid in evicted}
+    assert not set(evicted) & store._dirty
+
+    # Everything still reads and writes, evicted or not, and the cache stays bounded.
+    for oid in range(1, count + 1):
+        assert store.read(oid, 0, 8) == oid.to_bytes(8, "little")
+        assert len(store._fds) <= cache_max
+    for oid in evicted:
+        store.write(oid, 8, b"more")
+    assert store.read(1, 0, 12) == (1).to_bytes(8, "little") + b"more"
+    assert store.version(1) == 2
+    assert len(store._fds) == cache_max
+
+    synced.clear()
+    store.sync()
+    # Only objects still in the cache are left to sync; the rest were synced on eviction.
+    assert synced <= {inode[oid] for oid in range(1, count + 1)}
+    assert not store._dirty
+    assert len(list(Path("/proc/self/fd").iterdir())) < 2 * cache_max
+
+
+# --- punching holes -------------------------------------------------------------------
+
+
+def test_punch_hole_frees_blocks_and_keeps_size(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    path.write_bytes(pattern(MiB))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+        before = allocated(str(path))
+        punch_hole(fd, 128 * KiB, 256 * KiB)
+        assert before - allocated(str(path)) >= 256 * KiB - 2 * block
+        assert os.fstat(fd).st_size == MiB
+        data = os.pread(fd, MiB, 0)
+        assert data[128 * KiB:384 * KiB] == bytes(256 * KiB)
+        assert data[:128 * KiB] == pattern(MiB)[:128 * KiB]
+        assert data[384 * KiB:] == pattern(MiB)[384 * KiB:]
+        punch_hole(fd, 0, 0)  # nothing to do
+        punch_hole(fd, 10, -5)
+        assert os.pread(fd, 10, 0) == pattern(10)
+    finally:
+        os.close(fd)
+
+
+def test_punch_hole_unaligned_range(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    path.write_bytes(b"\xff" * (64 * KiB))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        punch_hole(fd, 1000, 10_000)
+        data = os.pread(fd, 64 * KiB, 0)
+        assert data == b"\xff" * 1000 + bytes(10_000) + b"\xff" * (64 * KiB - 11_000)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("code", [errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, None])
+def test_punch_hole_falls_back_to_writing_zeros(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int | None) -> None:
+    def refusing_fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+        ctypes.set_errno(code or 0)
+        return -1
+
+    monkeypatch.setattr(punch, "_fallocate", None if code is None else refusing_fallocate)
+    path = tmp_path / "file"
+    size = 3 * MiB
+    path.write_bytes(b"\x01" * size)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        punch_hole(fd, 100, size - 200)  # longer than the zero buffer: several steps
+        assert os.pread(fd, size, 0) == b"\x01" * 100 + bytes(size - 200) + b"\x01" * 100
+        assert os.fstat(fd).st_size == size
+    finally:
+        os.close(fd)
+
+
+def test_punch_hole_reports_other_errors(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    path.write_bytes(b"x" * 8192)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as caught:
+            punch_hole(fd, 0, 4096)
+        assert caught.value.errno == errno.EBADF
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"x" * 8192
+
+
+# --- errors are translated at the boundary ------------------------------------------------
+
+
+def failing(code: int):  # type: ignore[no-untyped-def]
+    def fail(*args: object) -> None:
+        raise OSError(code, os.strerror(code))
+
+    return fail
+
+
+@pytest.mark.parametrize(("code", "error_class"), [
+    (errno.ENOSPC, NoSpace), (errno.EDQUOT, NoSpace), (errno.EIO, IOErrorResult),
+    (errno.EROFS, SystemFailure)])
+def test_write_errors_are_translated(store: Store, monkeypatch: pytest.MonkeyPatch,
+                                     code: int, error_class: type[Exception]) -> None:
+    store.create_and_write(1, 0, b"a")
+    monkeypatch.setattr(os, "pwrite", failing(code))
+    with pytest.raises(error_class) as caught:
+        store.write(1, 0, b"b")
+    assert isinstance(caught.value.__cause__, OSError)
+    assert caught.value.__cause__.errno == code
+    assert "write object 0000000000000001" in str(caught.value)
+    with pytest.raises(error_class):
+        store.create_and_write(2, 0, b"c")
+    assert store.version(1) == 1  # a failed write is not a new version
+
+
+def test_read_errors_are_translated(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    store.create_and_write(1, 0, b"a")
+    monkeypatch.setattr(os, "pread", failing(errno.EIO))
+    with pytest.raises(IOErrorResult) as caught:
+        store.read(1, 0, 1)
+    assert "read object" in str(caught.value)
+
+
+def test_discard_errors_are_translated(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    store.create_and_write(1, 0, b"a")
+
+    def refusing_fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+        ctypes.set_errno(errno.EIO)
+        return -1
+
+    monkeypatch.setattr(punch, "_fallocate", refusing_fallocate)
+    with pytest.raises(IOErrorResult):
+        store.discard(1, 0, block)
+
+
+def test_sync_errors_are_translated(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    store.create_and_write(1, 0, b"a")
+    monkeypatch.setattr(os, "fdatasync", failing(errno.ENOSPC))
+    with pytest.raises(NoSpace):
+        store.sync()
+
+
+def test_open_errors_are_translated(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    with pytest.raises(SystemFailure):
+        Store(str(blocker / "store")).open()
+
+
+def test_full_metadata_map_is_no_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(constants, "lmdb_map_size_bytes", 256 * KiB)
+    store = Store(str(tmp_path / "s"))
+    store.open()
+    try:
+        with pytest.raises(NoSpace) as caught:
+            for number in range(1000):
+                store.config_put(f"key{number}", "v" * 1000)
+        assert isinstance(caught.value.__cause__, lmdb.MapFullError)
+    finally:
+        store.close()
+
+
+def test_create_and_write_over_an_existing_object_replaces_it(store: Store) -> None:
+    # A stale copy of a reused oid must not show through a new object's unwritten ranges.
+    store.create_and_write(1, 0, b"\xee" * (64 * KiB))
+    assert store.create_and_write(1, 8 * KiB, b"new") == 2
+    assert store.read(1, 0, 8 * KiB) == bytes(8 * KiB)
+    assert store.read(1, 8 * KiB, 3) == b"new"
+    assert store.read(1, 8 * KiB + 3, 56 * KiB) == bytes(56 * KiB)
+    assert store.stat(1)["size"] == object_size
+    assert allocated(store.object_path(1)) <= 16 * KiB
+
+
+def test_failed_sync_on_eviction_closes_the_fd(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache_max = store_module._fd_cache_max
+    monkeypatch.setattr(os, "fdatasync", lambda fd: None)
+    for oid in range(1, cache_max + 1):
+        store.create_and_write(oid, 0, b"x")
+    open_fds = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "fdatasync", failing(errno.EIO))
+    with pytest.raises(IOErrorResult):
+        store.create_and_write(cache_max + 1, 0, b"y")  # evicts object 1, which is dirty
+    assert len(os.listdir("/proc/self/fd")) == open_fds  # one opened, one closed
+    assert 1 not in store._fds and 1 not in store._dirty
+    monkeypatch.setattr(os, "fdatasync", lambda fd: None)
+    assert store.read(1, 0, 1) == b"x"
+    assert store.create_and_write(cache_max + 1, 0, b"y") == 1
+    assert len(store._fds) == cache_max
