@@ -74,13 +74,13 @@ class Connection:
             transport, _ = await asyncio.wait_for(
                 loop.create_connection(lambda: _ReplyProtocol(connection), host, port),
                 timeout_ms / 1000)
-        except (OSError, asyncio.TimeoutError) as error:
-            if isinstance(error, OSError) and error.errno:
-                reason = os.strerror(error.errno)
-            elif isinstance(error, OSError):
-                reason = str(error)
-            else:
+        except OSError as error:  # TimeoutError included
+            if isinstance(error, TimeoutError):
                 reason = "timed out"
+            elif error.errno:
+                reason = os.strerror(error.errno)
+            else:
+                reason = str(error)
             raise NetworkError(f"cannot connect to sheep at {host}:{port}: {reason}") from error
         connection._transport = transport  # type: ignore[assignment]
         return connection
@@ -120,7 +120,7 @@ class Connection:
             self._transport.write(header.pack())
         try:
             reply, data = await asyncio.wait_for(future, timeout_ms / 1000)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._pending.pop(request_id, None)
             raise Timeout(f"no reply from {self.endpoint} within {timeout_ms} ms") from None
         if reply.result:

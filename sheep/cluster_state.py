@@ -21,6 +21,7 @@ from typing import Any
 from sheep import constants
 from sheep.errors import Result
 from sheep.node import NodeInfo
+from sheep.vdi_registry import VdiRegistry
 
 
 class EventKind(enum.Enum):
@@ -111,10 +112,13 @@ class ClusterState:
         self.object_size = 0
         self.format_time = 0.0
         self.format_epoch = 0
+        self.vdis = VdiRegistry()
         self._ops: dict[str, Callable[[Event], ApplyResult]] = {
             "format": self._apply_format,
             "shutdown": self._apply_shutdown,
         }
+        for kind in self.vdis.ops:
+            self._ops[kind] = self._apply_vdi_op
 
     # --- queries ---------------------------------------------------------
 
@@ -170,7 +174,8 @@ class ClusterState:
             return ApplyResult()
         del self.members[event.node_id]
         self._new_epoch(event)
-        return ApplyResult(epoch_changed=True)
+        released = self.vdis.release_node(event.node_id)
+        return ApplyResult(epoch_changed=True, value={"released": released})
 
     def _apply_format(self, event: Event) -> ApplyResult:
         body = event.body
@@ -187,11 +192,20 @@ class ClusterState:
         self.object_size = int(object_size)  # type: ignore[arg-type]
         self.format_time = event.time
         self.format_epoch = self.epoch
+        self.vdis = VdiRegistry()
         return ApplyResult(wipe_store=True, value={"copies": self.copies,
                                                    "object_size": self.object_size})
 
     def _apply_shutdown(self, event: Event) -> ApplyResult:
         return ApplyResult(shutdown=True)
+
+    def _apply_vdi_op(self, event: Event) -> ApplyResult:
+        if self.status is not Status.OK:
+            return _error(Result.NOT_FORMATTED,
+                          "the cluster is not formatted (run 'dog cluster format')")
+        outcome = self.vdis.apply(str(event.body["type"]), event.body, event.time, self.copies,
+                                  self.object_size, self.zones)
+        return ApplyResult(result=outcome.result, message=outcome.message, value=outcome.value)
 
     # --- persistence -------------------------------------------------------
 
@@ -202,7 +216,7 @@ class ClusterState:
             "members": [node.to_json() for node in self.nodes],
             "status": self.status.value, "copies": self.copies,
             "object_size": self.object_size, "format_time": self.format_time,
-            "format_epoch": self.format_epoch,
+            "format_epoch": self.format_epoch, "vdis": self.vdis.to_json(),
         }
 
     @classmethod
@@ -216,6 +230,8 @@ class ClusterState:
         state.object_size = int(value["object_size"])
         state.format_time = float(value["format_time"])
         state.format_epoch = int(value["format_epoch"])
+        if "vdis" in value:
+            state.vdis = VdiRegistry.from_json(value["vdis"])
         state.epochs = sorted((EpochEntry.from_json(e) for e in epochs), key=lambda e: e.epoch)
         state._check()
         return state
@@ -234,9 +250,11 @@ class ClusterState:
 
 def format_problem(copies: Any, object_size: Any, zones: int) -> tuple[Result, str] | None:
     """Why a format with these parameters must be refused, or None."""
-    if not isinstance(copies, int) or not 1 <= copies <= constants.copies_max:
+    if (not isinstance(copies, int) or isinstance(copies, bool)
+            or not 1 <= copies <= constants.copies_max):
         return Result.INVALID_PARMS, f"copies must be 1 to {constants.copies_max}, not {copies!r}"
-    if (not isinstance(object_size, int) or object_size & (object_size - 1)
+    if (not isinstance(object_size, int) or isinstance(object_size, bool)
+            or object_size & (object_size - 1)
             or not constants.object_size_min_bytes <= object_size
             <= constants.object_size_max_bytes):
         return Result.INVALID_PARMS, (

@@ -67,6 +67,8 @@ class Sheep:
         self.stopped = asyncio.Event()
         self.stopping = False
         self.started_at = time.time()
+        self._start_begun = False
+        self._start_finished = asyncio.Event()  # start returned or failed
         self._op_ids = itertools.count(1)
         self._op_waiters: dict[str, asyncio.Future[ApplyResult]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
@@ -87,6 +89,13 @@ class Sheep:
 
     async def start(self, sock: socket.socket) -> None:
         """Open the store, join the cluster, serve. Returns once this sheep is a member."""
+        self._start_begun = True
+        try:
+            await self._start(sock)
+        finally:
+            self._start_finished.set()
+
+    async def _start(self, sock: socket.socket) -> None:
         self.store.open()
         saved, epochs = self.store.load_cluster_state()
         if saved is not None:
@@ -123,6 +132,10 @@ class Sheep:
             return
         self.stopping = True
         log.info("stopping (leave=%s)", leave)
+        if self._start_begun:
+            # A stop (SIGTERM) during start waits for the join: closing the store under
+            # it would kill the event stream and leave start waiting forever.
+            await self._start_finished.wait()
         await self.server.stop()
         for task in self._tasks:
             task.cancel()
@@ -185,7 +198,7 @@ class Sheep:
         await self.driver.broadcast(op_id, body)
         try:
             result = await asyncio.wait_for(future, constants.op_timeout_ms / 1000)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._op_waiters.pop(op_id, None)
             raise Timeout(f"cluster operation {body.get('type')} was not applied in time") from None
         if result.result != Result.SUCCESS:
@@ -218,7 +231,7 @@ class Sheep:
             self._applied.clear()
             try:
                 await asyncio.wait_for(self._applied.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
 
     # --- dispatch ----------------------------------------------------------------

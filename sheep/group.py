@@ -37,7 +37,7 @@ class Group:
         event = self._epoch_changed
         try:
             await asyncio.wait_for(event.wait(), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return self.state.epoch > epoch
         return True
 

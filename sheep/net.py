@@ -2,8 +2,16 @@
 
 Each connection decodes frames with the sans-IO decoder and runs every request
 as its own task, so a slow request does not hold up the ones behind it and
-replies go out in completion order. Past requests_in_flight_max outstanding
-requests, the connection stops reading until some finish.
+replies go out in completion order.
+
+Every connection's memory is bounded, whatever its peer does. Decoded requests
+wait in a backlog and start only while the connection holds fewer than
+requests_in_flight_max requests and request_bytes_in_flight_max bytes (payloads,
+data being read, and replies the kernel has not taken yet). So a client that
+pipelines big reads and never reads the replies stops being served once about
+that many bytes wait for it, instead of making the sheep buffer every reply.
+While the backlog is not empty the connection does not read, so the backlog
+holds at most one socket read's worth of frames.
 
 A frame that cannot be framed (bad magic, hostile length) gets an error reply
 if its header was readable, then the connection closes; a well-framed bad
@@ -14,10 +22,12 @@ lives on. Other connections never notice either.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from sheep import constants, proto
@@ -30,12 +40,29 @@ Reply = tuple[bytes | bytearray | memoryview, dict[str, int]]
 Dispatch = Callable[[Header, bytes], Awaitable[Reply]]
 
 
+# Payload and read bytes in flight per connection, counting replies still in the
+# transport's buffer. A single request larger than this (up to the largest
+# object) still runs, alone. Belongs in sheep/constants.py.
+request_bytes_in_flight_max = 32 * constants.MiB
+
+_data_reply_ops = frozenset(op for op, info in proto.OPS.items()
+                            if info.reply is proto.Payload.DATA)
+
+
+def _request_bytes(header: Header) -> int:
+    """What serving a request holds in memory: its payload and the data it reads."""
+    return header.length + (header.count if header.opcode in _data_reply_ops else 0)
+
+
 class _RequestProtocol(asyncio.Protocol):
     def __init__(self, server: Server) -> None:
         self.server = server
         self.decoder = proto.FrameDecoder()
+        self.backlog: collections.deque[tuple[Header, bytes]] = collections.deque()
         self.in_flight = 0
-        self.paused = False
+        self.bytes_in_flight = 0
+        self.writing_paused = False
+        self.reading_paused = False
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -44,13 +71,41 @@ class _RequestProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        self.backlog.clear()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._start_ready()
 
     def data_received(self, data: bytes) -> None:
         try:
             frames = self.decoder.feed(data)
         except proto.ProtocolError:
             frames = []
-        for header, payload in frames:
+        error = self.decoder.error
+        if error is not None:
+            # The stream is lost: requests not started yet go unanswered with the connection.
+            log.warning("closing connection %s: %s", self._peer(), error.reason)
+            self.backlog.clear()
+            if error.header is not None:  # answered in our version, which the peer can read
+                header = replace(error.header, version=constants.proto_version)
+                self._send_error(header, Result.BAD_REQUEST, error.reason)
+            assert self.transport is not None
+            self.transport.close()
+            return
+        self.backlog.extend(frames)
+        self._start_ready()
+
+    def _peer(self) -> Any:
+        return None if self.transport is None else self.transport.get_extra_info("peername")
+
+    def _start_ready(self) -> None:
+        """Start backlogged requests while the limits allow; read more once all started."""
+        while self.backlog and self._may_start(self.backlog[0][0]):
+            header, payload = self.backlog.popleft()
             problem = proto.request_problem(header)
             if problem is None and header.is_reply:
                 problem = (Result.BAD_REQUEST, "got a reply where a request belongs")
@@ -58,28 +113,37 @@ class _RequestProtocol(asyncio.Protocol):
                 self._send_error(header, *problem)
                 continue
             self._start(header, payload)
-        error = self.decoder.error
-        if error is not None:
-            log.warning("closing connection %s: %s", self._peer(), error.reason)
-            if error.header is not None:
-                self._send_error(error.header, Result.BAD_REQUEST, error.reason)
-            assert self.transport is not None
-            self.transport.close()
+        self._set_reading(not self.backlog)
 
-    def _peer(self) -> Any:
-        return None if self.transport is None else self.transport.get_extra_info("peername")
+    def _may_start(self, header: Header) -> bool:
+        if self.transport is None or self.transport.is_closing():
+            return False
+        if self.in_flight >= constants.requests_in_flight_max:
+            return False
+        held = self.bytes_in_flight + self.transport.get_write_buffer_size()
+        if held + _request_bytes(header) <= request_bytes_in_flight_max:
+            return True
+        return self.in_flight == 0 and not self.writing_paused
+
+    def _set_reading(self, reading: bool) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if reading and self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        elif not reading and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
 
     def _start(self, header: Header, payload: bytes) -> None:
+        cost = _request_bytes(header)
         self.in_flight += 1
-        if self.in_flight >= constants.requests_in_flight_max and not self.paused:
-            assert self.transport is not None
-            self.transport.pause_reading()
-            self.paused = True
-        task = asyncio.get_running_loop().create_task(self._serve(header, payload))
+        self.bytes_in_flight += cost
+        task = asyncio.get_running_loop().create_task(self._serve(header, payload, cost))
         self.server.tasks.add(task)
         task.add_done_callback(self.server.tasks.discard)
 
-    async def _serve(self, header: Header, payload: bytes) -> None:
+    async def _serve(self, header: Header, payload: bytes, cost: int) -> None:
         try:
             data, fields = await self.server.dispatch(header, payload)
         except SheepError as error:
@@ -94,10 +158,9 @@ class _RequestProtocol(asyncio.Protocol):
             self._send(header.reply(Result.SUCCESS, len(data), **fields), data)
         finally:
             self.in_flight -= 1
-            if self.paused and self.in_flight < constants.requests_in_flight_max // 2:
-                assert self.transport is not None
-                self.paused = False
-                self.transport.resume_reading()
+            self.bytes_in_flight -= cost
+            assert self.in_flight >= 0 and self.bytes_in_flight >= 0
+            self._start_ready()
 
     def _send_error(self, header: Header, result: int, message: str) -> None:
         data = message.encode()[:4096]

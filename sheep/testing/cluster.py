@@ -69,12 +69,11 @@ class LocalCluster:
             if node.alive:
                 continue
             os.makedirs(node.directory, exist_ok=True)
-            log = open(os.path.join(node.directory, "stderr.log"), "ab")
-            node.process = subprocess.Popen(
-                [sys.executable, "-m", "sheep", node.directory, "-f", "-p", str(node.port),
-                 "-z", str(node.zone), "-c", self.driver, "-w", "80G", *node.extra_args],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-            log.close()
+            with open(os.path.join(node.directory, "stderr.log"), "ab") as log:
+                node.process = subprocess.Popen(
+                    [sys.executable, "-m", "sheep", node.directory, "-f", "-p", str(node.port),
+                     "-z", str(node.zone), "-c", self.driver, "-w", "80G", *node.extra_args],
+                    stdout=log, stderr=log, stdin=subprocess.DEVNULL)
             if wait:
                 self.wait_ready(node.index)
 

@@ -11,13 +11,21 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import threading
 import time
 from dataclasses import dataclass
 
 import pytest
 
 from sheep.client import Client
-from sheep.errors import AlreadyFormatted, NoObject, NotFormatted, TooFewZones
+from sheep.errors import (
+    AlreadyFormatted,
+    InvalidParameters,
+    NoObject,
+    NotFormatted,
+    SheepError,
+    TooFewZones,
+)
 from sheep.node import NodeInfo
 from sheep.oid import ObjectType, make_oid
 from sheep.ring import Ring
@@ -146,8 +154,13 @@ def test_format_checks_zones_copies_and_refuses_a_second_format(make_cluster):
     with cluster.client(1) as client:
         with pytest.raises(NotFormatted):
             client.create_and_write(1, b"early")
-        with pytest.raises(TooFewZones):
-            client.format(3, object_size)
+        for copies in (3, 4):
+            with pytest.raises(TooFewZones, match="2 zones"):
+                client.format(copies, object_size)
+        with pytest.raises(InvalidParameters):
+            client.format(9, object_size)
+        with pytest.raises(InvalidParameters):
+            client.format(2, 3 << 20)  # not a power of two
         client.format(2, object_size)
         with pytest.raises(AlreadyFormatted):
             client.format(2, object_size)
@@ -189,23 +202,115 @@ def measure_epoch_change(cluster: LocalCluster, victim: int) -> dict[int, float]
     return seen
 
 
+class BackgroundWriter(threading.Thread):
+    """Keeps writes_in_flight_max writes in flight through one sheep until stopped."""
+
+    def __init__(self, cluster: LocalCluster, index: int, generation: int) -> None:
+        super().__init__(daemon=True)
+        self.port = cluster.sheep[index].port
+        self.generation = generation
+        self.stop_event = threading.Event()
+        self.acknowledged: list[int] = []
+        self.errors: list[BaseException] = []
+        self.slowest_s = 0.0
+
+    def run(self) -> None:
+        asyncio.run(self._write())
+
+    async def _write(self) -> None:
+        client = await Client.connect("127.0.0.1", self.port)
+        oids = iter(range(1 << 20))
+
+        async def one_writer() -> None:
+            for index in oids:
+                if self.stop_event.is_set():
+                    return
+                oid = make_oid(ObjectType.RAW, self.generation, index)
+                started = time.monotonic()
+                try:
+                    await client.create_and_write(oid, oid.to_bytes(8, "little") * 512)
+                except SheepError as error:
+                    self.errors.append(error)
+                    return
+                self.slowest_s = max(self.slowest_s, time.monotonic() - started)
+                self.acknowledged.append(oid)
+
+        try:
+            await asyncio.gather(*(one_writer() for _ in range(writes_in_flight_max)))
+        finally:
+            client.close()
+
+    def finish(self) -> list[int]:
+        self.stop_event.set()
+        self.join(timeout=60)
+        assert not self.is_alive() and not self.errors, self.errors
+        return self.acknowledged
+
+
 @pytest.mark.parametrize("copies", [3, 2])
 def test_sigkill_gives_a_new_epoch_within_2s_and_objects_stay_readable(make_cluster, copies):
     cluster = make_cluster(3)
     cluster.format(copies=copies)
     objects = random_objects(seed=3 + copies, count=60, size_max=256 << 10)
     write_all(cluster, 0, objects)
+    writer = BackgroundWriter(cluster, 0, generation=20 + copies)
+    writer.start()
+    deadline = time.monotonic() + 10
+    while len(writer.acknowledged) < 50 and not writer.errors:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     latency = measure_epoch_change(cluster, victim=2)
+    during = len(writer.acknowledged)
+    while len(writer.acknowledged) < during + 50 and not writer.errors:
+        assert time.monotonic() < deadline + 10
+        time.sleep(0.01)
+    acknowledged = writer.finish()  # not one write failed across the death
     print(f"\nepoch change after SIGKILL (copies={copies}): "
-          + ", ".join(f"sheep {i}: {s * 1000:.0f} ms" for i, s in sorted(latency.items())))
+          + ", ".join(f"sheep {i}: {s * 1000:.0f} ms" for i, s in sorted(latency.items()))
+          + f"; slowest of {len(acknowledged)} writes in flight across it:"
+          f" {writer.slowest_s * 1000:.0f} ms")
     assert max(latency.values()) < epoch_change_max_s, latency
     for index in (0, 1):
         check_all(cluster, index, objects)
+        check_all(cluster, index, [Written(oid, 0, oid.to_bytes(8, "little") * 512)
+                                   for oid in acknowledged])
     later = random_objects(seed=10 + copies, count=20, size_max=64 << 10)
     write_all(cluster, 1, later)  # the new epoch's placement takes writes
     check_all(cluster, 0, later)
     for written in later:
         assert len(cluster.object_files(written.oid)) == 2
+
+
+def test_a_sheep_joining_later_gets_the_state_and_a_killed_one_rejoins(make_cluster):
+    cluster = make_cluster(2)
+    cluster.format(copies=2)
+    objects = random_objects(seed=8, count=20, size_max=64 << 10)
+    write_all(cluster, 0, objects)
+    cluster.add()
+    cluster.start(2)
+    with cluster.client(2) as client:
+        info = client.cluster_info()
+    assert (info["status"], info["copies"], len(info["members"])) == ("ok", 2, 3)
+    check_all(cluster, 2, objects)  # objects from before the join, read where they are
+    later = random_objects(seed=9, count=30, size_max=64 << 10)
+    write_all(cluster, 2, later)
+    assert {i for w in later for i in cluster.object_files(w.oid)} == {0, 1, 2}
+
+    ids = node_ids(cluster)
+    cluster.kill(1)
+    cluster.wait_epoch(0, members=2)
+    cluster.start(1)
+    for index in range(3):
+        cluster.wait_epoch(index, members=3)
+    assert node_ids(cluster) == ids  # the same node, back under its old id
+    check_all(cluster, 1, objects + later)
+
+    with cluster.client(2) as client:  # dog node kill
+        client.kill_node()
+    process = cluster.sheep[2].process
+    assert process is not None and process.wait(timeout=15) == 0
+    cluster.wait_epoch(0, members=2)
+    check_all(cluster, 0, objects)
 
 
 def test_flush_remove_and_discard_through_the_gateway(make_cluster):

@@ -156,7 +156,7 @@ def test_daemon_lifecycle_and_refusals(tmp_path, daemons):
     assert running(pid_a) and running(pid_b) and len(members(port_a)) == 2
 
     daemons.signal(pid_b, signal.SIGTERM)
-    wait_gone(pid_b)
+    print(f"\ndaemon gone {wait_gone(pid_b) * 1000:.0f} ms after SIGTERM")
     assert not os.path.exists(os.path.join(b, "sheep.pid"))
     assert wait_members(port_a, 1) == {node_id(port_a)}
     leaves = [r for r in driver_log(str(tmp_path / "cluster")) if r["kind"] == "leave"]
@@ -192,6 +192,28 @@ def test_unusable_store_directories_are_refused(tmp_path):
         assert refused.returncode != 0 and "cannot write" in refused.stderr
 
 
+@pytest.mark.parametrize("args, code, message", [
+    (["-c", "local:{file}/cluster"], 1, "cannot use cluster directory"),  # told by the daemon
+    (["-c", "zookeeper:x"], 64, "unknown cluster driver"),
+    (["-w", "12Q"], 64, "invalid size '12Q'"),
+    (["-b", "192.0.2.1"], 1, "not an address of this host"),
+    (["-z", "-1"], 64, "-z"),
+], ids=["cluster-dir-under-file", "driver", "weight", "address", "zone"])
+def test_bad_start_arguments_get_one_clear_line(tmp_path, args, code, message):
+    regular_file = tmp_path / "file"
+    regular_file.write_text("")
+    store = tmp_path / "store"
+    result = run_sheep(str(store), "-p", str(free_port()),
+                       *[arg.format(file=regular_file) for arg in args])
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    deadline = time.monotonic() + exit_within_s  # a daemon that failed to join cleans up
+    while (store / "sheep.pid").exists():
+        assert time.monotonic() < deadline, "the failed daemon left its pid file"
+        time.sleep(0.02)
+
+
 def test_seed_one_liner_with_the_default_driver(tmp_path, daemons):
     runtime = tmp_path / "run"
     runtime.mkdir(mode=0o700)
@@ -224,6 +246,33 @@ def test_seed_one_liner_with_the_default_driver(tmp_path, daemons):
         daemons.signal(pid, signal.SIGTERM)
     for pid in daemons.pids:
         wait_gone(pid)
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.03, 0.06, 0.1])
+def test_sigterm_during_startup_exits_and_leaves(tmp_path, delay_s):
+    """SIGTERM right after the pid file appears, while the sheep is still joining."""
+    store, cluster = tmp_path / "store", tmp_path / "cluster"
+    with open(tmp_path / "stderr.log", "wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sheep", str(store), "-f", "-p", str(free_port()),
+             "-c", f"local:{cluster}"], stdout=stderr, stderr=stderr, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + command_timeout_s
+        while not (store / "sheep.pid").exists():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.002)
+        time.sleep(delay_s)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=exit_within_s)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert code in (0, -signal.SIGTERM), (tmp_path / "stderr.log").read_text()
+    records = driver_log(str(cluster)) if (cluster / "log").exists() else []
+    joined = [r["node"]["node_id"] for r in records if r["kind"] == "join"]
+    left = [r["node_id"] for r in records if r["kind"] == "leave" and r["reason"] == "leave"]
+    assert joined == left, records
 
 
 def test_sigterm_finishes_in_flight_writes_and_exits_0(make_cluster):

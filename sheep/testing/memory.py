@@ -1,0 +1,49 @@
+"""In-memory stand-ins for tests: replicated object I/O as a dict."""
+
+from __future__ import annotations
+
+from sheep.errors import InvalidParameters, NoObject
+
+
+class MemoryObjects:
+    """The VDI engine's Objects interface over a dict of bytearrays."""
+
+    def __init__(self, object_size: int) -> None:
+        self.object_size = object_size
+        self.data: dict[int, bytearray] = {}
+        self.frozen_writes = 0
+
+    def _check(self, offset: int, count: int) -> None:
+        if offset < 0 or count < 0 or offset + count > self.object_size:
+            raise InvalidParameters(f"range {offset}+{count} outside the object")
+
+    async def read(self, oid: int, offset: int, count: int) -> bytes:
+        self._check(offset, count)
+        if oid not in self.data:
+            raise NoObject(f"object {oid:016x}")
+        return bytes(self.data[oid][offset:offset + count])
+
+    async def create(self, oid: int, data: bytes, offset: int = 0) -> None:
+        self._check(offset, len(data))
+        buffer = bytearray(self.object_size)
+        buffer[offset:offset + len(data)] = data
+        self.data[oid] = buffer
+
+    async def write(self, oid: int, offset: int, data: bytes) -> None:
+        self._check(offset, len(data))
+        if oid not in self.data:
+            raise NoObject(f"object {oid:016x}")
+        self.data[oid][offset:offset + len(data)] = data
+
+    async def discard(self, oid: int, offset: int, count: int) -> None:
+        await self.write(oid, offset, bytes(count))
+
+    async def remove(self, oid: int) -> None:
+        if self.data.pop(oid, None) is None:
+            raise NoObject(f"object {oid:016x}")
+
+    async def exists(self, oid: int) -> bool:
+        return oid in self.data
+
+    async def flush(self) -> None:
+        return None

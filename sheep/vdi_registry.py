@@ -1,0 +1,436 @@
+"""VDI metadata in the cluster state machine, sans-IO.
+
+Every sheep holds the whole registry, applied from the ordered log and
+persisted with the rest of the cluster state, so VDI metadata survives the
+loss of all but one node and a full cluster restart.
+
+A VDI is a name, an id, a size, a current writable Root (see sheep/vdi.py) and
+a list of snapshots, each a frozen Root with a tag, an id and a time. Ids of
+VDIs and snapshots come from one counter; generations from another. Snapshot,
+clone and rollback give a VDI a fresh generation whose tree starts from a
+frozen root node: O(1), no data moves. The generations that are some VDI's
+current one are the writable generations; stores refuse writes to any other.
+
+The handlers validate everything and answer errors as results; they never
+raise for bad input. The gateway resolves the I/O facts an op needs (which
+root node is in effect) before broadcasting it, so applying stays pure.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sheep import radix
+from sheep.errors import Result
+from sheep.oid import GENERATION_MAX
+from sheep.vdi import Root
+
+name_max_chars = 256
+attr_key_max_chars = 256
+attr_value_max_bytes = 64 * 1024
+attrs_per_vdi_max = 1024
+_name_pattern = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def name_problem(name: Any, what: str = "VDI name") -> str | None:
+    if not isinstance(name, str) or not name:
+        return f"{what} must not be empty"
+    if len(name) > name_max_chars:
+        return f"{what} is longer than {name_max_chars} characters"
+    if not _name_pattern.match(name):
+        return f"{what} {name!r} may hold only letters, digits, '-', '_' and '.'"
+    return None
+
+
+def vdi_size_max(object_size: int) -> int:
+    return radix.capacity(radix.DEPTH_MAX) * object_size
+
+
+@dataclass
+class Snapshot:
+    id: int
+    tag: str
+    time: float
+    size: int
+    root: Root
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "tag": self.tag, "time": self.time, "size": self.size,
+                "root": self.root.to_json()}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> Snapshot:
+        return cls(int(value["id"]), str(value["tag"]), float(value["time"]),
+                   int(value["size"]), Root.from_json(value["root"]))
+
+
+@dataclass
+class Vdi:
+    id: int
+    name: str
+    size: int
+    ctime: float
+    copies: int
+    root: Root
+    snapshots: list[Snapshot] = field(default_factory=list)
+    parent: dict[str, Any] | None = None  # clones: {"vdi": name, "vdi_id", "snapshot": id}
+    attrs: dict[str, str] = field(default_factory=dict)
+    lock: dict[str, str] | None = None  # {"node_id", "session"}
+
+    def snapshot(self, ref: Any) -> Snapshot | None:
+        """A snapshot by tag, or by id (an int, or digits)."""
+        for snap in self.snapshots:
+            if snap.tag == ref and ref != "":
+                return snap
+        text = str(ref)
+        if text.isdigit():
+            for snap in self.snapshots:
+                if snap.id == int(text):
+                    return snap
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "size": self.size, "ctime": self.ctime,
+                "copies": self.copies, "root": self.root.to_json(),
+                "snapshots": [s.to_json() for s in self.snapshots], "parent": self.parent,
+                "attrs": dict(self.attrs), "lock": self.lock}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> Vdi:
+        return cls(int(value["id"]), str(value["name"]), int(value["size"]),
+                   float(value["ctime"]), int(value["copies"]), Root.from_json(value["root"]),
+                   [Snapshot.from_json(s) for s in value["snapshots"]], value["parent"],
+                   dict(value["attrs"]), value["lock"])
+
+
+@dataclass
+class Outcome:
+    result: Result = Result.SUCCESS
+    message: str = ""
+    value: dict[str, Any] = field(default_factory=dict)
+
+
+def _fail(result: Result, message: str) -> Outcome:
+    return Outcome(result, message)
+
+
+class VdiRegistry:
+    def __init__(self) -> None:
+        self.vdis: dict[str, Vdi] = {}
+        self.next_id = 1
+        self.next_generation = 1
+        self.ops: dict[str, Callable[[dict[str, Any], float, int, int, int], Outcome]] = {
+            "vdi_create": self._create,
+            "vdi_delete": self._delete,
+            "vdi_snapshot": self._snapshot,
+            "vdi_clone": self._clone,
+            "vdi_rollback": self._rollback,
+            "vdi_resize": self._resize,
+            "vdi_lock": self._lock,
+            "vdi_unlock": self._unlock,
+            "vdi_setattr": self._setattr,
+        }
+
+    # --- queries ---------------------------------------------------------------
+
+    def writable_generations(self) -> set[int]:
+        return {vdi.root.generation for vdi in self.vdis.values()}
+
+    def by_generation(self, generation: int) -> Vdi | None:
+        for vdi in self.vdis.values():
+            if vdi.root.generation == generation:
+                return vdi
+            if any(s.root.generation == generation for s in vdi.snapshots):
+                return vdi
+        return None
+
+    def release_node(self, node_id: str) -> list[str]:
+        """Drop every lock held through a node that left; the names released."""
+        released = []
+        for vdi in self.vdis.values():
+            if vdi.lock is not None and vdi.lock.get("node_id") == node_id:
+                vdi.lock = None
+                released.append(vdi.name)
+        return released
+
+    # --- the one way in ----------------------------------------------------------
+
+    def apply(self, kind: str, body: dict[str, Any], time: float, copies: int,
+              object_size: int, zones: int) -> Outcome:
+        handler = self.ops[kind]
+        outcome = handler(body, time, copies, object_size, zones)
+        self._check()
+        return outcome
+
+    def _new_id(self) -> int:
+        value = self.next_id
+        self.next_id += 1
+        return value
+
+    def _new_generation(self) -> int | None:
+        if self.next_generation > GENERATION_MAX:
+            return None
+        value = self.next_generation
+        self.next_generation += 1
+        return value
+
+    def _get(self, body: dict[str, Any], key: str = "name") -> Vdi | Outcome:
+        name = body.get(key)
+        vdi = self.vdis.get(name) if isinstance(name, str) else None
+        if vdi is None:
+            return _fail(Result.NO_VDI, f"no VDI named {name!r}")
+        return vdi
+
+    def _size_problem(self, size: Any, object_size: int) -> str | None:
+        limit = vdi_size_max(object_size)
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            return f"size must be a positive number of bytes, not {size!r}"
+        if size > limit:
+            return f"size {size} exceeds the largest VDI ({limit} bytes)"
+        return None
+
+    @staticmethod
+    def _depth(size: int, object_size: int) -> int:
+        return radix.depth_for(-(-size // object_size))
+
+    def _locked_by_other(self, vdi: Vdi, body: dict[str, Any]) -> Outcome | None:
+        if vdi.lock is None or body.get("force"):
+            return None
+        if body.get("session") and vdi.lock.get("session") == body.get("session"):
+            return None
+        return _fail(Result.VDI_LOCKED,
+                     f"VDI {vdi.name!r} is in use by {vdi.lock.get('owner') or vdi.lock['node_id']}")
+
+    # --- handlers --------------------------------------------------------------
+
+    def _create(self, body: dict[str, Any], time: float, copies: int, object_size: int,
+                zones: int) -> Outcome:
+        name = body.get("name")
+        problem = name_problem(name) or self._size_problem(body.get("size"), object_size)
+        if problem:
+            return _fail(Result.INVALID_PARMS, problem)
+        assert isinstance(name, str)
+        if name in self.vdis:
+            return _fail(Result.EXISTS, f"VDI {name!r} already exists")
+        vdi_copies = body.get("copies") or copies
+        if not isinstance(vdi_copies, int) or not 1 <= vdi_copies <= max(copies, zones):
+            return _fail(Result.INVALID_PARMS, f"copies must be 1 to {zones}, not {vdi_copies!r}")
+        if vdi_copies > zones:
+            return _fail(Result.TOO_FEW_ZONES,
+                         f"cannot keep {vdi_copies} copies in {zones} zones")
+        generation = self._new_generation()
+        if generation is None:
+            return _fail(Result.NO_SPACE, "no generation numbers left")
+        size = int(body["size"])
+        vdi = Vdi(self._new_id(), name, size, time, vdi_copies,
+                  Root(generation, self._depth(size, object_size), 0))
+        self.vdis[name] = vdi
+        return Outcome(value=vdi.to_json())
+
+    def _delete(self, body: dict[str, Any], time: float, copies: int, object_size: int,
+                zones: int) -> Outcome:
+        vdi = self._get(body)
+        if isinstance(vdi, Outcome):
+            return vdi
+        tag = body.get("snapshot")
+        if tag is not None:
+            snap = vdi.snapshot(tag)
+            if snap is None:
+                return _fail(Result.NO_TAG, f"VDI {vdi.name!r} has no snapshot {tag!r}")
+            vdi.snapshots.remove(snap)
+            return Outcome(value={"dead": [snap.root.to_json()], "vdi": vdi.to_json()})
+        locked = self._locked_by_other(vdi, body)
+        if locked:
+            return locked
+        del self.vdis[vdi.name]
+        dead = [vdi.root.to_json(), *(s.root.to_json() for s in vdi.snapshots)]
+        return Outcome(value={"dead": dead, "vdi": vdi.to_json()})
+
+    def _base(self, body: dict[str, Any]) -> int | None:
+        base = body.get("base")
+        if not isinstance(base, int) or base < 0:
+            return None
+        if base and not radix.is_tree(base):
+            return None
+        return base
+
+    def _snapshot(self, body: dict[str, Any], time: float, copies: int, object_size: int,
+                  zones: int) -> Outcome:
+        vdi = self._get(body)
+        if isinstance(vdi, Outcome):
+            return vdi
+        tag = body.get("tag", "")
+        if tag:
+            problem = name_problem(tag, "snapshot tag")
+            if problem:
+                return _fail(Result.INVALID_PARMS, problem)
+            if vdi.snapshot(tag) is not None and not str(tag).isdigit():
+                return _fail(Result.EXISTS, f"VDI {vdi.name!r} already has a snapshot {tag!r}")
+            if str(tag).isdigit():
+                return _fail(Result.INVALID_PARMS, "a snapshot tag must not be all digits")
+        if body.get("generation") != vdi.root.generation:
+            return _fail(Result.UNAVAILABLE, "the VDI changed while the snapshot was prepared")
+        base = self._base(body)
+        if base is None:
+            return _fail(Result.INVALID_PARMS, "snapshot needs the resolved root node")
+        generation = self._new_generation()
+        if generation is None:
+            return _fail(Result.NO_SPACE, "no generation numbers left")
+        snap = Snapshot(self._new_id(), str(tag), time, vdi.size, vdi.root)
+        vdi.snapshots.append(snap)
+        vdi.root = Root(generation, vdi.root.depth, base)
+        return Outcome(value={"snapshot": snap.to_json(), "vdi": vdi.to_json()})
+
+    def _clone(self, body: dict[str, Any], time: float, copies: int, object_size: int,
+               zones: int) -> Outcome:
+        source = self._get(body, "source")
+        if isinstance(source, Outcome):
+            return source
+        snap = source.snapshot(body.get("snapshot"))
+        if snap is None:
+            return _fail(Result.NO_TAG,
+                         f"VDI {source.name!r} has no snapshot {body.get('snapshot')!r}")
+        name = body.get("name")
+        problem = name_problem(name)
+        if problem:
+            return _fail(Result.INVALID_PARMS, problem)
+        assert isinstance(name, str)
+        if name in self.vdis:
+            return _fail(Result.EXISTS, f"VDI {name!r} already exists")
+        base = self._base(body)
+        if base is None:
+            return _fail(Result.INVALID_PARMS, "clone needs the resolved root node")
+        generation = self._new_generation()
+        if generation is None:
+            return _fail(Result.NO_SPACE, "no generation numbers left")
+        vdi = Vdi(self._new_id(), name, snap.size, time, source.copies,
+                  Root(generation, snap.root.depth, base),
+                  parent={"vdi": source.name, "vdi_id": source.id, "snapshot": snap.id,
+                          "tag": snap.tag})
+        self.vdis[name] = vdi
+        return Outcome(value=vdi.to_json())
+
+    def _rollback(self, body: dict[str, Any], time: float, copies: int, object_size: int,
+                  zones: int) -> Outcome:
+        vdi = self._get(body)
+        if isinstance(vdi, Outcome):
+            return vdi
+        snap = vdi.snapshot(body.get("snapshot"))
+        if snap is None:
+            return _fail(Result.NO_TAG,
+                         f"VDI {vdi.name!r} has no snapshot {body.get('snapshot')!r}")
+        locked = self._locked_by_other(vdi, body)
+        if locked:
+            return locked
+        base = self._base(body)
+        if base is None:
+            return _fail(Result.INVALID_PARMS, "rollback needs the resolved root node")
+        generation = self._new_generation()
+        if generation is None:
+            return _fail(Result.NO_SPACE, "no generation numbers left")
+        dead = vdi.root
+        vdi.root = Root(generation, snap.root.depth, base)
+        vdi.size = snap.size
+        return Outcome(value={"dead": [dead.to_json()], "vdi": vdi.to_json()})
+
+    def _resize(self, body: dict[str, Any], time: float, copies: int, object_size: int,
+                zones: int) -> Outcome:
+        vdi = self._get(body)
+        if isinstance(vdi, Outcome):
+            return vdi
+        size = body.get("size")
+        problem = self._size_problem(size, object_size)
+        if problem:
+            return _fail(Result.INVALID_PARMS, problem)
+        assert isinstance(size, int)
+        if size < vdi.size:
+            return _fail(Result.INVALID_PARMS,
+                         f"VDI {vdi.name!r} can only grow ({size} < {vdi.size} bytes)")
+        root = Root.from_json(body["root"]) if isinstance(body.get("root"), dict) else None
+        if (root is None or root.generation != vdi.root.generation
+                or root.depth != self._depth(size, object_size)):
+            return _fail(Result.UNAVAILABLE, "the VDI changed while the resize was prepared")
+        vdi.size = size
+        vdi.root = root
+        return Outcome(value=vdi.to_json())
+
+    def _lock(self, body: dict[str, Any], time: float, copies: int, object_size: int,
+              zones: int) -> Outcome:
+        vdi = self._get(body)
+        if isinstance(vdi, Outcome):
+            return vdi
+        locked = self._locked_by_other(vdi, {"session": body.get("session")})
+        if locked:
+            return locked
+        vdi.lock = {"node_id": str(body.get("node_id")), "session": str(body.get("session")),
+                    "owner": str(body.get("owner", "")), "time": str(time)}
+        return Outcome(value=vdi.to_json())
+
+    def _unlock(self, body: dict[str, Any], time: float, copies: int, object_size: int,
+                zones: int) -> Outcome:
+        vdi = self._get(body)
+        if isinstance(vdi, Outcome):
+            return vdi
+        session = body.get("session")
+        if vdi.lock is not None and (session is None or vdi.lock.get("session") == session):
+            vdi.lock = None
+        return Outcome(value=vdi.to_json())
+
+    def _setattr(self, body: dict[str, Any], time: float, copies: int, object_size: int,
+                 zones: int) -> Outcome:
+        vdi = self._get(body)
+        if isinstance(vdi, Outcome):
+            return vdi
+        key = body.get("key")
+        if not isinstance(key, str) or not key or len(key) > attr_key_max_chars:
+            return _fail(Result.INVALID_PARMS,
+                         f"attribute key must be 1 to {attr_key_max_chars} characters")
+        value = body.get("value")
+        if value is None:
+            if key not in vdi.attrs:
+                return _fail(Result.NO_OBJ, f"VDI {vdi.name!r} has no attribute {key!r}")
+            del vdi.attrs[key]
+            return Outcome()
+        if not isinstance(value, str) or len(value.encode()) > attr_value_max_bytes:
+            return _fail(Result.INVALID_PARMS,
+                         f"attribute value must be text of at most {attr_value_max_bytes} bytes")
+        if key not in vdi.attrs and len(vdi.attrs) >= attrs_per_vdi_max:
+            return _fail(Result.NO_SPACE, f"VDI {vdi.name!r} has {attrs_per_vdi_max} attributes")
+        if body.get("exclusive") and key in vdi.attrs:
+            return _fail(Result.EXISTS, f"VDI {vdi.name!r} already has attribute {key!r}")
+        vdi.attrs[key] = value
+        return Outcome()
+
+    # --- persistence -------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {"next_id": self.next_id, "next_generation": self.next_generation,
+                "vdis": [vdi.to_json() for vdi in self.vdis.values()]}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> VdiRegistry:
+        registry = cls()
+        registry.next_id = int(value["next_id"])
+        registry.next_generation = int(value["next_generation"])
+        for item in value["vdis"]:
+            vdi = Vdi.from_json(item)
+            registry.vdis[vdi.name] = vdi
+        registry._check()
+        return registry
+
+    def _check(self) -> None:
+        generations: set[int] = set()
+        ids: set[int] = set()
+        for name, vdi in self.vdis.items():
+            assert name == vdi.name
+            roots = [vdi.root, *(s.root for s in vdi.snapshots)]
+            for root in roots:
+                assert 0 < root.generation < self.next_generation
+                assert root.generation not in generations, "a generation has one root"
+                generations.add(root.generation)
+            for item_id in [vdi.id, *(s.id for s in vdi.snapshots)]:
+                assert 0 < item_id < self.next_id and item_id not in ids
+                ids.add(item_id)

@@ -1,0 +1,306 @@
+"""The VDI engine over in-memory objects: copy-on-write, holes, discard, growth, concurrency.
+
+Each test plays the registry's part by hand: a set of writable generations, and
+snapshot/clone as "resolve the root node, start a new generation from it".
+The store refuses writes to frozen generations, as real stores do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from sheep import radix
+from sheep.constants import KiB, MiB, PiB
+from sheep.testing.memory import MemoryObjects
+from sheep.vdi import Extent, Root, VdiEngine
+
+object_size = 64 * KiB
+
+
+class FencedObjects(MemoryObjects):
+    """MemoryObjects that fail any write to an object of a frozen generation.
+
+    Every call yields to the event loop a random number of times first, as a
+    network round trip would, so concurrent writes really interleave.
+    """
+
+    def __init__(self, object_size: int, writable: set[int]) -> None:
+        super().__init__(object_size)
+        self.writable = writable
+        self.random = random.Random(0)
+
+    async def _pause(self) -> None:
+        for _ in range(self.random.randrange(3)):
+            await asyncio.sleep(0)
+
+    def _fence(self, oid: int) -> None:
+        assert radix.generation_of(oid) in self.writable, f"write to frozen {oid:016x}"
+
+    async def read(self, oid: int, offset: int, count: int) -> bytes:
+        await self._pause()
+        return await super().read(oid, offset, count)
+
+    async def create(self, oid: int, data: bytes, offset: int = 0) -> None:
+        self._fence(oid)
+        await self._pause()
+        await super().create(oid, data, offset)
+
+    async def write(self, oid: int, offset: int, data: bytes) -> None:
+        self._fence(oid)
+        await self._pause()
+        await super().write(oid, offset, data)
+
+    async def exists(self, oid: int) -> bool:
+        await self._pause()
+        return await super().exists(oid)
+
+
+class Harness:
+    def __init__(self, object_size: int = object_size) -> None:
+        self.writable: set[int] = set()
+        self.objects = FencedObjects(object_size, self.writable)
+        self.engine = VdiEngine(self.objects, object_size, lambda g: g not in self.writable)
+        self.next_generation = 1
+
+    def create(self, size: int) -> Root:
+        root = Root(self.next_generation, radix.depth_for(-(-size // self.objects.object_size)), 0)
+        self.writable.add(root.generation)
+        self.next_generation += 1
+        return root
+
+    async def branch(self, frozen: Root) -> Root:
+        """A new writable generation starting from ``frozen``'s tree (a clone)."""
+        root = Root(self.next_generation, frozen.depth, await self.engine.root_node(frozen))
+        self.writable.add(root.generation)
+        self.next_generation += 1
+        return root
+
+    async def snapshot(self, root: Root) -> tuple[Root, Root]:
+        """(the frozen snapshot, the VDI's new writable root)."""
+        new = await self.branch(root)
+        self.writable.discard(root.generation)
+        return root, new
+
+
+def pattern(length: int, seed: int) -> bytes:
+    return bytes((seed + i * 7) % 251 for i in range(length))
+
+
+async def test_write_in_a_fresh_vdi():
+    h = Harness()
+    root = h.create(4 * MiB)
+    assert h.objects.data == {}, "a fresh VDI holds no space"
+    await h.engine.write(root, 100, b"hello")
+    assert await h.engine.read(root, 0, 110) == bytes(100) + b"hello" + bytes(5)
+    assert set(h.objects.data) == {root.own(), radix.data_oid(root.generation, 0)}
+    assert await h.engine.read(root, object_size, 10) == bytes(10)
+
+
+async def test_write_crossing_objects():
+    h = Harness()
+    root = h.create(1 * MiB)
+    data = pattern(3 * object_size, 1)
+    await h.engine.write(root, object_size // 2, data)
+    assert await h.engine.read(root, object_size // 2, len(data)) == data
+    data_objects = {oid for oid in h.objects.data if radix.is_data(oid)}
+    assert data_objects == {radix.data_oid(root.generation, i) for i in range(4)}
+
+
+async def test_copy_up_after_snapshot_leaves_the_snapshot_intact():
+    h = Harness()
+    root = h.create(1 * MiB)
+    old = pattern(2 * object_size, 3)
+    await h.engine.write(root, 0, old)
+    snap, root = await h.snapshot(root)
+    await h.engine.write(root, 10, b"new")
+    assert await h.engine.read(snap, 0, len(old)) == old
+    expect = bytearray(old)
+    expect[10:13] = b"new"
+    assert await h.engine.read(root, 0, len(old)) == expect
+    # Copy-up copied object 0 whole; object 1 is still shared.
+    assert await h.engine.lookup(root, 0) == radix.data_oid(root.generation, 0)
+    assert await h.engine.lookup(root, 1) == radix.data_oid(snap.generation, 1)
+    assert await h.engine.root_node(snap) == snap.own()
+    assert await h.engine.root_node(root) == root.own()
+
+
+async def test_snapshot_of_an_unwritten_vdi():
+    h = Harness()
+    root = h.create(1 * MiB)
+    snap, root = await h.snapshot(root)
+    assert root.base == 0 and h.objects.data == {}
+    await h.engine.write(root, 0, b"x")
+    assert await h.engine.read(snap, 0, 1) == b"\0"
+    assert await h.engine.read(root, 0, 1) == b"x"
+    assert all(radix.generation_of(oid) == root.generation for oid in h.objects.data)
+
+
+async def test_snapshot_is_o1_and_unwritten_generation_reads_its_base():
+    h = Harness()
+    root = h.create(1 * MiB)
+    await h.engine.write(root, 0, b"abc")
+    before = dict(h.objects.data)
+    snap, root = await h.snapshot(root)
+    assert h.objects.data.keys() == before.keys(), "a snapshot copies nothing"
+    assert root.base == snap.own()
+    assert await h.engine.root_node(root) == snap.own()
+    assert await h.engine.read(root, 0, 3) == b"abc"
+
+
+async def test_clone_reads_the_snapshot_and_diverges():
+    h = Harness()
+    root = h.create(1 * MiB)
+    await h.engine.write(root, 0, pattern(object_size + 5, 9))
+    snap, root = await h.snapshot(root)
+    clone = await h.branch(snap)
+    assert await h.engine.read(clone, 0, object_size + 5) == pattern(object_size + 5, 9)
+    await h.engine.write(clone, 1, b"clone")
+    await h.engine.write(root, 1, b"vdi!!")
+    assert await h.engine.read(clone, 0, 7) == pattern(1, 9) + b"clone" + pattern(7, 9)[6:]
+    assert await h.engine.read(root, 1, 5) == b"vdi!!"
+    assert await h.engine.read(snap, 0, object_size + 5) == pattern(object_size + 5, 9)
+
+
+async def test_discard_frees_whole_objects():
+    h = Harness()
+    root = h.create(1 * MiB)
+    await h.engine.write(root, 0, pattern(3 * object_size, 2))
+    await h.engine.discard(root, object_size, object_size)
+    assert radix.data_oid(root.generation, 1) not in h.objects.data
+    assert await h.engine.lookup(root, 1) == 0
+    assert await h.engine.read(root, object_size, object_size) == bytes(object_size)
+    # A partial discard zeroes in place and keeps the object.
+    await h.engine.discard(root, 10, 20)
+    assert radix.data_oid(root.generation, 0) in h.objects.data
+    assert await h.engine.read(root, 0, 40) == pattern(10, 2) + bytes(20) + pattern(40, 2)[30:]
+    # Discarding an unwritten range allocates nothing.
+    before = set(h.objects.data)
+    await h.engine.discard(root, 5 * object_size, 3 * object_size)
+    assert set(h.objects.data) == before
+
+
+async def test_discard_of_a_frozen_object_clears_the_entry_and_keeps_the_snapshot():
+    h = Harness()
+    root = h.create(1 * MiB)
+    await h.engine.write(root, 0, pattern(2 * object_size, 4))
+    snap, root = await h.snapshot(root)
+    await h.engine.discard(root, 0, object_size)
+    await h.engine.discard(root, object_size + 1, 1)
+    assert await h.engine.lookup(root, 0) == 0
+    assert radix.data_oid(snap.generation, 0) in h.objects.data
+    assert await h.engine.read(snap, 0, 2 * object_size) == pattern(2 * object_size, 4)
+    expect = bytearray(pattern(2 * object_size, 4))
+    expect[:object_size] = bytes(object_size)
+    expect[object_size + 1] = 0
+    assert await h.engine.read(root, 0, 2 * object_size) == expect
+
+
+async def test_extents_report_holes():
+    h = Harness()
+    root = h.create(1 * MiB)
+    await h.engine.write(root, object_size + 3, b"x")
+    await h.engine.write(root, 3 * object_size, b"y")
+    extents = await h.engine.extents(root, 100, 4 * object_size)
+    assert extents == [
+        Extent(100, object_size - 100, False),
+        Extent(object_size, object_size, True),
+        Extent(2 * object_size, object_size, False),
+        Extent(3 * object_size, object_size, True),
+        Extent(4 * object_size, 100, False),
+    ]
+
+
+async def test_one_pib_vdi_written_at_its_last_byte_uses_depth_plus_one_objects():
+    h = Harness(4 * MiB)
+    size = 1 * PiB
+    root = h.create(size)
+    assert root.depth == 3
+    await h.engine.write(root, size - 1, b"\xff")
+    assert len(h.objects.data) == root.depth + 1
+    assert await h.engine.read(root, size - 2, 2) == b"\0\xff"
+    assert await h.engine.read(root, 0, 16) == bytes(16)
+
+
+async def test_grow_keeps_the_data_and_extends_the_tree():
+    h = Harness()
+    root = h.create(1 * MiB)
+    await h.engine.write(root, 0, b"before")
+    snap, root = await h.snapshot(root)
+    grown = await h.engine.grow(root, 3)
+    assert grown.depth == 3 and grown.generation == root.generation
+    assert await h.engine.read(grown, 0, 6) == b"before"
+    far = 1025 * 1024 * object_size  # past what depth 2 addresses
+    await h.engine.write(grown, far, b"far")
+    await h.engine.write(grown, 0, b"after")
+    assert await h.engine.read(grown, far, 3) == b"far"
+    assert await h.engine.read(grown, 0, 6) == b"aftere"
+    assert await h.engine.read(snap, 0, 6) == b"before"
+    reached = await h.engine.walk(await h.engine.root_node(grown))
+    assert reached <= set(h.objects.data)
+
+
+async def test_concurrent_writes_to_one_new_object_all_land():
+    h = Harness()
+    root = h.create(1 * MiB)
+    writes = [(i * 1000, pattern(700, i)) for i in range(40)]
+    await asyncio.gather(*(h.engine.write(root, offset, data) for offset, data in writes))
+    for offset, data in writes:
+        assert await h.engine.read(root, offset, len(data)) == data
+
+
+async def test_concurrent_writes_under_one_new_leaf_all_land():
+    h = Harness()
+    root = h.create(256 * MiB)  # depth 2: every write also makes the path
+    assert root.depth == 2
+    writes = [(i * object_size + i, pattern(300, i)) for i in range(0, 1024, 37)]
+    await asyncio.gather(*(h.engine.write(root, offset, data) for offset, data in writes))
+    for offset, data in writes:
+        assert await h.engine.read(root, offset, len(data)) == data
+    leaves = [oid for oid in h.objects.data if radix.is_tree(oid) and radix.node_level(oid) == 1]
+    assert len(leaves) == 1
+
+
+async def test_concurrent_copy_ups_after_a_snapshot_all_land():
+    h = Harness()
+    root = h.create(256 * MiB)
+    old = pattern(4 * object_size, 5)
+    await h.engine.write(root, 0, old)
+    snap, root = await h.snapshot(root)
+    writes = [(i * 5000, pattern(100, i)) for i in range(50)]
+    await asyncio.gather(*(h.engine.write(root, offset, data) for offset, data in writes))
+    expect = bytearray(old)
+    for offset, data in writes:
+        expect[offset:offset + len(data)] = data
+    assert await h.engine.read(root, 0, len(old)) == expect
+    assert await h.engine.read(snap, 0, len(old)) == old
+
+
+async def test_garbage_of_a_deleted_snapshot_spares_what_the_vdi_shares():
+    h = Harness()
+    root = h.create(1 * MiB)
+    await h.engine.write(root, 0, pattern(2 * object_size, 6))
+    snap, root = await h.snapshot(root)
+    await h.engine.write(root, 0, b"changed")
+    dead = [await h.engine.root_node(snap)]
+    live = [await h.engine.root_node(root)]
+    garbage = await h.engine.garbage(dead, live)
+    assert garbage == {snap.own(), radix.data_oid(snap.generation, 0)}
+    for oid in garbage:
+        await h.objects.remove(oid)
+    h.engine.forget(garbage)
+    assert await h.engine.read(root, object_size, object_size) == pattern(
+        2 * object_size, 6)[object_size:]
+    assert set(h.objects.data) == await h.engine.walk(live[0])
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+async def test_walk_finds_every_node_and_data_object(depth):
+    h = Harness()
+    root = Root(1, depth, 0)
+    h.writable.add(1)
+    await h.engine.write(root, 0, b"a")
+    await h.engine.write(root, (1024 ** (depth - 1)) * object_size * 3 // 2, b"b")
+    assert await h.engine.walk(root.own()) == set(h.objects.data)

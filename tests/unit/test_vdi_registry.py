@@ -1,0 +1,299 @@
+"""VDI metadata in the cluster state machine: validation, snapshots, locks, attributes.
+
+Every op goes through apply(), which runs _check() after each one. Bases and
+roots are made-up node oids: the registry only records what the gateway
+resolved.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sheep import radix
+from sheep.constants import GiB, KiB, MiB
+from sheep.errors import Result
+from sheep.vdi import Root
+from sheep.vdi_registry import VdiRegistry, name_max_chars, vdi_size_max
+
+object_size = 4 * MiB
+
+
+class Registry:
+    """A VdiRegistry with the cluster's fixed arguments filled in."""
+
+    def __init__(self) -> None:
+        self.registry = VdiRegistry()
+        self.time = 1000.0
+
+    def __call__(self, kind: str, **body: Any):
+        self.time += 1
+        return self.registry.apply(kind, body, self.time, 3, object_size, 3)
+
+    def vdi(self, name: str):
+        return self.registry.vdis[name]
+
+    def snapshot(self, name: str, tag: str = "", base: int | None = None):
+        vdi = self.vdi(name)
+        if base is None:
+            base = vdi.root.base
+        return self("vdi_snapshot", name=name, tag=tag, generation=vdi.root.generation,
+                    base=base)
+
+
+@pytest.fixture
+def r() -> Registry:
+    registry = Registry()
+    assert registry("vdi_create", name="base", size=1 * GiB).result == Result.SUCCESS
+    return registry
+
+
+def node(generation: int, depth: int = 1) -> int:
+    return radix.node_oid(generation, depth, 0)
+
+
+@pytest.mark.parametrize("name", ["", "x" * (name_max_chars + 1), "a b", "a/b", "é", "a:b",
+                                  None, 7])
+def test_bad_names_are_refused(r, name):
+    outcome = r("vdi_create", name=name, size=MiB)
+    assert outcome.result == Result.INVALID_PARMS
+    assert outcome.message
+
+
+def test_good_names():
+    r = Registry()
+    for name in ["a", "x" * name_max_chars, "vm-1_disk.raw", "0"]:
+        assert r("vdi_create", name=name, size=MiB).result == Result.SUCCESS
+
+
+def test_duplicate_name(r):
+    outcome = r("vdi_create", name="base", size=MiB)
+    assert outcome.result == Result.EXISTS and "base" in outcome.message
+
+
+@pytest.mark.parametrize("size", [0, -1, vdi_size_max(object_size) + 1, "1G", 1.5, True, None])
+def test_bad_sizes(r, size):
+    assert r("vdi_create", name="new", size=size).result == Result.INVALID_PARMS
+
+
+def test_the_largest_size_is_accepted():
+    r = Registry()
+    outcome = r("vdi_create", name="huge", size=vdi_size_max(object_size))
+    assert outcome.result == Result.SUCCESS
+    assert r.vdi("huge").root.depth == radix.DEPTH_MAX
+
+
+def test_create_sets_depth_and_fresh_generation(r):
+    assert r("vdi_create", name="two", size=5 * 1024 * object_size).result == Result.SUCCESS
+    base, two = r.vdi("base"), r.vdi("two")
+    assert base.root == Root(1, 1, 0)
+    assert two.root == Root(2, 2, 0)
+    assert r.registry.writable_generations() == {1, 2}
+
+
+def test_copies(r):
+    assert r("vdi_create", name="a", size=MiB, copies=2).result == Result.SUCCESS
+    assert r.vdi("a").copies == 2
+    assert r.vdi("base").copies == 3
+    assert r("vdi_create", name="b", size=MiB, copies=9).result == Result.INVALID_PARMS
+
+
+def test_unknown_vdi(r):
+    for kind, body in [("vdi_delete", {"name": "nope"}),
+                       ("vdi_snapshot", {"name": "nope", "generation": 1, "base": 0}),
+                       ("vdi_clone", {"source": "nope", "snapshot": "s", "name": "c", "base": 0}),
+                       ("vdi_rollback", {"name": "nope", "snapshot": "s", "base": 0}),
+                       ("vdi_resize", {"name": "nope", "size": GiB}),
+                       ("vdi_lock", {"name": "nope", "session": "s"}),
+                       ("vdi_setattr", {"name": "nope", "key": "k", "value": "v"})]:
+        outcome = r(kind, **body)
+        assert outcome.result == Result.NO_VDI, kind
+        assert "nope" in outcome.message
+
+
+def test_unknown_snapshot(r):
+    for kind, body in [("vdi_delete", {"name": "base", "snapshot": "s"}),
+                       ("vdi_clone", {"source": "base", "snapshot": "s", "name": "c", "base": 0}),
+                       ("vdi_rollback", {"name": "base", "snapshot": "s", "base": 0}),
+                       ("vdi_rollback", {"name": "base", "snapshot": 99, "base": 0})]:
+        assert r(kind, **body).result == Result.NO_TAG, (kind, body)
+
+
+def test_snapshot_freezes_the_generation_and_starts_a_new_one(r):
+    outcome = r.snapshot("base", "s1", base=node(1))
+    assert outcome.result == Result.SUCCESS
+    vdi = r.vdi("base")
+    snap = vdi.snapshot("s1")
+    assert snap is not None and snap.root == Root(1, 1, 0) and snap.size == GiB
+    assert vdi.root == Root(2, 1, node(1))
+    assert r.registry.writable_generations() == {2}
+    assert r.registry.by_generation(1) is vdi
+    assert vdi.snapshot(snap.id) is snap and vdi.snapshot(str(snap.id)) is snap
+
+
+def test_snapshot_tags(r):
+    assert r.snapshot("base", "s1").result == Result.SUCCESS
+    assert r.snapshot("base", "s1").result == Result.EXISTS
+    assert r.snapshot("base", "123").result == Result.INVALID_PARMS
+    assert r.snapshot("base", "bad tag").result == Result.INVALID_PARMS
+    assert r.snapshot("base", "").result == Result.SUCCESS, "untagged snapshots are allowed"
+    assert r.snapshot("base", "").result == Result.SUCCESS
+    assert len(r.vdi("base").snapshots) == 3
+
+
+def test_snapshot_of_a_stale_generation_is_refused(r):
+    outcome = r("vdi_snapshot", name="base", tag="s", generation=99, base=0)
+    assert outcome.result == Result.UNAVAILABLE
+
+
+def test_snapshot_needs_a_tree_node_as_base(r):
+    for base in [None, -1, radix.data_oid(1, 0), "x"]:
+        outcome = r("vdi_snapshot", name="base", tag="s", generation=1, base=base)
+        assert outcome.result == Result.INVALID_PARMS, base
+
+
+def test_clone(r):
+    r.snapshot("base", "s1", base=node(1))
+    snap = r.vdi("base").snapshot("s1")
+    outcome = r("vdi_clone", source="base", snapshot="s1", name="c", base=node(1))
+    assert outcome.result == Result.SUCCESS
+    clone = r.vdi("c")
+    assert clone.root == Root(3, 1, node(1)) and clone.size == GiB
+    assert clone.parent == {"vdi": "base", "vdi_id": r.vdi("base").id, "snapshot": snap.id,
+                            "tag": "s1"}
+    by_id = r("vdi_clone", source="base", snapshot=snap.id, name="d", base=node(1))
+    assert by_id.result == Result.SUCCESS
+    assert r("vdi_clone", source="base", snapshot="s1", name="c", base=0).result == Result.EXISTS
+    assert r("vdi_clone", source="base", snapshot="s1", name="",
+             base=0).result == Result.INVALID_PARMS
+
+
+def test_rollback(r):
+    r.snapshot("base", "s1", base=node(1))
+    r("vdi_resize", name="base", size=2 * GiB, root=r.vdi("base").root.to_json())
+    outcome = r("vdi_rollback", name="base", snapshot="s1", base=node(1))
+    assert outcome.result == Result.SUCCESS
+    assert outcome.value["dead"] == [Root(2, 1, node(1)).to_json()]
+    vdi = r.vdi("base")
+    assert vdi.root == Root(3, 1, node(1)) and vdi.size == GiB
+    assert r.registry.writable_generations() == {3}
+
+
+def test_resize(r):
+    root = Root(1, 2, 0)
+    big = 2000 * object_size
+    assert r("vdi_resize", name="base", size=big, root=root.to_json()).result == Result.SUCCESS
+    assert r.vdi("base").size == big and r.vdi("base").root == root
+    shrink = r("vdi_resize", name="base", size=GiB, root=root.to_json())
+    assert shrink.result == Result.INVALID_PARMS and "grow" in shrink.message
+    wrong_depth = r("vdi_resize", name="base", size=big + 1, root=Root(1, 3, 0).to_json())
+    assert wrong_depth.result == Result.UNAVAILABLE
+    stale = r("vdi_resize", name="base", size=big + 1, root=Root(7, 2, 0).to_json())
+    assert stale.result == Result.UNAVAILABLE
+    assert r("vdi_resize", name="base", size=0, root=root.to_json()).result == \
+        Result.INVALID_PARMS
+
+
+def test_delete_snapshot_and_vdi(r):
+    r.snapshot("base", "s1", base=node(1))
+    r.snapshot("base", "s2", base=node(2))
+    outcome = r("vdi_delete", name="base", snapshot="s1")
+    assert outcome.result == Result.SUCCESS
+    assert outcome.value["dead"] == [Root(1, 1, 0).to_json()]
+    assert [s.tag for s in r.vdi("base").snapshots] == ["s2"]
+    outcome = r("vdi_delete", name="base")
+    assert outcome.result == Result.SUCCESS
+    assert outcome.value["dead"] == [Root(3, 1, node(2)).to_json(), Root(2, 1, node(1)).to_json()]
+    assert r.registry.vdis == {}
+    assert r("vdi_delete", name="base").result == Result.NO_VDI
+
+
+def test_deleting_the_source_of_a_clone_keeps_the_clone(r):
+    r.snapshot("base", "s1", base=node(1))
+    r("vdi_clone", source="base", snapshot="s1", name="c", base=node(1))
+    assert r("vdi_delete", name="base").result == Result.SUCCESS
+    assert r.vdi("c").root.base == node(1)
+    assert r.registry.writable_generations() == {r.vdi("c").root.generation}
+
+
+def test_ids_and_generations_are_never_reused(r):
+    r("vdi_delete", name="base")
+    r("vdi_create", name="base", size=MiB)
+    assert r.vdi("base").id == 2 and r.vdi("base").root.generation == 2
+
+
+def test_lock(r):
+    assert r("vdi_lock", name="base", node_id="n1", session="s1",
+             owner="qemu on host1").result == Result.SUCCESS
+    other = r("vdi_lock", name="base", node_id="n2", session="s2")
+    assert other.result == Result.VDI_LOCKED
+    assert "qemu on host1" in other.message
+    assert r("vdi_lock", name="base", node_id="n1", session="s1").result == Result.SUCCESS
+    assert r("vdi_delete", name="base", session="s2").result == Result.VDI_LOCKED
+    assert r("vdi_rollback", name="base", snapshot="x", base=0).result == Result.NO_TAG
+
+
+def test_lock_message_names_the_node_without_an_owner(r):
+    r("vdi_lock", name="base", node_id="127.0.0.1:7001", session="s1")
+    outcome = r("vdi_lock", name="base", node_id="n2", session="s2")
+    assert outcome.result == Result.VDI_LOCKED and "127.0.0.1:7001" in outcome.message
+
+
+def test_locked_vdi_refuses_rollback_and_delete_unless_forced_or_same_session(r):
+    r.snapshot("base", "s1")
+    r("vdi_lock", name="base", node_id="n1", session="s1")
+    assert r("vdi_rollback", name="base", snapshot="s1", base=0,
+             session="s2").result == Result.VDI_LOCKED
+    assert r("vdi_rollback", name="base", snapshot="s1", base=0,
+             session="s1").result == Result.SUCCESS
+    assert r("vdi_delete", name="base").result == Result.VDI_LOCKED
+    assert r("vdi_delete", name="base", force=True).result == Result.SUCCESS
+
+
+def test_unlock(r):
+    r("vdi_lock", name="base", node_id="n1", session="s1")
+    r("vdi_unlock", name="base", session="s2")
+    assert r.vdi("base").lock is not None, "only the holder's session unlocks"
+    r("vdi_unlock", name="base", session="s1")
+    assert r.vdi("base").lock is None
+    r("vdi_lock", name="base", node_id="n1", session="s1")
+    r("vdi_unlock", name="base")  # force-unlock
+    assert r.vdi("base").lock is None
+
+
+def test_release_node_drops_its_locks(r):
+    r("vdi_create", name="other", size=MiB)
+    r("vdi_lock", name="base", node_id="n1", session="s1")
+    r("vdi_lock", name="other", node_id="n2", session="s2")
+    assert r.registry.release_node("n1") == ["base"]
+    assert r.vdi("base").lock is None and r.vdi("other").lock is not None
+    assert r("vdi_lock", name="base", node_id="n3", session="s3").result == Result.SUCCESS
+
+
+def test_setattr_and_delete_attr(r):
+    assert r("vdi_setattr", name="base", key="k", value="v").result == Result.SUCCESS
+    assert r.vdi("base").attrs == {"k": "v"}
+    assert r("vdi_setattr", name="base", key="k", value="w").result == Result.SUCCESS
+    assert r("vdi_setattr", name="base", key="k", value="x",
+             exclusive=True).result == Result.EXISTS
+    assert r.vdi("base").attrs == {"k": "w"}
+    assert r("vdi_setattr", name="base", key="k").result == Result.SUCCESS
+    assert r.vdi("base").attrs == {}
+    assert r("vdi_setattr", name="base", key="k").result == Result.NO_OBJ
+    assert r("vdi_setattr", name="base", key="", value="v").result == Result.INVALID_PARMS
+    assert r("vdi_setattr", name="base", key="k",
+             value="x" * (64 * KiB + 1)).result == Result.INVALID_PARMS
+
+
+def test_to_json_round_trip(r):
+    r.snapshot("base", "s1", base=node(1))
+    r("vdi_clone", source="base", snapshot="s1", name="c", base=node(1))
+    r("vdi_setattr", name="c", key="k", value="v")
+    r("vdi_lock", name="c", node_id="n1", session="s1", owner="me")
+    value = r.registry.to_json()
+    again = VdiRegistry.from_json(value)
+    assert again.to_json() == value
+    assert again.vdis == r.registry.vdis
+    assert again.next_id == r.registry.next_id
+    assert again.next_generation == r.registry.next_generation
