@@ -219,6 +219,97 @@ class Client:
         return result
 
 
+    # --- VDIs: management ------------------------------------------------------------
+
+    async def _vdi(self, op: Op, **body: Any) -> Any:
+        return await self._json(op, body)
+
+    async def vdi_create(self, name: str, size: int, copies: int | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = await self._vdi(Op.VDI_CREATE, name=name, size=size, copies=copies)
+        return result
+
+    async def vdi_delete(self, name: str, snapshot: str | int | None = None,
+                         force: bool = False) -> dict[str, Any]:
+        result: dict[str, Any] = await self._vdi(
+            Op.VDI_DELETE, name=name, snapshot=snapshot, force=force)
+        return result
+
+    async def vdi_snapshot(self, name: str, tag: str = "") -> dict[str, Any]:
+        result: dict[str, Any] = await self._vdi(Op.VDI_SNAPSHOT, name=name, tag=tag)
+        return result
+
+    async def vdi_clone(self, source: str, snapshot: str | int, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._vdi(
+            Op.VDI_CLONE, source=source, snapshot=snapshot, name=name)
+        return result
+
+    async def vdi_rollback(self, name: str, snapshot: str | int,
+                           force: bool = False) -> dict[str, Any]:
+        result: dict[str, Any] = await self._vdi(
+            Op.VDI_ROLLBACK, name=name, snapshot=snapshot, force=force)
+        return result
+
+    async def vdi_resize(self, name: str, size: int) -> dict[str, Any]:
+        result: dict[str, Any] = await self._vdi(Op.VDI_RESIZE, name=name, size=size)
+        return result
+
+    async def vdi_list(self, names: list[str] | None = None,
+                       usage: bool = True) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._vdi(Op.VDI_LIST, names=names, usage=usage)
+        return result
+
+    async def vdi_setattr(self, name: str, key: str, value: str | None,
+                          exclusive: bool = False) -> None:
+        await self._vdi(Op.VDI_SETATTR, name=name, key=key, value=value, exclusive=exclusive)
+
+    async def vdi_getattr(self, name: str, key: str | None = None) -> Any:
+        return await self._vdi(Op.VDI_GETATTR, name=name, key=key)
+
+    async def vdi_object(self, name: str, index: int,
+                         snapshot: str | int | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = await self._vdi(
+            Op.VDI_OBJECT, name=name, index=index, snapshot=snapshot)
+        return result
+
+    async def vdi_unlock(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._vdi(Op.VDI_UNLOCK, name=name)
+        return result
+
+    # --- VDIs: I/O on an open handle ------------------------------------------------------
+
+    async def vdi_open(self, name: str, snapshot: str | int | None = None,
+                       writable: bool = False, owner: str = "") -> dict[str, Any]:
+        """Open a VDI (or a snapshot, read-only); writable takes the VDI's lock."""
+        result: dict[str, Any] = await self._json(
+            Op.VDI_OPEN, {"name": name, "snapshot": snapshot, "writable": writable,
+                          "owner": owner})
+        return result
+
+    async def vdi_close(self, handle: int) -> None:
+        await self.connection.call(Header(opcode=Op.VDI_CLOSE, arg0=handle))
+
+    async def vdi_read(self, handle: int, offset: int, count: int) -> bytes:
+        _, data = await self.connection.call(
+            Header(opcode=Op.VDI_READ, arg0=handle, offset=offset, count=count))
+        return data
+
+    async def vdi_write(self, handle: int, offset: int, data: bytes | memoryview,
+                        fua: bool = False) -> None:
+        flags = proto.FLAG_FUA if fua else 0
+        await self.connection.call(
+            Header(opcode=Op.VDI_WRITE, arg0=handle, offset=offset, count=len(data),
+                   flags=flags), data)
+
+    async def vdi_discard(self, handle: int, offset: int, count: int) -> None:
+        await self.connection.call(
+            Header(opcode=Op.VDI_DISCARD, arg0=handle, offset=offset, count=count))
+
+    async def vdi_extents(self, handle: int, offset: int, count: int) -> list[list[Any]]:
+        result: list[list[Any]] = await self._json(
+            Op.VDI_EXTENTS, arg0=handle, offset=offset, count=count)
+        return result
+
+
 class SyncClient:
     """A blocking wrapper: the same calls, each run to completion on a private loop."""
 

@@ -32,6 +32,7 @@ payload_data_max_bytes = object_size_max_bytes
 payload_control_max_bytes = 16 * MiB
 payload_max_bytes = max(payload_data_max_bytes, payload_control_max_bytes)
 requests_in_flight_max = 256  # per connection; the server stops reading past it
+request_bytes_in_flight_max = 32 * MiB  # payloads, reads and unsent replies, per connection
 
 # --- ring ----------------------------------------------------------------
 vnode_weight_bytes = 256 * MiB  # one vnode per this much weight
@@ -40,7 +41,7 @@ vnodes_max = 2048
 zones_max = 2**32 - 1
 
 # --- cluster -------------------------------------------------------------
-driver_poll_interval_ms = 100  # how often the local driver tails its log
+driver_poll_interval_ms = 50  # how often the local driver tails its log
 member_check_interval_ms = 500  # how often it probes members' locks
 member_death_detect_ms_max = 2000
 op_timeout_ms = 30_000  # a cluster op not applied by then is reported failed

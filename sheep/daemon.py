@@ -34,11 +34,13 @@ from sheep.errors import (
 )
 from sheep.gateway import Gateway, PeerPool
 from sheep.group import Group
-from sheep.net import Reply, Server
+from sheep.client import Connection
+from sheep.net import Reply, Server, Session
 from sheep.node import NodeInfo
 from sheep.peer import Peer
 from sheep.proto import Header, Kind, Op
 from sheep.store import Store
+from sheep.vdi_service import VdiService
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,7 @@ class Sheep:
         self._applied = asyncio.Event()  # set after every applied event
         self.peer: Peer | None = None
         self.gateway: Gateway | None = None
+        self.vdis: VdiService | None = None
         self.admin: dict[Op, Callable[[Header, bytes], Awaitable[Reply]]] = {
             Op.PING: self.ping,
             Op.CLUSTER_INFO: self.cluster_info,
@@ -105,6 +108,8 @@ class Sheep:
         self.node = self._make_node()
         self.peer = Peer(self.store, self.group)
         self.gateway = Gateway(self.group, self.peer, self.node.node_id, self.pool)
+        self.vdis = VdiService(self.group, self.gateway, self.node.node_id, self.broadcast,
+                               self._member_connection)
         await self.server.start(sock)
         await self.driver.join(self.node, self.group.state.seq)
         self._tasks.append(asyncio.get_running_loop().create_task(self._apply_events()))
@@ -174,6 +179,8 @@ class Sheep:
         if result.wipe_store:
             self.store.wipe()
             self.store.object_size = state.object_size
+            if self.vdis is not None:
+                self.vdis.reset()
         if result.epoch_changed:
             log.info("epoch %d: %s %s", state.epoch, event.kind.value,
                      event.node.node_id if event.node else event.node_id)
@@ -236,7 +243,7 @@ class Sheep:
 
     # --- dispatch ----------------------------------------------------------------
 
-    async def dispatch(self, header: Header, payload: bytes) -> Reply:
+    async def dispatch(self, header: Header, payload: bytes, session: Session) -> Reply:
         info = proto.OPS[Op(header.opcode)]
         if info.kind is Kind.ADMIN:
             return await self.admin[Op(header.opcode)](header, payload)
@@ -251,7 +258,18 @@ class Sheep:
             raise NotFormatted()
         if info.kind is Kind.PEER:
             return await self.peer.serve(header, payload)
+        assert self.vdis is not None
+        if info.kind is Kind.VDI:
+            return await self.vdis.serve_io(header, payload, session)
+        if info.kind is Kind.VDI_ADMIN:
+            return await self.vdis.serve_admin(header, payload)
         return await self.gateway.serve(header, payload)
+
+    async def _member_connection(self, node_id: str) -> Connection:
+        node = self.group.state.members.get(node_id)
+        if node is None:
+            raise Unavailable(f"node {node_id} is not a member any more")
+        return await self.pool.get(node)
 
     # --- admin ops -----------------------------------------------------------------
 

@@ -96,7 +96,15 @@ class Gateway:
         }
 
     async def serve(self, header: Header, payload: bytes) -> Reply:
+        """A client's object request. arg1, when set, overrides the copies of placement."""
         return await self.handlers[Op(header.opcode)](header, payload)
+
+    async def request(self, op: Op, oid: int, offset: int = 0, data: bytes = b"",
+                      count: int | None = None, flags: int = 0, copies: int = 0) -> Reply:
+        """The same object ops for code inside the sheep (the VDI layer)."""
+        header = Header(opcode=op, oid=oid, offset=offset, flags=flags, length=len(data),
+                        count=len(data) if count is None else count, arg1=copies)
+        return await self.handlers[op](header, data)
 
     # --- calling one replica -----------------------------------------------
 
@@ -143,7 +151,7 @@ class Gateway:
 
     async def write_all(self, header: Header, payload: bytes) -> Reply:
         async def attempt(epoch: int) -> Reply:
-            replies = await self._all(self.group.placement(header.oid, epoch), header, payload,
+            replies = await self._all(self.group.placement(header.oid, epoch, header.arg1), header, payload,
                                       epoch)
             return b"", {"arg0": max(fields.get("arg0", 0) for _, fields in replies)}
 
@@ -151,7 +159,7 @@ class Gateway:
 
     async def remove(self, header: Header, payload: bytes) -> Reply:
         async def attempt(epoch: int) -> Reply:
-            nodes = self.group.placement(header.oid, epoch)
+            nodes = self.group.placement(header.oid, epoch, header.arg1)
             results = await asyncio.gather(
                 *(self.call(node, header, payload, epoch) for node in nodes),
                 return_exceptions=True)
@@ -172,7 +180,7 @@ class Gateway:
     async def read(self, header: Header, payload: bytes) -> Reply:
         async def attempt(epoch: int) -> Reply:
             retryable: SheepError | None = None
-            for node in self._read_order(self.group.placement(header.oid, epoch)):
+            for node in self._read_order(self.group.placement(header.oid, epoch, header.arg1)):
                 try:
                     return await self.call(node, header, payload, epoch)
                 except NoObject:
@@ -190,10 +198,10 @@ class Gateway:
 
     async def _read_from_past_epochs(self, header: Header, epoch: int) -> Reply | None:
         """Before recovery has moved an object, its copies sit where earlier epochs put them."""
-        tried = {node.node_id for node in self.group.placement(header.oid, epoch)}
+        tried = {node.node_id for node in self.group.placement(header.oid, epoch, header.arg1)}
         members = self.group.state.members
         for past in self.group.past_epochs(past_epochs_searched_max):
-            for node in self._read_order(self.group.placement(header.oid, past)):
+            for node in self._read_order(self.group.placement(header.oid, past, header.arg1)):
                 if node.node_id in tried or node.node_id not in members:
                     continue
                 tried.add(node.node_id)
@@ -212,7 +220,7 @@ class Gateway:
 
     async def stat(self, header: Header, payload: bytes) -> Reply:
         epoch = self.group.epoch
-        nodes = self.group.placement(header.oid, epoch)
+        nodes = self.group.placement(header.oid, epoch, header.arg1)
         results = await asyncio.gather(
             *(self.call(node, header, b"", epoch) for node in nodes), return_exceptions=True)
         replicas: list[dict[str, Any]] = []

@@ -13,13 +13,50 @@ import functools
 from sheep.cluster_state import ClusterState
 from sheep.errors import NewNodeVersion, OldNodeVersion
 from sheep.node import NodeInfo
+from sheep.oid import ObjectType, oid_generation, oid_type
 from sheep.ring import Ring
+
+_vdi_types = (ObjectType.DATA, ObjectType.TREE)
 
 
 class Group:
     def __init__(self, state: ClusterState) -> None:
         self.state = state
         self._epoch_changed = asyncio.Event()
+        self._vdi_view_seq = -1
+        self._copies_by_generation: dict[int, int] = {}
+        self._writable: set[int] = set()
+
+    def _vdi_view(self) -> None:
+        """Per-generation facts from the VDI registry, recomputed once per applied event."""
+        if self._vdi_view_seq == self.state.seq:
+            return
+        copies: dict[int, int] = {}
+        for vdi in self.state.vdis.vdis.values():
+            copies[vdi.root.generation] = vdi.copies
+            for snap in vdi.snapshots:
+                copies[snap.root.generation] = vdi.copies
+        self._copies_by_generation = copies
+        self._writable = self.state.vdis.writable_generations()
+        self._vdi_view_seq = self.state.seq
+
+    def copies_for(self, oid: int) -> int:
+        """How many copies an object keeps: its VDI's setting, else the cluster's."""
+        if oid_type(oid) in _vdi_types:
+            self._vdi_view()
+            copies = self._copies_by_generation.get(oid_generation(oid))
+            if copies:
+                return copies
+        return self.state.copies
+
+    def is_frozen(self, generation: int) -> bool:
+        """A generation that no VDI writes any more (a snapshot, or gone)."""
+        self._vdi_view()
+        return generation not in self._writable
+
+    def writable_object(self, oid: int) -> bool:
+        """Stores accept changes to VDI objects of writable generations only."""
+        return oid_type(oid) not in _vdi_types or not self.is_frozen(oid_generation(oid))
 
     @property
     def epoch(self) -> int:
@@ -62,8 +99,9 @@ class Group:
             nodes = past if past is not None else []
         return Ring(nodes)
 
-    def placement(self, oid: int, epoch: int | None = None) -> list[NodeInfo]:
-        return self.ring(epoch).placement(oid, self.state.copies)
+    def placement(self, oid: int, epoch: int | None = None,
+                  copies: int | None = None) -> list[NodeInfo]:
+        return self.ring(epoch).placement(oid, copies or self.copies_for(oid))
 
     def past_epochs(self, limit: int) -> list[int]:
         """Up to ``limit`` earlier epochs, newest first."""

@@ -25,6 +25,7 @@ import asyncio
 import collections
 import logging
 import os
+import secrets
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -37,13 +38,44 @@ from sheep.proto import Header
 log = logging.getLogger(__name__)
 
 Reply = tuple[bytes | bytearray | memoryview, dict[str, int]]
-Dispatch = Callable[[Header, bytes], Awaitable[Reply]]
+
+
+class Session:
+    """What one connection holds on the server (open VDIs and their locks).
+
+    Handlers register closers; they run once when the connection ends, so a
+    client that dies releases what it held.
+    """
+
+    def __init__(self, peer: Any = None) -> None:
+        self.id = secrets.token_hex(8)
+        self.peer = peer
+        self.values: dict[str, Any] = {}
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+        self.closed = False
+
+    def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
+        self._closers.append(closer)
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        closers, self._closers = self._closers, []
+        for closer in closers:
+            try:
+                await closer()
+            except Exception:
+                log.exception("releasing session %s", self.id)
+
+
+Dispatch = Callable[[Header, bytes, Session], Awaitable[Reply]]
 
 
 # Payload and read bytes in flight per connection, counting replies still in the
 # transport's buffer. A single request larger than this (up to the largest
-# object) still runs, alone. Belongs in sheep/constants.py.
-request_bytes_in_flight_max = 32 * constants.MiB
+# object) still runs, alone.
+request_bytes_in_flight_max = constants.request_bytes_in_flight_max
 
 _data_reply_ops = frozenset(op for op, info in proto.OPS.items()
                             if info.reply is proto.Payload.DATA)
@@ -64,14 +96,17 @@ class _RequestProtocol(asyncio.Protocol):
         self.writing_paused = False
         self.reading_paused = False
         self.transport: asyncio.Transport | None = None
+        self.session = Session()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.session.peer = transport.get_extra_info("peername")
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
         self.backlog.clear()
+        self.server.close_session(self.session)
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -145,7 +180,7 @@ class _RequestProtocol(asyncio.Protocol):
 
     async def _serve(self, header: Header, payload: bytes, cost: int) -> None:
         try:
-            data, fields = await self.server.dispatch(header, payload)
+            data, fields = await self.server.dispatch(header, payload, self.session)
         except SheepError as error:
             self._send_error(header, error.result, error.message)
         except AssertionError:
@@ -181,6 +216,13 @@ class Server:
         self.connections: set[_RequestProtocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.base_events.Server | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def close_session(self, session: Session) -> None:
+        """Release a session once the requests it started have finished."""
+        task = asyncio.get_running_loop().create_task(session.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def start(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -195,6 +237,9 @@ class Server:
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.close()
+            self.close_session(connection.session)
+        if self._closing:
+            await asyncio.wait(list(self._closing), timeout=drain_timeout_s)
         if self._server is not None:
             await self._server.wait_closed()
 

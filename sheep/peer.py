@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sheep import constants, proto
+from sheep.errors import ReadOnly
 from sheep.group import Group
 from sheep.net import Reply
 from sheep.proto import Header, Op
@@ -20,6 +21,7 @@ from sheep.store import Store
 PeerHandler = Callable[[Header, bytes], Awaitable[Reply]]
 
 _empty: Reply = (b"", {})
+_changes = frozenset({Op.CREATE_AND_WRITE_PEER, Op.WRITE_PEER, Op.DISCARD_PEER})
 
 
 class Peer:
@@ -40,6 +42,9 @@ class Peer:
     async def serve(self, header: Header, payload: bytes) -> Reply:
         if header.opcode != Op.LIST_PEER:
             await self.group.check_epoch(header.epoch, constants.epoch_wait_ms / 1000)
+        if header.opcode in _changes and not self.group.writable_object(header.oid):
+            # Fencing: a snapshot froze this generation; whoever still writes it is stale.
+            raise ReadOnly(f"object {header.oid:016x} belongs to a frozen generation")
         return await self.handlers[Op(header.opcode)](header, payload)
 
     async def create_and_write(self, header: Header, payload: bytes) -> Reply:

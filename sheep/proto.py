@@ -47,6 +47,8 @@ class Kind(enum.Enum):
     GATEWAY = "gateway"  # object ops from clients: the receiver fans out to replicas
     PEER = "peer"  # object ops between sheep: the receiver serves from its store
     ADMIN = "admin"  # cluster and node management
+    VDI = "vdi"  # byte I/O on an open VDI (arg0 = handle, offset = byte in the VDI)
+    VDI_ADMIN = "vdi_admin"  # VDI management: JSON in, JSON out
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,25 @@ class Op(enum.IntEnum):
     KILL_NODE = 0x26
     PING = 0x27
 
+    VDI_OPEN = 0x31
+    VDI_CLOSE = 0x32
+    VDI_READ = 0x33
+    VDI_WRITE = 0x34
+    VDI_DISCARD = 0x35
+    VDI_EXTENTS = 0x36
+
+    VDI_CREATE = 0x41
+    VDI_DELETE = 0x42
+    VDI_SNAPSHOT = 0x43
+    VDI_CLONE = 0x44
+    VDI_ROLLBACK = 0x45
+    VDI_RESIZE = 0x46
+    VDI_LIST = 0x47
+    VDI_SETATTR = 0x48
+    VDI_GETATTR = 0x49
+    VDI_OBJECT = 0x4A
+    VDI_UNLOCK = 0x4B
+
 
 OPS: dict[Op, OpInfo] = {
     Op.CREATE_AND_WRITE_OBJ: OpInfo("create_and_write_obj", Kind.GATEWAY, Payload.DATA, Payload.NONE),
@@ -107,8 +128,21 @@ OPS: dict[Op, OpInfo] = {
     Op.NODE_LIST: OpInfo("node_list", Kind.ADMIN, Payload.NONE, Payload.JSON),
     Op.KILL_NODE: OpInfo("kill_node", Kind.ADMIN, Payload.NONE, Payload.NONE),
     Op.PING: OpInfo("ping", Kind.ADMIN, Payload.NONE, Payload.JSON),
+    Op.VDI_OPEN: OpInfo("vdi_open", Kind.VDI, Payload.JSON, Payload.JSON),
+    Op.VDI_CLOSE: OpInfo("vdi_close", Kind.VDI, Payload.NONE, Payload.NONE),
+    Op.VDI_READ: OpInfo("vdi_read", Kind.VDI, Payload.NONE, Payload.DATA),
+    Op.VDI_WRITE: OpInfo("vdi_write", Kind.VDI, Payload.DATA, Payload.NONE),
+    Op.VDI_DISCARD: OpInfo("vdi_discard", Kind.VDI, Payload.NONE, Payload.NONE),
+    Op.VDI_EXTENTS: OpInfo("vdi_extents", Kind.VDI, Payload.NONE, Payload.JSON),
+    **{op: OpInfo(op.name.lower(), Kind.VDI_ADMIN, Payload.JSON, Payload.JSON) for op in (
+        Op.VDI_CREATE, Op.VDI_DELETE, Op.VDI_SNAPSHOT, Op.VDI_CLONE, Op.VDI_ROLLBACK,
+        Op.VDI_RESIZE, Op.VDI_LIST, Op.VDI_SETATTR, Op.VDI_GETATTR, Op.VDI_OBJECT,
+        Op.VDI_UNLOCK)},
 }
 assert set(OPS) == set(Op), "every opcode has an entry in the op table"
+
+# Ops whose offset and count address bytes of a VDI.
+VDI_RANGE_OPS = frozenset({Op.VDI_READ, Op.VDI_WRITE, Op.VDI_DISCARD, Op.VDI_EXTENTS})
 
 # Ops whose offset and count address bytes inside one object.
 OBJECT_RANGE_OPS = frozenset({
@@ -198,6 +232,13 @@ def request_problem(header: Header) -> tuple[Result, str] | None:
         return Result.BAD_REQUEST, f"{info.name} takes no payload, got {header.length} bytes"
     if info.request is Payload.JSON and header.length > constants.payload_control_max_bytes:
         return Result.BAD_REQUEST, f"{info.name} payload of {header.length} bytes is too large"
+    if op in VDI_RANGE_OPS:
+        if info.request is Payload.DATA and header.count != header.length:
+            return Result.BAD_REQUEST, (
+                f"{info.name}: count {header.count} differs from payload length {header.length}")
+        if op is Op.VDI_READ and header.count > constants.payload_data_max_bytes:
+            return Result.INVALID_PARMS, (
+                f"{info.name}: {header.count} bytes exceed {constants.payload_data_max_bytes}")
     if op in OBJECT_RANGE_OPS:
         if info.request is Payload.DATA and header.count != header.length:
             return Result.BAD_REQUEST, (

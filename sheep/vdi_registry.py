@@ -273,6 +273,9 @@ class VdiRegistry:
                 return _fail(Result.INVALID_PARMS, "a snapshot tag must not be all digits")
         if body.get("generation") != vdi.root.generation:
             return _fail(Result.UNAVAILABLE, "the VDI changed while the snapshot was prepared")
+        locked = self._locked_by_other(vdi, {"session": body.get("session")})
+        if locked:  # only the writer's own sheep may freeze what it writes into
+            return locked
         base = self._base(body)
         if base is None:
             return _fail(Result.INVALID_PARMS, "snapshot needs the resolved root node")
@@ -349,6 +352,9 @@ class VdiRegistry:
         if size < vdi.size:
             return _fail(Result.INVALID_PARMS,
                          f"VDI {vdi.name!r} can only grow ({size} < {vdi.size} bytes)")
+        locked = self._locked_by_other(vdi, {"session": body.get("session")})
+        if locked:
+            return locked
         root = Root.from_json(body["root"]) if isinstance(body.get("root"), dict) else None
         if (root is None or root.generation != vdi.root.generation
                 or root.depth != self._depth(size, object_size)):

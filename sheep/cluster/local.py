@@ -202,6 +202,7 @@ class LocalDriver(ClusterDriver):
         with self._log_locked():
             self._catch_up_locked()
             self._write_records_locked(records)
+            self._read_new()  # our own records: delivered now, not at the next poll
 
     def _poll_once(self, probe: bool) -> None:
         self._read_new()
