@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sheep import __version__, constants, proto
+from sheep.client import Connection
 from sheep.cluster.driver import ClusterDriver
 from sheep.cluster_state import ApplyResult, ClusterState, Event, EventKind, Status, format_problem
 from sheep.errors import (
@@ -34,7 +35,6 @@ from sheep.errors import (
 )
 from sheep.gateway import Gateway, PeerPool
 from sheep.group import Group
-from sheep.client import Connection
 from sheep.net import Reply, Server, Session
 from sheep.node import NodeInfo
 from sheep.peer import Peer
