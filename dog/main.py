@@ -15,6 +15,7 @@ from dog.common import Target, connection_options
 from dog.node import node
 from dog.object import object_
 from dog.output import error
+from dog.vdi import vdi
 from sheep.errors import EXIT_FAILURE, EXIT_USAGE, SheepError
 
 
@@ -24,13 +25,14 @@ from sheep.errors import EXIT_FAILURE, EXIT_USAGE, SheepError
 @click.version_option(package_name="sheepdog")
 @click.pass_context
 def dog(ctx: click.Context) -> None:
-    """Manage a sheep cluster: its nodes, objects and (later) virtual disks."""
+    """Manage a sheep cluster: its nodes, virtual disks (VDIs) and objects."""
     ctx.ensure_object(Target)
 
 
 dog.add_command(cluster)
 dog.add_command(node)
 dog.add_command(object_)
+dog.add_command(vdi)
 
 
 def main() -> None:

@@ -1,0 +1,590 @@
+"""dog vdi: virtual disks, their snapshots and clones.
+
+Names and commands follow Sheepdog's dog. Snapshots are named NAME@TAG (or
+with -s TAG); a tag may also be a snapshot's numeric id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+import click
+
+from dog.common import SIZE, connection_options, json_option, run
+from dog.output import format_time, is_terminal, print_json, print_table
+from sheep.client import Client
+from sheep.errors import InvalidParameters
+from sheep.size import format_size
+
+io_chunk_bytes = 4 << 20  # one object at the default size
+io_depth = 8  # requests in flight for import/export/read/write
+extents_step_bytes = 1 << 30
+
+
+@click.group()
+def vdi() -> None:
+    """Create, snapshot, clone and move data in and out of virtual disks."""
+
+
+def split_name(name: str, tag: str | None) -> tuple[str, str | None]:
+    """NAME@TAG and -s TAG both name a snapshot; give both and they must agree."""
+    if "@" in name:
+        base, _, at_tag = name.partition("@")
+        if tag is not None and tag != at_tag:
+            raise InvalidParameters(f"{name!r} and -s {tag!r} name different snapshots")
+        return base, at_tag
+    return name, tag
+
+
+snapshot_option = click.option("-s", "--snapshot", "tag", default=None,
+                               help="Snapshot tag or id.")
+
+
+@vdi.command()
+@click.argument("name")
+@click.argument("size", type=SIZE)
+@click.option("-c", "--copies", type=click.IntRange(1, 8), default=None,
+              help="Copies of this VDI's objects (default: the cluster's).")
+@connection_options
+def create(name: str, size: int, copies: int | None) -> None:
+    """Create a thin VDI of SIZE (e.g. 256G): it uses no space until written."""
+    value = run(lambda client: client.vdi_create(name, size, copies))
+    click.echo(f"created VDI {value['name']!r} ({format_size(value['size'])}, id {value['id']})")
+
+
+@vdi.command(name="list")
+@click.argument("name", required=False)
+@click.option("--no-usage", is_flag=True, help="Skip computing used and shared space (faster).")
+@json_option
+@connection_options
+def list_(name: str | None, no_usage: bool, as_json: bool) -> None:
+    """List VDIs and their snapshots (marked s; clones marked c)."""
+    items = run(lambda client: client.vdi_list([name] if name else None, not no_usage))
+    if name and not items:
+        from sheep.errors import NoVdi
+
+        raise NoVdi(f"no VDI named {name!r}")
+    if as_json:
+        print_json(items)
+        return
+    rows = []
+    for item in sorted(items, key=lambda i: (i["name"], not i["snapshot"], i["id"])):
+        mark = "s" if item["snapshot"] else ("c" if item["parent"] else "")
+        used = "-" if no_usage else format_size(item["used"])
+        shared = "-" if no_usage else format_size(item["shared"])
+        rows.append([mark, item["name"], item["id"], format_size(item["size"]), used, shared,
+                     format_time(item["ctime"]), item["copies"], item["tag"],
+                     "locked" if item.get("lock") else ""])
+    print_table(["", "Name", "Id", "Size", "Used", "Shared", "Creation time", "Copies", "Tag",
+                 "Lock"], rows, right=["Id", "Size", "Used", "Shared", "Copies"])
+
+
+@vdi.command()
+@click.argument("name")
+@click.option("-s", "--snapshot", "tag", default="", help="Tag for the snapshot.")
+@connection_options
+def snapshot(name: str, tag: str) -> None:
+    """Take a snapshot of VDI NAME (O(1); also while it is being written)."""
+    value = run(lambda client: client.vdi_snapshot(name, tag))
+    snap = value["snapshot"]
+    label = f"{snap['tag']!r}" if snap["tag"] else "(untagged)"
+    click.echo(f"snapshot {label} of {name!r} taken, id {snap['id']}")
+
+
+@vdi.command()
+@click.argument("source")
+@click.argument("destination")
+@snapshot_option
+@connection_options
+def clone(source: str, destination: str, tag: str | None) -> None:
+    """Create VDI DESTINATION as a writable clone of a snapshot of SOURCE (O(1))."""
+    source, tag = split_name(source, tag)
+    if tag is None:
+        raise click.UsageError("clone needs the snapshot to clone: -s TAG or SOURCE@TAG")
+    value = run(lambda client: client.vdi_clone(source, tag, destination))
+    click.echo(f"cloned {source}@{tag} as {value['name']!r} (id {value['id']})")
+
+
+@vdi.command()
+@click.argument("name")
+@snapshot_option
+@click.option("--force", is_flag=True, help="Roll back even if the VDI is attached.")
+@connection_options
+def rollback(name: str, tag: str | None, force: bool) -> None:
+    """Return VDI NAME to a snapshot, discarding what was written since."""
+    name, tag = split_name(name, tag)
+    if tag is None:
+        raise click.UsageError("rollback needs the snapshot: -s TAG or NAME@TAG")
+    value = run(lambda client: client.vdi_rollback(name, tag, force))
+    click.echo(f"rolled {name!r} back to {tag!r}; freed {value['freed_objects']} objects")
+
+
+@vdi.command()
+@click.argument("name")
+@snapshot_option
+@click.option("--force", is_flag=True, help="Delete even if the VDI is attached.")
+@connection_options
+def delete(name: str, tag: str | None, force: bool) -> None:
+    """Delete VDI NAME with all its snapshots, or one snapshot with -s TAG.
+
+    Clones of its snapshots stay intact: they keep what they share.
+    """
+    name, tag = split_name(name, tag)
+    value = run(lambda client: client.vdi_delete(name, tag, force))
+    what = f"snapshot {tag!r} of {name!r}" if tag is not None else f"VDI {name!r}"
+    click.echo(f"deleted {what}; freed {value['freed_objects']} objects")
+
+
+@vdi.command()
+@click.argument("name")
+@click.argument("size", type=SIZE)
+@connection_options
+def resize(name: str, size: int) -> None:
+    """Grow VDI NAME to SIZE."""
+    value = run(lambda client: client.vdi_resize(name, size))
+    click.echo(f"resized {name!r} to {format_size(value['size'])}")
+
+
+# --- byte I/O -------------------------------------------------------------------
+
+
+async def _open(client: Client, name: str, tag: str | None, writable: bool) -> dict[str, Any]:
+    return await client.vdi_open(name, snapshot=tag, writable=writable,
+                                 owner=f"dog (pid {os.getpid()})")
+
+
+def _chunks(offset: int, length: int, step: int = io_chunk_bytes) -> Iterator[tuple[int, int]]:
+    """Aligned chunks: the first ends on a step boundary, so each maps to one object."""
+    end = offset + length
+    while offset < end:
+        count = min(step - offset % step, end - offset)
+        yield offset, count
+        offset += count
+
+
+def _range(size: int, offset: int, length: int | None) -> int:
+    if offset > size:
+        raise InvalidParameters(f"offset {offset} is past the end of the VDI ({size} bytes)")
+    if length is None:
+        return size - offset
+    if offset + length > size:
+        raise InvalidParameters(
+            f"range {offset}+{length} is past the end of the VDI ({size} bytes)")
+    return length
+
+
+class _Progress:
+    """A progress bar on a terminal, nothing otherwise."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.bar = click.progressbar(length=total, label=label, file=sys.stderr,
+                                     show_pos=False) if is_terminal() else None
+        if self.bar is not None:
+            self.bar.__enter__()
+
+    def update(self, count: int) -> None:
+        if self.bar is not None:
+            self.bar.update(count)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+@vdi.command()
+@click.argument("name")
+@click.argument("offset", type=SIZE, default=0)
+@click.argument("length", type=SIZE, required=False)
+@snapshot_option
+@connection_options
+def read(name: str, offset: int, length: int | None, tag: str | None) -> None:
+    """Write LENGTH bytes of NAME[@TAG] from OFFSET to stdout (default: to the end)."""
+    name, tag = split_name(name, tag)
+    out = sys.stdout.buffer
+
+    async def call(client: Client) -> None:
+        info = await _open(client, name, tag, writable=False)
+        count = _range(info["size"], offset, length)
+        pending: list[asyncio.Task[bytes]] = []
+        for start, step in _chunks(offset, count):
+            pending.append(asyncio.ensure_future(client.vdi_read(info["handle"], start, step)))
+            if len(pending) >= io_depth:
+                out.write(await pending.pop(0))
+        for task in pending:
+            out.write(await task)
+        out.flush()
+
+    run(call)
+
+
+@vdi.command()
+@click.argument("name")
+@click.argument("offset", type=SIZE, default=0)
+@click.argument("length", type=SIZE, required=False)
+@connection_options
+def write(name: str, offset: int, length: int | None) -> None:
+    """Write stdin into NAME at OFFSET (LENGTH bytes, or until stdin ends)."""
+    source = sys.stdin.buffer
+
+    async def call(client: Client) -> int:
+        info = await _open(client, name, None, writable=True)
+        limit = _range(info["size"], offset, length)
+        written = await _copy_in(client, info["handle"], source, offset, limit,
+                                 skip_zeros=False, progress=None)
+        if length is not None and written < length:
+            raise InvalidParameters(f"stdin ended after {written} of {length} bytes")
+        await client.flush()
+        return written
+
+    run(call)
+
+
+async def _copy_in(client: Client, handle: int, source: BinaryIO, offset: int, limit: int,
+                   skip_zeros: bool, progress: _Progress | None) -> int:
+    """Copy up to limit bytes from source to the VDI at offset, depth requests in flight."""
+    written = 0
+    pending: set[asyncio.Task[None]] = set()
+    for start, step in _chunks(offset, limit):
+        data = _read_full(source, step)
+        if not data:
+            break
+        if not (skip_zeros and data == bytes(len(data))):
+            if len(pending) >= io_depth:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()
+            pending.add(asyncio.ensure_future(client.vdi_write(handle, start, data)))
+        written += len(data)
+        if progress is not None:
+            progress.update(len(data))
+        if len(data) < step:
+            break
+    for task in pending:
+        await task
+    return written
+
+
+def _read_full(source: BinaryIO, count: int) -> bytes:
+    parts = []
+    while count > 0:
+        part = source.read(count)
+        if not part:
+            break
+        parts.append(part)
+        count -= len(part)
+    return b"".join(parts)
+
+
+def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
+    """Where a (sparse) file has data, by SEEK_DATA/SEEK_HOLE; all of it if unsupported."""
+    ranges = []
+    offset = 0
+    try:
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data past offset
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            ranges.append((start, min(end, size) - start))
+            offset = end
+    except (AttributeError, OSError):
+        return [(0, size)]
+    return ranges
+
+
+@vdi.command(name="import")
+@click.argument("name")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--create", is_flag=True, help="Create the VDI at the file's size first.")
+@connection_options
+def import_(name: str, file: str, create: bool) -> None:
+    """Copy a raw image FILE into VDI NAME; holes and zero blocks are skipped."""
+    size = os.path.getsize(file)
+
+    async def call(client: Client) -> int:
+        if create:
+            await client.vdi_create(name, size)
+        info = await _open(client, name, None, writable=True)
+        if size > info["size"]:
+            raise InvalidParameters(
+                f"{file} ({size} bytes) is larger than VDI {name!r} ({info['size']} bytes)")
+        progress = _Progress(size, f"importing {os.path.basename(file)}")
+        total = 0
+        try:
+            with open(file, "rb") as source:
+                for start, length in _data_ranges(source.fileno(), size):
+                    aligned = start - start % io_chunk_bytes
+                    source.seek(aligned)
+                    progress.update(aligned - total if aligned > total else 0)
+                    total = max(total, aligned)
+                    count = min(size, start + length) - aligned
+                    total += await _copy_in(client, info["handle"], source, aligned, count,
+                                            skip_zeros=True, progress=progress)
+            progress.update(size - total)
+            await client.flush()
+        finally:
+            progress.close()
+        return size
+
+    copied = run(call)
+    click.echo(f"imported {format_size(copied)} into {name!r}", err=True)
+
+
+@vdi.command(name="export")
+@click.argument("name")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@snapshot_option
+@connection_options
+def export(name: str, file: str, tag: str | None) -> None:
+    """Copy NAME[@TAG] into a raw image FILE (- for stdout); unwritten ranges stay holes."""
+    name, tag = split_name(name, tag)
+
+    async def call(client: Client) -> int:
+        info = await _open(client, name, tag, writable=False)
+        size = info["size"]
+        to_stdout = file == "-"
+        out = sys.stdout.buffer if to_stdout else open(file, "wb")  # noqa: SIM115
+        progress = _Progress(size, f"exporting {name}{'@' + tag if tag else ''}")
+        try:
+            if not to_stdout:
+                out.truncate(size)
+            for step_start, step_length in _chunks(0, size, extents_step_bytes):
+                extents = await client.vdi_extents(info["handle"], step_start, step_length)
+                for start, length, allocated in extents:
+                    if allocated:
+                        await _copy_out(client, info["handle"], out, start, length, to_stdout)
+                    elif to_stdout:
+                        _write_zeros(out, length)
+                    progress.update(length)
+        finally:
+            progress.close()
+            if not to_stdout:
+                out.close()
+        return int(size)
+
+    copied = run(call)
+    click.echo(f"exported {format_size(copied)} from {name!r}", err=True)
+
+
+async def _copy_out(client: Client, handle: int, out: BinaryIO, start: int, length: int,
+                    sequential: bool) -> None:
+    pending: list[tuple[int, asyncio.Task[bytes]]] = []
+
+    async def drain_one() -> None:
+        offset, task = pending.pop(0)
+        data = await task
+        if sequential:
+            out.write(data)
+        elif data != bytes(len(data)):
+            out.seek(offset)
+            out.write(data)
+
+    for offset, count in _chunks(start, length):
+        pending.append((offset, asyncio.ensure_future(client.vdi_read(handle, offset, count))))
+        if len(pending) >= io_depth:
+            await drain_one()
+    while pending:
+        await drain_one()
+
+
+def _write_zeros(out: BinaryIO, length: int) -> None:
+    zeros = bytes(min(length, io_chunk_bytes))
+    while length > 0:
+        step = min(length, len(zeros))
+        out.write(zeros[:step])
+        length -= step
+
+
+# --- the family tree ---------------------------------------------------------------
+
+
+@vdi.command()
+@click.option("--dot", is_flag=True, help="Print Graphviz (dot) instead of text.")
+@json_option
+@connection_options
+def tree(dot: bool, as_json: bool) -> None:
+    """Show VDIs, their snapshots and the clones made from them, as a tree."""
+    items = run(lambda client: client.vdi_list(usage=False))
+    if as_json:
+        print_json(items)
+        return
+    click.echo(render_dot(items) if dot else render_tree(items), nl=not dot)
+
+
+def _families(items: list[dict[str, Any]]) -> tuple[dict[str, list[dict[str, Any]]],
+                                                    dict[int, list[str]], list[str]]:
+    snapshots: dict[str, list[dict[str, Any]]] = {}
+    clones: dict[int, list[str]] = {}
+    names = sorted({item["name"] for item in items})
+    roots = []
+    existing_snapshots = {item["id"] for item in items if item["snapshot"]}
+    for item in items:
+        if item["snapshot"]:
+            snapshots.setdefault(item["name"], []).append(item)
+    for name in names:
+        current = next(i for i in items if i["name"] == name and not i["snapshot"])
+        parent = current["parent"]
+        if parent and parent["snapshot"] in existing_snapshots:
+            clones.setdefault(parent["snapshot"], []).append(name)
+        else:
+            roots.append(name)
+    for snaps in snapshots.values():
+        snaps.sort(key=lambda s: s["id"])
+    return snapshots, clones, roots
+
+
+def render_tree(items: list[dict[str, Any]]) -> str:
+    snapshots, clones, roots = _families(items)
+    by_name = {i["name"]: i for i in items if not i["snapshot"]}
+    lines: list[str] = []
+
+    def vdi_lines(name: str, prefix: str, label_prefix: str) -> None:
+        current = by_name[name]
+        note = ""
+        if current["parent"] and current["parent"]["snapshot"] not in clones:
+            note = f" (clone of deleted {current['parent']['vdi']}@{current['parent']['tag']})"
+        lines.append(f"{label_prefix}{name} ({format_size(current['size'])}){note}")
+        children = snapshots.get(name, [])
+        entries: list[tuple[str, dict[str, Any] | None]] = [
+            (f"[{s['tag'] or 'untagged'}] id {s['id']}, {format_time(s['ctime'])}", s)
+            for s in children]
+        entries.append(("(current)", None))
+        for index, (label, snap) in enumerate(entries):
+            last = index == len(entries) - 1
+            lines.append(f"{prefix}{'└── ' if last else '├── '}{label}")
+            if snap is None:
+                continue
+            below = clones.get(snap["id"], [])
+            for clone_index, clone_name in enumerate(below):
+                clone_last = clone_index == len(below) - 1
+                inner = prefix + ("    " if last else "│   ")
+                vdi_lines(clone_name, inner + ("    " if clone_last else "│   "),
+                          inner + ("└── " if clone_last else "├── ") + "clone ")
+
+    for root in roots:
+        vdi_lines(root, "", "")
+    return "\n".join(lines) if lines else "(no VDIs)"
+
+
+def render_dot(items: list[dict[str, Any]]) -> str:
+    snapshots, clones, roots = _families(items)
+    out = ["digraph vdis {", '  rankdir="LR";', '  node [shape=box];']
+    for item in items:
+        if item["snapshot"]:
+            label = f"{item['name']}@{item['tag'] or item['id']}"
+            out.append(f'  "s{item["id"]}" [label="{label}", style=rounded];')
+        else:
+            out.append(f'  "v{item["id"]}" [label="{item["name"]}", style=bold];')
+    for name, snaps in snapshots.items():
+        chain = [f"s{s['id']}" for s in snaps]
+        current = next(i for i in items if i["name"] == name and not i["snapshot"])
+        chain.append(f"v{current['id']}")
+        for left, right in zip(chain, chain[1:], strict=False):
+            out.append(f'  "{left}" -> "{right}";')
+    for snap_id, names in clones.items():
+        for name in names:
+            current = next(i for i in items if i["name"] == name and not i["snapshot"])
+            out.append(f'  "s{snap_id}" -> "v{current["id"]}" [style=dashed, label="clone"];')
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+# --- objects and attributes ------------------------------------------------------------
+
+
+@vdi.command(name="object")
+@click.argument("name")
+@click.option("-i", "--index", type=click.IntRange(0), default=0, help="Object index.")
+@snapshot_option
+@json_option
+@connection_options
+def object_(name: str, index: int, tag: str | None, as_json: bool) -> None:
+    """Which object holds index INDEX of NAME, and which nodes hold that object."""
+    name, tag = split_name(name, tag)
+    value = run(lambda client: client.vdi_object(name, index, tag))
+    if as_json:
+        print_json(value)
+        return
+    start = value["offset"]
+    end = start + value["object_size"]
+    if not value["oid"]:
+        click.echo(f"index {index} of {name!r} (bytes {start}-{end - 1}) was never written:"
+                   " no object, reads as zeros")
+        return
+    click.echo(f"index {index} of {name!r} (bytes {start}-{end - 1}) is object "
+               f"{value['oid']:016x}, {value['copies']} copies at epoch {value['epoch']}")
+    rows = [[r["node_id"], r["endpoint"], r["zone"], r.get("version", "-"),
+             r.get("error", "ok")] for r in value["replicas"]]
+    print_table(["Node id", "Address", "Zone", "Version", "Status"], rows,
+                right=["Zone", "Version"])
+
+
+@vdi.command()
+@click.argument("name")
+@click.argument("key")
+@click.argument("value", required=False)
+@click.option("-d", "--delete", "remove", is_flag=True, help="Delete the attribute.")
+@click.option("-x", "--exclusive", is_flag=True, help="Fail if the attribute exists.")
+@connection_options
+def setattr(name: str, key: str, value: str | None, remove: bool,  # noqa: A001
+            exclusive: bool) -> None:
+    """Set attribute KEY of VDI NAME to VALUE (or stdin); -d deletes it."""
+    if remove:
+        if value is not None:
+            raise click.UsageError("-d takes no VALUE")
+        run(lambda client: client.vdi_setattr(name, key, None))
+        return
+    if value is None:
+        value = sys.stdin.read()
+    run(lambda client: client.vdi_setattr(name, key, value, exclusive))
+
+
+@vdi.command()
+@click.argument("name")
+@click.argument("key", required=False)
+@json_option
+@connection_options
+def getattr(name: str, key: str | None, as_json: bool) -> None:  # noqa: A001
+    """Print attribute KEY of VDI NAME (all attributes without KEY)."""
+    value = run(lambda client: client.vdi_getattr(name, key))
+    if as_json:
+        print_json(value)
+    elif key is None:
+        print_table(["Key", "Value"], sorted(value.items()))
+    else:
+        click.echo(value["value"])
+
+
+@vdi.group()
+def lock() -> None:
+    """Show and break VDI write locks."""
+
+
+@lock.command(name="list")
+@json_option
+@connection_options
+def lock_list(as_json: bool) -> None:
+    """VDIs attached read-write, and who holds them."""
+    items = run(lambda client: client.vdi_list(usage=False))
+    locked = [{"name": i["name"], "id": i["id"], **i["lock"]}
+              for i in items if not i["snapshot"] and i.get("lock")]
+    if as_json:
+        print_json(locked)
+        return
+    print_table(["Name", "Id", "Holder", "Since"],
+                [[i["name"], i["id"], i.get("owner") or i["node_id"],
+                  format_time(float(i.get("time") or 0))] for i in locked], right=["Id"])
+
+
+@lock.command(name="unlock")
+@click.argument("name")
+@connection_options
+def lock_unlock(name: str) -> None:
+    """Break VDI NAME's write lock (its writer's further writes fail)."""
+    run(lambda client: client.vdi_unlock(name))
+    click.echo(f"unlocked {name!r}")
