@@ -7,6 +7,7 @@ with -s TAG); a tag may also be a snapshot's numeric id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 from collections.abc import Iterator
@@ -16,13 +17,15 @@ import click
 
 from dog.common import SIZE, connection_options, json_option, run
 from dog.output import format_time, is_terminal, print_json, print_table
+from sheep import constants
 from sheep.client import Client
-from sheep.errors import InvalidParameters
+from sheep.errors import InvalidParameters, SystemFailure
 from sheep.size import format_size
 
 io_chunk_bytes = 4 << 20  # one object at the default size
 io_depth = 8  # requests in flight for import/export/read/write
 extents_step_bytes = 1 << 30
+export_block_bytes = constants.block_size_bytes  # zero blocks this size stay holes
 
 
 @click.group()
@@ -175,6 +178,17 @@ def _range(size: int, offset: int, length: int | None) -> int:
         raise InvalidParameters(
             f"range {offset}+{length} is past the end of the VDI ({size} bytes)")
     return length
+
+
+@contextlib.contextmanager
+def _file_errors(file: str) -> Iterator[None]:
+    """A local file that cannot be opened, read or written: one line, a system error."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as error:
+        raise SystemFailure(f"{file}: {error.strerror or error}") from error
 
 
 class _Progress:
@@ -331,7 +345,8 @@ def import_(name: str, file: str, create: bool) -> None:
             progress.close()
         return size
 
-    copied = run(call)
+    with _file_errors(file):
+        copied = run(call)
     click.echo(f"imported {format_size(copied)} into {name!r}", err=True)
 
 
@@ -367,7 +382,8 @@ def export(name: str, file: str, tag: str | None) -> None:
                 out.close()
         return int(size)
 
-    copied = run(call)
+    with _file_errors(file):
+        copied = run(call)
     click.echo(f"exported {format_size(copied)} from {name!r}", err=True)
 
 
@@ -380,9 +396,10 @@ async def _copy_out(client: Client, handle: int, out: BinaryIO, start: int, leng
         data = await task
         if sequential:
             out.write(data)
-        elif data != bytes(len(data)):
-            out.seek(offset)
-            out.write(data)
+            return
+        for begin, end in _data_blocks(data):
+            out.seek(offset + begin)
+            out.write(data[begin:end])
 
     for offset, count in _chunks(start, length):
         pending.append((offset, asyncio.ensure_future(client.vdi_read(handle, offset, count))))
@@ -390,6 +407,27 @@ async def _copy_out(client: Client, handle: int, out: BinaryIO, start: int, leng
             await drain_one()
     while pending:
         await drain_one()
+
+
+def _data_blocks(data: bytes) -> Iterator[tuple[int, int]]:
+    """(start, end) of each run of blocks that are not all zeros: what export writes.
+
+    An allocated object may still hold zero blocks (a VDI imported from a sparse
+    file keeps the holes inside its objects); skipping them keeps them holes.
+    """
+    view = memoryview(data)
+    zeros = bytes(export_block_bytes)
+    start = None
+    for at in range(0, len(view), export_block_bytes):
+        block = view[at:at + export_block_bytes]
+        if block == zeros[:len(block)]:
+            if start is not None:
+                yield start, at
+                start = None
+        elif start is None:
+            start = at
+    if start is not None:
+        yield start, len(view)
 
 
 def _write_zeros(out: BinaryIO, length: int) -> None:
@@ -540,7 +578,11 @@ def setattr(name: str, key: str, value: str | None, remove: bool,  # noqa: A001
         run(lambda client: client.vdi_setattr(name, key, None))
         return
     if value is None:
-        value = sys.stdin.read()
+        try:
+            value = sys.stdin.buffer.read().decode()
+        except UnicodeDecodeError as error:
+            raise InvalidParameters(
+                f"attribute values are UTF-8 text; stdin is not (byte {error.start})") from error
     run(lambda client: client.vdi_setattr(name, key, value, exclusive))
 
 

@@ -322,6 +322,10 @@ class SyncClient:
             self._loop.close()
             raise
 
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        return self._client.connection.host, self._client.connection.port
+
     def __enter__(self) -> SyncClient:
         return self
 

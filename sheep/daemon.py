@@ -166,7 +166,14 @@ class Sheep:
     async def _apply_events(self) -> None:
         while True:
             event = await self.driver.events.get()
-            self._apply(event)
+            try:
+                self._apply(event)
+            except Exception:
+                # Every sheep applies the same log: an event that breaks the state
+                # machine is a bug, and serving on without it would diverge silently.
+                log.critical("cannot apply event %d (%s); stopping", event.seq,
+                             event.to_json(), exc_info=True)
+                os._exit(70)
 
     def _apply(self, event: Event) -> None:
         state = self.group.state

@@ -232,6 +232,7 @@ class Gateway:
             else:
                 entry.update(proto.decode_json(result[0]))
             replicas.append(entry)
-        value = {"oid": header.oid, "epoch": epoch, "copies": self.group.state.copies,
+        value = {"oid": header.oid, "epoch": epoch,
+                 "copies": header.arg1 or self.group.copies_for(header.oid),
                  "replicas": replicas}
         return proto.encode_json(value), {}

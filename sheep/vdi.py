@@ -21,6 +21,15 @@ Writes (only ever from the one gateway holding the VDI's lock):
 
 Allocation (new objects, entry updates) is serialized per generation; writes
 into objects g already owns go straight through, in parallel.
+
+Space: a delete or rollback hands its dead roots to ``garbage``, which frees
+what no live root reaches. That is not all: a deleted snapshot's objects can
+still be shared by the VDI that followed it (or by clones), and become garbage
+only later, when that tree copies them away. So every frozen object a write
+stops pointing at (a base root, a path-copied node, a copied-up or discarded
+data object) is remembered as released, and the next ``garbage`` checks those
+too. Only the object itself: its children are still in the copy that replaced
+it, and are released in their turn.
 """
 
 from __future__ import annotations
@@ -33,8 +42,10 @@ from typing import Any, Protocol
 
 from sheep import radix
 from sheep.errors import InvalidParameters, NoObject
+from sheep.oid import oid_index
 
 node_cache_max = 2048  # frozen tree nodes kept in memory (8 KiB each)
+released_max = 1 << 16  # frozen objects replaced since the last garbage(); past it, forgotten
 
 
 class Objects(Protocol):
@@ -88,6 +99,7 @@ class VdiEngine:
         self._nodes: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._roots_made: set[int] = set()
         self._allocation: dict[int, asyncio.Lock] = {}
+        self._released: set[int] = set()
 
     # --- tree reading --------------------------------------------------------
 
@@ -205,6 +217,17 @@ class VdiEngine:
                 whole[inner:inner + len(data)] = data
                 await self.objects.create(want, bytes(whole))
             await self._set_entry(leaf, index, 1, want)
+            self._release(current)
+
+    @property
+    def released(self) -> frozenset[int]:
+        """Frozen objects writes stopped pointing at since the last ``garbage``."""
+        return frozenset(self._released)
+
+    def _release(self, oid: int) -> None:
+        """A writable tree stopped pointing at frozen ``oid``: it may be garbage now."""
+        if oid and len(self._released) < released_max:
+            self._released.add(oid)
 
     async def _set_entry(self, node: int, index: int, level: int, child: int) -> None:
         radix.check_entry(level, child)
@@ -219,6 +242,7 @@ class VdiEngine:
         if root.base:
             contents = await self._node(root.base)
             await self.objects.create(own, contents)
+            self._release(root.base)
         else:
             await self.objects.create(own, b"")
         self._roots_made.add(own)
@@ -239,6 +263,7 @@ class VdiEngine:
                 else:
                     await self.objects.create(want, await self._node(child))
                 await self._set_entry(node, index, level, want)
+                self._release(child)
             node = want
         return node
 
@@ -258,6 +283,8 @@ class VdiEngine:
                         await self.objects.remove(own)
                     except NoObject:
                         pass
+                else:
+                    self._release(current)
             elif current == own:
                 await self.objects.discard(own, inner, count)
             else:
@@ -310,19 +337,29 @@ class VdiEngine:
         return found
 
     async def garbage(self, dead: list[int], live: list[int]) -> set[int]:
-        """Objects reachable from the dead root nodes and from no live one."""
+        """Objects reachable from no live root node: those the dead root nodes reach,
+        and those released since the last call (see the module comment)."""
         candidates: set[int] = set()
         for node in dead:
             await self.walk(node, found=candidates)
-        # Every (level, position) at or above a candidate node: a live subtree can
-        # hold candidates only under one of these (a tree grown by resize puts
-        # old roots under new levels, so ancestors count too).
+        # A live root node is its generation's own root, and reaches every object
+        # of that generation: released objects of those generations are not garbage.
+        live_generations = {radix.generation_of(node) for node in live if node}
+        released, self._released = self._released, set()
+        for oid in released - candidates:
+            if radix.generation_of(oid) not in live_generations and await self.objects.exists(oid):
+                candidates.add(oid)
+        # Every (level, position) at or above a candidate: a live subtree can hold
+        # candidates only under one of these (a tree grown by resize puts old
+        # roots under new levels, so ancestors count too; a data object's is its leaf).
         covered: set[tuple[int, int]] = set()
         for oid in candidates:
             if radix.is_tree(oid):
                 level, position = radix.node_level(oid), radix.node_position(oid)
-                for above in range(level, radix.DEPTH_MAX + 1):
-                    covered.add((above, position >> (radix.FANOUT_BITS * (above - level))))
+            else:
+                level, position = 1, radix.position(oid_index(oid), 1)
+            for above in range(level, radix.DEPTH_MAX + 1):
+                covered.add((above, position >> (radix.FANOUT_BITS * (above - level))))
         reachable: set[int] = set()
         for node in live:
             await self.walk(node, covered, reachable)

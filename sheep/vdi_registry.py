@@ -400,7 +400,7 @@ class VdiRegistry:
                 return _fail(Result.NO_OBJ, f"VDI {vdi.name!r} has no attribute {key!r}")
             del vdi.attrs[key]
             return Outcome()
-        if not isinstance(value, str) or len(value.encode()) > attr_value_max_bytes:
+        if not isinstance(value, str) or len(value.encode("utf-8", "replace")) > attr_value_max_bytes:
             return _fail(Result.INVALID_PARMS,
                          f"attribute value must be text of at most {attr_value_max_bytes} bytes")
         if key not in vdi.attrs and len(vdi.attrs) >= attrs_per_vdi_max:
@@ -440,3 +440,8 @@ class VdiRegistry:
             for item_id in [vdi.id, *(s.id for s in vdi.snapshots)]:
                 assert 0 < item_id < self.next_id and item_id not in ids
                 ids.add(item_id)
+            # Snapshots are frozen earlier states, in the order taken.
+            assert all(s.root.generation < vdi.root.generation for s in vdi.snapshots)
+            assert [s.id for s in vdi.snapshots] == sorted(s.id for s in vdi.snapshots)
+            tags = [s.tag for s in vdi.snapshots if s.tag]
+            assert len(tags) == len(set(tags)), "tags are unique within a VDI"

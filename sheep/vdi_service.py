@@ -117,6 +117,17 @@ class WriteGate:
                 self._open.set()
 
 
+def _is_text(value: Any) -> bool:
+    """False for a string that cannot be encoded as UTF-8; True for anything else."""
+    if not isinstance(value, str):
+        return True
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass
 class Handle:
     name: str
@@ -469,6 +480,11 @@ class VdiService:
 
     async def setattr(self, body: dict[str, Any], header: Header) -> Any:
         vdi = self._vdi(body.get("name"))
+        # JSON carries lone surrogates (undecodable bytes from argv or stdin) that
+        # are not text: refused here, they never reach the state machine.
+        for part in ("key", "value"):
+            if not _is_text(body.get(part)):
+                raise InvalidParameters(f"attribute {part} must be valid UTF-8 text")
         await self.broadcast({"type": "vdi_setattr", "name": vdi.name, "key": body.get("key"),
                               "value": body.get("value"),
                               "exclusive": bool(body.get("exclusive"))})

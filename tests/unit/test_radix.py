@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sheep import radix
@@ -83,6 +83,7 @@ def test_node_oid_refuses_bad_levels_and_positions():
             radix.node_oid(1, level, position)
 
 
+@settings(max_examples=20)
 @given(st.lists(st.integers(0, 2**64 - 1), min_size=radix.FANOUT, max_size=radix.FANOUT))
 def test_encode_decode_node(entries):
     data = radix.encode_node(entries)

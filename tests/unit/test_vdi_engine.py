@@ -296,6 +296,41 @@ async def test_garbage_of_a_deleted_snapshot_spares_what_the_vdi_shares():
     assert set(h.objects.data) == await h.engine.walk(live[0])
 
 
+async def test_a_deleted_snapshot_still_shared_is_freed_once_the_vdi_copies_it_away():
+    """The snapshot's objects outlive its delete (the VDI reads them through its
+    base); the write that copies them away releases them to the next GC."""
+    h = Harness(object_size)
+    root = h.create(256 * MiB)
+    await h.engine.write(root, 0, pattern(2 * object_size, 8))
+    snap, root = await h.snapshot(root)
+    shared = set(h.objects.data)
+    assert await h.engine.garbage([await h.engine.root_node(snap)],
+                                  [await h.engine.root_node(root)]) == set()
+    await h.engine.write(root, 5, b"copy")  # copies the root, the leaf and object 0
+    live = await h.engine.root_node(root)
+    garbage = await h.engine.garbage([], [live])
+    assert garbage == {snap.own(), radix.node_oid(snap.generation, 1, 0),
+                       radix.data_oid(snap.generation, 0)}
+    for oid in garbage:
+        await h.objects.remove(oid)
+    h.engine.forget(garbage)
+    assert set(h.objects.data) == await h.engine.walk(live)
+    assert radix.data_oid(snap.generation, 1) in shared & set(h.objects.data)
+    await h.engine.discard(root, object_size, object_size)  # drops the last shared object
+    assert await h.engine.garbage([], [live]) == {radix.data_oid(snap.generation, 1)}
+
+
+async def test_released_objects_a_live_snapshot_holds_are_not_garbage():
+    h = Harness()
+    root = h.create(1 * MiB)
+    await h.engine.write(root, 0, b"a")
+    snap, root = await h.snapshot(root)
+    await h.engine.write(root, 0, b"b")
+    live = [await h.engine.root_node(snap), await h.engine.root_node(root)]
+    assert await h.engine.garbage([], live) == set()
+    assert await h.engine.read(snap, 0, 1) == b"a"
+
+
 @pytest.mark.parametrize("depth", [1, 2, 3])
 async def test_walk_finds_every_node_and_data_object(depth):
     h = Harness()

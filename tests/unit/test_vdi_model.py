@@ -10,8 +10,11 @@ whole). After every step:
 - every VDI and snapshot reads back as the model says (all of it when small,
   every written object plus the ends when large);
 - the data objects reachable from each root are exactly the model's indexes;
-- the store holds exactly the objects reachable from the live roots: nothing
-  leaked by deletes, rollbacks or discards, nothing dangling;
+- nothing dangles: every object a live root reaches is stored;
+- after every GC (which follows each delete and rollback, and also runs on its
+  own now and then), the store holds exactly the objects the live roots reach.
+  Between GCs an object can be unreachable only if the engine knows it released
+  it (a write copied it away from a tree that was its last reader).
 - the registry checks itself and survives a JSON round trip.
 
 The store fails any write to an object of a frozen generation (the fencing the
@@ -42,7 +45,7 @@ from sheep.errors import Result
 from sheep.oid import oid_index
 from sheep.testing.memory import MemoryObjects
 from sheep.vdi import Root, VdiEngine
-from sheep.vdi_registry import Outcome, VdiRegistry
+from sheep.vdi_registry import Outcome, VdiRegistry, vdi_size_max
 
 object_size = 64 * KiB
 whole_read_max_bytes = 1 * MiB  # disks up to this size are read whole after every step
@@ -50,6 +53,8 @@ disks_max = 14  # VDIs plus snapshots alive at once
 write_max_bytes = 3 * object_size + 1000
 depth2_size = 1024 * object_size  # the smallest size past depth 1 is this + 1
 depth3_size = 1024 * 1024 * object_size
+depth4_size = 1024 * depth3_size
+size_max = vdi_size_max(object_size)  # 256 TiB: depth 4
 
 T = TypeVar("T")
 
@@ -148,6 +153,7 @@ def sizes() -> st.SearchStrategy[int]:
         st.integers(1, 16).map(lambda n: n * object_size),
         st.integers(depth2_size + 1, depth2_size + 64 * object_size),
         st.integers(depth3_size + 1, 2 * depth3_size),
+        st.integers(size_max - 1000, size_max),
     )
 
 
@@ -161,9 +167,10 @@ def draw_offset(data: st.DataObject, size: int) -> int:
         st.builds(lambda i, d: i * object_size + d, st.integers(0, objects), near),
         st.builds(lambda d: size + d, st.integers(-object_size - 300, -1)),
     ]
-    if objects > 1024:
-        choices.append(st.builds(lambda i, d: i * 1024 * object_size + d,
-                                 st.integers(0, objects // 1024), near))
+    for level in range(1, radix.depth_for(objects)):  # a node boundary of each level
+        span = radix.capacity(level) * object_size
+        choices.append(st.builds(lambda i, d, span=span: i * span + d,
+                                 st.integers(0, objects // radix.capacity(level)), near))
     offset = data.draw(st.one_of(*choices))
     return min(max(offset, 0), last)
 
@@ -195,6 +202,14 @@ class VdiMachine(RuleBasedStateMachine):
         self.time = 0.0
 
     def teardown(self) -> None:
+        pending = asyncio.all_tasks(self.loop)  # left behind by a step that failed
+        for task in pending:
+            task.cancel()
+
+        async def drain() -> None:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+        self.loop.run_until_complete(drain())
         self.loop.close()
 
     # --- driving the registry and the engine as the gateway does -------------
@@ -220,7 +235,8 @@ class VdiMachine(RuleBasedStateMachine):
         return found
 
     def collect(self, dead: list[dict[str, Any]]) -> None:
-        """The gateway's GC after a delete or a rollback."""
+        """The gateway's GC after a delete or a rollback, then a check that it left
+        exactly what the live roots reach."""
         async def job() -> set[int]:
             dead_nodes = [await self.engine.root_node(Root.from_json(r)) for r in dead]
             live = [await self.engine.root_node(root) for root, _ in self.roots()]
@@ -233,6 +249,9 @@ class VdiMachine(RuleBasedStateMachine):
             return garbage
 
         self.run(job())
+        stored = set(self.objects.data)
+        reachable = self.reachable()
+        assert stored <= reachable, f"leaked: {sorted(stored - reachable)}"
 
     def pick_vdi(self, data: st.DataObject) -> str:
         return data.draw(st.sampled_from(sorted(self.vdis)))
@@ -330,8 +349,8 @@ class VdiMachine(RuleBasedStateMachine):
         base = self.run(self.engine.root_node(snap.root))
         outcome = self.apply("vdi_rollback", name=name, snapshot=tag, base=base)
         assert outcome.result == Result.SUCCESS, outcome.message
-        self.collect(outcome.value["dead"])
         self.vdis[name] = self.snapshots[name, tag].copy()
+        self.collect(outcome.value["dead"])
 
     @precondition(lambda self: self.vdis)
     @rule(data=st.data())
@@ -339,16 +358,19 @@ class VdiMachine(RuleBasedStateMachine):
         name = self.pick_vdi(data)
         vdi = self.registry.vdis[name]
         a_little = st.integers(vdi.size, vdi.size + 4 * object_size)
-        size = data.draw(st.one_of(
+        size = min(size_max, data.draw(st.one_of(
             a_little, a_little,
             st.integers(max(vdi.size, depth2_size + 1), max(vdi.size, depth2_size) * 2),
             st.integers(max(vdi.size, depth3_size + 1), max(vdi.size, depth3_size) * 2),
-        ))
+            st.integers(max(vdi.size, depth4_size + 1), size_max),
+        )))
         depth = radix.depth_for(-(-size // object_size))
         root = self.run(self.engine.grow(vdi.root, depth))
         outcome = self.apply("vdi_resize", name=name, size=size, root=root.to_json())
         assert outcome.result == Result.SUCCESS, outcome.message
         self.vdis[name].size = size
+        too_big = self.apply("vdi_resize", name=name, size=size_max + 1, root=root.to_json())
+        assert too_big.result == Result.INVALID_PARMS
         if size > vdi.size:
             shrink = self.apply("vdi_resize", name=name, size=size - 1, root=root.to_json())
             assert shrink.result == Result.INVALID_PARMS
@@ -372,6 +394,16 @@ class VdiMachine(RuleBasedStateMachine):
         for key in [key for key in self.snapshots if key[0] == name]:
             del self.snapshots[key]
         self.collect(outcome.value["dead"])
+
+    @precondition(lambda self: self.engine.released)
+    @rule(restart=st.booleans())
+    def collect_garbage(self, restart: bool) -> None:
+        """GC with nothing deleted: frees what writes released. Then perhaps a
+        gateway restart: a fresh engine (empty caches) over the same objects."""
+        self.collect([])
+        if restart:
+            self.engine = VdiEngine(self.objects, object_size,
+                                    lambda g: g not in self.registry.writable_generations())
 
     @precondition(lambda self: self.vdis)
     @rule(data=st.data())
@@ -412,9 +444,9 @@ class VdiMachine(RuleBasedStateMachine):
 
         self.run(job())
 
-    @invariant()
-    def space_is_exactly_what_live_roots_reach(self) -> None:
-        async def job() -> None:
+    def reachable(self) -> set[int]:
+        """Every object the live roots reach, checking each root's data against the model."""
+        async def job() -> set[int]:
             reachable: set[int] = set()
             for root, disk in self.roots():
                 node = await self.engine.root_node(root)
@@ -425,15 +457,20 @@ class VdiMachine(RuleBasedStateMachine):
                 assert indexes == set(disk.blocks), (root, indexes ^ set(disk.blocks))
                 assert all(radix.generation_of(oid) <= root.generation for oid in found)
                 reachable |= found
-            stored = set(self.objects.data)
-            assert reachable <= stored, f"dangling: {sorted(reachable - stored)}"
-            assert stored <= reachable, f"leaked: {sorted(stored - reachable)}"
+            return reachable
 
-        self.run(job())
+        return self.run(job())
 
+    @invariant()
+    def space_is_what_live_roots_reach_or_was_released(self) -> None:
+        stored = set(self.objects.data)
+        reachable = self.reachable()
+        assert reachable <= stored, f"dangling: {sorted(reachable - stored)}"
+        unknown = stored - reachable - self.engine.released
+        assert not unknown, f"leaked: {sorted(unknown)}"
 
 VdiMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=30, deadline=None,
+    max_examples=300, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                            HealthCheck.filter_too_much])
 TestVdiModel = VdiMachine.TestCase

@@ -1,0 +1,44 @@
+"""Benchmark entry point: runs the chosen benchmarks, prints tables, saves JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import vdi_bench  # noqa: E402
+
+BENCHMARKS = {"vdi": vdi_bench.run}
+
+
+def machine() -> dict[str, object]:
+    return {"cpus": os.cpu_count(), "python": platform.python_version(),
+            "kernel": platform.release(), "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer reps")
+    parser.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS), default=None)
+    parser.add_argument("--reps", type=int, default=None, help="repetitions (median taken)")
+    parser.add_argument("--out", default="docs/bench", help="where the JSON results go")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    for name in args.only or sorted(BENCHMARKS):
+        print(f"== {name}", flush=True)
+        result = BENCHMARKS[name](quick=args.quick, reps=args.reps)
+        result["machine"] = machine()
+        result["command"] = " ".join(["scripts/bench/run", *sys.argv[1:]])
+        path = os.path.join(args.out, f"{name}.json")
+        with open(path, "w") as file:
+            json.dump(result, file, indent=2, sort_keys=True)
+        print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()
