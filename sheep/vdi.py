@@ -224,6 +224,10 @@ class VdiEngine:
         """Frozen objects writes stopped pointing at since the last ``garbage``."""
         return frozenset(self._released)
 
+    def drop_released(self, oids: set[int] | frozenset[int]) -> None:
+        """Stop tracking released objects known to be alive (their generation has a root)."""
+        self._released -= oids
+
     def _release(self, oid: int) -> None:
         """A writable tree stopped pointing at frozen ``oid``: it may be garbage now."""
         if oid and len(self._released) < released_max:

@@ -305,9 +305,37 @@ class VdiService:
             await self.engine.write(root, header.offset, payload)
             if header.flags & FLAG_FUA:
                 await self.objects.flush()
+            await self._reap_released()
         finally:
             gate.leave()
         return b"", {}
+
+    async def _reap_released(self) -> None:
+        """Free what a write stopped sharing with a deleted snapshot, at once.
+
+        A write that copies an object away releases the original. If the
+        original's generation still has a root (a snapshot, or a VDI), that root
+        keeps it; if not (its snapshot was deleted while this VDI still shared
+        it), it is garbage unless another live tree (a clone) still reaches it.
+        Deciding here, on the writer's sheep and before the write is answered,
+        means no later delete elsewhere has to remember it.
+        """
+        engine = self.engine
+        released = engine.released
+        if not released:
+            return
+        live = self._live_generations()
+        kept = frozenset(oid for oid in released if radix.generation_of(oid) in live)
+        engine.drop_released(kept)
+        if kept != released:
+            await self._collect([])
+
+    def _live_generations(self) -> set[int]:
+        generations = set()
+        for vdi in self.group.state.vdis.vdis.values():
+            generations.add(vdi.root.generation)
+            generations.update(snap.root.generation for snap in vdi.snapshots)
+        return generations
 
     async def discard(self, header: Header, payload: bytes, session: Session) -> Reply:
         handle, vdi = self._writable(header, session)
@@ -317,6 +345,7 @@ class VdiService:
         try:
             _, root, _ = self._target(handle)
             await self.engine.discard(root, header.offset, header.count)
+            await self._reap_released()
         finally:
             gate.leave()
         return b"", {}

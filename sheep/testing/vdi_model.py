@@ -280,7 +280,7 @@ def make_machine(connect: Callable[[int], SyncClient], nodes: int,
                       for item in self.reader.vdi_list(usage=False)}
             expected: dict[tuple[str, str | None], SparseDisk] = {
                 (name, None): disk for name, disk in self.disks.items()}
-            expected.update(self.frozen)
+            expected.update(self.frozen.items())
             assert set(listed) == set(expected), (sorted(listed), sorted(expected))
             for (name, tag), disk in expected.items():
                 assert listed[(name, tag)]["size"] == disk.size

@@ -539,10 +539,7 @@ def test_deleting_every_vdi_frees_every_object(cluster):
 
 @pytest.mark.parametrize("deleter", [
     0,
-    pytest.param(1, marks=pytest.mark.xfail(strict=True, reason=(
-        "bug: objects a write stops sharing with a deleted snapshot are remembered only "
-        "in the writer's sheep (VdiEngine._released, sheep/vdi.py); a delete through "
-        "another sheep leaks them"))),
+    1,
 ], ids=["delete-via-the-writers-sheep", "delete-via-another-sheep"])
 def test_a_snapshot_deleted_before_its_data_is_overwritten_leaves_nothing(cluster, deleter):
     """A deleted snapshot's objects, still the VDI's, must go once it overwrites them."""

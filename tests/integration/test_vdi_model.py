@@ -19,7 +19,7 @@ def inprocess(tmp_path_factory):
 
 def test_vdis_match_the_model_in_process(inprocess):
     machine = make_machine(inprocess.client, nodes=3)
-    machine.TestCase.settings = machine_settings(max_examples=30, stateful_step_count=20)
+    machine.TestCase.settings = machine_settings(max_examples=20, stateful_step_count=20)
     machine.TestCase().runTest()
 
 
