@@ -202,8 +202,11 @@ class VdiEngine:
                             data: memoryview) -> None:
         want = radix.data_oid(root.generation, index)
         if await self.lookup(root, index) == want:
-            await self.objects.write(want, inner, bytes(data))
-            return
+            try:
+                await self.objects.write(want, inner, bytes(data))
+                return
+            except NoObject:
+                pass  # a discard freed it meanwhile: allocate it again below
         async with self._lock(root.generation):
             leaf = await self._owned_path(root, index)
             current = await self._entry(leaf, index, 1)
@@ -271,26 +274,39 @@ class VdiEngine:
             node = want
         return node
 
-    async def discard(self, root: Root, offset: int, length: int) -> None:
-        """Make a range read as zeros, freeing whole objects where it covers them."""
+    async def discard(self, root: Root, offset: int, length: int,
+                      size: int | None = None) -> None:
+        """Make a range read as zeros, freeing whole objects where it covers them.
+
+        With ``size`` (the VDI's), a range reaching the end of the VDI covers its
+        last, partial object whole.
+        """
         for index, inner, count in self._pieces(offset, length):
-            current = await self.lookup(root, index)
-            if current == 0:
+            if await self.lookup(root, index) == 0:
                 continue
+            start = index * self.object_size
+            whole = count == self.object_size or (
+                inner == 0 and size is not None and start + count >= size)
             own = radix.data_oid(root.generation, index)
-            if count == self.object_size:
+            if whole:
                 async with self._lock(root.generation):
                     leaf = await self._owned_path(root, index)
+                    current = await self._entry(leaf, index, 1)
+                    if current == 0:
+                        continue
                     await self._set_entry(leaf, index, 1, 0)
-                if current == own:
-                    try:
-                        await self.objects.remove(own)
-                    except NoObject:
-                        pass
-                else:
-                    self._release(current)
-            elif current == own:
-                await self.objects.discard(own, inner, count)
+                    if current == own:
+                        try:
+                            await self.objects.remove(own)
+                        except NoObject:
+                            pass
+                    else:
+                        self._release(current)
+            elif await self.lookup(root, index) == own:
+                try:
+                    await self.objects.discard(own, inner, count)
+                except NoObject:
+                    pass  # freed whole meanwhile: reads as zeros already
             else:
                 await self._write_object(root, index, inner, memoryview(bytes(count)))
 

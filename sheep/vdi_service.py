@@ -343,8 +343,8 @@ class VdiService:
         gate = self._gate(handle.name)
         await gate.enter()
         try:
-            _, root, _ = self._target(handle)
-            await self.engine.discard(root, header.offset, header.count)
+            _, root, size = self._target(handle)
+            await self.engine.discard(root, header.offset, header.count, size)
             await self._reap_released()
         finally:
             gate.leave()

@@ -339,3 +339,35 @@ async def test_walk_finds_every_node_and_data_object(depth):
     await h.engine.write(root, 0, b"a")
     await h.engine.write(root, (1024 ** (depth - 1)) * object_size * 3 // 2, b"b")
     assert await h.engine.walk(root.own()) == set(h.objects.data)
+
+
+async def test_discard_to_the_end_frees_a_partial_last_object():
+    h = Harness()
+    size = 2 * object_size + 1000  # the last object covers only 1000 bytes of the VDI
+    root = h.create(size)
+    await h.engine.write(root, 2 * object_size, b"tail")
+    last = radix.data_oid(root.generation, 2)
+    assert last in h.objects.data
+    await h.engine.discard(root, 2 * object_size, 1000)  # without the size: kept, zeroed
+    assert last in h.objects.data
+    await h.engine.write(root, 2 * object_size, b"tail")
+    await h.engine.discard(root, 2 * object_size, 1000, size)
+    assert last not in h.objects.data
+    assert await h.engine.read(root, 2 * object_size, 1000) == bytes(1000)
+
+
+async def test_discards_racing_writes_neither_fail_nor_leak():
+    h = Harness()
+    root = h.create(4 * object_size)
+    await h.engine.write(root, 0, pattern(4 * object_size, 1))
+    rng = random.Random(3)
+    jobs = []
+    for _ in range(60):
+        index = rng.randrange(4)
+        if rng.random() < 0.5:
+            jobs.append(h.engine.discard(root, index * object_size, object_size))
+        else:
+            jobs.append(h.engine.write(root, index * object_size + 10, b"x" * 100))
+    await asyncio.gather(*jobs)
+    reachable = await h.engine.walk(await h.engine.root_node(root))
+    assert set(h.objects.data) == reachable, "every stored object is in the tree"
