@@ -204,7 +204,7 @@ def run(quick: bool = False, reps: int | None = None) -> dict[str, Any]:
     try:
         with LocalCluster(work, 3) as cluster:
             cluster.start()
-            cluster.format(2)
+            cluster.format(3)
             latency = snapshot_latency(cluster, written, reps, per_rep=3 if quick else 5,
                                        work=work)
             print_latency(latency)
@@ -214,7 +214,7 @@ def run(quick: bool = False, reps: int | None = None) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"snapshot_latency": latency, "read_vs_snapshot_depth": reads,
-            "cluster": "3 local sheep, copies=2, 4 MiB objects"}
+            "cluster": "3 local sheep, copies=3, 4 MiB objects"}
 
 
 def print_latency(result: dict[str, Any]) -> None:

@@ -1,0 +1,79 @@
+"""scripts/local-cluster: start, status and stop a cluster by PID."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "scripts", "local-cluster")
+
+
+def free_base_port(count: int) -> int:
+    """A base port with ``count`` free ports after it."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + count > 65535:
+            continue
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    pytest.skip("no run of free ports on this machine")
+
+
+def script(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, timeout=120)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_start_status_stop(tmp_path):
+    base = free_base_port(3)
+    directory = str(tmp_path / "lc")
+    started = script("start", "-n", "3", "--copies", "2", "--dir", directory,
+                     "--port", str(base))
+    pids = []
+    try:
+        assert started.returncode == 0, started.stderr
+        assert "formatted: 2 copies" in started.stdout
+        pids = [int(open(os.path.join(directory, str(i), "sheep.pid")).read()) for i in range(3)]
+        assert all(alive(pid) for pid in pids)
+        status = script("status", "--dir", directory, "--port", str(base))
+        assert status.returncode == 0
+        assert "3 sheep running" in status.stdout
+        assert status.stdout.count(f"127.0.0.1:{base}") >= 1
+        again = script("start", "-n", "3", "--dir", directory, "--port", str(base))
+        assert again.returncode == 0 and "already running" in again.stdout
+    finally:
+        stopped = script("stop", "--dir", directory)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert not any(alive(pid) for pid in pids)
+    status = script("status", "--dir", directory, "--port", str(base))
+    assert status.returncode == 1 and "0 sheep running" in status.stdout
+
+
+def test_bad_usage():
+    result = script("bogus")
+    assert result.returncode == 64 and "usage" in result.stderr
+    result = script("start", "-n", "x")
+    assert result.returncode == 64 and "-n takes a number" in result.stderr
