@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -56,7 +57,7 @@ def test_start_status_stop(tmp_path):
     try:
         assert started.returncode == 0, started.stderr
         assert "formatted: 2 copies" in started.stdout
-        pids = [int(open(os.path.join(directory, str(i), "sheep.pid")).read()) for i in range(3)]
+        pids = [int(Path(directory, str(i), "sheep.pid").read_text()) for i in range(3)]
         assert all(alive(pid) for pid in pids)
         status = script("status", "--dir", directory, "--port", str(base))
         assert status.returncode == 0
