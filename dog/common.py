@@ -37,10 +37,12 @@ def _set_port(ctx: click.Context, param: click.Parameter, value: int | None) -> 
         ctx.ensure_object(Target).port = value
 
 
-def connection_options(function: Callable[..., Any]) -> Callable[..., Any]:
+def connection_options(function: Callable[..., Any],
+                       port_names: tuple[str, ...] = ("-p", "--port")) -> Callable[..., Any]:
     function = click.option(
-        "-p", "--port", type=click.IntRange(1, 65535), callback=_set_port, expose_value=False,
-        is_eager=True, help="Port of the sheep to talk to (default 7000).")(function)
+        *port_names, "sheep_port", type=click.IntRange(1, 65535), callback=_set_port,
+        expose_value=False, is_eager=True,
+        help="Port of the sheep to talk to (default 7000).")(function)
     function = click.option(
         "-a", "--address", callback=_set_address, expose_value=False, is_eager=True,
         help="Address of the sheep to talk to (default 127.0.0.1).")(function)

@@ -12,6 +12,7 @@ import click
 
 from dog.cluster import cluster
 from dog.common import Target, connection_options
+from dog.nbd import nbd
 from dog.node import node
 from dog.object import object_
 from dog.output import error
@@ -33,6 +34,7 @@ dog.add_command(cluster)
 dog.add_command(node)
 dog.add_command(object_)
 dog.add_command(vdi)
+dog.add_command(nbd)
 
 
 def main() -> None:

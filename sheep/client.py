@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import socket
+import threading
 from typing import Any
 
 from sheep import constants, proto
@@ -346,3 +348,143 @@ class SyncClient:
             return self._loop.run_until_complete(method(*args, **kwargs))
 
         return call
+
+
+class _Waiter:
+    __slots__ = ("event", "into", "header", "data", "error")
+
+    def __init__(self, into: memoryview | None) -> None:
+        self.event = threading.Event()
+        self.into = into
+        self.header: Header | None = None
+        self.data: bytes = b""
+        self.error: SheepError | None = None
+
+
+class BlockingConnection:
+    """One TCP connection shared by many threads (the NBD plugin's).
+
+    Requests are pipelined: any thread sends (under a lock, header and payload
+    in one sendmsg, never copied), and one reader thread takes the replies,
+    matching them by request id. A read's data is received straight into the
+    buffer its caller passed (nbdkit's own), so payloads are not copied in
+    Python either way.
+    """
+
+    def __init__(self, host: str, port: int,
+                 timeout_ms: int = constants.peer_connect_timeout_ms) -> None:
+        self.host = host
+        self.port = port
+        try:
+            self._sock = socket.create_connection((host, port), timeout=timeout_ms / 1000)
+        except OSError as error:
+            reason = "timed out" if isinstance(error, TimeoutError) else (
+                os.strerror(error.errno) if error.errno else str(error))
+            raise NetworkError(f"cannot connect to sheep at {host}:{port}: {reason}") from error
+        self._sock.settimeout(None)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._send_lock = threading.Lock()
+        self._pending: dict[int, _Waiter] = {}
+        self._pending_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._error: SheepError | None = None
+        self._reader = threading.Thread(target=self._read_replies, daemon=True,
+                                        name=f"sheep-reply-{host}:{port}")
+        self._reader.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def closed(self) -> bool:
+        return self._error is not None
+
+    def close(self) -> None:
+        self._fail(NetworkError(f"connection to {self.endpoint} closed"))
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+
+    def _fail(self, error: SheepError) -> None:
+        with self._pending_lock:
+            if self._error is None:
+                self._error = error
+            pending, self._pending = self._pending, {}
+        for waiter in pending.values():
+            waiter.error = error
+            waiter.event.set()
+
+    def _recv_exactly(self, view: memoryview) -> None:
+        while view:
+            count = self._sock.recv_into(view)
+            if count == 0:
+                raise ConnectionError("closed by the sheep")
+            view = view[count:]
+
+    def _read_replies(self) -> None:
+        header_buffer = bytearray(proto.HEADER_SIZE)
+        header_view = memoryview(header_buffer)
+        try:
+            while True:
+                self._recv_exactly(header_view)
+                header = proto.unpack_header(header_buffer)
+                if proto.framing_problem(header) is not None:
+                    raise ConnectionError(f"bad reply: {proto.framing_problem(header)}")
+                with self._pending_lock:
+                    waiter = self._pending.pop(header.request_id, None)
+                into = waiter.into if waiter is not None else None
+                if header.length and not header.result and into is not None \
+                        and len(into) == header.length:
+                    self._recv_exactly(into)
+                elif header.length:
+                    data = bytearray(header.length)
+                    self._recv_exactly(memoryview(data))
+                    if waiter is not None:
+                        waiter.data = bytes(data)
+                if waiter is not None:
+                    waiter.header = header
+                    waiter.event.set()
+        except (OSError, ConnectionError) as error:
+            self._fail(NetworkError(f"connection to {self.endpoint} lost: {error}"))
+
+    def call(self, header: Header, payload: bytes | bytearray | memoryview = b"",
+             into: memoryview | None = None,
+             timeout_ms: int = constants.peer_timeout_ms) -> tuple[Header, bytes]:
+        """Send one request, wait for its reply; raise on a failed result."""
+        if self._error is not None:
+            raise self._error
+        waiter = _Waiter(into)
+        with self._pending_lock:
+            request_id = next(self._ids) & 0xFFFFFFFF
+            self._pending[request_id] = waiter
+        header = Header(**{**_fields(header), "request_id": request_id, "length": len(payload)})
+        try:
+            with self._send_lock:
+                parts = [memoryview(header.pack()), memoryview(payload).cast("B")]
+                while parts:
+                    sent = self._sock.sendmsg([part for part in parts if part])
+                    while parts and sent >= len(parts[0]):
+                        sent -= len(parts[0])
+                        parts.pop(0)
+                    if parts:
+                        parts[0] = parts[0][sent:]
+        except OSError as error:
+            self._fail(NetworkError(f"connection to {self.endpoint} lost: {error}"))
+        if not waiter.event.wait(timeout_ms / 1000):
+            with self._pending_lock:
+                self._pending.pop(request_id, None)
+            raise Timeout(f"no reply from {self.endpoint} within {timeout_ms} ms")
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.header is not None
+        if waiter.header.result:
+            raise error_for(waiter.header.result, proto.error_message(waiter.data) or None)
+        return waiter.header, waiter.data
+
+    def json(self, op: Op, body: Any = None, **fields: int) -> Any:
+        payload = b"" if body is None else proto.encode_json(body)
+        _, data = self.call(Header(opcode=op, **fields), payload)
+        return proto.decode_json(data) if data else None

@@ -18,3 +18,21 @@ def make_cluster(tmp_path):
     yield make
     for cluster in clusters:
         cluster.close()
+
+
+@pytest.fixture
+def make_nbd(tmp_path):
+    """Start nbdkit with our plugin against sheep ports; stopped by PID at teardown."""
+    from sheep.testing.nbd import NbdServer
+
+    servers = []
+
+    def make(sheep_ports, **options) -> NbdServer:
+        server = NbdServer(list(sheep_ports), str(tmp_path / f"nbdkit{len(servers)}.log"),
+                           **options)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()

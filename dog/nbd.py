@@ -1,0 +1,111 @@
+"""dog nbd serve: export every VDI over NBD through nbdkit and our plugin."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+import click
+
+from dog.common import Target, connection_options
+from sheep.errors import EXIT_SYSTEM
+
+nbd_port_default = 10809
+
+
+def plugin_path() -> str:
+    import nbd_plugin
+
+    return os.path.join(os.path.dirname(os.path.abspath(nbd_plugin.__file__)), "plugin.py")
+
+
+def _fail(message: str) -> None:
+    click.echo(f"dog: {message}", err=True)
+    sys.exit(EXIT_SYSTEM)
+
+
+def check_nbdkit() -> str:
+    """nbdkit and its python plugin, or one line saying which package to install."""
+    nbdkit = shutil.which("nbdkit")
+    if nbdkit is None:
+        _fail("nbdkit is not installed: install it with 'apt-get install nbdkit "
+              "nbdkit-plugin-python'")
+    assert nbdkit is not None
+    probe = subprocess.run([nbdkit, "python", "--version"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        _fail("nbdkit's python plugin is not installed: install it with "
+              "'apt-get install nbdkit-plugin-python'")
+    return nbdkit
+
+
+def nbdkit_command(nbdkit: str, target: Target, port: int | None, unix: str | None,
+                   bind: str, readonly: bool, foreground: bool, threads: int,
+                   pidfile: str | None) -> list[str]:
+    command = [nbdkit]
+    if foreground:
+        command.append("-f")
+    if readonly:
+        command.append("-r")
+    if unix:
+        command += ["-U", unix]
+    else:
+        command += ["-p", str(port or nbd_port_default), "-i", bind]
+    if pidfile:
+        command += ["-P", pidfile]
+    command += ["-t", str(threads), "python", plugin_path(),
+                f"sheep={target.address}:{target.port}"]
+    return command
+
+
+@click.group()
+def nbd() -> None:
+    """Export VDIs over NBD (for QEMU, qemu-img, nbdcopy, fio)."""
+
+
+@nbd.command()
+@click.option("--port", "nbd_port", type=click.IntRange(1, 65535), default=None,
+              help=f"TCP port for NBD clients (default {nbd_port_default}).")
+@click.option("--unix", "unix", type=click.Path(dir_okay=False), default=None,
+              help="Serve on a unix socket instead of TCP.")
+@click.option("--bind", default="127.0.0.1", show_default=True,
+              help="Address to serve NBD on (0.0.0.0 for every interface).")
+@click.option("--readonly", is_flag=True, help="Export everything read-only.")
+@click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground.")
+@click.option("-t", "--threads", type=click.IntRange(1, 64), default=8, show_default=True,
+              help="nbdkit threads per connection.")
+@click.option("--pidfile", type=click.Path(dir_okay=False), default=None,
+              help="Write nbdkit's pid here (background mode).")
+@click.option("--print-command", is_flag=True, help="Print the nbdkit command and exit.")
+@lambda function: connection_options(function, ("-p", "--sheep-port"))
+def serve(nbd_port: int | None, unix: str | None, bind: str, readonly: bool, foreground: bool,
+          threads: int, pidfile: str | None, print_command: bool) -> None:
+    """Serve every VDI as export NAME (read-write) and NAME@TAG (read-only).
+
+    Clients attach with nbd://HOST:PORT/NAME, e.g.
+    qemu-system-x86_64 -drive file=nbd://127.0.0.1:10809/alice,format=raw,if=virtio
+    """
+    if unix and nbd_port:
+        raise click.UsageError("--port and --unix exclude each other")
+    target = click.get_current_context().ensure_object(Target)
+    nbdkit = shutil.which("nbdkit") or "nbdkit"
+    if not print_command:
+        nbdkit = check_nbdkit()
+    command = nbdkit_command(nbdkit, target, nbd_port, unix, bind, readonly, foreground,
+                             threads, pidfile)
+    if print_command:
+        click.echo(shlex.join(command))
+        return
+    where = f"nbd+unix:///NAME?socket={unix}" if unix else \
+        f"nbd://{bind}:{nbd_port or nbd_port_default}/NAME"
+    if foreground:
+        click.echo(f"serving VDIs of {target.address}:{target.port} at {where}", err=True)
+        sys.stderr.flush()
+        os.execv(command[0], command)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        _fail(f"nbdkit failed to start: {lines[-1] if lines else 'exit ' + str(result.returncode)}")
+    click.echo(f"serving VDIs of {target.address}:{target.port} at {where}")

@@ -1,0 +1,344 @@
+"""nbdkit plugin: every VDI of a sheep cluster as an NBD export.
+
+    nbdkit python /path/to/nbd_plugin/plugin.py sheep=127.0.0.1:7000[,HOST:PORT...]
+
+Export ``NAME`` is VDI NAME, read-write (the VDI's cluster-wide lock is taken
+on the first read-write connection and released after the last); ``NAME@TAG``
+is a snapshot, read-only. ``nbdinfo --list`` shows them all.
+
+Thin by design: each callback is one request to a gateway sheep over one
+pipelined connection shared by all of nbdkit's threads (the parallel thread
+model), with reads received straight into nbdkit's buffer. When the gateway
+dies, the plugin connects to another member, opens its exports again and
+retries what was in flight: the NBD client sees latency, not an error.
+
+Flush semantics make multi-conn safe: a FLUSH makes every write acknowledged
+before it durable on every replica, whichever connection sent the write.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+import nbdkit  # provided by nbdkit's python plugin
+
+API_VERSION = 2
+
+_config: dict[str, str] = {}
+_state: dict[str, Any] = {}
+
+reconnect_total_s = 60.0
+lock_retry_s = 30.0
+
+
+def _import_client() -> Any:
+    # nbdkit runs this file without __file__; its code object still knows the path.
+    script = globals().get("__file__") or _import_client.__code__.co_filename
+    root = _config.get("root") or os.path.dirname(os.path.dirname(os.path.abspath(script)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from sheep import client, errors, proto
+
+    return client, errors, proto
+
+
+def config(key: str, value: str) -> None:
+    if key not in ("sheep", "root", "owner"):
+        raise RuntimeError(f"unknown parameter {key!r} (known: sheep, root, owner)")
+    _config[key] = value
+
+
+def config_complete() -> None:
+    spec = _config.get("sheep", "127.0.0.1:7000")
+    addresses = []
+    for item in spec.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise RuntimeError(f"sheep={item!r}: use HOST:PORT[,HOST:PORT...]")
+        addresses.append((host, int(port)))
+    _state["gateways"] = Gateways(addresses)
+
+
+def thread_model() -> int:
+    return int(nbdkit.THREAD_MODEL_PARALLEL)
+
+
+class Gateways:
+    """The current gateway connection, the exports open on it, and failover."""
+
+    def __init__(self, addresses: list[tuple[str, int]]) -> None:
+        self.client, self.errors, self.proto = _import_client()
+        self.addresses = list(addresses)
+        self.lock = threading.Lock()
+        self.connection: Any = None
+        self.generation = 0  # bumped on every reconnect
+        self.exports: dict[tuple[str, str | None, bool], dict[str, Any]] = {}
+        self.owner = _config.get("owner") or f"nbdkit pid {os.getpid()}"
+
+    # --- connections ---------------------------------------------------------------
+
+    def current(self) -> tuple[Any, int]:
+        with self.lock:
+            if self.connection is None or self.connection.closed:
+                self._connect()
+            return self.connection, self.generation
+
+    def _connect(self) -> None:
+        deadline = time.monotonic() + reconnect_total_s
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            for host, port in list(self.addresses):
+                try:
+                    connection = self.client.BlockingConnection(host, port)
+                    nodes = connection.json(self.proto.Op.NODE_LIST)
+                except self.errors.SheepError as error:
+                    last = error
+                    continue
+                self._learn(nodes)
+                self.connection = connection
+                self.generation += 1
+                self._reopen()
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"no sheep reachable ({last})")
+
+    def _learn(self, nodes: list[dict[str, Any]]) -> None:
+        for node in nodes:
+            if node.get("status") == "ok":
+                address = (node["address"], int(node["port"]))
+                if address not in self.addresses:
+                    self.addresses.append(address)
+
+    def _open_on(self, connection: Any, name: str, tag: str | None, writable: bool) -> Any:
+        deadline = time.monotonic() + lock_retry_s
+        while True:
+            try:
+                return connection.json(self.proto.Op.VDI_OPEN, {
+                    "name": name, "snapshot": tag, "writable": writable, "owner": self.owner})
+            except self.errors.VdiLocked:
+                # After a failover the dead gateway's lock goes once its death is logged.
+                if not self.exports.get((name, tag, writable)) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def _reopen(self) -> None:
+        for (name, tag, writable), export in self.exports.items():
+            export["info"] = self._open_on(self.connection, name, tag, writable)
+
+    # --- exports -----------------------------------------------------------------------
+
+    def acquire(self, name: str, tag: str | None, writable: bool) -> dict[str, Any]:
+        connection, _ = self.current()
+        key = (name, tag, writable)
+        with self.lock:
+            export = self.exports.get(key)
+            if export is None:
+                info = self._open_on(connection, name, tag, writable)
+                export = self.exports[key] = {"info": info, "users": 0}
+            export["users"] += 1
+            return export
+
+    def release(self, name: str, tag: str | None, writable: bool) -> None:
+        key = (name, tag, writable)
+        with self.lock:
+            export = self.exports.get(key)
+            if export is None:
+                return
+            export["users"] -= 1
+            if export["users"] > 0:
+                return
+            del self.exports[key]
+            connection = self.connection
+        if connection is not None and not connection.closed:
+            try:
+                connection.call(self.proto.Header(opcode=self.proto.Op.VDI_CLOSE,
+                                                  arg0=export["info"]["handle"]))
+            except self.errors.SheepError:
+                pass
+
+    def call(self, export: dict[str, Any], op: int, offset: int = 0, count: int = 0,
+             payload: Any = b"", into: Any = None, flags: int = 0) -> Any:
+        """One request on the export's handle; on a dead gateway, fail over and retry."""
+        retryable = (self.errors.NetworkError, self.errors.ShuttingDown,
+                     self.errors.Unavailable, self.errors.Timeout)
+        deadline = time.monotonic() + reconnect_total_s
+        while True:
+            connection, generation = self.current()
+            header = self.proto.Header(opcode=op, arg0=export["info"]["handle"], offset=offset,
+                                       count=count, flags=flags)
+            try:
+                return connection.call(header, payload, into=into)
+            except retryable:
+                if time.monotonic() > deadline:
+                    raise
+                with self.lock:
+                    if self.generation == generation and self.connection is not None:
+                        self.connection.close()
+                time.sleep(0.05)
+
+
+def _gateways() -> Gateways:
+    gateways = _state.get("gateways")
+    assert isinstance(gateways, Gateways), "config_complete has run"
+    return gateways
+
+
+def _raise(error: Exception, code: int = errno.EIO) -> None:
+    nbdkit.set_error(code)
+    raise RuntimeError(str(error)) from error
+
+
+def _errno_for(gateways: Gateways, error: Exception) -> int:
+    errors = gateways.errors
+    table = [(errors.NoSpace, errno.ENOSPC), (errors.ReadOnly, errno.EROFS),
+             (errors.VdiLocked, errno.EBUSY), (errors.InvalidParameters, errno.EINVAL),
+             (errors.NoVdi, errno.ENOENT), (errors.NoTag, errno.ENOENT)]
+    for cls, code in table:
+        if isinstance(error, cls):
+            return code
+    return errno.EIO
+
+
+def _guard(function: Any) -> Any:
+    """Report our errors to nbdkit with an errno and one clear line."""
+
+    def wrapper(*args: Any) -> Any:
+        gateways = _gateways()
+        try:
+            return function(*args)
+        except gateways.errors.SheepError as error:
+            _raise(error, _errno_for(gateways, error))
+
+    wrapper.__name__ = function.__name__
+    return wrapper
+
+
+def list_exports(readonly: bool, is_tls: bool) -> list[tuple[str, str]]:
+    gateways = _gateways()
+    connection, _ = gateways.current()
+    items = connection.json(gateways.proto.Op.VDI_LIST, {"usage": False})
+    exports = []
+    for item in sorted(items, key=lambda i: (i["name"], i["snapshot"], i["id"])):
+        if item["snapshot"]:
+            tag = item["tag"] or str(item["id"])
+            exports.append((f"{item['name']}@{tag}", f"snapshot of {item['name']}, read-only"))
+        else:
+            exports.append((item["name"], f"VDI {item['name']}, {item['size']} bytes"))
+    return exports
+
+
+class Handle:
+    def __init__(self, name: str, tag: str | None, writable: bool,
+                 export: dict[str, Any]) -> None:
+        self.name = name
+        self.tag = tag
+        self.writable = writable
+        self.export = export
+
+
+@_guard
+def open(readonly: bool) -> Handle:  # noqa: A001 - nbdkit's name
+    name = nbdkit.export_name()
+    if not name:
+        nbdkit.set_error(errno.ENOENT)
+        raise RuntimeError("no export name given: connect to nbd://HOST:PORT/VDI or VDI@TAG")
+    base, _, tag = name.partition("@")
+    writable = not readonly and not tag
+    export = _gateways().acquire(base, tag or None, writable)
+    return Handle(base, tag or None, writable, export)
+
+
+def close(h: Handle) -> None:
+    _gateways().release(h.name, h.tag, h.writable)
+
+
+def get_size(h: Handle) -> int:
+    return int(h.export["info"]["size"])
+
+
+def can_write(h: Handle) -> bool:
+    return h.writable
+
+
+def can_flush(h: Handle) -> bool:
+    return True
+
+
+def can_trim(h: Handle) -> bool:
+    return h.writable
+
+
+def can_zero(h: Handle) -> bool:
+    return h.writable
+
+
+def can_fast_zero(h: Handle) -> bool:
+    return h.writable
+
+
+def can_fua(h: Handle) -> int:
+    return int(nbdkit.FUA_NATIVE)
+
+
+def can_multi_conn(h: Handle) -> bool:
+    return True
+
+
+def can_extents(h: Handle) -> bool:
+    return True
+
+
+def can_cache(h: Handle) -> int:
+    return int(nbdkit.CACHE_NONE)
+
+
+@_guard
+def pread(h: Handle, buf: Any, offset: int, flags: int) -> None:
+    gateways = _gateways()
+    view = memoryview(buf)
+    gateways.call(h.export, gateways.proto.Op.VDI_READ, offset, len(view), into=view)
+
+
+@_guard
+def pwrite(h: Handle, buf: Any, offset: int, flags: int) -> None:
+    gateways = _gateways()
+    fua = gateways.proto.FLAG_FUA if flags & nbdkit.FLAG_FUA else 0
+    view = memoryview(buf)
+    gateways.call(h.export, gateways.proto.Op.VDI_WRITE, offset, len(view), payload=view,
+                  flags=fua)
+
+
+@_guard
+def flush(h: Handle, flags: int) -> None:
+    gateways = _gateways()
+    gateways.call(h.export, gateways.proto.Op.FLUSH)
+
+
+@_guard
+def trim(h: Handle, count: int, offset: int, flags: int) -> None:
+    gateways = _gateways()
+    gateways.call(h.export, gateways.proto.Op.VDI_DISCARD, offset, count)
+    if flags & nbdkit.FLAG_FUA:
+        gateways.call(h.export, gateways.proto.Op.FLUSH)
+
+
+@_guard
+def zero(h: Handle, count: int, offset: int, flags: int) -> None:
+    # A discard reads back as zeros and frees whole objects: fast, whatever the flags.
+    trim(h, count, offset, flags)
+
+
+@_guard
+def extents(h: Handle, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
+    gateways = _gateways()
+    _, data = gateways.call(h.export, gateways.proto.Op.VDI_EXTENTS, offset, count)
+    result = []
+    hole = int(nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO)
+    for start, length, allocated in gateways.proto.decode_json(data):
+        result.append((int(start), int(length), 0 if allocated else hole))
+    return result

@@ -1,0 +1,59 @@
+"""nbdkit with our plugin, for tests: started in the foreground, stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+from sheep.testing.cluster import free_port
+
+PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "nbd_plugin", "plugin.py")
+
+
+class NbdServer:
+    def __init__(self, sheep_ports: list[int], log_path: str, threads: int = 8,
+                 readonly: bool = False) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        sheep = ",".join(f"127.0.0.1:{port}" for port in sheep_ports)
+        command = ["nbdkit", "-f", "-v" if os.environ.get("NBD_DEBUG") else "-s",
+                   "-p", str(self.port), "-i", "127.0.0.1", "-t", str(threads)]
+        command = [part for part in command if part != "-s"]
+        if readonly:
+            command.append("-r")
+        command += ["python", PLUGIN, f"sheep={sheep}"]
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=log,
+                                            stdin=subprocess.DEVNULL)
+        self._wait_listening()
+
+    def uri(self, export: str) -> str:
+        return f"nbd://127.0.0.1:{self.port}/{export}"
+
+    def _wait_listening(self, timeout_s: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"nbdkit exited: {self.log()}")
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"nbdkit not listening within {timeout_s} s: {self.log()}")
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as file:
+            return file.read()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=15)
