@@ -41,10 +41,11 @@ def connection_options(function: Callable[..., Any],
                        port_names: tuple[str, ...] = ("-p", "--port")) -> Callable[..., Any]:
     function = click.option(
         *port_names, "sheep_port", type=click.IntRange(1, 65535), callback=_set_port,
-        expose_value=False, is_eager=True,
+        expose_value=False, is_eager=True, envvar="DOG_PORT",
         help="Port of the sheep to talk to (default 7000).")(function)
     function = click.option(
         "-a", "--address", callback=_set_address, expose_value=False, is_eager=True,
+        envvar="DOG_ADDRESS",
         help="Address of the sheep to talk to (default 127.0.0.1).")(function)
     return function
 
