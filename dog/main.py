@@ -38,6 +38,9 @@ dog.add_command(nbd)
 
 
 def main() -> None:
+    if len(sys.argv) == 1:
+        click.echo(dog.get_help(click.Context(dog, info_name="dog")))
+        sys.exit(0)
     try:
         dog.main(standalone_mode=False)
     except click.UsageError as usage:

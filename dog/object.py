@@ -14,7 +14,16 @@ import click
 from dog.common import OID, connection_options, json_option, run
 from dog.output import print_json, print_table
 from sheep.client import Client
-from sheep.errors import InvalidParameters
+from sheep.errors import InvalidParameters, NoObject
+from sheep.oid import ObjectType, oid_type
+
+
+def _raw_only(oid: int, action: str) -> None:
+    """VDI objects are the VDI layer's: changing them here would corrupt a disk."""
+    if oid_type(oid) != ObjectType.RAW:
+        raise InvalidParameters(
+            f"object {oid:016x} belongs to a VDI ({ObjectType(oid_type(oid)).name.lower()}"
+            f" object): {action} it with 'dog vdi' commands, not 'dog object'")
 
 
 @click.group(name="object")
@@ -29,6 +38,7 @@ def object_() -> None:
 @connection_options
 def put(oid: int, source: BinaryIO, offset: int) -> None:
     """Write SOURCE (a file, or - for stdin) into object OID, creating it."""
+    _raw_only(oid, "write")
     data = source.read()
 
     async def call(client: Client) -> None:
@@ -69,6 +79,9 @@ def stat(oid: int, as_json: bool) -> None:
     value = run(lambda client: client.stat(oid))
     if as_json:
         print_json(value)
+    if not any("error" not in replica for replica in value["replicas"]):
+        raise NoObject(f"object {oid:016x} is on none of its {len(value['replicas'])} nodes")
+    if as_json:
         return
     click.echo(f"object {oid:016x}: {value['copies']} copies at epoch {value['epoch']}")
     rows = [[r["node_id"], r["endpoint"], r["zone"], r.get("version", "-"),
@@ -82,4 +95,5 @@ def stat(oid: int, as_json: bool) -> None:
 @connection_options
 def rm(oid: int) -> None:
     """Remove object OID from every node that holds it."""
+    _raw_only(oid, "remove")
     run(lambda client: client.remove(oid))

@@ -7,6 +7,7 @@ with -s TAG); a tag may also be a snapshot's numeric id.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import os
 import sys
@@ -19,7 +20,7 @@ from dog.common import SIZE, connection_options, json_option, run
 from dog.output import format_time, is_terminal, print_json, print_table
 from sheep import constants
 from sheep.client import Client
-from sheep.errors import InvalidParameters, SystemFailure
+from sheep.errors import InvalidParameters, ReadOnly, SystemFailure
 from sheep.size import format_size
 
 io_chunk_bytes = 4 << 20  # one object at the default size
@@ -92,6 +93,7 @@ def list_(name: str | None, no_usage: bool, as_json: bool) -> None:
 @connection_options
 def snapshot(name: str, tag: str) -> None:
     """Take a snapshot of VDI NAME (O(1); also while it is being written)."""
+    _refuse_snapshot(name, "snapshot")
     value = run(lambda client: client.vdi_snapshot(name, tag))
     snap = value["snapshot"]
     label = f"{snap['tag']!r}" if snap["tag"] else "(untagged)"
@@ -148,6 +150,7 @@ def delete(name: str, tag: str | None, force: bool) -> None:
 @connection_options
 def resize(name: str, size: int) -> None:
     """Grow VDI NAME to SIZE."""
+    _refuse_snapshot(name, "resize")
     value = run(lambda client: client.vdi_resize(name, size))
     click.echo(f"resized {name!r} to {format_size(value['size'])}")
 
@@ -167,6 +170,18 @@ def _chunks(offset: int, length: int, step: int = io_chunk_bytes) -> Iterator[tu
         count = min(step - offset % step, end - offset)
         yield offset, count
         offset += count
+
+
+def _stdio(which: str) -> Any:
+    stream = sys.stdout if which == "stdout" else sys.stdin  # (getattr is a command here)
+    if stream is None:
+        raise SystemFailure(f"{which} is closed")
+    return stream
+
+
+def _refuse_snapshot(name: str, action: str) -> None:
+    if "@" in name:
+        raise ReadOnly(f"cannot {action} {name!r}: snapshots are read-only")
 
 
 def _range(size: int, offset: int, length: int | None) -> int:
@@ -218,21 +233,27 @@ class _Progress:
 def read(name: str, offset: int, length: int | None, tag: str | None) -> None:
     """Write LENGTH bytes of NAME[@TAG] from OFFSET to stdout (default: to the end)."""
     name, tag = split_name(name, tag)
-    out = sys.stdout.buffer
+    out = _stdio("stdout").buffer
 
     async def call(client: Client) -> None:
         info = await _open(client, name, tag, writable=False)
         count = _range(info["size"], offset, length)
         pending: list[asyncio.Task[bytes]] = []
-        for start, step in _chunks(offset, count):
-            pending.append(asyncio.ensure_future(client.vdi_read(info["handle"], start, step)))
-            if len(pending) >= io_depth:
+        try:
+            for start, step in _chunks(offset, count):
+                pending.append(asyncio.ensure_future(
+                    client.vdi_read(info["handle"], start, step)))
+                if len(pending) >= io_depth:
+                    out.write(await pending.pop(0))
+            while pending:
                 out.write(await pending.pop(0))
-        for task in pending:
-            out.write(await task)
-        out.flush()
+            out.flush()
+        finally:
+            for task in pending:
+                task.cancel()
 
-    run(call)
+    with _file_errors("stdout"):
+        run(call)
 
 
 @vdi.command()
@@ -242,7 +263,8 @@ def read(name: str, offset: int, length: int | None, tag: str | None) -> None:
 @connection_options
 def write(name: str, offset: int, length: int | None) -> None:
     """Write stdin into NAME at OFFSET (LENGTH bytes, or until stdin ends)."""
-    source = sys.stdin.buffer
+    _refuse_snapshot(name, "write to")
+    source = _stdio("stdin").buffer
 
     async def call(client: Client) -> int:
         info = await _open(client, name, None, writable=True)
@@ -251,34 +273,86 @@ def write(name: str, offset: int, length: int | None) -> None:
                                  skip_zeros=False, progress=None)
         if length is not None and written < length:
             raise InvalidParameters(f"stdin ended after {written} of {length} bytes")
+        if length is None and source.read(1):
+            await client.flush()
+            raise InvalidParameters(
+                f"stdin holds more than fits: wrote {written} bytes up to the end of "
+                f"{name!r} ({info['size']} bytes) and stopped")
         await client.flush()
         return written
 
     run(call)
 
 
+class _Sink:
+    """Writes to a VDI with io_depth requests in flight; zero ranges become discards
+    (or are skipped, on a VDI that is known to be empty), merged up to 1 GiB."""
+
+    def __init__(self, client: Client, handle: int, skip_zeros: bool) -> None:
+        self.client = client
+        self.handle = handle
+        self.skip_zeros = skip_zeros
+        self.pending: set[asyncio.Task[None]] = set()
+        self.zero_start = self.zero_end = 0
+
+    async def _submit(self, job: Any) -> None:
+        if len(self.pending) >= io_depth:
+            done, self.pending = await asyncio.wait(self.pending,
+                                                    return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+        self.pending.add(asyncio.ensure_future(job))
+
+    async def zeros(self, start: int, length: int) -> None:
+        if self.skip_zeros:
+            return
+        if self.zero_end == start and self.zero_end - self.zero_start + length <= extents_step_bytes:
+            self.zero_end += length
+            return
+        await self._flush_zeros()
+        self.zero_start, self.zero_end = start, start + length
+
+    async def _flush_zeros(self) -> None:
+        if self.zero_end > self.zero_start:
+            await self._submit(self.client.vdi_discard(
+                self.handle, self.zero_start, self.zero_end - self.zero_start))
+        self.zero_start = self.zero_end = 0
+
+    async def data(self, start: int, data: bytes) -> None:
+        if data == bytes(len(data)):
+            await self.zeros(start, len(data))
+            return
+        await self._flush_zeros()
+        await self._submit(self.client.vdi_write(self.handle, start, data))
+
+    async def close(self) -> None:
+        await self._flush_zeros()
+        try:
+            for task in self.pending:
+                await task
+        finally:
+            for task in self.pending:
+                task.cancel()
+
+
 async def _copy_in(client: Client, handle: int, source: BinaryIO, offset: int, limit: int,
                    skip_zeros: bool, progress: _Progress | None) -> int:
-    """Copy up to limit bytes from source to the VDI at offset, depth requests in flight."""
+    """Copy up to limit bytes from source to the VDI at offset; zero chunks are discarded."""
     written = 0
-    pending: set[asyncio.Task[None]] = set()
-    for start, step in _chunks(offset, limit):
-        data = _read_full(source, step)
-        if not data:
-            break
-        if not (skip_zeros and data == bytes(len(data))):
-            if len(pending) >= io_depth:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()
-            pending.add(asyncio.ensure_future(client.vdi_write(handle, start, data)))
-        written += len(data)
-        if progress is not None:
-            progress.update(len(data))
-        if len(data) < step:
-            break
-    for task in pending:
-        await task
+    sink = _Sink(client, handle, skip_zeros)
+    try:
+        for start, step in _chunks(offset, limit):
+            data = _read_full(source, step)
+            if not data:
+                break
+            await sink.data(start, data)
+            written += len(data)
+            if progress is not None:
+                progress.update(len(data))
+            if len(data) < step:
+                break
+    finally:
+        await sink.close()
     return written
 
 
@@ -311,38 +385,66 @@ def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
     return ranges
 
 
+def _has_data(ranges: list[tuple[int, int]], start: int, length: int) -> bool:
+    index = bisect.bisect_right([r[0] for r in ranges], start + length - 1) - 1
+    return index >= 0 and ranges[index][0] + ranges[index][1] > start
+
+
 @vdi.command(name="import")
 @click.argument("name")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--create", is_flag=True, help="Create the VDI at the file's size first.")
 @connection_options
 def import_(name: str, file: str, create: bool) -> None:
-    """Copy a raw image FILE into VDI NAME; holes and zero blocks are skipped."""
-    size = os.path.getsize(file)
+    """Copy a raw image FILE (or - for stdin) into VDI NAME.
+
+    Afterwards the VDI's first bytes are exactly the file's; zero ranges and
+    holes are not stored (they are discarded, which is fast).
+    """
+    _refuse_snapshot(name, "import into")
+    regular = file != "-" and os.path.isfile(file)
+    if file != "-" and not os.path.exists(file):
+        raise click.BadParameter(f"{file} does not exist", param_hint="'FILE'")
+    size = os.path.getsize(file) if regular else None
+    if create and size is None:
+        raise click.UsageError("--create needs a regular file: its size is the VDI's size")
 
     async def call(client: Client) -> int:
         if create:
-            await client.vdi_create(name, size)
+            await client.vdi_create(name, size or 0)
         info = await _open(client, name, None, writable=True)
-        if size > info["size"]:
+        if size is not None and size > info["size"]:
             raise InvalidParameters(
                 f"{file} ({size} bytes) is larger than VDI {name!r} ({info['size']} bytes)")
+        if size is None:
+            source = sys.stdin.buffer if file == "-" else open(file, "rb")  # noqa: SIM115
+            try:
+                copied = await _copy_in(client, info["handle"], source, 0, info["size"],
+                                        skip_zeros=False, progress=None)
+                if source.read(1):
+                    raise InvalidParameters(
+                        f"{file} is larger than VDI {name!r} ({info['size']} bytes)")
+            finally:
+                if source is not sys.stdin.buffer:
+                    source.close()
+            await client.flush()
+            return copied
         progress = _Progress(size, f"importing {os.path.basename(file)}")
-        total = 0
+        sink = _Sink(client, info["handle"], skip_zeros=create)
         try:
             with open(file, "rb") as source:
-                for start, length in _data_ranges(source.fileno(), size):
-                    aligned = start - start % io_chunk_bytes
-                    source.seek(aligned)
-                    progress.update(aligned - total if aligned > total else 0)
-                    total = max(total, aligned)
-                    count = min(size, start + length) - aligned
-                    total += await _copy_in(client, info["handle"], source, aligned, count,
-                                            skip_zeros=True, progress=progress)
-            progress.update(size - total)
-            await client.flush()
+                ranges = _data_ranges(source.fileno(), size)
+                for start, step in _chunks(0, size):
+                    if _has_data(ranges, start, step):
+                        source.seek(start)
+                        await sink.data(start, _read_full(source, step))
+                    else:
+                        await sink.zeros(start, step)
+                    progress.update(step)
         finally:
+            await sink.close()
             progress.close()
+        await client.flush()
         return size
 
     with _file_errors(file):

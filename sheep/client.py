@@ -79,6 +79,8 @@ class Connection:
         except OSError as error:  # TimeoutError included
             if isinstance(error, TimeoutError):
                 reason = "timed out"
+            elif isinstance(error, socket.gaierror):
+                reason = f"cannot resolve {host!r}: {error.strerror}"
             elif error.errno:
                 reason = os.strerror(error.errno)
             else:
@@ -378,8 +380,12 @@ class BlockingConnection:
         try:
             self._sock = socket.create_connection((host, port), timeout=timeout_ms / 1000)
         except OSError as error:
-            reason = "timed out" if isinstance(error, TimeoutError) else (
-                os.strerror(error.errno) if error.errno else str(error))
+            if isinstance(error, TimeoutError):
+                reason = "timed out"
+            elif isinstance(error, socket.gaierror):
+                reason = f"cannot resolve {host!r}: {error.strerror}"
+            else:
+                reason = os.strerror(error.errno) if error.errno else str(error)
             raise NetworkError(f"cannot connect to sheep at {host}:{port}: {reason}") from error
         self._sock.settimeout(None)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -773,3 +773,56 @@ def test_help():
         assert result.output.startswith(usage), result.output
         assert "--help" in result.output and "Options:" in result.output
     assert dog(None, "vdi", "create", "--help").stdout.startswith(b"Usage: ")
+
+
+def test_import_into_a_vdi_with_data_leaves_exactly_the_image(port, api, tmp_path):
+    """Zero ranges and holes of the image must overwrite old data, not skip it."""
+    dog(port, "vdi", "create", "reimport", "12M")
+    write(api, "reimport", 0, b"OLD DATA" * 1000)
+    write(api, "reimport", 9 << 20, b"OLD TAIL" * 100)
+    image = tmp_path / "image.raw"
+    with open(image, "wb") as file:
+        file.truncate(10 << 20)  # a hole where the old tail was
+        file.seek(4 << 20)
+        file.write(os.urandom(5000))
+    dog(port, "vdi", "import", "reimport", str(image))
+    expected = image.read_bytes()
+    assert read(api, "reimport", 0, 10 << 20) == expected
+
+
+def test_import_from_stdin_and_overflow(port, api):
+    dog(port, "vdi", "create", "piped", "1M")
+    data = os.urandom(300_000)
+    dog(port, "vdi", "import", "piped", "-", stdin=data)
+    assert read(api, "piped", 0, len(data)) == data
+    line = fails(port, EXIT_USAGE, "vdi", "import", "piped", "-", stdin=bytes(1 << 20) + b"x")
+    assert "larger than VDI 'piped'" in line
+    assert "--create needs a regular file" in fails(
+        port, EXIT_USAGE, "vdi", "import", "newpiped", "-", "--create", stdin=b"x")
+
+
+def test_write_past_the_end_without_length_is_an_error(port, api):
+    dog(port, "vdi", "create", "tiny", "1K")
+    line = fails(port, EXIT_USAGE, "vdi", "write", "tiny", "1000", stdin=b"0123456789" * 5)
+    assert "more than fits" in line and "1024 bytes" in line
+    assert read(api, "tiny", 1000, 24) == (b"0123456789" * 5)[:24]
+
+
+def test_snapshots_are_refused_as_write_targets(port, api):
+    dog(port, "vdi", "create", "frozen", "1M")
+    dog(port, "vdi", "snapshot", "-s", "s1", "frozen")
+    for args in (["write", "frozen@s1", "0"], ["import", "frozen@s1", "-"],
+                 ["resize", "frozen@s1", "2M"], ["snapshot", "frozen@s1"]):
+        line = fails(port, EXIT_FAILURE, "vdi", *args, stdin=b"x")
+        assert "snapshots are read-only" in line, args
+
+
+def test_dog_object_refuses_vdi_objects(port, api):
+    dog(port, "vdi", "create", "guarded", "8M")
+    write(api, "guarded", 0, b"precious")
+    oid = json.loads(dog(port, "vdi", "object", "guarded", "--json").stdout)["oid"]
+    for args in (["put", f"{oid:016x}", "-"], ["rm", f"{oid:016x}"]):
+        line = fails(port, EXIT_USAGE, "object", *args, stdin=b"x")
+        assert "belongs to a VDI" in line
+    assert read(api, "guarded", 0, 8) == b"precious"
+    assert "on none of its" in fails(port, EXIT_MISSING, "object", "stat", "0x77777")
