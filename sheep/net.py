@@ -53,6 +53,7 @@ class Session:
         self.values: dict[str, Any] = {}
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self.closed = False
+        self.tasks: set[asyncio.Task[None]] = set()  # its requests still being served
 
     def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
         self._closers.append(closer)
@@ -61,6 +62,11 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        if self.tasks:
+            # A request still running holds what the session holds (a write under
+            # its VDI lock): release nothing until it is done, or a new lock holder
+            # could write first and be overwritten by it.
+            await asyncio.wait(list(self.tasks))
         closers, self._closers = self._closers, []
         for closer in closers:
             try:
@@ -177,6 +183,8 @@ class _RequestProtocol(asyncio.Protocol):
         task = asyncio.get_running_loop().create_task(self._serve(header, payload, cost))
         self.server.tasks.add(task)
         task.add_done_callback(self.server.tasks.discard)
+        self.session.tasks.add(task)
+        task.add_done_callback(self.session.tasks.discard)
 
     async def _serve(self, header: Header, payload: bytes, cost: int) -> None:
         try:

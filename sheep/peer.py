@@ -8,6 +8,7 @@ that the two sides disagree on.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -49,17 +50,21 @@ class Peer:
 
     async def create_and_write(self, header: Header, payload: bytes) -> Reply:
         version = self.store.create_and_write(header.oid, header.offset, payload)
+        if header.flags & proto.FLAG_FUA:
+            await self._sync(self.store.begin_sync_object(header.oid))
         return b"", {"arg0": version}
+
+    async def _sync(self, fds: list[int]) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.store.finish_sync, fds)
 
     async def read(self, header: Header, payload: bytes) -> Reply:
         return self.store.read(header.oid, header.offset, header.count), {
             "arg0": self.store.version(header.oid)}
 
     async def write(self, header: Header, payload: bytes) -> Reply:
-        fua = bool(header.flags & proto.FLAG_FUA)
-        version = self.store.write(header.oid, header.offset, payload, fua=fua)
-        if fua:
-            await self.flush(header, b"")
+        version = self.store.write(header.oid, header.offset, payload)
+        if header.flags & proto.FLAG_FUA:
+            await self._sync(self.store.begin_sync_object(header.oid))
         return b"", {"arg0": version}
 
     async def remove(self, header: Header, payload: bytes) -> Reply:
@@ -71,10 +76,7 @@ class Peer:
         return b"", {"arg0": version}
 
     async def flush(self, header: Header, payload: bytes) -> Reply:
-        import asyncio
-
-        fds = self.store.begin_sync()
-        await asyncio.get_running_loop().run_in_executor(None, self.store.finish_sync, fds)
+        await self._sync(self.store.begin_sync())
         return _empty
 
     async def stat(self, header: Header, payload: bytes) -> Reply:

@@ -45,6 +45,7 @@ from sheep.errors import InvalidParameters, NoObject
 from sheep.oid import oid_index
 
 node_cache_max = 2048  # frozen tree nodes kept in memory (8 KiB each)
+read_retries_max = 3  # lookups redone when a concurrent copy-up freed what a read found
 released_max = 1 << 16  # frozen objects replaced since the last garbage(); past it, forgotten
 
 
@@ -159,10 +160,18 @@ class VdiEngine:
 
     async def read(self, root: Root, offset: int, length: int) -> bytes:
         async def piece(index: int, inner: int, count: int) -> bytes:
-            oid = await self.lookup(root, index)
-            if oid == 0:
-                return bytes(count)
-            return await self.objects.read(oid, inner, count)
+            for attempt in range(read_retries_max):
+                try:
+                    oid = await self.lookup(root, index)
+                    if oid == 0:
+                        return bytes(count)
+                    return await self.objects.read(oid, inner, count)
+                except NoObject:
+                    # A write copied the object (or a node on the way) away and freed
+                    # the original between our lookup and our read: look again.
+                    if attempt == read_retries_max - 1:
+                        raise
+            raise AssertionError("unreachable")
 
         parts = await asyncio.gather(*(piece(*p) for p in self._pieces(offset, length)))
         return b"".join(parts)

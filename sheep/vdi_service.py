@@ -43,7 +43,7 @@ from sheep.group import Group
 from sheep.net import Reply, Session
 from sheep.proto import FLAG_FUA, Header, Op
 from sheep.vdi import Root, VdiEngine, check_range
-from sheep.vdi_registry import Snapshot, Vdi
+from sheep.vdi_registry import Snapshot, Vdi, vdi_size_max
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,9 @@ class GatewayObjects:
         return bytes(data)
 
     async def create(self, oid: int, data: bytes, offset: int = 0) -> None:
-        await self.gateway.request(Op.CREATE_AND_WRITE_OBJ, oid, offset, data)
+        # Durable (FUA) before the engine writes the entry that points at it: after
+        # a power loss an entry must never point at a copy that did not survive.
+        await self.gateway.request(Op.CREATE_AND_WRITE_OBJ, oid, offset, data, flags=FLAG_FUA)
 
     async def write(self, oid: int, offset: int, data: bytes) -> None:
         await self.gateway.request(Op.WRITE_OBJ, oid, offset, data)
@@ -301,6 +303,7 @@ class VdiService:
         gate = self._gate(handle.name)
         await gate.enter()
         try:
+            self._writable(header, session)  # still ours after waiting at the gate?
             vdi, root, _ = self._target(handle)  # the root after any snapshot we waited for
             await self.engine.write(root, header.offset, payload)
             if header.flags & FLAG_FUA:
@@ -343,6 +346,7 @@ class VdiService:
         gate = self._gate(handle.name)
         await gate.enter()
         try:
+            self._writable(header, session)
             _, root, size = self._target(handle)
             await self.engine.discard(root, header.offset, header.count, size)
             await self._reap_released()
@@ -408,11 +412,24 @@ class VdiService:
             if size < current.size:
                 raise InvalidParameters(
                     f"VDI {current.name!r} can only grow ({size} < {current.size} bytes)")
-            depth = radix.depth_for(min(-(-size // object_size), radix.capacity(radix.DEPTH_MAX)))
+            limit = vdi_size_max(object_size)
+            if size > limit:
+                raise InvalidParameters(f"size {size} exceeds the largest VDI ({limit} bytes)")
+            depth = radix.depth_for(-(-size // object_size))
             root = await self.engine.grow(current.root, depth)
-            result = await self.broadcast({"type": "vdi_resize", "name": current.name,
-                                           "size": size, "root": root.to_json(),
-                                           "session": session})
+            try:
+                result = await self.broadcast({"type": "vdi_resize", "name": current.name,
+                                               "size": size, "root": root.to_json(),
+                                               "session": session})
+            except SheepError:
+                for level in range(current.root.depth + 1, depth + 1):  # the grown levels
+                    node = radix.node_oid(current.root.generation, level, 0)
+                    try:
+                        await self.objects.remove(node)
+                    except NoObject:
+                        pass
+                    self.engine.forget({node})
+                raise
             return result.value
 
         return await self._on_holder(vdi, header, body, work)

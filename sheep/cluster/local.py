@@ -83,7 +83,11 @@ class LocalDriver(ClusterDriver):
             raise SystemFailure(
                 f"cannot use cluster directory {self.directory}: {error.strerror}") from error
         await self._run(self._lock_own_member_file)
-        await self._run(self._append_join)
+        try:
+            await self._run(self._append_join)
+        except SystemFailure:
+            await self._run(self._release_own_member_file)
+            raise
         self._drain()
         self._task = asyncio.get_running_loop().create_task(self._poll_forever())
 
@@ -189,6 +193,12 @@ class LocalDriver(ClusterDriver):
         node = self._node
         with self._log_locked():
             self._catch_up_locked()
+            if self._seq < self._from_seq:
+                raise SystemFailure(
+                    f"the cluster log {self.log_path} holds {self._seq} events, but this "
+                    f"sheep's store has applied {self._from_seq}: the store belongs to another "
+                    "cluster log (start it with the -c local:PATH it was created with, or use "
+                    "a new store directory)")
             records: list[dict[str, Any]] = []
             if node.node_id in self._membership:
                 # We hold this node id's member lock, so that member is a dead incarnation.

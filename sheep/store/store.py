@@ -297,6 +297,13 @@ class Store:
         """Make every write so far durable: fsync dirty objects, sync LMDB."""
         self.finish_sync(self.begin_sync())
 
+    def begin_sync_object(self, oid: int) -> list[int]:
+        """Like begin_sync, for one object only (FUA): its fd, duplicated."""
+        with _translated(f"sync object {oid:016x}"):
+            fd = os.dup(self._fd(oid))
+        self._dirty.discard(oid)
+        return [fd]
+
     def begin_sync(self) -> list[int]:
         """Take the dirty objects as duplicated fds, for finish_sync in a worker thread.
 

@@ -1,0 +1,210 @@
+"""dog nbd serve: the nbdkit command it runs, serving in the background and the
+foreground, and its errors. nbdkit is stopped by the PID it reports, never by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sheep.errors import EXIT_SYSTEM, EXIT_USAGE
+from sheep.testing.cluster import LocalCluster, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+PLUGIN = ROOT / "nbd_plugin" / "plugin.py"
+MiB = 1 << 20
+
+needs_nbdkit = pytest.mark.skipif(
+    any(shutil.which(tool) is None for tool in ("nbdkit", "nbdinfo", "qemu-io")),
+    reason="needs nbdkit, nbdkit-plugin-python, libnbd-bin and qemu-utils")
+
+
+def dog(*args: str, env: dict[str, str] | None = None,
+        check: int | None = 0) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "dog", *args], capture_output=True, text=True,
+                            timeout=60, env=env)
+    if check is not None:
+        assert result.returncode == check, (args, result.returncode, result.stdout, result.stderr)
+    return result
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("dog: ")
+    return lines[0]
+
+
+def stop_pid(pid: int) -> None:
+    """SIGTERM one process by PID; wait until it is gone (or a zombie nobody reaps)."""
+    def state() -> str | None:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+
+    if state() in (None, "Z"):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while state() not in (None, "Z"):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+        time.sleep(0.05)
+
+
+def wait_listening(port: int, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        assert time.monotonic() < deadline, f"nothing listening on {port}"
+        time.sleep(0.05)
+
+
+def exports(uri: str) -> dict[str, dict]:
+    listing = subprocess.run(["nbdinfo", "--list", "--json", uri], capture_output=True, text=True,
+                             timeout=60)
+    assert listing.returncode == 0, listing.stderr
+    return {item["export-name"]: item for item in json.loads(listing.stdout)["exports"]}
+
+
+@pytest.fixture
+def cluster(make_cluster) -> LocalCluster:
+    """One sheep, one copy: alice with snapshot t1, and bob."""
+    local: LocalCluster = make_cluster(1)
+    local.format(copies=1)
+    with local.client(0) as client:
+        client.vdi_create("alice", 16 * MiB)
+        client.vdi_snapshot("alice", "t1")
+        client.vdi_create("bob", 1 << 30)
+    return local
+
+
+@pytest.fixture
+def pidfiles(tmp_path) -> Iterator[list[Path]]:
+    """Pid files of background nbdkits: each one is stopped by its PID at teardown."""
+    files: list[Path] = []
+    yield files
+    for path in files:
+        if path.exists():
+            stop_pid(int(path.read_text().strip()))
+
+
+# --- the command ----------------------------------------------------------------------------
+
+
+def test_print_command_shows_the_raw_nbdkit_command():
+    port = free_port()
+    line = dog("nbd", "serve", "-p", str(port), "--print-command").stdout.strip()
+    command = shlex.split(line)
+    assert os.path.basename(command[0]) == "nbdkit"
+    assert command[-3:] == ["python", str(PLUGIN), f"sheep=127.0.0.1:{port}"], line
+    assert PLUGIN.is_file()
+    assert " -p 10809 -i 127.0.0.1 " in line and "-f" not in command and "-r" not in command
+
+    line = dog("-a", "10.1.2.3", "nbd", "serve", "--unix", "/run/x.sock", "--readonly", "-f",
+               "--print-command").stdout.strip()
+    command = shlex.split(line)
+    assert command[-3:] == ["python", str(PLUGIN), "sheep=10.1.2.3:7000"], line
+    assert {"-f", "-r"} <= set(command) and command[command.index("-U") + 1] == "/run/x.sock"
+    assert "-p" not in command
+
+
+def test_port_and_unix_together_are_a_usage_error(tmp_path):
+    result = dog("nbd", "serve", "--port", "10810", "--unix", str(tmp_path / "s"),
+                 check=EXIT_USAGE)
+    assert "--port and --unix" in result.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_missing_nbdkit_names_the_package_to_install(tmp_path):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    line = one_line_error(dog("nbd", "serve", env={**os.environ, "PATH": str(empty)},
+                              check=EXIT_SYSTEM))
+    assert "nbdkit is not installed" in line and "apt-get install nbdkit" in line, line
+    assert "nbdkit-plugin-python" in line
+
+    # nbdkit without its python plugin: an nbdkit that cannot load "python".
+    fake = empty / "nbdkit"
+    fake.write_text("#!/bin/sh\necho \"nbdkit: error: cannot open plugin 'python'\" >&2\nexit 1\n")
+    fake.chmod(0o755)
+    line = one_line_error(dog("nbd", "serve", env={**os.environ, "PATH": str(empty)},
+                              check=EXIT_SYSTEM))
+    assert "python plugin is not installed" in line, line
+    assert "apt-get install nbdkit-plugin-python" in line
+
+
+# --- serving -----------------------------------------------------------------------------------
+
+
+@needs_nbdkit
+def test_background_serve_lists_every_vdi_and_snapshot(cluster, pidfiles, tmp_path):
+    sheep_port = str(cluster.sheep[0].port)
+    port = free_port()
+    pidfiles.append(tmp_path / "tcp.pid")
+    result = dog("-p", sheep_port, "nbd", "serve", "--port", str(port),
+                 "--pidfile", str(pidfiles[-1]))
+    assert result.stdout.strip() == (
+        f"serving VDIs of 127.0.0.1:{sheep_port} at nbd://127.0.0.1:{port}/NAME")
+    pid = int(pidfiles[-1].read_text())
+    assert pid != os.getpid() and Path(f"/proc/{pid}").exists()
+
+    listed = exports(f"nbd://127.0.0.1:{port}")
+    assert set(listed) == {"alice", "alice@t1", "bob"}
+    assert [listed[name]["is_read_only"] for name in ("alice", "alice@t1", "bob")] == [
+        False, True, False]
+    assert listed["bob"]["export-size"] == 1 << 30
+    io = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x7 0 4096", "-c",
+                         "read -P 0x7 0 4096", f"nbd://127.0.0.1:{port}/alice"],
+                        capture_output=True, text=True, timeout=60)
+    assert io.returncode == 0 and "failed" not in io.stdout, io
+
+    # The same on a unix socket, everything read-only.
+    socket_path = tmp_path / "nbd.sock"
+    pidfiles.append(tmp_path / "unix.pid")
+    result = dog("nbd", "serve", "-p", sheep_port, "--unix", str(socket_path), "--readonly",
+                 "--pidfile", str(pidfiles[-1]))
+    assert f"nbd+unix:///NAME?socket={socket_path}" in result.stdout
+    listed = exports(f"nbd+unix://?socket={socket_path}")
+    assert set(listed) == {"alice", "alice@t1", "bob"}
+    assert all(item["is_read_only"] for item in listed.values())
+
+    # A port already taken: nbdkit's own reason, in one line.
+    line = one_line_error(dog("nbd", "serve", "-p", sheep_port, "--port", str(port),
+                              check=EXIT_SYSTEM))
+    assert "nbdkit failed to start" in line, line
+
+
+@needs_nbdkit
+def test_foreground_serve_becomes_nbdkit(cluster):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dog", "nbd", "serve", "-p", str(cluster.sheep[0].port),
+         "--port", str(port), "-f"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_listening(port)
+        assert set(exports(f"nbd://127.0.0.1:{port}")) == {"alice", "alice@t1", "bob"}
+        assert os.readlink(f"/proc/{process.pid}/exe").endswith("nbdkit")  # dog exec'd it
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    assert process.stderr is not None
+    assert f"at nbd://127.0.0.1:{port}/NAME" in process.stderr.read()
