@@ -327,10 +327,29 @@ def trim(h: Handle, count: int, offset: int, flags: int) -> None:
         gateways.call(h.export, gateways.proto.Op.FLUSH)
 
 
+zero_chunk_bytes = 4 << 20
+
+
 @_guard
 def zero(h: Handle, count: int, offset: int, flags: int) -> None:
-    # A discard reads back as zeros and frees whole objects: fast, whatever the flags.
-    trim(h, count, offset, flags)
+    """Zeroes: with MAY_TRIM a discard (fast: whole objects are unmapped, nothing is
+    written); without it the client asked for allocated zeros, which are written."""
+    if flags & nbdkit.FLAG_MAY_TRIM:
+        trim(h, count, offset, flags)
+        return
+    if flags & nbdkit.FLAG_FAST_ZERO:
+        nbdkit.set_error(errno.EOPNOTSUPP)  # writing zeros is not fast: let the client choose
+        raise RuntimeError("allocated zeros are not fast; zero with trimming allowed instead")
+    gateways = _gateways()
+    zeros = bytes(min(count, zero_chunk_bytes))
+    end = offset + count
+    while offset < end:
+        step = min(len(zeros), end - offset)
+        gateways.call(h.export, gateways.proto.Op.VDI_WRITE, offset, step,
+                      payload=memoryview(zeros)[:step])
+        offset += step
+    if flags & nbdkit.FLAG_FUA:
+        gateways.call(h.export, gateways.proto.Op.FLUSH)
 
 
 @_guard

@@ -325,3 +325,25 @@ def test_sigterm_finishes_in_flight_writes_and_exits_0(make_cluster):
     asyncio.run(check())
     print(f"\n{len(acknowledged)} writes acknowledged, then "
           + ", ".join(sorted({type(f).__name__ for f in failures})))
+
+
+def test_a_store_is_refused_by_a_cluster_log_that_never_knew_it(tmp_path, daemons):
+    """A store that applied more of a log than a (new, other) log holds must not hang
+    waiting for its join: it refuses to start, naming both."""
+    store = str(tmp_path / "store")
+    port = free_port()
+    pid = daemons.start(store, "-p", str(port), "-c", f"local:{tmp_path / 'first'}")
+    with SyncClient("127.0.0.1", port) as client:
+        client.format(1, 4 << 20)
+        client.vdi_create("kept", 1 << 20)
+    daemons.signal(pid, signal.SIGTERM)
+    wait_gone(pid)
+    result = run_sheep(store, "-p", str(port), "-c", f"local:{tmp_path / 'second'}")
+    assert result.returncode != 0
+    message = result.stderr.strip()
+    assert "belongs to another cluster log" in message and "second" in message, message
+    assert len(message.splitlines()) == 1
+    restarted = daemons.start(store, "-p", str(port), "-c", f"local:{tmp_path / 'first'}")
+    with SyncClient("127.0.0.1", port) as client:
+        assert [v["name"] for v in client.vdi_list(usage=False)] == ["kept"]
+    daemons.signal(restarted, signal.SIGTERM)

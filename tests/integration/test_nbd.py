@@ -720,3 +720,15 @@ def test_bad_requests_get_clean_nbd_errors_and_nbdkit_keeps_serving(cluster, nbd
     assert nbd.process.poll() is None
     qemu_io(nbd.uri("strict@frozen"), "read -P 0x61 0 8192", read_only=True)
     qemu_io(nbd.uri("strict"), "read -P 0x61 0 8192", f"read -P 0 8192 {size - 8194}")
+
+
+def test_write_zeroes_without_trim_allocates_zeros(cluster, nbd):
+    """NBD's NO_HOLE (qemu-io write -z without -u): zeros are written, space stays used."""
+    with cluster.client(0) as client:
+        client.vdi_create("nohole", 8 * MiB)
+    qemu_io(nbd.uri("nohole"), f"write -P 0x33 0 {2 * object_size}")
+    qemu_io(nbd.uri("nohole"), f"write -z {object_size} {object_size}")
+    qemu_io(nbd.uri("nohole"), f"read -P 0 {object_size} {object_size}",
+            f"read -P 0x33 0 {object_size}")
+    assert used(cluster, "nohole") == 2 * object_size
+    assert nbdinfo_map(nbd.uri("nohole"))[0] == (0, 2 * object_size, "data")
