@@ -297,21 +297,35 @@ class VdiService:
             raise VdiLocked(f"this connection no longer holds the lock on {vdi.name!r}")
         return handle, vdi
 
-    async def write(self, header: Header, payload: bytes, session: Session) -> Reply:
+    async def _gated(self, header: Header, session: Session,
+                     work: Callable[[Root, int], Awaitable[None]]) -> Reply:
+        """A change to the VDI: through its write gate, under its lock, then reap."""
         handle, vdi = self._writable(header, session)
         check_range(vdi.size, header.offset, header.count)
         gate = self._gate(handle.name)
         await gate.enter()
         try:
             self._writable(header, session)  # still ours after waiting at the gate?
-            vdi, root, _ = self._target(handle)  # the root after any snapshot we waited for
-            await self.engine.write(root, header.offset, payload)
-            if header.flags & FLAG_FUA:
-                await self.objects.flush()
+            _, root, size = self._target(handle)  # the root after any snapshot we waited for
+            await work(root, size)
             await self._reap_released()
         finally:
             gate.leave()
         return b"", {}
+
+    async def write(self, header: Header, payload: bytes, session: Session) -> Reply:
+        async def work(root: Root, size: int) -> None:
+            await self.engine.write(root, header.offset, payload)
+            if header.flags & FLAG_FUA:
+                await self.objects.flush()
+
+        return await self._gated(header, session, work)
+
+    async def discard(self, header: Header, payload: bytes, session: Session) -> Reply:
+        async def work(root: Root, size: int) -> None:
+            await self.engine.discard(root, header.offset, header.count, size)
+
+        return await self._gated(header, session, work)
 
     async def _reap_released(self) -> None:
         """Free what a write stopped sharing with a deleted snapshot, at once.
@@ -339,20 +353,6 @@ class VdiService:
             generations.add(vdi.root.generation)
             generations.update(snap.root.generation for snap in vdi.snapshots)
         return generations
-
-    async def discard(self, header: Header, payload: bytes, session: Session) -> Reply:
-        handle, vdi = self._writable(header, session)
-        check_range(vdi.size, header.offset, header.count)
-        gate = self._gate(handle.name)
-        await gate.enter()
-        try:
-            self._writable(header, session)
-            _, root, size = self._target(handle)
-            await self.engine.discard(root, header.offset, header.count, size)
-            await self._reap_released()
-        finally:
-            gate.leave()
-        return b"", {}
 
     async def extents(self, header: Header, payload: bytes, session: Session) -> Reply:
         _, root, size = self._target(self._handle(header, session))

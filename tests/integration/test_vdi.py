@@ -554,3 +554,63 @@ def test_a_snapshot_deleted_before_its_data_is_overwritten_leaves_nothing(cluste
         disk.close()
         other.vdi_delete(name)
     assert all_vdi_objects(cluster) - before == set()
+
+
+def test_a_write_in_flight_when_its_connection_closes_cannot_overwrite_the_next_holder(
+        make_cluster):
+    """The lock passes to a new writer only after the old connection's writes are done.
+
+    A replica of the written object is stopped (SIGSTOP), so the old writer's write
+    hangs; its connection closes; a new writer on another sheep must not get the lock
+    until that write has landed, or the late write would overwrite the new one.
+    """
+    import signal
+
+    cluster = make_cluster(3)
+    cluster.format(2)
+    writer_index = 0
+    with cluster.client(writer_index) as client:
+        client.vdi_create("handover", 16 << 20)
+        handle = client.vdi_open("handover", writable=True)["handle"]
+        client.vdi_write(handle, 0, b"FIRST")  # allocates: later writes go in place
+        client.vdi_close(handle)
+        replicas = client.vdi_object("handover", 0)["replicas"]
+    ports = [node.port for node in cluster.sheep]
+    replica_ports = {int(r["endpoint"].rsplit(":", 1)[1]) for r in replicas}
+    stopped = next(i for i, port in enumerate(ports)
+                   if port in replica_ports and i != writer_index)
+    other = next(i for i in range(3) if i not in (writer_index, stopped))
+    process = cluster.sheep[stopped].process
+    assert process is not None
+
+    async def old_writer() -> None:
+        client = await Client.connect("127.0.0.1", ports[writer_index])
+        handle = (await client.vdi_open("handover", writable=True))["handle"]
+        process.send_signal(signal.SIGSTOP)
+        asyncio.ensure_future(client.vdi_write(handle, 0, b"OLD!!"))
+        await asyncio.sleep(0.3)  # the write reached the stopped replica and hangs there
+        client.close()
+        await asyncio.sleep(0.1)
+
+    try:
+        asyncio.run(old_writer())
+        with cluster.client(other) as client, pytest.raises(VdiLocked):
+            client.vdi_open("handover", writable=True)
+    finally:
+        process.send_signal(signal.SIGCONT)
+    with cluster.client(other) as client:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                handle = client.vdi_open("handover", writable=True)["handle"]
+                break
+            except VdiLocked:
+                assert time.monotonic() < deadline, "the lock never came free"
+                time.sleep(0.1)
+        client.vdi_write(handle, 0, b"NEW!!")
+        assert client.vdi_read(handle, 0, 5) == b"NEW!!"
+        time.sleep(0.5)
+        assert client.vdi_read(handle, 0, 5) == b"NEW!!"
+    with cluster.client(writer_index) as client:
+        opened = client.vdi_open("handover")
+        assert client.vdi_read(opened["handle"], 0, 5) == b"NEW!!"
