@@ -111,7 +111,8 @@ class Gateway:
     async def call(self, node: NodeInfo, header: Header, payload: bytes, epoch: int) -> Reply:
         peer_header = Header(
             opcode=_peer_op.get(Op(header.opcode), header.opcode), epoch=epoch, oid=header.oid,
-            offset=header.offset, count=header.count, flags=header.flags & proto.FLAG_FUA)
+            offset=header.offset, count=header.count, flags=header.flags & proto.FLAG_FUA,
+            arg0=header.arg0 if header.opcode == Op.CREATE_AND_WRITE_OBJ else 0)
         if node.node_id == self.node_id:
             return await self.local.serve(peer_header, payload)
         connection = await self.pool.get(node)
@@ -151,11 +152,66 @@ class Gateway:
 
     async def write_all(self, header: Header, payload: bytes) -> Reply:
         async def attempt(epoch: int) -> Reply:
-            replies = await self._all(self.group.placement(header.oid, epoch, header.arg1), header, payload,
-                                      epoch)
+            nodes = self.group.placement(header.oid, epoch, header.arg1)
+            if header.opcode == Op.CREATE_AND_WRITE_OBJ:
+                created = await self._all(nodes, header, payload, epoch)
+                return b"", {"arg0": max(fields.get("arg0", 0) for _, fields in created)}
+            targets = nodes
+            replies: list[Reply] = []
+            for _ in range(2):  # a second round only after recovering a copy for everyone
+                results = await asyncio.gather(
+                    *(self.call(node, header, payload, epoch) for node in targets),
+                    return_exceptions=True)
+                missing = [node for node, result in zip(targets, results, strict=True)
+                           if isinstance(result, NoObject)]
+                errors = [r for r in results if isinstance(r, BaseException)
+                          and not isinstance(r, NoObject)]
+                for error in errors:
+                    if not isinstance(error, RETRYABLE):
+                        raise error
+                if errors:
+                    raise errors[0]
+                replies += [r for r in results if not isinstance(r, BaseException)]
+                if not missing:
+                    break
+                await self._recover_for_write(header, nodes, missing, epoch)
+                if replies:
+                    break  # the copies came from a replica the write had reached
+                targets = missing
             return b"", {"arg0": max(fields.get("arg0", 0) for _, fields in replies)}
 
         return await self._retrying(attempt)
+
+    async def _recover_for_write(self, header: Header, nodes: list[NodeInfo],
+                                 missing: list[NodeInfo], epoch: int) -> None:
+        """Give the replicas of this epoch that lack the object a copy, before the write
+        counts: from a replica that has it (with the write already applied), else from
+        where an earlier epoch put it. A write waits for this; it never fails on it.
+
+        (The first piece of recovery: a replica that joined the placement after a
+        node loss. Recovery of everything else is the self-healing stage's work.)
+        """
+        object_size = self.group.state.object_size
+        read = Header(opcode=Op.READ_OBJ, oid=header.oid, offset=0, count=object_size,
+                      arg1=header.arg1)
+        holders = [node for node in self._read_order(nodes) if node not in missing]
+        found: Reply | None = None
+        for node in holders:
+            try:
+                found = await self.call(node, read, b"", epoch)
+                break
+            except NoObject:
+                continue
+        if found is None:
+            found = await self._read_from_past_epochs(read, epoch)
+        if found is None:
+            raise NoObject(f"object {header.oid:016x} does not exist")
+        data, fields = found
+        create = Header(opcode=Op.CREATE_AND_WRITE_OBJ, oid=header.oid, offset=0,
+                        count=len(data), arg0=fields.get("arg0", 0))
+        await asyncio.gather(*(self.call(node, create, bytes(data), epoch) for node in missing))
+        log.info("recovered object %016x onto %s for a write", header.oid,
+                 ", ".join(node.node_id for node in missing))
 
     async def remove(self, header: Header, payload: bytes) -> Reply:
         async def attempt(epoch: int) -> Reply:

@@ -49,7 +49,9 @@ class Peer:
         return await self.handlers[Op(header.opcode)](header, payload)
 
     async def create_and_write(self, header: Header, payload: bytes) -> Reply:
-        version = self.store.create_and_write(header.oid, header.offset, payload)
+        # arg0, when set, is the version of the copy this one is made from (recovery).
+        version = self.store.create_and_write(header.oid, header.offset, payload,
+                                              header.arg0 or None)
         if header.flags & proto.FLAG_FUA:
             await self._sync(self.store.begin_sync_object(header.oid))
         return b"", {"arg0": version}

@@ -562,13 +562,10 @@ def test_sigkill_of_the_gateway_sheep_during_writes(make_cluster, make_nbd):
     client writes through NBD, copies=2: the client sees no error (the plugin fails
     over and retries what was in flight) and every byte verifies afterwards.
 
-    Recovery (re-replication) does not exist yet: a write into an object that
-    existed before the kill goes to the new epoch's replicas, and one of them may
-    never have had a copy (see test_vdi.py's xfail). That concerns the VDI's tree
-    node too, which every allocation rewrites. So the victim is chosen as the
-    sheep that holds no copy of the VDI's tree root, and the client writes only
-    data objects the victim holds no copy of either: the kill moves no replica of
-    anything written, and what is tested is the gateway failover alone. The writes
+    The victim is chosen as the sheep that holds no copy of the VDI's tree root
+    nor of the data objects written, so this tests the gateway failover alone; the
+    test below kills a holder of the root, which needs the write path's recovery
+    of a copy onto the new replica. The writes
     after the kill go, moreover, to objects not written before it (fresh objects),
     but the one in flight when the sheep dies.
     """
@@ -643,13 +640,10 @@ def test_sigkill_of_the_gateway_sheep_during_writes(make_cluster, make_nbd):
     assert server.process.poll() is None
 
 
-@pytest.mark.xfail(strict=True, raises=NbdError, reason=(
-    "no recovery yet: after the kill, the VDI's tree root (rewritten by every allocation) "
-    "goes to the new epoch's replicas, one of which never had a copy: the gateway answers "
-    "NoObject (sheep/gateway.py write_all) and the NBD client gets EIO"))
 def test_sigkill_of_the_gateway_sheep_holding_the_tree_root(make_cluster, make_nbd):
     """As above, but the victim holds a copy of the VDI's tree root, as it does for
-    about two VDIs in three: a write to a fresh object after the kill fails."""
+    about two VDIs in three: the next allocation rewrites the root, whose new replica
+    never had a copy; the gateway copies it there first, and the write succeeds."""
     cluster = make_cluster(3)
     cluster.format(copies=2, object_size=object_size)
     ports = [node.port for node in cluster.sheep]

@@ -21,7 +21,7 @@ import pytest
 
 from sheep import radix
 from sheep.client import Client, SyncClient
-from sheep.errors import NoObject, ReadOnly, VdiLocked
+from sheep.errors import ReadOnly, VdiLocked
 from sheep.oid import ObjectType, oid_generation, oid_index, oid_type
 from sheep.testing.cluster import LocalCluster
 
@@ -296,10 +296,6 @@ def test_new_generations_written_after_the_epoch_change(after_kill):
         assert read_all(client, "base", "s1") == expected["base", "s1"]
 
 
-@pytest.mark.xfail(strict=True, raises=NoObject, reason=(
-    "bug: a write into an object that existed before the epoch change goes to the new "
-    "epoch's replicas, and one that never got a copy (no recovery yet) answers NoObject "
-    "(sheep/gateway.py write_all)"))
 def test_writes_into_old_objects_after_the_epoch_change(after_kill):
     """Last of its cluster's tests: when it fails, it leaves the clone half written."""
     cluster = after_kill.cluster
