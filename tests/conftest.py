@@ -36,3 +36,4 @@ def make_nbd(tmp_path):
     yield make
     for server in servers:
         server.stop()
+

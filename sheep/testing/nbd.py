@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import time
+from typing import Any
 
 from sheep.testing.cluster import free_port
 
@@ -57,3 +59,15 @@ class NbdServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=15)
+
+
+def needs_tools(*tools: str, packages: str) -> Any:
+    """A pytest mark: skip where the NBD tools are absent, except in CI (CI=true),
+    where scripts/test installs them, so their absence fails instead of skipping."""
+    import pytest
+
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing and os.environ.get("CI") == "true":
+        raise RuntimeError(
+            f"CI lacks {', '.join(missing)}: scripts/test should have installed {packages}")
+    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} ({packages})")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,14 +18,14 @@ import pytest
 
 from sheep.errors import EXIT_SYSTEM, EXIT_USAGE
 from sheep.testing.cluster import LocalCluster, free_port
+from sheep.testing.nbd import needs_tools
 
 ROOT = Path(__file__).resolve().parents[2]
 PLUGIN = ROOT / "nbd_plugin" / "plugin.py"
 MiB = 1 << 20
 
-needs_nbdkit = pytest.mark.skipif(
-    any(shutil.which(tool) is None for tool in ("nbdkit", "nbdinfo", "qemu-io")),
-    reason="needs nbdkit, nbdkit-plugin-python, libnbd-bin and qemu-utils")
+needs_nbdkit = needs_tools("nbdkit", "nbdinfo", "qemu-io",
+                           packages="nbdkit, nbdkit-plugin-python, libnbd-bin, qemu-utils")
 
 
 def dog(*args: str, env: dict[str, str] | None = None,

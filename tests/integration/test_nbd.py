@@ -16,7 +16,6 @@ import errno
 import json
 import os
 import random
-import shutil
 import socket
 import struct
 import subprocess
@@ -29,16 +28,14 @@ import pytest
 
 from sheep import radix
 from sheep.testing.cluster import LocalCluster
-from sheep.testing.nbd import NbdServer
+from sheep.testing.nbd import NbdServer, needs_tools
 
 KiB = 1 << 10
 MiB = 1 << 20
 object_size = 4 * MiB
 tools = ("nbdkit", "nbdinfo", "nbdcopy", "qemu-img", "qemu-io", "fio")
 
-pytestmark = pytest.mark.skipif(
-    any(shutil.which(tool) is None for tool in tools),
-    reason=f"needs {', '.join(tools)} (nbdkit, nbdkit-plugin-python, libnbd-bin, qemu-utils, fio)")
+pytestmark = needs_tools(*tools, packages="nbdkit, nbdkit-plugin-python, libnbd-bin, qemu-utils, fio")
 
 
 # --- a minimal NBD client -----------------------------------------------------------------
