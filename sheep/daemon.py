@@ -39,6 +39,7 @@ from sheep.net import Reply, Server, Session
 from sheep.node import NodeInfo
 from sheep.peer import Peer
 from sheep.proto import Header, Kind, Op
+from sheep.recovery import Verifier
 from sheep.store import Store
 from sheep.vdi_service import VdiService
 
@@ -110,11 +111,19 @@ class Sheep:
         self.gateway = Gateway(self.group, self.peer, self.node.node_id, self.pool)
         self.vdis = VdiService(self.group, self.gateway, self.node.node_id, self.broadcast,
                                self._member_connection)
+        if self.group.state.status is Status.OK:
+            # What this store holds may have changed elsewhere while it was away.
+            self.peer.unverified = set(self.store.list_oids())
         await self.server.start(sock)
         await self.driver.join(self.node, self.group.state.seq)
         self._tasks.append(asyncio.get_running_loop().create_task(self._apply_events()))
         await self.joined.wait()
         log.info("sheep %s joined at epoch %d", self.node.node_id, self.group.epoch)
+        if self.peer.unverified:
+            log.info("verifying %d copies against the other replicas",
+                     len(self.peer.unverified))
+            verifier = Verifier(self.store, self.peer, self.group, self.gateway, self.node.node_id)
+            self._tasks.append(asyncio.get_running_loop().create_task(verifier.run()))
 
     def _make_node(self) -> NodeInfo:
         from sheep.node import vnodes_for_weight, zone_for_address

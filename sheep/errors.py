@@ -43,6 +43,7 @@ class Result(enum.IntEnum):
     TIMEOUT = 20
     TOO_FEW_ZONES = 21
     SYSTEM = 22
+    UNVERIFIED = 23  # this copy may be stale (its node was away): read another
 
 
 class SheepError(Exception):
@@ -97,6 +98,8 @@ Timeout = _define("Timeout", Result.TIMEOUT, EXIT_SYSTEM, "timed out")
 TooFewZones = _define(
     "TooFewZones", Result.TOO_FEW_ZONES, EXIT_FAILURE, "fewer zones than copies")
 SystemFailure = _define("SystemFailure", Result.SYSTEM, EXIT_SYSTEM, "system error")
+Unverified = _define(
+    "Unverified", Result.UNVERIFIED, EXIT_FAILURE, "this copy is not verified current yet")
 
 _by_result: dict[Result, type[SheepError]] = {
     cls.result: cls
@@ -104,7 +107,7 @@ _by_result: dict[Result, type[SheepError]] = {
         UnknownError, InvalidParameters, NoObject, IOErrorResult, NoSpace, OldNodeVersion,
         NewNodeVersion, NotFormatted, AlreadyFormatted, Exists, NoVdi, NoTag, VdiLocked,
         ReadOnly, ShuttingDown, Unavailable, BadRequest, UnknownOp, NetworkError, Timeout,
-        TooFewZones, SystemFailure,
+        TooFewZones, SystemFailure, Unverified,
     )
 }
 assert set(_by_result) == set(Result) - {Result.SUCCESS}, "every failure code has a class"

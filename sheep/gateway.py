@@ -29,6 +29,7 @@ from sheep.errors import (
     SheepError,
     Timeout,
     Unavailable,
+    Unverified,
 )
 from sheep.group import Group
 from sheep.net import Reply
@@ -111,7 +112,8 @@ class Gateway:
     async def call(self, node: NodeInfo, header: Header, payload: bytes, epoch: int) -> Reply:
         peer_header = Header(
             opcode=_peer_op.get(Op(header.opcode), header.opcode), epoch=epoch, oid=header.oid,
-            offset=header.offset, count=header.count, flags=header.flags & proto.FLAG_FUA,
+            offset=header.offset, count=header.count,
+            flags=header.flags & (proto.FLAG_FUA | proto.FLAG_DIRECT),
             arg0=header.arg0 if header.opcode == Op.CREATE_AND_WRITE_OBJ else 0)
         if node.node_id == self.node_id:
             return await self.local.serve(peer_header, payload)
@@ -204,8 +206,8 @@ class Gateway:
                 continue
         if found is None:
             found = await self._read_from_past_epochs(read, epoch)
-        if found is None:
-            raise NoObject(f"object {header.oid:016x} does not exist")
+        if found is None:  # maybe only unverified copies: the newest of them
+            found = await self._read_newest(read, nodes, epoch)
         data, fields = found
         create = Header(opcode=Op.CREATE_AND_WRITE_OBJ, oid=header.oid, offset=0,
                         count=len(data), arg0=fields.get("arg0", 0))
@@ -236,13 +238,19 @@ class Gateway:
     async def read(self, header: Header, payload: bytes) -> Reply:
         async def attempt(epoch: int) -> Reply:
             retryable: SheepError | None = None
-            for node in self._read_order(self.group.placement(header.oid, epoch, header.arg1)):
+            unverified = False
+            nodes = self.group.placement(header.oid, epoch, header.arg1)
+            for node in self._read_order(nodes):
                 try:
                     return await self.call(node, header, payload, epoch)
                 except NoObject:
                     continue
+                except Unverified:
+                    unverified = True
                 except RETRYABLE as error:
                     retryable = error
+            if unverified and retryable is None:
+                return await self._read_newest(header, nodes, epoch)
             found = await self._read_from_past_epochs(header, epoch)
             if found is not None:
                 return found
@@ -263,9 +271,31 @@ class Gateway:
                 tried.add(node.node_id)
                 try:
                     return await self.call(node, header, payload=b"", epoch=epoch)
-                except (NoObject, *RETRYABLE):
+                except (NoObject, Unverified, *RETRYABLE):
                     continue
         return None
+
+    async def _read_newest(self, header: Header, nodes: list[NodeInfo], epoch: int) -> Reply:
+        """No verified copy answered (say, every sheep just restarted): read the copy
+        with the highest version, whatever its state. A removal's tombstone counts."""
+        stat = Header(opcode=Op.STAT_OBJ, oid=header.oid)
+        results = await asyncio.gather(*(self.call(node, stat, b"", epoch) for node in nodes),
+                                       return_exceptions=True)
+        best: tuple[int, bool, NodeInfo] | None = None
+        for node, result in zip(nodes, results, strict=True):
+            if isinstance(result, NoObject):
+                continue
+            if isinstance(result, BaseException):
+                raise result
+            value = proto.decode_json(result[0])
+            candidate = (int(value["version"]), bool(value.get("deleted")), node)
+            if best is None or candidate[0] > best[0]:
+                best = candidate
+        if best is None or best[1]:
+            raise NoObject(f"object {header.oid:016x} does not exist")
+        direct = Header(opcode=header.opcode, oid=header.oid, offset=header.offset,
+                        count=header.count, flags=header.flags | proto.FLAG_DIRECT)
+        return await self.call(best[2], direct, b"", epoch)
 
     async def flush(self, header: Header, payload: bytes) -> Reply:
         async def attempt(epoch: int) -> Reply:

@@ -4,6 +4,12 @@ Every peer request carries the sender's epoch. One that is older than ours is
 refused (the sender's placement may be wrong); one that is newer is held until
 our driver delivers that epoch. A request is never served under a placement
 that the two sides disagree on.
+
+Copies a sheep held when it started are unverified until sheep/recovery.py has
+compared them with the other replicas: the node may have been away while they
+changed. An unverified copy is not read (Unverified: the gateway reads another
+replica, or the newest version) unless a read asks for it by FLAG_DIRECT, and
+is not written into (NoObject: the gateway first copies a current one over it).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sheep import constants, proto
-from sheep.errors import ReadOnly
+from sheep.errors import NoObject, ReadOnly, Unverified
 from sheep.group import Group
 from sheep.net import Reply
 from sheep.proto import Header, Op
@@ -29,6 +35,7 @@ class Peer:
     def __init__(self, store: Store, group: Group) -> None:
         self.store = store
         self.group = group
+        self.unverified: set[int] = set()
         self.handlers: dict[Op, PeerHandler] = {
             Op.CREATE_AND_WRITE_PEER: self.create_and_write,
             Op.READ_PEER: self.read,
@@ -46,12 +53,18 @@ class Peer:
         if header.opcode in _changes and not self.group.writable_object(header.oid):
             # Fencing: a snapshot froze this generation; whoever still writes it is stale.
             raise ReadOnly(f"object {header.oid:016x} belongs to a frozen generation")
+        if header.oid in self.unverified:
+            if header.opcode == Op.READ_PEER and not header.flags & proto.FLAG_DIRECT:
+                raise Unverified(f"the copy of {header.oid:016x} here is not verified yet")
+            if header.opcode in (Op.WRITE_PEER, Op.DISCARD_PEER):
+                raise NoObject(f"the copy of {header.oid:016x} here is not verified yet")
         return await self.handlers[Op(header.opcode)](header, payload)
 
     async def create_and_write(self, header: Header, payload: bytes) -> Reply:
         # arg0, when set, is the version of the copy this one is made from (recovery).
         version = self.store.create_and_write(header.oid, header.offset, payload,
                                               header.arg0 or None)
+        self.unverified.discard(header.oid)  # a whole new copy: current by definition
         if header.flags & proto.FLAG_FUA:
             await self._sync(self.store.begin_sync_object(header.oid))
         return b"", {"arg0": version}
@@ -70,6 +83,7 @@ class Peer:
         return b"", {"arg0": version}
 
     async def remove(self, header: Header, payload: bytes) -> Reply:
+        self.unverified.discard(header.oid)
         self.store.remove(header.oid)
         return _empty
 
@@ -82,7 +96,10 @@ class Peer:
         return _empty
 
     async def stat(self, header: Header, payload: bytes) -> Reply:
-        return proto.encode_json(self.store.stat(header.oid)), {}
+        value = self.store.stat(header.oid)
+        if header.oid in self.unverified:
+            value["unverified"] = True
+        return proto.encode_json(value), {}
 
     async def list_objects(self, header: Header, payload: bytes) -> Reply:
         value: list[Any] = self.store.list_oids()

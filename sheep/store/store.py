@@ -231,15 +231,21 @@ class Store:
             self._dirty.add(oid)
             return self._bump_version(oid)
 
-    def remove(self, oid: int) -> None:
+    def remove(self, oid: int, version: int | None = None) -> None:
+        """Remove the object's file; its version stays, bumped, as a tombstone, so a
+        copy of the object elsewhere that missed the removal is known to be older."""
         with _translated(f"remove object {oid:016x}"):
             self._drop_fd(oid)
             try:
                 os.unlink(self.object_path(oid))
             except FileNotFoundError:
                 raise NoObject(f"object {oid:016x} is not on this node") from None
-            with self.env.begin(db=self._objects, write=True) as txn:
-                txn.delete(_oid_key(oid))
+            self._bump_version(oid, version)
+
+    def tombstone(self, oid: int, version: int) -> None:
+        """Record that the object was removed at this version (it is not here)."""
+        with _translated(f"record removal of {oid:016x}"):
+            self._bump_version(oid, version)
 
     def version(self, oid: int) -> int:
         with self.env.begin(db=self._objects) as txn:
@@ -251,6 +257,9 @@ class Store:
             try:
                 st = os.stat(self.object_path(oid))
             except FileNotFoundError:
+                version = self.version(oid)
+                if version:  # removed here: the tombstone's version tells when
+                    return {"oid": oid, "version": version, "deleted": True}
                 raise NoObject(f"object {oid:016x} is not on this node") from None
         return {"oid": oid, "version": self.version(oid), "size": st.st_size,
                 "allocated": st.st_blocks * 512}

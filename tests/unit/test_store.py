@@ -146,11 +146,16 @@ def test_remove(store: Store) -> None:
     store.create_and_write(1, 0, b"one")
     store.create_and_write(2, 0, b"two")
     store.remove(1)
-    assert not store.exists(1) and store.version(1) == 0
+    # The version survives as a tombstone, bumped: a copy elsewhere that missed the
+    # removal is older, and a new life of the object is newer than both.
+    assert not store.exists(1) and store.version(1) == 2
+    assert store.stat(1) == {"oid": 1, "version": 2, "deleted": True}
     with pytest.raises(NoObject):
         store.read(1, 0, 3)
+    with pytest.raises(NoObject):
+        store.stat(3)  # never here at all
     assert store.list_oids() == [2]
-    assert store.create_and_write(1, 0, b"new") == 1  # a new life starts at version 1
+    assert store.create_and_write(1, 0, b"new") == 3
     assert store.read(1, 0, 3) == b"new"
 
 

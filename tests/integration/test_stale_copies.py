@@ -1,0 +1,67 @@
+"""A sheep that comes back with old copies never serves them as current."""
+
+from __future__ import annotations
+
+import time
+
+from sheep.testing.cluster import LocalCluster
+
+
+def _write_vdi(client, name: str, offset: int, data: bytes) -> None:
+    handle = client.vdi_open(name, writable=True)["handle"]
+    client.vdi_write(handle, offset, data)
+    client.vdi_close(handle)
+
+
+def test_a_returning_sheep_serves_no_stale_copy(make_cluster):
+    cluster: LocalCluster = make_cluster(4)
+    cluster.format(3)
+    with cluster.client(0) as client:
+        client.create_and_write(42, b"old!")  # changed (removed, re-created) while away
+        client.create_and_write(43, b"same")  # unchanged while away
+        client.create_and_write(44, b"gone")  # removed while away
+        client.vdi_create("disk", 16 << 20)
+        _write_vdi(client, "disk", 0, b"OLD-DATA")
+    holders = cluster.object_files(42)
+    victim = next(index for index in holders if index != 0)
+    cluster.kill(victim)
+    cluster.wait_epoch(0, 3)
+    with cluster.client(0) as client:
+        client.remove(42)
+        client.create_and_write(42, b"new!")
+        client.remove(44)
+        _write_vdi(client, "disk", 0, b"NEW-DATA")
+    cluster.start(victim)
+    # At once, and through every sheep (the victim's local copies included):
+    for index in range(4):
+        with cluster.client(index) as client:
+            assert client.read(42, 0, 4) == b"new!", index
+            assert client.read(43, 0, 4) == b"same", index
+            assert client.vdi_read(client.vdi_open("disk")["handle"], 0, 8) == b"NEW-DATA"
+    # The victim's verifier brings its copies up to date in the background.
+    with cluster.client(victim) as client:
+        deadline = time.monotonic() + 15
+        while True:
+            replicas = client.stat(42)["replicas"]
+            if all("unverified" not in r and "error" not in r for r in replicas):
+                break
+            assert time.monotonic() < deadline, replicas
+            time.sleep(0.1)
+        assert len({r["version"] for r in replicas}) == 1
+    assert victim not in cluster.object_files(44), "the removal reached the victim's copy"
+
+
+def test_after_a_full_restart_every_copy_is_unverified_and_still_readable(make_cluster):
+    cluster: LocalCluster = make_cluster(3)
+    cluster.format(2)
+    with cluster.client(0) as client:
+        client.vdi_create("disk", 16 << 20)
+        _write_vdi(client, "disk", 0, b"BEFORE")
+        client.shutdown()
+    for sheep in cluster.sheep:
+        assert sheep.process is not None and sheep.process.wait(timeout=20) == 0
+    cluster.start()
+    with cluster.client(1) as client:
+        assert client.vdi_read(client.vdi_open("disk")["handle"], 0, 6) == b"BEFORE"
+        _write_vdi(client, "disk", 6, b"+AFTER")
+        assert client.vdi_read(client.vdi_open("disk")["handle"], 0, 12) == b"BEFORE+AFTER"
