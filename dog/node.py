@@ -93,3 +93,25 @@ def kill(index: int) -> None:
 
     node_id = run(call)
     click.echo(f"node {index} ({node_id}) is stopping")
+
+
+@node.command()
+@json_option
+@connection_options
+def recovery(as_json: bool) -> None:
+    """Recovery on every node: objects to fetch for the current epoch, done, failed,
+    and copies still being verified after a restart."""
+    nodes = run(lambda client: client.node_list())
+    items = [{"index": index, "node_id": info["node_id"], **(info.get("recovery") or {})}
+             for index, info in enumerate(nodes)]
+    if as_json:
+        print_json(items)
+        return
+    rows = [[item["index"], item["node_id"], item.get("epoch", "-"),
+             item.get("to_recover", "-"), item.get("recovered", "-"), item.get("failed", "-"),
+             item.get("unverified", "-"),
+             "recovering" if item.get("running") else ("-" if "running" not in item else "idle")]
+            for item in items]
+    print_table(["Id", "Node id", "Epoch", "To recover", "Recovered", "Failed", "Unverified",
+                 "State"], rows,
+                right=["Id", "Epoch", "To recover", "Recovered", "Failed", "Unverified"])

@@ -39,7 +39,7 @@ from sheep.net import Reply, Server, Session
 from sheep.node import NodeInfo
 from sheep.peer import Peer
 from sheep.proto import Header, Kind, Op
-from sheep.recovery import Verifier
+from sheep.recovery import Recoverer, Verifier
 from sheep.store import Store
 from sheep.vdi_service import VdiService
 
@@ -79,6 +79,7 @@ class Sheep:
         self.peer: Peer | None = None
         self.gateway: Gateway | None = None
         self.vdis: VdiService | None = None
+        self.recoverer: Recoverer | None = None
         self.admin: dict[Op, Callable[[Header, bytes], Awaitable[Reply]]] = {
             Op.PING: self.ping,
             Op.CLUSTER_INFO: self.cluster_info,
@@ -119,6 +120,9 @@ class Sheep:
         self._tasks.append(asyncio.get_running_loop().create_task(self._apply_events()))
         await self.joined.wait()
         log.info("sheep %s joined at epoch %d", self.node.node_id, self.group.epoch)
+        self.recoverer = Recoverer(self.store, self.peer, self.group, self.gateway,
+                                   self.node.node_id)
+        self.recoverer.trigger()
         if self.peer.unverified:
             log.info("verifying %d copies against the other replicas",
                      len(self.peer.unverified))
@@ -151,6 +155,8 @@ class Sheep:
             # it would kill the event stream and leave start waiting forever.
             await self._start_finished.wait()
         await self.server.stop()
+        if self.recoverer is not None:
+            await self.recoverer.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -201,6 +207,8 @@ class Sheep:
             log.info("epoch %d: %s %s", state.epoch, event.kind.value,
                      event.node.node_id if event.node else event.node_id)
             self.group.notify_epoch()
+            if self.recoverer is not None and self.joined.is_set() and not self.stopping:
+                self.recoverer.trigger()
         assert self.node is not None
         if event.kind is EventKind.JOIN and event.node == self.node:
             self.joined.set()
@@ -339,6 +347,7 @@ class Sheep:
             "status": "stopping" if self.stopping else (
                 "ok" if self.joined.is_set() else "joining"),
             "store": self.store.path, "pid": os.getpid(), "version": __version__,
+            "recovery": self.recoverer.status() if self.recoverer else None,
             "uptime": time.time() - self.started_at,
         }
 

@@ -91,3 +91,137 @@ class Verifier:
         else:
             self.verified += 1
         self.peer.unverified.discard(oid)
+
+
+recovery_concurrency = 4  # objects fetched at once
+
+
+class Recoverer:
+    """Re-replication: after every epoch change, fetch the objects the new
+    placement gives this sheep and that it lacks.
+
+    Every member's object list is gathered (LIST_PEER); for each object whose
+    placement under the current epoch names this sheep and that is not here, the
+    newest verified copy among the holders is fetched (a removal's tombstone
+    newer than every copy means: nothing to fetch). A copy is only created while
+    the object is still absent here: a client's write that reached this sheep
+    meanwhile (the gateway copies a missing replica first) is newer. Copies this
+    sheep no longer needs are kept (removing them safely is the self-healing
+    stage's work).
+    """
+
+    def __init__(self, store: Store, peer: Peer, group: Group, gateway: Gateway,
+                 node_id: str) -> None:
+        self.store = store
+        self.peer = peer
+        self.group = group
+        self.gateway = gateway
+        self.node_id = node_id
+        self.epoch = 0
+        self.to_recover = 0
+        self.recovered = 0
+        self.failed = 0
+        self.running = False
+        self._again = False
+        self._task: asyncio.Task[None] | None = None
+
+    def status(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "to_recover": self.to_recover,
+                "recovered": self.recovered, "failed": self.failed, "running": self.running,
+                "unverified": len(self.peer.unverified)}
+
+    def trigger(self) -> None:
+        """A new epoch: recover now, or once more after the pass that is running."""
+        if self.group.state.copies == 0:
+            return  # not formatted
+        if self._task is not None and not self._task.done():
+            self._again = True
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            self._again = False
+            self.running = True
+            try:
+                await self.run_once()
+            except SheepError as error:
+                log.warning("recovery pass failed: %s; retrying", error)
+                self._again = True
+                await asyncio.sleep(verify_retry_interval_s)
+            finally:
+                self.running = False
+            if not self._again:
+                return
+
+    async def run_once(self) -> None:
+        epoch = self.group.epoch
+        self.epoch = epoch
+        holders: dict[int, list[Any]] = {}
+        for node in self.group.state.nodes:
+            if node.node_id == self.node_id:
+                continue
+            try:
+                data, _ = await self.gateway.call(node, Header(opcode=Op.LIST_PEER), b"", epoch)
+            except RETRYABLE:
+                continue  # it is leaving; the next epoch's pass will do without it
+            for oid in proto.decode_json(data):
+                holders.setdefault(int(oid), []).append(node)
+        here = set(self.store.list_oids())
+        wanted = [oid for oid, nodes in holders.items() if oid not in here and any(
+            node.node_id == self.node_id for node in self.group.placement(oid, epoch))]
+        self.to_recover = len(wanted)
+        self.recovered = self.failed = 0
+        if wanted:
+            log.info("epoch %d: recovering %d objects", epoch, len(wanted))
+        semaphore = asyncio.Semaphore(recovery_concurrency)
+
+        async def one(oid: int) -> None:
+            async with semaphore:
+                if self.group.epoch != epoch:
+                    return  # a newer epoch: its own pass takes over
+                try:
+                    if await self.fetch(oid, holders[oid], epoch):
+                        self.recovered += 1
+                except SheepError as error:
+                    self.failed += 1
+                    log.warning("cannot recover %016x: %s", oid, error)
+
+        await asyncio.gather(*(one(oid) for oid in wanted))
+        if self.failed:
+            raise SheepError(f"{self.failed} objects not recovered")
+        if wanted:
+            log.info("epoch %d: recovered %d objects", epoch, self.recovered)
+
+    async def fetch(self, oid: int, nodes: list[Any], epoch: int) -> bool:
+        """Copy the newest verified copy of oid here; False if there is none to copy."""
+        placement = self.group.placement(oid, epoch)
+        asked = {node.node_id: node for node in [*nodes, *placement]
+                 if node.node_id != self.node_id}
+        best: tuple[int, bool, Any] | None = None
+        for node in asked.values():
+            try:
+                data, _ = await self.gateway.call(node, Header(opcode=Op.STAT_OBJ, oid=oid), b"",
+                                                  epoch)
+            except NoObject:
+                continue
+            value = proto.decode_json(data)
+            if value.get("unverified"):
+                continue
+            candidate = (int(value["version"]), bool(value.get("deleted")), node)
+            if best is None or candidate[0] > best[0]:
+                best = candidate
+        if best is None or best[1]:
+            return False
+        read = Header(opcode=Op.READ_OBJ, oid=oid, offset=0,
+                      count=self.group.state.object_size, flags=proto.FLAG_DIRECT)
+        data, _ = await self.gateway.call(best[2], read, b"", epoch)
+        if self.store.exists(oid):
+            return False  # a client's write put a current copy here meanwhile
+        self.store.create_and_write(oid, 0, bytes(data), best[0])
+        return True
