@@ -275,10 +275,11 @@ class Gateway:
                     continue
         return None
 
-    async def _read_newest(self, header: Header, nodes: list[NodeInfo], epoch: int) -> Reply:
-        """No verified copy answered (say, every sheep just restarted): read the copy
-        with the highest version, whatever its state. A removal's tombstone counts."""
-        stat = Header(opcode=Op.STAT_OBJ, oid=header.oid)
+    async def newest(self, oid: int, nodes: list[NodeInfo], epoch: int,
+                     verified_only: bool = False) -> tuple[int, bool, NodeInfo] | None:
+        """(version, removed, node) of the newest copy among nodes, or None if none has
+        one. A removal's tombstone counts, as a copy that says 'removed'."""
+        stat = Header(opcode=Op.STAT_OBJ, oid=oid)
         results = await asyncio.gather(*(self.call(node, stat, b"", epoch) for node in nodes),
                                        return_exceptions=True)
         best: tuple[int, bool, NodeInfo] | None = None
@@ -288,14 +289,26 @@ class Gateway:
             if isinstance(result, BaseException):
                 raise result
             value = proto.decode_json(result[0])
+            if verified_only and value.get("unverified"):
+                continue
             candidate = (int(value["version"]), bool(value.get("deleted")), node)
             if best is None or candidate[0] > best[0]:
                 best = candidate
+        return best
+
+    async def read_copy(self, node: NodeInfo, header: Header, epoch: int) -> Reply:
+        """Read this node's copy, verified or not (FLAG_DIRECT)."""
+        direct = Header(opcode=Op.READ_OBJ, oid=header.oid, offset=header.offset,
+                        count=header.count, flags=header.flags | proto.FLAG_DIRECT)
+        return await self.call(node, direct, b"", epoch)
+
+    async def _read_newest(self, header: Header, nodes: list[NodeInfo], epoch: int) -> Reply:
+        """No verified copy answered (say, every sheep just restarted): read the copy
+        with the highest version, whatever its state."""
+        best = await self.newest(header.oid, nodes, epoch)
         if best is None or best[1]:
             raise NoObject(f"object {header.oid:016x} does not exist")
-        direct = Header(opcode=header.opcode, oid=header.oid, offset=header.offset,
-                        count=header.count, flags=header.flags | proto.FLAG_DIRECT)
-        return await self.call(best[2], direct, b"", epoch)
+        return await self.read_copy(best[2], header, epoch)
 
     async def flush(self, header: Header, payload: bytes) -> Reply:
         async def attempt(epoch: int) -> Reply:

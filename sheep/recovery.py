@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 verify_retry_interval_s = 1.0
 
 
-class Verifier:
+class _Worker:
     def __init__(self, store: Store, peer: Peer, group: Group, gateway: Gateway,
                  node_id: str) -> None:
         self.store = store
@@ -40,6 +40,12 @@ class Verifier:
         self.group = group
         self.gateway = gateway
         self.node_id = node_id
+
+
+class Verifier(_Worker):
+    def __init__(self, store: Store, peer: Peer, group: Group, gateway: Gateway,
+                 node_id: str) -> None:
+        super().__init__(store, peer, group, gateway, node_id)
         self.verified = 0
         self.replaced = 0
 
@@ -61,28 +67,16 @@ class Verifier:
         others = [node for node in self.group.placement(oid, epoch)
                   if node.node_id != self.node_id]
         mine = self.store.version(oid)
-        best: tuple[int, bool, Any] | None = None
-        for node in others:
-            try:
-                data, _ = await self.gateway.call(node, Header(opcode=Op.STAT_OBJ, oid=oid), b"",
-                                                  epoch)
-            except NoObject:
-                continue
-            value = proto.decode_json(data)
-            version = int(value["version"])
-            if best is None or version > best[0]:
-                best = (version, bool(value.get("deleted")), node)
+        best = await self.gateway.newest(oid, others, epoch)
         if best is not None and best[0] > mine and oid in self.peer.unverified:
-            version, deleted, node = best
-            if deleted:
+            version, removed, node = best
+            if removed:
                 try:
                     self.store.remove(oid, version)
                 except NoObject:
                     self.store.tombstone(oid, version)
             else:
-                read = Header(opcode=Op.READ_OBJ, oid=oid, offset=0,
-                              count=self.group.state.object_size, flags=proto.FLAG_DIRECT)
-                data, _ = await self.gateway.call(node, read, b"", epoch)
+                data, _ = await self.gateway.read_copy(node, _whole(self.group, oid), epoch)
                 if oid not in self.peer.unverified:
                     return  # a client's write got here first: it is current
                 self.store.create_and_write(oid, 0, bytes(data), version)
@@ -93,10 +87,13 @@ class Verifier:
         self.peer.unverified.discard(oid)
 
 
+def _whole(group: Group, oid: int) -> Header:
+    return Header(opcode=Op.READ_OBJ, oid=oid, offset=0, count=group.state.object_size)
+
 recovery_concurrency = 4  # objects fetched at once
 
 
-class Recoverer:
+class Recoverer(_Worker):
     """Re-replication: after every epoch change, fetch the objects the new
     placement gives this sheep and that it lacks.
 
@@ -112,11 +109,7 @@ class Recoverer:
 
     def __init__(self, store: Store, peer: Peer, group: Group, gateway: Gateway,
                  node_id: str) -> None:
-        self.store = store
-        self.peer = peer
-        self.group = group
-        self.gateway = gateway
-        self.node_id = node_id
+        super().__init__(store, peer, group, gateway, node_id)
         self.epoch = 0
         self.to_recover = 0
         self.recovered = 0
@@ -203,24 +196,10 @@ class Recoverer:
         placement = self.group.placement(oid, epoch)
         asked = {node.node_id: node for node in [*nodes, *placement]
                  if node.node_id != self.node_id}
-        best: tuple[int, bool, Any] | None = None
-        for node in asked.values():
-            try:
-                data, _ = await self.gateway.call(node, Header(opcode=Op.STAT_OBJ, oid=oid), b"",
-                                                  epoch)
-            except NoObject:
-                continue
-            value = proto.decode_json(data)
-            if value.get("unverified"):
-                continue
-            candidate = (int(value["version"]), bool(value.get("deleted")), node)
-            if best is None or candidate[0] > best[0]:
-                best = candidate
+        best = await self.gateway.newest(oid, list(asked.values()), epoch, verified_only=True)
         if best is None or best[1]:
             return False
-        read = Header(opcode=Op.READ_OBJ, oid=oid, offset=0,
-                      count=self.group.state.object_size, flags=proto.FLAG_DIRECT)
-        data, _ = await self.gateway.call(best[2], read, b"", epoch)
+        data, _ = await self.gateway.read_copy(best[2], _whole(self.group, oid), epoch)
         if self.store.exists(oid):
             return False  # a client's write put a current copy here meanwhile
         self.store.create_and_write(oid, 0, bytes(data), best[0])
