@@ -45,7 +45,10 @@ def _status_text(info: dict[str, Any]) -> str:
     if info["status"] == "wait_for_format":
         return "waiting for the cluster to be formatted"
     if info["status"] == "shutdown":
-        return "shut down"
+        members = {node["node_id"] for node in info["members"]}
+        missing = [node_id for node_id in info.get("waiting_for", []) if node_id not in members]
+        return (f"waiting for {len(missing)} node(s) of the last epoch to come back: "
+                f"{', '.join(missing)} ('dog cluster recover force' goes on without them)")
     return "running"
 
 
@@ -59,7 +62,7 @@ def info(as_json: bool) -> None:
         print_json(value)
         return
     click.echo(f"Cluster status: {_status_text(value)}")
-    if value["status"] == "ok":
+    if value["status"] in ("ok", "shutdown"):
         click.echo(f"Cluster created at {format_time(value['format_time'])}")
         click.echo(f"Copies: {value['copies']}, object size: {format_size(value['object_size'])}")
     driver = value["driver"]
@@ -81,3 +84,18 @@ def shutdown() -> None:
     """Stop every sheep of the cluster cleanly (their data stays)."""
     run(lambda client: client.shutdown())
     click.echo("cluster shutting down")
+
+
+@cluster.group()
+def recover() -> None:
+    """After a shutdown: decide about nodes that do not come back."""
+
+
+@recover.command()
+@connection_options
+def force() -> None:
+    """Serve again without the nodes of the last epoch that are still missing."""
+    value = run(lambda client: client.force_recover())
+    given_up = value.get("given_up") or []
+    click.echo(f"the cluster serves again; gave up waiting for {len(given_up)} node(s)"
+               + (f": {', '.join(given_up)}" if given_up else ""))

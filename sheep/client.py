@@ -202,6 +202,11 @@ class Client:
             Op.FORMAT, {"copies": copies, "object_size": object_size, "force": force})
         return result
 
+    async def force_recover(self) -> dict[str, Any]:
+        """After a shutdown: go on without the nodes of the last epoch still missing."""
+        result: dict[str, Any] = await self._json(Op.FORCE_RECOVER)
+        return result
+
     async def shutdown(self) -> None:
         await self.connection.call(Header(opcode=Op.SHUTDOWN))
 

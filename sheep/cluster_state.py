@@ -112,10 +112,12 @@ class ClusterState:
         self.object_size = 0
         self.format_time = 0.0
         self.format_epoch = 0
+        self.waiting_for: list[str] = []  # after a shutdown: the last epoch's nodes
         self.vdis = VdiRegistry()
         self._ops: dict[str, Callable[[Event], ApplyResult]] = {
             "format": self._apply_format,
             "shutdown": self._apply_shutdown,
+            "force_recover": self._apply_force_recover,
         }
         for kind in self.vdis.ops:
             self._ops[kind] = self._apply_vdi_op
@@ -167,6 +169,9 @@ class ClusterState:
             return ApplyResult()  # a duplicate join changes nothing
         self.members[event.node.node_id] = event.node
         self._new_epoch(event)
+        if self.status is Status.SHUTDOWN and set(self.waiting_for) <= set(self.members):
+            self.status = Status.OK  # every node of the last epoch is back
+            self.waiting_for = []
         return ApplyResult(epoch_changed=True)
 
     def _apply_leave(self, event: Event) -> ApplyResult:
@@ -184,7 +189,7 @@ class ClusterState:
         problem = format_problem(copies, object_size, self.zones)
         if problem is not None:
             return _error(*problem)
-        if self.status is Status.OK and not body.get("force"):
+        if self.status is not Status.WAIT_FOR_FORMAT and not body.get("force"):
             return _error(Result.ALREADY_FORMATTED,
                           "the cluster is already formatted (use --force to erase it)")
         self.status = Status.OK
@@ -192,20 +197,43 @@ class ClusterState:
         self.object_size = int(object_size)  # type: ignore[arg-type]
         self.format_time = event.time
         self.format_epoch = self.epoch
+        self.waiting_for = []
         self.vdis = VdiRegistry()
         return ApplyResult(wipe_store=True, value={"copies": self.copies,
                                                    "object_size": self.object_size})
 
     def _apply_shutdown(self, event: Event) -> ApplyResult:
+        """Every sheep stops. When they come back, the cluster serves again only once
+        all of them are back (Sheepdog's rule): a part of it could serve old copies
+        as current, or miss objects that live on the others."""
+        if self.status is Status.OK:
+            self.status = Status.SHUTDOWN
+            self.waiting_for = sorted(self.members)
         return ApplyResult(shutdown=True)
 
+    def _apply_force_recover(self, event: Event) -> ApplyResult:
+        """The operator accepts the cluster without the nodes that did not come back."""
+        if self.status is not Status.SHUTDOWN:
+            return _error(Result.INVALID_PARMS, "the cluster is not waiting for any node")
+        self.status = Status.OK
+        missing = [node_id for node_id in self.waiting_for if node_id not in self.members]
+        self.waiting_for = []
+        return ApplyResult(value={"given_up": missing})
+
     def _apply_vdi_op(self, event: Event) -> ApplyResult:
+        if self.status is Status.SHUTDOWN:
+            return _error(Result.UNAVAILABLE, self.waiting_message())
         if self.status is not Status.OK:
             return _error(Result.NOT_FORMATTED,
                           "the cluster is not formatted (run 'dog cluster format')")
         outcome = self.vdis.apply(str(event.body["type"]), event.body, event.time, self.copies,
                                   self.object_size, self.zones)
         return ApplyResult(result=outcome.result, message=outcome.message, value=outcome.value)
+
+    def waiting_message(self) -> str:
+        missing = [node_id for node_id in self.waiting_for if node_id not in self.members]
+        return (f"the cluster is waiting for {len(missing)} node(s) of its last epoch to come "
+                f"back: {', '.join(missing)} ('dog cluster recover force' goes on without them)")
 
     # --- persistence -------------------------------------------------------
 
@@ -217,6 +245,7 @@ class ClusterState:
             "status": self.status.value, "copies": self.copies,
             "object_size": self.object_size, "format_time": self.format_time,
             "format_epoch": self.format_epoch, "vdis": self.vdis.to_json(),
+            "waiting_for": list(self.waiting_for),
         }
 
     @classmethod
@@ -232,6 +261,7 @@ class ClusterState:
         state.format_epoch = int(value["format_epoch"])
         if "vdis" in value:
             state.vdis = VdiRegistry.from_json(value["vdis"])
+        state.waiting_for = [str(node_id) for node_id in value.get("waiting_for", [])]
         state.epochs = sorted((EpochEntry.from_json(e) for e in epochs), key=lambda e: e.epoch)
         state._check()
         return state
@@ -242,7 +272,8 @@ class ClusterState:
         if self.epochs:
             assert self.epochs[-1].epoch == self.epoch
             assert {n.node_id for n in self.epochs[-1].nodes} == set(self.members)
-        if self.status is Status.OK:
+        assert not self.waiting_for or self.status is Status.SHUTDOWN
+        if self.status in (Status.OK, Status.SHUTDOWN):
             assert 1 <= self.copies <= constants.copies_max
             assert constants.object_size_min_bytes <= self.object_size
             assert self.object_size <= constants.object_size_max_bytes

@@ -46,6 +46,7 @@ from sheep.vdi_service import VdiService
 log = logging.getLogger(__name__)
 
 _empty: Reply = (b"", {})
+shutdown_grace_s = 1.0  # how long a request waits for the last node of a restart
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class Sheep:
             Op.NODE_INFO: self.node_info,
             Op.NODE_LIST: self.node_list,
             Op.KILL_NODE: self.kill_node,
+            Op.FORCE_RECOVER: self.force_recover,
         }
 
     # --- lifecycle -------------------------------------------------------------
@@ -112,7 +114,7 @@ class Sheep:
         self.gateway = Gateway(self.group, self.peer, self.node.node_id, self.pool)
         self.vdis = VdiService(self.group, self.gateway, self.node.node_id, self.broadcast,
                                self._member_connection)
-        if self.group.state.status is Status.OK:
+        if self.group.state.status is not Status.WAIT_FOR_FORMAT:
             # What this store holds may have changed elsewhere while it was away.
             self.peer.unverified = set(self.store.list_oids())
         await self.server.start(sock)
@@ -276,7 +278,17 @@ class Sheep:
         if not self.joined.is_set():
             raise Unavailable("this sheep has not joined the cluster yet")
         assert self.peer is not None and self.gateway is not None
-        if self.group.state.status is not Status.OK:
+        status = self.group.state.status
+        if status is Status.SHUTDOWN and info.kind is not Kind.PEER:
+            # The last node's join may be on its way here: give it a moment.
+            deadline = time.monotonic() + shutdown_grace_s
+            while self.group.state.status is Status.SHUTDOWN and time.monotonic() < deadline:
+                await self.group.wait_epoch_after(self.group.epoch,
+                                                  deadline - time.monotonic())
+            status = self.group.state.status
+            if status is Status.SHUTDOWN:
+                raise Unavailable(self.group.state.waiting_message())
+        if status is Status.WAIT_FOR_FORMAT:
             if info.kind is Kind.PEER:  # the gateway saw a format that has not reached us yet
                 raise Unavailable("this sheep has not applied the format yet")
             raise NotFormatted()
@@ -367,6 +379,10 @@ class Sheep:
 
         infos = await asyncio.gather(*(info(node) for node in nodes))
         return proto.encode_json(infos), {}
+
+    async def force_recover(self, header: Header, payload: bytes) -> Reply:
+        result = await self.broadcast({"type": "force_recover"})
+        return proto.encode_json(result.value), {}
 
     async def kill_node(self, header: Header, payload: bytes) -> Reply:
         self._stop_soon()

@@ -84,6 +84,7 @@ class Op(enum.IntEnum):
     NODE_LIST = 0x25
     KILL_NODE = 0x26
     PING = 0x27
+    FORCE_RECOVER = 0x28
 
     VDI_OPEN = 0x31
     VDI_CLOSE = 0x32
@@ -128,6 +129,7 @@ OPS: dict[Op, OpInfo] = {
     Op.NODE_LIST: OpInfo("node_list", Kind.ADMIN, Payload.NONE, Payload.JSON),
     Op.KILL_NODE: OpInfo("kill_node", Kind.ADMIN, Payload.NONE, Payload.NONE),
     Op.PING: OpInfo("ping", Kind.ADMIN, Payload.NONE, Payload.JSON),
+    Op.FORCE_RECOVER: OpInfo("force_recover", Kind.ADMIN, Payload.NONE, Payload.JSON),
     Op.VDI_OPEN: OpInfo("vdi_open", Kind.VDI, Payload.JSON, Payload.JSON),
     Op.VDI_CLOSE: OpInfo("vdi_close", Kind.VDI, Payload.NONE, Payload.NONE),
     Op.VDI_READ: OpInfo("vdi_read", Kind.VDI, Payload.NONE, Payload.DATA),

@@ -20,6 +20,7 @@ import logging
 from typing import Any
 
 from sheep import proto
+from sheep.cluster_state import Status
 from sheep.errors import NoObject, SheepError
 from sheep.gateway import RETRYABLE, Gateway
 from sheep.group import Group
@@ -50,6 +51,9 @@ class Verifier(_Worker):
         self.replaced = 0
 
     async def run(self) -> None:
+        while self.group.state.status is not Status.OK:
+            # Waiting for the last epoch's nodes: the newest copy may be on one of them.
+            await asyncio.sleep(verify_retry_interval_s)
         while self.peer.unverified:
             for oid in sorted(self.peer.unverified):
                 if oid not in self.peer.unverified:
@@ -125,8 +129,8 @@ class Recoverer(_Worker):
 
     def trigger(self) -> None:
         """A new epoch: recover now, or once more after the pass that is running."""
-        if self.group.state.copies == 0:
-            return  # not formatted
+        if self.group.state.status is not Status.OK:
+            return  # not formatted, or waiting for the last epoch's nodes
         if self._task is not None and not self._task.done():
             self._again = True
             return

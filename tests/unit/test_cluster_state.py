@@ -275,7 +275,7 @@ def test_format_survives_members_leaving() -> None:
 # --- other ops ----------------------------------------------------------------------
 
 
-def test_shutdown_is_an_effect() -> None:
+def test_shutdown_is_an_effect_and_waits_for_the_last_epochs_nodes() -> None:
     feeder = cluster_of(2)
     feeder.format(copies=2)
     before = feeder.state.to_json()
@@ -284,6 +284,9 @@ def test_shutdown_is_an_effect() -> None:
     assert not result.wipe_store and not result.epoch_changed
     after = feeder.state.to_json()
     assert after.pop("seq") == before.pop("seq") + 1
+    assert after.pop("status") == "shutdown" and before.pop("status") == "ok"
+    assert after.pop("waiting_for") == sorted(feeder.state.members)
+    before.pop("waiting_for")
     assert after == before
 
 
@@ -465,6 +468,7 @@ def test_against_a_model(events: list[Event]) -> None:
     members: dict[str, NodeInfo] = {}
     changes = 0
     formatted: tuple[int, int] | None = None
+    waiting: set[str] | None = None  # after a shutdown: the nodes the cluster waits for
     for event in events:
         result = state.apply(event)
         state._check()
@@ -472,6 +476,8 @@ def test_against_a_model(events: list[Event]) -> None:
             assert event.node is not None
             changed = members.get(event.node.node_id) != event.node
             members[event.node.node_id] = event.node
+            if changed and waiting is not None and waiting <= set(members):
+                waiting = None
         elif event.kind is EventKind.LEAVE:
             changed = members.pop(event.node_id, None) is not None
         else:
@@ -480,6 +486,9 @@ def test_against_a_model(events: list[Event]) -> None:
             if body.get("type") == "format" and result.result is Result.SUCCESS:
                 assert formatted is None or body["force"]
                 formatted = (body["copies"], body["object_size"])
+                waiting = None
+            if body.get("type") == "shutdown" and formatted and waiting is None:
+                waiting = set(members)
             if body.get("type") == "format" and result.result is Result.TOO_FEW_ZONES:
                 assert body["copies"] > len({node.zone for node in members.values()})
         changes += changed
@@ -487,6 +496,40 @@ def test_against_a_model(events: list[Event]) -> None:
         assert state.epoch == changes == len(state.epochs)
         assert state.nodes == sorted(members.values(), key=lambda node: node.node_id)
         assert state.epoch_nodes(state.epoch) == (state.nodes if changes else None)
-        assert state.status is (Status.OK if formatted else Status.WAIT_FOR_FORMAT)
+        expected = Status.WAIT_FOR_FORMAT if not formatted else (
+            Status.SHUTDOWN if waiting is not None else Status.OK)
+        assert state.status is expected
         if formatted:
             assert (state.copies, state.object_size) == formatted
+
+
+def test_after_a_shutdown_the_cluster_serves_once_every_node_is_back() -> None:
+    feeder = cluster_of(3)
+    feeder.format(copies=2)
+    nodes = feeder.state.nodes
+    feeder.op({"type": "shutdown"})
+    for node in nodes:
+        feeder.leave(node.node_id)
+    assert feeder.state.status is Status.SHUTDOWN
+    feeder.join(nodes[2])
+    feeder.join(nodes[0])
+    assert feeder.state.status is Status.SHUTDOWN
+    assert nodes[1].node_id in feeder.state.waiting_message()
+    assert feeder.op({"type": "vdi_create", "name": "a", "size": 1 << 20}).result \
+        is Result.UNAVAILABLE
+    feeder.join(nodes[1])
+    assert feeder.state.status is Status.OK and feeder.state.waiting_for == []
+
+
+def test_force_recover_gives_up_on_missing_nodes() -> None:
+    feeder = cluster_of(2)
+    feeder.format(copies=1)
+    nodes = feeder.state.nodes
+    assert feeder.op({"type": "force_recover"}).result is Result.INVALID_PARMS
+    feeder.op({"type": "shutdown"})
+    for node in nodes:
+        feeder.leave(node.node_id)
+    feeder.join(nodes[0])
+    result = feeder.op({"type": "force_recover"})
+    assert result.result is Result.SUCCESS and result.value == {"given_up": [nodes[1].node_id]}
+    assert feeder.state.status is Status.OK
