@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
+from collections.abc import Callable
+
+from sheep import radix
 from sheep.errors import InvalidParameters, NoObject
 
 
@@ -47,3 +52,45 @@ class MemoryObjects:
 
     async def flush(self) -> None:
         return None
+
+
+class FencedObjects(MemoryObjects):
+    """MemoryObjects that fail any change to an object of a frozen generation, as
+    real stores do, and yield to the event loop a random number of times on every
+    call, as a network round trip would, so concurrent engine calls interleave."""
+
+    def __init__(self, object_size: int, writable: Callable[[int], bool], seed: int = 0) -> None:
+        super().__init__(object_size)
+        self.writable = writable
+        self.random = random.Random(seed)
+
+    async def _pause(self) -> None:
+        for _ in range(self.random.randrange(3)):
+            await asyncio.sleep(0)
+
+    def _fence(self, oid: int) -> None:
+        generation = radix.generation_of(oid)
+        assert radix.is_tree(oid) or radix.is_data(oid), f"{oid:016x}"
+        assert self.writable(generation), f"write to {oid:016x} of frozen generation {generation}"
+
+    async def read(self, oid: int, offset: int, count: int) -> bytes:
+        await self._pause()
+        return await super().read(oid, offset, count)
+
+    async def create(self, oid: int, data: bytes, offset: int = 0) -> None:
+        self._fence(oid)
+        await self._pause()
+        await super().create(oid, data, offset)
+
+    async def write(self, oid: int, offset: int, data: bytes) -> None:
+        self._fence(oid)
+        await self._pause()
+        await super().write(oid, offset, data)
+
+    async def discard(self, oid: int, offset: int, count: int) -> None:
+        self._fence(oid)
+        await super().discard(oid, offset, count)
+
+    async def exists(self, oid: int) -> bool:
+        await self._pause()
+        return await super().exists(oid)

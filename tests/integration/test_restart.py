@@ -25,15 +25,19 @@ def shut_down(cluster: LocalCluster) -> None:
         assert sheep.process is not None and sheep.process.wait(timeout=20) == 0
 
 
-def test_a_partial_restart_waits_for_the_last_epochs_nodes(make_cluster):
-    cluster: LocalCluster = make_cluster(3)
-    cluster.format(3)
+def write_kept_and_shut_down(cluster: LocalCluster) -> None:
     with cluster.client(0) as client:
         client.vdi_create("disk", 8 << 20)
         handle = client.vdi_open("disk", writable=True)["handle"]
         client.vdi_write(handle, 0, b"kept")
         client.vdi_close(handle)
     shut_down(cluster)
+
+
+def test_a_partial_restart_waits_for_the_last_epochs_nodes(make_cluster):
+    cluster: LocalCluster = make_cluster(3)
+    cluster.format(3)
+    write_kept_and_shut_down(cluster)
     cluster.start(0)
     cluster.start(2)
     port = cluster.sheep[0].port
@@ -53,12 +57,7 @@ def test_a_partial_restart_waits_for_the_last_epochs_nodes(make_cluster):
 def test_recover_force_goes_on_without_a_node_that_is_gone(make_cluster):
     cluster: LocalCluster = make_cluster(3)
     cluster.format(2)
-    with cluster.client(0) as client:
-        client.vdi_create("disk", 8 << 20)
-        handle = client.vdi_open("disk", writable=True)["handle"]
-        client.vdi_write(handle, 0, b"kept")
-        client.vdi_close(handle)
-    shut_down(cluster)
+    write_kept_and_shut_down(cluster)
     cluster.start(0)
     cluster.start(1)
     port = cluster.sheep[0].port

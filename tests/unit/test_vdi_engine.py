@@ -14,54 +14,16 @@ import pytest
 
 from sheep import radix
 from sheep.constants import KiB, MiB, PiB
-from sheep.testing.memory import MemoryObjects
+from sheep.testing.memory import FencedObjects
 from sheep.vdi import Extent, Root, VdiEngine
 
 object_size = 64 * KiB
 
 
-class FencedObjects(MemoryObjects):
-    """MemoryObjects that fail any write to an object of a frozen generation.
-
-    Every call yields to the event loop a random number of times first, as a
-    network round trip would, so concurrent writes really interleave.
-    """
-
-    def __init__(self, object_size: int, writable: set[int]) -> None:
-        super().__init__(object_size)
-        self.writable = writable
-        self.random = random.Random(0)
-
-    async def _pause(self) -> None:
-        for _ in range(self.random.randrange(3)):
-            await asyncio.sleep(0)
-
-    def _fence(self, oid: int) -> None:
-        assert radix.generation_of(oid) in self.writable, f"write to frozen {oid:016x}"
-
-    async def read(self, oid: int, offset: int, count: int) -> bytes:
-        await self._pause()
-        return await super().read(oid, offset, count)
-
-    async def create(self, oid: int, data: bytes, offset: int = 0) -> None:
-        self._fence(oid)
-        await self._pause()
-        await super().create(oid, data, offset)
-
-    async def write(self, oid: int, offset: int, data: bytes) -> None:
-        self._fence(oid)
-        await self._pause()
-        await super().write(oid, offset, data)
-
-    async def exists(self, oid: int) -> bool:
-        await self._pause()
-        return await super().exists(oid)
-
-
 class Harness:
     def __init__(self, object_size: int = object_size) -> None:
         self.writable: set[int] = set()
-        self.objects = FencedObjects(object_size, self.writable)
+        self.objects = FencedObjects(object_size, self.writable.__contains__)
         self.engine = VdiEngine(self.objects, object_size, lambda g: g not in self.writable)
         self.next_generation = 1
 

@@ -43,7 +43,7 @@ from sheep import radix
 from sheep.constants import GiB, KiB, MiB
 from sheep.errors import Result
 from sheep.oid import oid_index
-from sheep.testing.memory import MemoryObjects
+from sheep.testing.memory import FencedObjects
 from sheep.vdi import Root, VdiEngine
 from sheep.vdi_registry import Outcome, VdiRegistry, vdi_size_max
 
@@ -57,47 +57,6 @@ depth4_size = 1024 * depth3_size
 size_max = vdi_size_max(object_size)  # 256 TiB: depth 4
 
 T = TypeVar("T")
-
-
-class FencedObjects(MemoryObjects):
-    """MemoryObjects that refuse writes to frozen generations and yield on every call."""
-
-    def __init__(self, object_size: int, registry: VdiRegistry) -> None:
-        super().__init__(object_size)
-        self.registry = registry
-        self.random = random.Random(0)
-
-    async def _pause(self) -> None:
-        for _ in range(self.random.randrange(3)):
-            await asyncio.sleep(0)
-
-    def _fence(self, oid: int) -> None:
-        generation = radix.generation_of(oid)
-        assert radix.is_tree(oid) or radix.is_data(oid), f"{oid:016x}"
-        assert generation in self.registry.writable_generations(), (
-            f"write to {oid:016x} of frozen generation {generation}")
-
-    async def read(self, oid: int, offset: int, count: int) -> bytes:
-        await self._pause()
-        return await super().read(oid, offset, count)
-
-    async def create(self, oid: int, data: bytes, offset: int = 0) -> None:
-        self._fence(oid)
-        await self._pause()
-        await super().create(oid, data, offset)
-
-    async def write(self, oid: int, offset: int, data: bytes) -> None:
-        self._fence(oid)
-        await self._pause()
-        await super().write(oid, offset, data)
-
-    async def discard(self, oid: int, offset: int, count: int) -> None:
-        self._fence(oid)
-        await super().discard(oid, offset, count)
-
-    async def exists(self, oid: int) -> bool:
-        await self._pause()
-        return await super().exists(oid)
 
 
 class Disk:
@@ -193,7 +152,8 @@ class VdiMachine(RuleBasedStateMachine):
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.registry = VdiRegistry()
-        self.objects = FencedObjects(object_size, self.registry)
+        self.objects = FencedObjects(
+            object_size, lambda g: g in self.registry.writable_generations())
         self.engine = VdiEngine(self.objects, object_size,
                                 lambda g: g not in self.registry.writable_generations())
         self.vdis: dict[str, Disk] = {}
