@@ -11,9 +11,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import sparse_bench  # noqa: E402
 import vdi_bench  # noqa: E402
 
-BENCHMARKS = {"vdi": vdi_bench.run}
+BENCHMARKS = {"vdi": vdi_bench.run, "sparse": sparse_bench.run}
 
 
 def machine() -> dict[str, object]:
