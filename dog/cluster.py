@@ -1,4 +1,4 @@
-"""dog cluster: format, info, shutdown."""
+"""dog cluster: format, info, check, shutdown, recover."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from typing import Any
 import click
 
 from dog.common import SIZE, connection_options, json_option, run
-from dog.output import format_time, print_json, print_table
+from dog.output import Progress, format_time, print_json, print_table
 from sheep import constants
+from sheep.errors import EXIT_FAILURE, Unavailable
 from sheep.size import format_size
 
 
@@ -52,16 +53,42 @@ def _status_text(info: dict[str, Any]) -> str:
     return "running"
 
 
+def _health_text(value: dict[str, Any]) -> str:
+    health = value["health"]
+    if health["state"] == "healthy":
+        return "healthy: every node is reachable and done recovering"
+    problems = []
+    if health["running"] or health["unverified"]:
+        problems.append(f"{health['running']} node(s) recovering "
+                        f"({health['recovered']}/{health['to_recover']} objects fetched, "
+                        f"{health['surplus']} surplus copies to remove, "
+                        f"{health['unverified']} copies to verify)")
+    if health["unreachable"]:
+        problems.append(f"{health['unreachable']} node(s) unreachable")
+    if value["zones"] < value["copies"]:
+        problems.append(f"only {value['zones']} zone(s) for {value['copies']} copies")
+    return f"{health['state']}: " + "; ".join(problems)
+
+
 @cluster.command()
 @json_option
 @connection_options
 def info(as_json: bool) -> None:
     """Show the cluster's status, parameters and epoch history."""
+    from dog.node import summarize
+
     value = run(lambda client: client.cluster_info())
+    if value["status"] == "ok":
+        summary = summarize(run(lambda client: client.node_list()))
+        if value["zones"] < value["copies"] and summary["state"] == "healthy":
+            summary["state"] = "degraded"
+        value["health"] = summary
     if as_json:
         print_json(value)
         return
     click.echo(f"Cluster status: {_status_text(value)}")
+    if "health" in value:
+        click.echo(f"Cluster health: {_health_text(value)}")
     if value["status"] in ("ok", "shutdown"):
         click.echo(f"Cluster created at {format_time(value['format_time'])}")
         click.echo(f"Copies: {value['copies']}, object size: {format_size(value['object_size'])}")
@@ -99,3 +126,65 @@ def force() -> None:
     given_up = value.get("given_up") or []
     click.echo(f"the cluster serves again; gave up waiting for {len(given_up)} node(s)"
                + (f": {', '.join(given_up)}" if given_up else ""))
+
+
+check_batch = 64
+
+
+@cluster.command()
+@json_option
+@connection_options
+def check(as_json: bool) -> None:
+    """Check every object of the cluster and repair those with fewer than N good copies.
+
+    Every node's objects are listed; for each, the newest copy is copied to the
+    holders that lack it or hold an older or unverified one. Exit status 0 when
+    every object has its copies, 1 when some could not be repaired."""
+    from sheep.client import Client
+
+    async def gather(client: Client) -> list[int]:
+        oids: set[int] = set()
+        for node in await client.node_list():
+            if node.get("status") == "unreachable":
+                raise Unavailable(f"node {node['node_id']} is unreachable; cannot list its objects")
+            peer = await Client.connect(node["address"], node["port"])
+            try:
+                oids.update(await peer.list_objects())
+            finally:
+                peer.close()
+        return sorted(oids)
+
+    oids = run(gather)
+    progress = Progress(len(oids), "checking objects")
+    results: list[dict[str, Any]] = []
+
+    async def walk(client: Client) -> None:
+        for start in range(0, len(oids), check_batch):
+            batch = oids[start:start + check_batch]
+            results.extend(await client.check_objects(batch))
+            progress.update(len(batch))
+
+    try:
+        run(walk)
+    finally:
+        progress.close()
+    counts = {state: 0 for state in ("ok", "repaired", "degraded", "lost", "removed", "error")}
+    for result in results:
+        counts[result["state"]] = counts.get(result["state"], 0) + 1
+    copies_made = sum(len(result.get("repaired", [])) for result in results)
+    bad = [result for result in results if result["state"] in ("degraded", "lost", "error")]
+    if as_json:
+        print_json({"objects": len(results), "copies_made": copies_made, **counts,
+                    "problems": bad})
+    else:
+        click.echo(f"{len(results)} objects checked: {counts['ok']} fine, {counts['repaired']}"
+                   f" repaired ({copies_made} copies made), {counts['degraded']} degraded,"
+                   f" {counts['lost']} lost, {counts['error']} unchecked")
+        for result in bad:
+            detail = result.get("error") or (
+                f"{result['good']}/{result['copies']} good copies"
+                + (f", unreachable: {', '.join(result['unreachable'])}"
+                   if result.get("unreachable") else ""))
+            click.echo(f"  {result['oid']:016x}: {result['state']}: {detail}")
+    if bad:
+        raise SystemExit(EXIT_FAILURE)

@@ -85,6 +85,21 @@ class SizeType(click.ParamType):
 SIZE = SizeType()
 
 
+class RateType(SizeType):
+    """Bytes per second, like 100M or 100M/s."""
+
+    name = "rate"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        if isinstance(value, str) and value.lower().endswith("/s"):
+            value = value[:-2]
+        return super().convert(value, param, ctx)
+
+
+RATE = RateType()
+
+
 class OidType(click.ParamType):
     """Object ids in hex (0x1f, or 16 hex digits as printed) or decimal."""
 

@@ -1,4 +1,4 @@
-"""dog node: list, info, kill."""
+"""dog node: list, info, kill, recovery, drain."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import Any
 
 import click
 
-from dog.common import connection_options, json_option, run
-from dog.output import print_json, print_table
+from dog.common import RATE, connection_options, json_option, run
+from dog.output import StatusLine, print_json, print_table
 from sheep.errors import InvalidParameters
 from sheep.size import format_size
 
@@ -95,12 +95,80 @@ def kill(index: int) -> None:
     click.echo(f"node {index} ({node_id}) is stopping")
 
 
+def summarize(nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The cluster's recovery, added up over the nodes: 'recovering' while any node
+    fetches copies, removes surplus ones or verifies what it brought back;
+    'degraded' when a member cannot be reached; 'healthy' otherwise."""
+    totals = {key: 0 for key in ("to_recover", "recovered", "failed", "bytes", "surplus",
+                                 "removed", "unverified")}
+    rate = 0.0
+    running = unreachable = 0
+    for info in nodes:
+        if info.get("status") == "unreachable":
+            unreachable += 1
+            continue
+        recovery = info.get("recovery") or {}
+        for key in totals:
+            totals[key] += int(recovery.get(key, 0))
+        if recovery.get("running"):
+            running += 1
+            rate += float(recovery.get("rate", 0.0))
+    state = ("recovering" if running or totals["unverified"] else
+             "degraded" if unreachable else "healthy")
+    return {"state": state, "running": running, "unreachable": unreachable, "rate": rate,
+            **totals}
+
+
+def _summary_text(summary: dict[str, Any]) -> str:
+    parts = [f"{summary['recovered']}/{summary['to_recover']} objects recovered"]
+    if summary["rate"]:
+        parts.append(f"{format_size(int(summary['rate']))}/s")
+    if summary["surplus"]:
+        parts.append(f"{summary['surplus']} surplus copies to remove")
+    if summary["unverified"]:
+        parts.append(f"{summary['unverified']} copies to verify")
+    return f"{summary['state']}: " + ", ".join(parts)
+
+
+watch_interval_s = 0.5
+
+
+def _watch() -> dict[str, Any]:
+    """Show recovery live until every node is done; the last summary."""
+    import time
+
+    line = StatusLine()
+    summary = summarize(run(lambda client: client.node_list()))
+    while summary["state"] == "recovering":
+        done = (summary["recovered"] / summary["to_recover"]) if summary["to_recover"] else None
+        line.show(_summary_text(summary), done)
+        time.sleep(watch_interval_s)
+        summary = summarize(run(lambda client: client.node_list()))
+    line.close(_summary_text(summary))
+    return summary
+
+
 @node.command()
+@click.option("--max-rate", type=RATE, default=None,
+              help="Limit each node's recovery to this many bytes per second, like 100M;"
+                   " 0 lifts the limit. Applies at once, to every node, and lasts.")
+@click.option("--watch", is_flag=True, help="Show recovery's progress until it ends.")
 @json_option
 @connection_options
-def recovery(as_json: bool) -> None:
+def recovery(max_rate: int | None, watch: bool, as_json: bool) -> None:
     """Recovery on every node: objects to fetch for the current epoch, done, failed,
-    and copies still being verified after a restart."""
+    rate, surplus copies still to remove, and copies still being verified after a
+    restart."""
+    if max_rate is not None:
+        run(lambda client: client.set_recovery(max_rate))
+        click.echo(f"recovery rate limit: {format_size(max_rate) + '/s' if max_rate else 'none'}")
+        if not watch and not as_json:
+            return
+    if watch:
+        summary = _watch()
+        if as_json:
+            print_json(summary)
+        return
     nodes = run(lambda client: client.node_list())
     items = [{"index": index, "node_id": info["node_id"], **(info.get("recovery") or {})}
              for index, info in enumerate(nodes)]
@@ -109,9 +177,70 @@ def recovery(as_json: bool) -> None:
         return
     rows = [[item["index"], item["node_id"], item.get("epoch", "-"),
              item.get("to_recover", "-"), item.get("recovered", "-"), item.get("failed", "-"),
-             item.get("unverified", "-"),
-             "recovering" if item.get("running") else ("-" if "running" not in item else "idle")]
+             _rate(item), item.get("surplus", "-"), item.get("unverified", "-"),
+             item.get("phase", "-") if "phase" in item else "unreachable"]
             for item in items]
-    print_table(["Id", "Node id", "Epoch", "To recover", "Recovered", "Failed", "Unverified",
-                 "State"], rows,
-                right=["Id", "Epoch", "To recover", "Recovered", "Failed", "Unverified"])
+    print_table(["Id", "Node id", "Epoch", "To recover", "Recovered", "Failed", "Rate",
+                 "Surplus", "Unverified", "State"], rows,
+                right=["Id", "Epoch", "To recover", "Recovered", "Failed", "Rate", "Surplus",
+                       "Unverified"])
+    limit = next((item["max_rate"] for item in items if "max_rate" in item), 0)
+    click.echo(f"\n{_summary_text(summarize(nodes))}; rate limit: "
+               f"{format_size(limit) + '/s' if limit else 'none'}")
+
+
+def _rate(item: dict[str, Any]) -> str:
+    rate = item.get("rate")
+    return f"{format_size(int(rate))}/s" if rate else "-"
+
+
+@node.command()
+@click.argument("index", type=click.IntRange(0))
+@click.option("--no-wait", is_flag=True,
+              help="Only start the drain; the node stays until you stop it.")
+@connection_options
+def drain(index: int, no_wait: bool) -> None:
+    """Move every copy off the node with this index, then stop it.
+
+    The node gets no vnodes, so placement gives it nothing; the others fetch its
+    copies, and it drops each one only once all the new holders have it, so no
+    object ever has fewer copies than before. Refused when the remaining zones
+    cannot hold the copies objects keep."""
+    import time
+
+    nodes = run(lambda client: client.node_list())
+    if index >= len(nodes):
+        raise InvalidParameters(f"no node with index {index} (the cluster has {len(nodes)})")
+    target = nodes[index]
+    run(lambda client: client.reweight(target["node_id"], 0))
+    click.echo(f"node {index} ({target['node_id']}) is draining")
+    if no_wait:
+        return
+    from sheep.client import Client
+
+    async def remaining(client: Client) -> dict[str, Any]:
+        victim = await Client.connect(target["address"], target["port"])
+        try:
+            return await victim.node_info()
+        finally:
+            victim.close()
+
+    line = StatusLine()
+    info = run(remaining)
+    total = max(int(info["objects"]), 1)
+    while int(info["objects"]) > 0:
+        line.show(f"{info['objects']} copies left on node {index}",
+                  1 - int(info["objects"]) / total)
+        time.sleep(watch_interval_s)
+        info = run(remaining)
+    line.close(f"node {index} holds no copies any more")
+
+    async def stop(client: Client) -> None:
+        victim = await Client.connect(target["address"], target["port"])
+        try:
+            await victim.kill_node()
+        finally:
+            victim.close()
+
+    run(stop)
+    click.echo(f"node {index} ({target['node_id']}) is stopping")

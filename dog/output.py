@@ -53,3 +53,50 @@ def error(message: str) -> None:
 
 def is_terminal() -> bool:
     return sys.stderr.isatty()
+
+
+class Progress:
+    """A progress bar on a terminal, nothing otherwise."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.bar = click.progressbar(length=total, label=label, file=sys.stderr,
+                                     show_pos=False) if is_terminal() else None
+        if self.bar is not None:
+            self.bar.__enter__()
+
+    def update(self, count: int) -> None:
+        if self.bar is not None:
+            self.bar.update(count)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+class StatusLine:
+    """A line that changes in place on a terminal (with a bar when a fraction is
+    given); elsewhere, a new line whenever the text changes, at most every interval."""
+
+    def __init__(self, interval_s: float = 2.0) -> None:
+        self.terminal = is_terminal()
+        self.interval_s = interval_s
+        self._last_text = ""
+        self._last_time = 0.0
+
+    def show(self, text: str, done: float | None = None) -> None:
+        if self.terminal:
+            bar = ""
+            if done is not None:
+                filled = int(30 * min(max(done, 0.0), 1.0))
+                bar = f"[{'#' * filled}{'-' * (30 - filled)}] {100 * done:3.0f}%  "
+            click.echo(f"\r\x1b[K{bar}{text}", nl=False, err=True)
+            return
+        now = time.monotonic()
+        if text != self._last_text and now - self._last_time >= self.interval_s:
+            click.echo(text, err=True)
+            self._last_text, self._last_time = text, now
+
+    def close(self, text: str) -> None:
+        if self.terminal:
+            click.echo("\r\x1b[K", nl=False, err=True)
+        click.echo(text, err=True)

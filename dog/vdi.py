@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 import click
 
 from dog.common import SIZE, connection_options, json_option, run
-from dog.output import format_time, is_terminal, print_json, print_table
+from dog.output import Progress, format_time, print_json, print_table
 from sheep import constants
 from sheep.client import Client
 from sheep.errors import InvalidParameters, ReadOnly, SystemFailure
@@ -206,24 +206,6 @@ def _file_errors(file: str) -> Iterator[None]:
         raise SystemFailure(f"{file}: {error.strerror or error}") from error
 
 
-class _Progress:
-    """A progress bar on a terminal, nothing otherwise."""
-
-    def __init__(self, total: int, label: str) -> None:
-        self.bar = click.progressbar(length=total, label=label, file=sys.stderr,
-                                     show_pos=False) if is_terminal() else None
-        if self.bar is not None:
-            self.bar.__enter__()
-
-    def update(self, count: int) -> None:
-        if self.bar is not None:
-            self.bar.update(count)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-
-
 @vdi.command()
 @click.argument("name")
 @click.argument("offset", type=SIZE, default=0)
@@ -336,7 +318,7 @@ class _Sink:
 
 
 async def _copy_in(client: Client, handle: int, source: BinaryIO, offset: int, limit: int,
-                   skip_zeros: bool, progress: _Progress | None) -> int:
+                   skip_zeros: bool, progress: Progress | None) -> int:
     """Copy up to limit bytes from source to the VDI at offset; zero chunks are discarded."""
     written = 0
     sink = _Sink(client, handle, skip_zeros)
@@ -429,7 +411,7 @@ def import_(name: str, file: str, create: bool) -> None:
                     source.close()
             await client.flush()
             return copied
-        progress = _Progress(size, f"importing {os.path.basename(file)}")
+        progress = Progress(size, f"importing {os.path.basename(file)}")
         sink = _Sink(client, info["handle"], skip_zeros=create)
         try:
             with open(file, "rb") as source:
@@ -466,7 +448,7 @@ def export(name: str, file: str, tag: str | None) -> None:
         size = info["size"]
         to_stdout = file == "-"
         out = sys.stdout.buffer if to_stdout else open(file, "wb")  # noqa: SIM115
-        progress = _Progress(size, f"exporting {name}{'@' + tag if tag else ''}")
+        progress = Progress(size, f"exporting {name}{'@' + tag if tag else ''}")
         try:
             if not to_stdout:
                 out.truncate(size)

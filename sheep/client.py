@@ -210,6 +210,22 @@ class Client:
     async def shutdown(self) -> None:
         await self.connection.call(Header(opcode=Op.SHUTDOWN))
 
+    async def set_recovery(self, max_rate: int) -> dict[str, Any]:
+        """Limit every sheep's recovery to max_rate bytes/s (0: no limit)."""
+        result: dict[str, Any] = await self._json(Op.SET_RECOVERY, {"max_rate": max_rate})
+        return result
+
+    async def reweight(self, node_id: str, vnodes: int) -> dict[str, Any]:
+        """Set a member's vnodes; 0 drains it (its copies move to the others)."""
+        result: dict[str, Any] = await self._json(Op.REWEIGHT,
+                                                  {"node_id": node_id, "vnodes": vnodes})
+        return result
+
+    async def check_objects(self, oids: list[int]) -> list[dict[str, Any]]:
+        """Bring each object back to N good copies; one result per object."""
+        result: dict[str, Any] = await self._json(Op.CHECK_OBJS, {"oids": oids})
+        return list(result["objects"])
+
     async def node_info(self) -> dict[str, Any]:
         result: dict[str, Any] = await self._json(Op.NODE_INFO)
         return result

@@ -13,8 +13,9 @@ at clocks or randomness: times come inside the events.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,11 +114,17 @@ class ClusterState:
         self.format_time = 0.0
         self.format_epoch = 0
         self.waiting_for: list[str] = []  # after a shutdown: the last epoch's nodes
+        # Members before the current run of consecutive leaves: if the run empties the
+        # cluster (every sheep died), these are the nodes its restart must wait for.
+        self.leave_run: list[str] = []
+        self.recovery_max_rate = 0  # bytes/s each sheep may fetch when recovering; 0: no limit
         self.vdis = VdiRegistry()
         self._ops: dict[str, Callable[[Event], ApplyResult]] = {
             "format": self._apply_format,
             "shutdown": self._apply_shutdown,
             "force_recover": self._apply_force_recover,
+            "recovery": self._apply_recovery,
+            "reweight": self._apply_reweight,
         }
         for kind in self.vdis.ops:
             self._ops[kind] = self._apply_vdi_op
@@ -131,7 +138,13 @@ class ClusterState:
 
     @property
     def zones(self) -> int:
-        return len({node.zone for node in self.members.values()})
+        """Zones that can hold copies: those of members with vnodes (as in the ring)."""
+        return _zones(self.members.values())
+
+    @property
+    def copies_max(self) -> int:
+        """The most copies any object keeps: the cluster's, or a VDI's own."""
+        return max([self.copies, *(vdi.copies for vdi in self.vdis.vdis.values())])
 
     def epoch_nodes(self, epoch: int) -> list[NodeInfo] | None:
         for entry in reversed(self.epochs):
@@ -146,6 +159,8 @@ class ClusterState:
     def apply(self, event: Event) -> ApplyResult:
         assert event.seq > self.seq, f"event {event.seq} applied after {self.seq}"
         self.seq = event.seq
+        if event.kind is not EventKind.LEAVE:
+            self.leave_run = []
         if event.kind is EventKind.JOIN:
             result = self._apply_join(event)
         elif event.kind is EventKind.LEAVE:
@@ -177,9 +192,17 @@ class ClusterState:
     def _apply_leave(self, event: Event) -> ApplyResult:
         if event.node_id not in self.members:
             return ApplyResult()
+        if not self.leave_run:
+            self.leave_run = sorted(self.members)
         del self.members[event.node_id]
         self._new_epoch(event)
         released = self.vdis.release_node(event.node_id)
+        if not self.members and self.status is Status.OK:
+            # Every sheep is gone, shut down or not: as after a shutdown, the cluster
+            # waits for the nodes that were members last, since only they are sure to
+            # hold every acknowledged write.
+            self.status = Status.SHUTDOWN
+            self.waiting_for = list(self.leave_run)
         return ApplyResult(epoch_changed=True, value={"released": released})
 
     def _apply_format(self, event: Event) -> ApplyResult:
@@ -220,6 +243,41 @@ class ClusterState:
         self.waiting_for = []
         return ApplyResult(value={"given_up": missing})
 
+    def _apply_recovery(self, event: Event) -> ApplyResult:
+        """Recovery settings for every sheep: max_rate in bytes/s (0: no limit)."""
+        rate = event.body.get("max_rate")
+        if not isinstance(rate, int) or isinstance(rate, bool) or rate < 0:
+            return _error(Result.INVALID_PARMS,
+                          f"max_rate must be a number of bytes per second >= 0, not {rate!r}")
+        self.recovery_max_rate = rate
+        return ApplyResult(value={"max_rate": rate})
+
+    def _apply_reweight(self, event: Event) -> ApplyResult:
+        """Give a member another number of vnodes. Zero drains it: the ring places
+        nothing on it, recovery moves its copies to the others, and it keeps serving
+        as a gateway (and as a source for recovery) until it leaves."""
+        node_id, vnodes = event.body.get("node_id"), event.body.get("vnodes")
+        node = self.members.get(str(node_id))
+        if node is None:
+            return _error(Result.INVALID_PARMS, f"node {node_id} is not a member")
+        if (not isinstance(vnodes, int) or isinstance(vnodes, bool)
+                or not 0 <= vnodes <= constants.vnodes_max):
+            return _error(Result.INVALID_PARMS,
+                          f"vnodes must be 0 to {constants.vnodes_max}, not {vnodes!r}")
+        if node.vnodes == vnodes:
+            return ApplyResult(value={"node_id": node.node_id, "vnodes": vnodes})
+        changed = dataclasses.replace(node, vnodes=vnodes)
+        if self.status is not Status.WAIT_FOR_FORMAT:
+            zones = _zones([changed if n.node_id == node.node_id else n
+                            for n in self.members.values()])
+            if zones < self.copies_max:
+                return _error(Result.TOO_FEW_ZONES, (
+                    f"without node {node.node_id} only {zones} zone(s) could hold copies,"
+                    f" fewer than the {self.copies_max} copies objects keep"))
+        self.members[node.node_id] = changed
+        self._new_epoch(event)
+        return ApplyResult(epoch_changed=True, value={"node_id": node.node_id, "vnodes": vnodes})
+
     def _apply_vdi_op(self, event: Event) -> ApplyResult:
         if self.status is Status.SHUTDOWN:
             return _error(Result.UNAVAILABLE, self.waiting_message())
@@ -245,7 +303,8 @@ class ClusterState:
             "status": self.status.value, "copies": self.copies,
             "object_size": self.object_size, "format_time": self.format_time,
             "format_epoch": self.format_epoch, "vdis": self.vdis.to_json(),
-            "waiting_for": list(self.waiting_for),
+            "waiting_for": list(self.waiting_for), "leave_run": list(self.leave_run),
+            "recovery_max_rate": self.recovery_max_rate,
         }
 
     @classmethod
@@ -262,6 +321,8 @@ class ClusterState:
         if "vdis" in value:
             state.vdis = VdiRegistry.from_json(value["vdis"])
         state.waiting_for = [str(node_id) for node_id in value.get("waiting_for", [])]
+        state.leave_run = [str(node_id) for node_id in value.get("leave_run", [])]
+        state.recovery_max_rate = int(value.get("recovery_max_rate", 0))
         state.epochs = sorted((EpochEntry.from_json(e) for e in epochs), key=lambda e: e.epoch)
         state._check()
         return state
@@ -277,6 +338,10 @@ class ClusterState:
             assert 1 <= self.copies <= constants.copies_max
             assert constants.object_size_min_bytes <= self.object_size
             assert self.object_size <= constants.object_size_max_bytes
+
+
+def _zones(nodes: Iterable[NodeInfo]) -> int:
+    return len({node.zone for node in nodes if node.vnodes > 0})
 
 
 def format_problem(copies: Any, object_size: Any, zones: int) -> tuple[Result, str] | None:

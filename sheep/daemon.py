@@ -90,6 +90,8 @@ class Sheep:
             Op.NODE_LIST: self.node_list,
             Op.KILL_NODE: self.kill_node,
             Op.FORCE_RECOVER: self.force_recover,
+            Op.SET_RECOVERY: self.set_recovery,
+            Op.REWEIGHT: self.reweight,
         }
 
     # --- lifecycle -------------------------------------------------------------
@@ -197,6 +199,7 @@ class Sheep:
         if event.seq <= state.seq:
             return
         epochs_before = len(state.epochs)
+        status_before = state.status
         result = state.apply(event)
         self.store.save_cluster_state(
             state.to_json(), [entry.to_json() for entry in state.epochs[epochs_before:]])
@@ -209,8 +212,10 @@ class Sheep:
             log.info("epoch %d: %s %s", state.epoch, event.kind.value,
                      event.node.node_id if event.node else event.node_id)
             self.group.notify_epoch()
-            if self.recoverer is not None and self.joined.is_set() and not self.stopping:
-                self.recoverer.trigger()
+        serving_again = state.status is Status.OK and status_before is not Status.OK
+        if ((result.epoch_changed or serving_again) and self.recoverer is not None
+                and self.joined.is_set() and not self.stopping):
+            self.recoverer.trigger()
         assert self.node is not None
         if event.kind is EventKind.JOIN and event.node == self.node:
             self.joined.set()
@@ -382,6 +387,21 @@ class Sheep:
 
     async def force_recover(self, header: Header, payload: bytes) -> Reply:
         result = await self.broadcast({"type": "force_recover"})
+        return proto.encode_json(result.value), {}
+
+    async def set_recovery(self, header: Header, payload: bytes) -> Reply:
+        body = proto.decode_json(payload)
+        if not isinstance(body, dict):
+            raise error_for(Result.INVALID_PARMS, "set_recovery takes a JSON object")
+        result = await self.broadcast({"type": "recovery", "max_rate": body.get("max_rate")})
+        return proto.encode_json(result.value), {}
+
+    async def reweight(self, header: Header, payload: bytes) -> Reply:
+        body = proto.decode_json(payload)
+        if not isinstance(body, dict):
+            raise error_for(Result.INVALID_PARMS, "reweight takes a JSON object")
+        result = await self.broadcast({"type": "reweight", "node_id": body.get("node_id"),
+                                       "vnodes": body.get("vnodes")})
         return proto.encode_json(result.value), {}
 
     async def kill_node(self, header: Header, payload: bytes) -> Reply:

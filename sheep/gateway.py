@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from sheep import constants, proto
 from sheep.client import Connection
 from sheep.errors import (
+    InvalidParameters,
     NetworkError,
     NewNodeVersion,
     NoObject,
@@ -94,6 +95,7 @@ class Gateway:
             Op.READ_OBJ: self.read,
             Op.FLUSH: self.flush,
             Op.STAT_OBJ: self.stat,
+            Op.CHECK_OBJS: self.check,
         }
 
     async def serve(self, header: Header, payload: bytes) -> Reply:
@@ -275,26 +277,26 @@ class Gateway:
                     continue
         return None
 
+    async def stats(self, oid: int, nodes: list[NodeInfo], epoch: int,
+                    tolerant: bool = False) -> list[Any]:
+        """Each node's STAT of its copy, None where it has none. A failure to reach a
+        node propagates, or with tolerant stands in the list in that node's place."""
+        stat = Header(opcode=Op.STAT_OBJ, oid=oid)
+        results = await asyncio.gather(*(self.call(node, stat, b"", epoch) for node in nodes),
+                                       return_exceptions=True)
+        values = [None if isinstance(r, NoObject) else r if isinstance(r, BaseException)
+                  else proto.decode_json(r[0]) for r in results]
+        for value in values:
+            if isinstance(value, BaseException) and not tolerant:
+                raise value
+        return values
+
     async def newest(self, oid: int, nodes: list[NodeInfo], epoch: int,
                      verified_only: bool = False) -> tuple[int, bool, NodeInfo] | None:
         """(version, removed, node) of the newest copy among nodes, or None if none has
         one. A removal's tombstone counts, as a copy that says 'removed'."""
-        stat = Header(opcode=Op.STAT_OBJ, oid=oid)
-        results = await asyncio.gather(*(self.call(node, stat, b"", epoch) for node in nodes),
-                                       return_exceptions=True)
-        best: tuple[int, bool, NodeInfo] | None = None
-        for node, result in zip(nodes, results, strict=True):
-            if isinstance(result, NoObject):
-                continue
-            if isinstance(result, BaseException):
-                raise result
-            value = proto.decode_json(result[0])
-            if verified_only and value.get("unverified"):
-                continue
-            candidate = (int(value["version"]), bool(value.get("deleted")), node)
-            if best is None or candidate[0] > best[0]:
-                best = candidate
-        return best
+        return _newest(zip(nodes, await self.stats(oid, nodes, epoch), strict=True),
+                       verified_only)
 
     async def read_copy(self, node: NodeInfo, header: Header, epoch: int) -> Reply:
         """Read this node's copy, verified or not (FLAG_DIRECT)."""
@@ -335,3 +337,90 @@ class Gateway:
                  "copies": header.arg1 or self.group.copies_for(header.oid),
                  "replicas": replicas}
         return proto.encode_json(value), {}
+
+    # --- dog cluster check ---------------------------------------------------------
+
+    async def check(self, header: Header, payload: bytes) -> Reply:
+        """Bring each listed object back to N good copies under the current placement."""
+        body = proto.decode_json(payload)
+        oids = body.get("oids") if isinstance(body, dict) else None
+        if (not isinstance(oids, list) or len(oids) > check_batch_max
+                or not all(isinstance(oid, int) and 0 <= oid < 2**64 for oid in oids)):
+            raise InvalidParameters(f"check takes {{\"oids\": [up to {check_batch_max} object ids]}}")
+        semaphore = asyncio.Semaphore(check_concurrency)
+
+        async def one(oid: int) -> dict[str, Any]:
+            async with semaphore:
+                try:
+                    return await self.check_object(oid)
+                except SheepError as error:
+                    return {"oid": oid, "state": "error", "error": str(error)}
+
+        return proto.encode_json({"objects": await asyncio.gather(*map(one, oids))}), {}
+
+    async def check_object(self, oid: int) -> dict[str, Any]:
+        """One object: find its newest verified copy (in the placement, else anywhere in
+        the cluster) and copy it to every holder of the placement that lacks it, holds
+        an unverified copy, or an older one. The copies are made as recovery makes
+        them, so a client's write racing with the repair is never undone."""
+        epoch = self.group.epoch
+        nodes = self.group.placement(oid, epoch)
+        result: dict[str, Any] = {"oid": oid, "copies": self.group.copies_for(oid),
+                                  "placed": len(nodes), "good": 0, "repaired": []}
+        stats = await self.stats(oid, nodes, epoch, tolerant=True)
+        candidates = list(zip(nodes, stats, strict=True))
+        best = _newest(candidates, verified_only=True)
+        if best is None:  # not in the placement: where earlier epochs or a drain left it
+            others = [node for node in self.group.state.nodes if node not in nodes]
+            best = _newest(zip(others, await self.stats(oid, others, epoch, tolerant=True),
+                               strict=True), verified_only=True)
+        if best is None:
+            result["state"] = "lost"
+            return result
+        version, removed, source = best
+        if removed:
+            result["state"] = "removed"
+            return result
+        stale = [node for node, stat in candidates
+                 if stat is None or isinstance(stat, BaseException) or stat.get("unverified")
+                 or stat.get("deleted") or int(stat["version"]) < version]
+        unreachable = [node for node, stat in candidates if isinstance(stat, BaseException)]
+        result["good"] = len(nodes) - len(stale)
+        repairable = [node for node in stale if node not in unreachable]
+        if repairable:
+            data, _ = await self.read_copy(source, Header(
+                opcode=Op.READ_OBJ, oid=oid, count=self.group.state.object_size), epoch)
+            create = Header(opcode=Op.CREATE_AND_WRITE_OBJ, oid=oid, count=len(data), arg0=version)
+            await asyncio.gather(*(self.call(node, create, bytes(data), epoch)
+                                   for node in repairable))
+            result["repaired"] = [node.node_id for node in repairable]
+            result["good"] += len(repairable)
+            log.info("check: object %016x copied to %s", oid,
+                     ", ".join(node.node_id for node in repairable))
+        result["unreachable"] = [node.node_id for node in unreachable]
+        result["state"] = ("ok" if not stale else "repaired" if not unreachable else "degraded")
+        if result["good"] < result["copies"] and result["state"] == "ok":
+            result["state"] = "degraded"  # fewer zones than copies: placement is short
+        return result
+
+
+check_batch_max = 1024
+check_concurrency = 8
+
+
+def _newest(candidates: Iterable[tuple[NodeInfo, Any]],
+            verified_only: bool) -> tuple[int, bool, NodeInfo] | None:
+    """(version, removed, node) of the newest copy among (node, stat) pairs; stats that
+    are None (no copy) or errors are skipped, and unverified copies if verified_only."""
+    best: tuple[int, bool, NodeInfo] | None = None
+    for node, stat in candidates:
+        if stat is None or isinstance(stat, BaseException) or (
+                verified_only and stat.get("unverified")):
+            continue
+        candidate = (int(stat["version"]), bool(stat.get("deleted")), node)
+        # A removal bumps the version, so a real tombstone is newer than every copy: at
+        # an equal version, the copy wins (that "tombstone" is a file lost from a store).
+        if best is None or candidate[0] > best[0] or (
+                candidate[0] == best[0] and best[1] and not candidate[1]):
+            best = candidate
+    return best

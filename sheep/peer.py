@@ -62,6 +62,12 @@ class Peer:
 
     async def create_and_write(self, header: Header, payload: bytes) -> Reply:
         # arg0, when set, is the version of the copy this one is made from (recovery).
+        # Such a copy never replaces a verified one at least as new: a client's write
+        # may have recovered and changed the object here since the source was read.
+        if header.arg0 and header.oid not in self.unverified and self.store.exists(header.oid):
+            current = self.store.version(header.oid)
+            if current >= header.arg0:
+                return b"", {"arg0": current}
         version = self.store.create_and_write(header.oid, header.offset, payload,
                                               header.arg0 or None)
         self.unverified.discard(header.oid)  # a whole new copy: current by definition

@@ -67,6 +67,7 @@ class Op(enum.IntEnum):
     DISCARD_OBJ = 0x05
     FLUSH = 0x06
     STAT_OBJ = 0x07
+    CHECK_OBJS = 0x08  # JSON {"oids": [...]}: bring each object back to N good copies
 
     CREATE_AND_WRITE_PEER = 0x11
     READ_PEER = 0x12
@@ -85,6 +86,8 @@ class Op(enum.IntEnum):
     KILL_NODE = 0x26
     PING = 0x27
     FORCE_RECOVER = 0x28
+    SET_RECOVERY = 0x29  # JSON {"max_rate": bytes/s}, for every sheep, through the log
+    REWEIGHT = 0x2A  # JSON {"node_id": ..., "vnodes": n}; 0 drains the node
 
     VDI_OPEN = 0x31
     VDI_CLOSE = 0x32
@@ -114,6 +117,7 @@ OPS: dict[Op, OpInfo] = {
     Op.DISCARD_OBJ: OpInfo("discard_obj", Kind.GATEWAY, Payload.NONE, Payload.NONE),
     Op.FLUSH: OpInfo("flush", Kind.GATEWAY, Payload.NONE, Payload.NONE),
     Op.STAT_OBJ: OpInfo("stat_obj", Kind.GATEWAY, Payload.NONE, Payload.JSON),
+    Op.CHECK_OBJS: OpInfo("check_objs", Kind.GATEWAY, Payload.JSON, Payload.JSON),
     Op.CREATE_AND_WRITE_PEER: OpInfo("create_and_write_peer", Kind.PEER, Payload.DATA, Payload.NONE),
     Op.READ_PEER: OpInfo("read_peer", Kind.PEER, Payload.NONE, Payload.DATA),
     Op.WRITE_PEER: OpInfo("write_peer", Kind.PEER, Payload.DATA, Payload.NONE),
@@ -130,6 +134,8 @@ OPS: dict[Op, OpInfo] = {
     Op.KILL_NODE: OpInfo("kill_node", Kind.ADMIN, Payload.NONE, Payload.NONE),
     Op.PING: OpInfo("ping", Kind.ADMIN, Payload.NONE, Payload.JSON),
     Op.FORCE_RECOVER: OpInfo("force_recover", Kind.ADMIN, Payload.NONE, Payload.JSON),
+    Op.SET_RECOVERY: OpInfo("set_recovery", Kind.ADMIN, Payload.JSON, Payload.JSON),
+    Op.REWEIGHT: OpInfo("reweight", Kind.ADMIN, Payload.JSON, Payload.JSON),
     Op.VDI_OPEN: OpInfo("vdi_open", Kind.VDI, Payload.JSON, Payload.JSON),
     Op.VDI_CLOSE: OpInfo("vdi_close", Kind.VDI, Payload.NONE, Payload.NONE),
     Op.VDI_READ: OpInfo("vdi_read", Kind.VDI, Payload.NONE, Payload.DATA),

@@ -1,4 +1,4 @@
-"""Recovery, its first part: verifying the copies a sheep brings back.
+"""Recovery: verifying the copies a sheep brings back, re-replication, removal of surplus copies.
 
 A sheep that starts with objects in its store may have been away while they
 changed or were removed. Until each copy is compared with the other replicas
@@ -9,14 +9,16 @@ replaced by the newest copy (or removed, when the newest is a removal's
 tombstone) before it is verified. Copies that no reachable replica can vouch
 for stay unverified and are tried again later.
 
-(Re-replication after a node loss, the rest of recovery, is the self-healing
-stage's work; a write already copies a missing replica first, in the gateway.)
+The Recoverer below does the rest: re-replication after every epoch change,
+and the removal of copies a sheep no longer has to hold.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from sheep import proto
@@ -95,20 +97,47 @@ def _whole(group: Group, oid: int) -> Header:
     return Header(opcode=Op.READ_OBJ, oid=oid, offset=0, count=group.state.object_size)
 
 recovery_concurrency = 4  # objects fetched at once
+purge_concurrency = 16  # surplus copies checked at once
+purge_retry_interval_s = 1.0
+
+
+class RateLimiter:
+    """Paces transfers to a rate read afresh at every call, so a change of the
+    cluster's setting applies at once. take(n) waits until n more bytes fit."""
+
+    def __init__(self, rate: Callable[[], int]) -> None:
+        self.rate = rate
+        self._next = 0.0  # when the bytes granted so far will have gone at the rate
+
+    async def take(self, nbytes: int) -> None:
+        rate = self.rate()
+        now = time.monotonic()
+        if rate <= 0:
+            self._next = now
+            return
+        start = max(now, self._next)
+        self._next = start + nbytes / rate
+        if start > now:
+            await asyncio.sleep(start - now)
 
 
 class Recoverer(_Worker):
-    """Re-replication: after every epoch change, fetch the objects the new
-    placement gives this sheep and that it lacks.
+    """Recovery after every epoch change, in two steps.
 
-    Every member's object list is gathered (LIST_PEER); for each object whose
-    placement under the current epoch names this sheep and that is not here, the
-    newest verified copy among the holders is fetched (a removal's tombstone
-    newer than every copy means: nothing to fetch). A copy is only created while
-    the object is still absent here: a client's write that reached this sheep
-    meanwhile (the gateway copies a missing replica first) is newer. Copies this
-    sheep no longer needs are kept (removing them safely is the self-healing
-    stage's work).
+    Re-replication: every member's object list is gathered (LIST_PEER); for each
+    object whose placement under the current epoch names this sheep and that is
+    not here, the newest verified copy among the holders is fetched (a removal's
+    tombstone newer than every copy means: nothing to fetch), paced by the
+    cluster's recovery rate. A copy is only created while the object is still
+    absent here: a client's write that reached this sheep meanwhile (the gateway
+    copies a missing replica first, so objects clients wait on never wait for this
+    pass) is newer.
+
+    Removal of surplus copies: a copy this sheep holds but the current placement
+    does not give it is dropped once every holder of the placement has a verified
+    copy at least as new; until then it stays, a source for recovery and for
+    reads that fall back to earlier epochs. So a copy count never drops below N
+    on the way, and a drained node (no vnodes) empties itself.
     """
 
     def __init__(self, store: Store, peer: Peer, group: Group, gateway: Gateway,
@@ -118,14 +147,26 @@ class Recoverer(_Worker):
         self.to_recover = 0
         self.recovered = 0
         self.failed = 0
+        self.bytes = 0
+        self.surplus = 0  # copies held here that the placement no longer gives this sheep
+        self.removed = 0
+        self.started = 0.0
+        self.finished = 0.0
         self.running = False
+        self.phase = "idle"  # fetching, removing (surplus copies waiting for holders), idle
+        self.limiter = RateLimiter(lambda: self.group.state.recovery_max_rate)
         self._again = False
         self._task: asyncio.Task[None] | None = None
 
     def status(self) -> dict[str, Any]:
+        elapsed = (self.finished if not self.running else time.monotonic()) - self.started
         return {"epoch": self.epoch, "to_recover": self.to_recover,
                 "recovered": self.recovered, "failed": self.failed, "running": self.running,
-                "unverified": len(self.peer.unverified)}
+                "unverified": len(self.peer.unverified), "bytes": self.bytes,
+                "rate": self.bytes / elapsed if elapsed > 0 and self.bytes else 0.0,
+                "elapsed": elapsed if self.started else 0.0,
+                "max_rate": self.group.state.recovery_max_rate,
+                "surplus": self.surplus, "removed": self.removed, "phase": self.phase}
 
     def trigger(self) -> None:
         """A new epoch: recover now, or once more after the pass that is running."""
@@ -145,14 +186,21 @@ class Recoverer(_Worker):
         while True:
             self._again = False
             self.running = True
+            self.started = time.monotonic()
             try:
+                self.phase = "fetching"
                 await self.run_once()
+                self.phase = "removing"
+                while await self.purge_once(self.epoch) and not self._again:
+                    await self.group.wait_epoch_after(self.epoch, purge_retry_interval_s)
             except SheepError as error:
                 log.warning("recovery pass failed: %s; retrying", error)
                 self._again = True
                 await asyncio.sleep(verify_retry_interval_s)
             finally:
                 self.running = False
+                self.phase = "idle"
+                self.finished = time.monotonic()
             if not self._again:
                 return
 
@@ -170,10 +218,9 @@ class Recoverer(_Worker):
             for oid in proto.decode_json(data):
                 holders.setdefault(int(oid), []).append(node)
         here = set(self.store.list_oids())
-        wanted = [oid for oid, nodes in holders.items() if oid not in here and any(
-            node.node_id == self.node_id for node in self.group.placement(oid, epoch))]
+        wanted = [oid for oid, nodes in holders.items() if oid not in here and self._mine(oid, epoch)]
         self.to_recover = len(wanted)
-        self.recovered = self.failed = 0
+        self.recovered = self.failed = self.bytes = 0
         if wanted:
             log.info("epoch %d: recovering %d objects", epoch, len(wanted))
         semaphore = asyncio.Semaphore(recovery_concurrency)
@@ -193,7 +240,11 @@ class Recoverer(_Worker):
         if self.failed:
             raise SheepError(f"{self.failed} objects not recovered")
         if wanted:
-            log.info("epoch %d: recovered %d objects", epoch, self.recovered)
+            log.info("epoch %d: recovered %d objects (%d bytes)", epoch, self.recovered,
+                     self.bytes)
+
+    def _mine(self, oid: int, epoch: int) -> bool:
+        return any(node.node_id == self.node_id for node in self.group.placement(oid, epoch))
 
     async def fetch(self, oid: int, nodes: list[Any], epoch: int) -> bool:
         """Copy the newest verified copy of oid here; False if there is none to copy."""
@@ -203,8 +254,54 @@ class Recoverer(_Worker):
         best = await self.gateway.newest(oid, list(asked.values()), epoch, verified_only=True)
         if best is None or best[1]:
             return False
+        await self.limiter.take(self.group.state.object_size)
         data, _ = await self.gateway.read_copy(best[2], _whole(self.group, oid), epoch)
         if self.store.exists(oid):
             return False  # a client's write put a current copy here meanwhile
         self.store.create_and_write(oid, 0, bytes(data), best[0])
+        self.bytes += len(data)
         return True
+
+    async def purge_once(self, epoch: int) -> bool:
+        """Drop the surplus copies whose holders all have them; True if some must wait."""
+        surplus = [oid for oid in self.store.list_oids() if not self._mine(oid, epoch)]
+        self.surplus = len(surplus)
+        waiting = 0
+        semaphore = asyncio.Semaphore(purge_concurrency)
+
+        async def one(oid: int) -> None:
+            nonlocal waiting
+            async with semaphore:
+                if self.group.epoch != epoch:
+                    return
+                try:
+                    held = await self._held_elsewhere(oid, epoch)
+                except (*RETRYABLE, SheepError) as error:
+                    log.info("cannot check the holders of %016x yet: %s", oid, error)
+                    held = False
+                # No await between this check and the drop: a newer epoch that gives the
+                # object back to this sheep cannot slip in between.
+                if not held or self.group.epoch != epoch:
+                    waiting += 1
+                    return
+                self.peer.unverified.discard(oid)
+                self.store.drop(oid)
+                self.removed += 1
+                self.surplus -= 1
+
+        await asyncio.gather(*(one(oid) for oid in surplus))
+        if surplus:
+            log.info("epoch %d: %d surplus copies removed, %d wait for their holders", epoch,
+                     len(surplus) - waiting, waiting)
+        return waiting > 0 and self.group.epoch == epoch
+
+    async def _held_elsewhere(self, oid: int, epoch: int) -> bool:
+        """Every holder of the placement has a verified copy at least as new as ours
+        (or a newer removal)."""
+        mine = self.store.version(oid)
+        placement = self.group.placement(oid, epoch)
+        if not placement:
+            return False
+        stats = await self.gateway.stats(oid, placement, epoch)
+        return all(stat is not None and not stat.get("unverified")
+                   and int(stat["version"]) >= mine for stat in stats)

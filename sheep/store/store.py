@@ -186,13 +186,16 @@ class Store:
         return version
 
     def exists(self, oid: int) -> bool:
-        return oid in self._fds or os.path.exists(self.object_path(oid))
+        """Whether the object's file is there (asked of the path, not the fd cache: a
+        file lost from the store must not count)."""
+        return os.path.exists(self.object_path(oid))
 
     def create_and_write(self, oid: int, offset: int, data: bytes | memoryview,
                          version: int | None = None) -> int:
         """Create the object (or overwrite an existing one) and write data into it."""
         self._check_range(offset, len(data))
         with _translated(f"create object {oid:016x}"):
+            self._drop_fd(oid)  # a cached fd may be of a file lost from the store
             fd = self._fd(oid, create=True)
             os.ftruncate(fd, 0)  # an old object's bytes must not show through the new one
             os.ftruncate(fd, self.object_size)
@@ -241,6 +244,19 @@ class Store:
             except FileNotFoundError:
                 raise NoObject(f"object {oid:016x} is not on this node") from None
             self._bump_version(oid, version)
+
+    def drop(self, oid: int) -> None:
+        """Forget a copy this node no longer has to hold (its current holders have it):
+        the file and its version go, leaving no tombstone, as if it had never been here."""
+        with _translated(f"drop object {oid:016x}"):
+            self._drop_fd(oid)
+            self._dirty.discard(oid)
+            try:
+                os.unlink(self.object_path(oid))
+            except FileNotFoundError:
+                pass
+            with self.env.begin(db=self._objects, write=True) as txn:
+                txn.delete(_oid_key(oid))
 
     def tombstone(self, oid: int, version: int) -> None:
         """Record that the object was removed at this version (it is not here)."""

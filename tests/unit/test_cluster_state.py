@@ -469,7 +469,10 @@ def test_against_a_model(events: list[Event]) -> None:
     changes = 0
     formatted: tuple[int, int] | None = None
     waiting: set[str] | None = None  # after a shutdown: the nodes the cluster waits for
+    run_start: set[str] | None = None  # members before the current run of leaves
     for event in events:
+        if event.kind is not EventKind.LEAVE:
+            run_start = None
         result = state.apply(event)
         state._check()
         if event.kind is EventKind.JOIN:
@@ -479,7 +482,11 @@ def test_against_a_model(events: list[Event]) -> None:
             if changed and waiting is not None and waiting <= set(members):
                 waiting = None
         elif event.kind is EventKind.LEAVE:
+            if event.node_id in members and run_start is None:
+                run_start = set(members)
             changed = members.pop(event.node_id, None) is not None
+            if changed and not members and formatted and waiting is None:
+                waiting = run_start  # every sheep is gone: wait for the last ones
         else:
             changed = False
             body = event.body
@@ -533,3 +540,87 @@ def test_force_recover_gives_up_on_missing_nodes() -> None:
     result = feeder.op({"type": "force_recover"})
     assert result.result is Result.SUCCESS and result.value == {"given_up": [nodes[1].node_id]}
     assert feeder.state.status is Status.OK
+
+
+def test_when_every_sheep_dies_the_restart_waits_for_the_last_members() -> None:
+    feeder = cluster_of(3)
+    feeder.format(copies=2)
+    nodes = feeder.state.nodes
+    feeder.leave(nodes[0].node_id, "dead")  # seen dead by the others: they go on
+    assert feeder.state.status is Status.OK
+    feeder.op({"type": "vdi_create", "name": "a", "size": 1 << 20})
+    # The last two die together; the first to come back logs their leaves, then joins.
+    feeder.leave(nodes[1].node_id, "dead")
+    feeder.leave(nodes[2].node_id, "dead")
+    assert feeder.state.status is Status.SHUTDOWN
+    assert feeder.state.waiting_for == [nodes[1].node_id, nodes[2].node_id]
+    feeder.join(nodes[0])
+    assert feeder.state.status is Status.SHUTDOWN  # node 0 missed writes: not enough
+    feeder.join(nodes[2])
+    assert feeder.state.status is Status.SHUTDOWN
+    feeder.join(nodes[1])
+    assert feeder.state.status is Status.OK
+    assert reload(feeder.state).to_json() == feeder.state.to_json()
+
+
+def test_a_lone_sheep_that_dies_serves_again_when_it_returns() -> None:
+    feeder = cluster_of(1)
+    feeder.format(copies=1)
+    node = feeder.state.nodes[0]
+    feeder.leave(node.node_id, "dead")
+    assert feeder.state.waiting_for == [node.node_id]
+    feeder.join(node)
+    assert feeder.state.status is Status.OK
+
+
+def test_recovery_rate_is_a_cluster_setting() -> None:
+    feeder = cluster_of(2)
+    assert feeder.op({"type": "recovery", "max_rate": 100 << 20}).value == {"max_rate": 100 << 20}
+    assert feeder.state.recovery_max_rate == 100 << 20
+    assert reload(feeder.state).recovery_max_rate == 100 << 20
+    for bad in (-1, "100M", None, True, 1.5):
+        result = feeder.op({"type": "recovery", "max_rate": bad})
+        assert result.result is Result.INVALID_PARMS and "max_rate" in result.message
+    assert feeder.state.recovery_max_rate == 100 << 20
+
+
+def test_reweight_to_zero_drains_a_node_in_a_new_epoch() -> None:
+    feeder = cluster_of(4)
+    feeder.format(copies=3)
+    node = feeder.state.nodes[3]
+    epoch = feeder.state.epoch
+    result = feeder.op({"type": "reweight", "node_id": node.node_id, "vnodes": 0})
+    assert result.result is Result.SUCCESS and result.epoch_changed
+    assert feeder.state.epoch == epoch + 1
+    assert feeder.state.members[node.node_id].vnodes == 0
+    assert feeder.state.zones == 3  # a node without vnodes holds no copies
+    again = feeder.op({"type": "reweight", "node_id": node.node_id, "vnodes": 0})
+    assert again.result is Result.SUCCESS and not again.epoch_changed
+    # A second drain would leave 2 zones for 3 copies: refused, nothing changes.
+    other = feeder.state.nodes[0]
+    refused = feeder.op({"type": "reweight", "node_id": other.node_id, "vnodes": 0})
+    assert refused.result is Result.TOO_FEW_ZONES and "fewer than the 3 copies" in refused.message
+    assert feeder.state.members[other.node_id].vnodes == 16
+    assert feeder.state.epoch == epoch + 1
+
+
+@pytest.mark.parametrize("body", [
+    {"node_id": "nobody", "vnodes": 0},
+    {"node_id": "127.0.0.1:7000/00000000", "vnodes": -1},
+    {"node_id": "127.0.0.1:7000/00000000", "vnodes": constants.vnodes_max + 1},
+    {"node_id": "127.0.0.1:7000/00000000", "vnodes": "0"},
+])
+def test_reweight_refuses_bad_input(body: dict[str, Any]) -> None:
+    feeder = cluster_of(2)
+    result = feeder.op({"type": "reweight", **body})
+    assert result.result is Result.INVALID_PARMS and not result.epoch_changed
+
+
+def test_vdi_copies_count_for_drains_too() -> None:
+    feeder = cluster_of(3)
+    feeder.format(copies=1)
+    assert feeder.op({"type": "vdi_create", "name": "a", "size": 1 << 20,
+                      "copies": 3}).result is Result.SUCCESS
+    node = feeder.state.nodes[0]
+    result = feeder.op({"type": "reweight", "node_id": node.node_id, "vnodes": 0})
+    assert result.result is Result.TOO_FEW_ZONES
