@@ -54,6 +54,10 @@ _peer_op = {
 
 past_epochs_searched_max = 16
 
+# Ops whose arg0 is the version the change gives the object (0: the replica's own +1).
+_versioned_ops = frozenset({Op.CREATE_AND_WRITE_OBJ, Op.WRITE_OBJ, Op.DISCARD_OBJ,
+                            Op.REMOVE_OBJ})
+
 
 class PeerPool:
     """One pipelined connection per peer, opened on first use, reopened after failure."""
@@ -87,6 +91,7 @@ class Gateway:
         self.local = local
         self.node_id = node_id
         self.pool = pool
+        self._version = 0
         self.handlers: dict[Op, Callable[[Header, bytes], Awaitable[Reply]]] = {
             Op.CREATE_AND_WRITE_OBJ: self.write_all,
             Op.WRITE_OBJ: self.write_all,
@@ -104,10 +109,22 @@ class Gateway:
 
     async def request(self, op: Op, oid: int, offset: int = 0, data: bytes = b"",
                       count: int | None = None, flags: int = 0, copies: int = 0) -> Reply:
-        """The same object ops for code inside the sheep (the VDI layer)."""
+        """The same object ops for code inside the sheep (the VDI layer). Changes carry
+        a version from next_version."""
         header = Header(opcode=op, oid=oid, offset=offset, flags=flags, length=len(data),
-                        count=len(data) if count is None else count, arg1=copies)
+                        count=len(data) if count is None else count, arg1=copies,
+                        arg0=self.next_version() if op in _versioned_ops else 0)
         return await self.handlers[op](header, data)
+
+    def next_version(self) -> int:
+        """A version for a change this sheep makes to a VDI object: the cluster log's
+        position in the high 32 bits, so that a later lock holder's changes (its lock
+        came later in the log) rank above an earlier holder's, then a count. Replicas
+        take max(theirs, this): a write applied twice (a retry after an epoch change,
+        a client re-sending through another gateway, a recovery copy that already had
+        it) leaves every replica at the same version."""
+        self._version = max(self._version + 1, self.group.state.seq << 32)
+        return self._version
 
     # --- calling one replica -----------------------------------------------
 
@@ -116,7 +133,7 @@ class Gateway:
             opcode=_peer_op.get(Op(header.opcode), header.opcode), epoch=epoch, oid=header.oid,
             offset=header.offset, count=header.count,
             flags=header.flags & (proto.FLAG_FUA | proto.FLAG_DIRECT),
-            arg0=header.arg0 if header.opcode == Op.CREATE_AND_WRITE_OBJ else 0)
+            arg0=header.arg0 if header.opcode in _versioned_ops else 0)
         if node.node_id == self.node_id:
             return await self.local.serve(peer_header, payload)
         connection = await self.pool.get(node)
@@ -155,17 +172,21 @@ class Gateway:
     # --- the ops -------------------------------------------------------------
 
     async def write_all(self, header: Header, payload: bytes) -> Reply:
+        # The replicas that have applied this write, with their version after it. A retry
+        # on a new epoch skips them: applying a write twice would bump a replica's
+        # version twice, and versions are how copies are compared.
+        applied: dict[str, int] = {}
+
         async def attempt(epoch: int) -> Reply:
             nodes = self.group.placement(header.oid, epoch, header.arg1)
-            if header.opcode == Op.CREATE_AND_WRITE_OBJ:
-                created = await self._all(nodes, header, payload, epoch)
-                return b"", {"arg0": max(fields.get("arg0", 0) for _, fields in created)}
-            targets = nodes
-            replies: list[Reply] = []
+            targets = [node for node in nodes if node.node_id not in applied]
             for _ in range(2):  # a second round only after recovering a copy for everyone
                 results = await asyncio.gather(
                     *(self.call(node, header, payload, epoch) for node in targets),
                     return_exceptions=True)
+                for node, result in zip(targets, results, strict=True):
+                    if not isinstance(result, BaseException):
+                        applied[node.node_id] = result[1].get("arg0", 0)
                 missing = [node for node, result in zip(targets, results, strict=True)
                            if isinstance(result, NoObject)]
                 errors = [r for r in results if isinstance(r, BaseException)
@@ -175,19 +196,22 @@ class Gateway:
                         raise error
                 if errors:
                     raise errors[0]
-                replies += [r for r in results if not isinstance(r, BaseException)]
                 if not missing:
                     break
-                await self._recover_for_write(header, nodes, missing, epoch)
-                if replies:
-                    break  # the copies came from a replica the write had reached
+                version = await self._recover_for_write(header, nodes, missing, epoch)
+                if any(node.node_id in applied for node in nodes):
+                    # The copies came from a replica the write had reached.
+                    applied.update((node.node_id, version) for node in missing)
+                    break
                 targets = missing
-            return b"", {"arg0": max(fields.get("arg0", 0) for _, fields in replies)}
+            if not applied:
+                raise Unavailable("no node is available to hold the object")
+            return b"", {"arg0": max(applied.values())}
 
         return await self._retrying(attempt)
 
     async def _recover_for_write(self, header: Header, nodes: list[NodeInfo],
-                                 missing: list[NodeInfo], epoch: int) -> None:
+                                 missing: list[NodeInfo], epoch: int) -> int:
         """Give the replicas of this epoch that lack the object a copy, before the write
         counts: from a replica that has it (with the write already applied), else from
         where an earlier epoch put it. A write waits for this; it never fails on it.
@@ -216,6 +240,7 @@ class Gateway:
         await asyncio.gather(*(self.call(node, create, bytes(data), epoch) for node in missing))
         log.info("recovered object %016x onto %s for a write", header.oid,
                  ", ".join(node.node_id for node in missing))
+        return int(fields.get("arg0", 0))
 
     async def remove(self, header: Header, payload: bytes) -> Reply:
         async def attempt(epoch: int) -> Reply:
@@ -388,9 +413,10 @@ class Gateway:
         result["good"] = len(nodes) - len(stale)
         repairable = [node for node in stale if node not in unreachable]
         if repairable:
-            data, _ = await self.read_copy(source, Header(
+            data, fields = await self.read_copy(source, Header(
                 opcode=Op.READ_OBJ, oid=oid, count=self.group.state.object_size), epoch)
-            create = Header(opcode=Op.CREATE_AND_WRITE_OBJ, oid=oid, count=len(data), arg0=version)
+            create = Header(opcode=Op.CREATE_AND_WRITE_OBJ, oid=oid, count=len(data),
+                            arg0=fields.get("arg0") or version)
             await asyncio.gather(*(self.call(node, create, bytes(data), epoch)
                                    for node in repairable))
             result["repaired"] = [node.node_id for node in repairable]

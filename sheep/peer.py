@@ -83,18 +83,20 @@ class Peer:
             "arg0": self.store.version(header.oid)}
 
     async def write(self, header: Header, payload: bytes) -> Reply:
-        version = self.store.write(header.oid, header.offset, payload)
+        # arg0, when set, is the version the gateway gave this write (see Gateway.next_version).
+        version = self.store.write(header.oid, header.offset, payload, version=header.arg0 or None)
         if header.flags & proto.FLAG_FUA:
             await self._sync(self.store.begin_sync_object(header.oid))
         return b"", {"arg0": version}
 
     async def remove(self, header: Header, payload: bytes) -> Reply:
         self.unverified.discard(header.oid)
-        self.store.remove(header.oid)
+        self.store.remove(header.oid, header.arg0 or None)
         return _empty
 
     async def discard(self, header: Header, payload: bytes) -> Reply:
-        version = self.store.discard(header.oid, header.offset, header.count)
+        version = self.store.discard(header.oid, header.offset, header.count,
+                                     version=header.arg0 or None)
         return b"", {"arg0": version}
 
     async def flush(self, header: Header, payload: bytes) -> Reply:

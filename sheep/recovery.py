@@ -82,9 +82,11 @@ class Verifier(_Worker):
                 except NoObject:
                     self.store.tombstone(oid, version)
             else:
-                data, _ = await self.gateway.read_copy(node, _whole(self.group, oid), epoch)
+                data, fields = await self.gateway.read_copy(node, _whole(self.group, oid), epoch)
                 if oid not in self.peer.unverified:
                     return  # a client's write got here first: it is current
+                # The version read with the data: a write may have landed since the stat.
+                version = fields.get("arg0") or version
                 self.store.create_and_write(oid, 0, bytes(data), version)
             self.replaced += 1
             log.info("copy of %016x was stale (version %d < %d): replaced", oid, mine, version)
@@ -255,10 +257,11 @@ class Recoverer(_Worker):
         if best is None or best[1]:
             return False
         await self.limiter.take(self.group.state.object_size)
-        data, _ = await self.gateway.read_copy(best[2], _whole(self.group, oid), epoch)
+        data, fields = await self.gateway.read_copy(best[2], _whole(self.group, oid), epoch)
         if self.store.exists(oid):
             return False  # a client's write put a current copy here meanwhile
-        self.store.create_and_write(oid, 0, bytes(data), best[0])
+        # The version read with the data: a write may have landed since the stat.
+        self.store.create_and_write(oid, 0, bytes(data), fields.get("arg0") or best[0])
         self.bytes += len(data)
         return True
 

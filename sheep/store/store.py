@@ -176,12 +176,17 @@ class Store:
             raise InvalidParameters(
                 f"range {offset}+{length} is outside the object size {self.object_size}")
 
-    def _bump_version(self, oid: int, version: int | None = None) -> int:
+    def _bump_version(self, oid: int, version: int | None = None, exact: bool = False) -> int:
+        """Advance the object's version: to one past the old one when no version is
+        given; to max(old, version) when one is (a write that carries its gateway's
+        version: applying it twice changes nothing); to exactly version if exact (a
+        copy made from a copy at that version)."""
         key = _oid_key(oid)
         with self.env.begin(db=self._objects, write=True) as txn:
-            if version is None:
+            if version is None or not exact:
                 old = txn.get(key)
-                version = (_meta_value.unpack(old)[0] if old else 0) + 1
+                old_version = _meta_value.unpack(old)[0] if old else 0
+                version = old_version + 1 if version is None else max(old_version, version)
             txn.put(key, _meta_value.pack(version, 0))
         return version
 
@@ -192,6 +197,7 @@ class Store:
 
     def create_and_write(self, oid: int, offset: int, data: bytes | memoryview,
                          version: int | None = None) -> int:
+        """version, when given, becomes the new copy's version."""
         """Create the object (or overwrite an existing one) and write data into it."""
         self._check_range(offset, len(data))
         with _translated(f"create object {oid:016x}"):
@@ -202,9 +208,10 @@ class Store:
             if data:
                 os.pwrite(fd, data, offset)
             self._dirty.add(oid)
-            return self._bump_version(oid, version)
+            return self._bump_version(oid, version, exact=True)
 
-    def write(self, oid: int, offset: int, data: bytes | memoryview, fua: bool = False) -> int:
+    def write(self, oid: int, offset: int, data: bytes | memoryview, fua: bool = False,
+              version: int | None = None) -> int:
         self._check_range(offset, len(data))
         with _translated(f"write object {oid:016x}"):
             fd = self._fd(oid)
@@ -213,7 +220,7 @@ class Store:
                 os.fdatasync(fd)
             else:
                 self._dirty.add(oid)
-            return self._bump_version(oid)
+            return self._bump_version(oid, version)
 
     def read(self, oid: int, offset: int, count: int) -> bytes:
         self._check_range(offset, count)
@@ -224,7 +231,7 @@ class Store:
             data += bytes(count - len(data))
         return data
 
-    def discard(self, oid: int, offset: int, count: int) -> int:
+    def discard(self, oid: int, offset: int, count: int, version: int | None = None) -> int:
         self._check_range(offset, count)
         with _translated(f"discard in object {oid:016x}"):
             from sheep.store.punch import punch_hole
@@ -232,7 +239,7 @@ class Store:
             fd = self._fd(oid)
             punch_hole(fd, offset, count)
             self._dirty.add(oid)
-            return self._bump_version(oid)
+            return self._bump_version(oid, version)
 
     def remove(self, oid: int, version: int | None = None) -> None:
         """Remove the object's file; its version stays, bumped, as a tombstone, so a
@@ -243,7 +250,8 @@ class Store:
                 os.unlink(self.object_path(oid))
             except FileNotFoundError:
                 raise NoObject(f"object {oid:016x} is not on this node") from None
-            self._bump_version(oid, version)
+            # Past every version the copy had: a tombstone must beat copies that missed it.
+            self._bump_version(oid, max(version or 0, self.version(oid) + 1))
 
     def drop(self, oid: int) -> None:
         """Forget a copy this node no longer has to hold (its current holders have it):

@@ -128,11 +128,61 @@ class LocalCluster:
         raise AssertionError(f"sheep {index} sees {len(info.get('members', []))} members, "
                              f"not {members}")
 
+    def object_path(self, index: int, oid: int) -> str:
+        name = f"{oid:016x}"
+        return os.path.join(self.sheep[index].directory, "obj", name[-2:], name)
+
     def object_files(self, oid: int) -> list[int]:
         """Indexes of the sheep whose store directory holds the object's file."""
-        name = f"{oid:016x}"
         return [node.index for node in self.sheep
-                if os.path.exists(os.path.join(node.directory, "obj", name[-2:], name))]
+                if os.path.exists(self.object_path(node.index, oid))]
+
+    def index_of(self, endpoint: str) -> int:
+        """The index of the sheep listening on endpoint ("host:port")."""
+        port = int(endpoint.rpartition(":")[2])
+        return next(node.index for node in self.sheep if node.port == port)
+
+    def all_oids(self) -> set[int]:
+        """Every oid some live sheep stores (LIST_PEER of each)."""
+        oids: set[int] = set()
+        for node in self.sheep:
+            if node.alive:
+                with self.client(node.index) as client:
+                    oids.update(client.list_objects())
+        return oids
+
+    def recovery_unsettled(self) -> str | None:
+        """Why recovery is not over yet, or None: every live sheep must be a member
+        of one epoch whose members are exactly the live sheep, and have run that
+        epoch's recovery to its end, with no failure and every copy verified."""
+        alive = [node.index for node in self.sheep if node.alive]
+        infos = []
+        for index in alive:
+            with self.client(index) as client:
+                infos.append(client.node_info())
+            if len(infos) == 1:
+                with self.client(index) as client:
+                    members = len(client.cluster_info()["members"])
+                if members != len(alive):
+                    return f"{members} members, {len(alive)} sheep alive"
+        epochs = {info["epoch"] for info in infos}
+        if len(epochs) != 1:
+            return f"the sheep are in epochs {sorted(epochs)}"
+        for index, info in zip(alive, infos, strict=True):
+            recovery = info["recovery"]
+            if recovery is None or recovery["epoch"] != info["epoch"] or recovery["running"] \
+                    or recovery["failed"] or recovery["unverified"]:
+                return f"sheep {index} in epoch {info['epoch']}: recovery {recovery}"
+        return None
+
+    def wait_recovered(self, timeout_s: float = 60.0) -> float:
+        """Wait until recovery_unsettled() is None; return the seconds it took."""
+        started = time.monotonic()
+        while (why := self.recovery_unsettled()) is not None:
+            if time.monotonic() - started > timeout_s:
+                raise AssertionError(f"recovery not over within {timeout_s} s: {why}")
+            time.sleep(0.1)
+        return time.monotonic() - started
 
     def close(self) -> None:
         for node in self.sheep:

@@ -43,20 +43,14 @@ def read_disk(cluster: LocalCluster, index: int, size: int) -> bytes:
 
 
 def all_oids(cluster: LocalCluster) -> list[int]:
-    oids: set[int] = set()
-    for sheep in cluster.sheep:
-        if sheep.alive:
-            with cluster.client(sheep.index) as client:
-                oids.update(client.list_objects())
-    return sorted(oids)
+    return sorted(cluster.all_oids())
 
 
 def placed_on(cluster: LocalCluster, index: int, oid: int) -> list[int]:
     """Indexes of the sheep the current placement gives the object to."""
     with cluster.client(index) as client:
         replicas = client.stat(oid)["replicas"]
-    ports = {sheep.port: sheep.index for sheep in cluster.sheep}
-    return sorted(ports[int(replica["endpoint"].rsplit(":", 1)[1])] for replica in replicas)
+    return sorted(cluster.index_of(replica["endpoint"]) for replica in replicas)
 
 
 def dog_index(cluster: LocalCluster, index: int) -> str:
@@ -66,19 +60,12 @@ def dog_index(cluster: LocalCluster, index: int) -> str:
     return str(ports.index(cluster.sheep[index].port))
 
 
-def wait_settled(cluster: LocalCluster, index: int, timeout_s: float = 60) -> dict:
-    """Until every live node has finished recovering (and removing surplus copies)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with cluster.client(index) as client:
-            nodes = client.node_list()
-        epochs = {node["recovery"]["epoch"] for node in nodes if node.get("recovery")}
-        if (all(node.get("recovery") and not node["recovery"]["running"]
-                and not node["recovery"]["unverified"] for node in nodes)
-                and len(epochs) == 1 and epochs.pop() == nodes[0]["epoch"]):
-            return {node["node_id"]: node for node in nodes}
-        assert time.monotonic() < deadline, f"recovery still running: {nodes}"
-        time.sleep(0.2)
+def wait_settled(cluster: LocalCluster, timeout_s: float = 60) -> dict:
+    """Until every live node has finished recovering (and removing surplus copies);
+    then each node's info by node id."""
+    cluster.wait_recovered(timeout_s)
+    with cluster.client(cluster.first_alive()) as client:
+        return {node["node_id"]: node for node in client.node_list()}
 
 
 def test_a_new_node_takes_its_share_and_the_old_holders_drop_their_surplus(make_cluster):
@@ -91,7 +78,7 @@ def test_a_new_node_takes_its_share_and_the_old_holders_drop_their_surplus(make_
     assert before
     cluster.add()
     cluster.start(3)
-    wait_settled(cluster, 0)
+    wait_settled(cluster)
     moved = 0
     for oid in oids:
         holders = placed_on(cluster, 0, oid)
@@ -99,7 +86,7 @@ def test_a_new_node_takes_its_share_and_the_old_holders_drop_their_surplus(make_
         assert cluster.object_files(oid) == holders, hex(oid)
         moved += 3 in holders
     assert moved > len(oids) // 8, "the new node got its share"
-    removed = sum(node["recovery"]["removed"] for node in wait_settled(cluster, 0).values())
+    removed = sum(node["recovery"]["removed"] for node in wait_settled(cluster).values())
     assert removed == moved
     assert read_disk(cluster, 3, len(data)) == data
     listing = json.loads(dog(cluster.sheep[0].port, "node", "list", "--json").stdout)
@@ -153,7 +140,7 @@ def test_the_rate_limit_paces_recovery_and_lifts_at_run_time(make_cluster):
         # A burst of at most one object per fetch slot, then the pace holds.
         assert s["bytes"] <= (4 << 20) * (s["elapsed"] + 1) + 4 * (4 << 20), s
     assert dog(cluster.sheep[0].port, "node", "recovery", "--max-rate", "0").returncode == 0
-    nodes = wait_settled(cluster, 0, timeout_s=30)
+    nodes = wait_settled(cluster, timeout_s=30)
     assert all(node["recovery"]["failed"] == 0 for node in nodes.values())
     for oid in all_oids(cluster):
         assert len([i for i in cluster.object_files(oid) if i != 3]) == 3
@@ -174,7 +161,7 @@ def test_watch_follows_recovery_to_the_end_and_info_shows_health(make_cluster):
     watch = dog(port, "node", "recovery", "--watch", "--max-rate", "0", timeout=60)
     assert watch.returncode == 0
     assert watch.stderr.strip().splitlines()[-1].startswith("healthy")
-    settled = wait_settled(cluster, 0, timeout_s=5)  # --watch returned only once done
+    settled = wait_settled(cluster, timeout_s=5)  # --watch returned only once done
     assert all(node["recovery"]["failed"] == 0 for node in settled.values())
     text = dog(port, "cluster", "info").stdout
     assert "Cluster health: healthy" in text
