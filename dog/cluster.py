@@ -1,4 +1,4 @@
-"""dog cluster: format, info, check, shutdown, recover."""
+"""dog cluster: format, info, check, scrub, shutdown, recover."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from typing import Any
 
 import click
 
-from dog.common import SIZE, connection_options, json_option, run
+from dog.common import DURATION, RATE, SIZE, connection_options, json_option, run
 from dog.output import Progress, format_time, print_json, print_table
 from sheep import constants
-from sheep.errors import EXIT_FAILURE, Unavailable
+from sheep.errors import EXIT_FAILURE, NoObject, Unavailable
 from sheep.size import format_size
 
 
@@ -131,18 +131,20 @@ def force() -> None:
 check_batch = 64
 
 
-@cluster.command()
-@json_option
-@connection_options
-def check(as_json: bool) -> None:
-    """Check every object of the cluster and repair those with fewer than N good copies.
-
-    Every node's objects are listed; for each, the newest copy is copied to the
-    holders that lack it or hold an older or unverified one. Exit status 0 when
-    every object has its copies, 1 when some could not be repaired."""
+def _objects(vdi: str | None) -> list[int]:
+    """Every object some node stores; with vdi, only those of that VDI's generations
+    (the VDI's own and its snapshots'; data shared from a clone's source is the
+    source's)."""
     from sheep.client import Client
+    from sheep.oid import ObjectType, oid_generation, oid_type
 
     async def gather(client: Client) -> list[int]:
+        generations: set[int] | None = None
+        if vdi is not None:
+            entries = await client.vdi_list([vdi], usage=False)
+            if not entries:
+                raise NoObject(f"no VDI named {vdi!r}")
+            generations = {entry["generation"] for entry in entries}
         oids: set[int] = set()
         for node in await client.node_list():
             if node.get("status") == "unreachable":
@@ -152,34 +154,50 @@ def check(as_json: bool) -> None:
                 oids.update(await peer.list_objects())
             finally:
                 peer.close()
+        if generations is not None:
+            oids = {oid for oid in oids if oid_type(oid) in (ObjectType.DATA, ObjectType.TREE)
+                    and oid_generation(oid) in generations}
         return sorted(oids)
 
-    oids = run(gather)
-    progress = Progress(len(oids), "checking objects")
+    return run(gather)
+
+
+def _walk(oids: list[int], scrub: bool, label: str) -> list[dict[str, Any]]:
+    from sheep.client import Client
+
+    progress = Progress(len(oids), label)
     results: list[dict[str, Any]] = []
 
     async def walk(client: Client) -> None:
         for start in range(0, len(oids), check_batch):
             batch = oids[start:start + check_batch]
-            results.extend(await client.check_objects(batch))
+            results.extend(await client.check_objects(batch, scrub=scrub))
             progress.update(len(batch))
 
     try:
         run(walk)
     finally:
         progress.close()
+    return results
+
+
+def _report(results: list[dict[str, Any]], verb: str, as_json: bool) -> None:
+    """Print what a check or scrub found; exit 1 if an object is left short or lost."""
     counts = {state: 0 for state in ("ok", "repaired", "degraded", "lost", "removed", "error")}
     for result in results:
         counts[result["state"]] = counts.get(result["state"], 0) + 1
     copies_made = sum(len(result.get("repaired", [])) for result in results)
+    damaged = sum(len(result.get("damaged", [])) for result in results)
     bad = [result for result in results if result["state"] in ("degraded", "lost", "error")]
     if as_json:
-        print_json({"objects": len(results), "copies_made": copies_made, **counts,
-                    "problems": bad})
+        print_json({"objects": len(results), "copies_made": copies_made,
+                    "damaged_copies": damaged, **counts, "problems": bad})
     else:
-        click.echo(f"{len(results)} objects checked: {counts['ok']} fine, {counts['repaired']}"
-                   f" repaired ({copies_made} copies made), {counts['degraded']} degraded,"
-                   f" {counts['lost']} lost, {counts['error']} unchecked")
+        click.echo(f"{len(results)} objects {verb}: {counts['ok']} fine, {counts['repaired']}"
+                   f" repaired ({copies_made} copies made"
+                   + (f", {damaged} damaged copies found" if verb == "scrubbed" else "")
+                   + f"), {counts['degraded']} degraded, {counts['lost']} lost,"
+                   f" {counts['error']} unchecked")
         for result in bad:
             detail = result.get("error") or (
                 f"{result['good']}/{result['copies']} good copies"
@@ -188,3 +206,53 @@ def check(as_json: bool) -> None:
             click.echo(f"  {result['oid']:016x}: {result['state']}: {detail}")
     if bad:
         raise SystemExit(EXIT_FAILURE)
+
+
+@cluster.command()
+@json_option
+@connection_options
+def check(as_json: bool) -> None:
+    """Check every object of the cluster and repair those with fewer than N good copies.
+
+    Every node's objects are listed; for each, the newest copy is copied to the
+    holders that lack it or hold an older or unverified one. Exit status 0 when
+    every object has its copies, 1 when some could not be repaired."""
+    _report(_walk(_objects(None), False, "checking objects"), "checked", as_json)
+
+
+@cluster.command()
+@click.option("--vdi", default=None, help="Only the objects of this VDI and its snapshots.")
+@click.option("--background-rate", type=RATE, default=None,
+              help="Set the background scrub instead: bytes per second on each node,"
+                   " like 8M; 0 turns it off.")
+@click.option("--every", type=DURATION, default=None,
+              help="With --background-rate: time from one background pass to the next,"
+                   " like 24h.")
+@json_option
+@connection_options
+def scrub(vdi: str | None, background_rate: int | None, every: int | None,
+          as_json: bool) -> None:
+    """Verify every block of every copy, compare the replicas, repair what is wrong.
+
+    Each holder reads its whole copy and checks it against its checksums; a damaged
+    copy, a missing or older one, and one whose contents differ from the newest are
+    replaced by the newest good copy. Prints what was found and fixed; exit status 1
+    when some object is left without its copies. Every node also scrubs its own
+    copies in the background (see --background-rate and 'dog node info')."""
+    if background_rate is not None or every is not None:
+        value = run(lambda client: client.set_scrub(background_rate, every))
+        if as_json:
+            print_json(value)
+            return
+        rate = value["max_rate"]
+        click.echo(f"background scrub: {format_size(rate) + '/s per node' if rate else 'off'},"
+                   f" a pass every {_duration(value['interval'])}")
+        return
+    _report(_walk(_objects(vdi), True, "scrubbing objects"), "scrubbed", as_json)
+
+
+def _duration(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"

@@ -124,3 +124,28 @@ class OidType(click.ParamType):
 
 
 OID = OidType()
+
+
+class DurationType(click.ParamType):
+    """Durations like 90s, 30m, 24h, 7d (a bare number is seconds)."""
+
+    name = "duration"
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        factor = self.units.get(text[-1:], 0)
+        number = text[:-1] if factor else text
+        try:
+            seconds = int(number) * (factor or 1)
+        except ValueError:
+            self.fail(f"invalid duration {value!r}: use a number with s, m, h or d", param, ctx)
+        if seconds < 0:
+            self.fail(f"invalid duration {value!r}: it cannot be negative", param, ctx)
+        return seconds
+
+
+DURATION = DurationType()

@@ -221,10 +221,20 @@ class Client:
                                                   {"node_id": node_id, "vnodes": vnodes})
         return result
 
-    async def check_objects(self, oids: list[int]) -> list[dict[str, Any]]:
-        """Bring each object back to N good copies; one result per object."""
-        result: dict[str, Any] = await self._json(Op.CHECK_OBJS, {"oids": oids})
+    async def check_objects(self, oids: list[int], scrub: bool = False) -> list[dict[str, Any]]:
+        """Bring each object back to N good copies; one result per object. With scrub,
+        every copy verifies all its blocks first, and copies whose contents differ
+        from the newest are replaced too."""
+        result: dict[str, Any] = await self._json(Op.CHECK_OBJS, {"oids": oids, "scrub": scrub})
         return list(result["objects"])
+
+    async def set_scrub(self, max_rate: int | None = None,
+                        interval: int | None = None) -> dict[str, Any]:
+        """The background scrub: bytes/s per node (0: off) and seconds between passes."""
+        body = {key: value for key, value in (("max_rate", max_rate), ("interval", interval))
+                if value is not None}
+        result: dict[str, Any] = await self._json(Op.SET_SCRUB, body)
+        return result
 
     async def node_info(self) -> dict[str, Any]:
         result: dict[str, Any] = await self._json(Op.NODE_INFO)

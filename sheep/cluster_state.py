@@ -118,12 +118,15 @@ class ClusterState:
         # cluster (every sheep died), these are the nodes its restart must wait for.
         self.leave_run: list[str] = []
         self.recovery_max_rate = 0  # bytes/s each sheep may fetch when recovering; 0: no limit
+        self.scrub_max_rate = constants.scrub_rate_default  # bytes/s of background scrub; 0: off
+        self.scrub_interval = constants.scrub_interval_default_s  # from one pass to the next
         self.vdis = VdiRegistry()
         self._ops: dict[str, Callable[[Event], ApplyResult]] = {
             "format": self._apply_format,
             "shutdown": self._apply_shutdown,
             "force_recover": self._apply_force_recover,
             "recovery": self._apply_recovery,
+            "scrub": self._apply_scrub,
             "reweight": self._apply_reweight,
         }
         for kind in self.vdis.ops:
@@ -252,6 +255,18 @@ class ClusterState:
         self.recovery_max_rate = rate
         return ApplyResult(value={"max_rate": rate})
 
+    def _apply_scrub(self, event: Event) -> ApplyResult:
+        """Background scrub settings: max_rate in bytes/s (0: off), interval in seconds
+        from the end of one pass to the next; either may be left out."""
+        rate = event.body.get("max_rate", self.scrub_max_rate)
+        interval = event.body.get("interval", self.scrub_interval)
+        for name, value in (("max_rate", rate), ("interval", interval)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                return _error(Result.INVALID_PARMS,
+                              f"{name} must be a whole number >= 0, not {value!r}")
+        self.scrub_max_rate, self.scrub_interval = rate, interval
+        return ApplyResult(value={"max_rate": rate, "interval": interval})
+
     def _apply_reweight(self, event: Event) -> ApplyResult:
         """Give a member another number of vnodes. Zero drains it: the ring places
         nothing on it, recovery moves its copies to the others, and it keeps serving
@@ -305,6 +320,7 @@ class ClusterState:
             "format_epoch": self.format_epoch, "vdis": self.vdis.to_json(),
             "waiting_for": list(self.waiting_for), "leave_run": list(self.leave_run),
             "recovery_max_rate": self.recovery_max_rate,
+            "scrub_max_rate": self.scrub_max_rate, "scrub_interval": self.scrub_interval,
         }
 
     @classmethod
@@ -323,6 +339,9 @@ class ClusterState:
         state.waiting_for = [str(node_id) for node_id in value.get("waiting_for", [])]
         state.leave_run = [str(node_id) for node_id in value.get("leave_run", [])]
         state.recovery_max_rate = int(value.get("recovery_max_rate", 0))
+        state.scrub_max_rate = int(value.get("scrub_max_rate", constants.scrub_rate_default))
+        state.scrub_interval = int(value.get("scrub_interval",
+                                             constants.scrub_interval_default_s))
         state.epochs = sorted((EpochEntry.from_json(e) for e in epochs), key=lambda e: e.epoch)
         state._check()
         return state

@@ -76,3 +76,7 @@ assert driver_poll_interval_ms * 4 <= member_death_detect_ms_max
 assert member_check_interval_ms * 2 <= member_death_detect_ms_max
 assert generation_bits + index_bits + 4 == 64
 assert (2**index_bits) * object_size_default_bytes == vdi_size_max_bytes
+
+# Background scrub: every sheep verifies its copies at this rate, one pass a day.
+scrub_rate_default = 4 * MiB
+scrub_interval_default_s = 24 * 3600

@@ -40,6 +40,7 @@ from sheep.node import NodeInfo
 from sheep.peer import Peer
 from sheep.proto import Header, Kind, Op
 from sheep.recovery import Recoverer, Verifier
+from sheep.scrub import Scrubber
 from sheep.store import Store
 from sheep.vdi_service import VdiService
 
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 _empty: Reply = (b"", {})
 shutdown_grace_s = 1.0  # how long a request waits for the last node of a restart
+writeback_interval_s = 30.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class Sheep:
         self.gateway: Gateway | None = None
         self.vdis: VdiService | None = None
         self.recoverer: Recoverer | None = None
+        self.scrubber: Scrubber | None = None
         self.admin: dict[Op, Callable[[Header, bytes], Awaitable[Reply]]] = {
             Op.PING: self.ping,
             Op.CLUSTER_INFO: self.cluster_info,
@@ -92,6 +95,7 @@ class Sheep:
             Op.FORCE_RECOVER: self.force_recover,
             Op.SET_RECOVERY: self.set_recovery,
             Op.REWEIGHT: self.reweight,
+            Op.SET_SCRUB: self.set_scrub,
         }
 
     # --- lifecycle -------------------------------------------------------------
@@ -110,7 +114,7 @@ class Sheep:
         if saved is not None:
             self.group.state = ClusterState.from_json(saved, epochs)
         if self.group.state.status is not Status.WAIT_FOR_FORMAT:
-            self.store.object_size = self.group.state.object_size
+            self.store.set_object_size(self.group.state.object_size)
         self.node = self._make_node()
         self.peer = Peer(self.store, self.group)
         self.gateway = Gateway(self.group, self.peer, self.node.node_id, self.pool)
@@ -122,16 +126,31 @@ class Sheep:
         await self.server.start(sock)
         await self.driver.join(self.node, self.group.state.seq)
         self._tasks.append(asyncio.get_running_loop().create_task(self._apply_events()))
+        self._tasks.append(asyncio.get_running_loop().create_task(self._writeback()))
         await self.joined.wait()
         log.info("sheep %s joined at epoch %d", self.node.node_id, self.group.epoch)
         self.recoverer = Recoverer(self.store, self.peer, self.group, self.gateway,
                                    self.node.node_id)
         self.recoverer.trigger()
+        self.scrubber = Scrubber(self.peer, self.group, self.gateway)
+        self._tasks.append(asyncio.get_running_loop().create_task(self.scrubber.run()))
         if self.peer.unverified:
             log.info("verifying %d copies against the other replicas",
                      len(self.peer.unverified))
             verifier = Verifier(self.store, self.peer, self.group, self.gateway, self.node.node_id)
             self._tasks.append(asyncio.get_running_loop().create_task(verifier.run()))
+
+    async def _writeback(self) -> None:
+        """Sync what changed every writeback_interval_s, as the kernel writes back dirty
+        pages: a crash then has little to sort out, and pending metadata stays small."""
+        assert self.peer is not None
+        while True:
+            await asyncio.sleep(writeback_interval_s)
+            if self.store.pending:
+                try:
+                    await self.peer.sync_all()
+                except SheepError as error:
+                    log.error("background sync failed: %s", error)
 
     def _make_node(self) -> NodeInfo:
         from sheep.node import vnodes_for_weight, zone_for_address
@@ -205,7 +224,7 @@ class Sheep:
             state.to_json(), [entry.to_json() for entry in state.epochs[epochs_before:]])
         if result.wipe_store:
             self.store.wipe()
-            self.store.object_size = state.object_size
+            self.store.set_object_size(state.object_size)
             if self.vdis is not None:
                 self.vdis.reset()
         if result.epoch_changed:
@@ -365,6 +384,10 @@ class Sheep:
                 "ok" if self.joined.is_set() else "joining"),
             "store": self.store.path, "pid": os.getpid(), "version": __version__,
             "recovery": self.recoverer.status() if self.recoverer else None,
+            "integrity": {**self.store.counters, "checksums": self.store.checksums,
+                          "damaged": len(self.peer.damaged) if self.peer else 0,
+                          "repaired": self.peer.repaired if self.peer else 0,
+                          "scrub": self.scrubber.status() if self.scrubber else None},
             "uptime": time.time() - self.started_at,
         }
 
@@ -394,6 +417,14 @@ class Sheep:
         if not isinstance(body, dict):
             raise error_for(Result.INVALID_PARMS, "set_recovery takes a JSON object")
         result = await self.broadcast({"type": "recovery", "max_rate": body.get("max_rate")})
+        return proto.encode_json(result.value), {}
+
+    async def set_scrub(self, header: Header, payload: bytes) -> Reply:
+        body = proto.decode_json(payload)
+        if not isinstance(body, dict):
+            raise error_for(Result.INVALID_PARMS, "set_scrub takes a JSON object")
+        settings = {key: body[key] for key in ("max_rate", "interval") if key in body}
+        result = await self.broadcast({"type": "scrub", **settings})
         return proto.encode_json(result.value), {}
 
     async def reweight(self, header: Header, payload: bytes) -> Reply:

@@ -23,6 +23,7 @@ from sheep import constants, proto
 from sheep.client import Connection
 from sheep.errors import (
     InvalidParameters,
+    IOErrorResult,
     NetworkError,
     NewNodeVersion,
     NoObject,
@@ -92,6 +93,8 @@ class Gateway:
         self.node_id = node_id
         self.pool = pool
         self._version = 0
+        self._repairing: set[int] = set()
+        self._repair_tasks: set[asyncio.Task[None]] = set()
         self.handlers: dict[Op, Callable[[Header, bytes], Awaitable[Reply]]] = {
             Op.CREATE_AND_WRITE_OBJ: self.write_all,
             Op.WRITE_OBJ: self.write_all,
@@ -132,7 +135,7 @@ class Gateway:
         peer_header = Header(
             opcode=_peer_op.get(Op(header.opcode), header.opcode), epoch=epoch, oid=header.oid,
             offset=header.offset, count=header.count,
-            flags=header.flags & (proto.FLAG_FUA | proto.FLAG_DIRECT),
+            flags=header.flags & (proto.FLAG_FUA | proto.FLAG_DIRECT | proto.FLAG_SCRUB),
             arg0=header.arg0 if header.opcode in _versioned_ops else 0)
         if node.node_id == self.node_id:
             return await self.local.serve(peer_header, payload)
@@ -180,7 +183,7 @@ class Gateway:
         async def attempt(epoch: int) -> Reply:
             nodes = self.group.placement(header.oid, epoch, header.arg1)
             targets = [node for node in nodes if node.node_id not in applied]
-            for _ in range(2):  # a second round only after recovering a copy for everyone
+            for _ in range(3):  # another round only after recovering a copy for those missing
                 results = await asyncio.gather(
                     *(self.call(node, header, payload, epoch) for node in targets),
                     return_exceptions=True)
@@ -198,20 +201,22 @@ class Gateway:
                     raise errors[0]
                 if not missing:
                     break
-                version = await self._recover_for_write(header, nodes, missing, epoch)
-                if any(node.node_id in applied for node in nodes):
-                    # The copies came from a replica the write had reached.
-                    applied.update((node.node_id, version) for node in missing)
-                    break
+                # The write goes to them again even when the copy came from a replica
+                # it had reached: a copy that recovery made meanwhile may have been kept
+                # instead (same version, yet without this write, which was still on its
+                # way to that replica). Applying it twice changes nothing.
+                await self._recover_for_write(header, nodes, missing, epoch)
                 targets = missing
-            if not applied:
-                raise Unavailable("no node is available to hold the object")
+            short = [node.node_id for node in nodes if node.node_id not in applied]
+            if short or not applied:
+                raise Unavailable(f"object {header.oid:016x}: no copy to write on "
+                                  f"{', '.join(short) or 'any node'} yet")
             return b"", {"arg0": max(applied.values())}
 
         return await self._retrying(attempt)
 
     async def _recover_for_write(self, header: Header, nodes: list[NodeInfo],
-                                 missing: list[NodeInfo], epoch: int) -> int:
+                                 missing: list[NodeInfo], epoch: int) -> None:
         """Give the replicas of this epoch that lack the object a copy, before the write
         counts: from a replica that has it (with the write already applied), else from
         where an earlier epoch put it. A write waits for this; it never fails on it.
@@ -240,7 +245,6 @@ class Gateway:
         await asyncio.gather(*(self.call(node, create, bytes(data), epoch) for node in missing))
         log.info("recovered object %016x onto %s for a write", header.oid,
                  ", ".join(node.node_id for node in missing))
-        return int(fields.get("arg0", 0))
 
     async def remove(self, header: Header, payload: bytes) -> Reply:
         async def attempt(epoch: int) -> Reply:
@@ -265,27 +269,63 @@ class Gateway:
     async def read(self, header: Header, payload: bytes) -> Reply:
         async def attempt(epoch: int) -> Reply:
             retryable: SheepError | None = None
+            damaged: SheepError | None = None
             unverified = False
             nodes = self.group.placement(header.oid, epoch, header.arg1)
             for node in self._read_order(nodes):
                 try:
-                    return await self.call(node, header, payload, epoch)
+                    reply = await self.call(node, header, payload, epoch)
                 except NoObject:
                     continue
                 except Unverified:
                     unverified = True
+                    continue
+                except IOErrorResult as error:  # a damaged copy: the peer stops serving it
+                    damaged = error
+                    continue
                 except RETRYABLE as error:
                     retryable = error
+                    continue
+                if damaged is not None:
+                    self.repair_soon(header.oid)
+                return reply
             if unverified and retryable is None:
-                return await self._read_newest(header, nodes, epoch)
+                try:
+                    return await self._read_newest(header, nodes, epoch)
+                except IOErrorResult as error:
+                    damaged = error
             found = await self._read_from_past_epochs(header, epoch)
             if found is not None:
+                if damaged is not None:
+                    self.repair_soon(header.oid)
                 return found
             if retryable is not None:
                 raise retryable
+            if damaged is not None:  # every copy is damaged: an error, never wrong bytes
+                raise IOErrorResult(f"object {header.oid:016x}: no good copy left ({damaged})")
             raise NoObject(f"object {header.oid:016x} does not exist")
 
         return await self._retrying(attempt)
+
+    def repair_soon(self, oid: int) -> None:
+        """A read met a damaged copy and found a good one: copy it over, in the background."""
+        if oid in self._repairing:
+            return
+        self._repairing.add(oid)
+
+        async def repair() -> None:
+            try:
+                result = await self.check_object(oid)
+                log.warning("object %016x: damaged copy repaired on %s", oid,
+                            ", ".join(result["repaired"]) or "no node (it was gone)")
+            except SheepError as error:
+                log.error("object %016x: cannot repair the damaged copy: %s", oid, error)
+            finally:
+                self._repairing.discard(oid)
+
+        task = asyncio.get_running_loop().create_task(repair())
+        self._repair_tasks.add(task)
+        task.add_done_callback(self._repair_tasks.discard)
 
     async def _read_from_past_epochs(self, header: Header, epoch: int) -> Reply | None:
         """Before recovery has moved an object, its copies sit where earlier epochs put them."""
@@ -303,10 +343,11 @@ class Gateway:
         return None
 
     async def stats(self, oid: int, nodes: list[NodeInfo], epoch: int,
-                    tolerant: bool = False) -> list[Any]:
+                    tolerant: bool = False, scrub: bool = False) -> list[Any]:
         """Each node's STAT of its copy, None where it has none. A failure to reach a
-        node propagates, or with tolerant stands in the list in that node's place."""
-        stat = Header(opcode=Op.STAT_OBJ, oid=oid)
+        node propagates, or with tolerant stands in the list in that node's place.
+        With scrub, each node verifies every block of its copy first."""
+        stat = Header(opcode=Op.STAT_OBJ, oid=oid, flags=proto.FLAG_SCRUB if scrub else 0)
         results = await asyncio.gather(*(self.call(node, stat, b"", epoch) for node in nodes),
                                        return_exceptions=True)
         values = [None if isinstance(r, NoObject) else r if isinstance(r, BaseException)
@@ -331,11 +372,18 @@ class Gateway:
 
     async def _read_newest(self, header: Header, nodes: list[NodeInfo], epoch: int) -> Reply:
         """No verified copy answered (say, every sheep just restarted): read the copy
-        with the highest version, whatever its state."""
-        best = await self.newest(header.oid, nodes, epoch)
-        if best is None or best[1]:
-            raise NoObject(f"object {header.oid:016x} does not exist")
-        return await self.read_copy(best[2], header, epoch)
+        with the highest version, whatever its state (a damaged one is passed over)."""
+        stats = list(zip(nodes, await self.stats(header.oid, nodes, epoch), strict=True))
+        damaged: SheepError | None = None
+        while (best := _newest(stats, verified_only=False)) is not None and not best[1]:
+            try:
+                return await self.read_copy(best[2], header, epoch)
+            except IOErrorResult as error:
+                damaged = error
+                stats = [(node, stat) for node, stat in stats if node != best[2]]
+        if damaged is not None:
+            raise damaged
+        raise NoObject(f"object {header.oid:016x} does not exist")
 
     async def flush(self, header: Header, payload: bytes) -> Reply:
         async def attempt(epoch: int) -> Reply:
@@ -372,27 +420,32 @@ class Gateway:
         if (not isinstance(oids, list) or len(oids) > check_batch_max
                 or not all(isinstance(oid, int) and 0 <= oid < 2**64 for oid in oids)):
             raise InvalidParameters(f"check takes {{\"oids\": [up to {check_batch_max} object ids]}}")
+        scrub = bool(body.get("scrub"))
         semaphore = asyncio.Semaphore(check_concurrency)
 
         async def one(oid: int) -> dict[str, Any]:
             async with semaphore:
                 try:
-                    return await self.check_object(oid)
+                    return await self.check_object(oid, scrub)
                 except SheepError as error:
                     return {"oid": oid, "state": "error", "error": str(error)}
 
         return proto.encode_json({"objects": await asyncio.gather(*map(one, oids))}), {}
 
-    async def check_object(self, oid: int) -> dict[str, Any]:
+    async def check_object(self, oid: int, scrub: bool = False) -> dict[str, Any]:
         """One object: find its newest verified copy (in the placement, else anywhere in
         the cluster) and copy it to every holder of the placement that lacks it, holds
-        an unverified copy, or an older one. The copies are made as recovery makes
-        them, so a client's write racing with the repair is never undone."""
+        an unverified, damaged or older copy, or one whose contents differ (digests).
+        With scrub, every holder first verifies every block of its copy. The copies
+        are made as recovery makes them, so a client's write racing with the repair is
+        never undone."""
         epoch = self.group.epoch
         nodes = self.group.placement(oid, epoch)
         result: dict[str, Any] = {"oid": oid, "copies": self.group.copies_for(oid),
                                   "placed": len(nodes), "good": 0, "repaired": []}
-        stats = await self.stats(oid, nodes, epoch, tolerant=True)
+        stats = await self.stats(oid, nodes, epoch, tolerant=True, scrub=scrub)
+        result["damaged"] = [node.node_id for node, stat in zip(nodes, stats, strict=True)
+                             if isinstance(stat, dict) and stat.get("damaged")]
         candidates = list(zip(nodes, stats, strict=True))
         best = _newest(candidates, verified_only=True)
         if best is None:  # not in the placement: where earlier epochs or a drain left it
@@ -406,9 +459,12 @@ class Gateway:
         if removed:
             result["state"] = "removed"
             return result
+        source_digest = next((stat.get("digest") for node, stat in candidates
+                              if node == source and isinstance(stat, dict)), None)
         stale = [node for node, stat in candidates
-                 if stat is None or isinstance(stat, BaseException) or stat.get("unverified")
-                 or stat.get("deleted") or int(stat["version"]) < version]
+                 if not _whole_copy(stat, verified_only=True) or int(stat["version"]) < version
+                 or (scrub and source_digest is not None and stat.get("digest") is not None
+                     and stat["digest"] != source_digest)]
         unreachable = [node for node, stat in candidates if isinstance(stat, BaseException)]
         result["good"] = len(nodes) - len(stale)
         repairable = [node for node in stale if node not in unreachable]
@@ -434,14 +490,21 @@ check_batch_max = 1024
 check_concurrency = 8
 
 
+def _whole_copy(stat: Any, verified_only: bool, tombstones: bool = False) -> bool:
+    """A STAT that shows a copy (or a tombstone, if asked): not an error, not a file
+    lost from its store, verified if asked."""
+    return (stat is not None and not isinstance(stat, BaseException)
+            and not stat.get("missing") and (tombstones or not stat.get("deleted"))
+            and not (verified_only and stat.get("unverified")))
+
+
 def _newest(candidates: Iterable[tuple[NodeInfo, Any]],
             verified_only: bool) -> tuple[int, bool, NodeInfo] | None:
     """(version, removed, node) of the newest copy among (node, stat) pairs; stats that
     are None (no copy) or errors are skipped, and unverified copies if verified_only."""
     best: tuple[int, bool, NodeInfo] | None = None
     for node, stat in candidates:
-        if stat is None or isinstance(stat, BaseException) or (
-                verified_only and stat.get("unverified")):
+        if not _whole_copy(stat, verified_only, tombstones=True):
             continue
         candidate = (int(stat["version"]), bool(stat.get("deleted")), node)
         # A removal bumps the version, so a real tombstone is newer than every copy: at

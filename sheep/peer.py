@@ -15,20 +15,25 @@ is not written into (NoObject: the gateway first copies a current one over it).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sheep import constants, proto
-from sheep.errors import NoObject, ReadOnly, Unverified
+from sheep.errors import IOErrorResult, NoObject, ReadOnly, Unverified
 from sheep.group import Group
 from sheep.net import Reply
 from sheep.proto import Header, Op
 from sheep.store import Store
+from sheep.store.store import SyncJob, pending_objects_max
+
+log = logging.getLogger(__name__)
 
 PeerHandler = Callable[[Header, bytes], Awaitable[Reply]]
 
 _empty: Reply = (b"", {})
 _changes = frozenset({Op.CREATE_AND_WRITE_PEER, Op.WRITE_PEER, Op.DISCARD_PEER})
+_intended = _changes | {Op.REMOVE_PEER}  # need the store's intent first (sheep/store)
 
 
 class Peer:
@@ -36,6 +41,10 @@ class Peer:
         self.store = store
         self.group = group
         self.unverified: set[int] = set()
+        self.damaged: set[int] = set()  # copies found damaged, waiting for a good copy
+        self.repaired = 0
+        self.scrubbed = 0
+        self._writeback: asyncio.Task[None] | None = None
         self.handlers: dict[Op, PeerHandler] = {
             Op.CREATE_AND_WRITE_PEER: self.create_and_write,
             Op.READ_PEER: self.read,
@@ -58,7 +67,21 @@ class Peer:
                 raise Unverified(f"the copy of {header.oid:016x} here is not verified yet")
             if header.opcode in (Op.WRITE_PEER, Op.DISCARD_PEER):
                 raise NoObject(f"the copy of {header.oid:016x} here is not verified yet")
-        return await self.handlers[Op(header.opcode)](header, payload)
+        if header.opcode in _intended:
+            await self.store.ensure_intent(header.oid)
+        reply = await self.handlers[Op(header.opcode)](header, payload)
+        if self.store.pending > pending_objects_max:
+            self.writeback_soon()
+        return reply
+
+    def writeback_soon(self) -> None:
+        """Sync in the background (many changed objects pending): bounds the memory
+        their metadata takes, and the work a crash leaves."""
+        if self._writeback is None or self._writeback.done():
+            self._writeback = asyncio.get_running_loop().create_task(self.sync_all())
+
+    async def sync_all(self) -> None:
+        await self._sync(self.store.begin_sync())
 
     async def create_and_write(self, header: Header, payload: bytes) -> Reply:
         # arg0, when set, is the version of the copy this one is made from (recovery).
@@ -71,16 +94,31 @@ class Peer:
         version = self.store.create_and_write(header.oid, header.offset, payload,
                                               header.arg0 or None)
         self.unverified.discard(header.oid)  # a whole new copy: current by definition
+        if header.oid in self.damaged:
+            self.damaged.discard(header.oid)
+            self.repaired += 1
+            log.warning("damaged copy of %016x replaced by a good one", header.oid)
         if header.flags & proto.FLAG_FUA:
             await self._sync(self.store.begin_sync_object(header.oid))
         return b"", {"arg0": version}
 
-    async def _sync(self, fds: list[int]) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.store.finish_sync, fds)
+    async def _sync(self, job: SyncJob) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.store.finish_sync, job)
+        self.store.sync_done(job)
 
     async def read(self, header: Header, payload: bytes) -> Reply:
-        return self.store.read(header.oid, header.offset, header.count), {
-            "arg0": self.store.version(header.oid)}
+        try:
+            data = self.store.read(header.oid, header.offset, header.count)
+        except IOErrorResult as error:
+            # Damage (a checksum mismatch, a lost file): this copy serves nothing more
+            # until a good one replaces it (the gateway reads another replica and
+            # copies it here; a write recovers it first, as for any unverified copy).
+            if header.oid not in self.damaged:
+                log.error("%s", error)
+            self.damaged.add(header.oid)
+            self.unverified.add(header.oid)
+            raise
+        return data, {"arg0": self.store.version(header.oid)}
 
     async def write(self, header: Header, payload: bytes) -> Reply:
         # arg0, when set, is the version the gateway gave this write (see Gateway.next_version).
@@ -104,10 +142,33 @@ class Peer:
         return _empty
 
     async def stat(self, header: Header, payload: bytes) -> Reply:
+        if header.flags & proto.FLAG_SCRUB:
+            self.scrub(header.oid)
         value = self.store.stat(header.oid)
         if header.oid in self.unverified:
             value["unverified"] = True
+        if header.oid in self.damaged:
+            value["damaged"] = True
         return proto.encode_json(value), {}
+
+    def scrub(self, oid: int) -> list[int]:
+        """Verify every block of the local copy; a damaged one is marked as a read
+        that met the damage marks it (and stays so until a good copy replaces it)."""
+        try:
+            bad = self.store.verify(oid)
+        except NoObject:
+            return []
+        except IOErrorResult as error:
+            log.error("scrub: %s", error)
+            bad = [-1]
+        self.scrubbed += 1
+        if bad:
+            if oid not in self.damaged:
+                self.store.counters["checksum_errors"] += 1
+                log.error("scrub: object %016x is damaged in blocks %s", oid, bad[:8])
+            self.damaged.add(oid)
+            self.unverified.add(oid)
+        return bad
 
     async def list_objects(self, header: Header, payload: bytes) -> Reply:
         value: list[Any] = self.store.list_oids()

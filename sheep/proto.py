@@ -34,7 +34,8 @@ assert HEADER_SIZE == 56
 FLAG_REPLY = 0x0001
 FLAG_FUA = 0x0002  # the write is on stable storage before it is acknowledged
 FLAG_DIRECT = 0x0004  # gateway ops: serve from this node's store only (admin, tests)
-FLAGS_KNOWN = FLAG_REPLY | FLAG_FUA | FLAG_DIRECT
+FLAG_SCRUB = 0x0008  # STAT: verify every block of the copy first (a scrub)
+FLAGS_KNOWN = FLAG_REPLY | FLAG_FUA | FLAG_DIRECT | FLAG_SCRUB
 
 
 class Payload(enum.Enum):
@@ -88,6 +89,7 @@ class Op(enum.IntEnum):
     FORCE_RECOVER = 0x28
     SET_RECOVERY = 0x29  # JSON {"max_rate": bytes/s}, for every sheep, through the log
     REWEIGHT = 0x2A  # JSON {"node_id": ..., "vnodes": n}; 0 drains the node
+    SET_SCRUB = 0x2B  # JSON {"max_rate": bytes/s, "interval": s}: the background scrub
 
     VDI_OPEN = 0x31
     VDI_CLOSE = 0x32
@@ -136,6 +138,7 @@ OPS: dict[Op, OpInfo] = {
     Op.FORCE_RECOVER: OpInfo("force_recover", Kind.ADMIN, Payload.NONE, Payload.JSON),
     Op.SET_RECOVERY: OpInfo("set_recovery", Kind.ADMIN, Payload.JSON, Payload.JSON),
     Op.REWEIGHT: OpInfo("reweight", Kind.ADMIN, Payload.JSON, Payload.JSON),
+    Op.SET_SCRUB: OpInfo("set_scrub", Kind.ADMIN, Payload.JSON, Payload.JSON),
     Op.VDI_OPEN: OpInfo("vdi_open", Kind.VDI, Payload.JSON, Payload.JSON),
     Op.VDI_CLOSE: OpInfo("vdi_close", Kind.VDI, Payload.NONE, Payload.NONE),
     Op.VDI_READ: OpInfo("vdi_read", Kind.VDI, Payload.NONE, Payload.DATA),

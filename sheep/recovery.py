@@ -282,6 +282,8 @@ class Recoverer(_Worker):
                 except (*RETRYABLE, SheepError) as error:
                     log.info("cannot check the holders of %016x yet: %s", oid, error)
                     held = False
+                if held:
+                    await self.store.ensure_intent(oid)
                 # No await between this check and the drop: a newer epoch that gives the
                 # object back to this sheep cannot slip in between.
                 if not held or self.group.epoch != epoch:
@@ -306,5 +308,5 @@ class Recoverer(_Worker):
         if not placement:
             return False
         stats = await self.gateway.stats(oid, placement, epoch)
-        return all(stat is not None and not stat.get("unverified")
+        return all(stat is not None and not stat.get("unverified") and not stat.get("missing")
                    and int(stat["version"]) >= mine for stat in stats)

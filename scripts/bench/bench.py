@@ -10,11 +10,15 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
+import recovery_bench  # noqa: E402
 import sparse_bench  # noqa: E402
 import vdi_bench  # noqa: E402
 
-BENCHMARKS = {"vdi": vdi_bench.run, "sparse": sparse_bench.run}
+from sheep.size import parse_size  # noqa: E402
+
+BENCHMARKS = {"vdi": vdi_bench.run, "sparse": sparse_bench.run, "recovery": recovery_bench.run}
 
 
 def machine() -> dict[str, object]:
@@ -28,11 +32,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS), default=None)
     parser.add_argument("--reps", type=int, default=None, help="repetitions (median taken)")
     parser.add_argument("--out", default="docs/bench", help="where the JSON results go")
+    parser.add_argument("--recovery-size", type=parse_size, default=None,
+                        help="data written before the node loss (default 2G, 256M with --quick)")
     args = parser.parse_args()
+    options: dict[str, dict[str, object]] = {"recovery": {"size": args.recovery_size}}
     os.makedirs(args.out, exist_ok=True)
     for name in args.only or sorted(BENCHMARKS):
         print(f"== {name}", flush=True)
-        result = BENCHMARKS[name](quick=args.quick, reps=args.reps)
+        result = BENCHMARKS[name](quick=args.quick, reps=args.reps, **options.get(name, {}))
         result["machine"] = machine()
         result["command"] = " ".join(["scripts/bench/run", *sys.argv[1:]])
         path = os.path.join(args.out, f"{name}.json")

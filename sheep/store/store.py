@@ -5,11 +5,22 @@ files out over 256 directories). Each file is created at the full object size
 with ftruncate, so unwritten ranges read as zeros and take no space; a 4 KiB
 write is a 4 KiB pwrite, never a rewrite of the object.
 
-Metadata lives in LMDB (DIR/meta): per object its version (bumped on every
-change, so a stale copy can be told from a fresh one), the node's identity, and
-the persisted cluster state with its epoch log. LMDB commits do not sync;
-``flush`` fsyncs the dirty object files and syncs LMDB, which is when data is
-durable (block-device semantics, see docs/design.md).
+Metadata lives in LMDB (DIR/meta), opened durable (every commit is synced):
+per object its version (bumped on every change, so a stale copy can be told
+from a fresh one; a removal leaves a tombstone) and a crc32c per 4 KiB block
+(sheep/store/sums.py), verified on every read; the node's identity; the
+persisted cluster state with its epoch log.
+
+Commits are few. A change updates the object's metadata in memory; ``sync``
+(a FLUSH, a FUA write, or the background writeback when much is pending)
+fdatasyncs the changed files and then commits their metadata in one
+transaction. Before the first change to an object after its last sync, an
+*intent* for it is committed (group-committed with others): after a crash,
+whatever the files hold of the unsynced writes, the checksums of exactly those
+objects are recomputed from their data, so no unsynced write ever reads as
+corruption, and everything else must match its checksums (a mismatch there is
+damage). Versions fall back to the last sync; the replicas sort that out
+(sheep/recovery.py: a restarted sheep's copies are unverified).
 
 This is the one boundary where OSError and lmdb.Error become result-code
 exceptions (NoSpace, IOErrorResult, SystemFailure).
@@ -17,31 +28,64 @@ exceptions (NoSpace, IOErrorResult, SystemFailure).
 
 from __future__ import annotations
 
+import array
+import asyncio
 import collections
 import errno
 import json
+import logging
 import os
 import secrets
 import shutil
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lmdb
 
 from sheep import constants
 from sheep.errors import InvalidParameters, IOErrorResult, NoObject, NoSpace, SystemFailure
+from sheep.store import sums
+from sheep.store.fileio import FileIO
+
+log = logging.getLogger(__name__)
 
 _meta_value = struct.Struct("<QQ")  # version, flags
+_flag_removed = 1  # a tombstone: the object was removed at this version
 _fd_cache_max = 1024
+pending_objects_max = 4096  # changed objects before the writeback syncs on its own
 
 
 @dataclass(frozen=True, slots=True)
 class ObjectMeta:
     oid: int
     version: int
+
+
+@dataclass(slots=True)
+class _Meta:
+    """An object's metadata as changed since its last commit."""
+
+    version: int = 0
+    removed: bool = False
+    gone: bool = False  # dropped: its keys go at the next commit
+    sums: array.array[int] | None = None  # None: as committed (or none stored)
+    drop_sums: bool = False  # the committed checksums go (removed or gone)
+    gen: int = 0  # bumped on every change: a sync commits what it saw, no more
+
+
+@dataclass
+class SyncJob:
+    """What one sync makes durable: duplicated fds of the changed files, and the
+    metadata as it was when the sync began."""
+
+    fds: list[int] = field(default_factory=list)
+    metas: dict[int, tuple[int, bytes | None, bool, bool, bool, int]] = field(
+        default_factory=dict)
+    synced: set[int] = field(default_factory=set)  # objects whose data is in fds
+    intents_cleared: set[int] = field(default_factory=set)
 
 
 def _oid_key(oid: int) -> bytes:
@@ -66,30 +110,86 @@ def _translated(what: str) -> Iterator[None]:
 
 
 class Store:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, io: FileIO | None = None, checksums: bool = True) -> None:
         self.path = os.path.abspath(path)
         self.object_dir = os.path.join(self.path, "obj")
+        self.io = io or FileIO()
+        self.checksums = checksums
         self._env: lmdb.Environment | None = None
         self._fds: collections.OrderedDict[int, int] = collections.OrderedDict()
-        self._dirty: set[int] = set()
+        self._dirty: set[int] = set()  # data written since the last sync
+        self._meta: dict[int, _Meta] = {}  # metadata changed since its last commit
+        self._gen = 0
+        self._intents: set[int] = set()  # committed intents (see the module doc)
+        self._intent_clear: set[int] = set()  # intents to delete at the next commit
+        self._intent_wanted: set[int] = set()
+        self._intent_task: asyncio.Task[None] | None = None
         self.object_size = constants.object_size_default_bytes
+        self.counters = {"checksum_errors": 0, "missing_files": 0, "recomputed_after_crash": 0}
 
     # --- lifecycle -------------------------------------------------------
 
     def open(self) -> None:
         with _translated(f"open store {self.path}"):
             os.makedirs(self.object_dir, exist_ok=True)
+            if not os.access(self.object_dir, os.R_OK | os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, f"{self.object_dir} is not writable")
             self._env = lmdb.open(
                 os.path.join(self.path, "meta"), map_size=constants.lmdb_map_size_bytes,
-                max_dbs=constants.lmdb_max_dbs, sync=False, metasync=False, subdir=True)
+                max_dbs=constants.lmdb_max_dbs, sync=True, metasync=True, subdir=True)
             self._objects = self._env.open_db(b"objects")
+            self._sums = self._env.open_db(b"sums")
+            self._intents_db = self._env.open_db(b"intents")
             self._config = self._env.open_db(b"config")
             self._epochs = self._env.open_db(b"epochs")
+            size = self.config_get("object_size")
+            if size:
+                self.object_size = int(size)
+            self._recover_intents()
+
+    def _recover_intents(self) -> None:
+        """After a crash: the objects changed since their last sync get checksums from
+        whatever their files now hold (any of the unsynced writes may have landed)."""
+        with self.env.begin(db=self._intents_db) as txn:
+            oids = [int.from_bytes(key, "big") for key, _ in txn.cursor()]
+        if not oids:
+            return
+        with self.env.begin(write=True) as txn:
+            for oid in oids:
+                path = self.object_path(oid)
+                if not os.path.exists(path):
+                    # Removed or dropped, with the metadata not yet committed: forget it
+                    # (a lost tombstone only lets a removed object come back; a made-up
+                    # one could outrank real copies elsewhere).
+                    txn.delete(_oid_key(oid), db=self._objects)
+                    txn.delete(_oid_key(oid), db=self._sums)
+                else:
+                    value = txn.get(_oid_key(oid), db=self._objects)
+                    if value is not None:  # made anew after a removal: no tombstone now
+                        txn.put(_oid_key(oid), _meta_value.pack(_meta_value.unpack(value)[0], 0),
+                                db=self._objects)
+                if os.path.exists(path) and self.checksums:
+                    fd = self.io.open(path, create=False)
+                    try:
+                        data = self._pread_full(fd, 0, self.object_size)
+                    finally:
+                        self.io.close(fd)
+                    fresh = sums.fresh(self.object_size)
+                    sums.compute(data, 0, fresh)
+                    txn.put(_oid_key(oid), fresh.tobytes(), db=self._sums)
+                txn.delete(_oid_key(oid), db=self._intents_db)
+        self.counters["recomputed_after_crash"] = len(oids)
+        log.warning("the store was not closed cleanly: checksums of %d objects changed since"
+                    " their last sync recomputed from their data", len(oids))
 
     def close(self) -> None:
-        self.sync()
+        if self._env is not None:
+            self.sync()
+            if self._intent_clear:  # a clean stop leaves no intent behind
+                self._write_intents(set(), self._intent_clear)
+                self._intent_clear.clear()
         for fd in self._fds.values():
-            os.close(fd)
+            self.io.close(fd)
         self._fds.clear()
         if self._env is not None:
             self._env.close()
@@ -111,13 +211,18 @@ class Store:
         with _translated("write store config"), self.env.begin(db=self._config, write=True) as txn:
             txn.put(key.encode(), json.dumps(value).encode())
 
+    def set_object_size(self, object_size: int) -> None:
+        """The cluster's object size, kept so a restart reads checksums right."""
+        self.object_size = object_size
+        if self.config_get("object_size") != object_size:
+            self.config_put("object_size", object_size)
+
     def node_secret(self) -> str:
         """The random part of the node id, made at the store's first start."""
         secret = self.config_get("node_secret")
         if secret is None:
             secret = secrets.token_hex(4)
             self.config_put("node_secret", secret)
-            self.sync()
         return str(secret)
 
     def save_cluster_state(self, state: dict[str, Any], epochs: list[dict[str, Any]]) -> None:
@@ -134,11 +239,118 @@ class Store:
             epochs = [json.loads(value) for _, value in txn.cursor(db=self._epochs)]
         return (None if raw is None else json.loads(raw)), epochs
 
-    # --- objects ---------------------------------------------------------
+    # --- metadata ----------------------------------------------------------
 
     def object_path(self, oid: int) -> str:
         name = f"{oid:016x}"
         return os.path.join(self.object_dir, name[-2:], name)
+
+    def _committed(self, oid: int) -> tuple[int, bool] | None:
+        with self.env.begin(db=self._objects) as txn:
+            value = txn.get(_oid_key(oid))
+        if value is None:
+            return None
+        version, flags = _meta_value.unpack(value)
+        return version, bool(flags & _flag_removed)
+
+    def _lookup(self, oid: int) -> tuple[int, bool] | None:
+        """(version, removed) as of now, or None if the store knows nothing of oid."""
+        meta = self._meta.get(oid)
+        if meta is not None:
+            return None if meta.gone else (meta.version, meta.removed)
+        return self._committed(oid)
+
+    def _changing(self, oid: int) -> _Meta:
+        """The object's in-memory metadata, for a change."""
+        meta = self._meta.get(oid)
+        if meta is None:
+            committed = self._committed(oid)
+            meta = _Meta(*(committed or (0, False)))
+            self._meta[oid] = meta
+        self._gen += 1
+        meta.gen = self._gen
+        meta.gone = False
+        return meta
+
+    def _checksums(self, oid: int, meta: _Meta | None = None) -> array.array[int]:
+        meta = meta if meta is not None else self._meta.get(oid)
+        if meta is not None and meta.sums is not None:
+            return meta.sums
+        if meta is not None and meta.drop_sums:
+            return sums.fresh(self.object_size)
+        with self.env.begin(db=self._sums) as txn:
+            raw = txn.get(_oid_key(oid))
+        return sums.load(None if raw is None else bytes(raw), self.object_size)
+
+    def _sums_for_change(self, meta: _Meta, oid: int) -> array.array[int]:
+        if meta.sums is None:
+            meta.sums = array.array("I", self._checksums(oid, meta))
+        return meta.sums
+
+    def version(self, oid: int) -> int:
+        found = self._lookup(oid)
+        return found[0] if found else 0
+
+    def _bump_version(self, oid: int, version: int | None = None, exact: bool = False) -> int:
+        """Advance the object's version: to one past the old one when no version is
+        given; to max(old, version) when one is (a write that carries its gateway's
+        version: applying it twice changes nothing); to exactly version if exact (a
+        copy made from a copy at that version)."""
+        meta = self._changing(oid)
+        if version is None:
+            meta.version += 1
+        elif exact:
+            meta.version = version
+        else:
+            meta.version = max(meta.version, version)
+        meta.removed = False
+        return meta.version
+
+    # --- intents -------------------------------------------------------------
+
+    def needs_intent(self, oid: int) -> bool:
+        return oid not in self._intents
+
+    async def ensure_intent(self, oid: int) -> None:
+        """Commit an intent for oid before its first change since its last sync;
+        concurrent callers share one commit."""
+        while self.needs_intent(oid):
+            self._intent_wanted.add(oid)
+            if self._intent_task is None or self._intent_task.done():
+                self._intent_task = asyncio.get_running_loop().create_task(self._commit_intents())
+            await asyncio.shield(self._intent_task)
+
+    async def _commit_intents(self) -> None:
+        wanted, self._intent_wanted = self._intent_wanted, set()
+        cleared, self._intent_clear = self._intent_clear - wanted, set()
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, self._write_intents, wanted, cleared)
+        except BaseException:
+            self._intent_clear |= cleared
+            raise
+        self._intents |= wanted
+
+    def _write_intents(self, wanted: set[int], cleared: set[int]) -> None:
+        with _translated("record intents"), self.env.begin(db=self._intents_db, write=True) as txn:
+            for oid in wanted:
+                txn.put(_oid_key(oid), b"")
+            for oid in cleared:
+                txn.delete(_oid_key(oid))
+
+    def _intend(self, oid: int) -> None:
+        """For callers that did not await ensure_intent: commit it now, blocking."""
+        if self.needs_intent(oid):
+            self._intent_clear.discard(oid)
+            cleared, self._intent_clear = self._intent_clear, set()
+            try:
+                self._write_intents({oid}, cleared)
+            except BaseException:
+                self._intent_clear |= cleared
+                raise
+            self._intents.add(oid)
+
+    # --- objects ---------------------------------------------------------
 
     def _fd(self, oid: int, create: bool = False) -> int:
         fd = self._fds.get(oid)
@@ -146,49 +358,67 @@ class Store:
             self._fds.move_to_end(oid)
             return fd
         path = self.object_path(oid)
-        flags = os.O_RDWR | (os.O_CREAT if create else 0)
         try:
-            fd = os.open(path, flags, 0o644)
+            fd = self.io.open(path, create)
         except FileNotFoundError:
             if not create:
                 raise NoObject(f"object {oid:016x} is not on this node") from None
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = os.open(path, flags, 0o644)
+            fd = self.io.open(path, create)
         self._fds[oid] = fd
         if len(self._fds) > _fd_cache_max:
             old_oid, old_fd = self._fds.popitem(last=False)
             try:
                 if old_oid in self._dirty:
-                    os.fdatasync(old_fd)
+                    self.io.datasync(old_fd)
             finally:
                 self._dirty.discard(old_oid)
-                os.close(old_fd)
+                self.io.close(old_fd)
         return fd
 
     def _drop_fd(self, oid: int) -> None:
         fd = self._fds.pop(oid, None)
-        self._dirty.discard(oid)
         if fd is not None:
-            os.close(fd)
+            self.io.close(fd)
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.object_size:
             raise InvalidParameters(
                 f"range {offset}+{length} is outside the object size {self.object_size}")
 
-    def _bump_version(self, oid: int, version: int | None = None, exact: bool = False) -> int:
-        """Advance the object's version: to one past the old one when no version is
-        given; to max(old, version) when one is (a write that carries its gateway's
-        version: applying it twice changes nothing); to exactly version if exact (a
-        copy made from a copy at that version)."""
-        key = _oid_key(oid)
-        with self.env.begin(db=self._objects, write=True) as txn:
-            if version is None or not exact:
-                old = txn.get(key)
-                old_version = _meta_value.unpack(old)[0] if old else 0
-                version = old_version + 1 if version is None else max(old_version, version)
-            txn.put(key, _meta_value.pack(version, 0))
-        return version
+    def _pread_full(self, fd: int, offset: int, count: int) -> bytes:
+        data = self.io.pread(fd, count, offset)
+        if len(data) < count:  # a file cut short reads as zeros past its end
+            data += bytes(count - len(data))
+        return data
+
+    def _refresh_sums(self, oid: int, meta: _Meta, fd: int, offset: int, count: int,
+                      data: bytes | bytearray | memoryview | None = None) -> None:
+        """Checksums of the blocks [offset, offset+count) touches: from data when it
+        covers whole blocks, else from what the file now holds there."""
+        if not self.checksums or not count:
+            return
+        table = self._sums_for_change(meta, oid)
+        first, end = sums.covering(offset, count)
+        if data is not None and offset % sums.BLOCK == 0 and len(data) % sums.BLOCK == 0:
+            sums.compute(data, first, table)
+        else:
+            sums.compute(self._pread_full(fd, first * sums.BLOCK, (end - first) * sums.BLOCK),
+                         first, table)
+
+    def _changed(self, oid: int, fd: int, meta: _Meta, offset: int, count: int,
+                 data: bytes | bytearray | memoryview | None, call: Any) -> None:
+        """Run a change of the file; keep the checksums true to the file even when the
+        change fails halfway (ENOSPC, EIO), so nothing reads as corrupt after it."""
+        try:
+            call()
+        except OSError:
+            try:
+                self._refresh_sums(oid, meta, fd, offset, count)
+            except OSError:
+                log.exception("cannot re-read object %016x after a failed change", oid)
+            raise
+        self._refresh_sums(oid, meta, fd, offset, count, data)
 
     def exists(self, oid: int) -> bool:
         """Whether the object's file is there (asked of the path, not the fd cache: a
@@ -197,96 +427,152 @@ class Store:
 
     def create_and_write(self, oid: int, offset: int, data: bytes | memoryview,
                          version: int | None = None) -> int:
-        """version, when given, becomes the new copy's version."""
-        """Create the object (or overwrite an existing one) and write data into it."""
+        """Create the object (or overwrite an existing one) and write data into it.
+        version, when given, becomes the new copy's version."""
         self._check_range(offset, len(data))
         with _translated(f"create object {oid:016x}"):
+            self._intend(oid)
             self._drop_fd(oid)  # a cached fd may be of a file lost from the store
             fd = self._fd(oid, create=True)
-            os.ftruncate(fd, 0)  # an old object's bytes must not show through the new one
-            os.ftruncate(fd, self.object_size)
-            if data:
-                os.pwrite(fd, data, offset)
+            meta = self._changing(oid)
+            meta.sums = sums.fresh(self.object_size) if self.checksums else None
+            meta.drop_sums = False
             self._dirty.add(oid)
-            return self._bump_version(oid, version, exact=True)
+
+            def create() -> None:
+                self.io.truncate(fd, 0)  # an old object's bytes must not show through
+                self.io.truncate(fd, self.object_size)
+                if data:
+                    self.io.pwrite(fd, data, offset)
+
+            self._changed(oid, fd, meta, offset, len(data), data, create)
+            return self._bump_version(oid, version, exact=version is not None)
 
     def write(self, oid: int, offset: int, data: bytes | memoryview, fua: bool = False,
               version: int | None = None) -> int:
         self._check_range(offset, len(data))
         with _translated(f"write object {oid:016x}"):
+            self._live(oid)
             fd = self._fd(oid)
-            os.pwrite(fd, data, offset)
-            if fua:
-                os.fdatasync(fd)
-            else:
-                self._dirty.add(oid)
-            return self._bump_version(oid, version)
+            self._intend(oid)
+            meta = self._changing(oid)
+            self._dirty.add(oid)
+            self._changed(oid, fd, meta, offset, len(data), data,
+                          lambda: self.io.pwrite(fd, data, offset))
+            new = self._bump_version(oid, version)
+        if fua:
+            job = self.begin_sync_object(oid)
+            self.finish_sync(job)
+            self.sync_done(job)
+        return new
+
+    def _live(self, oid: int) -> None:
+        """Refuse a change to an object that is not here (or only as a tombstone)."""
+        found = self._lookup(oid)
+        if found is not None and found[1]:
+            raise NoObject(f"object {oid:016x} was removed from this node")
 
     def read(self, oid: int, offset: int, count: int) -> bytes:
+        """The bytes, verified against the checksums; damage is an I/O error."""
         self._check_range(offset, count)
         with _translated(f"read object {oid:016x}"):
+            try:
+                fd = self._fd(oid)
+            except NoObject:
+                found = self._lookup(oid)
+                if found is not None and not found[1]:
+                    self.counters["missing_files"] += 1
+                    raise IOErrorResult(
+                        f"object {oid:016x}: its file is missing from the store") from None
+                raise
+            if not self.checksums or not count:
+                return self._pread_full(fd, offset, count)
+            first, end = sums.covering(offset, count)
+            start = first * sums.BLOCK
+            data = self._pread_full(fd, start, (end - first) * sums.BLOCK)
+        bad = sums.bad_blocks(data, first, self._checksums(oid))
+        if bad:
+            self.counters["checksum_errors"] += 1
+            raise IOErrorResult(
+                f"object {oid:016x}: checksum mismatch in block{'s' if len(bad) > 1 else ''} "
+                f"{', '.join(map(str, bad[:8]))}{' ...' if len(bad) > 8 else ''}")
+        return data[offset - start:offset - start + count]
+
+    def verify(self, oid: int) -> list[int]:
+        """The blocks of the object whose data does not match its checksums (a scrub)."""
+        with _translated(f"verify object {oid:016x}"):
             fd = self._fd(oid)
-            data = os.pread(fd, count, offset)
-        if len(data) < count:  # a file cut short reads as zeros past its end
-            data += bytes(count - len(data))
-        return data
+            data = self._pread_full(fd, 0, self.object_size)
+        return sums.bad_blocks(data, 0, self._checksums(oid)) if self.checksums else []
 
     def discard(self, oid: int, offset: int, count: int, version: int | None = None) -> int:
         self._check_range(offset, count)
         with _translated(f"discard in object {oid:016x}"):
-            from sheep.store.punch import punch_hole
-
+            self._live(oid)
             fd = self._fd(oid)
-            punch_hole(fd, offset, count)
+            self._intend(oid)
+            meta = self._changing(oid)
             self._dirty.add(oid)
+            self._changed(oid, fd, meta, offset, count, None,
+                          lambda: self.io.punch(fd, offset, count))
             return self._bump_version(oid, version)
 
     def remove(self, oid: int, version: int | None = None) -> None:
         """Remove the object's file; its version stays, bumped, as a tombstone, so a
         copy of the object elsewhere that missed the removal is known to be older."""
         with _translated(f"remove object {oid:016x}"):
+            self._intend(oid)
             self._drop_fd(oid)
             try:
-                os.unlink(self.object_path(oid))
+                self.io.unlink(self.object_path(oid))
             except FileNotFoundError:
                 raise NoObject(f"object {oid:016x} is not on this node") from None
+            self._dirty.discard(oid)
             # Past every version the copy had: a tombstone must beat copies that missed it.
-            self._bump_version(oid, max(version or 0, self.version(oid) + 1))
+            self.tombstone(oid, max(version or 0, self.version(oid) + 1))
 
     def drop(self, oid: int) -> None:
         """Forget a copy this node no longer has to hold (its current holders have it):
         the file and its version go, leaving no tombstone, as if it had never been here."""
         with _translated(f"drop object {oid:016x}"):
+            self._intend(oid)
             self._drop_fd(oid)
             self._dirty.discard(oid)
             try:
-                os.unlink(self.object_path(oid))
+                self.io.unlink(self.object_path(oid))
             except FileNotFoundError:
                 pass
-            with self.env.begin(db=self._objects, write=True) as txn:
-                txn.delete(_oid_key(oid))
+            meta = self._changing(oid)
+            meta.gone = True
+            meta.sums = None
+            meta.drop_sums = True
 
     def tombstone(self, oid: int, version: int) -> None:
         """Record that the object was removed at this version (it is not here)."""
-        with _translated(f"record removal of {oid:016x}"):
-            self._bump_version(oid, version)
-
-    def version(self, oid: int) -> int:
-        with self.env.begin(db=self._objects) as txn:
-            value = txn.get(_oid_key(oid))
-        return _meta_value.unpack(value)[0] if value else 0
+        meta = self._changing(oid)
+        meta.version = max(meta.version, version)
+        meta.removed = True
+        meta.sums = None
+        meta.drop_sums = True
 
     def stat(self, oid: int) -> dict[str, Any]:
+        """Version and size of the copy; "deleted" for a tombstone, "missing" when the
+        metadata says the copy is here but its file is gone; "digest" of its checksums."""
         with _translated(f"stat object {oid:016x}"):
+            found = self._lookup(oid)
             try:
                 st = os.stat(self.object_path(oid))
             except FileNotFoundError:
-                version = self.version(oid)
-                if version:  # removed here: the tombstone's version tells when
-                    return {"oid": oid, "version": version, "deleted": True}
+                if found is not None and found[1]:
+                    return {"oid": oid, "version": found[0], "deleted": True}
+                if found is not None:
+                    return {"oid": oid, "version": found[0], "missing": True}
                 raise NoObject(f"object {oid:016x} is not on this node") from None
-        return {"oid": oid, "version": self.version(oid), "size": st.st_size,
-                "allocated": st.st_blocks * 512}
+        value: dict[str, Any] = {"oid": oid, "version": found[0] if found else 0,
+                                 "size": st.st_size, "allocated": st.st_blocks * 512}
+        if self.checksums:
+            value["digest"] = sums.digest(self._checksums(oid))
+        return value
 
     def list_oids(self) -> list[int]:
         oids = []
@@ -321,38 +607,98 @@ class Store:
         with _translated("wipe objects"):
             for oid in list(self._fds):
                 self._drop_fd(oid)
+            self._dirty.clear()
+            self._meta.clear()
             shutil.rmtree(self.object_dir, ignore_errors=True)
             os.makedirs(self.object_dir, exist_ok=True)
             with self.env.begin(write=True) as txn:
-                txn.drop(self._objects, delete=False)
+                for db in (self._objects, self._sums, self._intents_db):
+                    txn.drop(db, delete=False)
+            self._intents.clear()
+            self._intent_clear.clear()
+
+    # --- durability -------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Objects changed since their last sync."""
+        return len(self._meta)
 
     def sync(self) -> None:
-        """Make every write so far durable: fsync dirty objects, sync LMDB."""
-        self.finish_sync(self.begin_sync())
+        """Make every change so far durable: fsync changed objects, commit metadata."""
+        job = self.begin_sync()
+        self.finish_sync(job)
+        self.sync_done(job)
 
-    def begin_sync_object(self, oid: int) -> list[int]:
-        """Like begin_sync, for one object only (FUA): its fd, duplicated."""
+    def begin_sync_object(self, oid: int) -> SyncJob:
+        """Like begin_sync, for one object only (FUA)."""
+        job = SyncJob()
         with _translated(f"sync object {oid:016x}"):
-            fd = os.dup(self._fd(oid))
-        self._dirty.discard(oid)
-        return [fd]
+            if oid in self._dirty:
+                job.fds.append(self.io.dup(self._fd(oid)))
+                job.synced.add(oid)
+                self._dirty.discard(oid)
+        meta = self._meta.get(oid)
+        if meta is not None:
+            job.metas[oid] = self._frozen(meta)
+        return job
 
-    def begin_sync(self) -> list[int]:
-        """Take the dirty objects as duplicated fds, for finish_sync in a worker thread.
-
-        Duplicates keep the files open even if the fd cache closes them meanwhile.
-        """
-        fds = [os.dup(self._fds[oid]) for oid in self._dirty if oid in self._fds]
+    def begin_sync(self) -> SyncJob:
+        """Take the changed objects as duplicated fds and their metadata as it is now,
+        for finish_sync in a worker thread. Duplicates keep the files open even if the
+        fd cache closes them meanwhile."""
+        job = SyncJob()
+        with _translated("sync store"):
+            for oid in self._dirty:
+                if oid in self._fds:
+                    job.fds.append(self.io.dup(self._fds[oid]))
+                job.synced.add(oid)
         self._dirty.clear()
-        return fds
+        job.metas = {oid: self._frozen(meta) for oid, meta in self._meta.items()}
+        job.intents_cleared, self._intent_clear = self._intent_clear, set()
+        return job
 
-    def finish_sync(self, fds: list[int]) -> None:
+    @staticmethod
+    def _frozen(meta: _Meta) -> tuple[int, bytes | None, bool, bool, bool, int]:
+        return (meta.version, None if meta.sums is None else meta.sums.tobytes(),
+                meta.removed, meta.gone, meta.drop_sums, meta.gen)
+
+    def finish_sync(self, job: SyncJob) -> None:
+        """fdatasync the files, then commit their metadata (safe in a worker thread)."""
         try:
             with _translated("sync store"):
-                for fd in fds:
-                    os.fdatasync(fd)
-                if self._env is not None:
-                    self._env.sync(True)
+                for fd in job.fds:
+                    self.io.datasync(fd)
+                if self._env is None or not (job.metas or job.intents_cleared):
+                    return
+                with self.env.begin(write=True) as txn:
+                    for oid, (version, table, removed, gone, drop_sums, _) in job.metas.items():
+                        key = _oid_key(oid)
+                        if gone:
+                            txn.delete(key, db=self._objects)
+                        else:
+                            txn.put(key, _meta_value.pack(version, _flag_removed if removed
+                                                          else 0), db=self._objects)
+                        if table is not None:
+                            txn.put(key, table, db=self._sums)
+                        elif drop_sums:
+                            txn.delete(key, db=self._sums)
+                    for oid in job.intents_cleared:
+                        txn.delete(_oid_key(oid), db=self._intents_db)
+        except BaseException:
+            self._intent_clear |= job.intents_cleared
+            raise
         finally:
-            for fd in fds:
-                os.close(fd)
+            for fd in job.fds:
+                self.io.close(fd)
+
+    def sync_done(self, job: SyncJob) -> None:
+        """After finish_sync (back in the owner's thread): what did not change since
+        the sync began is durable; its in-memory metadata and its intent can go."""
+        for oid, frozen in job.metas.items():
+            meta = self._meta.get(oid)
+            if meta is not None and meta.gen == frozen[5] and oid not in self._dirty:
+                del self._meta[oid]
+                if oid in self._intents:
+                    self._intents.discard(oid)
+                    self._intent_clear.add(oid)

@@ -336,11 +336,11 @@ def test_nbd_clients_see_no_error_through_a_sigkill_and_a_join(make_cluster, mak
     writer.thread.start()
     try:
         writer.wait_ops(15)
-        assert fio.poll() is None, "fio ended before the kill"
+        assert fio.poll() is None, f"fio ended before the kill: {fio.communicate()}"
         cluster.kill(victim_index)
         writer.wait_ops(writer.ops + 15)
         cluster.start(newcomer.index)
-        assert fio.poll() is None, "fio ended before the join"
+        assert fio.poll() is None, f"fio ended before the join: {fio.communicate()}"
         writer.wait_ops(writer.ops + 15)
         fio_out, fio_err = fio.communicate(timeout=120)
     finally:

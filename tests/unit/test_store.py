@@ -77,7 +77,10 @@ def test_small_write_allocates_only_what_it_writes(store: Store) -> None:
     assert os.path.getsize(path) == object_size
     assert 4 * KiB <= allocated(path) <= 16 * KiB
     info = store.stat(1)
+    digest = info.pop("digest")
     assert info == {"oid": 1, "version": 1, "size": object_size, "allocated": allocated(path)}
+    store.create_and_write(2, 2 * MiB, pattern(4 * KiB))
+    assert store.stat(2)["digest"] == digest  # same bytes, same digest
     store.write(1, 0, pattern(4 * KiB, seed=3))
     assert allocated(path) <= 32 * KiB
     assert store.read(1, 4 * KiB, 2 * MiB - 4 * KiB) == bytes(2 * MiB - 4 * KiB)
@@ -199,7 +202,8 @@ def test_wipe_drops_every_object(store: Store) -> None:
     assert all(store.version(oid) == 0 for oid in range(1, 6))
     with pytest.raises(NoObject):
         store.read(3, 0, 1)
-    assert store.begin_sync() == []
+    job = store.begin_sync()
+    assert job.fds == [] and job.metas == {}
     assert store.create_and_write(3, 0, b"fresh") == 1
     assert store.read(3, 0, 5) == b"fresh"
 
@@ -304,12 +308,12 @@ def test_sync_fsyncs_dirty_objects_once(store: Store, monkeypatch: pytest.Monkey
     store.create_and_write(2, 0, b"b")
     store.write(2, 1, b"c")
     store.create_and_write(4, 0, b"d")
-    store.write(4, 0, b"e", fua=True)  # synced at once; still dirty from the create
+    store.write(4, 0, b"e", fua=True)  # synced at once, with the create before it
     inode = {oid: os.stat(store.object_path(oid)).st_ino for oid in (1, 2, 4)}
     assert synced == [inode[4]]
     synced.clear()
     store.sync()
-    assert sorted(synced) == sorted(inode.values())
+    assert sorted(synced) == sorted([inode[1], inode[2]])
     synced.clear()
     store.sync()
     assert synced == []
@@ -319,39 +323,42 @@ def test_fua_write_is_not_left_dirty(store: Store) -> None:
     store.create_and_write(1, 0, b"a")
     store.sync()
     store.write(1, 0, b"b", fua=True)
-    assert store.begin_sync() == []
+    job = store.begin_sync()
+    assert job.fds == [] and job.metas == {}
 
 
 def test_begin_and_finish_sync(store: Store) -> None:
     store.create_and_write(1, 0, b"a")
     store.create_and_write(2, 0, b"b")
-    fds = store.begin_sync()
+    job = store.begin_sync()
+    fds = list(job.fds)
     assert len(fds) == 2
-    assert store.begin_sync() == []  # taken: a second flush does not repeat the work
+    assert store.begin_sync().fds == []  # taken: a second flush does not repeat the work
     # The duplicates outlive the cache's own fds: remove closes those.
     store.remove(1)
     store.write(2, 0, b"c")  # dirty again, for the next flush
-    store.finish_sync(fds)
+    store.finish_sync(job)
+    store.sync_done(job)
     for fd in fds:
         with pytest.raises(OSError) as caught:
             os.fstat(fd)
         assert caught.value.errno == errno.EBADF
-    assert len(store.begin_sync()) == 1
+    assert len(store.begin_sync().fds) == 1
 
 
 def test_finish_sync_closes_fds_even_when_it_fails(
         store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     store.create_and_write(1, 0, b"a")
-    fds = store.begin_sync()
+    job = store.begin_sync()
 
     def failing_fdatasync(fd: int) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(os, "fdatasync", failing_fdatasync)
     with pytest.raises(IOErrorResult):
-        store.finish_sync(fds)
+        store.finish_sync(job)
     with pytest.raises(OSError):
-        os.fstat(fds[0])
+        os.fstat(job.fds[0])
 
 
 def test_close_twice_and_close_unopened(tmp_path: Path) -> None:

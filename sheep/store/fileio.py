@@ -1,0 +1,39 @@
+"""The file calls the store makes, in one place, so tests can put a faulty disk
+under it (sheep/testing/faulty.py: lost unsynced writes, EIO, ENOSPC)."""
+
+from __future__ import annotations
+
+import os
+
+from sheep.store.punch import punch_hole
+
+
+class FileIO:
+    """The real thing: plain os calls."""
+
+    def open(self, path: str, create: bool) -> int:
+        return os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def dup(self, fd: int) -> int:
+        return os.dup(fd)
+
+    def pread(self, fd: int, count: int, offset: int) -> bytes:
+        return os.pread(fd, count, offset)
+
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+        return os.pwrite(fd, data, offset)
+
+    def truncate(self, fd: int, size: int) -> None:
+        os.ftruncate(fd, size)
+
+    def datasync(self, fd: int) -> None:
+        os.fdatasync(fd)
+
+    def punch(self, fd: int, offset: int, count: int) -> None:
+        punch_hole(fd, offset, count)
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)

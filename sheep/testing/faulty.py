@@ -1,0 +1,175 @@
+"""A faulty disk under the store, for tests: writes that a power loss drops, and
+calls that fail with EIO or ENOSPC on command.
+
+FaultyIO keeps every write since a file's last fdatasync in memory instead of
+the file (reads see them), as the page cache does. ``power_loss`` then decides
+what reached the disk the way writeback does it: page by page (4 KiB), each
+page as it was at some moment, so a page holds the state after some prefix of
+the unsynced writes that touched it, chosen at random; then everything pending
+is forgotten. Truncates, hole punches and unlinks are taken as durable at once
+(they go to the file after the pending writes of that file). LMDB needs no such
+layer: the store opens it durable, so a commit that returned is on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+
+from sheep.store.fileio import FileIO
+
+PAGE = 4096
+
+
+@dataclass
+class _File:
+    path: str
+    pending: list[tuple[int, bytes]] = field(default_factory=list)
+
+
+class FaultyIO(FileIO):
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.rng = rng or random.Random(0)
+        self._files: dict[str, _File] = {}
+        self._fds: dict[int, _File] = {}
+        self._failures: list[tuple[str, int, int]] = []  # (call, errno, bytes written first)
+
+    # --- commands ----------------------------------------------------------------
+
+    def fail(self, call: str, code: int, times: int = 1, partial: int = 0) -> None:
+        """Make the next ``times`` calls named call ("pwrite", "pread", "datasync",
+        "punch", "open", "truncate") fail with errno code; a failing pwrite first
+        writes ``partial`` bytes, as a disk that fills up halfway does."""
+        self._failures += [(call, code, partial)] * times
+
+    def power_loss(self) -> None:
+        """Decide what of the unsynced writes reached the disk; forget the rest."""
+        for entry in self._files.values():
+            if not entry.pending:
+                continue
+            pages: dict[int, list[tuple[int, bytes]]] = {}
+            for offset, data in entry.pending:
+                for page in range(offset // PAGE, -(-(offset + len(data)) // PAGE)):
+                    pages.setdefault(page, []).append((offset, data))
+            try:
+                fd = os.open(entry.path, os.O_RDWR)
+            except FileNotFoundError:
+                entry.pending.clear()
+                continue
+            try:
+                for page, writes in pages.items():
+                    landed = writes[:self.rng.randint(0, len(writes))]
+                    if not landed:
+                        continue
+                    start = page * PAGE
+                    image = bytearray(os.pread(fd, PAGE, start).ljust(PAGE, b"\0"))
+                    for offset, data in landed:
+                        _overlay(image, start, offset, data)
+                    size = os.fstat(fd).st_size
+                    os.pwrite(fd, bytes(image[:max(0, min(PAGE, size - start))]), start)
+            finally:
+                os.close(fd)
+            entry.pending.clear()
+        for fd in list(self._fds):
+            os.close(fd)
+        self._fds.clear()
+
+    @property
+    def unsynced(self) -> int:
+        return sum(len(entry.pending) for entry in self._files.values())
+
+    # --- the calls ------------------------------------------------------------------
+
+    def _maybe_fail(self, call: str) -> int | None:
+        for index, (name, code, partial) in enumerate(self._failures):
+            if name == call:
+                del self._failures[index]
+                if call == "pwrite":
+                    raise _PartialWrite(code, partial)
+                raise OSError(code, os.strerror(code))
+        return None
+
+    def open(self, path: str, create: bool) -> int:
+        self._maybe_fail("open")
+        fd = super().open(path, create)
+        self._fds[fd] = self._files.setdefault(path, _File(path))
+        return fd
+
+    def close(self, fd: int) -> None:
+        self._fds.pop(fd, None)
+        super().close(fd)
+
+    def dup(self, fd: int) -> int:
+        new = super().dup(fd)
+        self._fds[new] = self._fds[fd]
+        return new
+
+    def pread(self, fd: int, count: int, offset: int) -> bytes:
+        self._maybe_fail("pread")
+        data = bytearray(super().pread(fd, count, offset))
+        size = self._size(fd)
+        wanted = max(0, min(count, size - offset))
+        data = data.ljust(wanted, b"\0")
+        for at, written in self._fds[fd].pending:
+            _overlay(data, offset, at, written)
+        return bytes(data[:wanted])
+
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+        try:
+            self._maybe_fail("pwrite")
+        except _PartialWrite as partial:
+            if partial.written:
+                self._fds[fd].pending.append((offset, bytes(data[:partial.written])))
+            raise OSError(partial.code, os.strerror(partial.code)) from None
+        self._fds[fd].pending.append((offset, bytes(data)))
+        return len(data)
+
+    def truncate(self, fd: int, size: int) -> None:
+        self._maybe_fail("truncate")
+        self._settle(fd)
+        super().truncate(fd, size)
+
+    def datasync(self, fd: int) -> None:
+        self._maybe_fail("datasync")
+        self._settle(fd)
+
+    def punch(self, fd: int, offset: int, count: int) -> None:
+        self._maybe_fail("punch")
+        self._settle(fd)
+        super().punch(fd, offset, count)
+
+    def unlink(self, path: str) -> None:
+        super().unlink(path)
+        entry = self._files.pop(path, None)
+        if entry is not None:
+            entry.pending.clear()
+
+    def _settle(self, fd: int) -> None:
+        """The file's pending writes go to the file itself."""
+        entry = self._fds[fd]
+        for offset, data in entry.pending:
+            os.pwrite(fd, data, offset)
+        entry.pending.clear()
+
+    def _size(self, fd: int) -> int:
+        size = os.fstat(fd).st_size
+        for offset, data in self._fds[fd].pending:
+            size = max(size, offset + len(data))
+        return size
+
+
+class _PartialWrite(Exception):
+    def __init__(self, code: int, written: int) -> None:
+        super().__init__(code, written)
+        self.code = code
+        self.written = written
+
+
+def _overlay(target: bytearray, target_offset: int, offset: int, data: bytes) -> None:
+    """Copy the part of data (at offset) that falls inside target (at target_offset)."""
+    start = max(offset, target_offset)
+    end = min(offset + len(data), target_offset + len(target))
+    if start < end:
+        target[start - target_offset:end - target_offset] = data[start - offset:end - offset]
+
