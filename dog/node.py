@@ -37,9 +37,12 @@ def list_(as_json: bool) -> None:
             rows.append([index, info["node_id"], f"{info['address']}:{info['port']}",
                          info["zone"], info["vnodes"], "-", "-", "-", "-", "unreachable"])
             continue
+        status = info["status"]
+        if info.get("space", "ok") != "ok":
+            status = f"{status}, {info['space']}"
         rows.append([index, info["node_id"], f"{info['address']}:{info['port']}", info["zone"],
                      info["vnodes"], info["objects"], format_size(info["used"]),
-                     format_size(info["capacity"]), _use(info), info["status"]])
+                     format_size(info["capacity"]), _use(info), status])
     print_table(["Id", "Node id", "Address", "Zone", "Vnodes", "Objects", "Used", "Capacity",
                  "Use%", "Status"], rows,
                 right=["Id", "Zone", "Vnodes", "Objects", "Used", "Capacity", "Use%"])
@@ -49,7 +52,8 @@ def list_(as_json: bool) -> None:
 @json_option
 @connection_options
 def info(as_json: bool) -> None:
-    """Space used and available on every node, and in total."""
+    """Space used and available on every node, and in total; damaged copies found
+    (checksum mismatches and lost files), copies repaired, copies scrubbed."""
     nodes = run(lambda client: client.node_list())
     if as_json:
         print_json([{"index": index, **info} for index, info in enumerate(nodes)])
@@ -58,18 +62,24 @@ def info(as_json: bool) -> None:
     used = capacity = 0
     for index, info in enumerate(nodes):
         if info.get("status") == "unreachable":
-            rows.append([index, "-", "-", "-", "-", "unreachable"])
+            rows.append([index, "-", "-", "-", "-", "unreachable", "-", "-", "-"])
             continue
         used += info["used"]
         capacity += info["capacity"]
+        integrity = info.get("integrity") or {}
+        scrub = integrity.get("scrub") or {}
         rows.append([index, format_size(info["capacity"]), format_size(info["used"]),
-                     format_size(info["free"]), _use(info), info["objects"]])
+                     format_size(info["free"]), _use(info), info["objects"],
+                     integrity.get("checksum_errors", 0) + integrity.get("missing_files", 0),
+                     integrity.get("repaired", 0), scrub.get("scrubbed", 0)])
     total = {"used": used, "capacity": capacity}
     rows.append(["Total", format_size(capacity), format_size(used),
                  format_size(capacity - used), _use(total), sum(
-                     n.get("objects", 0) for n in nodes)])
-    print_table(["Id", "Size", "Used", "Avail", "Use%", "Objects"], rows,
-                right=["Size", "Used", "Avail", "Use%", "Objects"])
+                     n.get("objects", 0) for n in nodes), "", "", ""])
+    print_table(["Id", "Size", "Used", "Avail", "Use%", "Objects", "Damaged", "Repaired",
+                 "Scrubbed"], rows,
+                right=["Size", "Used", "Avail", "Use%", "Objects", "Damaged", "Repaired",
+                       "Scrubbed"])
 
 
 @node.command()

@@ -80,3 +80,7 @@ assert (2**index_bits) * object_size_default_bytes == vdi_size_max_bytes
 # Background scrub: every sheep verifies its copies at this rate, one pass a day.
 scrub_rate_default = 4 * MiB
 scrub_interval_default_s = 24 * 3600
+
+# Space a sheep keeps free for its metadata: below it, writes that may need space are
+# refused (NoSpace) so that flushes, removals and recovery bookkeeping still commit.
+space_reserve_bytes = 32 * MiB

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 _empty: Reply = (b"", {})
 shutdown_grace_s = 1.0  # how long a request waits for the last node of a restart
 writeback_interval_s = 30.0
+space_nearly_full_ratio = 0.10
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,16 @@ class SheepConfig:
     port: int = constants.port_default
     zone: int | None = None
     weight: int | None = None  # bytes; default: the free space of the store's filesystem
+
+
+def space_state(usage: dict[str, int], object_size: int) -> str:
+    """'full' when writes are refused or about to be (the store is down to its reserve,
+    or one more object from it), 'nearly full' under 10% free."""
+    if usage["free"] < constants.space_reserve_bytes + object_size:
+        return "full"
+    if usage["free"] < usage["fs_size"] * space_nearly_full_ratio:
+        return "nearly full"
+    return "ok"
 
 
 class Sheep:
@@ -116,7 +127,7 @@ class Sheep:
         if self.group.state.status is not Status.WAIT_FOR_FORMAT:
             self.store.set_object_size(self.group.state.object_size)
         self.node = self._make_node()
-        self.peer = Peer(self.store, self.group)
+        self.peer = Peer(self.store, self.group, self.node.node_id)
         self.gateway = Gateway(self.group, self.peer, self.node.node_id, self.pool)
         self.vdis = VdiService(self.group, self.gateway, self.node.node_id, self.broadcast,
                                self._member_connection)
@@ -379,7 +390,8 @@ class Sheep:
         assert self.node is not None
         usage = self.store.usage()
         return {
-            **self.node.to_json(), **usage, "epoch": self.group.epoch,
+            **self.node.to_json(), **usage, "space": space_state(usage, self.store.object_size),
+            "epoch": self.group.epoch,
             "status": "stopping" if self.stopping else (
                 "ok" if self.joined.is_set() else "joining"),
             "store": self.store.path, "pid": os.getpid(), "version": __version__,

@@ -172,9 +172,12 @@ async def _run(sheep: Sheep, sock: socket.socket, ready_fd: int | None) -> int:
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground, log to stderr.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@click.option("--no-checksums", is_flag=True,
+              help="Keep no per-block checksums (damage goes unnoticed). For measuring their"
+                   " cost only; a store keeps the setting it was created with.")
 @click.version_option(package_name="sheepdog")
 def command(directory: str, port: int, address: str, driver: str, zone: int | None,
-            weight: str | None, foreground: bool, log_level: str) -> None:
+            weight: str | None, foreground: bool, log_level: str, no_checksums: bool) -> None:
     """Run a sheep: a storage daemon of the cluster, keeping its objects in DIRECTORY."""
     directory = os.path.abspath(directory)
     weight_bytes = None
@@ -201,7 +204,7 @@ def command(directory: str, port: int, address: str, driver: str, zone: int | No
         file.write(f"{os.getpid()}\n")
     config = SheepConfig(directory=directory, address=address, port=port, zone=zone,
                          weight=weight_bytes)
-    sheep = Sheep(config, Store(directory), cluster_driver)
+    sheep = Sheep(config, Store(directory, checksums=not no_checksums), cluster_driver)
     code = asyncio.run(_run(sheep, sock, ready_fd))
     try:
         os.unlink(os.path.join(directory, "sheep.pid"))

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sheep import constants, proto
-from sheep.errors import IOErrorResult, NoObject, ReadOnly, Unverified
+from sheep.errors import IOErrorResult, NoObject, NoSpace, ReadOnly, Unverified
 from sheep.group import Group
 from sheep.net import Reply
 from sheep.proto import Header, Op
@@ -34,17 +36,22 @@ PeerHandler = Callable[[Header, bytes], Awaitable[Reply]]
 _empty: Reply = (b"", {})
 _changes = frozenset({Op.CREATE_AND_WRITE_PEER, Op.WRITE_PEER, Op.DISCARD_PEER})
 _intended = _changes | {Op.REMOVE_PEER}  # need the store's intent first (sheep/store)
+_allocating = frozenset({Op.CREATE_AND_WRITE_PEER, Op.WRITE_PEER})  # may need new space
+space_check_interval_s = 0.2
 
 
 class Peer:
-    def __init__(self, store: Store, group: Group) -> None:
+    def __init__(self, store: Store, group: Group, node_id: str = "") -> None:
         self.store = store
         self.group = group
+        self.node_id = node_id
         self.unverified: set[int] = set()
         self.damaged: set[int] = set()  # copies found damaged, waiting for a good copy
         self.repaired = 0
         self.scrubbed = 0
         self._writeback: asyncio.Task[None] | None = None
+        self._free = 0
+        self._space_checked = -1e9
         self.handlers: dict[Op, PeerHandler] = {
             Op.CREATE_AND_WRITE_PEER: self.create_and_write,
             Op.READ_PEER: self.read,
@@ -67,12 +74,31 @@ class Peer:
                 raise Unverified(f"the copy of {header.oid:016x} here is not verified yet")
             if header.opcode in (Op.WRITE_PEER, Op.DISCARD_PEER):
                 raise NoObject(f"the copy of {header.oid:016x} here is not verified yet")
-        if header.opcode in _intended:
-            await self.store.ensure_intent(header.oid)
-        reply = await self.handlers[Op(header.opcode)](header, payload)
+        try:
+            if header.opcode in _allocating:
+                self._check_space()
+            if header.opcode in _intended:
+                await self.store.ensure_intent(header.oid)
+            reply = await self.handlers[Op(header.opcode)](header, payload)
+        except NoSpace as error:
+            free = shutil.disk_usage(self.store.path).free
+            raise NoSpace(f"node {self.node_id or self.store.path}: {error.message} "
+                          f"(store {self.store.path}, {free} bytes free)") from error
         if self.store.pending > pending_objects_max:
             self.writeback_soon()
         return reply
+
+    def _check_space(self) -> None:
+        """Refuse a change that may need space when the store is down to its reserve."""
+        now = time.monotonic()
+        # A refusal is never made on an old figure: space may just have been freed.
+        if (now - self._space_checked > space_check_interval_s
+                or self._free < constants.space_reserve_bytes):
+            self._free = shutil.disk_usage(self.store.path).free
+            self._space_checked = now
+        if self._free < constants.space_reserve_bytes:
+            raise NoSpace(f"no space left for new data (the last "
+                          f"{constants.space_reserve_bytes} bytes are kept for metadata)")
 
     def writeback_soon(self) -> None:
         """Sync in the background (many changed objects pending): bounds the memory

@@ -12,13 +12,15 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
+import checksum_bench  # noqa: E402
 import recovery_bench  # noqa: E402
 import sparse_bench  # noqa: E402
 import vdi_bench  # noqa: E402
 
 from sheep.size import parse_size  # noqa: E402
 
-BENCHMARKS = {"vdi": vdi_bench.run, "sparse": sparse_bench.run, "recovery": recovery_bench.run}
+BENCHMARKS = {"vdi": vdi_bench.run, "sparse": sparse_bench.run, "recovery": recovery_bench.run,
+              "checksums": checksum_bench.run}
 
 
 def machine() -> dict[str, object]:

@@ -106,6 +106,8 @@ def _translated(what: str) -> Iterator[None]:
     except lmdb.MapFullError as error:
         raise NoSpace(f"{what}: metadata map is full") from error
     except lmdb.Error as error:
+        if "No space left" in str(error) or "Disk quota" in str(error):
+            raise NoSpace(f"{what}: no space left on the store for metadata") from error
         raise SystemFailure(f"{what}: metadata error: {error}") from error
 
 
@@ -134,9 +136,16 @@ class Store:
             os.makedirs(self.object_dir, exist_ok=True)
             if not os.access(self.object_dir, os.R_OK | os.W_OK | os.X_OK):
                 raise PermissionError(errno.EACCES, f"{self.object_dir} is not writable")
-            self._env = lmdb.open(
-                os.path.join(self.path, "meta"), map_size=constants.lmdb_map_size_bytes,
-                max_dbs=constants.lmdb_max_dbs, sync=True, metasync=True, subdir=True)
+            try:
+                self._env = lmdb.open(
+                    os.path.join(self.path, "meta"), map_size=constants.lmdb_map_size_bytes,
+                    max_dbs=constants.lmdb_max_dbs, sync=True, metasync=True, subdir=True)
+            except lmdb.Error as error:
+                raise SystemFailure(
+                    f"the metadata of the store {self.path} is unreadable ({error}); refusing to"
+                    " start rather than serve what it cannot vouch for. Move the directory"
+                    " aside and start on an empty one: the cluster copies the objects back"
+                    " from the other nodes") from error
             self._objects = self._env.open_db(b"objects")
             self._sums = self._env.open_db(b"sums")
             self._intents_db = self._env.open_db(b"intents")
@@ -145,6 +154,13 @@ class Store:
             size = self.config_get("object_size")
             if size:
                 self.object_size = int(size)
+            kept = self.config_get("checksums")
+            if kept is None:
+                self.config_put("checksums", self.checksums)
+            elif kept != self.checksums:
+                raise SystemFailure(
+                    f"the store {self.path} was made {'with' if kept else 'without'} checksums;"
+                    f" it cannot be used {'without' if kept else 'with'} them")
             self._recover_intents()
 
     def _recover_intents(self) -> None:

@@ -53,20 +53,28 @@ def covering(offset: int, count: int) -> tuple[int, int]:
     return first, end
 
 
+def _crcs(data: bytes | bytearray | memoryview) -> list[int]:
+    view = memoryview(data)
+    return [crc32c.crc32c(view[at:at + BLOCK])
+            for at in range(0, len(view) - len(view) % BLOCK, BLOCK)]
+
+
 def compute(data: bytes | bytearray | memoryview, first: int,
             sums: array.array[int]) -> None:
     """Set the entries of whole blocks of data that start at block ``first``."""
-    view = memoryview(data)
-    for index in range(len(view) // BLOCK):
-        sums[first + index] = crc(view[index * BLOCK:(index + 1) * BLOCK])
+    crcs = _crcs(data)
+    sums[first:first + len(crcs)] = array.array("I", crcs)
 
 
 def bad_blocks(data: bytes | bytearray | memoryview, first: int,
                sums: array.array[int]) -> list[int]:
     """The blocks of data (whole blocks from block ``first``) whose crc is not stored."""
-    view = memoryview(data)
-    return [first + index for index in range(len(view) // BLOCK)
-            if crc(view[index * BLOCK:(index + 1) * BLOCK]) != sums[first + index]]
+    crcs = _crcs(data)
+    stored = sums[first:first + len(crcs)].tolist()
+    if crcs == stored:
+        return []
+    return [first + index for index, (got, kept) in enumerate(zip(crcs, stored, strict=True))
+            if got != kept]
 
 
 def digest(sums: array.array[int]) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from sheep.constants import KiB
-from sheep.errors import IOErrorResult, NoObject, NoSpace
+from sheep.errors import IOErrorResult, NoObject, NoSpace, SystemFailure
 from sheep.store import sums
 from sheep.store.store import Store
 from sheep.testing.faulty import FaultyIO
@@ -286,3 +286,23 @@ def test_a_write_that_fails_halfway_leaves_checksums_true(tmp_path: Path) -> Non
     store.write(0x11, 0, b"d")  # space came back: writes work again
     assert store.read(0x11, 0, 2) == b"db"
     store.close()
+
+
+def test_a_store_with_unreadable_metadata_refuses_to_open(tmp_path: Path) -> None:
+    store = new_store(tmp_path)
+    store.create_and_write(0x11, 0, b"x")
+    store.close()
+    with open(os.path.join(store.path, "meta", "data.mdb"), "r+b") as file:
+        file.write(os.urandom(8192))
+    with pytest.raises(SystemFailure, match="is unreadable .*refusing to start"):
+        Store(store.path).open()
+
+
+def test_a_store_keeps_its_checksum_setting(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "store"), checksums=False)
+    store.open()
+    store.create_and_write(0x11, 0, b"x")
+    assert "digest" not in store.stat(0x11)
+    store.close()
+    with pytest.raises(SystemFailure, match="was made without checksums"):
+        Store(store.path).open()
