@@ -93,8 +93,13 @@ def info(as_json: bool) -> None:
         click.echo(f"Cluster created at {format_time(value['format_time'])}")
         click.echo(f"Copies: {value['copies']}, object size: {format_size(value['object_size'])}")
     driver = value["driver"]
-    where = driver.get("directory") or driver.get("hosts") or ""
-    click.echo(f"Cluster driver: {driver['driver']} {where}".rstrip())
+    where = driver.get("directory") or (
+        f"{driver['hosts']}{driver.get('prefix', '')}" if driver.get("hosts") else "")
+    state = ""
+    if "connection" in driver:
+        state = f" ({driver['connection']}" + (", FENCED: this sheep serves no I/O"
+                                               if driver.get("fenced") else "") + ")"
+    click.echo(f"Cluster driver: {driver['driver']} {where}".rstrip() + state)
     click.echo(f"Epoch: {value['epoch']}, nodes: {len(value['members'])}, "
                f"zones: {value['zones']}")
     click.echo("")

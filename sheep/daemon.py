@@ -95,6 +95,7 @@ class Sheep:
         self.vdis: VdiService | None = None
         self.recoverer: Recoverer | None = None
         self.scrubber: Scrubber | None = None
+        self._verifier: asyncio.Task[None] | None = None
         self.admin: dict[Op, Callable[[Header, bytes], Awaitable[Reply]]] = {
             Op.PING: self.ping,
             Op.CLUSTER_INFO: self.cluster_info,
@@ -146,10 +147,16 @@ class Sheep:
         self.scrubber = Scrubber(self.peer, self.group, self.gateway)
         self._tasks.append(asyncio.get_running_loop().create_task(self.scrubber.run()))
         if self.peer.unverified:
-            log.info("verifying %d copies against the other replicas",
-                     len(self.peer.unverified))
-            verifier = Verifier(self.store, self.peer, self.group, self.gateway, self.node.node_id)
-            self._tasks.append(asyncio.get_running_loop().create_task(verifier.run()))
+            self._start_verifier()
+
+    def _start_verifier(self) -> None:
+        assert self.peer is not None and self.gateway is not None and self.node is not None
+        log.info("verifying %d copies against the other replicas", len(self.peer.unverified))
+        if self._verifier is not None and not self._verifier.done():
+            return  # the running one goes on until every copy is verified
+        verifier = Verifier(self.store, self.peer, self.group, self.gateway, self.node.node_id)
+        self._verifier = asyncio.get_running_loop().create_task(verifier.run())
+        self._tasks.append(self._verifier)
 
     async def _writeback(self) -> None:
         """Sync what changed every writeback_interval_s, as the kernel writes back dirty
@@ -249,6 +256,13 @@ class Sheep:
         assert self.node is not None
         if event.kind is EventKind.JOIN and event.node == self.node:
             self.joined.set()
+        if (event.kind is EventKind.LEAVE and event.node_id == self.node.node_id
+                and self.joined.is_set() and not self.stopping and self.peer is not None):
+            # Declared dead while alive (a lost driver session): writes went on without
+            # us, so every copy here is suspect until compared again, as after a restart.
+            log.warning("this sheep was declared dead; it joins again with its copies unverified")
+            self.peer.unverified = set(self.store.list_oids())
+            self._start_verifier()
         if result.shutdown and not self.stopping:
             log.info("cluster shutdown requested")
             self._stop_soon()
@@ -312,6 +326,9 @@ class Sheep:
             raise ShuttingDown(f"sheep {self.config.address}:{self.config.port} is shutting down")
         if not self.joined.is_set():
             raise Unavailable("this sheep has not joined the cluster yet")
+        if self.driver.fenced:
+            raise Unavailable(f"sheep {self.config.address}:{self.config.port} is fenced: it lost"
+                              " its cluster driver's session and may have been declared dead")
         assert self.peer is not None and self.gateway is not None
         status = self.group.state.status
         if status is Status.SHUTDOWN and info.kind is not Kind.PEER:

@@ -1,15 +1,57 @@
+import itertools
+import os
+
 import pytest
 
 from sheep.testing.cluster import LocalCluster
 
+# The tests of these modules run on both cluster drivers: the local one and ZooKeeper.
+BOTH_DRIVERS = {"test_cluster", "test_vdi", "test_recovery", "test_recovery_control",
+                "test_stale_copies", "test_restart"}
+_prefixes = itertools.count()
+ZOOKEEPER_SESSION_TIMEOUT_S = 2.0  # how long a SIGKILLed sheep stays a member on ZooKeeper
+
+
+def pytest_generate_tests(metafunc):
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    if "make_cluster" in metafunc.fixturenames and module in BOTH_DRIVERS:
+        metafunc.parametrize("cluster_driver", ["local", "zookeeper"], indirect=True)
+
 
 @pytest.fixture
-def make_cluster(tmp_path):
+def cluster_driver(request):
+    """Which cluster driver make_cluster uses: 'local' unless parametrized."""
+    return getattr(request, "param", "local")
+
+
+@pytest.fixture(scope="session")
+def zookeeper_server(tmp_path_factory):
+    """One private ZooKeeper for the whole run (each cluster gets its own prefix)."""
+    from sheep.testing import zookeeper
+
+    why = zookeeper.missing()
+    if why is not None:
+        if os.environ.get("CI") == "true":
+            raise RuntimeError(f"CI lacks ZooKeeper: {why}; scripts/test installs it")
+        pytest.skip(why)
+    server = zookeeper.ZooKeeperServer(str(tmp_path_factory.mktemp("zookeeper")))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def make_cluster(tmp_path, request, cluster_driver):
     """Build clusters of real sheep processes; every one is killed at teardown."""
     clusters = []
+    driver = None
+    if cluster_driver == "zookeeper":
+        server = request.getfixturevalue("zookeeper_server")
+        driver = f"zookeeper:{server.hosts}/test{os.getpid()}-{next(_prefixes)}"
 
     def make(nodes: int = 3, zones=None, start: bool = True) -> LocalCluster:
-        cluster = LocalCluster(str(tmp_path / f"cluster{len(clusters)}"), nodes, zones)
+        cluster = LocalCluster(str(tmp_path / f"cluster{len(clusters)}"), nodes, zones,
+                               driver=driver and f"{driver}-{len(clusters)}"
+                               f"?timeout={ZOOKEEPER_SESSION_TIMEOUT_S}")
         clusters.append(cluster)
         if start:
             cluster.start()

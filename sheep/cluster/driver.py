@@ -49,6 +49,12 @@ class ClusterDriver(abc.ABC):
     def info(self) -> dict[str, Any]:
         """A description for dog cluster info."""
 
+    @property
+    def fenced(self) -> bool:
+        """True while this sheep may have been declared dead by the others (it lost
+        its coordination service): it must not serve I/O then."""
+        return False
+
 
 def default_local_directory() -> str:
     import os
@@ -60,10 +66,14 @@ def default_local_directory() -> str:
 
 
 def make_driver(spec: str) -> ClusterDriver:
-    """Build a driver from '-c local[:PATH]'."""
+    """Build a driver from '-c local[:PATH]' or '-c zookeeper:HOST:PORT[,...][/PREFIX]'."""
     name, _, argument = spec.partition(":")
     if name == "local":
         from sheep.cluster.local import LocalDriver
 
         return LocalDriver(argument or default_local_directory())
-    raise UsageError(f"unknown cluster driver {name!r} (known: local)")
+    if name in ("zookeeper", "zk"):
+        from sheep.cluster.zookeeper import make_zookeeper_driver
+
+        return make_zookeeper_driver(argument)
+    raise UsageError(f"unknown cluster driver {name!r} (known: local, zookeeper)")

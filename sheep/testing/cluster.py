@@ -34,6 +34,7 @@ class SheepProcess:
     zone: int
     process: subprocess.Popen[bytes] | None = None
     extra_args: list[str] = field(default_factory=list)
+    driver: str | None = None  # this sheep's -c, when not the cluster's
 
     @property
     def alive(self) -> bool:
@@ -72,7 +73,8 @@ class LocalCluster:
             with open(os.path.join(node.directory, "stderr.log"), "ab") as log:
                 node.process = subprocess.Popen(
                     [sys.executable, "-m", "sheep", node.directory, "-f", "-p", str(node.port),
-                     "-z", str(node.zone), "-c", self.driver, "-w", "80G", *node.extra_args],
+                     "-z", str(node.zone), "-c", node.driver or self.driver, "-w", "80G",
+                     *node.extra_args],
                     stdout=log, stderr=log, stdin=subprocess.DEVNULL)
             if wait:
                 self.wait_ready(node.index)

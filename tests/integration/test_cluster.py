@@ -248,7 +248,8 @@ class BackgroundWriter(threading.Thread):
 
 
 @pytest.mark.parametrize("copies", [3, 2])
-def test_sigkill_gives_a_new_epoch_within_2s_and_objects_stay_readable(make_cluster, copies):
+def test_sigkill_gives_a_new_epoch_within_2s_and_objects_stay_readable(make_cluster, copies,
+                                                                      cluster_driver):
     cluster = make_cluster(3)
     cluster.format(copies=copies)
     objects = random_objects(seed=3 + copies, count=60, size_max=256 << 10)
@@ -269,7 +270,12 @@ def test_sigkill_gives_a_new_epoch_within_2s_and_objects_stay_readable(make_clus
           + ", ".join(f"sheep {i}: {s * 1000:.0f} ms" for i, s in sorted(latency.items()))
           + f"; slowest of {len(acknowledged)} writes in flight across it:"
           f" {writer.slowest_s * 1000:.0f} ms")
-    assert max(latency.values()) < epoch_change_max_s, latency
+    # On ZooKeeper a death shows when the dead sheep's session expires.
+    from tests.conftest import ZOOKEEPER_SESSION_TIMEOUT_S
+
+    bound = epoch_change_max_s + (ZOOKEEPER_SESSION_TIMEOUT_S if cluster_driver == "zookeeper"
+                                  else 0)
+    assert max(latency.values()) < bound, latency
     for index in (0, 1):
         check_all(cluster, index, objects)
         check_all(cluster, index, [Written(oid, 0, oid.to_bytes(8, "little") * 512)

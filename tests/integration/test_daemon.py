@@ -194,11 +194,14 @@ def test_unusable_store_directories_are_refused(tmp_path):
 
 @pytest.mark.parametrize("args, code, message", [
     (["-c", "local:{file}/cluster"], 1, "cannot use cluster directory"),  # told by the daemon
-    (["-c", "zookeeper:x"], 64, "unknown cluster driver"),
+    (["-c", "corosync:x"], 64, "unknown cluster driver"),
+    (["-c", "zookeeper:x"], 64, "invalid ZooKeeper address 'x': use HOST:PORT"),
+    (["-c", "zookeeper:h:2181/p?timeout=0"], 64, "use ?timeout=SECONDS"),
     (["-w", "12Q"], 64, "invalid size '12Q'"),
     (["-b", "192.0.2.1"], 1, "not an address of this host"),
     (["-z", "-1"], 64, "-z"),
-], ids=["cluster-dir-under-file", "driver", "weight", "address", "zone"])
+], ids=["cluster-dir-under-file", "driver", "zookeeper-address", "zookeeper-timeout", "weight",
+      "address", "zone"])
 def test_bad_start_arguments_get_one_clear_line(tmp_path, args, code, message):
     regular_file = tmp_path / "file"
     regular_file.write_text("")

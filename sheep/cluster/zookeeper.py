@@ -1,0 +1,366 @@
+"""The ZooKeeper cluster driver: one sheep per host, one ZooKeeper ensemble.
+
+    PREFIX/members/NODE   ephemeral, one per live sheep (its session's lifetime)
+    PREFIX/log/r-NNNNNNNNNN  persistent sequential records: the ordered log
+
+The log is the total order: a record's sequence number is ZooKeeper's sequential
+suffix (plus one), so every sheep reads the same events in the same order, as
+with the local driver. Records are JSON, as the local driver's; an event's time
+is its znode's creation time, the same for every reader.
+
+Membership and deaths. A sheep joins by creating its ephemeral member znode and
+then appending a join record that names its incarnation (its ZooKeeper session
+id). When a member's znode disappears (its session ended: a crash, SIGKILL, or a
+host cut off for longer than the session timeout), every sheep that notices
+appends a leave record for that incarnation; readers deliver only the first
+leave that matches the member's current incarnation, so duplicates and late
+leaves for an old incarnation change nothing, deterministically everywhere.
+
+Fencing. While the session is suspended (the connection to ZooKeeper is lost)
+or after it expired, the sheep is fenced: it refuses client and peer I/O with
+UNAVAILABLE (see Sheep.dispatch), since the others may already have logged it
+dead and moved on. If the session survives (the connection comes back within
+the session timeout), nothing happened. If it expired, the sheep joins again as
+a fresh incarnation and catches up like a restarted one (its copies are
+unverified again). The majority side keeps serving: its sessions are fine.
+
+All ZooKeeper calls run on one worker thread (kazoo is thread-based); events
+reach the event loop through call_soon_threadsafe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+from sheep.cluster.driver import ClusterDriver
+from sheep.cluster_state import Event, EventKind
+from sheep.errors import SystemFailure, UsageError
+from sheep.node import NodeInfo
+
+log = logging.getLogger(__name__)
+
+session_timeout_s = 6.0
+poll_interval_s = 0.5  # the log and members are re-read at least this often (watches wake earlier)
+connect_retry_s = 2.0
+_record_prefix = "r-"
+
+
+def parse_spec(argument: str) -> tuple[str, str, float]:
+    """'HOST:PORT[,HOST:PORT...][/PREFIX][?timeout=SECONDS]' -> (hosts, prefix, timeout)."""
+    argument, _, query = argument.partition("?")
+    hosts, slash, prefix = argument.partition("/")
+    if not hosts:
+        raise UsageError("the zookeeper driver needs hosts: "
+                         "-c zookeeper:HOST:2181[,HOST:2181][/PREFIX][?timeout=SECONDS]")
+    for host in hosts.split(","):
+        name, colon, port = host.rpartition(":")
+        if not colon or not name or not port.isdigit() or not 0 < int(port) < 65536:
+            raise UsageError(f"invalid ZooKeeper address {host!r}: use HOST:PORT")
+    timeout = session_timeout_s
+    if query:
+        key, _, value = query.partition("=")
+        try:
+            timeout = float(value)
+        except ValueError:
+            timeout = -1.0
+        if key != "timeout" or not 0.5 <= timeout <= 600:
+            raise UsageError(f"invalid ZooKeeper option {query!r}: use ?timeout=SECONDS"
+                             " (the session timeout, 0.5 to 600)")
+    prefix = "/" + prefix.strip("/") if slash and prefix.strip("/") else "/sheepdog"
+    return hosts, prefix, timeout
+
+
+def _member_name(node_id: str) -> str:
+    return node_id.replace("/", "@")
+
+
+class ZooKeeperDriver(ClusterDriver):
+    name = "zookeeper"
+
+    def __init__(self, hosts: str, prefix: str = "/sheepdog",
+                 session_timeout: float = session_timeout_s) -> None:
+        super().__init__()
+        self.hosts = hosts
+        self.prefix = prefix
+        self.session_timeout = session_timeout
+        self.members_path = f"{prefix}/members"
+        self.log_path = f"{prefix}/log"
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zookeeper")
+        self._client: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._node: NodeInfo | None = None
+        self._from_seq = 0
+        self._last_seq = 0  # the last record read
+        self._membership: dict[str, str] = {}  # node id -> incarnation, as the log says
+        self._nodes: dict[str, NodeInfo] = {}
+        self._incarnation = ""
+        self._state = "disconnected"
+        self._rejoin = False
+        self._closed = False
+        self._wake = threading.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.fenced_since: float | None = time.monotonic()
+
+    # --- the interface -----------------------------------------------------
+
+    @property
+    def fenced(self) -> bool:
+        return self.fenced_since is not None
+
+    async def join(self, node: NodeInfo, from_seq: int) -> None:
+        self._node = node
+        self._from_seq = from_seq
+        self._loop = asyncio.get_running_loop()
+        await self._run(self._connect)
+        await self._run(self._join)
+        self._task = self._loop.create_task(self._poll_forever())
+
+    async def broadcast(self, op_id: str, body: dict[str, Any]) -> None:
+        assert self._node is not None, "broadcast before join"
+        await self._run(self._append, {"kind": EventKind.OP.value, "node_id": self._node.node_id,
+                                       "op_id": op_id, "body": body})
+
+    async def leave(self) -> None:
+        if self._node is None or self._closed:
+            return
+        try:
+            await self._run(self._append, {"kind": EventKind.LEAVE.value,
+                                           "node_id": self._node.node_id, "reason": "leave",
+                                           "incarnation": self._incarnation})
+        except SystemFailure as error:
+            log.warning("could not log a graceful leave: %s", error)
+        await self.close()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self._run(self._stop_client)
+        self._executor.shutdown(wait=True)
+
+    def info(self) -> dict[str, Any]:
+        return {"driver": self.name, "hosts": self.hosts, "prefix": self.prefix,
+                "connection": self._state, "fenced": self.fenced,
+                "session_timeout": self.session_timeout,
+                "session": self._incarnation or None}
+
+    # --- asyncio side -----------------------------------------------------------
+
+    async def _run(self, function: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    async def _poll_forever(self) -> None:
+        while not self._closed:
+            try:
+                await self._run(self._poll_once)
+            except SystemFailure as error:
+                log.warning("cluster log: %s", error)
+            await asyncio.get_running_loop().run_in_executor(None, self._wait_wake)
+
+    def _wait_wake(self) -> None:
+        self._wake.wait(poll_interval_s)
+        self._wake.clear()
+
+    def _deliver(self, events: list[Event]) -> None:
+        assert self._loop is not None
+        for event in events:
+            self._loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    # --- worker thread: ZooKeeper calls -----------------------------------------
+
+    def _connect(self) -> None:
+        from kazoo.client import KazooClient, KazooState
+        from kazoo.handlers.threading import KazooTimeoutError
+
+        self._client = KazooClient(hosts=self.hosts, timeout=self.session_timeout)
+
+        def listener(state: Any) -> None:
+            self._state = str(state).lower()
+            if state == KazooState.CONNECTED:
+                log.info("ZooKeeper connected (%s)", self.hosts)
+            elif state == KazooState.SUSPENDED:
+                self._fence("connection to ZooKeeper lost")
+            elif state == KazooState.LOST:
+                self._fence("ZooKeeper session expired")
+                self._rejoin = True
+            self._wake.set()
+
+        self._client.add_listener(listener)
+        while True:
+            try:
+                self._client.start(timeout=connect_retry_s * 2)
+                break
+            except KazooTimeoutError:
+                log.warning("cannot reach ZooKeeper at %s; retrying", self.hosts)
+                if self._closed:
+                    raise SystemFailure(f"cannot reach ZooKeeper at {self.hosts}") from None
+        self._state = "connected"
+        self._client.ensure_path(self.members_path)
+        self._client.ensure_path(self.log_path)
+
+    def _fence(self, why: str) -> None:
+        if self.fenced_since is None:
+            self.fenced_since = time.monotonic()
+            log.warning("fenced: %s; refusing I/O until ZooKeeper is back", why)
+
+    def _join(self) -> None:
+        """Create our member znode and log our join (after a leave for an old
+        incarnation of ours whose session has not expired yet)."""
+        from kazoo.exceptions import NodeExistsError, NoNodeError
+
+        assert self._node is not None
+        self._sync_log()
+        self._incarnation = f"{self._client.client_id[0]:x}"
+        path = f"{self.members_path}/{_member_name(self._node.node_id)}"
+        value = json.dumps({"node": self._node.to_json(), "incarnation": self._incarnation})
+        try:
+            self._client.create(path, value.encode(), ephemeral=True)
+        except NodeExistsError:
+            try:
+                self._client.delete(path)  # a dead incarnation of ours: we hold its store
+            except NoNodeError:
+                pass
+            self._client.create(path, value.encode(), ephemeral=True)
+        self._await_dead_members()
+        old = self._membership.get(self._node.node_id)
+        if old is not None:
+            self._append({"kind": EventKind.LEAVE.value, "node_id": self._node.node_id,
+                          "reason": "dead", "incarnation": old})
+        self._append({"kind": EventKind.JOIN.value, "node": self._node.to_json(),
+                      "incarnation": self._incarnation})
+        self._rejoin = False
+        self.fenced_since = None
+        self._poll_once()
+
+    def _await_dead_members(self) -> None:
+        """Before joining: members that do not answer are waited for until their
+        sessions expire and their leaves are logged. Otherwise a sheep restarted
+        after the whole cluster died would join before the others' deaths show, and
+        the cluster would not know to wait for its last members (their copies are
+        newer than a sheep that was away). A member that answers is alive: no wait."""
+        assert self._node is not None
+        deadline = time.monotonic() + 2 * self.session_timeout + 2
+        while True:
+            silent = [node_id for node_id in self._membership
+                      if node_id != self._node.node_id and not self._answers(node_id)]
+            if not silent or time.monotonic() > deadline:
+                return
+            live = set(self._client.get_children(self.members_path))
+            if all(_member_name(node_id) not in live for node_id in silent):
+                self._reap()
+                self._sync_log()
+                return
+            log.info("waiting for the sessions of %d silent member(s) to end before joining",
+                     len(silent))
+            time.sleep(0.2)
+
+    def _answers(self, node_id: str) -> bool:
+        node = self._nodes.get(node_id)
+        if node is None:
+            return False
+        try:
+            with socket.create_connection((node.address, node.port), timeout=1.0):
+                return True
+        except OSError:
+            return False
+
+    def _stop_client(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.stop()
+                self._client.close()
+            except Exception:  # noqa: BLE001 - closing a broken client must not fail a stop
+                log.debug("closing the ZooKeeper client", exc_info=True)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        from kazoo.exceptions import KazooException
+
+        try:
+            self._client.create(f"{self.log_path}/{_record_prefix}", json.dumps(record).encode(),
+                                sequence=True)
+        except KazooException as error:
+            raise SystemFailure(f"cannot append to the cluster log in ZooKeeper: {error!r}") from error
+        self._wake.set()
+
+    def _poll_once(self) -> None:
+        from kazoo.exceptions import KazooException
+
+        if self._closed:
+            return
+        try:
+            if self._rejoin and self._state == "connected":
+                log.info("joining again as a new incarnation")
+                self._join()
+                return
+            if self.fenced and self._state == "connected" and not self._rejoin:
+                log.info("ZooKeeper is back within the session timeout: unfenced")
+                self.fenced_since = None
+            if self.fenced:
+                return
+            self._sync_log()
+            self._reap()
+        except KazooException as error:
+            raise SystemFailure(f"ZooKeeper: {error!r}") from error
+
+    def _sync_log(self) -> None:
+        """Read the records past the last one read; deliver those past from_seq."""
+        names = self._client.get_children(self.log_path, watch=lambda _: self._wake.set())
+        fresh = sorted((int(name[len(_record_prefix):]) + 1, name) for name in names
+                       if name.startswith(_record_prefix))
+        events = []
+        for seq, name in fresh:
+            if seq <= self._last_seq:
+                continue
+            data, stat = self._client.get(f"{self.log_path}/{name}")
+            self._last_seq = seq
+            event = self._consume(seq, json.loads(data), stat.ctime / 1000)
+            if event is not None and seq > self._from_seq:
+                events.append(event)
+        self._deliver(events)
+
+    def _consume(self, seq: int, record: dict[str, Any], when: float) -> Event | None:
+        kind = EventKind(record["kind"])
+        if kind is EventKind.JOIN:
+            node = NodeInfo.from_json(record["node"])
+            self._membership[node.node_id] = str(record.get("incarnation", ""))
+            self._nodes[node.node_id] = node
+            return Event(seq=seq, kind=kind, time=when, node=node)
+        if kind is EventKind.LEAVE:
+            node_id = str(record["node_id"])
+            if self._membership.get(node_id) != record.get("incarnation"):
+                return None  # a duplicate, or about an incarnation that is gone already
+            del self._membership[node_id]
+            return Event(seq=seq, kind=kind, time=when, node_id=node_id,
+                         reason=str(record.get("reason", "dead")))
+        return Event(seq=seq, kind=kind, time=when, node_id=str(record.get("node_id", "")),
+                     op_id=str(record.get("op_id", "")), body=dict(record.get("body", {})))
+
+    def _reap(self) -> None:
+        """Log a leave for every member whose znode is gone (its session ended)."""
+        live = set(self._client.get_children(self.members_path,
+                                             watch=lambda _: self._wake.set()))
+        for node_id, incarnation in list(self._membership.items()):
+            if _member_name(node_id) not in live:
+                log.warning("member %s is gone (its ZooKeeper session ended)", node_id)
+                self._append({"kind": EventKind.LEAVE.value, "node_id": node_id,
+                              "reason": "dead", "incarnation": incarnation})
+
+
+def make_zookeeper_driver(argument: str) -> ZooKeeperDriver:
+    hosts, prefix, timeout = parse_spec(argument)
+    return ZooKeeperDriver(hosts, prefix, timeout)
+

@@ -1,0 +1,104 @@
+"""The ZooKeeper driver's own behaviour: fencing when a sheep loses ZooKeeper, the
+others going on without it, and its return as a fresh member that catches up. One
+sheep's link to ZooKeeper goes through a TCP proxy the test cuts and restores."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sheep.errors import SheepError, Unavailable
+from sheep.testing.cluster import LocalCluster
+from sheep.testing.proxy import TcpProxy
+from tests.conftest import ZOOKEEPER_SESSION_TIMEOUT_S
+
+MiB = 1 << 20
+
+
+def write(cluster: LocalCluster, index: int, name: str, offset: int, data: bytes) -> None:
+    with cluster.client(index) as client:
+        handle = client.vdi_open(name, writable=True)["handle"]
+        client.vdi_write(handle, offset, data)
+        client.vdi_close(handle)
+
+
+def read(cluster: LocalCluster, index: int, name: str, offset: int, count: int) -> bytes:
+    with cluster.client(index) as client:
+        handle = client.vdi_open(name)["handle"]
+        data = client.vdi_read(handle, offset, count)
+        client.vdi_close(handle)
+    return data
+
+
+def wait_for(condition, timeout_s: float, what: str) -> float:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, f"{what} not within {timeout_s} s"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def fenced(cluster: LocalCluster, index: int) -> bool:
+    try:
+        read(cluster, index, "disk", 0, 1)
+    except Unavailable as error:
+        return "fenced" in error.message
+    except SheepError:
+        return False
+    return False
+
+
+def test_a_sheep_cut_off_from_zookeeper_is_fenced_and_comes_back_current(
+        tmp_path, zookeeper_server):
+    prefix = f"/fencing{os.getpid()}"
+    spec = f"zookeeper:{{}}{prefix}?timeout={ZOOKEEPER_SESSION_TIMEOUT_S}"
+    proxy = TcpProxy(zookeeper_server.port)
+    cluster = LocalCluster(str(tmp_path / "cluster"), 3,
+                           driver=spec.format(zookeeper_server.hosts))
+    cluster.sheep[2].driver = spec.format(f"127.0.0.1:{proxy.port}")
+    try:
+        cluster.start()
+        cluster.format(2)
+        with cluster.client(0) as client:
+            client.vdi_create("disk", 32 * MiB)
+        before = os.urandom(8 * MiB)
+        write(cluster, 0, "disk", 0, before)
+
+        proxy.cut()
+        cut = time.monotonic()
+        to_fenced = wait_for(lambda: fenced(cluster, 2), 10, "sheep 2 fenced")
+        with pytest.raises(Unavailable, match="fenced"):  # the cut-off side acknowledges nothing
+            write(cluster, 2, "disk", 0, b"minority")
+        info = json.loads(subprocess.run(
+            [sys.executable, "-m", "dog", "cluster", "info", "--json", "-p",
+             str(cluster.sheep[2].port)], capture_output=True, text=True, timeout=60).stdout)
+        assert info["driver"]["fenced"] is True and info["driver"]["driver"] == "zookeeper"
+        # The others log its death once its session expires, and go on without it.
+        cluster.wait_epoch(0, 2, timeout_s=ZOOKEEPER_SESSION_TIMEOUT_S * 3 + 5)
+        to_dead = time.monotonic() - cut
+        during = os.urandom(4 * MiB)
+        write(cluster, 0, "disk", 8 * MiB, during)
+        assert read(cluster, 1, "disk", 0, 8 * MiB) == before
+
+        proxy.restore()
+        restored = time.monotonic()
+        cluster.wait_epoch(0, 3, timeout_s=30)
+        wait_for(lambda: not fenced(cluster, 2), 30, "sheep 2 serving again")
+        cluster.wait_recovered(60)
+        to_healthy = time.monotonic() - restored
+        assert read(cluster, 2, "disk", 0, 8 * MiB) == before
+        assert read(cluster, 2, "disk", 8 * MiB, 4 * MiB) == during
+        write(cluster, 2, "disk", 12 * MiB, b"back")
+        assert read(cluster, 0, "disk", 12 * MiB, 4) == b"back"
+        print(f"\ncut to fenced {to_fenced:.2f} s, cut to declared dead {to_dead:.2f} s "
+              f"(session timeout {ZOOKEEPER_SESSION_TIMEOUT_S} s), link back to healthy "
+              f"{to_healthy:.2f} s")
+        assert to_fenced < ZOOKEEPER_SESSION_TIMEOUT_S
+    finally:
+        cluster.close()
+        proxy.close()
