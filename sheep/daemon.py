@@ -198,6 +198,8 @@ class Sheep:
         await self.server.stop()
         if self.recoverer is not None:
             await self.recoverer.stop()
+        if self.peer is not None:
+            await self.peer.quiesce()  # the sync under way finishes before the last one
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -290,8 +290,11 @@ class Gateway:
                     self.repair_soon(header.oid)
                 return reply
             if unverified and retryable is None:
+                # Copies that came back with their nodes: the newest copy may still sit
+                # where an earlier epoch put it, so those holders are asked too.
                 try:
-                    return await self._read_newest(header, nodes, epoch)
+                    return await self._read_newest(
+                        header, nodes + self._past_holders(header, nodes), epoch)
                 except IOErrorResult as error:
                     damaged = error
             found = await self._read_from_past_epochs(header, epoch)
@@ -327,6 +330,18 @@ class Gateway:
         self._repair_tasks.add(task)
         task.add_done_callback(self._repair_tasks.discard)
 
+    def _past_holders(self, header: Header, nodes: list[NodeInfo]) -> list[NodeInfo]:
+        """Members that the last epochs placed the object on, beyond nodes."""
+        seen = {node.node_id for node in nodes}
+        members = self.group.state.members
+        holders = []
+        for past in self.group.past_epochs(past_epochs_searched_max):
+            for node in self.group.placement(header.oid, past, header.arg1):
+                if node.node_id not in seen and node.node_id in members:
+                    seen.add(node.node_id)
+                    holders.append(members[node.node_id])
+        return holders
+
     async def _read_from_past_epochs(self, header: Header, epoch: int) -> Reply | None:
         """Before recovery has moved an object, its copies sit where earlier epochs put them."""
         tried = {node.node_id for node in self.group.placement(header.oid, epoch, header.arg1)}
@@ -361,7 +376,7 @@ class Gateway:
                      verified_only: bool = False) -> tuple[int, bool, NodeInfo] | None:
         """(version, removed, node) of the newest copy among nodes, or None if none has
         one. A removal's tombstone counts, as a copy that says 'removed'."""
-        return _newest(zip(nodes, await self.stats(oid, nodes, epoch), strict=True),
+        return newest_copy(zip(nodes, await self.stats(oid, nodes, epoch), strict=True),
                        verified_only)
 
     async def read_copy(self, node: NodeInfo, header: Header, epoch: int) -> Reply:
@@ -375,7 +390,7 @@ class Gateway:
         with the highest version, whatever its state (a damaged one is passed over)."""
         stats = list(zip(nodes, await self.stats(header.oid, nodes, epoch), strict=True))
         damaged: SheepError | None = None
-        while (best := _newest(stats, verified_only=False)) is not None and not best[1]:
+        while (best := newest_copy(stats, verified_only=False)) is not None and not best[1]:
             try:
                 return await self.read_copy(best[2], header, epoch)
             except IOErrorResult as error:
@@ -447,10 +462,10 @@ class Gateway:
         result["damaged"] = [node.node_id for node, stat in zip(nodes, stats, strict=True)
                              if isinstance(stat, dict) and stat.get("damaged")]
         candidates = list(zip(nodes, stats, strict=True))
-        best = _newest(candidates, verified_only=True)
+        best = newest_copy(candidates, verified_only=True)
         if best is None:  # not in the placement: where earlier epochs or a drain left it
             others = [node for node in self.group.state.nodes if node not in nodes]
-            best = _newest(zip(others, await self.stats(oid, others, epoch, tolerant=True),
+            best = newest_copy(zip(others, await self.stats(oid, others, epoch, tolerant=True),
                                strict=True), verified_only=True)
         if best is None:
             result["state"] = "lost"
@@ -471,8 +486,10 @@ class Gateway:
         if repairable:
             data, fields = await self.read_copy(source, Header(
                 opcode=Op.READ_OBJ, oid=oid, count=self.group.state.object_size), epoch)
+            # FLAG_DIRECT: a repair replaces a copy as new as the source (damaged, or
+            # with other contents), though never one a write has made newer since.
             create = Header(opcode=Op.CREATE_AND_WRITE_OBJ, oid=oid, count=len(data),
-                            arg0=fields.get("arg0") or version)
+                            arg0=fields.get("arg0") or version, flags=proto.FLAG_DIRECT)
             await asyncio.gather(*(self.call(node, create, bytes(data), epoch)
                                    for node in repairable))
             result["repaired"] = [node.node_id for node in repairable]
@@ -498,18 +515,19 @@ def _whole_copy(stat: Any, verified_only: bool, tombstones: bool = False) -> boo
             and not (verified_only and stat.get("unverified")))
 
 
-def _newest(candidates: Iterable[tuple[NodeInfo, Any]],
+def newest_copy(candidates: Iterable[tuple[NodeInfo, Any]],
             verified_only: bool) -> tuple[int, bool, NodeInfo] | None:
     """(version, removed, node) of the newest copy among (node, stat) pairs; stats that
     are None (no copy) or errors are skipped, and unverified copies if verified_only."""
     best: tuple[int, bool, NodeInfo] | None = None
+    best_key: tuple[int, bool, bool] | None = None
     for node, stat in candidates:
         if not _whole_copy(stat, verified_only, tombstones=True):
             continue
-        candidate = (int(stat["version"]), bool(stat.get("deleted")), node)
         # A removal bumps the version, so a real tombstone is newer than every copy: at
-        # an equal version, the copy wins (that "tombstone" is a file lost from a store).
-        if best is None or candidate[0] > best[0] or (
-                candidate[0] == best[0] and best[1] and not candidate[1]):
-            best = candidate
+        # an equal version a copy wins (that "tombstone" is a file lost from a store),
+        # and a verified copy wins over an unverified one.
+        key = (int(stat["version"]), not stat.get("deleted"), not stat.get("unverified"))
+        if best_key is None or key > best_key:
+            best, best_key = (key[0], bool(stat.get("deleted")), node), key
     return best

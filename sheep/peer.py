@@ -50,6 +50,7 @@ class Peer:
         self.repaired = 0
         self.scrubbed = 0
         self._writeback: asyncio.Task[None] | None = None
+        self._sync_lock = asyncio.Lock()
         self._free = 0
         self._space_checked = -1e9
         self.handlers: dict[Op, PeerHandler] = {
@@ -69,16 +70,17 @@ class Peer:
         if header.opcode in _changes and not self.group.writable_object(header.oid):
             # Fencing: a snapshot froze this generation; whoever still writes it is stale.
             raise ReadOnly(f"object {header.oid:016x} belongs to a frozen generation")
-        if header.oid in self.unverified:
-            if header.opcode == Op.READ_PEER and not header.flags & proto.FLAG_DIRECT:
-                raise Unverified(f"the copy of {header.oid:016x} here is not verified yet")
-            if header.opcode in (Op.WRITE_PEER, Op.DISCARD_PEER):
-                raise NoObject(f"the copy of {header.oid:016x} here is not verified yet")
         try:
             if header.opcode in _allocating:
-                self._check_space()
+                self.check_space()
             if header.opcode in _intended:
                 await self.store.ensure_intent(header.oid)
+            # After the await: a copy found damaged meanwhile must not take the change.
+            if header.oid in self.unverified:
+                if header.opcode == Op.READ_PEER and not header.flags & proto.FLAG_DIRECT:
+                    raise Unverified(f"the copy of {header.oid:016x} here is not verified yet")
+                if header.opcode in (Op.WRITE_PEER, Op.DISCARD_PEER):
+                    raise NoObject(f"the copy of {header.oid:016x} here is not verified yet")
             reply = await self.handlers[Op(header.opcode)](header, payload)
         except NoSpace as error:
             free = shutil.disk_usage(self.store.path).free
@@ -88,7 +90,7 @@ class Peer:
             self.writeback_soon()
         return reply
 
-    def _check_space(self) -> None:
+    def check_space(self) -> None:
         """Refuse a change that may need space when the store is down to its reserve."""
         now = time.monotonic()
         # A refusal is never made on an old figure: space may just have been freed.
@@ -107,15 +109,18 @@ class Peer:
             self._writeback = asyncio.get_running_loop().create_task(self.sync_all())
 
     async def sync_all(self) -> None:
-        await self._sync(self.store.begin_sync())
+        await self._sync(self.store.begin_sync)
 
     async def create_and_write(self, header: Header, payload: bytes) -> Reply:
         # arg0, when set, is the version of the copy this one is made from (recovery).
         # Such a copy never replaces a verified one at least as new: a client's write
         # may have recovered and changed the object here since the source was read.
+        # A repair (FLAG_DIRECT) replaces a copy as new as its source too (damaged, or
+        # with other contents), but not one that a write has made newer since.
         if header.arg0 and header.oid not in self.unverified and self.store.exists(header.oid):
             current = self.store.version(header.oid)
-            if current >= header.arg0:
+            repair = bool(header.flags & proto.FLAG_DIRECT)
+            if current > header.arg0 or (current == header.arg0 and not repair):
                 return b"", {"arg0": current}
         version = self.store.create_and_write(header.oid, header.offset, payload,
                                               header.arg0 or None)
@@ -125,12 +130,27 @@ class Peer:
             self.repaired += 1
             log.warning("damaged copy of %016x replaced by a good one", header.oid)
         if header.flags & proto.FLAG_FUA:
-            await self._sync(self.store.begin_sync_object(header.oid))
+            await self._sync(lambda: self.store.begin_sync_object(header.oid))
         return b"", {"arg0": version}
 
-    async def _sync(self, job: SyncJob) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.store.finish_sync, job)
-        self.store.sync_done(job)
+    async def _sync(self, begin: Callable[[], SyncJob]) -> None:
+        """One sync at a time (a flush that comes meanwhile waits, then syncs what is
+        dirty by then): two syncs racing could commit older metadata last, or answer
+        a flush before the other's fdatasync is done."""
+        loop = asyncio.get_running_loop()
+        async with self._sync_lock:
+            job = begin()
+            try:
+                await loop.run_in_executor(None, self.store.sync_files, job)
+                await loop.run_in_executor(self.store.meta_executor, self.store.commit, job)
+            except BaseException:
+                self.store.sync_failed(job)
+                raise
+            self.store.sync_done(job)
+
+    async def quiesce(self) -> None:
+        """Wait for the sync under way and let no other start (the sheep is stopping)."""
+        await self._sync_lock.acquire()
 
     async def read(self, header: Header, payload: bytes) -> Reply:
         try:
@@ -150,7 +170,7 @@ class Peer:
         # arg0, when set, is the version the gateway gave this write (see Gateway.next_version).
         version = self.store.write(header.oid, header.offset, payload, version=header.arg0 or None)
         if header.flags & proto.FLAG_FUA:
-            await self._sync(self.store.begin_sync_object(header.oid))
+            await self._sync(lambda: self.store.begin_sync_object(header.oid))
         return b"", {"arg0": version}
 
     async def remove(self, header: Header, payload: bytes) -> Reply:
@@ -164,7 +184,7 @@ class Peer:
         return b"", {"arg0": version}
 
     async def flush(self, header: Header, payload: bytes) -> Reply:
-        await self._sync(self.store.begin_sync())
+        await self._sync(self.store.begin_sync)
         return _empty
 
     async def stat(self, header: Header, payload: bytes) -> Reply:

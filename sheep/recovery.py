@@ -24,7 +24,7 @@ from typing import Any
 from sheep import proto
 from sheep.cluster_state import Status
 from sheep.errors import NoObject, SheepError
-from sheep.gateway import RETRYABLE, Gateway
+from sheep.gateway import RETRYABLE, Gateway, newest_copy
 from sheep.group import Group
 from sheep.peer import Peer
 from sheep.proto import Header, Op
@@ -57,6 +57,7 @@ class Verifier(_Worker):
             # Waiting for the last epoch's nodes: the newest copy may be on one of them.
             await asyncio.sleep(verify_retry_interval_s)
         while self.peer.unverified:
+            replaced = self.replaced
             for oid in sorted(self.peer.unverified):
                 if oid not in self.peer.unverified:
                     continue  # a write or removal settled it meanwhile
@@ -64,17 +65,27 @@ class Verifier(_Worker):
                     await self.verify(oid)
                 except (*RETRYABLE, SheepError) as error:
                     log.info("cannot verify %016x yet: %s", oid, error)
+            if self.replaced != replaced:
+                await self.peer.sync_all()  # replaced copies count once durable
             if self.peer.unverified:
                 await asyncio.sleep(verify_retry_interval_s)
         log.info("every copy verified (%d kept, %d replaced)", self.verified, self.replaced)
 
     async def verify(self, oid: int) -> None:
+        """Compare the copy with every other member's (not only the placement's: after
+        nodes came back, the newest copy may sit where an earlier epoch put it). The
+        newest version wins; at an equal version a verified copy whose contents
+        differ (digest) wins over this unverified one."""
         epoch = self.group.epoch
-        others = [node for node in self.group.placement(oid, epoch)
-                  if node.node_id != self.node_id]
+        others = [node for node in self.group.state.nodes if node.node_id != self.node_id]
         mine = self.store.version(oid)
-        best = await self.gateway.newest(oid, others, epoch)
-        if best is not None and best[0] > mine and oid in self.peer.unverified:
+        stats = await self.gateway.stats(oid, others, epoch)  # any failure: try again later
+        best = newest_copy(zip(others, stats, strict=True), verified_only=False)
+        my_digest = self.store.stat(oid).get("digest") if self.store.exists(oid) else None
+        stale = best is not None and (best[0] > mine or (
+            best[0] == mine and not best[1] and _verified(stats, others, best[2])
+            and _digest(stats, others, best[2]) not in (None, my_digest)))
+        if stale and best is not None and oid in self.peer.unverified:
             version, removed, node = best
             if removed:
                 try:
@@ -82,6 +93,7 @@ class Verifier(_Worker):
                 except NoObject:
                     self.store.tombstone(oid, version)
             else:
+                self.peer.check_space()
                 data, fields = await self.gateway.read_copy(node, _whole(self.group, oid), epoch)
                 if oid not in self.peer.unverified:
                     return  # a client's write got here first: it is current
@@ -89,10 +101,21 @@ class Verifier(_Worker):
                 version = fields.get("arg0") or version
                 self.store.create_and_write(oid, 0, bytes(data), version)
             self.replaced += 1
-            log.info("copy of %016x was stale (version %d < %d): replaced", oid, mine, version)
+            log.info("copy of %016x was stale (version %d, newest %d): replaced", oid, mine,
+                     version)
         else:
             self.verified += 1
         self.peer.unverified.discard(oid)
+
+
+def _verified(stats: list[Any], nodes: list[Any], node: Any) -> bool:
+    stat = stats[nodes.index(node)]
+    return isinstance(stat, dict) and not stat.get("unverified")
+
+
+def _digest(stats: list[Any], nodes: list[Any], node: Any) -> Any:
+    stat = stats[nodes.index(node)]
+    return stat.get("digest") if isinstance(stat, dict) else None
 
 
 def _whole(group: Group, oid: int) -> Header:
@@ -239,6 +262,9 @@ class Recoverer(_Worker):
                     log.warning("cannot recover %016x: %s", oid, error)
 
         await asyncio.gather(*(one(oid) for oid in wanted))
+        if self.recovered:
+            # The copies made count (for the old holders' surplus removal) once durable.
+            await self.peer.sync_all()
         if self.failed:
             raise SheepError(f"{self.failed} objects not recovered")
         if wanted:
@@ -256,6 +282,7 @@ class Recoverer(_Worker):
         best = await self.gateway.newest(oid, list(asked.values()), epoch, verified_only=True)
         if best is None or best[1]:
             return False
+        self.peer.check_space()
         await self.limiter.take(self.group.state.object_size)
         data, fields = await self.gateway.read_copy(best[2], _whole(self.group, oid), epoch)
         if self.store.exists(oid):
@@ -308,5 +335,7 @@ class Recoverer(_Worker):
         if not placement:
             return False
         stats = await self.gateway.stats(oid, placement, epoch)
+        # Verified, durable (synced: a power loss cannot take it back) and as new.
         return all(stat is not None and not stat.get("unverified") and not stat.get("missing")
+                   and (stat.get("synced", True) or stat.get("deleted"))
                    and int(stat["version"]) >= mine for stat in stats)

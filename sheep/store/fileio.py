@@ -3,6 +3,7 @@ under it (sheep/testing/faulty.py: lost unsynced writes, EIO, ENOSPC)."""
 
 from __future__ import annotations
 
+import errno
 import os
 
 from sheep.store.punch import punch_hole
@@ -24,7 +25,16 @@ class FileIO:
         return os.pread(fd, count, offset)
 
     def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
-        return os.pwrite(fd, data, offset)
+        """Write all of data: a short write (a disk filling up) goes on from where it
+        stopped, and one that writes nothing is ENOSPC."""
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            written = os.pwrite(fd, view[done:], offset + done)
+            if written <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            done += written
+        return done
 
     def truncate(self, fd: int, size: int) -> None:
         os.ftruncate(fd, size)

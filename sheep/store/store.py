@@ -31,7 +31,9 @@ from __future__ import annotations
 import array
 import asyncio
 import collections
+import concurrent.futures
 import errno
+import itertools
 import json
 import logging
 import os
@@ -85,7 +87,7 @@ class SyncJob:
     metas: dict[int, tuple[int, bytes | None, bool, bool, bool, int]] = field(
         default_factory=dict)
     synced: set[int] = field(default_factory=set)  # objects whose data is in fds
-    intents_cleared: set[int] = field(default_factory=set)
+    intents_cleared: dict[int, bytes] = field(default_factory=dict)
 
 
 def _oid_key(oid: int) -> bytes:
@@ -122,10 +124,20 @@ class Store:
         self._dirty: set[int] = set()  # data written since the last sync
         self._meta: dict[int, _Meta] = {}  # metadata changed since its last commit
         self._gen = 0
-        self._intents: set[int] = set()  # committed intents (see the module doc)
-        self._intent_clear: set[int] = set()  # intents to delete at the next commit
-        self._intent_wanted: set[int] = set()
+        # Committed intents (see the module doc), each with a token: an intent is
+        # deleted only if it still holds the token it had when its deletion was
+        # decided, so a deletion that reaches LMDB after a new intent for the same
+        # object changes nothing.
+        self._intents: dict[int, bytes] = {}
+        self._intent_clear: dict[int, bytes] = {}  # intents to delete at the next commit
+        self._intent_wanted: dict[int, bytes] = {}
+        self._tokens = itertools.count(1)
         self._intent_task: asyncio.Task[None] | None = None
+        self._syncing = False
+        # Every metadata commit that can race another (intents, syncs) runs on this one
+        # thread, so they reach LMDB in the order they were decided.
+        self.meta_executor = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="store-meta")
         self.object_size = constants.object_size_default_bytes
         self.counters = {"checksum_errors": 0, "missing_files": 0, "recomputed_after_crash": 0}
 
@@ -202,7 +214,7 @@ class Store:
         if self._env is not None:
             self.sync()
             if self._intent_clear:  # a clean stop leaves no intent behind
-                self._write_intents(set(), self._intent_clear)
+                self.meta_executor.submit(self._write_intents, {}, self._intent_clear).result()
                 self._intent_clear.clear()
         for fd in self._fds.values():
             self.io.close(fd)
@@ -331,40 +343,48 @@ class Store:
         """Commit an intent for oid before its first change since its last sync;
         concurrent callers share one commit."""
         while self.needs_intent(oid):
-            self._intent_wanted.add(oid)
+            self._intent_wanted.setdefault(oid, self._token())
             if self._intent_task is None or self._intent_task.done():
                 self._intent_task = asyncio.get_running_loop().create_task(self._commit_intents())
             await asyncio.shield(self._intent_task)
 
     async def _commit_intents(self) -> None:
-        wanted, self._intent_wanted = self._intent_wanted, set()
-        cleared, self._intent_clear = self._intent_clear - wanted, set()
+        wanted, self._intent_wanted = self._intent_wanted, {}
+        cleared, self._intent_clear = self._intent_clear, {}
         try:
             await asyncio.get_running_loop().run_in_executor(
-                None, self._write_intents, wanted, cleared)
+                self.meta_executor, self._write_intents, wanted, cleared)
         except BaseException:
-            self._intent_clear |= cleared
+            self._intent_clear.update(cleared)
             raise
-        self._intents |= wanted
+        self._intents.update(wanted)
 
-    def _write_intents(self, wanted: set[int], cleared: set[int]) -> None:
+    def _token(self) -> bytes:
+        return next(self._tokens).to_bytes(8, "big")
+
+    def _write_intents(self, wanted: dict[int, bytes], cleared: dict[int, bytes]) -> None:
         with _translated("record intents"), self.env.begin(db=self._intents_db, write=True) as txn:
-            for oid in wanted:
-                txn.put(_oid_key(oid), b"")
-            for oid in cleared:
-                txn.delete(_oid_key(oid))
+            for oid, token in wanted.items():
+                txn.put(_oid_key(oid), token)
+            self._delete_intents(txn, cleared)
+
+    def _delete_intents(self, txn: lmdb.Transaction, cleared: dict[int, bytes]) -> None:
+        for oid, token in cleared.items():
+            key = _oid_key(oid)
+            if txn.get(key, db=self._intents_db) == token:  # not a newer intent put meanwhile
+                txn.delete(key, db=self._intents_db)
 
     def _intend(self, oid: int) -> None:
         """For callers that did not await ensure_intent: commit it now, blocking."""
         if self.needs_intent(oid):
-            self._intent_clear.discard(oid)
-            cleared, self._intent_clear = self._intent_clear, set()
+            cleared, self._intent_clear = self._intent_clear, {}
+            wanted = {oid: self._token()}
             try:
-                self._write_intents({oid}, cleared)
+                self.meta_executor.submit(self._write_intents, wanted, cleared).result()
             except BaseException:
-                self._intent_clear |= cleared
+                self._intent_clear.update(cleared)
                 raise
-            self._intents.add(oid)
+            self._intents.update(wanted)
 
     # --- objects ---------------------------------------------------------
 
@@ -384,12 +404,14 @@ class Store:
         self._fds[oid] = fd
         if len(self._fds) > _fd_cache_max:
             old_oid, old_fd = self._fds.popitem(last=False)
-            try:
-                if old_oid in self._dirty:
+            if old_oid in self._dirty:
+                try:
                     self.io.datasync(old_fd)
-            finally:
+                except OSError:
+                    self._fds[old_oid] = old_fd  # still dirty: kept for the next sync
+                    raise
                 self._dirty.discard(old_oid)
-                self.io.close(old_fd)
+            self.io.close(old_fd)
         return fd
 
     def _drop_fd(self, oid: int) -> None:
@@ -585,7 +607,8 @@ class Store:
                     return {"oid": oid, "version": found[0], "missing": True}
                 raise NoObject(f"object {oid:016x} is not on this node") from None
         value: dict[str, Any] = {"oid": oid, "version": found[0] if found else 0,
-                                 "size": st.st_size, "allocated": st.st_blocks * 512}
+                                 "size": st.st_size, "allocated": st.st_blocks * 512,
+                                 "synced": oid not in self._meta and oid not in self._dirty}
         if self.checksums:
             value["digest"] = sums.digest(self._checksums(oid))
         return value
@@ -641,19 +664,31 @@ class Store:
         return len(self._meta)
 
     def sync(self) -> None:
-        """Make every change so far durable: fsync changed objects, commit metadata."""
+        """Make every change so far durable: fsync changed objects, commit metadata.
+        (The owner must not run another sync meanwhile: see Peer.sync.)"""
         job = self.begin_sync()
         self.finish_sync(job)
         self.sync_done(job)
 
+    def _begin(self) -> SyncJob:
+        # One sync at a time: a second one could commit older metadata after a newer
+        # one, or answer a flush while the first still has its files to fdatasync.
+        assert not self._syncing, "a sync is already under way (see Peer._sync)"
+        self._syncing = True
+        return SyncJob()
+
     def begin_sync_object(self, oid: int) -> SyncJob:
         """Like begin_sync, for one object only (FUA)."""
-        job = SyncJob()
-        with _translated(f"sync object {oid:016x}"):
-            if oid in self._dirty:
-                job.fds.append(self.io.dup(self._fd(oid)))
-                job.synced.add(oid)
-                self._dirty.discard(oid)
+        job = self._begin()
+        try:
+            with _translated(f"sync object {oid:016x}"):
+                if oid in self._dirty:
+                    job.fds.append(self.io.dup(self._fd(oid)))
+                    job.synced.add(oid)
+                    self._dirty.discard(oid)
+        except BaseException:
+            self.sync_failed(job)
+            raise
         meta = self._meta.get(oid)
         if meta is not None:
             job.metas[oid] = self._frozen(meta)
@@ -663,15 +698,22 @@ class Store:
         """Take the changed objects as duplicated fds and their metadata as it is now,
         for finish_sync in a worker thread. Duplicates keep the files open even if the
         fd cache closes them meanwhile."""
-        job = SyncJob()
-        with _translated("sync store"):
-            for oid in self._dirty:
-                if oid in self._fds:
-                    job.fds.append(self.io.dup(self._fds[oid]))
-                job.synced.add(oid)
+        job = self._begin()
+        try:
+            with _translated("sync store"):
+                for oid in self._dirty:
+                    if oid in self._fds:
+                        job.fds.append(self.io.dup(self._fds[oid]))
+        except BaseException:
+            for fd in job.fds:
+                self.io.close(fd)
+            job.fds = []
+            self.sync_failed(job)
+            raise
+        job.synced = set(self._dirty)
         self._dirty.clear()
         job.metas = {oid: self._frozen(meta) for oid, meta in self._meta.items()}
-        job.intents_cleared, self._intent_clear = self._intent_clear, set()
+        job.intents_cleared, self._intent_clear = self._intent_clear, {}
         return job
 
     @staticmethod
@@ -680,41 +722,60 @@ class Store:
                 meta.removed, meta.gone, meta.drop_sums, meta.gen)
 
     def finish_sync(self, job: SyncJob) -> None:
-        """fdatasync the files, then commit their metadata (safe in a worker thread)."""
+        """sync_files then commit (the commit on the metadata thread); on failure the
+        job's objects are dirty again and its intents stay."""
+        try:
+            self.sync_files(job)
+            self.meta_executor.submit(self.commit, job).result()
+        except BaseException:
+            self.sync_failed(job)
+            raise
+
+    def sync_files(self, job: SyncJob) -> None:
+        """fdatasync the job's files (safe in any worker thread); closes its fds."""
         try:
             with _translated("sync store"):
                 for fd in job.fds:
                     self.io.datasync(fd)
-                if self._env is None or not (job.metas or job.intents_cleared):
-                    return
-                with self.env.begin(write=True) as txn:
-                    for oid, (version, table, removed, gone, drop_sums, _) in job.metas.items():
-                        key = _oid_key(oid)
-                        if gone:
-                            txn.delete(key, db=self._objects)
-                        else:
-                            txn.put(key, _meta_value.pack(version, _flag_removed if removed
-                                                          else 0), db=self._objects)
-                        if table is not None:
-                            txn.put(key, table, db=self._sums)
-                        elif drop_sums:
-                            txn.delete(key, db=self._sums)
-                    for oid in job.intents_cleared:
-                        txn.delete(_oid_key(oid), db=self._intents_db)
-        except BaseException:
-            self._intent_clear |= job.intents_cleared
-            raise
         finally:
             for fd in job.fds:
                 self.io.close(fd)
+            job.fds = []
+
+    def commit(self, job: SyncJob) -> None:
+        """Commit the job's metadata, after its files are synced (run on meta_executor)."""
+        if self._env is None or not (job.metas or job.intents_cleared):
+            return
+        with _translated("sync store"), self.env.begin(write=True) as txn:
+            for oid, (version, table, removed, gone, drop_sums, _) in job.metas.items():
+                key = _oid_key(oid)
+                if gone:
+                    txn.delete(key, db=self._objects)
+                else:
+                    txn.put(key, _meta_value.pack(version, _flag_removed if removed else 0),
+                            db=self._objects)
+                if table is not None:
+                    txn.put(key, table, db=self._sums)
+                elif drop_sums:
+                    txn.delete(key, db=self._sums)
+            self._delete_intents(txn, job.intents_cleared)
+
+    def sync_failed(self, job: SyncJob) -> None:
+        """A sync that failed leaves its objects dirty and their intents in place: the
+        next flush tries again instead of acknowledging what never reached the disk."""
+        self._syncing = False
+        self._dirty |= job.synced
+        for oid, token in job.intents_cleared.items():
+            self._intent_clear.setdefault(oid, token)
 
     def sync_done(self, job: SyncJob) -> None:
         """After finish_sync (back in the owner's thread): what did not change since
         the sync began is durable; its in-memory metadata and its intent can go."""
+        self._syncing = False
         for oid, frozen in job.metas.items():
             meta = self._meta.get(oid)
             if meta is not None and meta.gen == frozen[5] and oid not in self._dirty:
                 del self._meta[oid]
-                if oid in self._intents:
-                    self._intents.discard(oid)
-                    self._intent_clear.add(oid)
+                token = self._intents.pop(oid, None)
+                if token is not None:
+                    self._intent_clear[oid] = token

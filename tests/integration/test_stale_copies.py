@@ -65,3 +65,41 @@ def test_after_a_full_restart_every_copy_is_unverified_and_still_readable(make_c
         assert client.vdi_read(client.vdi_open("disk")["handle"], 0, 6) == b"BEFORE"
         _write_vdi(client, "disk", 6, b"+AFTER")
         assert client.vdi_read(client.vdi_open("disk")["handle"], 0, 12) == b"BEFORE+AFTER"
+
+
+def test_both_returning_holders_never_outvote_the_copy_written_while_they_were_away(
+        make_cluster):
+    """An object's two holders die one after the other; it is rewritten on the third
+    sheep alone; then both come back, and placement gives the object to them again.
+    Their old copies agree with each other, but the newest copy is elsewhere: every
+    read returns the new data, they take it, and it survives the removal of the
+    third sheep's surplus copy."""
+    cluster: LocalCluster = make_cluster(3)
+    cluster.format(2)
+    with cluster.client(0) as client:
+        ports = {sheep.port: sheep.index for sheep in cluster.sheep}
+        oid = next(oid for oid in range(1, 500) if sorted(
+            ports[int(r["endpoint"].rsplit(":", 1)[1])]
+            for r in client.stat(oid)["replicas"]) == [0, 1])
+        client.create_and_write(oid, b"old!" * 1024)
+    cluster.kill(0)
+    cluster.wait_epoch(2, 2, timeout_s=15)
+    cluster.wait_recovered(30)  # the object gets its second copy on sheep 2
+    cluster.kill(1)
+    cluster.wait_epoch(2, 1, timeout_s=15)
+    with cluster.client(2) as client:
+        client.write(oid, b"new!" * 1024)
+    cluster.start(0)
+    cluster.start(1)
+    for index in range(3):
+        with cluster.client(index) as client:
+            assert client.read(oid, 0, 8) == b"new!new!", index
+    cluster.wait_recovered(60)
+    for index in range(3):
+        with cluster.client(index) as client:
+            assert client.read(oid, 0, 8) == b"new!new!", index
+            replicas = client.stat(oid)["replicas"]
+            assert {r["version"] for r in replicas} == {max(r["version"] for r in replicas)}
+    for index in (0, 1):
+        with open(cluster.object_path(index, oid), "rb") as file:
+            assert file.read(8) == b"new!new!"
