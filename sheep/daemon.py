@@ -22,7 +22,7 @@ from typing import Any
 
 from sheep import __version__, constants, proto
 from sheep.client import Connection
-from sheep.cluster.driver import ClusterDriver
+from sheep.cluster.driver import ClusterDriver, Snapshot
 from sheep.cluster_state import ApplyResult, ClusterState, Event, EventKind, Status, format_problem
 from sheep.errors import (
     NotFormatted,
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 _empty: Reply = (b"", {})
 shutdown_grace_s = 1.0  # how long a request waits for the last node of a restart
 writeback_interval_s = 30.0
+snapshot_epochs = 64  # epochs a snapshot carries: placement looks back 16 at most
 space_nearly_full_ratio = 0.10
 
 
@@ -136,6 +137,8 @@ class Sheep:
             # What this store holds may have changed elsewhere while it was away.
             self.peer.unverified = set(self.store.list_oids())
         await self.server.start(sock)
+        self.driver.applied_seq = lambda: self.group.state.seq
+        self.driver.snapshot_source = self._snapshot
         await self.driver.join(self.node, self.group.state.seq)
         self._tasks.append(asyncio.get_running_loop().create_task(self._apply_events()))
         self._tasks.append(asyncio.get_running_loop().create_task(self._writeback()))
@@ -224,6 +227,9 @@ class Sheep:
     async def _apply_events(self) -> None:
         while True:
             event = await self.driver.events.get()
+            if isinstance(event, Snapshot):
+                self._install(event)
+                continue
             try:
                 self._apply(event)
             except Exception:
@@ -232,6 +238,25 @@ class Sheep:
                 log.critical("cannot apply event %d (%s); stopping", event.seq,
                              event.to_json(), exc_info=True)
                 os._exit(70)
+
+    def _install(self, snapshot: Snapshot) -> None:
+        """The log was trimmed past our position: take the state at snapshot.seq."""
+        if snapshot.seq <= self.group.state.seq:
+            return
+        log.info("catching up from a snapshot of the cluster state at log position %d",
+                 snapshot.seq)
+        self.group.state = ClusterState.from_json(snapshot.state, snapshot.epochs)
+        self.store.save_cluster_state(self.group.state.to_json(), snapshot.epochs)
+        if self.group.state.status is not Status.WAIT_FOR_FORMAT:
+            self.store.set_object_size(self.group.state.object_size)
+        self.group.notify_epoch()
+        if self.recoverer is not None and self.joined.is_set() and not self.stopping:
+            self.recoverer.trigger()
+
+    def _snapshot(self) -> Snapshot:
+        state = self.group.state
+        return Snapshot(seq=state.seq, state=state.to_json(),
+                        epochs=[entry.to_json() for entry in state.epochs[-snapshot_epochs:]])
 
     def _apply(self, event: Event) -> None:
         state = self.group.state

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from sheep.cluster_state import Event
@@ -23,11 +25,24 @@ from sheep.errors import UsageError
 from sheep.node import NodeInfo
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """The cluster state at log position seq, for a sheep whose position is older
+    than the oldest entry a driver still keeps (its log was trimmed)."""
+
+    seq: int
+    state: dict[str, Any]
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+
+
 class ClusterDriver(abc.ABC):
     name = "driver"
 
     def __init__(self) -> None:
-        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.events: asyncio.Queue[Event | Snapshot] = asyncio.Queue()
+        # Set by the sheep: its applied log position, and its state for snapshots.
+        self.applied_seq: Callable[[], int] = lambda: 0
+        self.snapshot_source: Callable[[], Snapshot] | None = None
 
     @abc.abstractmethod
     async def join(self, node: NodeInfo, from_seq: int) -> None:

@@ -39,7 +39,7 @@ import threading
 import time
 from typing import Any
 
-from sheep.cluster.driver import ClusterDriver
+from sheep.cluster.driver import ClusterDriver, Snapshot
 from sheep.cluster_state import Event, EventKind
 from sheep.errors import SystemFailure, UsageError
 from sheep.node import NodeInfo
@@ -47,13 +47,16 @@ from sheep.node import NodeInfo
 log = logging.getLogger(__name__)
 
 session_timeout_s = 6.0
+trim_batch = 1000  # log entries everyone has applied, trimmed once there are this many
+publish_interval_s = 1.0  # how often a member publishes its applied log position
 poll_interval_s = 0.5  # the log and members are re-read at least this often (watches wake earlier)
 connect_retry_s = 2.0
 _record_prefix = "r-"
 
 
-def parse_spec(argument: str) -> tuple[str, str, float]:
-    """'HOST:PORT[,HOST:PORT...][/PREFIX][?timeout=SECONDS]' -> (hosts, prefix, timeout)."""
+def parse_spec(argument: str) -> tuple[str, str, float, int]:
+    """'HOST:PORT[,HOST:PORT...][/PREFIX][?timeout=SECONDS&trim=N]' ->
+    (hosts, prefix, session timeout, trim batch)."""
     argument, _, query = argument.partition("?")
     hosts, slash, prefix = argument.partition("/")
     if not hosts:
@@ -63,18 +66,23 @@ def parse_spec(argument: str) -> tuple[str, str, float]:
         name, colon, port = host.rpartition(":")
         if not colon or not name or not port.isdigit() or not 0 < int(port) < 65536:
             raise UsageError(f"invalid ZooKeeper address {host!r}: use HOST:PORT")
-    timeout = session_timeout_s
-    if query:
-        key, _, value = query.partition("=")
+    options = {"timeout": session_timeout_s, "trim": float(trim_batch)}
+    for option in filter(None, query.split("&")):
+        key, _, value = option.partition("=")
         try:
-            timeout = float(value)
+            number = float(value)
         except ValueError:
-            timeout = -1.0
-        if key != "timeout" or not 0.5 <= timeout <= 600:
-            raise UsageError(f"invalid ZooKeeper option {query!r}: use ?timeout=SECONDS"
-                             " (the session timeout, 0.5 to 600)")
+            number = -1.0
+        if key == "timeout" and 0.5 <= number <= 600:
+            options["timeout"] = number
+        elif key == "trim" and number >= 1 and number == int(number):
+            options["trim"] = number
+        else:
+            raise UsageError(f"invalid ZooKeeper option {option!r}: use ?timeout=SECONDS"
+                             " (the session timeout, 0.5 to 600) and &trim=N (log entries"
+                             " trimmed at once, 1 or more)")
     prefix = "/" + prefix.strip("/") if slash and prefix.strip("/") else "/sheepdog"
-    return hosts, prefix, timeout
+    return hosts, prefix, options["timeout"], int(options["trim"])
 
 
 def _member_name(node_id: str) -> str:
@@ -85,13 +93,19 @@ class ZooKeeperDriver(ClusterDriver):
     name = "zookeeper"
 
     def __init__(self, hosts: str, prefix: str = "/sheepdog",
-                 session_timeout: float = session_timeout_s) -> None:
+                 session_timeout: float = session_timeout_s, trim: int = trim_batch) -> None:
         super().__init__()
         self.hosts = hosts
         self.prefix = prefix
         self.session_timeout = session_timeout
+        self.trim = trim
         self.members_path = f"{prefix}/members"
         self.log_path = f"{prefix}/log"
+        self.snapshot_path = f"{prefix}/snapshot"
+        self._published = (-1, 0.0)  # (applied seq, when) last written to our member znode
+        self._trimmed_to = 0
+        self._last_delivered = 0  # the last record that was an event (not a duplicate)
+        self.trimmed = 0
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zookeeper")
         self._client: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -156,7 +170,7 @@ class ZooKeeperDriver(ClusterDriver):
         return {"driver": self.name, "hosts": self.hosts, "prefix": self.prefix,
                 "connection": self._state, "fenced": self.fenced,
                 "session_timeout": self.session_timeout,
-                "session": self._incarnation or None}
+                "session": self._incarnation or None, "log_trimmed": self.trimmed}
 
     # --- asyncio side -----------------------------------------------------------
 
@@ -175,7 +189,7 @@ class ZooKeeperDriver(ClusterDriver):
         self._wake.wait(poll_interval_s)
         self._wake.clear()
 
-    def _deliver(self, events: list[Event]) -> None:
+    def _deliver(self, events: list[Event | Snapshot]) -> None:
         assert self._loop is not None
         for event in events:
             self._loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -225,16 +239,16 @@ class ZooKeeperDriver(ClusterDriver):
         assert self._node is not None
         self._sync_log()
         self._incarnation = f"{self._client.client_id[0]:x}"
-        path = f"{self.members_path}/{_member_name(self._node.node_id)}"
-        value = json.dumps({"node": self._node.to_json(), "incarnation": self._incarnation})
+        path = self._member_path()
+        value = self._member_value()
         try:
-            self._client.create(path, value.encode(), ephemeral=True)
+            self._client.create(path, value, ephemeral=True)
         except NodeExistsError:
             try:
                 self._client.delete(path)  # a dead incarnation of ours: we hold its store
             except NoNodeError:
                 pass
-            self._client.create(path, value.encode(), ephemeral=True)
+            self._client.create(path, value, ephemeral=True)
         self._await_dead_members()
         old = self._membership.get(self._node.node_id)
         if old is not None:
@@ -245,6 +259,60 @@ class ZooKeeperDriver(ClusterDriver):
         self._rejoin = False
         self.fenced_since = None
         self._poll_once()
+
+    def _member_path(self) -> str:
+        assert self._node is not None
+        return f"{self.members_path}/{_member_name(self._node.node_id)}"
+
+    def _member_value(self) -> bytes:
+        assert self._node is not None
+        return json.dumps({"node": self._node.to_json(), "incarnation": self._incarnation,
+                           "applied": self.applied_seq()}).encode()
+
+    def _publish(self) -> None:
+        """Tell the others how far this sheep has applied the log (for trimming)."""
+        applied = self.applied_seq()
+        if applied != self._published[0] and (
+                time.monotonic() - self._published[1] >= publish_interval_s):
+            self._client.set(self._member_path(), self._member_value())
+            self._published = (applied, time.monotonic())
+
+    def _trim(self) -> None:
+        """The member with the smallest node id trims the log below every member's
+        applied position, once there are trim entries to remove; first it writes a
+        snapshot of its state (taken when its state is exactly at its read position,
+        with the membership as the log says there), for sheep that come back older."""
+        assert self._node is not None
+        if self.snapshot_source is None or min(self._membership, default="") != self._node.node_id:
+            return
+        names = self._client.get_children(self.members_path)
+        floor: int | None = None
+        for name in names:
+            data, _ = self._client.get(f"{self.members_path}/{name}")
+            applied = int(json.loads(data).get("applied", 0))
+            floor = applied if floor is None else min(floor, applied)
+        records = sorted(int(name[len(_record_prefix):]) + 1 for name in
+                         self._client.get_children(self.log_path)
+                         if name.startswith(_record_prefix))
+        if floor is None or len([seq for seq in records if seq <= floor]) < self.trim:
+            return
+        snapshot = self.snapshot_source()
+        if snapshot.seq != self._last_delivered:
+            return  # the state is not at the read position right now: next time
+        cut = min(floor, snapshot.seq)
+        value = json.dumps({"seq": snapshot.seq, "trimmed_to": cut, "state": snapshot.state,
+                            "epochs": snapshot.epochs, "membership": self._membership,
+                            "nodes": {node_id: node.to_json()
+                                      for node_id, node in self._nodes.items()}}).encode()
+        if self._client.exists(self.snapshot_path):
+            self._client.set(self.snapshot_path, value)
+        else:
+            self._client.create(self.snapshot_path, value)
+        for seq in records:
+            if seq <= cut:
+                self._client.delete(f"{self.log_path}/{_record_prefix}{seq - 1:010d}")
+                self.trimmed += 1
+        log.info("cluster log trimmed up to %d (snapshot at %d)", cut, snapshot.seq)
 
     def _await_dead_members(self) -> None:
         """Before joining: members that do not answer are waited for until their
@@ -313,6 +381,8 @@ class ZooKeeperDriver(ClusterDriver):
                 return
             self._sync_log()
             self._reap()
+            self._publish()
+            self._trim()
         except KazooException as error:
             raise SystemFailure(f"ZooKeeper: {error!r}") from error
 
@@ -321,16 +391,45 @@ class ZooKeeperDriver(ClusterDriver):
         names = self._client.get_children(self.log_path, watch=lambda _: self._wake.set())
         fresh = sorted((int(name[len(_record_prefix):]) + 1, name) for name in names
                        if name.startswith(_record_prefix))
-        events = []
+        events: list[Event | Snapshot] = []
+        if fresh and fresh[0][0] > self._last_seq + 1:
+            # A gap: sequence numbers skip after a trim (ZooKeeper counts deletions too),
+            # or what we have not read was trimmed. The snapshot says which.
+            snapshot = self._load_snapshot(if_trimmed_past=self._last_seq)
+            if snapshot is not None:
+                if snapshot.seq + 1 < fresh[0][0] and self._trimmed_to > snapshot.seq:
+                    raise SystemFailure("the cluster log was trimmed past its snapshot; retrying")
+                if snapshot.seq > self._from_seq:
+                    events.append(snapshot)
         for seq, name in fresh:
             if seq <= self._last_seq:
                 continue
             data, stat = self._client.get(f"{self.log_path}/{name}")
             self._last_seq = seq
             event = self._consume(seq, json.loads(data), stat.ctime / 1000)
-            if event is not None and seq > self._from_seq:
-                events.append(event)
+            if event is not None:
+                self._last_delivered = seq
+                if seq > self._from_seq:
+                    events.append(event)
         self._deliver(events)
+
+    def _load_snapshot(self, if_trimmed_past: int) -> Snapshot | None:
+        """The snapshot, taken over (membership included) if the log was trimmed past
+        position if_trimmed_past; else None (nothing unread was trimmed)."""
+        from kazoo.exceptions import NoNodeError
+
+        try:
+            data, _ = self._client.get(self.snapshot_path)
+        except NoNodeError:
+            return None
+        value = json.loads(data)
+        self._trimmed_to = int(value["trimmed_to"])
+        if self._trimmed_to <= if_trimmed_past:
+            return None
+        self._membership = {str(k): str(v) for k, v in value["membership"].items()}
+        self._nodes = {str(k): NodeInfo.from_json(v) for k, v in value["nodes"].items()}
+        self._last_seq = self._last_delivered = int(value["seq"])
+        return Snapshot(seq=int(value["seq"]), state=value["state"], epochs=value["epochs"])
 
     def _consume(self, seq: int, record: dict[str, Any], when: float) -> Event | None:
         kind = EventKind(record["kind"])
@@ -361,6 +460,6 @@ class ZooKeeperDriver(ClusterDriver):
 
 
 def make_zookeeper_driver(argument: str) -> ZooKeeperDriver:
-    hosts, prefix, timeout = parse_spec(argument)
-    return ZooKeeperDriver(hosts, prefix, timeout)
+    hosts, prefix, timeout, trim = parse_spec(argument)
+    return ZooKeeperDriver(hosts, prefix, timeout, trim)
 

@@ -102,3 +102,51 @@ def test_a_sheep_cut_off_from_zookeeper_is_fenced_and_comes_back_current(
     finally:
         cluster.close()
         proxy.close()
+
+
+def test_the_log_is_trimmed_and_sheep_catch_up_from_a_snapshot(tmp_path, zookeeper_server):
+    """Entries every member has applied go (in batches of trim=20); a sheep that was
+    down meanwhile, and a brand-new one, start from the snapshot and catch up."""
+    from kazoo.client import KazooClient
+
+    prefix = f"/trim{os.getpid()}"
+    cluster = LocalCluster(str(tmp_path / "cluster"), 3, driver=(
+        f"zookeeper:{zookeeper_server.hosts}{prefix}?timeout={ZOOKEEPER_SESSION_TIMEOUT_S}"
+        "&trim=20"))
+    zk = KazooClient(hosts=zookeeper_server.hosts)
+    zk.start(timeout=10)
+    try:
+        cluster.start()
+        cluster.format(2)
+        assert cluster.stop(2) == 0
+        cluster.wait_epoch(0, 2)
+        with cluster.client(0) as client:
+            for index in range(60):
+                client.vdi_create(f"v{index}", MiB)
+            write_data = os.urandom(MiB)
+            handle = client.vdi_open("v7", writable=True)["handle"]
+            client.vdi_write(handle, 0, write_data)
+            client.vdi_close(handle)
+        log_path = f"{prefix}/log"
+        wait_for(lambda: zk.exists(f"{prefix}/snapshot") is not None
+                 and len(zk.get_children(log_path)) < 40, 30, "the log trimmed")
+        first = min(int(name[2:]) for name in zk.get_children(log_path))
+        assert first > 20  # the oldest entries are gone
+        cluster.start(2)  # down while its position was trimmed away
+        newcomer = cluster.add()
+        cluster.start(newcomer.index)  # never saw the log at all
+        for index in (2, newcomer.index):
+            cluster.wait_epoch(index, 4, timeout_s=20)
+            with cluster.client(index) as client:
+                names = {vdi["name"] for vdi in client.vdi_list(usage=False)}
+                assert names == {f"v{i}" for i in range(60)}, index
+            assert read(cluster, index, "v7", 0, MiB) == write_data
+        trimmed = 0
+        for index in (0, 1):
+            with cluster.client(index) as client:
+                trimmed += client.cluster_info()["driver"]["log_trimmed"]
+        assert trimmed >= 20
+    finally:
+        zk.stop()
+        zk.close()
+        cluster.close()
