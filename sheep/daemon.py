@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 _empty: Reply = (b"", {})
 shutdown_grace_s = 1.0  # how long a request waits for the last node of a restart
 writeback_interval_s = 30.0
+fence_poll_s = 0.05
 snapshot_epochs = 64  # epochs a snapshot carries: placement looks back 16 at most
 space_nearly_full_ratio = 0.10
 
@@ -142,6 +143,9 @@ class Sheep:
         await self.driver.join(self.node, self.group.state.seq)
         self._tasks.append(asyncio.get_running_loop().create_task(self._apply_events()))
         self._tasks.append(asyncio.get_running_loop().create_task(self._writeback()))
+        if self.driver.can_fence:
+            self.gateway.fenced = asyncio.Event()
+            self._tasks.append(asyncio.get_running_loop().create_task(self._watch_fence()))
         await self.joined.wait()
         log.info("sheep %s joined at epoch %d", self.node.node_id, self.group.epoch)
         self.recoverer = Recoverer(self.store, self.peer, self.group, self.gateway,
@@ -160,6 +164,16 @@ class Sheep:
         verifier = Verifier(self.store, self.peer, self.group, self.gateway, self.node.node_id)
         self._verifier = asyncio.get_running_loop().create_task(verifier.run())
         self._tasks.append(self._verifier)
+
+    async def _watch_fence(self) -> None:
+        """Mirror the driver's fencing (decided on its threads) into the gateway's event."""
+        assert self.gateway is not None and self.gateway.fenced is not None
+        while True:
+            if self.driver.fenced and not self.gateway.fenced.is_set():
+                self.gateway.fenced.set()
+            elif not self.driver.fenced and self.gateway.fenced.is_set():
+                self.gateway.fenced.clear()
+            await asyncio.sleep(fence_poll_s)
 
     async def _writeback(self) -> None:
         """Sync what changed every writeback_interval_s, as the kernel writes back dirty

@@ -54,6 +54,7 @@ _peer_op = {
 }
 
 past_epochs_searched_max = 16
+_fenced_message = "this sheep is fenced: it lost its cluster driver's session"
 
 # Ops whose arg0 is the version the change gives the object (0: the replica's own +1).
 _versioned_ops = frozenset({Op.CREATE_AND_WRITE_OBJ, Op.WRITE_OBJ, Op.DISCARD_OBJ,
@@ -93,6 +94,8 @@ class Gateway:
         self.node_id = node_id
         self.pool = pool
         self._version = 0
+        # Set while this sheep is fenced, for drivers that fence (see Sheep._watch_fence).
+        self.fenced: asyncio.Event | None = None
         self._repairing: set[int] = set()
         self._repair_tasks: set[asyncio.Task[None]] = set()
         self.handlers: dict[Op, Callable[[Header, bytes], Awaitable[Reply]]] = {
@@ -143,13 +146,33 @@ class Gateway:
         reply, data = await connection.call(peer_header, payload)
         return data, {"arg0": reply.arg0}
 
+    async def _fenceable(self, work: Awaitable[Reply]) -> Reply:
+        """Run work, but give up the moment this sheep is fenced (its driver lost its
+        session): the others may be moving on without it, so nothing it still has in
+        flight may be answered as done. A peer across a silent cut would otherwise
+        hold the request for the full peer timeout."""
+        if self.fenced is None:
+            return await work
+        if self.fenced.is_set():
+            raise Unavailable(_fenced_message)
+        task = asyncio.ensure_future(work)
+        fence = asyncio.ensure_future(self.fenced.wait())
+        try:
+            done, _ = await asyncio.wait({task, fence}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            fence.cancel()
+        if task not in done:
+            task.cancel()
+            raise Unavailable(_fenced_message)
+        return task.result()
+
     async def _retrying(self, attempt: Callable[[int], Awaitable[Reply]]) -> Reply:
         """Run attempt(epoch) until it succeeds, retrying retryable failures on new epochs."""
         deadline = time.monotonic() + constants.gateway_retry_total_ms / 1000
         while True:
             epoch = self.group.epoch
             try:
-                return await attempt(epoch)
+                return await self._fenceable(attempt(epoch))
             except RETRYABLE as error:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

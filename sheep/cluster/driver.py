@@ -37,6 +37,7 @@ class Snapshot:
 
 class ClusterDriver(abc.ABC):
     name = "driver"
+    can_fence = False  # whether fenced may ever be true
 
     def __init__(self) -> None:
         self.events: asyncio.Queue[Event | Snapshot] = asyncio.Queue()

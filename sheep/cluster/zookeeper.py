@@ -91,6 +91,7 @@ def _member_name(node_id: str) -> str:
 
 class ZooKeeperDriver(ClusterDriver):
     name = "zookeeper"
+    can_fence = True
 
     def __init__(self, hosts: str, prefix: str = "/sheepdog",
                  session_timeout: float = session_timeout_s, trim: int = trim_batch) -> None:

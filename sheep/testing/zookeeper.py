@@ -27,14 +27,15 @@ def missing() -> str | None:
 
 
 class ZooKeeperServer:
-    def __init__(self, directory: str, tick_ms: int = 200) -> None:
+    def __init__(self, directory: str, tick_ms: int = 200, address: str = "127.0.0.1") -> None:
         self.directory = directory
+        self.address = address
         self.port = free_port()
         os.makedirs(os.path.join(directory, "data"), exist_ok=True)
         config = os.path.join(directory, "zoo.cfg")
         with open(config, "w") as file:
             file.write(f"tickTime={tick_ms}\ndataDir={directory}/data\nclientPort={self.port}\n"
-                       "clientPortAddress=127.0.0.1\nadmin.enableServer=false\n"
+                       f"clientPortAddress={address}\nadmin.enableServer=false\n"
                        f"minSessionTimeout={2 * tick_ms}\nmaxSessionTimeout=60000\n"
                        "4lw.commands.whitelist=ruok,stat\n")
         self.log_path = os.path.join(directory, "zookeeper.log")
@@ -48,7 +49,7 @@ class ZooKeeperServer:
 
     @property
     def hosts(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.address}:{self.port}"
 
     def _wait_serving(self, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -56,7 +57,7 @@ class ZooKeeperServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"ZooKeeper exited; see {self.log_path}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                with socket.create_connection((self.address, self.port), timeout=1) as sock:
                     sock.sendall(b"ruok")
                     if sock.recv(4) == b"imok":
                         return
