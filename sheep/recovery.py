@@ -335,7 +335,8 @@ class Recoverer(_Worker):
         if not placement:
             return False
         stats = await self.gateway.stats(oid, placement, epoch)
-        # Verified, durable (synced: a power loss cannot take it back) and as new.
+        # Verified, durable (synced since it was made: a power loss cannot take the copy
+        # back, only unflushed writes, as anywhere) and as new.
         return all(stat is not None and not stat.get("unverified") and not stat.get("missing")
-                   and (stat.get("synced", True) or stat.get("deleted"))
+                   and (stat.get("durable", True) or stat.get("deleted"))
                    and int(stat["version"]) >= mine for stat in stats)

@@ -122,6 +122,7 @@ class Store:
         self._env: lmdb.Environment | None = None
         self._fds: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._dirty: set[int] = set()  # data written since the last sync
+        self._fresh: set[int] = set()  # created since their last sync: not durable at all
         self._meta: dict[int, _Meta] = {}  # metadata changed since its last commit
         self._gen = 0
         # Committed intents (see the module doc), each with a token: an intent is
@@ -476,6 +477,7 @@ class Store:
             meta.sums = sums.fresh(self.object_size) if self.checksums else None
             meta.drop_sums = False
             self._dirty.add(oid)
+            self._fresh.add(oid)
 
             def create() -> None:
                 self.io.truncate(fd, 0)  # an old object's bytes must not show through
@@ -608,7 +610,10 @@ class Store:
                 raise NoObject(f"object {oid:016x} is not on this node") from None
         value: dict[str, Any] = {"oid": oid, "version": found[0] if found else 0,
                                  "size": st.st_size, "allocated": st.st_blocks * 512,
-                                 "synced": oid not in self._meta and oid not in self._dirty}
+                                 "synced": oid not in self._meta and oid not in self._dirty,
+                                 # Synced at least once since it was made: a power loss can
+                                 # take back its latest writes, never the copy itself.
+                                 "durable": oid not in self._fresh}
         if self.checksums:
             value["digest"] = sums.digest(self._checksums(oid))
         return value
@@ -647,6 +652,7 @@ class Store:
             for oid in list(self._fds):
                 self._drop_fd(oid)
             self._dirty.clear()
+            self._fresh.clear()
             self._meta.clear()
             shutil.rmtree(self.object_dir, ignore_errors=True)
             os.makedirs(self.object_dir, exist_ok=True)
@@ -772,6 +778,9 @@ class Store:
         """After finish_sync (back in the owner's thread): what did not change since
         the sync began is durable; its in-memory metadata and its intent can go."""
         self._syncing = False
+        for oid in job.synced:
+            if oid not in self._dirty:
+                self._fresh.discard(oid)
         for oid, frozen in job.metas.items():
             meta = self._meta.get(oid)
             if meta is not None and meta.gen == frozen[5] and oid not in self._dirty:

@@ -79,7 +79,13 @@ def test_small_write_allocates_only_what_it_writes(store: Store) -> None:
     info = store.stat(1)
     digest = info.pop("digest")
     assert info.pop("synced") is False  # written, not flushed yet
+    assert info.pop("durable") is False  # made, never synced: a power loss could take it
     assert info == {"oid": 1, "version": 1, "size": object_size, "allocated": allocated(path)}
+    store.create_and_write(3, 0, b"x")
+    store.sync()
+    assert store.stat(3)["durable"] is True and store.stat(3)["synced"] is True
+    store.write(3, 8 * KiB, b"later")
+    assert store.stat(3)["durable"] is True and store.stat(3)["synced"] is False
     store.create_and_write(2, 2 * MiB, pattern(4 * KiB))
     assert store.stat(2)["digest"] == digest  # same bytes, same digest
     store.write(1, 0, pattern(4 * KiB, seed=3))
