@@ -48,8 +48,9 @@ class Host:
         return process
 
     def call(self, command: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        # errors="replace": a command may print raw bytes (dog vdi read does).
         return subprocess.run(["ip", "netns", "exec", self.namespace, *command],
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, errors="replace", timeout=timeout)
 
 
 class Network:
