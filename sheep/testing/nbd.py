@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from typing import Any
 
-from sheep.testing.cluster import free_port
+from sheep.testing.cluster import free_port, stop_process
 
 PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "nbd_plugin", "plugin.py")
@@ -52,13 +51,7 @@ class NbdServer:
             return file.read()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=15)
+        stop_process(self.process)
 
 
 def needs_tools(*tools: str, packages: str) -> Any:

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import time
 
-from sheep.testing.cluster import free_port
+from sheep.testing.cluster import free_port, stop_process
 
 ZOOKEEPER_JAR = "/usr/share/java/zookeeper.jar"
 CONF_DIR = "/etc/zookeeper/conf"  # for its log4j.properties only
@@ -74,11 +74,4 @@ class ZooKeeperServer:
         self.process.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=15)
+        stop_process(self.process)
