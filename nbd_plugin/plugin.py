@@ -91,6 +91,13 @@ class Gateways:
     def _connect(self) -> None:
         deadline = time.monotonic() + reconnect_total_s
         last: Exception | None = None
+        if self.connection is not None:
+            # The gateway that just failed is tried last: a host cut off silently
+            # would cost a connect timeout first.
+            failed = (self.connection.host, self.connection.port)
+            if failed in self.addresses:
+                self.addresses.remove(failed)
+                self.addresses.append(failed)
         while time.monotonic() < deadline:
             for host, port in list(self.addresses):
                 try:

@@ -87,6 +87,7 @@ class Connection:
                 reason = str(error)
             raise NetworkError(f"cannot connect to sheep at {host}:{port}: {reason}") from error
         connection._transport = transport  # type: ignore[assignment]
+        detect_dead_peer(transport.get_extra_info("socket"))
         return connection
 
     def close(self) -> None:
@@ -130,6 +131,20 @@ class Connection:
         if reply.result:
             raise error_for(reply.result, proto.error_message(data) or None)
         return reply, data
+
+
+def detect_dead_peer(sock: socket.socket) -> None:
+    """Make a silently vanished peer a failed connection within dead_peer_timeout_ms,
+    instead of a wait for the request timeout (or forever, for an idle one)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    interval = constants.dead_peer_probe_interval_s
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT,
+                    max(1, constants.dead_peer_timeout_ms // 1000 // interval - 1))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, constants.dead_peer_timeout_ms)
 
 
 def _fields(header: Header) -> dict[str, Any]:
@@ -420,6 +435,7 @@ class BlockingConnection:
             raise NetworkError(f"cannot connect to sheep at {host}:{port}: {reason}") from error
         self._sock.settimeout(None)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        detect_dead_peer(self._sock)
         self._send_lock = threading.Lock()
         self._pending: dict[int, _Waiter] = {}
         self._pending_lock = threading.Lock()

@@ -290,6 +290,7 @@ class Sheep:
             log.info("epoch %d: %s %s", state.epoch, event.kind.value,
                      event.node.node_id if event.node else event.node_id)
             self.group.notify_epoch()
+            self.pool.forget({node.endpoint for node in state.members.values()})
         serving_again = state.status is Status.OK and status_before is not Status.OK
         if ((result.epoch_changed or serving_again) and self.recoverer is not None
                 and self.joined.is_set() and not self.stopping):

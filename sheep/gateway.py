@@ -61,6 +61,11 @@ _versioned_ops = frozenset({Op.CREATE_AND_WRITE_OBJ, Op.WRITE_OBJ, Op.DISCARD_OB
                             Op.REMOVE_OBJ})
 
 
+def _close_opened(task: asyncio.Task[Connection]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()
+
+
 class PeerPool:
     """One pipelined connection per peer, opened on first use, reopened after failure."""
 
@@ -77,6 +82,17 @@ class PeerPool:
                 Connection.open(node.address, node.port))
             self._connections[node.endpoint] = task
         return await asyncio.shield(task)
+
+    def forget(self, keep: set[str]) -> None:
+        """Close the connections to every endpoint not in keep (the members): a request
+        still waiting on a node that left fails now and is retried on the new epoch,
+        instead of waiting out the peer timeout behind a silent cut."""
+        for endpoint in [endpoint for endpoint in self._connections if endpoint not in keep]:
+            task = self._connections.pop(endpoint)
+            if not task.done():  # its callers still wait on it; what it opens is not kept
+                task.add_done_callback(_close_opened)
+            else:
+                _close_opened(task)
 
     def close(self) -> None:
         for task in self._connections.values():
@@ -175,8 +191,8 @@ class Gateway:
                 return await self._fenceable(attempt(epoch))
             except RETRYABLE as error:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise
+                if remaining <= 0 or (self.fenced is not None and self.fenced.is_set()):
+                    raise  # a fenced sheep does not wait: its client goes to another one
                 log.info("retrying after %s (epoch %d)", error, epoch)
                 await self.group.wait_epoch_after(epoch, min(remaining, 1.0))
                 await asyncio.sleep(constants.gateway_retry_backoff_ms / 1000)

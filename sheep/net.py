@@ -32,6 +32,7 @@ from dataclasses import replace
 from typing import Any
 
 from sheep import constants, proto
+from sheep.client import detect_dead_peer
 from sheep.errors import Result, SheepError
 from sheep.proto import Header
 
@@ -107,6 +108,10 @@ class _RequestProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.session.peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # A client on a host that vanished releases its VDI locks within seconds.
+            detect_dead_peer(sock)
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -13,14 +13,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 import checksum_bench  # noqa: E402
+import io_bench  # noqa: E402
 import recovery_bench  # noqa: E402
 import sparse_bench  # noqa: E402
 import vdi_bench  # noqa: E402
 
 from sheep.size import parse_size  # noqa: E402
 
-BENCHMARKS = {"vdi": vdi_bench.run, "sparse": sparse_bench.run, "recovery": recovery_bench.run,
-              "checksums": checksum_bench.run}
+BENCHMARKS = {"io": io_bench.run, "vdi": vdi_bench.run, "sparse": sparse_bench.run,
+              "recovery": recovery_bench.run, "checksums": checksum_bench.run}
 
 
 def machine() -> dict[str, object]:
@@ -36,8 +37,16 @@ def main() -> None:
     parser.add_argument("--out", default="docs/bench", help="where the JSON results go")
     parser.add_argument("--recovery-size", type=parse_size, default=None,
                         help="data written before the node loss (default 2G, 256M with --quick)")
+    parser.add_argument("--targets", nargs="*", choices=sorted(io_bench.TARGETS), default=None,
+                        help="io: the targets to measure (default all)")
+    parser.add_argument("--workloads", nargs="*", default=None,
+                        help="io: only the workloads whose names contain one of these")
+    parser.add_argument("--ceph", action="store_true",
+                        help="io: also measure Ceph RBD (size=3) when installed here")
     args = parser.parse_args()
-    options: dict[str, dict[str, object]] = {"recovery": {"size": args.recovery_size}}
+    options: dict[str, dict[str, object]] = {
+        "recovery": {"size": args.recovery_size},
+        "io": {"targets": args.targets, "workloads": args.workloads, "ceph": args.ceph}}
     os.makedirs(args.out, exist_ok=True)
     for name in args.only or sorted(BENCHMARKS):
         print(f"== {name}", flush=True)

@@ -51,6 +51,7 @@ trim_batch = 1000  # log entries everyone has applied, trimmed once there are th
 publish_interval_s = 1.0  # how often a member publishes its applied log position
 poll_interval_s = 0.5  # the log and members are re-read at least this often (watches wake earlier)
 connect_retry_s = 2.0
+reconnect_delay_max_s = 1.0
 _record_prefix = "r-"
 
 
@@ -200,8 +201,15 @@ class ZooKeeperDriver(ClusterDriver):
     def _connect(self) -> None:
         from kazoo.client import KazooClient, KazooState
         from kazoo.handlers.threading import KazooTimeoutError
+        from kazoo.retry import KazooRetry
 
-        self._client = KazooClient(hosts=self.hosts, timeout=self.session_timeout)
+        # Reconnect attempts back off to at most reconnect_delay_max_s (kazoo's default
+        # grows to an hour): a sheep whose link comes back is a member again within
+        # about a second, not after a long backoff.
+        self._client = KazooClient(
+            hosts=self.hosts, timeout=self.session_timeout,
+            connection_retry=KazooRetry(max_tries=-1, delay=0.1, backoff=2,
+                                        max_delay=reconnect_delay_max_s))
 
         def listener(state: Any) -> None:
             self._state = str(state).lower()
