@@ -79,10 +79,15 @@ class Gateways:
         self.generation = 0  # bumped on every reconnect
         self.exports: dict[tuple[str, str | None, bool], dict[str, Any]] = {}
         self.owner = _config.get("owner") or f"nbdkit pid {os.getpid()}"
+        self.retryable = (self.errors.NetworkError, self.errors.ShuttingDown,
+                          self.errors.Unavailable, self.errors.Timeout)
 
     # --- connections ---------------------------------------------------------------
 
     def current(self) -> tuple[Any, int]:
+        connection, generation = self.connection, self.generation
+        if connection is not None and not connection.closed:  # the hot path: no lock
+            return connection, generation
         with self.lock:
             if self.connection is None or self.connection.closed:
                 self._connect()
@@ -171,17 +176,17 @@ class Gateways:
     def call(self, export: dict[str, Any], op: int, offset: int = 0, count: int = 0,
              payload: Any = b"", into: Any = None, flags: int = 0) -> Any:
         """One request on the export's handle; on a dead gateway, fail over and retry."""
-        retryable = (self.errors.NetworkError, self.errors.ShuttingDown,
-                     self.errors.Unavailable, self.errors.Timeout)
-        deadline = time.monotonic() + reconnect_total_s
+        deadline = None
         while True:
             connection, generation = self.current()
             header = self.proto.Header(opcode=op, arg0=export["info"]["handle"], offset=offset,
                                        count=count, flags=flags)
             try:
                 return connection.call(header, payload, into=into)
-            except retryable:
-                if time.monotonic() > deadline:
+            except self.retryable:
+                if deadline is None:
+                    deadline = time.monotonic() + reconnect_total_s
+                elif time.monotonic() > deadline:
                     raise
                 with self.lock:
                     if self.generation == generation and self.connection is not None:

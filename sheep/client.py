@@ -23,7 +23,7 @@ from sheep.errors import NetworkError, SheepError, Timeout, error_for
 from sheep.proto import Header, Op
 
 
-class _ReplyProtocol(asyncio.Protocol):
+class _ReplyProtocol(asyncio.BufferedProtocol):
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
         self.decoder = proto.FrameDecoder()
@@ -31,9 +31,12 @@ class _ReplyProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
         try:
-            frames = self.decoder.feed(data)
+            frames = self.decoder.buffer_updated(nbytes)
         except proto.ProtocolError:
             frames = []
         for header, payload in frames:
@@ -58,6 +61,8 @@ class Connection:
         self._pending: dict[int, asyncio.Future[tuple[Header, bytes]]] = {}
         self._ids = itertools.count(1)
         self._error: SheepError | None = None
+        self._deadlines: dict[int, float] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
 
     @property
     def endpoint(self) -> str:
@@ -115,22 +120,42 @@ class Connection:
             raise self._error
         assert self._transport is not None
         request_id = next(self._ids) & 0xFFFFFFFF
-        header = Header(**{**_fields(header), "request_id": request_id, "length": len(payload)})
-        future: asyncio.Future[tuple[Header, bytes]] = (
-            asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[Header, bytes]] = loop.create_future()
         self._pending[request_id] = future
+        # One timer per connection checks the deadlines (asyncio.wait_for per request
+        # costs a timer and callbacks on the hot path).
+        self._deadlines[request_id] = loop.time() + timeout_ms / 1000
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(_sweep_interval_s, self._sweep)
+        packed = header.pack_request(request_id, len(payload))
         if payload:
-            self._transport.writelines([header.pack(), payload])
+            self._transport.writelines([packed, payload])
         else:
-            self._transport.write(header.pack())
+            self._transport.write(packed)
         try:
-            reply, data = await asyncio.wait_for(future, timeout_ms / 1000)
-        except TimeoutError:
-            self._pending.pop(request_id, None)
-            raise Timeout(f"no reply from {self.endpoint} within {timeout_ms} ms") from None
+            reply, data = await future
+        finally:
+            self._deadlines.pop(request_id, None)
         if reply.result:
             raise error_for(reply.result, proto.error_message(data) or None)
         return reply, data
+
+    def _sweep(self) -> None:
+        """Fail the requests past their deadline; run again while any are pending."""
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for request_id in [rid for rid, deadline in self._deadlines.items() if deadline <= now]:
+            del self._deadlines[request_id]
+            future = self._pending.pop(request_id, None)
+            if future is not None and not future.done():
+                future.set_exception(Timeout(f"no reply from {self.endpoint} in time"))
+        if self._deadlines and self._error is None:
+            self._sweeper = loop.call_later(_sweep_interval_s, self._sweep)
+
+
+_sweep_interval_s = 0.5
 
 
 def detect_dead_peer(sock: socket.socket) -> None:
@@ -145,10 +170,6 @@ def detect_dead_peer(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT,
                     max(1, constants.dead_peer_timeout_ms // 1000 // interval - 1))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, constants.dead_peer_timeout_ms)
-
-
-def _fields(header: Header) -> dict[str, Any]:
-    return {name: getattr(header, name) for name in Header.__slots__}  # type: ignore[attr-defined]
 
 
 class Client:
@@ -399,10 +420,15 @@ class SyncClient:
 
 
 class _Waiter:
-    __slots__ = ("event", "into", "header", "data", "error")
+    """One blocking call's reply. ``done`` is a lock taken at creation and released by
+    the reader thread when the reply is in: the cheapest hand-over between threads
+    (threading.Event adds a Condition and a list of waiters)."""
+
+    __slots__ = ("done", "into", "header", "data", "error")
 
     def __init__(self, into: memoryview | None) -> None:
-        self.event = threading.Event()
+        self.done = threading.Lock()
+        self.done.acquire()
         self.into = into
         self.header: Header | None = None
         self.data: bytes = b""
@@ -468,7 +494,7 @@ class BlockingConnection:
             pending, self._pending = self._pending, {}
         for waiter in pending.values():
             waiter.error = error
-            waiter.event.set()
+            waiter.done.release()
 
     def _recv_exactly(self, view: memoryview) -> None:
         while view:
@@ -480,8 +506,10 @@ class BlockingConnection:
     def _read_replies(self) -> None:
         header_buffer = bytearray(proto.HEADER_SIZE)
         header_view = memoryview(header_buffer)
+        waiter: _Waiter | None = None
         try:
             while True:
+                waiter = None
                 self._recv_exactly(header_view)
                 header = proto.unpack_header(header_buffer)
                 if proto.framing_problem(header) is not None:
@@ -499,9 +527,13 @@ class BlockingConnection:
                         waiter.data = bytes(data)
                 if waiter is not None:
                     waiter.header = header
-                    waiter.event.set()
+                    waiter.done.release()
         except (OSError, ConnectionError) as error:
-            self._fail(NetworkError(f"connection to {self.endpoint} lost: {error}"))
+            lost = NetworkError(f"connection to {self.endpoint} lost: {error}")
+            if waiter is not None:  # taken off the pending list, its reply cut short
+                waiter.error = lost
+                waiter.done.release()
+            self._fail(lost)
 
     def call(self, header: Header, payload: bytes | bytearray | memoryview = b"",
              into: memoryview | None = None,
@@ -513,10 +545,10 @@ class BlockingConnection:
         with self._pending_lock:
             request_id = next(self._ids) & 0xFFFFFFFF
             self._pending[request_id] = waiter
-        header = Header(**{**_fields(header), "request_id": request_id, "length": len(payload)})
         try:
             with self._send_lock:
-                parts = [memoryview(header.pack()), memoryview(payload).cast("B")]
+                parts = [memoryview(header.pack_request(request_id, len(payload))),
+                         memoryview(payload).cast("B")]
                 while parts:
                     sent = self._sock.sendmsg([part for part in parts if part])
                     while parts and sent >= len(parts[0]):
@@ -526,7 +558,7 @@ class BlockingConnection:
                         parts[0] = parts[0][sent:]
         except OSError as error:
             self._fail(NetworkError(f"connection to {self.endpoint} lost: {error}"))
-        if not waiter.event.wait(timeout_ms / 1000):
+        if not waiter.done.acquire(timeout=timeout_ms / 1000):
             with self._pending_lock:
                 self._pending.pop(request_id, None)
             raise Timeout(f"no reply from {self.endpoint} within {timeout_ms} ms")

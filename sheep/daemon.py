@@ -286,6 +286,8 @@ class Sheep:
             self.store.set_object_size(state.object_size)
             if self.vdis is not None:
                 self.vdis.reset()
+        if self.vdis is not None and event.kind is not EventKind.JOIN:
+            self.vdis.forget_entries()  # a lock may have moved, a tree may have changed
         if result.epoch_changed:
             log.info("epoch %d: %s %s", state.epoch, event.kind.value,
                      event.node.node_id if event.node else event.node_id)

@@ -129,14 +129,16 @@ class Gateway:
         """A client's object request. arg1, when set, overrides the copies of placement."""
         return await self.handlers[Op(header.opcode)](header, payload)
 
-    async def request(self, op: Op, oid: int, offset: int = 0, data: bytes = b"",
+    async def request(self, op: Op, oid: int, offset: int = 0, data: bytes | memoryview = b"",
                       count: int | None = None, flags: int = 0, copies: int = 0) -> Reply:
         """The same object ops for code inside the sheep (the VDI layer). Changes carry
         a version from next_version."""
         header = Header(opcode=op, oid=oid, offset=offset, flags=flags, length=len(data),
                         count=len(data) if count is None else count, arg1=copies,
                         arg0=self.next_version() if op in _versioned_ops else 0)
-        return await self.handlers[op](header, data)
+        # Payloads are any buffer (a view of the client's write, never copied): the
+        # handlers only send or write them.
+        return await self.handlers[op](header, data)  # type: ignore[arg-type]
 
     def next_version(self) -> int:
         """A version for a change this sheep makes to a VDI object: the cluster log's
@@ -170,6 +172,8 @@ class Gateway:
         if self.fenced is None:
             return await work
         if self.fenced.is_set():
+            if asyncio.iscoroutine(work):
+                work.close()  # never started
             raise Unavailable(_fenced_message)
         task = asyncio.ensure_future(work)
         fence = asyncio.ensure_future(self.fenced.wait())

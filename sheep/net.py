@@ -28,7 +28,6 @@ import os
 import secrets
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from typing import Any
 
 from sheep import constants, proto
@@ -93,7 +92,7 @@ def _request_bytes(header: Header) -> int:
     return header.length + (header.count if header.opcode in _data_reply_ops else 0)
 
 
-class _RequestProtocol(asyncio.Protocol):
+class _RequestProtocol(asyncio.BufferedProtocol):
     def __init__(self, server: Server) -> None:
         self.server = server
         self.decoder = proto.FrameDecoder()
@@ -126,9 +125,12 @@ class _RequestProtocol(asyncio.Protocol):
         self.writing_paused = False
         self._start_ready()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
         try:
-            frames = self.decoder.feed(data)
+            frames = self.decoder.buffer_updated(nbytes)
         except proto.ProtocolError:
             frames = []
         error = self.decoder.error
@@ -137,7 +139,7 @@ class _RequestProtocol(asyncio.Protocol):
             log.warning("closing connection %s: %s", self._peer(), error.reason)
             self.backlog.clear()
             if error.header is not None:  # answered in our version, which the peer can read
-                header = replace(error.header, version=constants.proto_version)
+                header = error.header._replace(version=constants.proto_version)
                 self._send_error(header, Result.BAD_REQUEST, error.reason)
             assert self.transport is not None
             self.transport.close()
@@ -187,9 +189,12 @@ class _RequestProtocol(asyncio.Protocol):
         self.bytes_in_flight += cost
         task = asyncio.get_running_loop().create_task(self._serve(header, payload, cost))
         self.server.tasks.add(task)
-        task.add_done_callback(self.server.tasks.discard)
         self.session.tasks.add(task)
-        task.add_done_callback(self.session.tasks.discard)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self.server.tasks.discard(task)
+        self.session.tasks.discard(task)
 
     async def _serve(self, header: Header, payload: bytes, cost: int) -> None:
         try:

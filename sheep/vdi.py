@@ -22,6 +22,14 @@ Writes (only ever from the one gateway holding the VDI's lock):
 Allocation (new objects, entry updates) is serialized per generation; writes
 into objects g already owns go straight through, in parallel.
 
+Lookups: frozen nodes are cached whole (they never change). Entries of writable
+nodes are cached too, but only for I/O through the session that holds the VDI's
+lock (``cached=True``): while it holds it, no other sheep can change the tree,
+and every change this sheep makes goes through ``_set_entry``, which updates
+the cache. The owner clears it (``forget_entries``) whenever the cluster log
+changes anything (a lock moving, a snapshot, a rollback). A lookup that raced an
+entry change is not cached. So a random read is one object read, not two.
+
 Space: a delete or rollback hands its dead roots to ``garbage``, which frees
 what no live root reaches. That is not all: a deleted snapshot's objects can
 still be shared by the VDI that followed it (or by clones), and become garbage
@@ -45,6 +53,7 @@ from sheep.errors import InvalidParameters, NoObject
 from sheep.oid import oid_index
 
 node_cache_max = 2048  # frozen tree nodes kept in memory (8 KiB each)
+entry_nodes_max = 4096  # writable tree nodes whose entries are cached (a dict each)
 read_retries_max = 3  # lookups redone when a concurrent copy-up freed what a read found
 released_max = 1 << 16  # frozen objects replaced since the last garbage(); past it, forgotten
 
@@ -54,9 +63,9 @@ class Objects(Protocol):
 
     async def read(self, oid: int, offset: int, count: int) -> bytes: ...
 
-    async def create(self, oid: int, data: bytes, offset: int = 0) -> None: ...
+    async def create(self, oid: int, data: bytes | memoryview, offset: int = 0) -> None: ...
 
-    async def write(self, oid: int, offset: int, data: bytes) -> None: ...
+    async def write(self, oid: int, offset: int, data: bytes | memoryview) -> None: ...
 
     async def discard(self, oid: int, offset: int, count: int) -> None: ...
 
@@ -101,6 +110,18 @@ class VdiEngine:
         self._roots_made: set[int] = set()
         self._allocation: dict[int, asyncio.Lock] = {}
         self._released: set[int] = set()
+        # node oid -> {slot: entry} of writable nodes, for lock-holding I/O only
+        self._entries: dict[int, dict[int, int]] = {}
+        self._entry_changes = 0  # bumped by every entry change: racing reads don't cache
+
+    def forget_entries(self) -> None:
+        """Drop every cached writable entry (the cluster log changed something)."""
+        self._entries.clear()
+        self._entry_changes += 1
+
+    def _entries_changed(self, node: int) -> None:
+        self._entries.pop(node, None)
+        self._entry_changes += 1
 
     # --- tree reading --------------------------------------------------------
 
@@ -116,13 +137,24 @@ class VdiEngine:
             self._nodes.popitem(last=False)
         return data
 
-    async def _entry(self, node: int, index: int, level: int) -> int:
-        at = radix.slot(index, level) * radix.ENTRY_BYTES
+    async def _entry(self, node: int, index: int, level: int, cached: bool = False) -> int:
+        slot = radix.slot(index, level)
+        at = slot * radix.ENTRY_BYTES
         if self.is_frozen(radix.generation_of(node)):
             data = await self._node(node)
             return int.from_bytes(data[at:at + radix.ENTRY_BYTES], "little")
+        if cached:
+            value = self._entries.get(node, {}).get(slot)
+            if value is not None:
+                return value
+        changes = self._entry_changes
         raw = await self.objects.read(node, at, radix.ENTRY_BYTES)
-        return int.from_bytes(raw, "little")
+        value = int.from_bytes(raw, "little")
+        if cached and changes == self._entry_changes:
+            if node not in self._entries and len(self._entries) >= entry_nodes_max:
+                self._entries.clear()
+            self._entries.setdefault(node, {})[slot] = value
+        return value
 
     async def root_node(self, root: Root) -> int:
         """The root node in effect: the generation's own once written, else its base."""
@@ -134,13 +166,14 @@ class VdiEngine:
             return own
         return root.base
 
-    async def lookup(self, root: Root, index: int) -> int:
-        """The data oid holding object ``index``, or 0 if it was never written."""
+    async def lookup(self, root: Root, index: int, cached: bool = False) -> int:
+        """The data oid holding object ``index``, or 0 if it was never written.
+        ``cached``: only for I/O under the VDI's lock held here (module comment)."""
         node = await self.root_node(root)
         if node == 0:
             return 0
         for level in range(radix.node_level(node), 0, -1):
-            node = await self._entry(node, index, level)
+            node = await self._entry(node, index, level, cached)
             if node == 0:
                 return 0
         return node
@@ -158,11 +191,11 @@ class VdiEngine:
             offset += step
         return pieces
 
-    async def read(self, root: Root, offset: int, length: int) -> bytes:
+    async def read(self, root: Root, offset: int, length: int, cached: bool = False) -> bytes:
         async def piece(index: int, inner: int, count: int) -> bytes:
             for attempt in range(read_retries_max):
                 try:
-                    oid = await self.lookup(root, index)
+                    oid = await self.lookup(root, index, cached and attempt == 0)
                     if oid == 0:
                         return bytes(count)
                     return await self.objects.read(oid, inner, count)
@@ -176,11 +209,12 @@ class VdiEngine:
         parts = await asyncio.gather(*(piece(*p) for p in self._pieces(offset, length)))
         return b"".join(parts)
 
-    async def extents(self, root: Root, offset: int, length: int) -> list[Extent]:
+    async def extents(self, root: Root, offset: int, length: int,
+                      cached: bool = False) -> list[Extent]:
         """Allocated and unallocated ranges, merged, covering [offset, offset+length)."""
         result: list[Extent] = []
         for index, inner, count in self._pieces(offset, length):
-            allocated = await self.lookup(root, index) != 0
+            allocated = await self.lookup(root, index, cached) != 0
             start = index * self.object_size + inner
             if result and result[-1].allocated == allocated:
                 last = result[-1]
@@ -210,20 +244,20 @@ class VdiEngine:
     async def _write_object(self, root: Root, index: int, inner: int,
                             data: memoryview) -> None:
         want = radix.data_oid(root.generation, index)
-        if await self.lookup(root, index) == want:
+        if await self.lookup(root, index, cached=True) == want:
             try:
-                await self.objects.write(want, inner, bytes(data))
+                await self.objects.write(want, inner, data)  # no copy: sent as it came
                 return
             except NoObject:
                 pass  # a discard freed it meanwhile: allocate it again below
         async with self._lock(root.generation):
             leaf = await self._owned_path(root, index)
-            current = await self._entry(leaf, index, 1)
+            current = await self._entry(leaf, index, 1, cached=True)
             if current == want:
-                await self.objects.write(want, inner, bytes(data))
+                await self.objects.write(want, inner, data)
                 return
             if current == 0 or len(data) == self.object_size:
-                await self.objects.create(want, bytes(data), inner)
+                await self.objects.create(want, data, inner)
             else:
                 whole = bytearray(await self.objects.read(current, 0, self.object_size))
                 whole[inner:inner + len(data)] = data
@@ -247,20 +281,25 @@ class VdiEngine:
 
     async def _set_entry(self, node: int, index: int, level: int, child: int) -> None:
         radix.check_entry(level, child)
-        at = radix.slot(index, level) * radix.ENTRY_BYTES
-        await self.objects.write(node, at, radix.entry_bytes(child))
+        slot = radix.slot(index, level)
+        self._entries_changed(node)  # lookups under way now are not cached
+        await self.objects.write(node, slot * radix.ENTRY_BYTES, radix.entry_bytes(child))
+        self._entries_changed(node)
+        self._entries[node] = {slot: child}
 
     async def _own_root(self, root: Root) -> int:
         own = root.own()
         if own in self._roots_made or await self.objects.exists(own):
             self._roots_made.add(own)
             return own
+        self._entries_changed(own)
         if root.base:
             contents = await self._node(root.base)
             await self.objects.create(own, contents)
             self._release(root.base)
         else:
             await self.objects.create(own, b"")
+        self._entries_changed(own)
         self._roots_made.add(own)
         return own
 
@@ -272,12 +311,14 @@ class VdiEngine:
         node = await self._own_root(root)
         for level in range(root.depth, 1, -1):
             want = radix.node_oid(root.generation, level - 1, radix.position(index, level - 1))
-            child = await self._entry(node, index, level)
+            child = await self._entry(node, index, level, cached=True)
             if child != want:
+                self._entries_changed(want)
                 if child == 0:
                     await self.objects.create(want, b"")
                 else:
                     await self.objects.create(want, await self._node(child))
+                self._entries_changed(want)
                 await self._set_entry(node, index, level, want)
                 self._release(child)
             node = want
@@ -291,7 +332,7 @@ class VdiEngine:
         last, partial object whole.
         """
         for index, inner, count in self._pieces(offset, length):
-            if await self.lookup(root, index) == 0:
+            if await self.lookup(root, index, cached=True) == 0:
                 continue
             start = index * self.object_size
             whole = count == self.object_size or (
@@ -300,7 +341,7 @@ class VdiEngine:
             if whole:
                 async with self._lock(root.generation):
                     leaf = await self._owned_path(root, index)
-                    current = await self._entry(leaf, index, 1)
+                    current = await self._entry(leaf, index, 1, cached=True)
                     if current == 0:
                         continue
                     await self._set_entry(leaf, index, 1, 0)
@@ -311,7 +352,7 @@ class VdiEngine:
                             pass
                     else:
                         self._release(current)
-            elif await self.lookup(root, index) == own:
+            elif await self.lookup(root, index, cached=True) == own:
                 try:
                     await self.objects.discard(own, inner, count)
                 except NoObject:
@@ -329,6 +370,7 @@ class VdiEngine:
             node = radix.node_oid(root.generation, level, 0)
             entries = [0] * radix.FANOUT
             entries[0] = below
+            self._entries_changed(node)
             await self.objects.create(node, radix.encode_node(entries))
             below = node
         self._roots_made.add(below)
@@ -400,6 +442,7 @@ class VdiEngine:
         for oid in oids:
             self._nodes.pop(oid, None)
             self._roots_made.discard(oid)
+            self._entries_changed(oid)
 
 
 def check_range(size: int, offset: int, length: int) -> None:

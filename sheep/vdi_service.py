@@ -62,12 +62,12 @@ class GatewayObjects:
         data, _ = await self.gateway.request(Op.READ_OBJ, oid, offset, count=count)
         return bytes(data)
 
-    async def create(self, oid: int, data: bytes, offset: int = 0) -> None:
+    async def create(self, oid: int, data: bytes | memoryview, offset: int = 0) -> None:
         # Durable (FUA) before the engine writes the entry that points at it: after
         # a power loss an entry must never point at a copy that did not survive.
         await self.gateway.request(Op.CREATE_AND_WRITE_OBJ, oid, offset, data, flags=FLAG_FUA)
 
-    async def write(self, oid: int, offset: int, data: bytes) -> None:
+    async def write(self, oid: int, offset: int, data: bytes | memoryview) -> None:
         await self.gateway.request(Op.WRITE_OBJ, oid, offset, data)
 
     async def discard(self, oid: int, offset: int, count: int) -> None:
@@ -138,6 +138,13 @@ class Handle:
     writable: bool
 
 
+def _holds_lock(handle: Handle, vdi: Vdi, session: Session) -> bool:
+    """I/O on the VDI itself through the session holding its lock: no other sheep can
+    change its tree meanwhile, so the engine may use its cached entries."""
+    return (handle.writable and handle.snapshot_id is None and vdi.lock is not None
+            and vdi.lock.get("session") == session.id)
+
+
 class VdiService:
     def __init__(self, group: Group, gateway: Gateway, node_id: str, broadcast: Broadcast,
                  peer_connection: Callable[[str], Awaitable[Connection]]) -> None:
@@ -182,6 +189,12 @@ class VdiService:
     def reset(self) -> None:
         """Forget every cached node (the cluster was formatted anew)."""
         self._engine = None
+
+    def forget_entries(self) -> None:
+        """The cluster log changed something (a lock, a snapshot...): cached entries of
+        writable trees may be stale."""
+        if self._engine is not None:
+            self._engine.forget_entries()
 
     # --- dispatch --------------------------------------------------------------
 
@@ -284,9 +297,11 @@ class VdiService:
         return b"", {}
 
     async def read(self, header: Header, payload: bytes, session: Session) -> Reply:
-        _, root, size = self._target(self._handle(header, session))
+        handle = self._handle(header, session)
+        vdi, root, size = self._target(handle)
         check_range(size, header.offset, header.count)
-        return await self.engine.read(root, header.offset, header.count), {}
+        return await self.engine.read(root, header.offset, header.count,
+                                      cached=_holds_lock(handle, vdi, session)), {}
 
     def _writable(self, header: Header, session: Session) -> tuple[Handle, Vdi]:
         handle = self._handle(header, session)
@@ -355,9 +370,11 @@ class VdiService:
         return generations
 
     async def extents(self, header: Header, payload: bytes, session: Session) -> Reply:
-        _, root, size = self._target(self._handle(header, session))
+        handle = self._handle(header, session)
+        vdi, root, size = self._target(handle)
         check_range(size, header.offset, header.count)
-        extents = await self.engine.extents(root, header.offset, header.count)
+        extents = await self.engine.extents(root, header.offset, header.count,
+                                            cached=_holds_lock(handle, vdi, session))
         value = [[e.offset, e.length, e.allocated] for e in extents]
         return proto.encode_json(value), {}
 

@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import checksum_bench  # noqa: E402
 import io_bench  # noqa: E402
+import memory_bench  # noqa: E402
 import recovery_bench  # noqa: E402
 import sparse_bench  # noqa: E402
 import vdi_bench  # noqa: E402
@@ -21,7 +22,8 @@ import vdi_bench  # noqa: E402
 from sheep.size import parse_size  # noqa: E402
 
 BENCHMARKS = {"io": io_bench.run, "vdi": vdi_bench.run, "sparse": sparse_bench.run,
-              "recovery": recovery_bench.run, "checksums": checksum_bench.run}
+              "recovery": recovery_bench.run, "checksums": checksum_bench.run,
+              "memory": memory_bench.run}
 
 
 def machine() -> dict[str, object]:
@@ -42,11 +44,17 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="*", default=None,
                         help="io: only the workloads whose names contain one of these")
     parser.add_argument("--ceph", action="store_true",
-                        help="io: also measure Ceph RBD (size=3) when installed here")
+                        help="io: also measure Ceph RBD (size=3): a private throwaway cluster "
+                             "on this box (needs ceph-mon ceph-mgr ceph-osd ceph-common)")
+    parser.add_argument("--stored", type=parse_size, default=None,
+                        help="memory: bytes of 4 MiB objects one sheep holds (default 100G)")
+    parser.add_argument("--full", type=int, default=None, metavar="GIB",
+                        help="memory: write GIB densely instead of sparse objects")
     args = parser.parse_args()
     options: dict[str, dict[str, object]] = {
         "recovery": {"size": args.recovery_size},
-        "io": {"targets": args.targets, "workloads": args.workloads, "ceph": args.ceph}}
+        "io": {"targets": args.targets, "workloads": args.workloads, "ceph": args.ceph},
+        "memory": {"stored": args.stored, "full": args.full}}
     os.makedirs(args.out, exist_ok=True)
     for name in args.only or sorted(BENCHMARKS):
         print(f"== {name}", flush=True)

@@ -79,6 +79,10 @@ class Target:
     def uri(self) -> str:
         raise NotImplementedError
 
+    def engine(self) -> tuple[list[str], dict[str, str] | None]:
+        """fio's engine options for this target, and the environment fio needs."""
+        return ["--ioengine=nbd", f"--uri={self.uri()}"], None
+
     def pids(self) -> list[tuple[str, int]]:
         """(role, pid) of every process serving this target."""
         return [(os.path.basename(str(p.args[0])), p.pid) for p in self.processes]
@@ -189,20 +193,44 @@ class Reference(Target):
         return f"nbd://127.0.0.1:{self.port}/"
 
 
+class Ceph(Target):
+    """A private throwaway Ceph (1 mon, 1 mgr, 3 bluestore OSDs on files, pool size=3)
+    on this box, measured with fio's rbd engine; nbdcopy has no rbd path: not run."""
+
+    def start(self) -> None:
+        import ceph_cluster
+
+        self.cluster = ceph_cluster.CephCluster(os.path.join(self.base, "ceph"))
+        self.cluster.start()
+        self.cluster.create_image("bench", self.size)
+
+    def uri(self) -> str:
+        return ""
+
+    def engine(self) -> tuple[list[str], dict[str, str] | None]:
+        return (["--ioengine=rbd", "--clientname=admin", f"--pool={self.cluster.pool()}",
+                 "--rbdname=bench"], self.cluster.fio_env())
+
+    def pids(self) -> list[tuple[str, int]]:
+        return [("ceph", pid) for pid in self.cluster.pids()]
+
+    def stop(self) -> None:
+        self.cluster.stop()
+
+
 TARGETS: dict[str, type[Target]] = {"ours-c3": Ours, "ours-c1": OursOneCopy, "file": File,
-                                     "qcow2": Qcow2, "pyref": Reference}
+                                     "qcow2": Qcow2, "pyref": Reference, "ceph": Ceph}
+DEFAULT_TARGETS = ["ours-c3", "ours-c1", "file", "qcow2", "pyref"]
 
 
 def ceph_unavailable() -> str | None:
-    if shutil.which("ceph") is None or shutil.which("rbd") is None:
-        return "Ceph is not installed here (no ceph/rbd commands)"
-    engines = subprocess.run(["fio", "--enghelp"], capture_output=True, text=True).stdout
-    if "rbd" not in engines:
-        return "this fio has no rbd engine"
-    status = subprocess.run(["ceph", "status"], capture_output=True, text=True, timeout=30)
-    if status.returncode != 0:
-        return f"no Ceph cluster answers: {status.stderr.strip()[:200]}"
-    return None
+    import ceph_cluster
+
+    why = ceph_cluster.unavailable()
+    if why is None and "rbd" not in subprocess.run(["fio", "--enghelp"], capture_output=True,
+                                                     text=True).stdout:
+        why = "this fio has no rbd engine"
+    return why
 
 
 # --- measuring ------------------------------------------------------------------------------
@@ -227,12 +255,14 @@ def peak_rss_kib(pid: int) -> int:
     return 0
 
 
-def fio(uri: str, options: list[str], size: int, runtime_s: float) -> tuple[float, int, float]:
+def fio(target: Target, options: list[str], size: int,
+        runtime_s: float) -> tuple[float, int, float]:
     """(figure, I/Os, seconds) of one fio run."""
+    engine, env = target.engine()
     result = subprocess.run(
-        ["fio", "--output-format=json", "--name=bench", "--ioengine=nbd", f"--uri={uri}",
-         f"--size={size}", f"--runtime={runtime_s}", "--time_based", "--randrepeat=0",
-         "--norandommap", *options], capture_output=True, text=True)
+        ["fio", "--output-format=json", "--name=bench", *engine, f"--size={size}",
+         f"--runtime={runtime_s}", "--time_based", "--randrepeat=0", "--norandommap",
+         *options], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"fio failed: {result.stderr[-2000:]}")
     job = json.loads(result.stdout[result.stdout.index("{"):])["jobs"][0]
@@ -253,9 +283,9 @@ def nbdcopy(uri: str, size: int) -> tuple[float, int, float]:
 
 def prefill(target: Target) -> None:
     """Write every byte once, so that reads read data, not holes."""
-    subprocess.run(["fio", "--name=prefill", "--ioengine=nbd", f"--uri={target.uri()}",
-                    f"--size={target.size}", "--rw=write", "--bs=1m", "--iodepth=8"],
-                   check=True, capture_output=True)
+    engine, env = target.engine()
+    subprocess.run(["fio", "--name=prefill", *engine, f"--size={target.size}", "--rw=write",
+                    "--bs=1m", "--iodepth=8"], check=True, capture_output=True, env=env)
 
 
 def run(quick: bool = False, reps: int | None = None, targets: list[str] | None = None,
@@ -263,14 +293,16 @@ def run(quick: bool = False, reps: int | None = None, targets: list[str] | None 
     reps = reps or 3
     size = (256 if quick else 1024) * MiB
     runtime_s = 1 if quick else 8
-    chosen = targets or list(TARGETS)
+    chosen = list(targets or DEFAULT_TARGETS)
     plan = [w for w in WORKLOADS if not workloads or any(k in w.name for k in workloads)]
     notes: list[str] = []
-    if ceph:
+    if ceph and "ceph" not in chosen:
         why = ceph_unavailable()
-        notes.append(f"ceph: not measured: {why}" if why else
-                     "ceph: detected, but the rbd target is not built into this benchmark yet")
-        print(notes[-1], flush=True)
+        if why is None:
+            chosen.append("ceph")
+        else:
+            notes.append(f"ceph: not measured: {why}")
+            print(notes[-1], flush=True)
     root = tempfile.mkdtemp(prefix="sheep-bench-io-")
     live: dict[str, Target] = {}
     results: dict[str, dict[str, list[dict[str, float]]]] = {
@@ -292,10 +324,12 @@ def run(quick: bool = False, reps: int | None = None, targets: list[str] | None 
                     target = live[name]
                     pids = target.pids()
                     cpu_before = sum(cpu_seconds(pid) for _, pid in pids)
+                    if workload.fio is None and not target.uri():
+                        continue  # no NBD export to copy from (ceph)
                     if workload.fio is None:
                         figure, ios, seconds = nbdcopy(target.uri(), size)
                     else:
-                        figure, ios, seconds = fio(target.uri(), workload.fio, size, runtime_s)
+                        figure, ios, seconds = fio(target, workload.fio, size, runtime_s)
                     cpu = sum(cpu_seconds(pid) for _, pid in pids) - cpu_before
                     results[workload.name][name].append(
                         {"figure": figure, "ios": ios, "seconds": seconds,
@@ -322,6 +356,8 @@ def run(quick: bool = False, reps: int | None = None, targets: list[str] | None 
         summary[workload.name] = {}
         for name in chosen:
             samples = results[workload.name][name]
+            if not samples:
+                continue
             summary[workload.name][name] = {
                 "median": statistics.median(s["figure"] for s in samples),
                 "cpu_us_per_io": statistics.median(s["cpu_us_per_io"] for s in samples)}
@@ -342,13 +378,17 @@ def _ratio(summary: dict[str, dict[str, float]], a: str, b: str) -> str:
 def print_tables(report: dict[str, Any]) -> None:
     targets = report["targets"]
     ours = [t for t in ("ours-c3", "ours-c1") if t in targets]
-    baselines = [t for t in ("file", "qcow2", "pyref") if t in targets]
+    baselines = [t for t in ("file", "qcow2", "pyref", "ceph") if t in targets]
+
+    def cell(summary: dict[str, dict[str, float]], target: str, key: str) -> str:
+        return f"{summary[target][key]:.0f}" if target in summary else "-"
+
     head = ["workload", "unit", *targets, *(f"{o}/{b}" for o in ours for b in baselines)]
     print("\n| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for workload, summary in report["summary"].items():
         row = [workload, report["units"][workload],
-               *(f"{summary[t]['median']:.0f}" for t in targets),
+               *(cell(summary, t, "median") for t in targets),
                *(_ratio(summary, o, b) for o in ours for b in baselines)]
         print("| " + " | ".join(row) + " |")
     print("\nCPU per I/O (microseconds, all of the target's processes):\n")
@@ -356,7 +396,7 @@ def print_tables(report: dict[str, Any]) -> None:
     print("|" + "---|" * (len(targets) + 1))
     for workload, summary in report["summary"].items():
         print(f"| {workload} | " + " | ".join(
-            f"{summary[t]['cpu_us_per_io']:.0f}" for t in targets) + " |")
+            cell(summary, t, "cpu_us_per_io") for t in targets) + " |")
     print("\nPeak RSS (MiB):", ", ".join(
         f"{t}: " + " ".join(f"{role} {kib / 1024:.0f}" for role, kib in peaks.items())
         for t, peaks in report["peak_rss_kib"].items()))
@@ -378,7 +418,7 @@ def chart(report: dict[str, Any], path: str) -> None:
     figure, axes = plt.subplots(figsize=(12, 5))
     for index, target in enumerate(targets):
         ratios = [report["summary"][w][target]["median"] / report["summary"][w][reference]["median"]
-                  for w in workloads]
+                  if target in report["summary"][w] else 0 for w in workloads]
         axes.bar([x + index * width for x in range(len(workloads))], ratios, width, label=target)
     axes.set_xticks([x + width * (len(targets) - 1) / 2 for x in range(len(workloads))])
     axes.set_xticklabels(workloads, rotation=20, ha="right", fontsize=8)

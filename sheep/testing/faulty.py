@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 from dataclasses import dataclass, field
 
 from sheep.store.fileio import FileIO
@@ -34,6 +35,7 @@ class FaultyIO(FileIO):
         self._files: dict[str, _File] = {}
         self._fds: dict[int, _File] = {}
         self._failures: list[tuple[str, int, int]] = []  # (call, errno, bytes written first)
+        self._lock = threading.Lock()  # a store syncs files from several threads at once
 
     # --- commands ----------------------------------------------------------------
 
@@ -131,8 +133,9 @@ class FaultyIO(FileIO):
         super().truncate(fd, size)
 
     def datasync(self, fd: int) -> None:
-        self._maybe_fail("datasync")
-        self._settle(fd)
+        with self._lock:
+            self._maybe_fail("datasync")
+            self._settle(fd)
 
     def punch(self, fd: int, offset: int, count: int) -> None:
         self._maybe_fail("punch")

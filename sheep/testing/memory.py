@@ -28,13 +28,13 @@ class MemoryObjects:
             raise NoObject(f"object {oid:016x}")
         return bytes(self.data[oid][offset:offset + count])
 
-    async def create(self, oid: int, data: bytes, offset: int = 0) -> None:
+    async def create(self, oid: int, data: bytes | memoryview, offset: int = 0) -> None:
         self._check(offset, len(data))
         buffer = bytearray(self.object_size)
         buffer[offset:offset + len(data)] = data
         self.data[oid] = buffer
 
-    async def write(self, oid: int, offset: int, data: bytes) -> None:
+    async def write(self, oid: int, offset: int, data: bytes | memoryview) -> None:
         self._check(offset, len(data))
         if oid not in self.data:
             raise NoObject(f"object {oid:016x}")
@@ -77,12 +77,12 @@ class FencedObjects(MemoryObjects):
         await self._pause()
         return await super().read(oid, offset, count)
 
-    async def create(self, oid: int, data: bytes, offset: int = 0) -> None:
+    async def create(self, oid: int, data: bytes | memoryview, offset: int = 0) -> None:
         self._fence(oid)
         await self._pause()
         await super().create(oid, data, offset)
 
-    async def write(self, oid: int, offset: int, data: bytes) -> None:
+    async def write(self, oid: int, offset: int, data: bytes | memoryview) -> None:
         self._fence(oid)
         await self._pause()
         await super().write(oid, offset, data)

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from sheep.client import SyncClient
-from sheep.errors import SheepError
+from sheep.errors import SheepError, Unavailable
 from sheep.testing import netns
 from sheep.testing.cluster import stop_process
 from sheep.testing.nbd import PLUGIN, needs_tools
@@ -67,6 +67,20 @@ def settled(hosts: list[netns.Host]) -> bool:
 
 
 def vdi_io(host: netns.Host, offset: int, data: bytes | None = None, count: int = 0) -> bytes:
+    """One read or write, retried for a few seconds when refused as unavailable, as the
+    NBD plugin retries: a rejoined sheep's ZooKeeper connection can still flap (and
+    fence it) for a moment after the cluster looks settled."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return _vdi_io(host, offset, data, count)
+        except Unavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _vdi_io(host: netns.Host, offset: int, data: bytes | None, count: int) -> bytes:
     with client(host) as sheep:
         handle = sheep.vdi_open("disk", writable=data is not None)["handle"]
         try:

@@ -443,6 +443,41 @@ class Writer(threading.Thread):
         assert not self.is_alive() and not self.errors, self.errors
 
 
+def test_a_writers_cached_tree_follows_writes_made_through_another_sheep(cluster):
+    """The gateway caches the tree entries of a VDI whose lock it holds. A lock that
+    moves to another sheep, which allocates objects, and comes back, must not leave
+    the first sheep answering from its old entries (an unallocated object read as
+    zeros, an old data object read instead of the new one)."""
+    name = "cached-tree"
+    with cluster.client(0) as client:
+        client.vdi_create(name, 64 * MiB)
+    first, second = b"first" * 1000, b"second" * 1000
+    with cluster.client(0) as client:
+        handle = client.vdi_open(name, writable=True)["handle"]
+        client.vdi_write(handle, 0, first)
+        # Lookups through the lock holder: object 0 allocated, objects 1 and 2 not.
+        assert bytes(client.vdi_read(handle, 0, len(first))) == first
+        assert bytes(client.vdi_read(handle, object_size, 8)) == bytes(8)
+        assert bytes(client.vdi_read(handle, 2 * object_size, 8)) == bytes(8)
+        # Inside one session the cache follows its own allocations and discards.
+        client.vdi_write(handle, 2 * object_size, second)
+        assert bytes(client.vdi_read(handle, 2 * object_size, len(second))) == second
+        client.vdi_discard(handle, 2 * object_size, object_size)
+        assert bytes(client.vdi_read(handle, 2 * object_size, 8)) == bytes(8)
+        client.vdi_close(handle)
+    with cluster.client(1) as client:  # the lock moves to another sheep, which allocates
+        handle = client.vdi_open(name, writable=True)["handle"]
+        client.vdi_write(handle, object_size, second)
+        client.vdi_write(handle, 2 * object_size, second)
+        client.vdi_close(handle)
+    with cluster.client(0) as client:  # and back
+        handle = client.vdi_open(name, writable=True)["handle"]
+        assert bytes(client.vdi_read(handle, object_size, len(second))) == second
+        assert bytes(client.vdi_read(handle, 2 * object_size, len(second))) == second
+        assert bytes(client.vdi_read(handle, 0, len(first))) == first
+        client.vdi_close(handle)
+
+
 def test_snapshot_fences_a_live_writer(cluster):
     name = "fenced"
     with cluster.client(2) as client:

@@ -261,3 +261,25 @@ def test_decode_json_garbage(garbage):
 def test_decode_json_deep_nesting():
     with pytest.raises(BadRequest):
         decode_json(b"[" * 100_000)
+
+
+@given(st.lists(st.sampled_from([0, 10, 65_536, 65_537, 70_000, 300_000, 2_200_000]),
+                max_size=6),
+       st.data())
+@settings(max_examples=30, deadline=None)
+def test_decoder_large_payloads_received_in_place_any_split(sizes, data):
+    """Payloads above direct_min_bytes go to a buffer of their own (get_buffer hands
+    it out); whatever the chunking, the frames come out whole and in order."""
+    payloads = [bytes([number % 251]) * size for number, size in enumerate(sizes)]
+    stream = b"".join(frame(number, payload) for number, payload in enumerate(payloads))
+    decoder = FrameDecoder()
+    frames = []
+    position = 0
+    while position < len(stream):
+        buffer = decoder.get_buffer()
+        count = min(len(buffer), data.draw(st.integers(1, 400_000)), len(stream) - position)
+        buffer[:count] = stream[position:position + count]
+        position += count
+        frames += decoder.buffer_updated(count)
+    assert summary(frames) == list(enumerate(payloads))
+    assert decoder.buffered_bytes == 0
