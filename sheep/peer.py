@@ -74,6 +74,12 @@ class Peer:
             if header.opcode in _allocating:
                 self.check_space()
             if header.opcode in _intended:
+                if self.store.pending > 2 * pending_objects_max:
+                    # Changes outrun the writeback: wait for it, or the metadata of the
+                    # changed objects (4 KiB of checksums each) grows without bound.
+                    self.writeback_soon()
+                    assert self._writeback is not None
+                    await asyncio.wait({self._writeback})  # its failure is not this change's
                 await self.store.ensure_intent(header.oid)
             # After the await: a copy found damaged meanwhile must not take the change.
             if header.oid in self.unverified:

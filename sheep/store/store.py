@@ -54,10 +54,30 @@ from sheep.store.fileio import FileIO
 
 log = logging.getLogger(__name__)
 
-_meta_value = struct.Struct("<QQ")  # version, flags
+_meta_value = struct.Struct("<QQ")  # version, flags (the format before digests)
+# version, flags, digest of the checksum table: a STAT (every copy is compared at
+# start-up and in recovery) then never reads the 4 KiB table, which would map the
+# whole checksum database into the process. Values of the old form are still read.
+_meta_value_digest = struct.Struct("<QQQ")
 _flag_removed = 1  # a tombstone: the object was removed at this version
+_flag_digest = 2  # the value carries the digest of the committed checksum table
+
+
+def _pack_meta(version: int, removed: bool, digest: int | None) -> bytes:
+    flags = (_flag_removed if removed else 0) | (0 if digest is None else _flag_digest)
+    return _meta_value_digest.pack(version, flags, digest or 0)
+
+
+def _unpack_meta(value: bytes) -> tuple[int, bool, int | None]:
+    """(version, removed, digest or None when the value does not carry one)."""
+    if len(value) == _meta_value.size:
+        version, flags = _meta_value.unpack(value)
+        return version, bool(flags & _flag_removed), None
+    version, flags, digest = _meta_value_digest.unpack(value)
+    return version, bool(flags & _flag_removed), digest if flags & _flag_digest else None
 _fd_cache_max = 1024
-pending_objects_max = 4096  # changed objects before the writeback syncs on its own
+pending_objects_max = 1024  # changed objects before the writeback syncs on its own
+commit_objects_max = 256  # objects' metadata per LMDB transaction of a sync
 sync_threads = 16  # fdatasyncs of one sync in flight at once
 
 
@@ -199,18 +219,20 @@ class Store:
                     txn.delete(_oid_key(oid), db=self._sums)
                 else:
                     value = txn.get(_oid_key(oid), db=self._objects)
+                    digest = None
+                    if os.path.exists(path) and self.checksums:
+                        fd = self.io.open(path, create=False)
+                        try:
+                            data = self._pread_full(fd, 0, self.object_size)
+                        finally:
+                            self.io.close(fd)
+                        fresh = sums.fresh(self.object_size)
+                        sums.compute(data, 0, fresh)
+                        txn.put(_oid_key(oid), fresh.tobytes(), db=self._sums)
+                        digest = sums.digest(fresh)
                     if value is not None:  # made anew after a removal: no tombstone now
-                        txn.put(_oid_key(oid), _meta_value.pack(_meta_value.unpack(value)[0], 0),
+                        txn.put(_oid_key(oid), _pack_meta(_unpack_meta(value)[0], False, digest),
                                 db=self._objects)
-                if os.path.exists(path) and self.checksums:
-                    fd = self.io.open(path, create=False)
-                    try:
-                        data = self._pread_full(fd, 0, self.object_size)
-                    finally:
-                        self.io.close(fd)
-                    fresh = sums.fresh(self.object_size)
-                    sums.compute(data, 0, fresh)
-                    txn.put(_oid_key(oid), fresh.tobytes(), db=self._sums)
                 txn.delete(_oid_key(oid), db=self._intents_db)
         self.counters["recomputed_after_crash"] = len(oids)
         log.warning("the store was not closed cleanly: checksums of %d objects changed since"
@@ -280,13 +302,14 @@ class Store:
         name = f"{oid:016x}"
         return os.path.join(self.object_dir, name[-2:], name)
 
-    def _committed(self, oid: int) -> tuple[int, bool] | None:
+    def _committed_value(self, oid: int) -> tuple[int, bool, int | None] | None:
         with self.env.begin(db=self._objects) as txn:
             value = txn.get(_oid_key(oid))
-        if value is None:
-            return None
-        version, flags = _meta_value.unpack(value)
-        return version, bool(flags & _flag_removed)
+        return None if value is None else _unpack_meta(value)
+
+    def _committed(self, oid: int) -> tuple[int, bool] | None:
+        found = self._committed_value(oid)
+        return None if found is None else (found[0], found[1])
 
     def _lookup(self, oid: int) -> tuple[int, bool] | None:
         """(version, removed) as of now, or None if the store knows nothing of oid."""
@@ -621,8 +644,18 @@ class Store:
                                  # take back its latest writes, never the copy itself.
                                  "durable": oid not in self._fresh}
         if self.checksums:
-            value["digest"] = sums.digest(self._checksums(oid))
+            value["digest"] = self._digest(oid)
         return value
+
+    def _digest(self, oid: int) -> int:
+        """The digest of the copy's checksum table: from memory for a changed copy, else
+        as committed with its metadata (the table itself is read only for old values)."""
+        meta = self._meta.get(oid)
+        if meta is None or (meta.sums is None and not meta.drop_sums):
+            found = self._committed_value(oid)
+            if found is not None and found[2] is not None:
+                return found[2]
+        return sums.digest(self._checksums(oid))
 
     def list_oids(self) -> list[int]:
         oids = []
@@ -760,22 +793,39 @@ class Store:
             job.fds = []
 
     def commit(self, job: SyncJob) -> None:
-        """Commit the job's metadata, after its files are synced (run on meta_executor)."""
+        """Commit the job's metadata, after its files are synced (run on meta_executor),
+        commit_objects_max objects per transaction: each object's metadata stands on its
+        own (an object not committed yet keeps its intent), and a transaction holds
+        every page it changes in memory until it ends (8 KiB per checksum table)."""
         if self._env is None or not (job.metas or job.intents_cleared):
             return
+        items = list(job.metas.items())
+        for start in range(0, max(len(items), 1), commit_objects_max):
+            last = start + commit_objects_max >= len(items)
+            self._commit_some(items[start:start + commit_objects_max],
+                              job.intents_cleared if last else {})
+
+    def _commit_some(self, items: list[tuple[int, tuple[int, bytes | None, bool, bool, bool, int]]],
+                     intents_cleared: dict[int, bytes]) -> None:
         with _translated("sync store"), self.env.begin(write=True) as txn:
-            for oid, (version, table, removed, gone, drop_sums, _) in job.metas.items():
+            for oid, (version, table, removed, gone, drop_sums, _) in items:
                 key = _oid_key(oid)
                 if gone:
                     txn.delete(key, db=self._objects)
                 else:
-                    txn.put(key, _meta_value.pack(version, _flag_removed if removed else 0),
-                            db=self._objects)
+                    if table is not None:
+                        digest: int | None = sums.crc(table)  # = sums.digest of the table
+                    elif drop_sums or not self.checksums:
+                        digest = None
+                    else:  # the table did not change: nor does its digest
+                        old = txn.get(key, db=self._objects)
+                        digest = None if old is None else _unpack_meta(old)[2]
+                    txn.put(key, _pack_meta(version, removed, digest), db=self._objects)
                 if table is not None:
                     txn.put(key, table, db=self._sums)
                 elif drop_sums:
                     txn.delete(key, db=self._sums)
-            self._delete_intents(txn, job.intents_cleared)
+            self._delete_intents(txn, intents_cleared)
 
     def sync_failed(self, job: SyncJob) -> None:
         """A sync that failed leaves its objects dirty and their intents in place: the

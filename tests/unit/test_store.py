@@ -597,3 +597,57 @@ def test_failed_sync_on_eviction_keeps_the_object_dirty(
     assert store.read(1, 0, 1) == b"x"
     assert store.create_and_write(cache_max + 1, 0, b"y") == 1
     assert len(store._fds) == cache_max
+
+
+# --- digests kept with the metadata ------------------------------------------------------
+
+
+def test_stat_digest_comes_from_the_metadata_without_reading_the_checksum_table(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A committed copy's digest is kept in its metadata value: STAT (run for every copy
+    at start-up and in recovery) must not read the 4 KiB checksum tables, which would
+    map the whole checksum database into the sheep's memory."""
+    from sheep.store import sums
+
+    store.create_and_write(1, 0, pattern(3 * block))
+    store.create_and_write(2, 0, b"")
+    dirty = {oid: store.stat(oid)["digest"] for oid in (1, 2)}
+    assert dirty[1] == sums.digest(store._checksums(1)) != dirty[2]
+    store.sync()
+    store = reopen(store)
+
+    def no_table(*args: object) -> None:
+        raise AssertionError("the checksum table was read")
+
+    monkeypatch.setattr(store, "_checksums", no_table)
+    assert {oid: store.stat(oid)["digest"] for oid in (1, 2)} == dirty
+    monkeypatch.undo()
+    store.write(1, 0, b"changed")  # a changed copy: its digest follows at once
+    changed = store.stat(1)["digest"]
+    assert changed != dirty[1]
+    store.sync()
+    monkeypatch.setattr(store, "_checksums", no_table)
+    assert store.stat(1)["digest"] == changed
+    monkeypatch.undo()
+    store.close()
+
+
+def test_metadata_values_of_the_old_form_are_still_read(store: Store) -> None:
+    """Stores written before digests were kept: version and tombstone are read, the
+    digest is computed from the checksum table, and the next commit adds it."""
+    store.create_and_write(1, 0, pattern(block))
+    store.create_and_write(2, 0, pattern(block, 3))
+    store.remove(2)
+    store.sync()
+    expected = store.stat(1)
+    with store.env.begin(write=True) as txn:
+        for oid in (1, 2):
+            key = oid.to_bytes(8, "big")
+            version, removed, _ = store_module._unpack_meta(txn.get(key, db=store._objects))
+            txn.put(key, store_module._meta_value.pack(version, 1 if removed else 0),
+                    db=store._objects)
+    store = reopen(store)
+    assert store.stat(1)["digest"] == expected["digest"]
+    assert store.stat(1)["version"] == expected["version"]
+    assert store.stat(2)["deleted"]
+    store.close()
