@@ -101,6 +101,7 @@ class Connection:
         self._fail(NetworkError(f"connection to {self.endpoint} closed"))
 
     def _deliver(self, header: Header, payload: bytes) -> None:
+        self._deadlines.pop(header.request_id, None)
         future = self._pending.pop(header.request_id, None)
         if future is not None and not future.done():
             future.set_result((header, payload))
@@ -113,9 +114,10 @@ class Connection:
             if not future.done():
                 future.set_exception(error)
 
-    async def call(self, header: Header, payload: bytes | bytearray | memoryview = b"",
-                   timeout_ms: int = constants.peer_timeout_ms) -> tuple[Header, bytes]:
-        """Send one request and wait for its reply; raise on a failed result."""
+    def send(self, header: Header, payload: bytes | bytearray | memoryview = b"",
+             timeout_ms: int = constants.peer_timeout_ms) -> asyncio.Future[tuple[Header, bytes]]:
+        """Send one request now; the future gets its reply, failed results included (see
+        ``call``). No task: a gateway sends to every replica before awaiting any."""
         if self._error is not None:
             raise self._error
         assert self._transport is not None
@@ -133,13 +135,13 @@ class Connection:
             self._transport.writelines([packed, payload])
         else:
             self._transport.write(packed)
-        try:
-            reply, data = await future
-        finally:
-            self._deadlines.pop(request_id, None)
-        if reply.result:
-            raise error_for(reply.result, proto.error_message(data) or None)
-        return reply, data
+        return future
+
+    async def call(self, header: Header, payload: bytes | bytearray | memoryview = b"",
+                   timeout_ms: int = constants.peer_timeout_ms) -> tuple[Header, bytes]:
+        """Send one request and wait for its reply; raise on a failed result."""
+        reply, data = await self.send(header, payload, timeout_ms)
+        return raise_failed(reply, data)
 
     def _sweep(self) -> None:
         """Fail the requests past their deadline; run again while any are pending."""
@@ -156,6 +158,13 @@ class Connection:
 
 
 _sweep_interval_s = 0.5
+
+
+def raise_failed(reply: Header, data: bytes) -> tuple[Header, bytes]:
+    """The reply, or the exception of its failed result with the sheep's message."""
+    if reply.result:
+        raise error_for(reply.result, proto.error_message(data) or None)
+    return reply, data
 
 
 def detect_dead_peer(sock: socket.socket) -> None:

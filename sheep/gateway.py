@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from sheep import constants, proto
-from sheep.client import Connection
+from sheep.client import Connection, raise_failed
 from sheep.errors import (
     InvalidParameters,
     IOErrorResult,
@@ -61,6 +61,11 @@ _versioned_ops = frozenset({Op.CREATE_AND_WRITE_OBJ, Op.WRITE_OBJ, Op.DISCARD_OB
                             Op.REMOVE_OBJ})
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: no "exception was never retrieved" warning
+
+
 def _close_opened(task: asyncio.Task[Connection]) -> None:
     if not task.cancelled() and task.exception() is None:
         task.result().close()
@@ -71,6 +76,14 @@ class PeerPool:
 
     def __init__(self) -> None:
         self._connections: dict[str, asyncio.Task[Connection]] = {}
+
+    def ready(self, node: NodeInfo) -> Connection | None:
+        """The open connection to node, if there is one (no await)."""
+        task = self._connections.get(node.endpoint)
+        if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+            return None
+        connection = task.result()
+        return None if connection.closed else connection
 
     async def get(self, node: NodeInfo) -> Connection:
         task = self._connections.get(node.endpoint)
@@ -152,17 +165,62 @@ class Gateway:
 
     # --- calling one replica -----------------------------------------------
 
-    async def call(self, node: NodeInfo, header: Header, payload: bytes, epoch: int) -> Reply:
-        peer_header = Header(
+    def _peer_header(self, header: Header, epoch: int) -> Header:
+        return Header(
             opcode=_peer_op.get(Op(header.opcode), header.opcode), epoch=epoch, oid=header.oid,
             offset=header.offset, count=header.count,
             flags=header.flags & (proto.FLAG_FUA | proto.FLAG_DIRECT | proto.FLAG_SCRUB),
             arg0=header.arg0 if header.opcode in _versioned_ops else 0)
+
+    async def call(self, node: NodeInfo, header: Header, payload: bytes, epoch: int) -> Reply:
+        peer_header = self._peer_header(header, epoch)
         if node.node_id == self.node_id:
             return await self.local.serve(peer_header, payload)
         connection = await self.pool.get(node)
         reply, data = await connection.call(peer_header, payload)
         return data, {"arg0": reply.arg0}
+
+    async def call_all(self, nodes: list[NodeInfo], header: Header, payload: bytes,
+                       epoch: int) -> list[Reply | BaseException]:
+        """The request on every node, as gather(return_exceptions=True) of call() would
+        give, but sent to every remote replica (whose connection is open) before the
+        local copy is served, with no task per replica."""
+        peer_header = self._peer_header(header, epoch)
+        sent: list[Any] = []
+        for node in nodes:
+            connection = self.pool.ready(node) if node.node_id != self.node_id else None
+            if connection is None:
+                sent.append(None)
+                continue
+            try:
+                sent.append(connection.send(peer_header, payload))
+            except SheepError as error:
+                sent.append(error)
+        results: list[Reply | BaseException | None] = [None] * len(nodes)
+        # The local copy (and any replica not connected yet) while the others' requests
+        # are on their way, then the replies.
+        for index, (node, request) in enumerate(zip(nodes, sent, strict=True)):
+            if request is None:
+                try:
+                    results[index] = await self.call(node, header, payload, epoch)
+                except Exception as error:  # as gather(return_exceptions=True) collects
+                    results[index] = error
+            elif isinstance(request, BaseException):
+                results[index] = request
+        try:
+            for index, request in enumerate(sent):
+                if isinstance(request, asyncio.Future):
+                    try:
+                        reply, data = raise_failed(*await request)
+                        results[index] = (data, {"arg0": reply.arg0})
+                    except Exception as error:
+                        results[index] = error
+        finally:
+            for request in sent:  # cancelled meanwhile: nobody waits for the rest
+                if isinstance(request, asyncio.Future) and not request.done():
+                    request.add_done_callback(_retrieved)
+        assert all(result is not None for result in results)
+        return results  # type: ignore[return-value]  # every slot filled above
 
     async def _fenceable(self, work: Awaitable[Reply]) -> Reply:
         """Run work, but give up the moment this sheep is fenced (its driver lost its
@@ -227,9 +285,7 @@ class Gateway:
             nodes = self.group.placement(header.oid, epoch, header.arg1)
             targets = [node for node in nodes if node.node_id not in applied]
             for _ in range(3):  # another round only after recovering a copy for those missing
-                results = await asyncio.gather(
-                    *(self.call(node, header, payload, epoch) for node in targets),
-                    return_exceptions=True)
+                results = await self.call_all(targets, header, payload, epoch)
                 for node, result in zip(targets, results, strict=True):
                     if not isinstance(result, BaseException):
                         applied[node.node_id] = result[1].get("arg0", 0)

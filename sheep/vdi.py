@@ -206,7 +206,10 @@ class VdiEngine:
                         raise
             raise AssertionError("unreachable")
 
-        parts = await asyncio.gather(*(piece(*p) for p in self._pieces(offset, length)))
+        pieces = self._pieces(offset, length)
+        if len(pieces) == 1:  # the usual case: no task for it
+            return await piece(*pieces[0])
+        parts = await asyncio.gather(*(piece(*p) for p in pieces))
         return b"".join(parts)
 
     async def extents(self, root: Root, offset: int, length: int,
@@ -239,7 +242,10 @@ class VdiEngine:
         for index, inner, count in pieces:
             jobs.append(self._write_object(root, index, inner, view[position:position + count]))
             position += count
-        await asyncio.gather(*jobs)
+        if len(jobs) == 1:  # the usual case: no task for it
+            await jobs[0]
+        else:
+            await asyncio.gather(*jobs)
 
     async def _write_object(self, root: Root, index: int, inner: int,
                             data: memoryview) -> None:
