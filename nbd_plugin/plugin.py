@@ -112,9 +112,11 @@ class Gateways:
                     last = error
                     continue
                 self._learn(nodes)
+                # Published only once every export is open on it: threads take the
+                # connection without the lock, and must never send an old handle on it.
+                self._reopen(connection)
                 self.connection = connection
                 self.generation += 1
-                self._reopen()
                 return
             time.sleep(0.2)
         raise RuntimeError(f"no sheep reachable ({last})")
@@ -138,19 +140,20 @@ class Gateways:
                     raise
                 time.sleep(0.2)
 
-    def _reopen(self) -> None:
+    def _reopen(self, connection: Any) -> None:
         for (name, tag, writable), export in self.exports.items():
-            export["info"] = self._open_on(self.connection, name, tag, writable)
+            export["info"] = self._open_on(connection, name, tag, writable)
 
     # --- exports -----------------------------------------------------------------------
 
     def acquire(self, name: str, tag: str | None, writable: bool) -> dict[str, Any]:
-        connection, _ = self.current()
         key = (name, tag, writable)
         with self.lock:
+            if self.connection is None or self.connection.closed:
+                self._connect()
             export = self.exports.get(key)
             if export is None:
-                info = self._open_on(connection, name, tag, writable)
+                info = self._open_on(self.connection, name, tag, writable)
                 export = self.exports[key] = {"info": info, "users": 0}
             export["users"] += 1
             return export

@@ -52,10 +52,12 @@ node_ids_per_cluster_max = 1024
 peer_connect_timeout_ms = 2_000
 peer_timeout_ms = 30_000
 # A connection whose peer stops answering (a pulled cable, a host cut off: no reset
-# ever comes) is declared dead after this long, by TCP keepalive probes when idle and
-# by TCP_USER_TIMEOUT when data sits unacknowledged. Slow peers are not dead: their
-# kernel still answers the probes.
-dead_peer_timeout_ms = 5_000
+# ever comes) is declared dead after this long: TCP_USER_TIMEOUT, which bounds both
+# unanswered keepalive probes (sent every second while idle) and unacknowledged data.
+# It also ends a connection whose peer keeps a zero receive window that long (a sheep
+# stops reading a connection only while 256 requests or 32 MiB of it are in flight),
+# so it is not made shorter: such a connection is retried or failed over, like a dead one.
+dead_peer_timeout_ms = 8_000
 dead_peer_probe_interval_s = 1
 gateway_retry_total_ms = 20_000  # a write retries across epochs this long
 gateway_retry_backoff_ms = 50

@@ -54,7 +54,7 @@ _peer_op = {
 }
 
 past_epochs_searched_max = 16
-_fenced_message = "this sheep is fenced: it lost its cluster driver's session"
+fenced_message = "this sheep is fenced: it lost its cluster driver's session"
 
 # Ops whose arg0 is the version the change gives the object (0: the replica's own +1).
 _versioned_ops = frozenset({Op.CREATE_AND_WRITE_OBJ, Op.WRITE_OBJ, Op.DISCARD_OBJ,
@@ -197,17 +197,17 @@ class Gateway:
             except SheepError as error:
                 sent.append(error)
         results: list[Reply | BaseException | None] = [None] * len(nodes)
-        # The local copy (and any replica not connected yet) while the others' requests
-        # are on their way, then the replies.
-        for index, (node, request) in enumerate(zip(nodes, sent, strict=True)):
-            if request is None:
-                try:
-                    results[index] = await self.call(node, header, payload, epoch)
-                except Exception as error:  # as gather(return_exceptions=True) collects
-                    results[index] = error
-            elif isinstance(request, BaseException):
-                results[index] = request
         try:
+            # The local copy (and any replica not connected yet) while the others'
+            # requests are on their way, then the replies.
+            for index, (node, request) in enumerate(zip(nodes, sent, strict=True)):
+                if request is None:
+                    try:
+                        results[index] = await self.call(node, header, payload, epoch)
+                    except Exception as error:  # as gather(return_exceptions=True) does
+                        results[index] = error
+                elif isinstance(request, BaseException):
+                    results[index] = request
             for index, request in enumerate(sent):
                 if isinstance(request, asyncio.Future):
                     try:
@@ -232,7 +232,7 @@ class Gateway:
         if self.fenced.is_set():
             if asyncio.iscoroutine(work):
                 work.close()  # never started
-            raise Unavailable(_fenced_message)
+            raise Unavailable(fenced_message)
         task = asyncio.ensure_future(work)
         fence = asyncio.ensure_future(self.fenced.wait())
         try:
@@ -241,7 +241,7 @@ class Gateway:
             fence.cancel()
         if task not in done:
             task.cancel()
-            raise Unavailable(_fenced_message)
+            raise Unavailable(fenced_message)
         return task.result()
 
     async def _retrying(self, attempt: Callable[[int], Awaitable[Reply]]) -> Reply:

@@ -36,9 +36,10 @@ from sheep.errors import (
     NoVdi,
     ReadOnly,
     SheepError,
+    Unavailable,
     VdiLocked,
 )
-from sheep.gateway import Gateway
+from sheep.gateway import Gateway, fenced_message
 from sheep.group import Group
 from sheep.net import Reply, Session
 from sheep.proto import FLAG_FUA, Header, Op
@@ -199,6 +200,11 @@ class VdiService:
     # --- dispatch --------------------------------------------------------------
 
     async def serve_io(self, header: Header, payload: bytes, session: Session) -> Reply:
+        fenced = self.gateway.fenced
+        if fenced is not None and fenced.is_set():
+            # Checked here too: a lookup answered from cached tree entries (an unwritten
+            # object reads as zeros) does no object I/O for the gateway to refuse.
+            raise Unavailable(fenced_message)
         return await self.io[Op(header.opcode)](header, payload, session)
 
     async def serve_admin(self, header: Header, payload: bytes) -> Reply:

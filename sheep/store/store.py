@@ -162,6 +162,8 @@ class Store:
             1, thread_name_prefix="store-meta")
         # fdatasyncs of one sync run side by side: the file system commits them
         # together (one journal commit for many files) instead of one after another.
+        # Its threads start on first use and end with the process (a store may be
+        # closed and opened again, so close() does not shut it down).
         self.sync_executor = concurrent.futures.ThreadPoolExecutor(
             sync_threads, thread_name_prefix="store-sync")
         self.object_size = constants.object_size_default_bytes
@@ -250,7 +252,6 @@ class Store:
         if self._env is not None:
             self._env.close()
             self._env = None
-        self.sync_executor.shutdown(wait=False)
 
     @property
     def env(self) -> lmdb.Environment:
