@@ -53,7 +53,8 @@ def main() -> None:
     args = parser.parse_args()
     options: dict[str, dict[str, object]] = {
         "recovery": {"size": args.recovery_size},
-        "io": {"targets": args.targets, "workloads": args.workloads, "ceph": args.ceph},
+        "io": {"targets": args.targets, "workloads": args.workloads, "ceph": args.ceph,
+               "chart_path": os.path.join(args.out, "io.png")},
         "memory": {"stored": args.stored, "full": args.full}}
     os.makedirs(args.out, exist_ok=True)
     for name in args.only or sorted(BENCHMARKS):

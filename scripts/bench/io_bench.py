@@ -91,6 +91,12 @@ class Target:
         for process in self.processes:
             stop_process(process)
 
+    def _raw_file(self) -> str:
+        path = os.path.join(self.base, "disk.raw")
+        with open(path, "wb") as file:
+            file.truncate(self.size)
+        return path
+
     def _spawn(self, command: list[str], log: str) -> subprocess.Popen[bytes]:
         with open(os.path.join(self.base, log), "ab") as out:
             process = subprocess.Popen(command, stdout=out, stderr=out,
@@ -143,21 +149,25 @@ class OursOneCopy(Ours):
     copies = 1
 
 
-class File(Target):
-    def start(self) -> None:
-        path = os.path.join(self.base, "disk.raw")
-        with open(path, "wb") as file:
-            file.truncate(self.size)
-        self.port = free_port()
-        process = self._spawn(["nbdkit", "-f", "-p", str(self.port), "-i", "127.0.0.1",
-                               "-t", "16", "file", f"file={path}"], "nbdkit.log")
-        _wait_port(self.port, process)
+class Local(Target):
+    """A target served by a process of ours on a loopback port."""
+
+    port = 0
 
     def uri(self) -> str:
         return f"nbd://127.0.0.1:{self.port}/"
 
 
-class Qcow2(Target):
+class File(Local):
+    def start(self) -> None:
+        path = self._raw_file()
+        self.port = free_port()
+        process = self._spawn(["nbdkit", "-f", "-p", str(self.port), "-i", "127.0.0.1",
+                               "-t", "16", "file", f"file={path}"], "nbdkit.log")
+        _wait_port(self.port, process)
+
+
+class Qcow2(Local):
     def start(self) -> None:
         base = os.path.join(self.base, "base.raw")
         overlay = os.path.join(self.base, "overlay.qcow2")
@@ -171,15 +181,10 @@ class Qcow2(Target):
                                overlay], "qemu-nbd.log")
         _wait_port(self.port, process)
 
-    def uri(self) -> str:
-        return f"nbd://127.0.0.1:{self.port}/"
 
-
-class Reference(Target):
+class Reference(Local):
     def start(self) -> None:
-        path = os.path.join(self.base, "disk.raw")
-        with open(path, "wb") as file:
-            file.truncate(self.size)
+        path = self._raw_file()
         server_port, self.port = free_port(), free_port()
         server = self._spawn([sys.executable, os.path.join(HERE, "reference", "server.py"),
                               path, str(server_port)], "server.log")
@@ -289,7 +294,9 @@ def prefill(target: Target) -> None:
 
 
 def run(quick: bool = False, reps: int | None = None, targets: list[str] | None = None,
-        ceph: bool = False, workloads: list[str] | None = None) -> dict[str, Any]:
+        ceph: bool = False, workloads: list[str] | None = None,
+        chart_path: str = os.path.join(HERE, "..", "..", "docs", "bench", "io.png"),
+        ) -> dict[str, Any]:
     reps = reps or 3
     size = (256 if quick else 1024) * MiB
     runtime_s = 1 if quick else 8
@@ -365,7 +372,7 @@ def run(quick: bool = False, reps: int | None = None, targets: list[str] | None 
               "units": {w.name: w.unit for w in plan}, "summary": summary,
               "samples": results, "peak_rss_kib": rss, "notes": notes}
     print_tables(report)
-    chart(report, os.path.join(HERE, "..", "..", "docs", "bench", "io.png"))
+    chart(report, chart_path)
     return report
 
 
