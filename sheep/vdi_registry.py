@@ -79,6 +79,10 @@ class Vdi:
     parent: dict[str, Any] | None = None  # clones: {"vdi": name, "vdi_id", "snapshot": id}
     attrs: dict[str, str] = field(default_factory=dict)
     lock: dict[str, str] | None = None  # {"node_id", "session"}
+    # Its lock went with a node that left: writes of that holder may have reached some
+    # replicas and not others. The next writer settles every object of the VDI's
+    # writable generation (newest copy everywhere) before it writes; see VdiService.
+    unsettled: bool = False
 
     def snapshot(self, ref: Any) -> Snapshot | None:
         """A snapshot by tag, or by id (an int, or digits)."""
@@ -96,14 +100,14 @@ class Vdi:
         return {"id": self.id, "name": self.name, "size": self.size, "ctime": self.ctime,
                 "copies": self.copies, "root": self.root.to_json(),
                 "snapshots": [s.to_json() for s in self.snapshots], "parent": self.parent,
-                "attrs": dict(self.attrs), "lock": self.lock}
+                "attrs": dict(self.attrs), "lock": self.lock, "unsettled": self.unsettled}
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> Vdi:
         return cls(int(value["id"]), str(value["name"]), int(value["size"]),
                    float(value["ctime"]), int(value["copies"]), Root.from_json(value["root"]),
                    [Snapshot.from_json(s) for s in value["snapshots"]], value["parent"],
-                   dict(value["attrs"]), value["lock"])
+                   dict(value["attrs"]), value["lock"], bool(value.get("unsettled", False)))
 
 
 @dataclass
@@ -131,6 +135,7 @@ class VdiRegistry:
             "vdi_resize": self._resize,
             "vdi_lock": self._lock,
             "vdi_unlock": self._unlock,
+            "vdi_settled": self._settled,
             "vdi_setattr": self._setattr,
         }
 
@@ -153,6 +158,7 @@ class VdiRegistry:
         for vdi in self.vdis.values():
             if vdi.lock is not None and vdi.lock.get("node_id") == node_id:
                 vdi.lock = None
+                vdi.unsettled = True
                 released.append(vdi.name)
         return released
 
@@ -383,6 +389,16 @@ class VdiRegistry:
         session = body.get("session")
         if vdi.lock is not None and (session is None or vdi.lock.get("session") == session):
             vdi.lock = None
+        return Outcome(value=vdi.to_json())
+
+    def _settled(self, body: dict[str, Any], time: float, copies: int, object_size: int,
+                 zones: int) -> Outcome:
+        """The lock holder made every copy of the VDI agree (see Vdi.unsettled)."""
+        vdi = self._get(body)
+        if isinstance(vdi, Outcome):
+            return vdi
+        if vdi.lock is not None and vdi.lock.get("session") == body.get("session"):
+            vdi.unsettled = False
         return Outcome(value=vdi.to_json())
 
     def _setattr(self, body: dict[str, Any], time: float, copies: int, object_size: int,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,8 @@ from sheep.vdi import Root, VdiEngine, check_range
 from sheep.vdi_registry import Snapshot, Vdi, vdi_size_max
 
 log = logging.getLogger(__name__)
+
+settle_concurrency = 16  # objects checked at once when a VDI is settled (Vdi.unsettled)
 
 Broadcast = Callable[[dict[str, Any]], Awaitable[ApplyResult]]
 
@@ -274,11 +277,37 @@ class VdiService:
         if writable and not session.values.get("unlock_on_close"):
             session.values["unlock_on_close"] = True
             session.on_close(lambda: self._release(session))
+        if writable:
+            vdi = self._vdi(vdi.name)
+            if vdi.unsettled:
+                await self._settle(vdi, session)
         size = snap.size if snap else vdi.size
         value = {"handle": handle_id, "name": vdi.name, "id": vdi.id, "size": size,
                  "snapshot": snap.id if snap else None, "writable": writable,
                  "object_size": self.group.state.object_size}
         return proto.encode_json(value), {}
+
+    async def _settle(self, vdi: Vdi, session: Session) -> None:
+        """The previous writer's sheep left holding the lock: a write it had in flight
+        may have reached some replicas only. Before this session writes (a new write
+        would give every replica the same version and hide the difference for good),
+        each object of the writable generation gets its newest copy everywhere."""
+        root_node = await self.engine.root_node(vdi.root)
+        oids = [oid for oid in await self.engine.walk(root_node)
+                if radix.generation_of(oid) == vdi.root.generation]
+        started = time.monotonic()
+        semaphore = asyncio.Semaphore(settle_concurrency)
+
+        async def check(oid: int) -> dict[str, Any]:
+            async with semaphore:
+                return await self.gateway.check_object(oid)
+
+        reports = await asyncio.gather(*(check(oid) for oid in oids))
+        repaired = sum(1 for report in reports if report.get("repaired"))
+        await self.broadcast({"type": "vdi_settled", "name": vdi.name, "session": session.id})
+        log.warning("VDI %s: its previous writer's sheep left holding the lock; %d objects "
+                    "checked, %d made to agree, in %.1f s", vdi.name, len(oids), repaired,
+                    time.monotonic() - started)
 
     async def _release(self, session: Session) -> None:
         for handle in session.values.get("vdis", {}).values():
@@ -523,7 +552,7 @@ class VdiService:
                     "tag": snap.tag if snap else "", "copies": vdi.copies,
                     "parent": vdi.parent, "generation": root.generation,
                     "lock": None if snap else vdi.lock, "vdi_id": vdi.id,
-                    "attrs": len(vdi.attrs)}
+                    "unsettled": False if snap else vdi.unsettled, "attrs": len(vdi.attrs)}
                 if usage:
                     used, shared = await self._usage(root)
                     item["used"] = used

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import pytest
 
 from sheep import radix
-from sheep.client import Client, SyncClient
+from sheep.client import Client, Connection, SyncClient
 from sheep.errors import ReadOnly, VdiLocked
 from sheep.oid import ObjectType, oid_generation, oid_index, oid_type
+from sheep.proto import Header, Op
 from sheep.testing.cluster import LocalCluster
 
 KiB = 1 << 10
@@ -206,7 +207,9 @@ def test_everything_reads_back_after_a_cluster_restart(make_cluster):
 
     cluster.start()
     with cluster.client(2) as client:
-        assert client.vdi_list() == [{**item, "lock": None} for item in listing]
+        # The locks went with their sheep: whoever writes next settles those VDIs first.
+        assert client.vdi_list() == [{**item, "lock": None, "unsettled": bool(item["lock"])}
+                                     for item in listing]
         assert client.vdi_getattr("base", "owner") == {"key": "owner", "value": "someone"}
         for (name, tag), data in expected.items():
             if name == "empty":
@@ -327,6 +330,67 @@ def test_a_dead_gateway_releases_its_locks(four):
         handle = client.vdi_open("orphan", writable=True)["handle"]
         client.vdi_write(handle, 0, b"adopted")
         assert client.vdi_read(handle, 0, 7) == b"adopted"
+
+
+def test_a_write_half_applied_by_a_dead_writer_is_settled_before_the_next_writer_writes(
+        make_cluster):
+    """The writer's sheep dies with a write on one replica only (made here with a peer
+    request to that replica alone). Whoever opens the VDI next first makes every copy
+    agree: without that, its own next write would give both replicas the same version
+    and the difference would stay, each gateway reading its own replica's bytes."""
+    cluster: LocalCluster = make_cluster(3)
+    cluster.format(copies=2, object_size=object_size)
+    with cluster.client(0) as client:
+        client.vdi_create("halfway", 8 * MiB)
+        handle = client.vdi_open("halfway", writable=True)["handle"]
+        client.vdi_write(handle, 0, b"\x11" * object_size)
+        client.vdi_close(handle)
+        oid = client.vdi_object("halfway", 0)["oid"]
+    holders = cluster.object_files(oid)
+    assert len(holders) == 2
+    writer = next(node.index for node in cluster.sheep if node.index not in holders)
+    first, second = holders
+    with cluster.client(writer) as client:
+        client.vdi_open("halfway", writable=True, owner="doomed")
+        epoch = client.node_info()["epoch"]
+        version = max(replica["version"] for replica in client.stat(oid)["replicas"])
+
+        async def half_write() -> None:  # what the writer sent before it died
+            connection = await Connection.open("127.0.0.1", cluster.sheep[first].port)
+            try:
+                await connection.call(Header(opcode=Op.WRITE_PEER, epoch=epoch, oid=oid,
+                                             count=4096, arg0=version + 1), b"\x22" * 4096)
+            finally:
+                connection.close()
+
+        asyncio.run(half_write())
+        assert cluster_file(cluster, first, oid)[:4096] != cluster_file(cluster, second, oid)[:4096]
+        cluster.kill(writer)
+    survivor = first
+    cluster.wait_epoch(survivor, 2)
+    with cluster.client(survivor) as client:
+        wait_for(lambda: client.vdi_list(["halfway"], usage=False)[0]["lock"] is None,
+                 lock_release_max_s, "the dead writer's lock released")
+        assert client.vdi_list(["halfway"], usage=False)[0]["unsettled"]
+        handle = client.vdi_open("halfway", writable=True)["handle"]
+        assert not client.vdi_list(["halfway"], usage=False)[0]["unsettled"]
+        client.vdi_write(handle, object_size - 5, b"later")
+        client.vdi_close(handle)
+    # Both replicas hold the same bytes: the half-applied write (either outcome is a
+    # valid one for a write never acknowledged, but the same on every copy).
+    assert cluster_file(cluster, first, oid) == cluster_file(cluster, second, oid)
+    reads = set()
+    for index in (first, second):
+        with cluster.client(index) as client:
+            handle = client.vdi_open("halfway")["handle"]
+            reads.add(bytes(client.vdi_read(handle, 0, 4096)))
+            client.vdi_close(handle)
+    assert len(reads) == 1
+
+
+def cluster_file(cluster: LocalCluster, index: int, oid: int) -> bytes:
+    with open(cluster.object_path(index, oid), "rb") as file:
+        return file.read()
 
 
 # --- locks -----------------------------------------------------------------------------------
