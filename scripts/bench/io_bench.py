@@ -22,6 +22,7 @@ per I/O and every process's peak RSS.
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import shutil
@@ -67,17 +68,19 @@ WORKLOADS = [
 # --- targets ------------------------------------------------------------------------------
 
 @dataclass
-class Target:
+class Target(abc.ABC):
     name: str
     base: str
     size: int
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
+    @abc.abstractmethod
     def start(self) -> None:
-        raise NotImplementedError
+        """Bring the target up, its export empty."""
 
+    @abc.abstractmethod
     def uri(self) -> str:
-        raise NotImplementedError
+        """The NBD URI of its export ("" for a target measured without NBD)."""
 
     def engine(self) -> tuple[list[str], dict[str, str] | None]:
         """fio's engine options for this target, and the environment fio needs."""

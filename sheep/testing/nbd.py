@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -64,3 +65,21 @@ def needs_tools(*tools: str, packages: str) -> Any:
         raise RuntimeError(
             f"CI lacks {', '.join(missing)}: scripts/test should have installed {packages}")
     return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} ({packages})")
+
+
+def fio_command(uri: str, *extra: str) -> list[str]:
+    """fio on the nbd engine: 32 MiB of 64 KiB random writes, 8 in flight, each block
+    verified (crc32c) at the end, and by reads interleaved with the writes when extra
+    says --verify_backlog; --verify_only=1 reads back and verifies what a run wrote."""
+    return ["fio", "--output-format=json", "--name=continuity", "--ioengine=nbd",
+            f"--uri={uri}", "--rw=randwrite", "--bs=64k", "--iodepth=8", "--size=32M",
+            "--verify=crc32c", "--randrepeat=1", "--verify_state_save=0", *extra]
+
+
+def fio_jobs(returncode: int, stdout: str, stderr: str) -> list[Any]:
+    """The jobs of a fio run that must have finished without an error or a bad block."""
+    assert returncode == 0, (stdout[-3000:], stderr[-3000:])
+    assert "verify" not in stderr and "error" not in stderr.lower(), stderr
+    jobs: list[Any] = json.loads(stdout[stdout.index("{"):])["jobs"]
+    assert [job["error"] for job in jobs] == [0], jobs
+    return jobs

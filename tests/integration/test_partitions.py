@@ -5,7 +5,6 @@ a pulled cable. Skipped, saying why, where namespaces cannot be created."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from sheep.client import SyncClient
 from sheep.errors import SheepError, Unavailable
 from sheep.testing import netns
 from sheep.testing.cluster import stop_process
-from sheep.testing.nbd import PLUGIN, needs_tools
+from sheep.testing.nbd import PLUGIN, fio_command, fio_jobs, needs_tools
 from sheep.testing.zookeeper import ZooKeeperServer, missing
 
 MiB = 1 << 20
@@ -178,24 +177,10 @@ def start_nbdkit(host: netns.Host, gateways: list[netns.Host],
     return process
 
 
-def fio_inside(host: netns.Host, output: str, *extra: str) -> list[str]:
-    """fio on the nbd engine inside host: 64 KiB random writes, 8 in flight, each block
-    verified (crc32c) by reads interleaved with the writes and at the end."""
-    return ["ip", "netns", "exec", host.namespace, "fio", "--output-format=json",
-            f"--output={output}", "--name=failover", "--ioengine=nbd",
-            f"--uri=nbd://127.0.0.1:{NBD_PORT}/disk", "--rw=randwrite", "--bs=64k",
-            "--iodepth=8", "--size=32M", "--verify=crc32c", "--randrepeat=1",
-            "--verify_state_save=0", *extra]
-
-
-def fio_job(returncode: int, output: str, stderr: str) -> dict:
-    with open(output) as file:
-        text = file.read()
-    assert returncode == 0, (text[-3000:], stderr[-3000:])
-    assert "verify" not in stderr and "error" not in stderr.lower(), stderr
-    jobs = json.loads(text[text.index("{"):])["jobs"]
-    assert [job["error"] for job in jobs] == [0], jobs
-    return jobs[0]
+def fio_inside(host: netns.Host, *extra: str) -> list[str]:
+    """The tests' fio run (sheep.testing.nbd.fio_command) inside host, on its nbdkit."""
+    return ["ip", "netns", "exec", host.namespace,
+            *fio_command(f"nbd://127.0.0.1:{NBD_PORT}/disk", *extra)]
 
 
 def lock_holder(host: netns.Host) -> str | None:
@@ -221,9 +206,8 @@ def test_the_nbd_gateways_host_cut_off_during_writes_the_client_fails_over(
     start_sheep(network, zookeeper, tmp_path, copies=2, prefix="failover")
     a, b, cut = network.hosts
     nbdkit = start_nbdkit(a, [cut, b], str(tmp_path / "nbdkit.log"))
-    output = str(tmp_path / "fio.json")
     # 32 MiB at 2 MiB/s: the job is still writing when the link goes.
-    fio = subprocess.Popen(fio_inside(a, output, "--verify_backlog=32", "--rate=,2m"),
+    fio = subprocess.Popen(fio_inside(a, "--verify_backlog=32", "--rate=,2m"),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         cut_id = node_id(cut)
@@ -237,12 +221,12 @@ def test_the_nbd_gateways_host_cut_off_during_writes_the_client_fails_over(
                  "the VDI reopened through another gateway")
         to_failover = time.monotonic() - started
         assert fio.poll() is None, "fio ended before the failover completed"
-        _, stderr = fio.communicate(timeout=180)
+        stdout, stderr = fio.communicate(timeout=180)
     finally:
         if fio.poll() is None:
             fio.kill()
             fio.communicate()
-    job = fio_job(fio.returncode, output, stderr)
+    job = fio_jobs(fio.returncode, stdout, stderr)[0]
     assert job["write"]["io_bytes"] == 32 * MiB
     assert job["read"]["io_bytes"] >= 32 * MiB  # every block read back and verified
     stall_s = job["write"]["clat_ns"]["max"] / 1e9
@@ -251,9 +235,10 @@ def test_the_nbd_gateways_host_cut_off_during_writes_the_client_fails_over(
     # What fio wrote, read back by a fresh nbdkit on b alone.
     stop_process(nbdkit)
     nbdkit = start_nbdkit(a, [b], str(tmp_path / "nbdkit-verify.log"))
-    verify = subprocess.run(fio_inside(a, output, "--verify_only=1"), capture_output=True,
+    verify = subprocess.run(fio_inside(a, "--verify_only=1"), capture_output=True,
                             text=True, timeout=180)
-    assert fio_job(verify.returncode, output, verify.stderr)["read"]["io_bytes"] == 32 * MiB
+    assert fio_jobs(verify.returncode, verify.stdout, verify.stderr)[0]["read"]["io_bytes"] \
+        == 32 * MiB
 
     # The cut host comes back current: fio verifies through its sheep alone.
     network.restore(cut)
@@ -261,9 +246,10 @@ def test_the_nbd_gateways_host_cut_off_during_writes_the_client_fails_over(
     wait_for(lambda: settled(network.hosts), 60, "recovery")
     stop_process(nbdkit)
     start_nbdkit(a, [cut], str(tmp_path / "nbdkit-returned.log"))
-    verify = subprocess.run(fio_inside(a, output, "--verify_only=1"), capture_output=True,
+    verify = subprocess.run(fio_inside(a, "--verify_only=1"), capture_output=True,
                             text=True, timeout=180)
-    assert fio_job(verify.returncode, output, verify.stderr)["read"]["io_bytes"] == 32 * MiB
+    assert fio_jobs(verify.returncode, verify.stdout, verify.stderr)[0]["read"]["io_bytes"] \
+        == 32 * MiB
     print(f"\nnamespaces, NBD gateway cut off during writes: VDI reopened through another "
           f"gateway {to_failover:.2f} s after the cut; fio's longest write {stall_s:.2f} s")
 

@@ -30,7 +30,7 @@ import pytest
 
 from sheep import radix
 from sheep.testing.cluster import LocalCluster
-from sheep.testing.nbd import needs_tools
+from sheep.testing.nbd import fio_command, fio_jobs, needs_tools
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -292,25 +292,6 @@ class PatternWriter:
         return b"".join(bytes([pattern]) * self.region_bytes for pattern in self.patterns)
 
 
-def fio_command(uri: str, *extra: str) -> list[str]:
-    """fio on the nbd engine: 32 MiB of 64 KiB random writes, 8 in flight, each block
-    verified (crc32c) by reads interleaved with the writes (verify_backlog) and at
-    the end; writes paced so that the job lasts through a kill and a join."""
-    return ["fio", "--output-format=json", "--name=continuity", "--ioengine=nbd",
-            f"--uri={uri}", "--rw=randwrite", "--bs=64k", "--iodepth=8", "--size=32M",
-            "--verify=crc32c", "--randrepeat=1", "--verify_state_save=0", *extra]
-
-
-def fio_jobs(result: subprocess.CompletedProcess[str] | tuple[int, str, str]) -> list[Any]:
-    returncode, stdout, stderr = result if isinstance(result, tuple) else (
-        result.returncode, result.stdout, result.stderr)
-    assert returncode == 0, (stdout[-3000:], stderr[-3000:])
-    assert "verify" not in stderr and "error" not in stderr.lower(), stderr
-    jobs: list[Any] = json.loads(stdout[stdout.index("{"):])["jobs"]
-    assert [job["error"] for job in jobs] == [0], jobs
-    return jobs
-
-
 @needs_tools("nbdkit", "qemu-io", "fio", packages="nbdkit, nbdkit-plugin-python, qemu-utils, fio")
 @pytest.mark.parametrize("victim", ["gateway", "replica"])
 def test_nbd_clients_see_no_error_through_a_sigkill_and_a_join(make_cluster, make_nbd, victim):
@@ -353,7 +334,7 @@ def test_nbd_clients_see_no_error_through_a_sigkill_and_a_join(make_cluster, mak
             fio.communicate()
     assert writer.errors == [], writer.errors[:20]
     assert qemu_io_exit == 0
-    jobs = fio_jobs((fio.returncode, fio_out, fio_err))
+    jobs = fio_jobs(fio.returncode, fio_out, fio_err)
     assert jobs[0]["write"]["io_bytes"] == 32 * MiB
     assert jobs[0]["read"]["io_bytes"] >= 32 * MiB  # every block read back and verified
 
@@ -368,8 +349,9 @@ def test_nbd_clients_see_no_error_through_a_sigkill_and_a_join(make_cluster, mak
     assert read_vdi(cluster, newcomer.index, "patterns", 48 * MiB) == image
     # A fresh nbdkit on the newcomer alone: fio reads every block back and verifies it.
     fresh = make_nbd([newcomer.port])
-    jobs = fio_jobs(subprocess.run(fio_command(fresh.uri("fio"), "--verify_only=1"),
-                                   capture_output=True, text=True, timeout=120))
+    verify = subprocess.run(fio_command(fresh.uri("fio"), "--verify_only=1"),
+                            capture_output=True, text=True, timeout=120)
+    jobs = fio_jobs(verify.returncode, verify.stdout, verify.stderr)
     assert jobs[0]["read"]["io_bytes"] == 32 * MiB
     holders = assert_fully_replicated(cluster, cluster.all_oids(), 3, expected)
     assert any(newcomer.index in where for where in holders.values())
