@@ -21,6 +21,7 @@ from typing import Any
 from sheep import constants, proto
 from sheep.errors import NetworkError, SheepError, Timeout, error_for
 from sheep.proto import Header, Op
+from sheep.world import Network
 
 
 class _ReplyProtocol(asyncio.BufferedProtocol):
@@ -74,13 +75,12 @@ class Connection:
 
     @classmethod
     async def open(cls, host: str, port: int,
-                   timeout_ms: int = constants.peer_connect_timeout_ms) -> Connection:
+                   timeout_ms: int = constants.peer_connect_timeout_ms,
+                   network: Network | None = None) -> Connection:
         connection = cls(host, port)
-        loop = asyncio.get_running_loop()
         try:
-            transport, _ = await asyncio.wait_for(
-                loop.create_connection(lambda: _ReplyProtocol(connection), host, port),
-                timeout_ms / 1000)
+            transport = await (network or _tcp).connect(
+                host, port, lambda: _ReplyProtocol(connection), timeout_ms / 1000)
         except OSError as error:  # TimeoutError included
             if isinstance(error, TimeoutError):
                 reason = "timed out"
@@ -92,7 +92,9 @@ class Connection:
                 reason = str(error)
             raise NetworkError(f"cannot connect to sheep at {host}:{port}: {reason}") from error
         connection._transport = transport  # type: ignore[assignment]
-        detect_dead_peer(transport.get_extra_info("socket"))
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # a simulated network has none
+            detect_dead_peer(sock)
         return connection
 
     def close(self) -> None:
@@ -158,6 +160,7 @@ class Connection:
 
 
 _sweep_interval_s = 0.5
+_tcp = Network()
 
 
 def raise_failed(reply: Header, data: bytes) -> tuple[Header, bytes]:
@@ -189,8 +192,9 @@ class Client:
 
     @classmethod
     async def connect(cls, host: str = constants.address_default,
-                      port: int = constants.port_default) -> Client:
-        return cls(await Connection.open(host, port))
+                      port: int = constants.port_default,
+                      network: Network | None = None) -> Client:
+        return cls(await Connection.open(host, port, network=network))
 
     def close(self) -> None:
         self.connection.close()

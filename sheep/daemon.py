@@ -13,9 +13,6 @@ import asyncio
 import itertools
 import logging
 import os
-import secrets
-import socket
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +40,7 @@ from sheep.recovery import Recoverer, Verifier
 from sheep.scrub import Scrubber
 from sheep.store import Store
 from sheep.vdi_service import VdiService
+from sheep.world import REAL, World
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +72,21 @@ def space_state(usage: dict[str, int], object_size: int) -> str:
 
 
 class Sheep:
-    def __init__(self, config: SheepConfig, store: Store, driver: ClusterDriver) -> None:
+    def __init__(self, config: SheepConfig, store: Store, driver: ClusterDriver,
+                 world: World = REAL) -> None:
         self.config = config
+        self.world = world
+        self.clock = world.clock
         self.store = store
         self.driver = driver
         self.node: NodeInfo | None = None
-        self.group = Group(ClusterState())
-        self.pool = PeerPool()
-        self.server = Server(self.dispatch)
+        self.group = Group(ClusterState(), self.clock)
+        self.pool = PeerPool(world.network)
+        self.server = Server(self.dispatch, world)
         self.joined = asyncio.Event()
         self.stopped = asyncio.Event()
         self.stopping = False
-        self.started_at = time.time()
+        self.started_at = self.clock.wall()
         self._start_begun = False
         self._start_finished = asyncio.Event()  # start returned or failed
         self._op_ids = itertools.count(1)
@@ -98,6 +99,7 @@ class Sheep:
         self.recoverer: Recoverer | None = None
         self.scrubber: Scrubber | None = None
         self._verifier: asyncio.Task[None] | None = None
+        self._stopper: asyncio.Task[None] | None = None
         self.admin: dict[Op, Callable[[Header, bytes], Awaitable[Reply]]] = {
             Op.PING: self.ping,
             Op.CLUSTER_INFO: self.cluster_info,
@@ -114,15 +116,16 @@ class Sheep:
 
     # --- lifecycle -------------------------------------------------------------
 
-    async def start(self, sock: socket.socket) -> None:
-        """Open the store, join the cluster, serve. Returns once this sheep is a member."""
+    async def start(self, listener: Any) -> None:
+        """Open the store, join the cluster, serve (on a bound socket, or what a simulated
+        network listens on). Returns once this sheep is a member."""
         self._start_begun = True
         try:
-            await self._start(sock)
+            await self._start(listener)
         finally:
             self._start_finished.set()
 
-    async def _start(self, sock: socket.socket) -> None:
+    async def _start(self, listener: Any) -> None:
         self.store.open()
         saved, epochs = self.store.load_cluster_state()
         if saved is not None:
@@ -130,14 +133,14 @@ class Sheep:
         if self.group.state.status is not Status.WAIT_FOR_FORMAT:
             self.store.set_object_size(self.group.state.object_size)
         self.node = self._make_node()
-        self.peer = Peer(self.store, self.group, self.node.node_id)
-        self.gateway = Gateway(self.group, self.peer, self.node.node_id, self.pool)
+        self.peer = Peer(self.store, self.group, self.node.node_id, self.clock)
+        self.gateway = Gateway(self.group, self.peer, self.node.node_id, self.pool, self.world)
         self.vdis = VdiService(self.group, self.gateway, self.node.node_id, self.broadcast,
                                self._member_connection)
         if self.group.state.status is not Status.WAIT_FOR_FORMAT:
             # What this store holds may have changed elsewhere while it was away.
             self.peer.unverified = set(self.store.list_oids())
-        await self.server.start(sock)
+        await self.server.start(listener)
         self.driver.applied_seq = lambda: self.group.state.seq
         self.driver.snapshot_source = self._snapshot
         await self.driver.join(self.node, self.group.state.seq)
@@ -173,14 +176,14 @@ class Sheep:
                 self.gateway.fenced.set()
             elif not self.driver.fenced and self.gateway.fenced.is_set():
                 self.gateway.fenced.clear()
-            await asyncio.sleep(fence_poll_s)
+            await self.clock.sleep(fence_poll_s)
 
     async def _writeback(self) -> None:
         """Sync what changed every writeback_interval_s, as the kernel writes back dirty
         pages: a crash then has little to sort out, and pending metadata stays small."""
         assert self.peer is not None
         while True:
-            await asyncio.sleep(writeback_interval_s)
+            await self.clock.sleep(writeback_interval_s)
             if self.store.pending:
                 try:
                     await self.peer.sync_all()
@@ -234,7 +237,12 @@ class Sheep:
 
     def _stop_soon(self) -> None:
         """Stop from inside a request: the reply goes out before the server drains."""
-        asyncio.get_running_loop().call_later(0.05, lambda: asyncio.ensure_future(self.stop()))
+        async def stop_soon() -> None:
+            await self.clock.sleep(0.05)
+            await self.stop()
+
+        # Not one of self._tasks: stop cancels those.
+        self._stopper = asyncio.get_running_loop().create_task(stop_soon())
 
     # --- the ordered event stream ----------------------------------------------
 
@@ -251,7 +259,8 @@ class Sheep:
                 # machine is a bug, and serving on without it would diverge silently.
                 log.critical("cannot apply event %d (%s); stopping", event.seq,
                              event.to_json(), exc_info=True)
-                os._exit(70)
+                self.world.crash(f"cannot apply event {event.seq}")
+                return
 
     def _install(self, snapshot: Snapshot) -> None:
         """The log was trimmed past our position: take the state at snapshot.seq."""
@@ -318,12 +327,12 @@ class Sheep:
     async def broadcast(self, body: dict[str, Any]) -> ApplyResult:
         """Send a cluster op through the ordered log; wait until it is applied here."""
         assert self.node is not None
-        op_id = f"{self.node.node_id}#{next(self._op_ids)}#{secrets.token_hex(4)}"
+        op_id = f"{self.node.node_id}#{next(self._op_ids)}#{self.world.token(4)}"
         future: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()
         self._op_waiters[op_id] = future
         await self.driver.broadcast(op_id, body)
         try:
-            result = await asyncio.wait_for(future, constants.op_timeout_ms / 1000)
+            result = await self.clock.wait_for(future, constants.op_timeout_ms / 1000)
         except TimeoutError:
             self._op_waiters.pop(op_id, None)
             raise Timeout(f"cluster operation {body.get('type')} was not applied in time") from None
@@ -349,14 +358,14 @@ class Sheep:
                                if node.node_id != self.node.node_id))
 
     async def wait_applied(self, seq: int, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
+        deadline = self.clock.monotonic() + timeout_s
         while self.group.state.seq < seq:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - self.clock.monotonic()
             if remaining <= 0:
                 raise Timeout(f"log position {seq} not applied here in time")
             self._applied.clear()
             try:
-                await asyncio.wait_for(self._applied.wait(), remaining)
+                await self.clock.wait_for(self._applied.wait(), remaining)
             except TimeoutError:
                 continue
 
@@ -377,10 +386,11 @@ class Sheep:
         status = self.group.state.status
         if status is Status.SHUTDOWN and info.kind is not Kind.PEER:
             # The last node's join may be on its way here: give it a moment.
-            deadline = time.monotonic() + shutdown_grace_s
-            while self.group.state.status is Status.SHUTDOWN and time.monotonic() < deadline:
+            deadline = self.clock.monotonic() + shutdown_grace_s
+            while (self.group.state.status is Status.SHUTDOWN
+                   and self.clock.monotonic() < deadline):
                 await self.group.wait_epoch_after(self.group.epoch,
-                                                  deadline - time.monotonic())
+                                                  deadline - self.clock.monotonic())
             status = self.group.state.status
             if status is Status.SHUTDOWN:
                 raise Unavailable(self.group.state.waiting_message())
@@ -461,7 +471,7 @@ class Sheep:
                           "damaged": len(self.peer.damaged) if self.peer else 0,
                           "repaired": self.peer.repaired if self.peer else 0,
                           "scrub": self.scrubber.status() if self.scrubber else None},
-            "uptime": time.time() - self.started_at,
+            "uptime": self.clock.wall() - self.started_at,
         }
 
     async def node_list(self, header: Header, payload: bytes) -> Reply:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -38,6 +37,7 @@ from sheep.net import Reply
 from sheep.node import NodeInfo
 from sheep.peer import Peer
 from sheep.proto import Header, Op
+from sheep.world import REAL, Network, World
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,8 @@ def _close_opened(task: asyncio.Task[Connection]) -> None:
 class PeerPool:
     """One pipelined connection per peer, opened on first use, reopened after failure."""
 
-    def __init__(self) -> None:
+    def __init__(self, network: Network | None = None) -> None:
+        self.network = network
         self._connections: dict[str, asyncio.Task[Connection]] = {}
 
     def ready(self, node: NodeInfo) -> Connection | None:
@@ -92,7 +93,7 @@ class PeerPool:
             task = None
         if task is None:
             task = asyncio.get_running_loop().create_task(
-                Connection.open(node.address, node.port))
+                Connection.open(node.address, node.port, network=self.network))
             self._connections[node.endpoint] = task
         return await asyncio.shield(task)
 
@@ -117,7 +118,10 @@ class PeerPool:
 
 
 class Gateway:
-    def __init__(self, group: Group, local: Peer, node_id: str, pool: PeerPool) -> None:
+    def __init__(self, group: Group, local: Peer, node_id: str, pool: PeerPool,
+                 world: World = REAL) -> None:
+        self.world = world
+        self.clock = world.clock
         self.group = group
         self.local = local
         self.node_id = node_id
@@ -246,18 +250,18 @@ class Gateway:
 
     async def _retrying(self, attempt: Callable[[int], Awaitable[Reply]]) -> Reply:
         """Run attempt(epoch) until it succeeds, retrying retryable failures on new epochs."""
-        deadline = time.monotonic() + constants.gateway_retry_total_ms / 1000
+        deadline = self.clock.monotonic() + constants.gateway_retry_total_ms / 1000
         while True:
             epoch = self.group.epoch
             try:
                 return await self._fenceable(attempt(epoch))
             except RETRYABLE as error:
-                remaining = deadline - time.monotonic()
+                remaining = deadline - self.clock.monotonic()
                 if remaining <= 0 or (self.fenced is not None and self.fenced.is_set()):
                     raise  # a fenced sheep does not wait: its client goes to another one
                 log.info("retrying after %s (epoch %d)", error, epoch)
                 await self.group.wait_epoch_after(epoch, min(remaining, 1.0))
-                await asyncio.sleep(constants.gateway_retry_backoff_ms / 1000)
+                await self.clock.sleep(constants.gateway_retry_backoff_ms / 1000)
 
     async def _all(self, nodes: list[NodeInfo], header: Header, payload: bytes,
                    epoch: int) -> list[Reply]:

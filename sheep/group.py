@@ -15,13 +15,15 @@ from sheep.errors import NewNodeVersion, OldNodeVersion
 from sheep.node import NodeInfo
 from sheep.oid import ObjectType, oid_generation, oid_type
 from sheep.ring import Ring
+from sheep.world import Clock
 
 _vdi_types = (ObjectType.DATA, ObjectType.TREE)
 
 
 class Group:
-    def __init__(self, state: ClusterState) -> None:
+    def __init__(self, state: ClusterState, clock: Clock | None = None) -> None:
         self.state = state
+        self.clock = clock or Clock()
         self._epoch_changed = asyncio.Event()
         self._vdi_view_seq = -1
         self._copies_by_generation: dict[int, int] = {}
@@ -73,7 +75,7 @@ class Group:
             return True
         event = self._epoch_changed
         try:
-            await asyncio.wait_for(event.wait(), timeout_s)
+            await self.clock.wait_for(event.wait(), timeout_s)
         except TimeoutError:
             return self.state.epoch > epoch
         return True

@@ -22,7 +22,7 @@ from typing import IO
 import click
 import uvloop
 
-from sheep import constants, net
+from sheep import constants, world
 from sheep.cluster.driver import make_driver
 from sheep.daemon import Sheep, SheepConfig
 from sheep.errors import EXIT_FAILURE, EXIT_USAGE, SheepError
@@ -74,7 +74,7 @@ def _read_pid(directory: str) -> int | None:
 
 def _bind(address: str, port: int) -> socket.socket:
     try:
-        return net.bind(address, port)
+        return world.bind(address, port)
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
             raise StartError(f"port {port} on {address} is already in use") from error

@@ -24,9 +24,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
-import secrets
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,6 +31,7 @@ from sheep import constants, proto
 from sheep.client import detect_dead_peer
 from sheep.errors import Result, SheepError
 from sheep.proto import Header
+from sheep.world import REAL, Listener, World
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +45,8 @@ class Session:
     client that dies releases what it held.
     """
 
-    def __init__(self, peer: Any = None) -> None:
-        self.id = secrets.token_hex(8)
+    def __init__(self, peer: Any = None, session_id: str = "") -> None:
+        self.id = session_id
         self.peer = peer
         self.values: dict[str, Any] = {}
         self._closers: list[Callable[[], Awaitable[None]]] = []
@@ -102,13 +100,13 @@ class _RequestProtocol(asyncio.BufferedProtocol):
         self.writing_paused = False
         self.reading_paused = False
         self.transport: asyncio.Transport | None = None
-        self.session = Session()
+        self.session = Session(session_id=server.world.token(8))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.session.peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("socket")
-        if sock is not None:
+        if sock is not None:  # a simulated network has none
             # A client on a host that vanished releases its VDI locks within seconds.
             detect_dead_peer(sock)
         self.server.connections.add(self)
@@ -201,9 +199,9 @@ class _RequestProtocol(asyncio.BufferedProtocol):
             data, fields = await self.server.dispatch(header, payload, self.session)
         except SheepError as error:
             self._send_error(header, error.result, error.message)
-        except AssertionError:
+        except AssertionError as error:
             log.critical("invariant broken serving %s", header, exc_info=True)
-            os._exit(70)
+            self.server.world.crash(f"invariant broken serving {header}: {error!r}")
         except Exception as error:
             log.exception("failed serving %s", header)
             self._send_error(header, Result.SYSTEM, f"internal error: {error!r}")
@@ -229,11 +227,12 @@ class _RequestProtocol(asyncio.BufferedProtocol):
 
 
 class Server:
-    def __init__(self, dispatch: Dispatch) -> None:
+    def __init__(self, dispatch: Dispatch, world: World = REAL) -> None:
         self.dispatch = dispatch
+        self.world = world
         self.connections: set[_RequestProtocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()
-        self._server: asyncio.base_events.Server | None = None
+        self._server: Listener | None = None
         self._closing: set[asyncio.Task[None]] = set()
 
     def close_session(self, session: Session) -> None:
@@ -242,9 +241,9 @@ class Server:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def start(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _RequestProtocol(self), sock=sock)
+    async def start(self, where: Any) -> None:
+        """Serve on ``where``: a bound socket (see bind), or what a simulated network takes."""
+        self._server = await self.world.network.serve(lambda: _RequestProtocol(self), where)
 
     async def stop(self, drain_timeout_s: float = 10.0) -> None:
         """Stop accepting, let in-flight requests finish, close every connection."""
@@ -261,17 +260,3 @@ class Server:
         if self._server is not None:
             await self._server.wait_closed()
 
-
-def bind(address: str, port: int) -> socket.socket:
-    """The listening socket, bound before the daemon forks so errors reach the user."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((address, port))
-        sock.listen(constants.listen_backlog)
-    except OSError:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,6 +27,7 @@ from sheep.net import Reply
 from sheep.proto import Header, Op
 from sheep.store import Store
 from sheep.store.store import SyncJob, pending_objects_max
+from sheep.world import Clock
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,9 @@ space_check_interval_s = 0.2
 
 
 class Peer:
-    def __init__(self, store: Store, group: Group, node_id: str = "") -> None:
+    def __init__(self, store: Store, group: Group, node_id: str = "",
+                 clock: Clock | None = None) -> None:
+        self.clock = clock or Clock()
         self.store = store
         self.group = group
         self.node_id = node_id
@@ -98,7 +100,7 @@ class Peer:
 
     def check_space(self) -> None:
         """Refuse a change that may need space when the store is down to its reserve."""
-        now = time.monotonic()
+        now = self.clock.monotonic()
         # A refusal is never made on an old figure: space may just have been freed.
         if (now - self._space_checked > space_check_interval_s
                 or self._free < constants.space_reserve_bytes):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +28,7 @@ from sheep.group import Group
 from sheep.peer import Peer
 from sheep.proto import Header, Op
 from sheep.store import Store
+from sheep.world import Clock
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class _Worker:
         self.group = group
         self.gateway = gateway
         self.node_id = node_id
+        self.clock = gateway.clock
 
 
 class Verifier(_Worker):
@@ -55,7 +56,7 @@ class Verifier(_Worker):
     async def run(self) -> None:
         while self.group.state.status is not Status.OK:
             # Waiting for the last epoch's nodes: the newest copy may be on one of them.
-            await asyncio.sleep(verify_retry_interval_s)
+            await self.clock.sleep(verify_retry_interval_s)
         while self.peer.unverified:
             replaced = self.replaced
             for oid in sorted(self.peer.unverified):
@@ -68,7 +69,7 @@ class Verifier(_Worker):
             if self.replaced != replaced:
                 await self.peer.sync_all()  # replaced copies count once durable
             if self.peer.unverified:
-                await asyncio.sleep(verify_retry_interval_s)
+                await self.clock.sleep(verify_retry_interval_s)
         log.info("every copy verified (%d kept, %d replaced)", self.verified, self.replaced)
 
     async def verify(self, oid: int) -> None:
@@ -130,20 +131,21 @@ class RateLimiter:
     """Paces transfers to a rate read afresh at every call, so a change of the
     cluster's setting applies at once. take(n) waits until n more bytes fit."""
 
-    def __init__(self, rate: Callable[[], int]) -> None:
+    def __init__(self, rate: Callable[[], int], clock: Clock) -> None:
         self.rate = rate
+        self.clock = clock
         self._next = 0.0  # when the bytes granted so far will have gone at the rate
 
     async def take(self, nbytes: int) -> None:
         rate = self.rate()
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if rate <= 0:
             self._next = now
             return
         start = max(now, self._next)
         self._next = start + nbytes / rate
         if start > now:
-            await asyncio.sleep(start - now)
+            await self.clock.sleep(start - now)
 
 
 class Recoverer(_Worker):
@@ -179,12 +181,12 @@ class Recoverer(_Worker):
         self.finished = 0.0
         self.running = False
         self.phase = "idle"  # fetching, removing (surplus copies waiting for holders), idle
-        self.limiter = RateLimiter(lambda: self.group.state.recovery_max_rate)
+        self.limiter = RateLimiter(lambda: self.group.state.recovery_max_rate, self.clock)
         self._again = False
         self._task: asyncio.Task[None] | None = None
 
     def status(self) -> dict[str, Any]:
-        elapsed = (self.finished if not self.running else time.monotonic()) - self.started
+        elapsed = (self.finished if not self.running else self.clock.monotonic()) - self.started
         return {"epoch": self.epoch, "to_recover": self.to_recover,
                 "recovered": self.recovered, "failed": self.failed, "running": self.running,
                 "unverified": len(self.peer.unverified), "bytes": self.bytes,
@@ -211,7 +213,7 @@ class Recoverer(_Worker):
         while True:
             self._again = False
             self.running = True
-            self.started = time.monotonic()
+            self.started = self.clock.monotonic()
             try:
                 self.phase = "fetching"
                 await self.run_once()
@@ -221,11 +223,11 @@ class Recoverer(_Worker):
             except SheepError as error:
                 log.warning("recovery pass failed: %s; retrying", error)
                 self._again = True
-                await asyncio.sleep(verify_retry_interval_s)
+                await self.clock.sleep(verify_retry_interval_s)
             finally:
                 self.running = False
                 self.phase = "idle"
-                self.finished = time.monotonic()
+                self.finished = self.clock.monotonic()
             if not self._again:
                 return
 

@@ -10,9 +10,7 @@ the same at once for the whole cluster, comparing the replicas too.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from typing import Any
 
 from sheep.cluster_state import Status
@@ -31,7 +29,8 @@ class Scrubber:
         self.peer = peer
         self.group = group
         self.gateway = gateway
-        self.limiter = RateLimiter(lambda: self.group.state.scrub_max_rate)
+        self.clock = gateway.clock
+        self.limiter = RateLimiter(lambda: self.group.state.scrub_max_rate, self.clock)
         self.passes = 0
         self.scrubbed = 0
         self.damaged = 0
@@ -52,12 +51,12 @@ class Scrubber:
         if state.status is not Status.OK or state.scrub_max_rate <= 0:
             return False
         return (self._last_pass_monotonic is None
-                or time.monotonic() - self._last_pass_monotonic >= state.scrub_interval)
+                or self.clock.monotonic() - self._last_pass_monotonic >= state.scrub_interval)
 
     async def run(self) -> None:
         while True:
             if not self._due():
-                await asyncio.sleep(idle_poll_s)
+                await self.clock.sleep(idle_poll_s)
                 continue
             await self.scrub_pass()
 
@@ -76,7 +75,7 @@ class Scrubber:
             self.scrubbed += 1
             self.position += 1
         self.passes += 1
-        self.last_pass_end = time.time()
-        self._last_pass_monotonic = time.monotonic()
+        self.last_pass_end = self.clock.wall()
+        self._last_pass_monotonic = self.clock.monotonic()
         log.info("scrub pass %d done: %d objects, %d damaged so far", self.passes,
                  len(oids), self.damaged)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -295,7 +294,7 @@ class VdiService:
         root_node = await self.engine.root_node(vdi.root)
         oids = [oid for oid in await self.engine.walk(root_node)
                 if radix.generation_of(oid) == vdi.root.generation]
-        started = time.monotonic()
+        started = self.gateway.clock.monotonic()
         semaphore = asyncio.Semaphore(settle_concurrency)
 
         async def check(oid: int) -> dict[str, Any]:
@@ -307,7 +306,7 @@ class VdiService:
         await self.broadcast({"type": "vdi_settled", "name": vdi.name, "session": session.id})
         log.warning("VDI %s: its previous writer's sheep left holding the lock; %d objects "
                     "checked, %d made to agree, in %.1f s", vdi.name, len(oids), repaired,
-                    time.monotonic() - started)
+                    self.gateway.clock.monotonic() - started)
 
     async def _release(self, session: Session) -> None:
         for handle in session.values.get("vdis", {}).values():

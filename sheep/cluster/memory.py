@@ -9,24 +9,25 @@ the local driver's polling delays.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 from sheep.cluster.driver import ClusterDriver
 from sheep.cluster_state import Event, EventKind
 from sheep.node import NodeInfo
+from sheep.world import Clock
 
 
 class MemoryBus:
     """The shared log and the members listening to it."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock | None = None) -> None:
+        self.clock = clock or Clock()
         self.log: list[Event] = []
         self.drivers: list[MemoryDriver] = []
         self.members: dict[str, NodeInfo] = {}
 
     def append(self, kind: EventKind, **fields: Any) -> None:
-        event = Event(seq=len(self.log) + 1, kind=kind, time=time.time(), **fields)
+        event = Event(seq=len(self.log) + 1, kind=kind, time=self.clock.wall(), **fields)
         self.log.append(event)
         if kind is EventKind.JOIN:
             assert event.node is not None

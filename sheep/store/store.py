@@ -40,7 +40,7 @@ import os
 import secrets
 import shutil
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,8 +135,10 @@ def _translated(what: str) -> Iterator[None]:
 
 
 class Store:
-    def __init__(self, path: str, io: FileIO | None = None, checksums: bool = True) -> None:
+    def __init__(self, path: str, io: FileIO | None = None, checksums: bool = True,
+                 token: Callable[[int], str] = secrets.token_hex) -> None:
         self.path = os.path.abspath(path)
+        self._secret_token = token  # the node secret's source (seeded in a simulation)
         self.object_dir = os.path.join(self.path, "obj")
         self.io = io or FileIO()
         self.checksums = checksums
@@ -279,7 +281,7 @@ class Store:
         """The random part of the node id, made at the store's first start."""
         secret = self.config_get("node_secret")
         if secret is None:
-            secret = secrets.token_hex(4)
+            secret = self._secret_token(4)
             self.config_put("node_secret", secret)
         return str(secret)
 

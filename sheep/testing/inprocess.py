@@ -14,7 +14,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from sheep import net
+from sheep import world
 from sheep.client import SyncClient
 from sheep.cluster.memory import MemoryBus, MemoryDriver
 from sheep.daemon import Sheep, SheepConfig
@@ -51,7 +51,7 @@ class InProcessCluster:
 
         async def start() -> Sheep:
             sheep = Sheep(config, Store(directory), MemoryDriver(self.bus))
-            await sheep.start(net.bind("127.0.0.1", port))
+            await sheep.start(world.bind("127.0.0.1", port))
             return sheep
 
         self.sheep.append(self.run(start()))

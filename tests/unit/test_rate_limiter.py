@@ -7,11 +7,11 @@ import asyncio
 
 import pytest
 
-from sheep import recovery
 from sheep.recovery import RateLimiter
+from sheep.world import Clock
 
 
-class FakeClock:
+class FakeClock(Clock):
     def __init__(self) -> None:
         self.now = 100.0
 
@@ -24,15 +24,12 @@ class FakeClock:
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    fake = FakeClock()
-    monkeypatch.setattr(recovery.time, "monotonic", fake.monotonic)
-    monkeypatch.setattr(recovery.asyncio, "sleep", fake.sleep)
-    return fake
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 def test_paces_to_the_rate(clock: FakeClock) -> None:
-    limiter = RateLimiter(lambda: 1000)
+    limiter = RateLimiter(lambda: 1000, clock)
 
     async def main() -> None:
         for _ in range(10):
@@ -45,7 +42,7 @@ def test_paces_to_the_rate(clock: FakeClock) -> None:
 
 def test_no_limit_never_waits_and_a_new_rate_applies_at_once(clock: FakeClock) -> None:
     rate = {"value": 0}
-    limiter = RateLimiter(lambda: rate["value"])
+    limiter = RateLimiter(lambda: rate["value"], clock)
 
     async def main() -> None:
         for _ in range(100):
