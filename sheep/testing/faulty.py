@@ -13,6 +13,7 @@ layer: the store opens it durable, so a commit that returned is on disk.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import threading
@@ -75,6 +76,28 @@ class FaultyIO(FileIO):
             entry.pending.clear()
         for fd in list(self._fds):
             os.close(fd)
+        self._fds.clear()
+
+    def process_killed(self) -> None:
+        """The process died (SIGKILL), the machine did not: its unsynced writes are in
+        the page cache, so they all reach the files; its descriptors close."""
+        for entry in self._files.values():
+            if not entry.pending:
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDWR)
+            except FileNotFoundError:
+                entry.pending.clear()
+                continue
+            try:
+                for offset, data in entry.pending:
+                    os.pwrite(fd, data, offset)
+            finally:
+                os.close(fd)
+            entry.pending.clear()
+        for fd in list(self._fds):
+            with contextlib.suppress(OSError):
+                os.close(fd)
         self._fds.clear()
 
     @property
