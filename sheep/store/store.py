@@ -14,7 +14,9 @@ persisted cluster state with its epoch log.
 Commits are few. A change updates the object's metadata in memory; ``sync``
 (a FLUSH, a FUA write, or the background writeback when much is pending)
 fdatasyncs the changed files and then commits their metadata in one
-transaction. Before the first change to an object after its last sync, an
+transaction. The directories whose entries changed (a file made or unlinked)
+are fsynced too, each once per sync: a file's fdatasync does not cover the
+entry that names it. Before the first change to an object after its last sync, an
 *intent* for it is committed (group-committed with others): after a crash,
 whatever the files hold of the unsynced writes, the checksums of exactly those
 objects are recomputed from their data, so no unsynced write ever reads as
@@ -108,6 +110,7 @@ class SyncJob:
     metas: dict[int, tuple[int, bytes | None, bool, bool, bool, int]] = field(
         default_factory=dict)
     synced: set[int] = field(default_factory=set)  # objects whose data is in fds
+    directories: list[str] = field(default_factory=list)  # their entries changed
     intents_cleared: dict[int, bytes] = field(default_factory=dict)
 
 
@@ -144,6 +147,7 @@ class Store:
         self._fds: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._dirty: set[int] = set()  # data written since the last sync
         self._fresh: set[int] = set()  # created since their last sync: not durable at all
+        self._directories: set[str] = set()  # entries made or unlinked since the last sync
         self._meta: dict[int, _Meta] = {}  # metadata changed since its last commit
         self._gen = 0
         # Committed intents (see the module doc), each with a token: an intent is
@@ -431,6 +435,7 @@ class Store:
             if not create:
                 raise NoObject(f"object {oid:016x} is not on this node") from None
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            self._directories.add(self.object_dir)
             fd = self.io.open(path, create)
         self._fds[oid] = fd
         if len(self._fds) > _fd_cache_max:
@@ -503,6 +508,7 @@ class Store:
             self._intend(oid)
             self._drop_fd(oid)  # a cached fd may be of a file lost from the store
             fd = self._fd(oid, create=True)
+            self._directories.add(os.path.dirname(self.object_path(oid)))
             meta = self._changing(oid)
             meta.sums = sums.fresh(self.object_size) if self.checksums else None
             meta.drop_sums = False
@@ -597,6 +603,7 @@ class Store:
                 self.io.unlink(self.object_path(oid))
             except FileNotFoundError:
                 raise NoObject(f"object {oid:016x} is not on this node") from None
+            self._directories.add(os.path.dirname(self.object_path(oid)))
             self._dirty.discard(oid)
             # Past every version the copy had: a tombstone must beat copies that missed it.
             self.tombstone(oid, max(version or 0, self.version(oid) + 1))
@@ -612,6 +619,8 @@ class Store:
                 self.io.unlink(self.object_path(oid))
             except FileNotFoundError:
                 pass
+            else:
+                self._directories.add(os.path.dirname(self.object_path(oid)))
             meta = self._changing(oid)
             meta.gone = True
             meta.sums = None
@@ -693,9 +702,11 @@ class Store:
                 self._drop_fd(oid)
             self._dirty.clear()
             self._fresh.clear()
+            self._directories.clear()
             self._meta.clear()
             shutil.rmtree(self.object_dir, ignore_errors=True)
             os.makedirs(self.object_dir, exist_ok=True)
+            self.io.sync_directory(self.path)  # the old files stay gone
             with self.env.begin(write=True) as txn:
                 for db in (self._objects, self._sums, self._intents_db):
                     txn.drop(db, delete=False)
@@ -732,6 +743,12 @@ class Store:
                     job.fds.append(self.io.dup(self._fd(oid)))
                     job.synced.add(oid)
                     self._dirty.discard(oid)
+                # Its entry (and its fan-out directory's) if new: the one fsync covers
+                # every entry of the directory.
+                for directory in (self.object_dir, os.path.dirname(self.object_path(oid))):
+                    if directory in self._directories:
+                        self._directories.discard(directory)
+                        job.directories.append(directory)
         except BaseException:
             self.sync_failed(job)
             raise
@@ -758,6 +775,8 @@ class Store:
             raise
         job.synced = set(self._dirty)
         self._dirty.clear()
+        job.directories = sorted(self._directories)
+        self._directories.clear()
         job.metas = {oid: self._frozen(meta) for oid, meta in self._meta.items()}
         job.intents_cleared, self._intent_clear = self._intent_clear, {}
         return job
@@ -778,13 +797,17 @@ class Store:
             raise
 
     def sync_files(self, job: SyncJob) -> None:
-        """fdatasync the job's files (safe in any worker thread); closes its fds."""
+        """fdatasync the job's files and fsync its directories (safe in any worker
+        thread); closes its fds."""
         try:
             with _translated("sync store"):
-                if len(job.fds) == 1:
-                    self.io.datasync(job.fds[0])
-                elif job.fds:
-                    futures = [self.sync_executor.submit(self.io.datasync, fd) for fd in job.fds]
+                calls: list[tuple[Any, int | str]] = [
+                    *((self.io.datasync, fd) for fd in job.fds),
+                    *((self.io.sync_directory, path) for path in job.directories)]
+                if len(calls) == 1:
+                    calls[0][0](calls[0][1])
+                elif calls:
+                    futures = [self.sync_executor.submit(call, what) for call, what in calls]
                     concurrent.futures.wait(futures)  # all of them, before any fd closes
                     for future in futures:
                         future.result()
@@ -833,6 +856,7 @@ class Store:
         next flush tries again instead of acknowledging what never reached the disk."""
         self._syncing = False
         self._dirty |= job.synced
+        self._directories.update(job.directories)
         for oid, token in job.intents_cleared.items():
             self._intent_clear.setdefault(oid, token)
 
