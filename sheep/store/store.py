@@ -50,7 +50,14 @@ from typing import Any
 import lmdb
 
 from sheep import constants
-from sheep.errors import InvalidParameters, IOErrorResult, NoObject, NoSpace, SystemFailure
+from sheep.errors import (
+    InvalidParameters,
+    IOErrorResult,
+    NoObject,
+    NoSpace,
+    SheepError,
+    SystemFailure,
+)
 from sheep.store import sums
 from sheep.store.fileio import FileIO
 
@@ -530,6 +537,7 @@ class Store:
         with _translated(f"write object {oid:016x}"):
             self._live(oid)
             fd = self._fd(oid)
+            self._verify_partial(oid, fd, offset, len(data))
             self._intend(oid)
             meta = self._changing(oid)
             self._dirty.add(oid)
@@ -568,11 +576,30 @@ class Store:
             data = self._pread_full(fd, start, (end - first) * sums.BLOCK)
         bad = sums.bad_blocks(data, first, self._checksums(oid))
         if bad:
-            self.counters["checksum_errors"] += 1
-            raise IOErrorResult(
-                f"object {oid:016x}: checksum mismatch in block{'s' if len(bad) > 1 else ''} "
-                f"{', '.join(map(str, bad[:8]))}{' ...' if len(bad) > 8 else ''}")
+            raise self._damage(oid, bad)
         return data[offset - start:offset - start + count]
+
+    def _damage(self, oid: int, bad: list[int]) -> SheepError:
+        self.counters["checksum_errors"] += 1
+        return IOErrorResult(
+            f"object {oid:016x}: checksum mismatch in block{'s' if len(bad) > 1 else ''} "
+            f"{', '.join(map(str, bad[:8]))}{' ...' if len(bad) > 8 else ''}")
+
+    def _verify_partial(self, oid: int, fd: int, offset: int, count: int) -> None:
+        """A change covering part of a block merges it with what the block holds, and
+        the block's checksum is then computed anew: what it holds is verified first,
+        or damage there would be blessed. Damage fails the change as it fails a read."""
+        if not self.checksums or not count:
+            return
+        first, end = sums.covering(offset, count)
+        edges = {first} if offset % sums.BLOCK else set()
+        if (offset + count) % sums.BLOCK:
+            edges.add(end - 1)
+        table = self._checksums(oid)
+        bad = [block for block in sorted(edges) if sums.bad_blocks(
+            self._pread_full(fd, block * sums.BLOCK, sums.BLOCK), block, table)]
+        if bad:
+            raise self._damage(oid, bad)
 
     def verify(self, oid: int) -> list[int]:
         """The blocks of the object whose data does not match its checksums (a scrub)."""
@@ -586,6 +613,7 @@ class Store:
         with _translated(f"discard in object {oid:016x}"):
             self._live(oid)
             fd = self._fd(oid)
+            self._verify_partial(oid, fd, offset, count)
             self._intend(oid)
             meta = self._changing(oid)
             self._dirty.add(oid)

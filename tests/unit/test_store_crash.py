@@ -262,6 +262,28 @@ def test_flipped_bytes_are_an_io_error_naming_the_block(tmp_path: Path) -> None:
     store.close()
 
 
+def test_a_partial_change_of_a_damaged_block_fails_and_keeps_the_damage(
+        tmp_path: Path) -> None:
+    """A write or discard covering part of a block merges it with what the block
+    holds: that is verified first, or a new checksum would bless the damage."""
+    store = damaged_store(tmp_path)
+    with open(store.object_path(0x33), "r+b") as file:
+        file.seek(3 * sums.BLOCK + 17)
+        file.write(b"\x00")
+    store = reopened(store)
+    version = store.version(0x33)
+    with pytest.raises(IOErrorResult, match="0000000000000033: checksum mismatch in block 3"):
+        store.write(0x33, 3 * sums.BLOCK + 100, b"new")
+    with pytest.raises(IOErrorResult, match="checksum mismatch in block 3"):
+        store.discard(0x33, 2 * sums.BLOCK, sums.BLOCK + 10)
+    assert store.verify(0x33) == [3] and store.version(0x33) == version
+    assert store.read(0x33, 2 * sums.BLOCK, sums.BLOCK) == bytes([0x33]) * sums.BLOCK
+    store.write(0x33, 4 * sums.BLOCK + 100, b"ok")  # a sound block takes it
+    store.write(0x33, 3 * sums.BLOCK, b"w" * sums.BLOCK)  # a whole block replaces it
+    assert store.verify(0x33) == []
+    store.close()
+
+
 def test_a_truncated_file_is_caught_where_data_was(tmp_path: Path) -> None:
     store = damaged_store(tmp_path)
     os.truncate(store.object_path(0x22), 5 * sums.BLOCK + 100)
