@@ -119,6 +119,7 @@ class SyncJob:
     synced: set[int] = field(default_factory=set)  # objects whose data is in fds
     directories: list[str] = field(default_factory=list)  # their entries changed
     intents_cleared: dict[int, bytes] = field(default_factory=dict)
+    wipes: int = 0  # the store's wipes when it began: after another, it has nothing to do
 
 
 def _oid_key(oid: int) -> bytes:
@@ -167,6 +168,7 @@ class Store:
         self._tokens = itertools.count(1)
         self._intent_task: asyncio.Task[None] | None = None
         self._syncing = False
+        self._wipes = 0  # a sync or intent commit begun before a wipe must not outlive it
         # Every metadata commit that can race another (intents, syncs) runs on this one
         # thread, so they reach LMDB in the order they were decided.
         self.meta_executor = concurrent.futures.ThreadPoolExecutor(
@@ -393,13 +395,15 @@ class Store:
     async def _commit_intents(self) -> None:
         wanted, self._intent_wanted = self._intent_wanted, {}
         cleared, self._intent_clear = self._intent_clear, {}
+        wipes = self._wipes
         try:
             await asyncio.get_running_loop().run_in_executor(
                 self.meta_executor, self._write_intents, wanted, cleared)
         except BaseException:
             self._intent_clear.update(cleared)
             raise
-        self._intents.update(wanted)
+        if wipes == self._wipes:  # else the wipe dropped them
+            self._intents.update(wanted)
 
     def _token(self) -> bytes:
         return next(self._tokens).to_bytes(8, "big")
@@ -724,7 +728,10 @@ class Store:
                 "fs_size": fs.f_blocks * fs.f_frsize}
 
     def wipe(self) -> None:
-        """Drop every object (the cluster was formatted anew)."""
+        """Drop every object (the cluster was formatted anew). A sync may be under way
+        (Peer._sync, between its steps): it is void from here on, and its commit, if it
+        has begun, goes before the wipe's on the metadata thread."""
+        self._wipes += 1
         with _translated("wipe objects"):
             for oid in list(self._fds):
                 self._drop_fd(oid)
@@ -735,11 +742,14 @@ class Store:
             shutil.rmtree(self.object_dir, ignore_errors=True)
             os.makedirs(self.object_dir, exist_ok=True)
             self.io.sync_directory(self.path)  # the old files stay gone
-            with self.env.begin(write=True) as txn:
-                for db in (self._objects, self._sums, self._intents_db):
-                    txn.drop(db, delete=False)
+            self.meta_executor.submit(self._drop_objects).result()
             self._intents.clear()
             self._intent_clear.clear()
+
+    def _drop_objects(self) -> None:
+        with self.env.begin(write=True) as txn:
+            for db in (self._objects, self._sums, self._intents_db):
+                txn.drop(db, delete=False)
 
     # --- durability -------------------------------------------------------------
 
@@ -760,7 +770,7 @@ class Store:
         # one, or answer a flush while the first still has its files to fdatasync.
         assert not self._syncing, "a sync is already under way (see Peer._sync)"
         self._syncing = True
-        return SyncJob()
+        return SyncJob(wipes=self._wipes)
 
     def begin_sync_object(self, oid: int) -> SyncJob:
         """Like begin_sync, for one object only (FUA)."""
@@ -849,7 +859,8 @@ class Store:
         commit_objects_max objects per transaction: each object's metadata stands on its
         own (an object not committed yet keeps its intent), and a transaction holds
         every page it changes in memory until it ends (8 KiB per checksum table)."""
-        if self._env is None or not (job.metas or job.intents_cleared):
+        if self._env is None or job.wipes != self._wipes or not (
+                job.metas or job.intents_cleared):
             return
         items = list(job.metas.items())
         for start in range(0, max(len(items), 1), commit_objects_max):
@@ -883,6 +894,8 @@ class Store:
         """A sync that failed leaves its objects dirty and their intents in place: the
         next flush tries again instead of acknowledging what never reached the disk."""
         self._syncing = False
+        if job.wipes != self._wipes:
+            return
         self._dirty |= job.synced
         self._directories.update(job.directories)
         for oid, token in job.intents_cleared.items():
@@ -892,6 +905,8 @@ class Store:
         """After finish_sync (back in the owner's thread): what did not change since
         the sync began is durable; its in-memory metadata and its intent can go."""
         self._syncing = False
+        if job.wipes != self._wipes:
+            return
         for oid in job.synced:
             if oid not in self._dirty:
                 self._fresh.discard(oid)
