@@ -289,7 +289,12 @@ class Gateway:
             nodes = self.group.placement(header.oid, epoch, header.arg1)
             targets = [node for node in nodes if node.node_id not in applied]
             for _ in range(3):  # another round only after recovering a copy for those missing
-                results = await self.call_all(targets, header, payload, epoch)
+                # A raw write (arg0 0: each replica takes its own version + 1) that some
+                # replicas have applied goes to the rest with the version they took: a
+                # copy recovered from one of them may have it already (not a second bump).
+                sent = header if header.arg0 or not applied else header._replace(
+                    arg0=max(applied.values()))
+                results = await self.call_all(targets, sent, payload, epoch)
                 for node, result in zip(targets, results, strict=True):
                     if not isinstance(result, BaseException):
                         applied[node.node_id] = result[1].get("arg0", 0)

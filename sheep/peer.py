@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sheep import constants, proto
-from sheep.errors import IOErrorResult, NoObject, NoSpace, ReadOnly, Unverified
+from sheep.errors import IOErrorResult, NoObject, NoSpace, ReadOnly, SheepError, Unverified
 from sheep.group import Group
 from sheep.net import Reply
 from sheep.proto import Header, Op
@@ -167,16 +167,30 @@ class Peer:
             # Damage (a checksum mismatch, a lost file): this copy serves nothing more
             # until a good one replaces it (the gateway reads another replica and
             # copies it here; a write recovers it first, as for any unverified copy).
-            if header.oid not in self.damaged:
-                log.error("%s", error)
-            self.damaged.add(header.oid)
-            self.unverified.add(header.oid)
+            self._damaged(header.oid, error)
             raise
         return data, {"arg0": self.store.version(header.oid)}
 
+    def _damaged(self, oid: int, error: SheepError) -> None:
+        if oid not in self.damaged:
+            log.error("%s", error)
+        self.damaged.add(oid)
+        self.unverified.add(oid)
+
+    def _refuse_damaged(self, oid: int, error: SheepError) -> SheepError:
+        """A change that met damage (sheep/store: a partial block is verified before
+        it is merged): marked as a read marks it, and answered as an unverified copy
+        is, so the gateway copies a good one over it and sends the change again."""
+        self._damaged(oid, error)
+        return NoObject(f"the copy of {oid:016x} here is damaged: {error.message}")
+
     async def write(self, header: Header, payload: bytes) -> Reply:
         # arg0, when set, is the version the gateway gave this write (see Gateway.next_version).
-        version = self.store.write(header.oid, header.offset, payload, version=header.arg0 or None)
+        try:
+            version = self.store.write(header.oid, header.offset, payload,
+                                       version=header.arg0 or None)
+        except IOErrorResult as error:
+            raise self._refuse_damaged(header.oid, error) from error
         if header.flags & proto.FLAG_FUA:
             await self._sync(lambda: self.store.begin_sync_object(header.oid))
         return b"", {"arg0": version}
@@ -187,8 +201,11 @@ class Peer:
         return _empty
 
     async def discard(self, header: Header, payload: bytes) -> Reply:
-        version = self.store.discard(header.oid, header.offset, header.count,
-                                     version=header.arg0 or None)
+        try:
+            version = self.store.discard(header.oid, header.offset, header.count,
+                                         version=header.arg0 or None)
+        except IOErrorResult as error:
+            raise self._refuse_damaged(header.oid, error) from error
         return b"", {"arg0": version}
 
     async def flush(self, header: Header, payload: bytes) -> Reply:

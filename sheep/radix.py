@@ -17,6 +17,8 @@ a frozen one (copy it first), and a copy's name needs no allocation.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
+from typing import Any
 
 from sheep.oid import INDEX_MAX, ObjectType, make_oid, oid_generation, oid_index, oid_type
 
@@ -116,3 +118,23 @@ def check_entry(parent_level: int, child: int) -> None:
         assert is_tree(child) and node_level(child) == parent_level - 1, (
             f"entry {child:016x} of a level-{parent_level} node is not a level-"
             f"{parent_level - 1} node")
+
+
+@dataclass(frozen=True)
+class Root:
+    """A VDI's tree at one moment (sheep/vdi.py): its generation, its depth, and the
+    root node of another generation it started from (0: an empty tree)."""
+
+    generation: int
+    depth: int
+    base: int  # a root node oid of another generation, or 0 for an empty tree
+
+    def own(self) -> int:
+        return node_oid(self.generation, self.depth, 0)
+
+    def to_json(self) -> dict[str, int]:
+        return {"generation": self.generation, "depth": self.depth, "base": self.base}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> Root:
+        return cls(int(value["generation"]), int(value["depth"]), int(value["base"]))

@@ -46,11 +46,12 @@ import asyncio
 import collections
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from sheep import radix
 from sheep.errors import InvalidParameters, NoObject
 from sheep.oid import oid_index
+from sheep.radix import Root
 
 node_cache_max = 2048  # frozen tree nodes kept in memory (8 KiB each)
 entry_nodes_max = 4096  # writable tree nodes whose entries are cached (a dict each)
@@ -74,23 +75,6 @@ class Objects(Protocol):
     async def exists(self, oid: int) -> bool: ...
 
     async def flush(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class Root:
-    generation: int
-    depth: int
-    base: int  # a root node oid of another generation, or 0 for an empty tree
-
-    def own(self) -> int:
-        return radix.node_oid(self.generation, self.depth, 0)
-
-    def to_json(self) -> dict[str, int]:
-        return {"generation": self.generation, "depth": self.depth, "base": self.base}
-
-    @classmethod
-    def from_json(cls, value: dict[str, Any]) -> Root:
-        return cls(int(value["generation"]), int(value["depth"]), int(value["base"]))
 
 
 @dataclass(frozen=True)

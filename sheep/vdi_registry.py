@@ -4,7 +4,7 @@ Every sheep holds the whole registry, applied from the ordered log and
 persisted with the rest of the cluster state, so VDI metadata survives the
 loss of all but one node and a full cluster restart.
 
-A VDI is a name, an id, a size, a current writable Root (see sheep/vdi.py) and
+A VDI is a name, an id, a size, a current writable Root (sheep/radix.py) and
 a list of snapshots, each a frozen Root with a tag, an id and a time. Ids of
 VDIs and snapshots come from one counter; generations from another. Snapshot,
 clone and rollback give a VDI a fresh generation whose tree starts from a
@@ -26,7 +26,7 @@ from typing import Any
 from sheep import radix
 from sheep.errors import Result
 from sheep.oid import GENERATION_MAX
-from sheep.vdi import Root
+from sheep.radix import Root
 
 name_max_chars = 256
 attr_key_max_chars = 256

@@ -47,3 +47,12 @@ class FileIO:
 
     def unlink(self, path: str) -> None:
         os.unlink(path)
+
+    def sync_directory(self, path: str) -> None:
+        """Make the directory's entries durable: a file's fdatasync does not cover
+        the entry that names it (nor an unlink)."""
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -14,7 +14,9 @@ persisted cluster state with its epoch log.
 Commits are few. A change updates the object's metadata in memory; ``sync``
 (a FLUSH, a FUA write, or the background writeback when much is pending)
 fdatasyncs the changed files and then commits their metadata in one
-transaction. Before the first change to an object after its last sync, an
+transaction. The directories whose entries changed (a file made or unlinked)
+are fsynced too, each once per sync: a file's fdatasync does not cover the
+entry that names it. Before the first change to an object after its last sync, an
 *intent* for it is committed (group-committed with others): after a crash,
 whatever the files hold of the unsynced writes, the checksums of exactly those
 objects are recomputed from their data, so no unsynced write ever reads as
@@ -48,7 +50,14 @@ from typing import Any
 import lmdb
 
 from sheep import constants
-from sheep.errors import InvalidParameters, IOErrorResult, NoObject, NoSpace, SystemFailure
+from sheep.errors import (
+    InvalidParameters,
+    IOErrorResult,
+    NoObject,
+    NoSpace,
+    SheepError,
+    SystemFailure,
+)
 from sheep.store import sums
 from sheep.store.fileio import FileIO
 
@@ -108,7 +117,9 @@ class SyncJob:
     metas: dict[int, tuple[int, bytes | None, bool, bool, bool, int]] = field(
         default_factory=dict)
     synced: set[int] = field(default_factory=set)  # objects whose data is in fds
+    directories: list[str] = field(default_factory=list)  # their entries changed
     intents_cleared: dict[int, bytes] = field(default_factory=dict)
+    wipes: int = 0  # the store's wipes when it began: after another, it has nothing to do
 
 
 def _oid_key(oid: int) -> bytes:
@@ -146,6 +157,7 @@ class Store:
         self._fds: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._dirty: set[int] = set()  # data written since the last sync
         self._fresh: set[int] = set()  # created since their last sync: not durable at all
+        self._directories: set[str] = set()  # entries made or unlinked since the last sync
         self._meta: dict[int, _Meta] = {}  # metadata changed since its last commit
         self._gen = 0
         # Committed intents (see the module doc), each with a token: an intent is
@@ -158,6 +170,7 @@ class Store:
         self._tokens = itertools.count(1)
         self._intent_task: asyncio.Task[None] | None = None
         self._syncing = False
+        self._wipes = 0  # a sync or intent commit begun before a wipe must not outlive it
         # Every metadata commit that can race another (intents, syncs) runs on this one
         # thread, so they reach LMDB in the order they were decided.
         self.meta_executor = concurrent.futures.ThreadPoolExecutor(
@@ -384,13 +397,15 @@ class Store:
     async def _commit_intents(self) -> None:
         wanted, self._intent_wanted = self._intent_wanted, {}
         cleared, self._intent_clear = self._intent_clear, {}
+        wipes = self._wipes
         try:
             await asyncio.get_running_loop().run_in_executor(
                 self.meta_executor, self._write_intents, wanted, cleared)
         except BaseException:
             self._intent_clear.update(cleared)
             raise
-        self._intents.update(wanted)
+        if wipes == self._wipes:  # else the wipe dropped them
+            self._intents.update(wanted)
 
     def _token(self) -> bytes:
         return next(self._tokens).to_bytes(8, "big")
@@ -433,6 +448,7 @@ class Store:
             if not create:
                 raise NoObject(f"object {oid:016x} is not on this node") from None
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            self._directories.add(self.object_dir)
             fd = self.io.open(path, create)
         self._fds[oid] = fd
         if len(self._fds) > _fd_cache_max:
@@ -505,6 +521,7 @@ class Store:
             self._intend(oid)
             self._drop_fd(oid)  # a cached fd may be of a file lost from the store
             fd = self._fd(oid, create=True)
+            self._directories.add(os.path.dirname(self.object_path(oid)))
             meta = self._changing(oid)
             meta.sums = sums.fresh(self.object_size) if self.checksums else None
             meta.drop_sums = False
@@ -526,6 +543,7 @@ class Store:
         with _translated(f"write object {oid:016x}"):
             self._live(oid)
             fd = self._fd(oid)
+            self._verify_partial(oid, fd, offset, len(data))
             self._intend(oid)
             meta = self._changing(oid)
             self._dirty.add(oid)
@@ -564,11 +582,30 @@ class Store:
             data = self._pread_full(fd, start, (end - first) * sums.BLOCK)
         bad = sums.bad_blocks(data, first, self._checksums(oid))
         if bad:
-            self.counters["checksum_errors"] += 1
-            raise IOErrorResult(
-                f"object {oid:016x}: checksum mismatch in block{'s' if len(bad) > 1 else ''} "
-                f"{', '.join(map(str, bad[:8]))}{' ...' if len(bad) > 8 else ''}")
+            raise self._damage(oid, bad)
         return data[offset - start:offset - start + count]
+
+    def _damage(self, oid: int, bad: list[int]) -> SheepError:
+        self.counters["checksum_errors"] += 1
+        return IOErrorResult(
+            f"object {oid:016x}: checksum mismatch in block{'s' if len(bad) > 1 else ''} "
+            f"{', '.join(map(str, bad[:8]))}{' ...' if len(bad) > 8 else ''}")
+
+    def _verify_partial(self, oid: int, fd: int, offset: int, count: int) -> None:
+        """A change covering part of a block merges it with what the block holds, and
+        the block's checksum is then computed anew: what it holds is verified first,
+        or damage there would be blessed. Damage fails the change as it fails a read."""
+        if not self.checksums or not count:
+            return
+        first, end = sums.covering(offset, count)
+        edges = {first} if offset % sums.BLOCK else set()
+        if (offset + count) % sums.BLOCK:
+            edges.add(end - 1)
+        table = self._checksums(oid)
+        bad = [block for block in sorted(edges) if sums.bad_blocks(
+            self._pread_full(fd, block * sums.BLOCK, sums.BLOCK), block, table)]
+        if bad:
+            raise self._damage(oid, bad)
 
     def verify(self, oid: int) -> list[int]:
         """The blocks of the object whose data does not match its checksums (a scrub)."""
@@ -582,6 +619,7 @@ class Store:
         with _translated(f"discard in object {oid:016x}"):
             self._live(oid)
             fd = self._fd(oid)
+            self._verify_partial(oid, fd, offset, count)
             self._intend(oid)
             meta = self._changing(oid)
             self._dirty.add(oid)
@@ -599,6 +637,7 @@ class Store:
                 self.io.unlink(self.object_path(oid))
             except FileNotFoundError:
                 raise NoObject(f"object {oid:016x} is not on this node") from None
+            self._directories.add(os.path.dirname(self.object_path(oid)))
             self._dirty.discard(oid)
             # Past every version the copy had: a tombstone must beat copies that missed it.
             self.tombstone(oid, max(version or 0, self.version(oid) + 1))
@@ -614,6 +653,8 @@ class Store:
                 self.io.unlink(self.object_path(oid))
             except FileNotFoundError:
                 pass
+            else:
+                self._directories.add(os.path.dirname(self.object_path(oid)))
             meta = self._changing(oid)
             meta.gone = True
             meta.sums = None
@@ -689,20 +730,28 @@ class Store:
                 "fs_size": fs.f_blocks * fs.f_frsize}
 
     def wipe(self) -> None:
-        """Drop every object (the cluster was formatted anew)."""
+        """Drop every object (the cluster was formatted anew). A sync may be under way
+        (Peer._sync, between its steps): it is void from here on, and its commit, if it
+        has begun, goes before the wipe's on the metadata thread."""
+        self._wipes += 1
         with _translated("wipe objects"):
             for oid in list(self._fds):
                 self._drop_fd(oid)
             self._dirty.clear()
             self._fresh.clear()
+            self._directories.clear()
             self._meta.clear()
             shutil.rmtree(self.object_dir, ignore_errors=True)
             os.makedirs(self.object_dir, exist_ok=True)
-            with self.env.begin(write=True) as txn:
-                for db in (self._objects, self._sums, self._intents_db):
-                    txn.drop(db, delete=False)
+            self.io.sync_directory(self.path)  # the old files stay gone
+            self.meta_executor.submit(self._drop_objects).result()
             self._intents.clear()
             self._intent_clear.clear()
+
+    def _drop_objects(self) -> None:
+        with self.env.begin(write=True) as txn:
+            for db in (self._objects, self._sums, self._intents_db):
+                txn.drop(db, delete=False)
 
     # --- durability -------------------------------------------------------------
 
@@ -723,7 +772,7 @@ class Store:
         # one, or answer a flush while the first still has its files to fdatasync.
         assert not self._syncing, "a sync is already under way (see Peer._sync)"
         self._syncing = True
-        return SyncJob()
+        return SyncJob(wipes=self._wipes)
 
     def begin_sync_object(self, oid: int) -> SyncJob:
         """Like begin_sync, for one object only (FUA)."""
@@ -734,6 +783,12 @@ class Store:
                     job.fds.append(self.io.dup(self._fd(oid)))
                     job.synced.add(oid)
                     self._dirty.discard(oid)
+                # Its entry (and its fan-out directory's) if new: the one fsync covers
+                # every entry of the directory.
+                for directory in (self.object_dir, os.path.dirname(self.object_path(oid))):
+                    if directory in self._directories:
+                        self._directories.discard(directory)
+                        job.directories.append(directory)
         except BaseException:
             self.sync_failed(job)
             raise
@@ -760,6 +815,8 @@ class Store:
             raise
         job.synced = set(self._dirty)
         self._dirty.clear()
+        job.directories = sorted(self._directories)
+        self._directories.clear()
         job.metas = {oid: self._frozen(meta) for oid, meta in self._meta.items()}
         job.intents_cleared, self._intent_clear = self._intent_clear, {}
         return job
@@ -780,13 +837,17 @@ class Store:
             raise
 
     def sync_files(self, job: SyncJob) -> None:
-        """fdatasync the job's files (safe in any worker thread); closes its fds."""
+        """fdatasync the job's files and fsync its directories (safe in any worker
+        thread); closes its fds."""
         try:
             with _translated("sync store"):
-                if len(job.fds) == 1:
-                    self.io.datasync(job.fds[0])
-                elif job.fds:
-                    futures = [self.sync_executor.submit(self.io.datasync, fd) for fd in job.fds]
+                calls: list[tuple[Any, int | str]] = [
+                    *((self.io.datasync, fd) for fd in job.fds),
+                    *((self.io.sync_directory, path) for path in job.directories)]
+                if len(calls) == 1:
+                    calls[0][0](calls[0][1])
+                elif calls:
+                    futures = [self.sync_executor.submit(call, what) for call, what in calls]
                     concurrent.futures.wait(futures)  # all of them, before any fd closes
                     for future in futures:
                         future.result()
@@ -800,7 +861,8 @@ class Store:
         commit_objects_max objects per transaction: each object's metadata stands on its
         own (an object not committed yet keeps its intent), and a transaction holds
         every page it changes in memory until it ends (8 KiB per checksum table)."""
-        if self._env is None or not (job.metas or job.intents_cleared):
+        if self._env is None or job.wipes != self._wipes or not (
+                job.metas or job.intents_cleared):
             return
         items = list(job.metas.items())
         for start in range(0, max(len(items), 1), commit_objects_max):
@@ -834,7 +896,10 @@ class Store:
         """A sync that failed leaves its objects dirty and their intents in place: the
         next flush tries again instead of acknowledging what never reached the disk."""
         self._syncing = False
+        if job.wipes != self._wipes:
+            return
         self._dirty |= job.synced
+        self._directories.update(job.directories)
         for oid, token in job.intents_cleared.items():
             self._intent_clear.setdefault(oid, token)
 
@@ -842,6 +907,8 @@ class Store:
         """After finish_sync (back in the owner's thread): what did not change since
         the sync began is durable; its in-memory metadata and its intent can go."""
         self._syncing = False
+        if job.wipes != self._wipes:
+            return
         for oid in job.synced:
             if oid not in self._dirty:
                 self._fresh.discard(oid)

@@ -6,8 +6,12 @@ the file (reads see them), as the page cache does. ``power_loss`` then decides
 what reached the disk the way writeback does it: page by page (4 KiB), each
 page as it was at some moment, so a page holds the state after some prefix of
 the unsynced writes that touched it, chosen at random; then everything pending
-is forgotten. Truncates, hole punches and unlinks are taken as durable at once
-(they go to the file after the pending writes of that file). LMDB needs no such
+is forgotten. Truncates and hole punches are taken as durable at once (they go
+to the file after the pending writes of that file). Directory entries are not:
+a file created or unlinked since its directory's last ``sync_directory`` may
+be undone by a power loss, the changes of one directory landing in order (as a
+journal commits them), so some suffix of them is undone: a new file vanishes,
+an unlinked one comes back with what it held on disk. LMDB needs no such
 layer: the store opens it durable, so a commit that returned is on disk.
 """
 
@@ -37,17 +41,21 @@ class FaultyIO(FileIO):
         self._fds: dict[int, _File] = {}
         self._failures: list[tuple[str, int, int]] = []  # (call, errno, bytes written first)
         self._lock = threading.Lock()  # a store syncs files from several threads at once
+        # Per directory, its entries changed since it was last synced, in order:
+        # (path, None) for a file made, (path, what it held) for a file unlinked.
+        self._entries: dict[str, list[tuple[str, bytes | None]]] = {}
 
     # --- commands ----------------------------------------------------------------
 
     def fail(self, call: str, code: int, times: int = 1, partial: int = 0) -> None:
         """Make the next ``times`` calls named call ("pwrite", "pread", "datasync",
-        "punch", "open", "truncate") fail with errno code; a failing pwrite first
+        "punch", "open", "truncate", "sync_directory") fail with errno code; a failing pwrite first
         writes ``partial`` bytes, as a disk that fills up halfway does."""
         self._failures += [(call, code, partial)] * times
 
-    def power_loss(self) -> None:
-        """Decide what of the unsynced writes reached the disk; forget the rest."""
+    def power_loss(self, lose_all: bool = False) -> None:
+        """Decide what of the unsynced writes and directory changes reached the disk;
+        forget the rest. lose_all: none of them did."""
         for entry in self._files.values():
             if not entry.pending:
                 continue
@@ -62,7 +70,7 @@ class FaultyIO(FileIO):
                 continue
             try:
                 for page, writes in pages.items():
-                    landed = writes[:self.rng.randint(0, len(writes))]
+                    landed = writes[:0 if lose_all else self.rng.randint(0, len(writes))]
                     if not landed:
                         continue
                     start = page * PAGE
@@ -77,6 +85,12 @@ class FaultyIO(FileIO):
         for fd in list(self._fds):
             os.close(fd)
         self._fds.clear()
+        for changes in self._entries.values():
+            kept = 0 if lose_all else self.rng.randint(0, len(changes))
+            for path, held in reversed(changes[kept:]):
+                _undo_entry(path, held)
+                self._files.pop(path, None)
+        self._entries.clear()
 
     def process_killed(self) -> None:
         """The process died (SIGKILL), the machine did not: its unsynced writes are in
@@ -117,7 +131,10 @@ class FaultyIO(FileIO):
 
     def open(self, path: str, create: bool) -> int:
         self._maybe_fail("open")
+        made = create and not os.path.exists(path)
         fd = super().open(path, create)
+        if made:
+            self._entries.setdefault(os.path.dirname(path), []).append((path, None))
         self._fds[fd] = self._files.setdefault(path, _File(path))
         return fd
 
@@ -166,10 +183,19 @@ class FaultyIO(FileIO):
         super().punch(fd, offset, count)
 
     def unlink(self, path: str) -> None:
+        with open(path, "rb") as file:  # as on disk: what a power loss may bring back
+            held = file.read()
         super().unlink(path)
+        self._entries.setdefault(os.path.dirname(path), []).append((path, held))
         entry = self._files.pop(path, None)
         if entry is not None:
             entry.pending.clear()
+
+    def sync_directory(self, path: str) -> None:
+        with self._lock:
+            self._maybe_fail("sync_directory")
+            self._entries.pop(path, None)
+        super().sync_directory(path)
 
     def _settle(self, fd: int) -> None:
         """The file's pending writes go to the file itself."""
@@ -190,6 +216,18 @@ class _PartialWrite(Exception):
         super().__init__(code, written)
         self.code = code
         self.written = written
+
+
+def _undo_entry(path: str, held: bytes | None) -> None:
+    """Undo a directory change that did not reach the disk."""
+    if held is None:  # a file made: its entry never landed
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    elif os.path.isdir(os.path.dirname(path)):  # a file unlinked: it is back
+        with open(path, "wb") as file:
+            file.write(held)
 
 
 def _overlay(target: bytearray, target_offset: int, offset: int, data: bytes) -> None:

@@ -67,13 +67,16 @@ def needs_tools(*tools: str, packages: str) -> Any:
     return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} ({packages})")
 
 
-def fio_command(uri: str, *extra: str) -> list[str]:
+def fio_command(uri: str, *extra: str, aux_path: str) -> list[str]:
     """fio on the nbd engine: 32 MiB of 64 KiB random writes, 8 in flight, each block
     verified (crc32c) at the end, and by reads interleaved with the writes when extra
-    says --verify_backlog; --verify_only=1 reads back and verifies what a run wrote."""
+    says --verify_backlog; --verify_only=1 reads back and verifies what a run wrote.
+    Files fio makes of its own (verify state) go to aux_path, the test's temporary
+    directory, never to the current one."""
     return ["fio", "--output-format=json", "--name=continuity", "--ioengine=nbd",
             f"--uri={uri}", "--rw=randwrite", "--bs=64k", "--iodepth=8", "--size=32M",
-            "--verify=crc32c", "--randrepeat=1", "--verify_state_save=0", *extra]
+            "--verify=crc32c", "--randrepeat=1", "--verify_state_save=0",
+            f"--aux-path={aux_path}", *extra]
 
 
 def fio_jobs(returncode: int, stdout: str, stderr: str) -> list[Any]:

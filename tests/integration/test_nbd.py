@@ -370,10 +370,12 @@ def test_discard_and_write_zeroes_read_zeros_and_free_space(cluster, nbd):
 # --- fio over multi-conn ----------------------------------------------------------------------
 
 
-def fio(uri: str, *extra: str) -> list[dict[str, Any]]:
-    """Two jobs, each its own NBD connection, on the two halves of a 64 MiB VDI."""
+def fio(uri: str, *extra: str, aux_path: str) -> list[dict[str, Any]]:
+    """Two jobs, each its own NBD connection, on the two halves of a 64 MiB VDI; fio's
+    own files (verify state) in aux_path, not the current directory."""
     job = ["--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=64k", "--iodepth=16",
-           "--size=32M", "--verify=crc32c", "--randrepeat=1", "--verify_state_save=0", *extra]
+           "--size=32M", "--verify=crc32c", "--randrepeat=1", "--verify_state_save=0",
+           f"--aux-path={aux_path}", *extra]
     result = run("fio", "--output-format=json", "--name=low", *job, "--offset=0",
                  "--name=high", *job, "--offset=32M", check=False)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
@@ -384,16 +386,16 @@ def fio(uri: str, *extra: str) -> list[dict[str, Any]]:
     return jobs
 
 
-def test_fio_randwrite_two_jobs_over_multi_conn_verifies(cluster, nbd):
+def test_fio_randwrite_two_jobs_over_multi_conn_verifies(cluster, nbd, tmp_path):
     with cluster.client(0) as client:
         client.vdi_create("fio", 64 * MiB)
     assert nbdinfo_json(nbd.uri("fio"))["can_multi_conn"] is True
     # randwrite, then fio's own verify phase reading every block back (do_verify=1).
-    jobs = fio(nbd.uri("fio"), "--do_verify=1")
+    jobs = fio(nbd.uri("fio"), "--do_verify=1", aux_path=str(tmp_path))
     assert [job["write"]["io_bytes"] for job in jobs] == [32 * MiB, 32 * MiB]
     assert [job["read"]["io_bytes"] for job in jobs] == [32 * MiB, 32 * MiB]
     # A separate verify pass on new connections: what was written stayed written.
-    jobs = fio(nbd.uri("fio"), "--verify_only=1")
+    jobs = fio(nbd.uri("fio"), "--verify_only=1", aux_path=str(tmp_path))
     assert [job["read"]["io_bytes"] for job in jobs] == [32 * MiB, 32 * MiB]
     assert used(cluster, "fio") == 64 * MiB
 

@@ -177,10 +177,10 @@ def start_nbdkit(host: netns.Host, gateways: list[netns.Host],
     return process
 
 
-def fio_inside(host: netns.Host, *extra: str) -> list[str]:
+def fio_inside(host: netns.Host, *extra: str, aux_path: str) -> list[str]:
     """The tests' fio run (sheep.testing.nbd.fio_command) inside host, on its nbdkit."""
     return ["ip", "netns", "exec", host.namespace,
-            *fio_command(f"nbd://127.0.0.1:{NBD_PORT}/disk", *extra)]
+            *fio_command(f"nbd://127.0.0.1:{NBD_PORT}/disk", *extra, aux_path=aux_path)]
 
 
 def lock_holder(host: netns.Host) -> str | None:
@@ -207,7 +207,7 @@ def test_the_nbd_gateways_host_cut_off_during_writes_the_client_fails_over(
     a, b, cut = network.hosts
     nbdkit = start_nbdkit(a, [cut, b], str(tmp_path / "nbdkit.log"))
     # 32 MiB at 2 MiB/s: the job is still writing when the link goes.
-    fio = subprocess.Popen(fio_inside(a, "--verify_backlog=32", "--rate=,2m"),
+    fio = subprocess.Popen(fio_inside(a, "--verify_backlog=32", "--rate=,2m", aux_path=str(tmp_path)),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         cut_id = node_id(cut)
@@ -235,7 +235,7 @@ def test_the_nbd_gateways_host_cut_off_during_writes_the_client_fails_over(
     # What fio wrote, read back by a fresh nbdkit on b alone.
     stop_process(nbdkit)
     nbdkit = start_nbdkit(a, [b], str(tmp_path / "nbdkit-verify.log"))
-    verify = subprocess.run(fio_inside(a, "--verify_only=1"), capture_output=True,
+    verify = subprocess.run(fio_inside(a, "--verify_only=1", aux_path=str(tmp_path)), capture_output=True,
                             text=True, timeout=180)
     assert fio_jobs(verify.returncode, verify.stdout, verify.stderr)[0]["read"]["io_bytes"] \
         == 32 * MiB
@@ -246,7 +246,7 @@ def test_the_nbd_gateways_host_cut_off_during_writes_the_client_fails_over(
     wait_for(lambda: settled(network.hosts), 60, "recovery")
     stop_process(nbdkit)
     start_nbdkit(a, [cut], str(tmp_path / "nbdkit-returned.log"))
-    verify = subprocess.run(fio_inside(a, "--verify_only=1"), capture_output=True,
+    verify = subprocess.run(fio_inside(a, "--verify_only=1", aux_path=str(tmp_path)), capture_output=True,
                             text=True, timeout=180)
     assert fio_jobs(verify.returncode, verify.stdout, verify.stderr)[0]["read"]["io_bytes"] \
         == 32 * MiB

@@ -294,7 +294,8 @@ class PatternWriter:
 
 @needs_tools("nbdkit", "qemu-io", "fio", packages="nbdkit, nbdkit-plugin-python, qemu-utils, fio")
 @pytest.mark.parametrize("victim", ["gateway", "replica"])
-def test_nbd_clients_see_no_error_through_a_sigkill_and_a_join(make_cluster, make_nbd, victim):
+def test_nbd_clients_see_no_error_through_a_sigkill_and_a_join(make_cluster, make_nbd, victim,
+                                                                tmp_path):
     """qemu-io (writes and pattern-checked reads) and fio (randwrite with crc32c
     verification, 8 requests in flight) run through one nbdkit while a sheep is
     SIGKILLed (the plugin's gateway, or a sheep holding replicas of what is written)
@@ -312,7 +313,7 @@ def test_nbd_clients_see_no_error_through_a_sigkill_and_a_join(make_cluster, mak
 
     writer = PatternWriter(server.uri("patterns"), 48 * MiB, seed=7)
     fio = subprocess.Popen(fio_command(server.uri("fio"), "--verify_backlog=32",
-                                       "--rate=,4m"),
+                                       "--rate=,4m", aux_path=str(tmp_path)),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     writer.thread.start()
     try:
@@ -349,7 +350,8 @@ def test_nbd_clients_see_no_error_through_a_sigkill_and_a_join(make_cluster, mak
     assert read_vdi(cluster, newcomer.index, "patterns", 48 * MiB) == image
     # A fresh nbdkit on the newcomer alone: fio reads every block back and verifies it.
     fresh = make_nbd([newcomer.port])
-    verify = subprocess.run(fio_command(fresh.uri("fio"), "--verify_only=1"),
+    verify = subprocess.run(fio_command(fresh.uri("fio"), "--verify_only=1",
+                                        aux_path=str(tmp_path)),
                             capture_output=True, text=True, timeout=120)
     jobs = fio_jobs(verify.returncode, verify.stdout, verify.stderr)
     assert jobs[0]["read"]["io_bytes"] == 32 * MiB

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -214,6 +216,50 @@ def test_wipe_drops_every_object(store: Store) -> None:
     store.sync_done(job)
     assert store.create_and_write(3, 0, b"fresh") == 1
     assert store.read(3, 0, 5) == b"fresh"
+
+
+def test_a_wipe_between_the_steps_of_a_sync_voids_it(store: Store) -> None:
+    """A format wipes the store while the peer's sync may be between its steps (files
+    synced in a worker thread, commit still to come, then sync_done on the loop):
+    nothing of that sync may bring the wiped objects back."""
+    store.create_and_write(1, 0, b"data")
+    store.sync()
+    store.write(1, 0, b"more")
+    store.create_and_write(2, 0, b"new")
+    job = store.begin_sync()
+    store.sync_files(job)
+    store.wipe()
+    store.meta_executor.submit(store.commit, job).result()
+    store.sync_done(job)
+    assert store.list_oids() == [] and store.version(1) == 0 and store.version(2) == 0
+    assert store.create_and_write(2, 0, b"after") == 1
+    store = reopen(store)
+    assert store.version(1) == 0 and store.version(2) == 1
+    assert store.read(2, 0, 5) == b"after"
+    store.close()
+
+
+def test_a_wipe_waits_for_the_commit_under_way(store: Store) -> None:
+    """A sync's commit already running on the metadata thread when the wipe comes:
+    the wipe's own commit goes after it, and drops what it wrote."""
+    store.create_and_write(1, 0, b"data")
+    job = store.begin_sync()
+    store.sync_files(job)
+    running = threading.Event()
+    go_on = threading.Event()
+    store.meta_executor.submit(lambda: (running.set(), go_on.wait(10)))
+    commit = store.meta_executor.submit(store.commit, job)
+    running.wait(10)
+    wipe = threading.Thread(target=store.wipe)
+    wipe.start()
+    time.sleep(0.05)  # the wipe is waiting for the metadata thread, or done
+    go_on.set()
+    commit.result()
+    wipe.join(10)
+    store.sync_done(job)
+    store = reopen(store)
+    assert store.version(1) == 0
+    store.close()
 
 
 def test_objects_survive_reopen(store: Store) -> None:

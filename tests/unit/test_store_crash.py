@@ -58,11 +58,15 @@ class Model:
             table[block].add(bytes(content[block * sums.BLOCK:(block + 1) * sums.BLOCK]))
 
     def created(self, oid: int) -> None:
-        """A create is a truncate (on disk at once) and then unsynced data."""
+        """A create is a truncate (on disk at once) and then unsynced data; until a
+        sync its directory entry may not land (the file vanishes), or an unlinked
+        file of the same name may come back in its place."""
         content = self.current[oid]
         assert content is not None
-        self.allowed[oid] = [{bytes(sums.BLOCK)} for _ in range(blocks)]
+        before = self.allowed.get(oid, [set() for _ in range(blocks)])
+        self.allowed[oid] = [{bytes(sums.BLOCK)} | old for old in before]
         self.changed(oid, 0, object_size)
+        self.may_be_absent.add(oid)
 
 
 def new_store(tmp_path: Path, io: FaultyIO | None = None) -> Store:
@@ -119,10 +123,10 @@ def step(store: Store, model: Model, rng: random.Random) -> None:
             model.synced(each)
 
 
-def crash(store: Store, io: FaultyIO) -> None:
+def crash(store: Store, io: FaultyIO, lose_all: bool = False) -> None:
     """Power loss: the disk keeps what it keeps; the process and its memory are gone
     (LMDB's environment is closed without anything more: its commits are synced)."""
-    io.power_loss()
+    io.power_loss(lose_all)
     store._fds.clear()
     assert store._env is not None
     store._env.close()
@@ -165,6 +169,31 @@ def test_power_loss_at_random_points_loses_only_unsynced_writes(tmp_path: Path, 
         store.open()
         check_after_restart(store, model)
     assert crashes == 60
+    store.close()
+
+
+def test_new_and_removed_files_are_durable_once_synced(tmp_path: Path) -> None:
+    """A sync (or a FUA write) makes the directory entries of the files it covers
+    durable too: a new object's entry, and a removed one's absence."""
+    io = FaultyIO()
+    store = new_store(tmp_path, io)
+    store.create_and_write(0x11, 0, b"flushed")
+    store.create_and_write(0x33, 0, b"removed")
+    store.sync()
+    store.remove(0x33)
+    store.sync()
+    store.create_and_write(0x22, 0, b"written with FUA")
+    store.write(0x22, 0, b"W", fua=True)
+    store.create_and_write(0x44, 0, b"never synced")
+    crash(store, io, lose_all=True)
+    store = Store(store.path, io=io)
+    store.open()
+    assert store.read(0x11, 0, 7) == b"flushed"
+    assert store.read(0x22, 0, 16) == b"Written with FUA"
+    assert not store.exists(0x33) and store.stat(0x33)["deleted"] is True
+    assert not store.exists(0x44)  # its entry never reached the disk: nor its metadata
+    with pytest.raises(NoObject):
+        store.read(0x44, 0, 1)
     store.close()
 
 
@@ -230,6 +259,28 @@ def test_flipped_bytes_are_an_io_error_naming_the_block(tmp_path: Path) -> None:
         store.read(0x33, 0, object_size)
     assert store.read(0x33, 0, 3 * sums.BLOCK) == bytes([0x33]) * 3 * sums.BLOCK
     assert store.verify(0x33) == [3] and store.verify(0x44) == []
+    store.close()
+
+
+def test_a_partial_change_of_a_damaged_block_fails_and_keeps_the_damage(
+        tmp_path: Path) -> None:
+    """A write or discard covering part of a block merges it with what the block
+    holds: that is verified first, or a new checksum would bless the damage."""
+    store = damaged_store(tmp_path)
+    with open(store.object_path(0x33), "r+b") as file:
+        file.seek(3 * sums.BLOCK + 17)
+        file.write(b"\x00")
+    store = reopened(store)
+    version = store.version(0x33)
+    with pytest.raises(IOErrorResult, match="0000000000000033: checksum mismatch in block 3"):
+        store.write(0x33, 3 * sums.BLOCK + 100, b"new")
+    with pytest.raises(IOErrorResult, match="checksum mismatch in block 3"):
+        store.discard(0x33, 2 * sums.BLOCK, sums.BLOCK + 10)
+    assert store.verify(0x33) == [3] and store.version(0x33) == version
+    assert store.read(0x33, 2 * sums.BLOCK, sums.BLOCK) == bytes([0x33]) * sums.BLOCK
+    store.write(0x33, 4 * sums.BLOCK + 100, b"ok")  # a sound block takes it
+    store.write(0x33, 3 * sums.BLOCK, b"w" * sums.BLOCK)  # a whole block replaces it
+    assert store.verify(0x33) == []
     store.close()
 
 
