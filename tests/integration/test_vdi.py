@@ -393,6 +393,48 @@ def cluster_file(cluster: LocalCluster, index: int, oid: int) -> bytes:
         return file.read()
 
 
+# --- copies ----------------------------------------------------------------------------------
+
+
+def stores_holding(cluster: LocalCluster, oid: int, marker: bytes) -> list[int]:
+    """Indexes of the sheep whose object file for oid holds marker."""
+    return [index for index in cluster.object_files(oid)
+            if marker in cluster_file(cluster, index, oid)]
+
+
+def test_a_deleted_snapshots_data_keeps_its_vdis_copies_through_recovery(tmp_path):
+    """A copies=3 VDI in a copies=2 cluster: what it wrote before a snapshot stays in the
+    snapshot's generation, which its live tree still reaches after the snapshot is
+    deleted. Recovery after a join must keep it on 3 stores, not the cluster's 2."""
+    marker = b"copies=3, written before the snapshot" * 1800  # 65 KB
+    with LocalCluster(str(tmp_path), nodes=4) as cluster:
+        cluster.start()
+        cluster.format(copies=2, object_size=object_size)
+        with cluster.client(0) as client:
+            client.vdi_create("k", 32 * MiB, copies=3)
+            handle = client.vdi_open("k", writable=True)["handle"]
+            client.vdi_write(handle, 0, marker)
+            oid = client.vdi_object("k", 0)["oid"]
+            client.vdi_snapshot("k", "s")
+            client.vdi_write(handle, 8 * MiB, b"after" * 800)
+            client.vdi_close(handle)
+            client.vdi_delete("k", snapshot="s")
+            assert client.vdi_object("k", 0)["oid"] == oid, "still shared with the live tree"
+        assert len(stores_holding(cluster, oid, marker)) == 3
+        cluster.start(cluster.add().index)
+        cluster.wait_recovered()
+        with cluster.client(4) as client:
+            stat = client.stat(oid)
+            assert stat["copies"] == 3
+            placed = {cluster.index_of(replica["endpoint"]) for replica in stat["replicas"]}
+            assert len(placed) == 3
+            # Surplus copies go once the placement's copies are durable: wait for that.
+            wait_for(lambda: set(stores_holding(cluster, oid, marker)) == placed, 20,
+                     "the copies where the placement puts them")
+            handle = client.vdi_open("k")["handle"]
+            assert client.vdi_read(handle, 0, len(marker)) == marker
+
+
 # --- locks -----------------------------------------------------------------------------------
 
 
