@@ -87,9 +87,12 @@ class Vdi:
     attrs: dict[str, str] = field(default_factory=dict)
     lock: dict[str, str] | None = None  # {"node_id", "session"}
     # Its lock went with a node that left: writes of that holder may have reached some
-    # replicas and not others. The next writer settles every object of the VDI's
-    # writable generation (newest copy everywhere) before it writes; see VdiService.
+    # replicas and not others. The next open, writable or not, settles every object of
+    # the VDI's writable generation (newest copy everywhere) first; see VdiService.
     unsettled: bool = False
+    # How many times a leave released its lock: names each unsettling, so a settle
+    # made without the lock (a reader's) clears only the unsettling it began after.
+    releases: int = 0
     # The frozen generations the writable tree started from, newest first: it may
     # still reach their objects, whether or not their snapshots still exist.
     lineage: list[int] = field(default_factory=list)
@@ -119,7 +122,7 @@ class Vdi:
                 "copies": self.copies, "root": self.root.to_json(),
                 "snapshots": [s.to_json() for s in self.snapshots], "parent": self.parent,
                 "attrs": dict(self.attrs), "lock": self.lock, "unsettled": self.unsettled,
-                "lineage": list(self.lineage)}
+                "lineage": list(self.lineage), "releases": self.releases}
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> Vdi:
@@ -127,7 +130,8 @@ class Vdi:
                    float(value["ctime"]), int(value["copies"]), Root.from_json(value["root"]),
                    [Snapshot.from_json(s) for s in value["snapshots"]], value["parent"],
                    dict(value["attrs"]), value["lock"], bool(value.get("unsettled", False)),
-                   [int(g) for g in value.get("lineage", [])])
+                   releases=int(value.get("releases", 0)),
+                   lineage=[int(g) for g in value.get("lineage", [])])
 
 
 @dataclass
@@ -189,6 +193,7 @@ class VdiRegistry:
             if vdi.lock is not None and vdi.lock.get("node_id") == node_id:
                 vdi.lock = None
                 vdi.unsettled = True
+                vdi.releases += 1
                 released.append(vdi.name)
         return released
 
@@ -426,11 +431,16 @@ class VdiRegistry:
 
     def _settled(self, body: dict[str, Any], time: float, copies: int, object_size: int,
                  zones: int) -> Outcome:
-        """The lock holder made every copy of the VDI agree (see Vdi.unsettled)."""
+        """Every copy of the VDI was made to agree (see Vdi.unsettled): by the lock
+        holder, or, while nobody holds the lock, by a reader that began after the
+        latest release (a writer that took the lock and died since unsettled it anew)."""
         vdi = self._get(body)
         if isinstance(vdi, Outcome):
             return vdi
-        if vdi.lock is not None and vdi.lock.get("session") == body.get("session"):
+        if vdi.lock is None:
+            if body.get("releases") == vdi.releases:
+                vdi.unsettled = False
+        elif vdi.lock.get("session") == body.get("session"):
             vdi.unsettled = False
         return Outcome(value=vdi.to_json())
 

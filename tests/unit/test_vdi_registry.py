@@ -309,6 +309,23 @@ def test_release_node_drops_its_locks(r):
     assert r("vdi_lock", name="base", node_id="n3", session="s3").result == Result.SUCCESS
 
 
+def test_a_settle_without_the_lock_clears_only_the_unsettling_it_began_after(r):
+    """A reader settles with no lock: its vdi_settled names the release it saw. A writer
+    that locked, died and so unsettled the VDI again meanwhile is not cleared by it."""
+    r("vdi_lock", name="base", node_id="n1", session="s1")
+    r.registry.release_node("n1")
+    seen = r.vdi("base").releases
+    assert r.vdi("base").unsettled and seen == 1
+    r("vdi_lock", name="base", node_id="n2", session="s2")
+    assert r("vdi_settled", name="base", session=None, releases=seen).result == Result.SUCCESS
+    assert r.vdi("base").unsettled, "the lock is held: only its holder settles"
+    r.registry.release_node("n2")
+    r("vdi_settled", name="base", session=None, releases=seen)
+    assert r.vdi("base").unsettled, "unsettled anew by a later release"
+    r("vdi_settled", name="base", session=None, releases=r.vdi("base").releases)
+    assert not r.vdi("base").unsettled
+
+
 def test_setattr_and_delete_attr(r):
     assert r("vdi_setattr", name="base", key="k", value="v").result == Result.SUCCESS
     assert r.vdi("base").attrs == {"k": "v"}
@@ -328,6 +345,8 @@ def test_to_json_round_trip(r):
     r.snapshot("base", "s1", base=node(1))
     r("vdi_clone", source="base", snapshot="s1", name="c", base=node(1))
     r("vdi_setattr", name="c", key="k", value="v")
+    r("vdi_lock", name="base", node_id="n2", session="s2")
+    r.registry.release_node("n2")
     r("vdi_lock", name="c", node_id="n1", session="s1", owner="me")
     r.snapshot("c", "t", base=node(1))
     value = r.registry.to_json()
