@@ -25,7 +25,7 @@ from sheep import constants, proto
 from sheep.errors import IOErrorResult, NoObject, NoSpace, ReadOnly, Unverified
 from sheep.group import Group
 from sheep.net import Reply
-from sheep.proto import Header, Op
+from sheep.proto import Header, Kind, Op
 from sheep.store import Store
 from sheep.store.store import SyncJob, pending_objects_max
 
@@ -63,6 +63,7 @@ class Peer:
             Op.STAT_PEER: self.stat,
             Op.LIST_PEER: self.list_objects,
         }
+        proto.check_handlers(self.handlers, {Kind.PEER}, "Peer.handlers")
 
     async def serve(self, header: Header, payload: bytes) -> Reply:
         if header.opcode != Op.LIST_PEER:

@@ -43,7 +43,7 @@ from sheep.errors import (
 from sheep.gateway import Gateway, fenced_message
 from sheep.group import Group
 from sheep.net import Reply, Session
-from sheep.proto import FLAG_FUA, Header, Op
+from sheep.proto import FLAG_FUA, Header, Kind, Op
 from sheep.vdi import Root, VdiEngine, check_range
 from sheep.vdi_registry import Snapshot, Vdi, vdi_size_max
 
@@ -185,6 +185,8 @@ class VdiService:
             Op.VDI_OBJECT: self.locate,
             Op.VDI_UNLOCK: self.unlock,
         }
+        proto.check_handlers(self.io, {Kind.VDI}, "VdiService.io")
+        proto.check_handlers(self.admin, {Kind.VDI_ADMIN}, "VdiService.admin")
 
     @property
     def engine(self) -> VdiEngine:
