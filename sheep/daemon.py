@@ -23,6 +23,7 @@ from sheep.cluster.driver import ClusterDriver, Snapshot
 from sheep.cluster_state import ApplyResult, ClusterState, Event, EventKind, Status, format_problem
 from sheep.errors import (
     NotFormatted,
+    PermissionDenied,
     Result,
     SheepError,
     ShuttingDown,
@@ -33,7 +34,7 @@ from sheep.errors import (
 from sheep.gateway import Gateway, PeerPool
 from sheep.group import Group
 from sheep.net import Reply, Server, Session
-from sheep.node import NodeInfo
+from sheep.node import NodeInfo, from_member
 from sheep.peer import Peer
 from sheep.proto import Header, Kind, Op
 from sheep.recovery import Recoverer, Verifier
@@ -113,6 +114,7 @@ class Sheep:
             Op.REWEIGHT: self.reweight,
             Op.SET_SCRUB: self.set_scrub,
         }
+        proto.check_handlers(self.admin, {Kind.ADMIN}, "Sheep.admin")
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -398,6 +400,8 @@ class Sheep:
             if info.kind is Kind.PEER:  # the gateway saw a format that has not reached us yet
                 raise Unavailable("this sheep has not applied the format yet")
             raise NotFormatted()
+        if info.caller is proto.Caller.PEER:
+            await self._check_member(header, session)
         if info.kind is Kind.PEER:
             return await self.peer.serve(header, payload)
         assert self.vdis is not None
@@ -406,6 +410,16 @@ class Sheep:
         if info.kind is Kind.VDI_ADMIN:
             return await self.vdis.serve_admin(header, payload)
         return await self.gateway.serve(header, payload)
+
+    async def _check_member(self, header: Header, session: Session) -> None:
+        """Refuse a peer op from a connection that is not from a member (from_member).
+        A node that has just joined may reach us before its join does: its request
+        carries its epoch, which we wait for, as the peer side waits for epochs."""
+        while not from_member(session.peer, self.group.state.members.values()):
+            if header.epoch <= self.group.epoch or not await self.group.wait_epoch_after(
+                    self.group.epoch, constants.epoch_wait_ms / 1000):
+                raise PermissionDenied(f"{proto.OPS[Op(header.opcode)].name} is for cluster"
+                                       f" members only, and {session.peer} is not one")
 
     async def _member_connection(self, node_id: str) -> Connection:
         node = self.group.state.members.get(node_id)

@@ -44,6 +44,7 @@ class Result(enum.IntEnum):
     TOO_FEW_ZONES = 21
     SYSTEM = 22
     UNVERIFIED = 23  # this copy may be stale (its node was away): read another
+    PERMISSION_DENIED = 24  # the caller may not send this op (see proto.Caller)
 
 
 class SheepError(Exception):
@@ -100,6 +101,9 @@ TooFewZones = _define(
 SystemFailure = _define("SystemFailure", Result.SYSTEM, EXIT_SYSTEM, "system error")
 Unverified = _define(
     "Unverified", Result.UNVERIFIED, EXIT_FAILURE, "this copy is not verified current yet")
+PermissionDenied = _define(
+    "PermissionDenied", Result.PERMISSION_DENIED, EXIT_FAILURE,
+    "permission denied: this connection may not send this operation")
 
 _by_result: dict[Result, type[SheepError]] = {
     cls.result: cls
@@ -107,7 +111,7 @@ _by_result: dict[Result, type[SheepError]] = {
         UnknownError, InvalidParameters, NoObject, IOErrorResult, NoSpace, OldNodeVersion,
         NewNodeVersion, NotFormatted, AlreadyFormatted, Exists, NoVdi, NoTag, VdiLocked,
         ReadOnly, ShuttingDown, Unavailable, BadRequest, UnknownOp, NetworkError, Timeout,
-        TooFewZones, SystemFailure, Unverified,
+        TooFewZones, SystemFailure, Unverified, PermissionDenied,
     )
 }
 assert set(_by_result) == set(Result) - {Result.SUCCESS}, "every failure code has a class"

@@ -141,6 +141,7 @@ class Gateway:
             Op.STAT_OBJ: self.stat,
             Op.CHECK_OBJS: self.check,
         }
+        proto.check_handlers(self.handlers, {proto.Kind.GATEWAY}, "Gateway.handlers")
 
     async def serve(self, header: Header, payload: bytes) -> Reply:
         """A client's object request. arg1, when set, overrides the copies of placement."""

@@ -33,17 +33,13 @@ class Group:
         """Per-generation facts from the VDI registry, recomputed once per applied event."""
         if self._vdi_view_seq == self.state.seq:
             return
-        copies: dict[int, int] = {}
-        for vdi in self.state.vdis.vdis.values():
-            copies[vdi.root.generation] = vdi.copies
-            for snap in vdi.snapshots:
-                copies[snap.root.generation] = vdi.copies
-        self._copies_by_generation = copies
+        self._copies_by_generation = self.state.vdis.copies_by_generation()
         self._writable = self.state.vdis.writable_generations()
         self._vdi_view_seq = self.state.seq
 
     def copies_for(self, oid: int) -> int:
-        """How many copies an object keeps: its VDI's setting, else the cluster's."""
+        """How many copies an object keeps: the most any VDI that may reach its
+        generation keeps, else the cluster's."""
         if oid_type(oid) in _vdi_types:
             self._vdi_view()
             copies = self._copies_by_generation.get(oid_generation(oid))

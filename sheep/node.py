@@ -7,6 +7,8 @@ directory is the same node, and two stores on one address are never confused.
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -46,3 +48,24 @@ def zone_for_address(address: str, port: int) -> int:
     import zlib
 
     return zlib.crc32(f"{address}:{port}".encode())
+
+
+def from_member(peer: Any, members: Iterable[NodeInfo]) -> bool:
+    """Whether a connection comes from a member's host, by its remote address (asyncio's
+    peername, or what a simulated network supplies): until connections carry
+    credentials, that is all the evidence there is. No address (a unix socket) is no
+    member. A member's connections must leave from the address it advertises."""
+    if not isinstance(peer, tuple) or not peer or not isinstance(peer[0], str):
+        return False
+    host = _canonical_address(peer[0])
+    return any(_canonical_address(node.address) == host for node in members)
+
+
+def _canonical_address(address: str) -> str:
+    """One spelling per address: 127.0.0.1 as itself and as ::ffff:127.0.0.1."""
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return address  # a host name: compared as written
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return str(mapped or ip)

@@ -24,7 +24,7 @@ from sheep import constants, proto
 from sheep.errors import IOErrorResult, NoObject, NoSpace, ReadOnly, SheepError, Unverified
 from sheep.group import Group
 from sheep.net import Reply
-from sheep.proto import Header, Op
+from sheep.proto import Header, Kind, Op
 from sheep.store import Store
 from sheep.store.store import SyncJob, pending_objects_max
 from sheep.world import Clock
@@ -65,6 +65,7 @@ class Peer:
             Op.STAT_PEER: self.stat,
             Op.LIST_PEER: self.list_objects,
         }
+        proto.check_handlers(self.handlers, {Kind.PEER}, "Peer.handlers")
 
     async def serve(self, header: Header, payload: bytes) -> Reply:
         if header.opcode != Op.LIST_PEER:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 import json
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -52,12 +53,23 @@ class Kind(enum.Enum):
     VDI_ADMIN = "vdi_admin"  # VDI management: JSON in, JSON out
 
 
+class Caller(enum.Enum):
+    """Who may send an op: the capability it needs. Kind says who serves an op; this
+    says who may ask for it, and is what a connection's credentials are checked
+    against (today only PEER is: by the connection's address, in Sheep.dispatch)."""
+
+    CLIENT = "client"  # VDI and object I/O, VDI management, reading the cluster's state
+    PEER = "peer"  # replica traffic between sheep: cluster members only
+    ADMIN = "admin"  # changes to the cluster or a node, repairs, inventories, forced unlocks
+
+
 @dataclass(frozen=True)
 class OpInfo:
     name: str
     kind: Kind
     request: Payload
     reply: Payload
+    caller: Caller
 
 
 class Op(enum.IntEnum):
@@ -111,46 +123,66 @@ class Op(enum.IntEnum):
     VDI_UNLOCK = 0x4B
 
 
+_NONE, _DATA, _JSON = Payload.NONE, Payload.DATA, Payload.JSON  # the table's columns fit a line
+
 OPS: dict[Op, OpInfo] = {
-    Op.CREATE_AND_WRITE_OBJ: OpInfo("create_and_write_obj", Kind.GATEWAY, Payload.DATA, Payload.NONE),
-    Op.READ_OBJ: OpInfo("read_obj", Kind.GATEWAY, Payload.NONE, Payload.DATA),
-    Op.WRITE_OBJ: OpInfo("write_obj", Kind.GATEWAY, Payload.DATA, Payload.NONE),
-    Op.REMOVE_OBJ: OpInfo("remove_obj", Kind.GATEWAY, Payload.NONE, Payload.NONE),
-    Op.DISCARD_OBJ: OpInfo("discard_obj", Kind.GATEWAY, Payload.NONE, Payload.NONE),
-    Op.FLUSH: OpInfo("flush", Kind.GATEWAY, Payload.NONE, Payload.NONE),
-    Op.STAT_OBJ: OpInfo("stat_obj", Kind.GATEWAY, Payload.NONE, Payload.JSON),
-    Op.CHECK_OBJS: OpInfo("check_objs", Kind.GATEWAY, Payload.JSON, Payload.JSON),
-    Op.CREATE_AND_WRITE_PEER: OpInfo("create_and_write_peer", Kind.PEER, Payload.DATA, Payload.NONE),
-    Op.READ_PEER: OpInfo("read_peer", Kind.PEER, Payload.NONE, Payload.DATA),
-    Op.WRITE_PEER: OpInfo("write_peer", Kind.PEER, Payload.DATA, Payload.NONE),
-    Op.REMOVE_PEER: OpInfo("remove_peer", Kind.PEER, Payload.NONE, Payload.NONE),
-    Op.DISCARD_PEER: OpInfo("discard_peer", Kind.PEER, Payload.NONE, Payload.NONE),
-    Op.FLUSH_PEER: OpInfo("flush_peer", Kind.PEER, Payload.NONE, Payload.NONE),
-    Op.STAT_PEER: OpInfo("stat_peer", Kind.PEER, Payload.NONE, Payload.JSON),
-    Op.LIST_PEER: OpInfo("list_peer", Kind.PEER, Payload.NONE, Payload.JSON),
-    Op.CLUSTER_INFO: OpInfo("cluster_info", Kind.ADMIN, Payload.NONE, Payload.JSON),
-    Op.FORMAT: OpInfo("format", Kind.ADMIN, Payload.JSON, Payload.JSON),
-    Op.SHUTDOWN: OpInfo("shutdown", Kind.ADMIN, Payload.NONE, Payload.NONE),
-    Op.NODE_INFO: OpInfo("node_info", Kind.ADMIN, Payload.NONE, Payload.JSON),
-    Op.NODE_LIST: OpInfo("node_list", Kind.ADMIN, Payload.NONE, Payload.JSON),
-    Op.KILL_NODE: OpInfo("kill_node", Kind.ADMIN, Payload.NONE, Payload.NONE),
-    Op.PING: OpInfo("ping", Kind.ADMIN, Payload.NONE, Payload.JSON),
-    Op.FORCE_RECOVER: OpInfo("force_recover", Kind.ADMIN, Payload.NONE, Payload.JSON),
-    Op.SET_RECOVERY: OpInfo("set_recovery", Kind.ADMIN, Payload.JSON, Payload.JSON),
-    Op.REWEIGHT: OpInfo("reweight", Kind.ADMIN, Payload.JSON, Payload.JSON),
-    Op.SET_SCRUB: OpInfo("set_scrub", Kind.ADMIN, Payload.JSON, Payload.JSON),
-    Op.VDI_OPEN: OpInfo("vdi_open", Kind.VDI, Payload.JSON, Payload.JSON),
-    Op.VDI_CLOSE: OpInfo("vdi_close", Kind.VDI, Payload.NONE, Payload.NONE),
-    Op.VDI_READ: OpInfo("vdi_read", Kind.VDI, Payload.NONE, Payload.DATA),
-    Op.VDI_WRITE: OpInfo("vdi_write", Kind.VDI, Payload.DATA, Payload.NONE),
-    Op.VDI_DISCARD: OpInfo("vdi_discard", Kind.VDI, Payload.NONE, Payload.NONE),
-    Op.VDI_EXTENTS: OpInfo("vdi_extents", Kind.VDI, Payload.NONE, Payload.JSON),
-    **{op: OpInfo(op.name.lower(), Kind.VDI_ADMIN, Payload.JSON, Payload.JSON) for op in (
+    Op.CREATE_AND_WRITE_OBJ: OpInfo("create_and_write_obj", Kind.GATEWAY, _DATA, _NONE, Caller.CLIENT),
+    Op.READ_OBJ: OpInfo("read_obj", Kind.GATEWAY, _NONE, _DATA, Caller.CLIENT),
+    Op.WRITE_OBJ: OpInfo("write_obj", Kind.GATEWAY, _DATA, _NONE, Caller.CLIENT),
+    Op.REMOVE_OBJ: OpInfo("remove_obj", Kind.GATEWAY, _NONE, _NONE, Caller.CLIENT),
+    Op.DISCARD_OBJ: OpInfo("discard_obj", Kind.GATEWAY, _NONE, _NONE, Caller.CLIENT),
+    Op.FLUSH: OpInfo("flush", Kind.GATEWAY, _NONE, _NONE, Caller.CLIENT),
+    Op.STAT_OBJ: OpInfo("stat_obj", Kind.GATEWAY, _NONE, _JSON, Caller.CLIENT),
+    Op.CHECK_OBJS: OpInfo("check_objs", Kind.GATEWAY, _JSON, _JSON, Caller.ADMIN),  # dog cluster check
+    Op.CREATE_AND_WRITE_PEER: OpInfo("create_and_write_peer", Kind.PEER, _DATA, _NONE, Caller.PEER),
+    Op.READ_PEER: OpInfo("read_peer", Kind.PEER, _NONE, _DATA, Caller.PEER),
+    Op.WRITE_PEER: OpInfo("write_peer", Kind.PEER, _DATA, _NONE, Caller.PEER),
+    Op.REMOVE_PEER: OpInfo("remove_peer", Kind.PEER, _NONE, _NONE, Caller.PEER),
+    Op.DISCARD_PEER: OpInfo("discard_peer", Kind.PEER, _NONE, _NONE, Caller.PEER),
+    Op.FLUSH_PEER: OpInfo("flush_peer", Kind.PEER, _NONE, _NONE, Caller.PEER),
+    Op.STAT_PEER: OpInfo("stat_peer", Kind.PEER, _NONE, _JSON, Caller.PEER),
+    # An inventory, no replica traffic: recovery asks members, dog cluster check asks
+    # every node from wherever the operator runs it.
+    Op.LIST_PEER: OpInfo("list_peer", Kind.PEER, _NONE, _JSON, Caller.ADMIN),
+    # Reading the cluster's state is for clients too: the NBD plugin lists the nodes
+    # to fail over, every client pings, sheep ask each other for these as well.
+    Op.CLUSTER_INFO: OpInfo("cluster_info", Kind.ADMIN, _NONE, _JSON, Caller.CLIENT),
+    Op.NODE_INFO: OpInfo("node_info", Kind.ADMIN, _NONE, _JSON, Caller.CLIENT),
+    Op.NODE_LIST: OpInfo("node_list", Kind.ADMIN, _NONE, _JSON, Caller.CLIENT),
+    Op.PING: OpInfo("ping", Kind.ADMIN, _NONE, _JSON, Caller.CLIENT),
+    Op.FORMAT: OpInfo("format", Kind.ADMIN, _JSON, _JSON, Caller.ADMIN),
+    Op.SHUTDOWN: OpInfo("shutdown", Kind.ADMIN, _NONE, _NONE, Caller.ADMIN),
+    Op.KILL_NODE: OpInfo("kill_node", Kind.ADMIN, _NONE, _NONE, Caller.ADMIN),
+    Op.FORCE_RECOVER: OpInfo("force_recover", Kind.ADMIN, _NONE, _JSON, Caller.ADMIN),
+    Op.SET_RECOVERY: OpInfo("set_recovery", Kind.ADMIN, _JSON, _JSON, Caller.ADMIN),
+    Op.REWEIGHT: OpInfo("reweight", Kind.ADMIN, _JSON, _JSON, Caller.ADMIN),
+    Op.SET_SCRUB: OpInfo("set_scrub", Kind.ADMIN, _JSON, _JSON, Caller.ADMIN),
+    Op.VDI_OPEN: OpInfo("vdi_open", Kind.VDI, _JSON, _JSON, Caller.CLIENT),
+    Op.VDI_CLOSE: OpInfo("vdi_close", Kind.VDI, _NONE, _NONE, Caller.CLIENT),
+    Op.VDI_READ: OpInfo("vdi_read", Kind.VDI, _NONE, _DATA, Caller.CLIENT),
+    Op.VDI_WRITE: OpInfo("vdi_write", Kind.VDI, _DATA, _NONE, Caller.CLIENT),
+    Op.VDI_DISCARD: OpInfo("vdi_discard", Kind.VDI, _NONE, _NONE, Caller.CLIENT),
+    Op.VDI_EXTENTS: OpInfo("vdi_extents", Kind.VDI, _NONE, _JSON, Caller.CLIENT),
+    **{op: OpInfo(op.name.lower(), Kind.VDI_ADMIN, _JSON, _JSON, Caller.CLIENT) for op in (
         Op.VDI_CREATE, Op.VDI_DELETE, Op.VDI_SNAPSHOT, Op.VDI_CLONE, Op.VDI_ROLLBACK,
-        Op.VDI_RESIZE, Op.VDI_LIST, Op.VDI_SETATTR, Op.VDI_GETATTR, Op.VDI_OBJECT,
-        Op.VDI_UNLOCK)},
+        Op.VDI_RESIZE, Op.VDI_LIST, Op.VDI_SETATTR, Op.VDI_GETATTR, Op.VDI_OBJECT)},
+    # Takes another session's lock away (dog vdi unlock): the operator's call.
+    Op.VDI_UNLOCK: OpInfo("vdi_unlock", Kind.VDI_ADMIN, _JSON, _JSON, Caller.ADMIN),
 }
 assert set(OPS) == set(Op), "every opcode has an entry in the op table"
+assert all(info.kind is Kind.PEER for info in OPS.values() if info.caller is Caller.PEER), \
+    "an op only members may send is one a sheep serves from its own store"
+
+
+def check_handlers(table: Mapping[Op, object], kinds: set[Kind], owner: str) -> None:
+    """Fail loudly, where a handler table is built, unless it serves exactly the ops of
+    these kinds: an op added to OPS without a handler must never reach dispatch."""
+    expected = {op for op, info in OPS.items() if info.kind in kinds}
+    missing, extra = expected - set(table), set(table) - expected
+    if missing or extra:
+        raise AssertionError(
+            f"{owner} does not match the op table: missing {sorted(op.name for op in missing)}"
+            f", unexpected {sorted(op.name for op in extra)}")
 
 # Ops whose offset and count address bytes of a VDI.
 VDI_RANGE_OPS = frozenset({Op.VDI_READ, Op.VDI_WRITE, Op.VDI_DISCARD, Op.VDI_EXTENTS})

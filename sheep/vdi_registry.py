@@ -11,6 +11,11 @@ clone and rollback give a VDI a fresh generation whose tree starts from a
 frozen root node: O(1), no data moves. The generations that are some VDI's
 current one are the writable generations; stores refuse writes to any other.
 
+A tree reaches objects of its own generation and of the frozen ones it started
+from, so each root carries its lineage: those earlier generations, newest
+first. A deleted snapshot's generation lives on in the lineage of the trees
+that still share its objects, and keeps their copies (copies_by_generation).
+
 The handlers validate everything and answer errors as results; they never
 raise for bad input. The gateway resolves the I/O facts an op needs (which
 root node is in effect) before broadcasting it, so applying stays pure.
@@ -56,15 +61,17 @@ class Snapshot:
     time: float
     size: int
     root: Root
+    lineage: list[int] = field(default_factory=list)  # see Vdi.lineage
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "tag": self.tag, "time": self.time, "size": self.size,
-                "root": self.root.to_json()}
+                "root": self.root.to_json(), "lineage": list(self.lineage)}
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> Snapshot:
         return cls(int(value["id"]), str(value["tag"]), float(value["time"]),
-                   int(value["size"]), Root.from_json(value["root"]))
+                   int(value["size"]), Root.from_json(value["root"]),
+                   [int(g) for g in value.get("lineage", [])])
 
 
 @dataclass
@@ -80,9 +87,23 @@ class Vdi:
     attrs: dict[str, str] = field(default_factory=dict)
     lock: dict[str, str] | None = None  # {"node_id", "session"}
     # Its lock went with a node that left: writes of that holder may have reached some
-    # replicas and not others. The next writer settles every object of the VDI's
-    # writable generation (newest copy everywhere) before it writes; see VdiService.
+    # replicas and not others. The next open, writable or not, settles every object of
+    # the VDI's writable generation (newest copy everywhere) first; see VdiService.
     unsettled: bool = False
+    # How many times a leave released its lock: names each unsettling, so a settle
+    # made without the lock (a reader's) clears only the unsettling it began after.
+    releases: int = 0
+    # The frozen generations the writable tree started from, newest first: it may
+    # still reach their objects, whether or not their snapshots still exist.
+    lineage: list[int] = field(default_factory=list)
+
+    def generations(self) -> set[int]:
+        """Every generation this VDI's trees (current and snapshots) may reach."""
+        reached = {self.root.generation, *self.lineage}
+        for snap in self.snapshots:
+            reached.add(snap.root.generation)
+            reached.update(snap.lineage)
+        return reached
 
     def snapshot(self, ref: Any) -> Snapshot | None:
         """A snapshot by tag, or by id (an int, or digits)."""
@@ -100,14 +121,17 @@ class Vdi:
         return {"id": self.id, "name": self.name, "size": self.size, "ctime": self.ctime,
                 "copies": self.copies, "root": self.root.to_json(),
                 "snapshots": [s.to_json() for s in self.snapshots], "parent": self.parent,
-                "attrs": dict(self.attrs), "lock": self.lock, "unsettled": self.unsettled}
+                "attrs": dict(self.attrs), "lock": self.lock, "unsettled": self.unsettled,
+                "lineage": list(self.lineage), "releases": self.releases}
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> Vdi:
         return cls(int(value["id"]), str(value["name"]), int(value["size"]),
                    float(value["ctime"]), int(value["copies"]), Root.from_json(value["root"]),
                    [Snapshot.from_json(s) for s in value["snapshots"]], value["parent"],
-                   dict(value["attrs"]), value["lock"], bool(value.get("unsettled", False)))
+                   dict(value["attrs"]), value["lock"], bool(value.get("unsettled", False)),
+                   releases=int(value.get("releases", 0)),
+                   lineage=[int(g) for g in value.get("lineage", [])])
 
 
 @dataclass
@@ -144,6 +168,16 @@ class VdiRegistry:
     def writable_generations(self) -> set[int]:
         return {vdi.root.generation for vdi in self.vdis.values()}
 
+    def copies_by_generation(self) -> dict[int, int]:
+        """Every generation some live tree may reach, with the most copies kept by the
+        VDIs reaching it: a frozen generation shared by a VDI and its clones, or left
+        behind by a deleted snapshot, keeps the copies of the VDIs that still read it."""
+        copies: dict[int, int] = {}
+        for vdi in self.vdis.values():
+            for generation in vdi.generations():
+                copies[generation] = max(copies.get(generation, 0), vdi.copies)
+        return copies
+
     def by_generation(self, generation: int) -> Vdi | None:
         for vdi in self.vdis.values():
             if vdi.root.generation == generation:
@@ -159,6 +193,7 @@ class VdiRegistry:
             if vdi.lock is not None and vdi.lock.get("node_id") == node_id:
                 vdi.lock = None
                 vdi.unsettled = True
+                vdi.releases += 1
                 released.append(vdi.name)
         return released
 
@@ -288,9 +323,10 @@ class VdiRegistry:
         generation = self._new_generation()
         if generation is None:
             return _fail(Result.NO_SPACE, "no generation numbers left")
-        snap = Snapshot(self._new_id(), str(tag), time, vdi.size, vdi.root)
+        snap = Snapshot(self._new_id(), str(tag), time, vdi.size, vdi.root, list(vdi.lineage))
         vdi.snapshots.append(snap)
         vdi.root = Root(generation, vdi.root.depth, base)
+        vdi.lineage = [snap.root.generation, *vdi.lineage]
         return Outcome(value={"snapshot": snap.to_json(), "vdi": vdi.to_json()})
 
     def _clone(self, body: dict[str, Any], time: float, copies: int, object_size: int,
@@ -318,7 +354,8 @@ class VdiRegistry:
         vdi = Vdi(self._new_id(), name, snap.size, time, source.copies,
                   Root(generation, snap.root.depth, base),
                   parent={"vdi": source.name, "vdi_id": source.id, "snapshot": snap.id,
-                          "tag": snap.tag})
+                          "tag": snap.tag},
+                  lineage=[snap.root.generation, *snap.lineage])
         self.vdis[name] = vdi
         return Outcome(value=vdi.to_json())
 
@@ -342,6 +379,7 @@ class VdiRegistry:
             return _fail(Result.NO_SPACE, "no generation numbers left")
         dead = vdi.root
         vdi.root = Root(generation, snap.root.depth, base)
+        vdi.lineage = [snap.root.generation, *snap.lineage]
         vdi.size = snap.size
         return Outcome(value={"dead": [dead.to_json()], "vdi": vdi.to_json()})
 
@@ -393,11 +431,16 @@ class VdiRegistry:
 
     def _settled(self, body: dict[str, Any], time: float, copies: int, object_size: int,
                  zones: int) -> Outcome:
-        """The lock holder made every copy of the VDI agree (see Vdi.unsettled)."""
+        """Every copy of the VDI was made to agree (see Vdi.unsettled): by the lock
+        holder, or, while nobody holds the lock, by a reader that began after the
+        latest release (a writer that took the lock and died since unsettled it anew)."""
         vdi = self._get(body)
         if isinstance(vdi, Outcome):
             return vdi
-        if vdi.lock is not None and vdi.lock.get("session") == body.get("session"):
+        if vdi.lock is None:
+            if body.get("releases") == vdi.releases:
+                vdi.unsettled = False
+        elif vdi.lock.get("session") == body.get("session"):
             vdi.unsettled = False
         return Outcome(value=vdi.to_json())
 
@@ -456,6 +499,11 @@ class VdiRegistry:
             for item_id in [vdi.id, *(s.id for s in vdi.snapshots)]:
                 assert 0 < item_id < self.next_id and item_id not in ids
                 ids.add(item_id)
+            # A tree starts from frozen generations older than its own.
+            for root, lineage in [(vdi.root, vdi.lineage),
+                                  *((s.root, s.lineage) for s in vdi.snapshots)]:
+                assert lineage == sorted(lineage, reverse=True), "newest first"
+                assert all(0 < g < root.generation for g in lineage)
             # Snapshots are frozen earlier states, in the order taken.
             assert all(s.root.generation < vdi.root.generation for s in vdi.snapshots)
             assert [s.id for s in vdi.snapshots] == sorted(s.id for s in vdi.snapshots)

@@ -42,7 +42,7 @@ from sheep.errors import (
 from sheep.gateway import Gateway, fenced_message
 from sheep.group import Group
 from sheep.net import Reply, Session
-from sheep.proto import FLAG_FUA, Header, Op
+from sheep.proto import FLAG_FUA, Header, Kind, Op
 from sheep.vdi import Root, VdiEngine, check_range
 from sheep.vdi_registry import Snapshot, Vdi, vdi_size_max
 
@@ -159,6 +159,9 @@ class VdiService:
         self.objects = GatewayObjects(gateway)
         self._engine: VdiEngine | None = None
         self._gates: dict[str, WriteGate] = {}
+        # Settles for read-only opens, shared by the opens that wait for the same one:
+        # (name, releases) -> the settle under way.
+        self._settling: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._handles = itertools.count(1)
         self.io: dict[Op, Callable[[Header, bytes, Session], Awaitable[Reply]]] = {
             Op.VDI_OPEN: self.open,
@@ -181,6 +184,8 @@ class VdiService:
             Op.VDI_OBJECT: self.locate,
             Op.VDI_UNLOCK: self.unlock,
         }
+        proto.check_handlers(self.io, {Kind.VDI}, "VdiService.io")
+        proto.check_handlers(self.admin, {Kind.VDI_ADMIN}, "VdiService.admin")
 
     @property
     def engine(self) -> VdiEngine:
@@ -280,17 +285,33 @@ class VdiService:
             vdi = self._vdi(vdi.name)
             if vdi.unsettled:
                 await self._settle(vdi, session)
+        elif snap is None and vdi.unsettled:
+            await self._settle_for_reader(vdi)
         size = snap.size if snap else vdi.size
         value = {"handle": handle_id, "name": vdi.name, "id": vdi.id, "size": size,
                  "snapshot": snap.id if snap else None, "writable": writable,
                  "object_size": self.group.state.object_size}
         return proto.encode_json(value), {}
 
-    async def _settle(self, vdi: Vdi, session: Session) -> None:
+    async def _settle_for_reader(self, vdi: Vdi) -> None:
+        """A read-only open of an unsettled VDI settles it too: reads are served from
+        the gateway's own replica first, so without it two readers through different
+        sheep could see the half-applied write and not see it. One settle per sheep
+        at a time for each unsettling; the opens that come meanwhile wait for it."""
+        key = (vdi.name, vdi.releases)
+        settling = self._settling.get(key)
+        if settling is None:
+            settling = asyncio.get_running_loop().create_task(self._settle(vdi, None))
+            self._settling[key] = settling
+            settling.add_done_callback(lambda _: self._settling.pop(key, None))
+        await asyncio.shield(settling)
+
+    async def _settle(self, vdi: Vdi, session: Session | None) -> None:
         """The previous writer's sheep left holding the lock: a write it had in flight
         may have reached some replicas only. Before this session writes (a new write
         would give every replica the same version and hide the difference for good),
-        each object of the writable generation gets its newest copy everywhere."""
+        or reads (session None: see _settle_for_reader), each object of the writable
+        generation gets its newest copy everywhere."""
         root_node = await self.engine.root_node(vdi.root)
         oids = [oid for oid in await self.engine.walk(root_node)
                 if radix.generation_of(oid) == vdi.root.generation]
@@ -303,7 +324,9 @@ class VdiService:
 
         reports = await asyncio.gather(*(check(oid) for oid in oids))
         repaired = sum(1 for report in reports if report.get("repaired"))
-        await self.broadcast({"type": "vdi_settled", "name": vdi.name, "session": session.id})
+        await self.broadcast({"type": "vdi_settled", "name": vdi.name,
+                              "session": session.id if session else None,
+                              "releases": vdi.releases})
         log.warning("VDI %s: its previous writer's sheep left holding the lock; %d objects "
                     "checked, %d made to agree, in %.1f s", vdi.name, len(oids), repaired,
                     self.gateway.clock.monotonic() - started)

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from sheep import world
 from sheep.client import SyncClient
 from sheep.cluster.memory import MemoryBus, MemoryDriver
+from sheep.cluster_state import EventKind
 from sheep.daemon import Sheep, SheepConfig
 from sheep.store import Store
 from sheep.testing.cluster import free_port
@@ -64,6 +65,17 @@ class InProcessCluster:
     def crash(self, index: int) -> None:
         """Stop a sheep without leaving: the others see a death."""
         self.run(self.sheep[index].stop(leave=False))
+
+    def declare_dead(self, index: int) -> None:
+        """Log a sheep's death while it still runs, as a driver does when its session
+        is lost: its locks go with the leave, not with a clean unlock."""
+        node = self.sheep[index].node
+        assert node is not None
+
+        async def leave() -> None:
+            self.bus.append(EventKind.LEAVE, node_id=node.node_id, reason="dead")
+
+        self.run(leave())
 
     def close(self) -> None:
         for sheep in self.sheep:

@@ -25,6 +25,7 @@ from sheep.errors import ReadOnly, VdiLocked
 from sheep.oid import ObjectType, oid_generation, oid_index, oid_type
 from sheep.proto import Header, Op
 from sheep.testing.cluster import LocalCluster
+from sheep.testing.inprocess import InProcessCluster
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -388,9 +389,98 @@ def test_a_write_half_applied_by_a_dead_writer_is_settled_before_the_next_writer
     assert len(reads) == 1
 
 
+def test_readers_through_different_sheep_agree_on_a_write_its_dead_writer_half_applied(
+        tmp_path):
+    """As above, but nobody writes next: two read-only opens through the two holders.
+    Reads are served from the gateway's own replica first, so without settling the
+    read-only open each reader would see its own replica's bytes."""
+    with InProcessCluster(str(tmp_path), nodes=3) as cluster:
+        with cluster.client(0) as client:
+            client.format(2, object_size)
+            client.vdi_create("halfway", 8 * MiB)
+            handle = client.vdi_open("halfway", writable=True)["handle"]
+            client.vdi_write(handle, 0, b"\x11" * 4096)
+            client.vdi_close(handle)
+            oid = client.vdi_object("halfway", 0)["oid"]
+            stat = client.stat(oid)
+        holders = [cluster.ports.index(int(replica["endpoint"].rpartition(":")[2]))
+                   for replica in stat["replicas"]]
+        writer = next(index for index in range(3) if index not in holders)
+        version = max(replica["version"] for replica in stat["replicas"])
+        with cluster.client(writer) as client:
+            client.vdi_open("halfway", writable=True, owner="doomed")
+
+            async def half_write() -> None:  # what the writer sent before it died
+                connection = await Connection.open("127.0.0.1", cluster.ports[holders[0]])
+                try:
+                    await connection.call(Header(opcode=Op.WRITE_PEER, epoch=stat["epoch"],
+                                                 oid=oid, count=4096, arg0=version + 1),
+                                          b"\x22" * 4096)
+                finally:
+                    connection.close()
+
+            asyncio.run(half_write())
+            cluster.declare_dead(writer)  # the lock goes with the leave: unsettled
+        for index in holders:
+            with cluster.client(index) as client:
+                wait_for(lambda: client.vdi_list(["halfway"], usage=False)[0]["unsettled"],  # noqa: B023
+                         lock_release_max_s, "the dead writer's lock released")
+        reads = set()
+        for index in holders:
+            with cluster.client(index) as client:
+                handle = client.vdi_open("halfway")["handle"]
+                reads.add(bytes(client.vdi_read(handle, 0, 4096)))
+                client.vdi_close(handle)
+        assert len(reads) == 1, "both readers see the same outcome of the half write"
+        with cluster.client(holders[1]) as client:
+            assert client.vdi_list(["halfway"], usage=False)[0]["unsettled"] is False
+
+
 def cluster_file(cluster: LocalCluster, index: int, oid: int) -> bytes:
     with open(cluster.object_path(index, oid), "rb") as file:
         return file.read()
+
+
+# --- copies ----------------------------------------------------------------------------------
+
+
+def stores_holding(cluster: LocalCluster, oid: int, marker: bytes) -> list[int]:
+    """Indexes of the sheep whose object file for oid holds marker."""
+    return [index for index in cluster.object_files(oid)
+            if marker in cluster_file(cluster, index, oid)]
+
+
+def test_a_deleted_snapshots_data_keeps_its_vdis_copies_through_recovery(tmp_path):
+    """A copies=3 VDI in a copies=2 cluster: what it wrote before a snapshot stays in the
+    snapshot's generation, which its live tree still reaches after the snapshot is
+    deleted. Recovery after a join must keep it on 3 stores, not the cluster's 2."""
+    marker = b"copies=3, written before the snapshot" * 1800  # 65 KB
+    with LocalCluster(str(tmp_path), nodes=4) as cluster:
+        cluster.start()
+        cluster.format(copies=2, object_size=object_size)
+        with cluster.client(0) as client:
+            client.vdi_create("k", 32 * MiB, copies=3)
+            handle = client.vdi_open("k", writable=True)["handle"]
+            client.vdi_write(handle, 0, marker)
+            oid = client.vdi_object("k", 0)["oid"]
+            client.vdi_snapshot("k", "s")
+            client.vdi_write(handle, 8 * MiB, b"after" * 800)
+            client.vdi_close(handle)
+            client.vdi_delete("k", snapshot="s")
+            assert client.vdi_object("k", 0)["oid"] == oid, "still shared with the live tree"
+        assert len(stores_holding(cluster, oid, marker)) == 3
+        cluster.start(cluster.add().index)
+        cluster.wait_recovered()
+        with cluster.client(4) as client:
+            stat = client.stat(oid)
+            assert stat["copies"] == 3
+            placed = {cluster.index_of(replica["endpoint"]) for replica in stat["replicas"]}
+            assert len(placed) == 3
+            # Surplus copies go once the placement's copies are durable: wait for that.
+            wait_for(lambda: set(stores_holding(cluster, oid, marker)) == placed, 20,
+                     "the copies where the placement puts them")
+            handle = client.vdi_open("k")["handle"]
+            assert client.vdi_read(handle, 0, len(marker)) == marker
 
 
 # --- locks -----------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,11 +15,14 @@ from sheep.proto import (
     FLAG_REPLY,
     HEADER_SIZE,
     OPS,
+    Caller,
     FrameDecoder,
     Header,
+    Kind,
     Op,
     Payload,
     ProtocolError,
+    check_handlers,
     decode_json,
     encode,
     encode_json,
@@ -283,3 +288,54 @@ def test_decoder_large_payloads_received_in_place_any_split(sizes, data):
         frames += decoder.buffer_updated(count)
     assert summary(frames) == list(enumerate(payloads))
     assert decoder.buffered_bytes == 0
+
+
+# --- who may send which op ----------------------------------------------------------------
+
+
+def test_every_op_names_the_caller_it_needs():
+    assert all(isinstance(info.caller, Caller) for info in OPS.values())
+    replica_traffic = {op for op in Op if op.name.endswith("_PEER") and op is not Op.LIST_PEER}
+    assert {op for op, info in OPS.items() if info.caller is Caller.PEER} == replica_traffic
+    assert OPS[Op.FORMAT].caller is Caller.ADMIN and OPS[Op.VDI_WRITE].caller is Caller.CLIENT
+    assert OPS[Op.NODE_LIST].caller is Caller.CLIENT, "the NBD plugin lists nodes to fail over"
+
+
+def test_check_handlers_fires_for_a_missing_or_an_unexpected_op():
+    peer_ops = {op for op, info in OPS.items() if info.kind is Kind.PEER}
+    table = dict.fromkeys(peer_ops, "handler")
+    check_handlers(table, {Kind.PEER}, "Peer.handlers")
+    del table[Op.STAT_PEER]
+    with pytest.raises(AssertionError, match=r"Peer.handlers .* missing \['STAT_PEER'\]"):
+        check_handlers(table, {Kind.PEER}, "Peer.handlers")
+    table[Op.STAT_PEER] = table[Op.READ_OBJ] = "handler"
+    with pytest.raises(AssertionError, match=r"unexpected \['READ_OBJ'\]"):
+        check_handlers(table, {Kind.PEER}, "Peer.handlers")
+
+
+@pytest.mark.parametrize("kind", [Kind.PEER, Kind.GATEWAY, Kind.ADMIN, Kind.VDI, Kind.VDI_ADMIN])
+def test_an_op_added_without_a_handler_fails_at_construction(monkeypatch, tmp_path, kind):
+    """As if an op of this kind were added to the table and nobody wrote its handler:
+    here an op of another kind is moved over."""
+    from sheep.cluster.memory import MemoryBus, MemoryDriver
+    from sheep.cluster_state import ClusterState
+    from sheep.daemon import Sheep, SheepConfig
+    from sheep.gateway import Gateway, PeerPool
+    from sheep.group import Group
+    from sheep.peer import Peer
+    from sheep.store import Store
+    from sheep.vdi_service import VdiService
+
+    op = Op.PING if kind is Kind.VDI_ADMIN else Op.VDI_UNLOCK
+    monkeypatch.setitem(OPS, op, dataclasses.replace(OPS[op], kind=kind))
+    group = Group(ClusterState())
+    store = Store(str(tmp_path))
+    builders = {
+        Kind.PEER: lambda: Peer(store, group),
+        Kind.GATEWAY: lambda: Gateway(group, Peer(store, group), "n", PeerPool()),
+        Kind.ADMIN: lambda: Sheep(SheepConfig(str(tmp_path)), store, MemoryDriver(MemoryBus())),
+        Kind.VDI: lambda: VdiService(group, None, "n", None, None),  # type: ignore[arg-type]
+    }
+    builders[Kind.VDI_ADMIN] = builders[Kind.VDI]
+    with pytest.raises(AssertionError, match=rf"does not match the op table: missing \['{op.name}'\]"):
+        builders[kind]()

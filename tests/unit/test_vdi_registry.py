@@ -217,6 +217,44 @@ def test_deleting_the_source_of_a_clone_keeps_the_clone(r):
     assert r.registry.writable_generations() == {r.vdi("c").root.generation}
 
 
+def test_a_deleted_snapshots_generation_keeps_the_copies_of_the_vdi_sharing_it(r):
+    """The VDI's tree started from the snapshot's: it still reaches that generation's
+    objects after the snapshot is gone, so they keep the VDI's copies."""
+    r("vdi_create", name="k", size=GiB, copies=2)
+    frozen = r.vdi("k").root.generation
+    r.snapshot("k", "s", base=node(frozen))
+    assert r("vdi_delete", name="k", snapshot="s").result == Result.SUCCESS
+    assert r.vdi("k").lineage == [frozen]
+    assert r.registry.copies_by_generation()[frozen] == 2
+
+
+def test_lineage_follows_snapshots_clones_and_rollbacks(r):
+    r.snapshot("base", "s1", base=node(1))  # generation 1 frozen, 2 writable
+    r.snapshot("base", "s2", base=node(2))  # 2 frozen, 3 writable
+    assert r.vdi("base").lineage == [2, 1]
+    assert r.vdi("base").snapshot("s2").lineage == [1]
+    r("vdi_clone", source="base", snapshot="s2", name="c", base=node(2))
+    assert r.vdi("c").lineage == [2, 1]
+    r("vdi_rollback", name="base", snapshot="s1", base=node(1))
+    assert r.vdi("base").lineage == [1]
+    assert r.vdi("base").generations() == {1, 2, 5}  # its own, s1's, s2's
+
+
+def test_a_generation_shared_by_vdis_with_different_copies_keeps_the_most(r):
+    r.snapshot("base", "s1", base=node(1))
+    r("vdi_clone", source="base", snapshot="s1", name="c", base=node(1))
+    r.vdi("c").copies = 2  # clones take their source's copies today; this one differs
+    r("vdi_delete", name="base")  # the clone alone reaches generation 1 now
+    assert r.registry.copies_by_generation()[1] == 2
+    r.vdi("c").copies = 1
+    r.snapshot("c", "t", base=node(r.vdi("c").root.generation))
+    r("vdi_clone", source="c", snapshot="t", name="d", base=node(1))
+    r.vdi("d").copies = 3
+    copies = r.registry.copies_by_generation()
+    assert copies[1] == 3, "reached by c (1 copy) and d (3 copies)"
+    assert copies[r.vdi("c").root.generation] == 1
+
+
 def test_ids_and_generations_are_never_reused(r):
     r("vdi_delete", name="base")
     r("vdi_create", name="base", size=MiB)
@@ -271,6 +309,23 @@ def test_release_node_drops_its_locks(r):
     assert r("vdi_lock", name="base", node_id="n3", session="s3").result == Result.SUCCESS
 
 
+def test_a_settle_without_the_lock_clears_only_the_unsettling_it_began_after(r):
+    """A reader settles with no lock: its vdi_settled names the release it saw. A writer
+    that locked, died and so unsettled the VDI again meanwhile is not cleared by it."""
+    r("vdi_lock", name="base", node_id="n1", session="s1")
+    r.registry.release_node("n1")
+    seen = r.vdi("base").releases
+    assert r.vdi("base").unsettled and seen == 1
+    r("vdi_lock", name="base", node_id="n2", session="s2")
+    assert r("vdi_settled", name="base", session=None, releases=seen).result == Result.SUCCESS
+    assert r.vdi("base").unsettled, "the lock is held: only its holder settles"
+    r.registry.release_node("n2")
+    r("vdi_settled", name="base", session=None, releases=seen)
+    assert r.vdi("base").unsettled, "unsettled anew by a later release"
+    r("vdi_settled", name="base", session=None, releases=r.vdi("base").releases)
+    assert not r.vdi("base").unsettled
+
+
 def test_setattr_and_delete_attr(r):
     assert r("vdi_setattr", name="base", key="k", value="v").result == Result.SUCCESS
     assert r.vdi("base").attrs == {"k": "v"}
@@ -290,7 +345,10 @@ def test_to_json_round_trip(r):
     r.snapshot("base", "s1", base=node(1))
     r("vdi_clone", source="base", snapshot="s1", name="c", base=node(1))
     r("vdi_setattr", name="c", key="k", value="v")
+    r("vdi_lock", name="base", node_id="n2", session="s2")
+    r.registry.release_node("n2")
     r("vdi_lock", name="c", node_id="n1", session="s1", owner="me")
+    r.snapshot("c", "t", base=node(1))
     value = r.registry.to_json()
     again = VdiRegistry.from_json(value)
     assert again.to_json() == value

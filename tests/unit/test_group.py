@@ -1,0 +1,54 @@
+"""Group: the copies each object keeps, from the cluster state's VDI registry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sheep import radix
+from sheep.cluster_state import ClusterState, Event, EventKind
+from sheep.constants import MiB
+from sheep.errors import Result
+from sheep.group import Group
+from sheep.node import NodeInfo
+from sheep.oid import ObjectType, make_oid
+
+
+class Cluster:
+    def __init__(self, members: int, copies: int) -> None:
+        self.state = ClusterState()
+        self.group = Group(self.state)
+        for number in range(members):
+            node = NodeInfo(node_id=f"n{number}", address="127.0.0.1", port=7000 + number,
+                            zone=number, vnodes=16)
+            self.event(EventKind.JOIN, node=node)
+        assert self.op({"type": "format", "copies": copies, "object_size": 4 * MiB}) \
+            == Result.SUCCESS
+
+    def event(self, kind: EventKind, **fields: Any) -> Result:
+        seq = self.state.seq + 1
+        return self.state.apply(Event(seq=seq, kind=kind, time=float(seq), **fields)).result
+
+    def op(self, body: dict[str, Any]) -> Result:
+        return self.event(EventKind.OP, op_id=f"op{self.state.seq + 1}", body=body)
+
+
+def test_a_deleted_snapshots_objects_keep_their_vdis_copies() -> None:
+    """A copies=3 VDI in a copies=2 cluster: what it wrote before a snapshot stays in
+    the snapshot's generation, which its tree still reaches after the snapshot is
+    deleted, so those objects keep 3 copies, not the cluster's 2."""
+    cluster = Cluster(members=4, copies=2)
+    assert cluster.op({"type": "vdi_create", "name": "k", "size": 32 * MiB,
+                       "copies": 3}) == Result.SUCCESS
+    frozen = cluster.state.vdis.vdis["k"].root.generation
+    before = make_oid(ObjectType.DATA, frozen, 0)
+    assert cluster.group.copies_for(before) == 3
+    assert cluster.op({"type": "vdi_snapshot", "name": "k", "tag": "s", "generation": frozen,
+                       "base": radix.node_oid(frozen, 1, 0)}) == Result.SUCCESS
+    writable = cluster.state.vdis.vdis["k"].root.generation
+    assert cluster.op({"type": "vdi_delete", "name": "k", "snapshot": "s"}) == Result.SUCCESS
+    assert cluster.group.copies_for(before) == 3
+    assert cluster.group.copies_for(make_oid(ObjectType.DATA, writable, 2)) == 3
+    assert cluster.group.is_frozen(frozen) and not cluster.group.is_frozen(writable)
+    assert cluster.group.copies_for(make_oid(ObjectType.RAW, frozen, 0)) == 2
+    assert cluster.op({"type": "vdi_delete", "name": "k"}) == Result.SUCCESS
+    assert cluster.group.copies_for(before) == 2, "no live tree reaches it any more"
