@@ -54,7 +54,6 @@ from sheep.errors import (
     Exists,
     NetworkError,
     NoTag,
-    NoVdi,
     SheepError,
     ShuttingDown,
     Timeout,
@@ -65,7 +64,6 @@ from sheep.store import Store
 from sheep.testing.faulty import FaultyIO
 from sheep.testing.simworld import (
     Deadlock,
-    Host,
     InlineExecutor,
     SimBus,
     SimClock,
