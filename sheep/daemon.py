@@ -141,7 +141,7 @@ class Sheep:
                                self._member_connection)
         if self.group.state.status is not Status.WAIT_FOR_FORMAT:
             # What this store holds may have changed elsewhere while it was away.
-            self.peer.unverified = set(self.store.list_oids())
+            self.peer.health.start_unverified(self.store.list_oids())
         await self.server.start(listener)
         self.driver.applied_seq = lambda: self.group.state.seq
         self.driver.snapshot_source = self._snapshot
@@ -158,12 +158,12 @@ class Sheep:
         self.recoverer.trigger()
         self.scrubber = Scrubber(self.peer, self.group, self.gateway)
         self._tasks.append(asyncio.get_running_loop().create_task(self.scrubber.run()))
-        if self.peer.unverified:
+        if self.peer.health.unverified_count:
             self._start_verifier()
 
     def _start_verifier(self) -> None:
         assert self.peer is not None and self.gateway is not None and self.node is not None
-        log.info("verifying %d copies against the other replicas", len(self.peer.unverified))
+        log.info("verifying %d copies against the other replicas", self.peer.health.unverified_count)
         if self._verifier is not None and not self._verifier.done():
             return  # the running one goes on until every copy is verified
         verifier = Verifier(self.store, self.peer, self.group, self.gateway, self.node.node_id)
@@ -316,7 +316,7 @@ class Sheep:
             # Declared dead while alive (a lost driver session): writes went on without
             # us, so every copy here is suspect until compared again, as after a restart.
             log.warning("this sheep was declared dead; it joins again with its copies unverified")
-            self.peer.unverified = set(self.store.list_oids())
+            self.peer.health.start_unverified(self.store.list_oids())
             self._start_verifier()
         if result.shutdown and not self.stopping:
             log.info("cluster shutdown requested")
@@ -482,8 +482,8 @@ class Sheep:
             "store": self.store.path, "pid": os.getpid(), "version": __version__,
             "recovery": self.recoverer.status() if self.recoverer else None,
             "integrity": {**self.store.counters, "checksums": self.store.checksums,
-                          "damaged": len(self.peer.damaged) if self.peer else 0,
-                          "repaired": self.peer.repaired if self.peer else 0,
+                          "damaged": self.peer.health.damaged_count if self.peer else 0,
+                          "repaired": self.peer.health.repaired if self.peer else 0,
                           "scrub": self.scrubber.status() if self.scrubber else None},
             "uptime": self.clock.wall() - self.started_at,
         }

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sheep import constants, proto
+from sheep import constants, proto, replicas
 from sheep.client import Connection, raise_failed
 from sheep.errors import (
     InvalidParameters,
@@ -37,6 +37,7 @@ from sheep.net import Reply
 from sheep.node import NodeInfo
 from sheep.peer import Peer
 from sheep.proto import Header, Op
+from sheep.replicas import Answer, Copy, CopyStatus
 from sheep.world import REAL, Network, World
 
 log = logging.getLogger(__name__)
@@ -467,26 +468,25 @@ class Gateway:
         return None
 
     async def stats(self, oid: int, nodes: list[NodeInfo], epoch: int,
-                    tolerant: bool = False, scrub: bool = False) -> list[Any]:
+                    tolerant: bool = False, scrub: bool = False) -> list[Answer]:
         """Each node's STAT of its copy, None where it has none. A failure to reach a
-        node propagates, or with tolerant stands in the list in that node's place.
-        With scrub, each node verifies every block of its copy first."""
+        node (or a malformed reply) propagates, or with tolerant stands in the list in
+        that node's place. With scrub, each node verifies every block of its copy first."""
         stat = Header(opcode=Op.STAT_OBJ, oid=oid, flags=proto.FLAG_SCRUB if scrub else 0)
         results = await asyncio.gather(*(self.call(node, stat, b"", epoch) for node in nodes),
                                        return_exceptions=True)
-        values = [None if isinstance(r, NoObject) else r if isinstance(r, BaseException)
-                  else proto.decode_json(r[0]) for r in results]
+        values = [_copy_status(result) for result in results]
         for value in values:
             if isinstance(value, BaseException) and not tolerant:
                 raise value
         return values
 
     async def newest(self, oid: int, nodes: list[NodeInfo], epoch: int,
-                     verified_only: bool = False) -> tuple[int, bool, NodeInfo] | None:
-        """(version, removed, node) of the newest copy among nodes, or None if none has
-        one. A removal's tombstone counts, as a copy that says 'removed'."""
-        return newest_copy(zip(nodes, await self.stats(oid, nodes, epoch), strict=True),
-                       verified_only)
+                     verified_only: bool = False) -> Copy[NodeInfo] | None:
+        """The newest copy among nodes (sheep/replicas.py), or None if none has one. A
+        removal's tombstone counts, as a copy that says 'removed'."""
+        return replicas.newest(zip(nodes, await self.stats(oid, nodes, epoch), strict=True),
+                               verified_only)
 
     async def read_copy(self, node: NodeInfo, header: Header, epoch: int) -> Reply:
         """Read this node's copy, verified or not (FLAG_DIRECT)."""
@@ -499,12 +499,12 @@ class Gateway:
         with the highest version, whatever its state (a damaged one is passed over)."""
         stats = list(zip(nodes, await self.stats(header.oid, nodes, epoch), strict=True))
         damaged: SheepError | None = None
-        while (best := newest_copy(stats, verified_only=False)) is not None and not best[1]:
+        while (best := replicas.newest(stats, verified_only=False)) is not None and not best.removed:
             try:
-                return await self.read_copy(best[2], header, epoch)
+                return await self.read_copy(best.node, header, epoch)
             except IOErrorResult as error:
                 damaged = error
-                stats = [(node, stat) for node, stat in stats if node != best[2]]
+                stats = [(node, stat) for node, stat in stats if node != best.node]
         if damaged is not None:
             raise damaged
         raise NoObject(f"object {header.oid:016x} does not exist")
@@ -568,27 +568,23 @@ class Gateway:
         result: dict[str, Any] = {"oid": oid, "copies": self.group.copies_for(oid),
                                   "placed": len(nodes), "good": 0, "repaired": []}
         stats = await self.stats(oid, nodes, epoch, tolerant=True, scrub=scrub)
-        result["damaged"] = [node.node_id for node, stat in zip(nodes, stats, strict=True)
-                             if isinstance(stat, dict) and stat.get("damaged")]
         candidates = list(zip(nodes, stats, strict=True))
-        best = newest_copy(candidates, verified_only=True)
+        result["damaged"] = [node.node_id for node, stat in candidates
+                             if isinstance(stat, CopyStatus) and stat.damaged]
+        best = replicas.newest(candidates, verified_only=True)
         if best is None:  # not in the placement: where earlier epochs or a drain left it
             others = [node for node in self.group.state.nodes if node not in nodes]
-            best = newest_copy(zip(others, await self.stats(oid, others, epoch, tolerant=True),
-                               strict=True), verified_only=True)
+            best = replicas.newest(zip(others, await self.stats(oid, others, epoch, tolerant=True),
+                                       strict=True), verified_only=True)
         if best is None:
             result["state"] = "lost"
             return result
-        version, removed, source = best
-        if removed:
+        if best.removed:
             result["state"] = "removed"
             return result
-        source_digest = next((stat.get("digest") for node, stat in candidates
-                              if node == source and isinstance(stat, dict)), None)
-        stale = [node for node, stat in candidates
-                 if not _whole_copy(stat, verified_only=True) or int(stat["version"]) < version
-                 or (scrub and source_digest is not None and stat.get("digest") is not None
-                     and stat["digest"] != source_digest)]
+        version, source = best.version, best.node
+        # With scrub, copies as new as the source but with other contents are stale too.
+        stale = replicas.stale_holders(candidates, best.status, compare_digests=scrub)
         unreachable = [node for node, stat in candidates if isinstance(stat, BaseException)]
         result["good"] = len(nodes) - len(stale)
         repairable = [node for node in stale if node not in unreachable]
@@ -616,27 +612,14 @@ check_batch_max = 1024
 check_concurrency = 8
 
 
-def _whole_copy(stat: Any, verified_only: bool, tombstones: bool = False) -> bool:
-    """A STAT that shows a copy (or a tombstone, if asked): not an error, not a file
-    lost from its store, verified if asked."""
-    return (stat is not None and not isinstance(stat, BaseException)
-            and not stat.get("missing") and (tombstones or not stat.get("deleted"))
-            and not (verified_only and stat.get("unverified")))
-
-
-def newest_copy(candidates: Iterable[tuple[NodeInfo, Any]],
-            verified_only: bool) -> tuple[int, bool, NodeInfo] | None:
-    """(version, removed, node) of the newest copy among (node, stat) pairs; stats that
-    are None (no copy) or errors are skipped, and unverified copies if verified_only."""
-    best: tuple[int, bool, NodeInfo] | None = None
-    best_key: tuple[int, bool, bool] | None = None
-    for node, stat in candidates:
-        if not _whole_copy(stat, verified_only, tombstones=True):
-            continue
-        # A removal bumps the version, so a real tombstone is newer than every copy: at
-        # an equal version a copy wins (that "tombstone" is a file lost from a store),
-        # and a verified copy wins over an unverified one.
-        key = (int(stat["version"]), not stat.get("deleted"), not stat.get("unverified"))
-        if best_key is None or key > best_key:
-            best, best_key = (key[0], bool(stat.get("deleted")), node), key
-    return best
+def _copy_status(result: Reply | BaseException) -> Answer:
+    """One node's STAT reply parsed: None for no copy; a failure, or a malformed
+    reply (a SheepError), stands in its place."""
+    if isinstance(result, NoObject):
+        return None
+    if isinstance(result, BaseException):
+        return result
+    try:
+        return CopyStatus.from_json(proto.decode_json(result[0]))
+    except SheepError as error:
+        return error

@@ -25,6 +25,7 @@ from sheep.errors import IOErrorResult, NoObject, NoSpace, ReadOnly, SheepError,
 from sheep.group import Group
 from sheep.net import Reply
 from sheep.proto import Header, Kind, Op
+from sheep.replicas import CopyHealth, keeps_own
 from sheep.store import Store
 from sheep.store.store import SyncJob, pending_objects_max
 from sheep.world import Clock
@@ -47,10 +48,7 @@ class Peer:
         self.store = store
         self.group = group
         self.node_id = node_id
-        self.unverified: set[int] = set()
-        self.damaged: set[int] = set()  # copies found damaged, waiting for a good copy
-        self.repaired = 0
-        self.scrubbed = 0
+        self.health = CopyHealth()  # which copies here are unverified, damaged
         self._writeback: asyncio.Task[None] | None = None
         self._sync_lock = asyncio.Lock()
         self._free = 0
@@ -85,7 +83,7 @@ class Peer:
                     await asyncio.wait({self._writeback})  # its failure is not this change's
                 await self.store.ensure_intent(header.oid)
             # After the await: a copy found damaged meanwhile must not take the change.
-            if header.oid in self.unverified:
+            if self.health.is_unverified(header.oid):
                 if header.opcode == Op.READ_PEER and not header.flags & proto.FLAG_DIRECT:
                     raise Unverified(f"the copy of {header.oid:016x} here is not verified yet")
                 if header.opcode in (Op.WRITE_PEER, Op.DISCARD_PEER):
@@ -126,17 +124,14 @@ class Peer:
         # may have recovered and changed the object here since the source was read.
         # A repair (FLAG_DIRECT) replaces a copy as new as its source too (damaged, or
         # with other contents), but not one that a write has made newer since.
-        if header.arg0 and header.oid not in self.unverified and self.store.exists(header.oid):
+        if (header.arg0 and not self.health.is_unverified(header.oid)
+                and self.store.exists(header.oid)):
             current = self.store.version(header.oid)
-            repair = bool(header.flags & proto.FLAG_DIRECT)
-            if current > header.arg0 or (current == header.arg0 and not repair):
+            if keeps_own(current, header.arg0, repair=bool(header.flags & proto.FLAG_DIRECT)):
                 return b"", {"arg0": current}
         version = self.store.create_and_write(header.oid, header.offset, payload,
                                               header.arg0 or None)
-        self.unverified.discard(header.oid)  # a whole new copy: current by definition
-        if header.oid in self.damaged:
-            self.damaged.discard(header.oid)
-            self.repaired += 1
+        if self.health.replaced(header.oid):  # a whole new copy: current by definition
             log.warning("damaged copy of %016x replaced by a good one", header.oid)
         if header.flags & proto.FLAG_FUA:
             await self._sync(lambda: self.store.begin_sync_object(header.oid))
@@ -173,10 +168,8 @@ class Peer:
         return data, {"arg0": self.store.version(header.oid)}
 
     def _damaged(self, oid: int, error: SheepError) -> None:
-        if oid not in self.damaged:
+        if self.health.found_damaged(oid):
             log.error("%s", error)
-        self.damaged.add(oid)
-        self.unverified.add(oid)
 
     def _refuse_damaged(self, oid: int, error: SheepError) -> SheepError:
         """A change that met damage (sheep/store: a partial block is verified before
@@ -197,7 +190,7 @@ class Peer:
         return b"", {"arg0": version}
 
     async def remove(self, header: Header, payload: bytes) -> Reply:
-        self.unverified.discard(header.oid)
+        self.health.forget(header.oid)
         self.store.remove(header.oid, header.arg0 or None)
         return _empty
 
@@ -217,9 +210,9 @@ class Peer:
         if header.flags & proto.FLAG_SCRUB:
             self.scrub(header.oid)
         value = self.store.stat(header.oid)
-        if header.oid in self.unverified:
+        if self.health.is_unverified(header.oid):
             value["unverified"] = True
-        if header.oid in self.damaged:
+        if self.health.is_damaged(header.oid):
             value["damaged"] = True
         return proto.encode_json(value), {}
 
@@ -233,13 +226,9 @@ class Peer:
         except IOErrorResult as error:
             log.error("scrub: %s", error)
             bad = [-1]
-        self.scrubbed += 1
-        if bad:
-            if oid not in self.damaged:
-                self.store.counters["checksum_errors"] += 1
-                log.error("scrub: object %016x is damaged in blocks %s", oid, bad[:8])
-            self.damaged.add(oid)
-            self.unverified.add(oid)
+        if self.health.scrubbed(oid, damaged=bool(bad)):
+            self.store.counters["checksum_errors"] += 1
+            log.error("scrub: object %016x is damaged in blocks %s", oid, bad[:8])
         return bad
 
     async def list_objects(self, header: Header, payload: bytes) -> Reply:

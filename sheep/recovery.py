@@ -20,13 +20,14 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from sheep import proto
+from sheep import proto, replicas
 from sheep.cluster_state import Status
 from sheep.errors import NoObject, SheepError
-from sheep.gateway import RETRYABLE, Gateway, newest_copy
+from sheep.gateway import RETRYABLE, Gateway
 from sheep.group import Group
 from sheep.peer import Peer
 from sheep.proto import Header, Op
+from sheep.replicas import CopyStatus
 from sheep.store import Store
 from sheep.world import Clock
 
@@ -57,10 +58,11 @@ class Verifier(_Worker):
         while self.group.state.status is not Status.OK:
             # Waiting for the last epoch's nodes: the newest copy may be on one of them.
             await self.clock.sleep(verify_retry_interval_s)
-        while self.peer.unverified:
+        health = self.peer.health
+        while health.unverified_count:
             replaced = self.replaced
-            for oid in sorted(self.peer.unverified):
-                if oid not in self.peer.unverified:
+            for oid in health.unverified_oids():
+                if not health.is_unverified(oid):
                     continue  # a write or removal settled it meanwhile
                 try:
                     await self.verify(oid)
@@ -68,55 +70,54 @@ class Verifier(_Worker):
                     log.info("cannot verify %016x yet: %s", oid, error)
             if self.replaced != replaced:
                 await self.peer.sync_all()  # replaced copies count once durable
-            if self.peer.unverified:
+            if health.unverified_count:
                 await self.clock.sleep(verify_retry_interval_s)
         log.info("every copy verified (%d kept, %d replaced)", self.verified, self.replaced)
 
     async def verify(self, oid: int) -> None:
         """Compare the copy with every other member's (not only the placement's: after
         nodes came back, the newest copy may sit where an earlier epoch put it). The
-        newest version wins; at an equal version a verified copy whose contents
-        differ (digest) wins over this unverified one."""
+        newest copy wins (sheep/replicas.py: superseded); a damaged copy here that
+        nothing supersedes stays unverified until a good copy turns up."""
         epoch = self.group.epoch
         others = [node for node in self.group.state.nodes if node.node_id != self.node_id]
-        mine = self.store.version(oid)
+        version = self.store.version(oid)
         stats = await self.gateway.stats(oid, others, epoch)  # any failure: try again later
-        best = newest_copy(zip(others, stats, strict=True), verified_only=False)
-        my_digest = self.store.stat(oid).get("digest") if self.store.exists(oid) else None
-        stale = best is not None and (best[0] > mine or (
-            best[0] == mine and not best[1] and _verified(stats, others, best[2])
-            and _digest(stats, others, best[2]) not in (None, my_digest)))
-        if stale and best is not None and oid in self.peer.unverified:
-            version, removed, node = best
-            if removed:
-                try:
-                    self.store.remove(oid, version)
-                except NoObject:
-                    self.store.tombstone(oid, version)
-            else:
-                self.peer.check_space()
-                data, fields = await self.gateway.read_copy(node, _whole(self.group, oid), epoch)
-                if oid not in self.peer.unverified:
-                    return  # a client's write got here first: it is current
-                # The version read with the data: a write may have landed since the stat.
-                version = fields.get("arg0") or version
-                self.store.create_and_write(oid, 0, bytes(data), version)
-            self.replaced += 1
-            log.info("copy of %016x was stale (version %d, newest %d): replaced", oid, mine,
-                     version)
+        best = replicas.newest(zip(others, stats, strict=True), verified_only=False)
+        health = self.peer.health
+        digest = self.store.stat(oid).get("digest") if self.store.exists(oid) else None
+        mine = CopyStatus(version=version, digest=digest, unverified=True,
+                          damaged=health.is_damaged(oid))
+        if best is not None and replicas.superseded(mine, best) and health.is_unverified(oid):
+            await self._replace(oid, mine, best, epoch)
+        elif mine.damaged:
+            log.info("damaged copy of %016x: no good copy to replace it yet", oid)
         else:
             self.verified += 1
-        self.peer.unverified.discard(oid)
+            health.verified(oid)
 
-
-def _verified(stats: list[Any], nodes: list[Any], node: Any) -> bool:
-    stat = stats[nodes.index(node)]
-    return isinstance(stat, dict) and not stat.get("unverified")
-
-
-def _digest(stats: list[Any], nodes: list[Any], node: Any) -> Any:
-    stat = stats[nodes.index(node)]
-    return stat.get("digest") if isinstance(stat, dict) else None
+    async def _replace(self, oid: int, mine: CopyStatus, best: replicas.Copy[Any],
+                       epoch: int) -> None:
+        """Give way to the newest copy: remove ours (a newer removal), or copy it here."""
+        version = best.version
+        if best.removed:
+            try:
+                self.store.remove(oid, version)
+            except NoObject:
+                self.store.tombstone(oid, version)
+            self.peer.health.forget(oid)
+        else:
+            self.peer.check_space()
+            data, fields = await self.gateway.read_copy(best.node, _whole(self.group, oid), epoch)
+            if not self.peer.health.is_unverified(oid):
+                return  # a client's write got here first: it is current
+            # The version read with the data: a write may have landed since the stat.
+            version = fields.get("arg0") or version
+            self.store.create_and_write(oid, 0, bytes(data), version)
+            self.peer.health.replaced(oid)
+        self.replaced += 1
+        log.info("copy of %016x was stale (version %d, newest %d): replaced", oid,
+                 mine.version, version)
 
 
 def _whole(group: Group, oid: int) -> Header:
@@ -189,7 +190,7 @@ class Recoverer(_Worker):
         elapsed = (self.finished if not self.running else self.clock.monotonic()) - self.started
         return {"epoch": self.epoch, "to_recover": self.to_recover,
                 "recovered": self.recovered, "failed": self.failed, "running": self.running,
-                "unverified": len(self.peer.unverified), "bytes": self.bytes,
+                "unverified": self.peer.health.unverified_count, "bytes": self.bytes,
                 "rate": self.bytes / elapsed if elapsed > 0 and self.bytes else 0.0,
                 "elapsed": elapsed if self.started else 0.0,
                 "max_rate": self.group.state.recovery_max_rate,
@@ -282,15 +283,15 @@ class Recoverer(_Worker):
         asked = {node.node_id: node for node in [*nodes, *placement]
                  if node.node_id != self.node_id}
         best = await self.gateway.newest(oid, list(asked.values()), epoch, verified_only=True)
-        if best is None or best[1]:
+        if best is None or best.removed:
             return False
         self.peer.check_space()
         await self.limiter.take(self.group.state.object_size)
-        data, fields = await self.gateway.read_copy(best[2], _whole(self.group, oid), epoch)
+        data, fields = await self.gateway.read_copy(best.node, _whole(self.group, oid), epoch)
         if self.store.exists(oid):
             return False  # a client's write put a current copy here meanwhile
         # The version read with the data: a write may have landed since the stat.
-        self.store.create_and_write(oid, 0, bytes(data), fields.get("arg0") or best[0])
+        self.store.create_and_write(oid, 0, bytes(data), fields.get("arg0") or best.version)
         self.bytes += len(data)
         return True
 
@@ -318,7 +319,7 @@ class Recoverer(_Worker):
                 if not held or self.group.epoch != epoch:
                     waiting += 1
                     return
-                self.peer.unverified.discard(oid)
+                self.peer.health.forget(oid)
                 self.store.drop(oid)
                 self.removed += 1
                 self.surplus -= 1
@@ -330,15 +331,10 @@ class Recoverer(_Worker):
         return waiting > 0 and self.group.epoch == epoch
 
     async def _held_elsewhere(self, oid: int, epoch: int) -> bool:
-        """Every holder of the placement has a verified copy at least as new as ours
-        (or a newer removal)."""
+        """Every holder of the placement has a verified, durable copy at least as new as
+        ours, or a removal (sheep/replicas.py: may_drop_surplus)."""
         mine = self.store.version(oid)
         placement = self.group.placement(oid, epoch)
         if not placement:
             return False
-        stats = await self.gateway.stats(oid, placement, epoch)
-        # Verified, durable (synced since it was made: a power loss cannot take the copy
-        # back, only unflushed writes, as anywhere) and as new.
-        return all(stat is not None and not stat.get("unverified") and not stat.get("missing")
-                   and (stat.get("durable", True) or stat.get("deleted"))
-                   and int(stat["version"]) >= mine for stat in stats)
+        return replicas.may_drop_surplus(mine, await self.gateway.stats(oid, placement, epoch))

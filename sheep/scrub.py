@@ -67,7 +67,7 @@ class Scrubber:
             if self.group.state.scrub_max_rate <= 0:
                 return  # turned off: a later pass starts over
             await self.limiter.take(self.peer.store.object_size)
-            if oid in self.peer.damaged:
+            if self.peer.health.is_damaged(oid):
                 continue
             if self.peer.scrub(oid):
                 self.damaged += 1

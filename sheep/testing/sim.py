@@ -864,8 +864,9 @@ class Simulation:
                         f" of {len(self.bus.log)} (driver suspended {sim_sheep.driver.suspended}"
                         f" dead {sim_sheep.driver.dead} fenced {sim_sheep.driver.fenced})")
             assert sheep.peer is not None
-            if sheep.peer.unverified:
-                return f"sheep{sim_sheep.index} has {len(sheep.peer.unverified)} unverified copies"
+            if sheep.peer.health.unverified_count:
+                return (f"sheep{sim_sheep.index} has {sheep.peer.health.unverified_count}"
+                        f" unverified copies")
             recovery = sheep.recoverer.status() if sheep.recoverer else {"running": True}
             if recovery.get("running") or recovery.get("surplus"):
                 return f"sheep{sim_sheep.index} is recovering ({recovery})"
@@ -920,7 +921,7 @@ class Simulation:
                 one = sheep[index]
                 assert one is not None and one.peer is not None
                 stat = one.store.stat(oid)
-                if oid in one.peer.unverified or oid in one.peer.damaged:
+                if one.peer.health.is_unverified(oid) or one.peer.health.is_damaged(oid):
                     raise SimFailure(f"object {oid:016x}: copy on sheep{index} is not verified")
                 stats[index] = stat
             live = {i: s for i, s in stats.items() if not s.get("deleted")}
@@ -980,7 +981,12 @@ def _patched(target: Any, name: str, value: Any) -> Iterator[None]:
 def _plant_stale_read() -> contextlib.AbstractContextManager[None]:
     from sheep import replicas
 
-    return _patched(replicas, "IGNORE_VERSIONS_FOR_PLANT", True)
+    rank = replicas.rank
+
+    def versionless(status: Any) -> Any:
+        return (0, *rank(status)[1:])
+
+    return _patched(replicas, "rank", versionless)
 
 
 def _plant_early_ack() -> contextlib.AbstractContextManager[None]:

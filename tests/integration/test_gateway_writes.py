@@ -34,7 +34,7 @@ def mark_unverified(cluster: InProcessCluster, index: int, oid: int) -> None:
     async def mark() -> None:
         peer = cluster.sheep[index].peer
         assert peer is not None
-        peer.unverified.add(oid)
+        peer.health.start_unverified([oid])
 
     cluster.run(mark())
 
@@ -75,7 +75,7 @@ def test_a_partial_write_onto_a_damaged_block_replaces_the_damaged_copy(
         client.write(oid, b"new", offset=sums.BLOCK + 100)
         expected = b"a" * (sums.BLOCK + 100) + b"new" + b"a" * (2 * sums.BLOCK - 103)
         assert client.read(oid, 0, 3 * sums.BLOCK) == expected
-    assert damaged.peer is not None and damaged.peer.repaired == 1
+    assert damaged.peer is not None and damaged.peer.health.repaired == 1
     assert damaged.store.verify(oid) == []
     for sheep in cluster.sheep:
         assert sheep.store.read(oid, 0, 3 * sums.BLOCK) == expected

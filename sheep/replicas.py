@@ -1,0 +1,284 @@
+"""Replica truth: which copy of an object is newest, which copies are stale, which
+surplus copy may go, and the health of this sheep's own copies.
+
+Every holder answers STAT_PEER with the state of its copy. CopyStatus is that
+answer parsed and checked where it arrives (Gateway.stats), so a malformed reply
+is an error in that holder's place and nothing past the boundary reads untyped
+dicts. The rules that compare copies live here and nowhere else: reads, the
+verifier, recovery, `dog cluster check`, scrub repair and surplus removal all
+ask this module, so they cannot drift apart. Pure: no I/O, no clock, no asyncio.
+
+The newest copy is the one with the highest version. At an equal version a
+present copy beats a tombstone (a removal always bumps the version, so a
+"tombstone" at the copies' own version is a file lost from a store), then a
+verified copy beats an unverified one, a durable one a fresh one, and last the
+digest decides: which copy wins does not depend on the order holders answered in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from sheep.errors import BadRequest
+
+N = TypeVar("N")  # a holder: NodeInfo in the daemon, anything in tests
+
+oid_limit = 2**64  # object ids and versions are 64-bit on the wire and in the store
+version_limit = 2**64
+digest_limit = 2**64
+
+_flags = ("deleted", "missing", "unverified", "damaged", "durable", "synced")
+_sizes = ("size", "allocated")
+
+
+@dataclass(frozen=True, slots=True)
+class CopyStatus:
+    """One holder's copy as its STAT_PEER describes it."""
+
+    version: int
+    deleted: bool = False  # a removal's tombstone
+    missing: bool = False  # the metadata says the copy is here, its file is gone
+    unverified: bool = False  # not compared with the other replicas yet (sheep/recovery.py)
+    damaged: bool = False  # a read or a scrub met damage; waits for a good copy
+    # Synced at least once since it was made: a power loss can take back its latest
+    # writes, never the copy itself. Tombstones and lost files do not say: durable.
+    durable: bool = True
+    synced: bool = True  # no change waits for a sync
+    digest: int | None = None  # of the checksum table: equal contents, equal digests
+    size: int | None = None
+    allocated: int | None = None
+
+    @classmethod
+    def from_json(cls, value: Any) -> CopyStatus:
+        """Parse a STAT reply; a malformed one raises BadRequest (the holder's error)."""
+        reason = _invalid(value)
+        if reason is not None:
+            raise BadRequest(f"malformed copy status: {reason}")
+        known = {name: value[name] for name in (*_flags, "digest", *_sizes) if name in value}
+        return cls(version=value["version"], **known)
+
+    def to_json(self) -> dict[str, Any]:
+        """The wire form: flags only when they differ from the default."""
+        value: dict[str, Any] = {"version": self.version}
+        for name in _flags:
+            default = name in ("durable", "synced")
+            if getattr(self, name) is not default:
+                value[name] = getattr(self, name)
+        for name in ("digest", *_sizes):
+            if getattr(self, name) is not None:
+                value[name] = getattr(self, name)
+        return value
+
+    @property
+    def whole(self) -> bool:
+        """A copy one can read: not a tombstone, its file not lost."""
+        return not self.deleted and not self.missing
+
+
+def _is_int(value: Any, limit: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < limit
+
+
+def _invalid(value: Any) -> str | None:
+    """Why value is not a copy status, or None if it is one."""
+    if not isinstance(value, dict):
+        return f"{type(value).__name__}, not an object"
+    if not _is_int(value.get("version"), version_limit):
+        return f"version {value.get('version')!r}"
+    for name in _flags:
+        if name in value and not isinstance(value[name], bool):
+            return f"{name} {value[name]!r}"
+    if value.get("digest") is not None and not _is_int(value["digest"], digest_limit):
+        return f"digest {value['digest']!r}"
+    for name in _sizes:
+        if value.get(name) is not None and not _is_int(value[name], 2**63):
+            return f"{name} {value[name]!r}"
+    return None
+
+
+# A holder's answer to STAT: its copy, None (no copy), or the failure to ask it.
+Answer = CopyStatus | None | BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class Copy(Generic[N]):
+    """A holder and its copy: the winner of newest()."""
+
+    node: N
+    status: CopyStatus
+
+    @property
+    def version(self) -> int:
+        return self.status.version
+
+    @property
+    def removed(self) -> bool:
+        return self.status.deleted
+
+
+def rank(status: CopyStatus) -> tuple[int, bool, bool, bool, bool, int]:
+    """The newest-copy order (see the module comment); higher is newer."""
+    return (status.version, not status.deleted, not status.unverified, status.durable,
+            status.digest is not None, status.digest or 0)
+
+
+def candidate(answer: Answer, verified_only: bool) -> bool:
+    """Whether an answer can be the newest copy: a copy or a tombstone, its file not
+    lost, and verified if asked."""
+    return (isinstance(answer, CopyStatus) and not answer.missing
+            and not (verified_only and answer.unverified))
+
+
+def newest(answers: Iterable[tuple[N, Answer]], verified_only: bool) -> Copy[N] | None:
+    """The newest copy among (holder, answer) pairs, a removal's tombstone counting as
+    a copy that says 'removed'; None if none has one. Among copies that rank equal
+    (same version, state and digest) the first wins: the caller's order of preference."""
+    best: Copy[N] | None = None
+    for node, answer in answers:
+        if not candidate(answer, verified_only):
+            continue
+        assert isinstance(answer, CopyStatus)
+        if best is None or rank(answer) > rank(best.status):
+            best = Copy(node, answer)
+    return best
+
+
+def stale(answer: Answer, newest_status: CopyStatus, compare_digests: bool) -> bool:
+    """Whether a placement holder's copy must be replaced by the newest copy: it has
+    none, could not be asked, holds a tombstone or a lost file, an unverified (or
+    damaged) copy, an older one, or, when digests are compared (scrub), one whose
+    contents differ. A digest that either side does not report never differs."""
+    if not isinstance(answer, CopyStatus) or not answer.whole or answer.unverified:
+        return True
+    if answer.version < newest_status.version:
+        return True
+    return (compare_digests and newest_status.digest is not None
+            and answer.digest is not None and answer.digest != newest_status.digest)
+
+
+def stale_holders(answers: Iterable[tuple[N, Answer]], newest_status: CopyStatus,
+                  compare_digests: bool) -> list[N]:
+    """The holders whose copies must be replaced by the newest (see stale())."""
+    return [node for node, answer in answers if stale(answer, newest_status, compare_digests)]
+
+
+def superseded(mine: CopyStatus, best: Copy[Any] | None) -> bool:
+    """Whether an unverified copy here must give way to the newest copy elsewhere:
+    that one is newer, or as new, present, verified and with other contents (its
+    digest known and not ours) or ours is damaged. Otherwise ours is current."""
+    if best is None or best.version < mine.version:
+        return False
+    if best.version > mine.version:
+        return True
+    if best.removed or best.status.unverified:
+        return False
+    return mine.damaged or best.status.digest not in (None, mine.digest)
+
+
+def may_drop_surplus(mine_version: int, placement: Sequence[Answer]) -> bool:
+    """Whether a copy held outside the placement may go: every holder of the placement
+    has a verified copy at least as new (or a removal at least as new), durable (a
+    power loss cannot take back the copy the drop relies on, only unflushed writes)."""
+    return bool(placement) and all(
+        isinstance(answer, CopyStatus) and not answer.unverified and not answer.missing
+        and (answer.durable or answer.deleted) and answer.version >= mine_version
+        for answer in placement)
+
+
+def keeps_own(current_version: int, source_version: int, repair: bool) -> bool:
+    """Whether a verified copy here stays when a copy made from a source at
+    source_version arrives (recovery, repair): a recovery copy never replaces one at
+    least as new (a client's write may have recovered and changed it meanwhile); a
+    repair replaces one as new (damaged, or with other contents), never a newer one."""
+    return current_version > source_version or (current_version == source_version
+                                                 and not repair)
+
+
+@dataclass(slots=True)
+class CopyHealth:
+    """The health of this sheep's own copies: which are unverified (may be stale: the
+    sheep was away, or a copy was found damaged), which are damaged (a read or a scrub
+    met damage; nothing serves them until a good copy replaces them), and counts.
+    Only the domain events below change it; a damaged copy is always unverified too."""
+
+    _unverified: set[int] = field(default_factory=set)
+    _damaged: set[int] = field(default_factory=set)
+    _repaired: int = 0  # damaged copies replaced by good ones
+    _scrubbed: int = 0  # copies scrubbed, block by block
+
+    def start_unverified(self, oids: Iterable[int]) -> None:
+        """Every copy held is suspect (a restart, or declared dead while alive); the
+        damaged ones stay so until replaced."""
+        self._unverified = set(oids) | self._damaged
+        assert all(0 <= oid < oid_limit for oid in self._unverified)
+        self._check()
+
+    def verified(self, oid: int) -> None:
+        """Compared with the other replicas and found current."""
+        assert oid not in self._damaged, f"a damaged copy of {oid:016x} cannot be current"
+        self._unverified.discard(oid)
+        self._check(oid)
+
+    def found_damaged(self, oid: int) -> bool:
+        """A read met damage in the copy; True if it was not known damaged before."""
+        new = oid not in self._damaged
+        self._damaged.add(oid)
+        self._unverified.add(oid)
+        self._check(oid)
+        return new
+
+    def scrubbed(self, oid: int, damaged: bool) -> bool:
+        """A scrub verified every block of the copy; True if it found new damage."""
+        self._scrubbed += 1
+        return self.found_damaged(oid) if damaged else False
+
+    def replaced(self, oid: int) -> bool:
+        """A whole new copy was written here: current by definition. True if it
+        replaced a damaged one (counted as repaired)."""
+        self._unverified.discard(oid)
+        repaired = oid in self._damaged
+        if repaired:
+            self._damaged.discard(oid)
+            self._repaired += 1
+        self._check(oid)
+        return repaired
+
+    def forget(self, oid: int) -> None:
+        """The copy is gone (removed, or dropped as surplus): nothing to verify or repair."""
+        self._unverified.discard(oid)
+        self._damaged.discard(oid)
+        self._check(oid)
+
+    def is_unverified(self, oid: int) -> bool:
+        return oid in self._unverified
+
+    def is_damaged(self, oid: int) -> bool:
+        return oid in self._damaged
+
+    def unverified_oids(self) -> list[int]:
+        return sorted(self._unverified)
+
+    @property
+    def unverified_count(self) -> int:
+        return len(self._unverified)
+
+    @property
+    def damaged_count(self) -> int:
+        return len(self._damaged)
+
+    @property
+    def repaired(self) -> int:
+        return self._repaired
+
+    @property
+    def scrubbed_count(self) -> int:
+        return self._scrubbed
+
+    def _check(self, oid: int | None = None) -> None:
+        # Cheap enough for every event: the damaged set is small, the unverified one
+        # may hold every copy of the store and is not walked.
+        assert oid is None or 0 <= oid < oid_limit, f"oid {oid}"
+        assert self._damaged <= self._unverified, "a damaged copy is never served"
+        assert self._repaired >= 0 and self._scrubbed >= 0
