@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 _empty: Reply = (b"", {})
 shutdown_grace_s = 1.0  # how long a request waits for the last node of a restart
 writeback_interval_s = 30.0
+sweep_interval_s = 600.0  # how often the first member sweeps unreachable objects
 fence_poll_s = 0.05
 snapshot_epochs = 64  # epochs a snapshot carries: placement looks back 16 at most
 space_nearly_full_ratio = 0.10
@@ -139,6 +140,7 @@ class Sheep:
         self.gateway = Gateway(self.group, self.peer, self.node.node_id, self.pool, self.world)
         self.vdis = VdiService(self.group, self.gateway, self.node.node_id, self.broadcast,
                                self._member_connection)
+        self.peer.on_suspect = self._start_verifier
         if self.group.state.status is not Status.WAIT_FOR_FORMAT:
             # What this store holds may have changed elsewhere while it was away.
             self.peer.health.start_unverified(self.store.list_oids())
@@ -148,6 +150,7 @@ class Sheep:
         await self.driver.join(self.node, self.group.state.seq)
         self._tasks.append(asyncio.get_running_loop().create_task(self._apply_events()))
         self._tasks.append(asyncio.get_running_loop().create_task(self._writeback()))
+        self._tasks.append(asyncio.get_running_loop().create_task(self._sweep()))
         if self.driver.can_fence:
             self.gateway.fenced = asyncio.Event()
             self._tasks.append(asyncio.get_running_loop().create_task(self._watch_fence()))
@@ -163,6 +166,8 @@ class Sheep:
 
     def _start_verifier(self) -> None:
         assert self.peer is not None and self.gateway is not None and self.node is not None
+        if self.stopping:
+            return
         log.info("verifying %d copies against the other replicas", self.peer.health.unverified_count)
         if self._verifier is not None and not self._verifier.done():
             return  # the running one goes on until every copy is verified
@@ -191,6 +196,20 @@ class Sheep:
                     await self.peer.sync_all()
                 except SheepError as error:
                     log.error("background sync failed: %s", error)
+
+    async def _sweep(self) -> None:
+        """Every sweep_interval_s the first member (by node id) removes the objects of
+        frozen or deleted generations that nothing reaches (VdiService.sweep)."""
+        while True:
+            await self.clock.sleep(sweep_interval_s)
+            state = self.group.state
+            if (self.vdis is None or self.node is None or state.status is not Status.OK
+                    or not state.members or min(state.members) != self.node.node_id):
+                continue
+            try:
+                await self.vdis.sweep()
+            except SheepError as error:
+                log.warning("sweep of unreachable objects failed: %s", error)
 
     def _make_node(self) -> NodeInfo:
         from sheep.node import vnodes_for_weight, zone_for_address

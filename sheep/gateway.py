@@ -306,6 +306,10 @@ class Gateway:
                           and not isinstance(r, NoObject)]
                 for error in errors:
                     if not isinstance(error, RETRYABLE):
+                        if applied:
+                            # Some replicas have the change, the failed one some of it
+                            # (it marked its copy suspect): make them agree now.
+                            self.repair_soon(header.oid)
                         raise error
                 if errors:
                     raise errors[0]

@@ -21,7 +21,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sheep import constants, proto
-from sheep.errors import IOErrorResult, NoObject, NoSpace, ReadOnly, SheepError, Unverified
+from sheep.errors import (
+    IOErrorResult,
+    NoObject,
+    NoSpace,
+    ReadOnly,
+    SheepError,
+    SystemFailure,
+    Unverified,
+)
 from sheep.group import Group
 from sheep.net import Reply
 from sheep.proto import Header, Kind, Op
@@ -50,6 +58,8 @@ class Peer:
         self.node_id = node_id
         self.health = CopyHealth()  # which copies here are unverified, damaged
         self._writeback: asyncio.Task[None] | None = None
+        # Called when a copy becomes suspect at run time (the verifier must look at it).
+        self.on_suspect: Callable[[], None] | None = None
         self._sync_lock = asyncio.Lock()
         self._free = 0
         self._space_checked = -1e9
@@ -88,7 +98,14 @@ class Peer:
                     raise Unverified(f"the copy of {header.oid:016x} here is not verified yet")
                 if header.opcode in (Op.WRITE_PEER, Op.DISCARD_PEER):
                     raise NoObject(f"the copy of {header.oid:016x} here is not verified yet")
-            reply = await self.handlers[Op(header.opcode)](header, payload)
+            try:
+                reply = await self.handlers[Op(header.opcode)](header, payload)
+            except (NoSpace, IOErrorResult, SystemFailure):
+                if header.opcode in _changes and self.store.exists(header.oid):
+                    self.health.change_failed(header.oid, self.clock.monotonic())
+                    if self.on_suspect is not None:
+                        self.on_suspect()
+                raise
         except NoSpace as error:
             free = shutil.disk_usage(self.store.path).free
             raise NoSpace(f"node {self.node_id or self.store.path}: {error.message} "

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from sheep import proto, replicas
+from sheep import constants, proto, replicas
 from sheep.cluster_state import Status
 from sheep.errors import NoObject, SheepError
 from sheep.gateway import RETRYABLE, Gateway
@@ -34,6 +34,9 @@ from sheep.world import Clock
 log = logging.getLogger(__name__)
 
 verify_retry_interval_s = 1.0
+# A copy whose change failed here is compared with the others only once that change
+# is surely over there: its gateway gives up on a replica after peer_timeout_ms.
+failed_change_settle_s = constants.peer_timeout_ms / 1000 + 1.0
 
 
 class _Worker:
@@ -64,6 +67,9 @@ class Verifier(_Worker):
             for oid in health.unverified_oids():
                 if not health.is_unverified(oid):
                     continue  # a write or removal settled it meanwhile
+                if not health.ready_to_verify(oid, self.clock.monotonic(),
+                                              failed_change_settle_s):
+                    continue  # a change failed here just now: it may still reach the others
                 try:
                     await self.verify(oid)
                 except (*RETRYABLE, SheepError) as error:

@@ -207,6 +207,9 @@ class CopyHealth:
     _damaged: set[int] = field(default_factory=set)
     _repaired: int = 0  # damaged copies replaced by good ones
     _scrubbed: int = 0  # copies scrubbed, block by block
+    # Copies made suspect by a change that failed here, and when: the same change may
+    # still be on its way to the other replicas, so they are compared only later.
+    _failed_at: dict[int, float] = field(default_factory=dict)
 
     def start_unverified(self, oids: Iterable[int]) -> None:
         """Every copy held is suspect (a restart, or declared dead while alive); the
@@ -215,10 +218,28 @@ class CopyHealth:
         assert all(0 <= oid < oid_limit for oid in self._unverified)
         self._check()
 
+    def change_failed(self, oid: int, now: float) -> None:
+        """A change failed halfway (EIO, ENOSPC): the copy holds some of it, and the
+        other replicas may hold all of it. A later change would give every replica the
+        same version and hide the difference, so the copy is suspect until compared,
+        which waits until the change is surely over elsewhere (ready_to_verify)."""
+        assert 0 <= oid < oid_limit
+        self._unverified.add(oid)
+        self._failed_at[oid] = now
+        self._check(oid)
+
+    def ready_to_verify(self, oid: int, now: float, settle_s: float) -> bool:
+        """Whether the copy may be compared with the others now: not if a change failed
+        here less than settle_s ago (the others may not have applied it yet, and
+        comparing now could keep this copy as the newest)."""
+        failed = self._failed_at.get(oid)
+        return failed is None or now - failed >= settle_s
+
     def verified(self, oid: int) -> None:
         """Compared with the other replicas and found current."""
         assert oid not in self._damaged, f"a damaged copy of {oid:016x} cannot be current"
         self._unverified.discard(oid)
+        self._failed_at.pop(oid, None)
         self._check(oid)
 
     def found_damaged(self, oid: int) -> bool:
@@ -238,6 +259,7 @@ class CopyHealth:
         """A whole new copy was written here: current by definition. True if it
         replaced a damaged one (counted as repaired)."""
         self._unverified.discard(oid)
+        self._failed_at.pop(oid, None)
         repaired = oid in self._damaged
         if repaired:
             self._damaged.discard(oid)
@@ -248,6 +270,7 @@ class CopyHealth:
     def forget(self, oid: int) -> None:
         """The copy is gone (removed, or dropped as surplus): nothing to verify or repair."""
         self._unverified.discard(oid)
+        self._failed_at.pop(oid, None)
         self._damaged.discard(oid)
         self._check(oid)
 
@@ -281,4 +304,5 @@ class CopyHealth:
         # may hold every copy of the store and is not walked.
         assert oid is None or 0 <= oid < oid_limit, f"oid {oid}"
         assert self._damaged <= self._unverified, "a damaged copy is never served"
+        assert oid is None or oid not in self._failed_at or oid in self._unverified
         assert self._repaired >= 0 and self._scrubbed >= 0

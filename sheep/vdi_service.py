@@ -557,6 +557,49 @@ class VdiService:
         engine.forget(garbage)
         return len(garbage)
 
+    async def sweep(self) -> int:
+        """Remove the objects of frozen or deleted generations that no live VDI or
+        snapshot reaches: what a write that failed or was cut off halfway left behind
+        (a copy-up made on some replicas, its tree entry never written). The collection
+        at delete time cannot see these: no tree reaches them.
+
+        Race-free without a lock: the writable generations are read before the stores
+        are listed, and no store accepts a new object of any other generation (fencing),
+        so an object of a frozen generation that nothing reaches now never will; new
+        roots (clones, rollbacks) only copy roots that exist. Objects of writable
+        generations are left alone: a writer may be between a copy-up and its entry.
+        They are swept once their generation is frozen or deleted."""
+        state = self.group.state
+        writable = set(state.vdis.writable_generations())
+        epoch = self.group.epoch
+        held: set[int] = set()
+        listing = Header(opcode=Op.LIST_PEER)
+        for node in list(state.nodes):
+            data, _ = await self.gateway.call(node, listing, b"", epoch)
+            held.update(int(oid) for oid in proto.decode_json(data))
+        candidates = {oid for oid in held if (radix.is_tree(oid) or radix.is_data(oid))
+                      and radix.generation_of(oid) not in writable}
+        if not candidates:
+            return 0
+        engine = self.engine
+        reachable: set[int] = set()
+        for vdi in list(self.group.state.vdis.vdis.values()):
+            for root in [vdi.root, *(s.root for s in vdi.snapshots)]:
+                node_oid = await engine.root_node(root)
+                if node_oid:
+                    await engine.walk(node_oid, found=reachable)
+        garbage = sorted(candidates - reachable, key=lambda oid: (
+            radix.is_tree(oid), radix.node_level(oid) if radix.is_tree(oid) else 0))
+        for oid in garbage:
+            try:
+                await self.objects.remove(oid)
+            except NoObject:
+                pass
+        engine.forget(set(garbage))
+        if garbage:
+            log.info("sweep: removed %d objects that no VDI or snapshot reaches", len(garbage))
+        return len(garbage)
+
     async def list(self, body: dict[str, Any], header: Header) -> Any:
         names = body.get("names")
         usage = body.get("usage", True)

@@ -81,8 +81,10 @@ sheep_port = 7000
 vdi_size_bytes = 4 * MiB
 write_bytes_max = 64 * 1024
 client_budget_s = 60.0  # how long a client retries one operation through failovers
-settle_limit_s = 400.0  # virtual seconds the cluster gets to heal at the end
-nemesis_interval_s = (1.0, 8.0)
+settle_limit_s = 400.0
+run_limit_s = 3000.0  # virtual seconds a whole run may take
+nemesis_interval_s = (0.5, 4.0)
+think_time_max_s = 0.6  # between a client's operations: the run spans the nemesis' work
 clients_default = 2
 weight_bytes = 64 << 30
 
@@ -534,6 +536,7 @@ class SimClient:
         for _ in range(steps):
             _, operation = self.sim.rng.choices(operations, weights)[0]
             await operation()
+            await asyncio.sleep(self.sim.rng.uniform(0, think_time_max_s))
             if self.sim.failure is not None:
                 return
 
@@ -585,6 +588,7 @@ class Simulation:
         self.directory = ""
         self.fault_counts: dict[str, int] = {}
         self._nemesis_on = True
+        self.stage = "start"
 
     # --- helpers -----------------------------------------------------------------
 
@@ -630,10 +634,12 @@ class Simulation:
     def run(self) -> Result:
         started = time.monotonic()
         self.directory = tempfile.mkdtemp(prefix=f"sim{self.seed}-", dir=self.base)
+        if self.verbose and not logging.getLogger().handlers:
+            logging.basicConfig(format="%(name)s: %(message)s")
         logging.getLogger("sheep").setLevel(logging.INFO if self.verbose else logging.CRITICAL)
         try:
             with planted(self.plant):
-                self.loop.run_until_complete(self._main())
+                self.loop.run_until_complete(self._watched())
         except Deadlock as error:
             self.fail(f"deadlock: {error}")
         except SimFailure as error:
@@ -660,6 +666,13 @@ class Simulation:
             loop.run_until_complete(asyncio.sleep(0.1))
         loop.close()
 
+    async def _watched(self) -> None:
+        try:
+            await asyncio.wait_for(self._main(), run_limit_s)
+        except TimeoutError:
+            raise SimFailure(f"the run did not end in {run_limit_s:.0f} simulated seconds "
+                             f"(stage: {self.stage})") from None
+
     async def _main(self) -> None:
         self.trace(f"seed {self.seed} nodes {self.nodes} copies {self.copies} "
                    f"buggify {self.faults.enabled} plant {self.plant}")
@@ -667,6 +680,7 @@ class Simulation:
             self.sheep.append(SimSheep(self, index))
         for sim_sheep in self.sheep:
             await sim_sheep.start()
+        self.stage = "waiting for the members"
         while any(len(s.sheep.group.state.members) < self.nodes for s in self.sheep if s.sheep):
             await asyncio.sleep(0.01)
         admin = SimClient(self, 99)
@@ -675,6 +689,7 @@ class Simulation:
         await admin.client.format(self.copies, constants.object_size_min_bytes)
         await admin.stop()
         self.trace("formatted")
+        self.stage = "clients"
         self.clients = [SimClient(self, index) for index in range(self.client_count)]
         nemesis = self.loop.create_task(self._nemesis())
         try:
@@ -828,6 +843,7 @@ class Simulation:
     # --- the end: heal, settle, check ---------------------------------------------------
 
     async def _heal(self) -> None:
+        self.stage = "healing"
         self.trace("healing")
         self.network.heal()
         self.network.slow.clear()
@@ -846,6 +862,17 @@ class Simulation:
                                  f"{self._unsettled_reason()}")
             await asyncio.sleep(1.0)
         self.trace("settled")
+        # The periodic sweep (Sheep._sweep), run now: what failed writes left behind.
+        first = min((s for s in self.sheep if s.sheep and s.sheep.node),
+                    key=lambda s: s.sheep.node.node_id)  # type: ignore[union-attr]
+        assert first.sheep is not None and first.sheep.vdis is not None
+        swept = await first.sheep.vdis.sweep()
+        self.trace(f"swept {swept}")
+        while not self._settled():
+            if self.loop.time() > deadline:
+                raise SimFailure(f"the cluster did not settle after the sweep: "
+                                 f"{self._unsettled_reason()}")
+            await asyncio.sleep(1.0)
 
     def _settled(self) -> bool:
         return self._unsettled_reason() == ""
@@ -873,6 +900,7 @@ class Simulation:
         return ""
 
     async def _check(self) -> None:
+        self.stage = "checking"
         await self._check_copies()
         await self._check_images()
         await self._check_leaks()
@@ -939,10 +967,13 @@ class Simulation:
         self.trace(f"copies checked: {len(holders)} objects")
 
     async def _check_leaks(self) -> None:
-        """Nothing that no live root reaches stays on any store."""
+        """Nothing that no live root reaches stays on any store, but for objects of
+        writable generations (a write may be between its copy-up and its entry; they
+        are swept once the generation is frozen or deleted)."""
         first = self.sheep[0].sheep
         assert first is not None and first.vdis is not None
         engine = first.vdis.engine
+        writable = first.group.state.vdis.writable_generations()
         reachable: set[int] = set()
         for vdi in list(first.group.state.vdis.vdis.values()):
             for root in [vdi.root, *(s.root for s in vdi.snapshots)]:
@@ -954,6 +985,8 @@ class Simulation:
             assert sheep is not None
             for oid in sheep.store.list_oids():
                 if not (radix.is_tree(oid) or radix.is_data(oid)):
+                    continue
+                if radix.generation_of(oid) in writable:
                     continue
                 if sheep.store.stat(oid).get("deleted"):
                     continue

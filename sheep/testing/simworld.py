@@ -25,6 +25,7 @@ pure function of its seed (see sheep/testing/sim.py, which builds sheep on it).
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextvars
 import errno
@@ -211,6 +212,7 @@ class _End(asyncio.Transport):
         self.reading = True
         self.inbox = bytearray()
         self.next_arrival = 0.0  # bytes sent from this end arrive in order
+        self.in_flight: collections.deque[bytes | None] = collections.deque()
         host.ends.append(self)
 
     # asyncio.Transport
@@ -259,6 +261,9 @@ class _End(asyncio.Transport):
         return False
 
     # the network's side
+    def arrive_next(self, sender: _End) -> None:
+        self.arrive(sender.in_flight.popleft())
+
     def arrive(self, data: bytes | None) -> None:
         if self.lost or not self.host.alive:
             return
@@ -337,7 +342,10 @@ class SimNetwork:
             return
         arrival = max(self.loop.time() + self.latency(end.host, other.host), end.next_arrival)
         end.next_arrival = arrival
-        self.loop.call_at(arrival, other.arrive, data, context=other.host.context)
+        # The loop's heap does not keep the order of timers due at the same moment:
+        # each timer delivers the oldest bytes in flight, so the order is the sending one.
+        end.in_flight.append(data)
+        self.loop.call_at(arrival, other.arrive_next, end, context=other.host.context)
 
     # --- faults ---------------------------------------------------------------
 
@@ -404,11 +412,8 @@ class SimNetwork:
             if power_loss:
                 self.loop.call_later(constants.dead_peer_timeout_ms / 1000, other.lose,
                                      TimeoutError("peer silent"), context=other.host.context)
-            else:
-                arrival = max(self.loop.time() + self.latency(host, other.host),
-                              end.next_arrival)
-                self.loop.call_at(arrival, other.lose, ConnectionResetError("peer died"),
-                                  context=other.host.context)
+            elif (host.address, other.host.address) not in self.blocked:
+                self.send(end, None)  # the kernel closes its sockets: FIN after the bytes
         host.ends.clear()
 
     # --- for the views --------------------------------------------------------------
@@ -512,6 +517,7 @@ class SimDriver(MemoryDriver):
         self.suspended = False
         self._next_delivery = 0.0
         self._held: list[Event] = []
+        self._in_flight: collections.deque[Event] = collections.deque()
         self._catch_up_to = 0
         self.dead = False
 
@@ -531,9 +537,11 @@ class SimDriver(MemoryDriver):
         at = max(loop.time() + self.sim_bus.rng.uniform(*self.sim_bus.delay_s),
                  self._next_delivery)
         self._next_delivery = at
-        loop.call_at(at, self._put, event)
+        self._in_flight.append(event)  # delivered oldest first (see SimNetwork.send)
+        loop.call_at(at, self._put)
 
-    def _put(self, event: Event) -> None:
+    def _put(self) -> None:
+        event = self._in_flight.popleft()
         if not self.dead:
             self.events.put_nowait(event)
 
