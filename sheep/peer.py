@@ -103,8 +103,7 @@ class Peer:
             except (NoSpace, IOErrorResult, SystemFailure):
                 if header.opcode in _changes and self.store.exists(header.oid):
                     self.health.change_failed(header.oid, self.clock.monotonic())
-                    if self.on_suspect is not None:
-                        self.on_suspect()
+                    self._suspect()
                 raise
         except NoSpace as error:
             free = shutil.disk_usage(self.store.path).free
@@ -187,6 +186,12 @@ class Peer:
     def _damaged(self, oid: int, error: SheepError) -> None:
         if self.health.found_damaged(oid):
             log.error("%s", error)
+        self._suspect()
+
+    def _suspect(self) -> None:
+        """A copy became unverified at run time: the verifier has work."""
+        if self.on_suspect is not None:
+            self.on_suspect()
 
     def _refuse_damaged(self, oid: int, error: SheepError) -> SheepError:
         """A change that met damage (sheep/store: a partial block is verified before
@@ -246,6 +251,7 @@ class Peer:
         if self.health.scrubbed(oid, damaged=bool(bad)):
             self.store.counters["checksum_errors"] += 1
             log.error("scrub: object %016x is damaged in blocks %s", oid, bad[:8])
+            self._suspect()
         return bad
 
     async def list_objects(self, header: Header, payload: bytes) -> Reply:

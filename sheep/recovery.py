@@ -97,7 +97,19 @@ class Verifier(_Worker):
         if best is not None and replicas.superseded(mine, best) and health.is_unverified(oid):
             await self._replace(oid, mine, best, epoch)
         elif mine.damaged:
-            log.info("damaged copy of %016x: no good copy to replace it yet", oid)
+            # No better copy: look at ours again. A read that failed with EIO marks a
+            # copy damaged, yet the disk may have failed for a moment only.
+            try:
+                bad = self.store.verify(oid)
+            except SheepError:
+                bad = [-1]
+            if bad:
+                log.info("damaged copy of %016x: no good copy to replace it yet", oid)
+                return
+            log.warning("copy of %016x marked damaged reads back sound: kept", oid)
+            health.found_sound(oid)
+            self.verified += 1
+            health.verified(oid)
         else:
             self.verified += 1
             health.verified(oid)

@@ -255,6 +255,13 @@ class CopyHealth:
         self._scrubbed += 1
         return self.found_damaged(oid) if damaged else False
 
+    def found_sound(self, oid: int) -> None:
+        """A copy marked damaged was verified block by block again and every block
+        matched its checksum: what failed was the disk, for a moment (an EIO on a read),
+        not the data. It stays unverified, to be compared like any other."""
+        self._damaged.discard(oid)
+        self._check(oid)
+
     def replaced(self, oid: int) -> bool:
         """A whole new copy was written here: current by definition. True if it
         replaced a damaged one (counted as repaired)."""

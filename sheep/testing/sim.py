@@ -84,6 +84,7 @@ client_budget_s = 60.0  # how long a client retries one operation through failov
 settle_limit_s = 400.0
 run_limit_s = 3000.0  # virtual seconds a whole run may take
 nemesis_interval_s = (0.5, 4.0)
+start_attempts_max = 5
 think_time_max_s = 0.6  # between a client's operations: the run spans the nemesis' work
 clients_default = 2
 weight_bytes = 64 << 30
@@ -206,6 +207,10 @@ class SimSheep:
         self.up = True
         try:
             await task
+        except SheepError as error:  # say, an EIO opening the store: the process exits
+            self.sim.trace(f"sheep{self.index} failed to start: {error}")
+            self.kill(power_loss=False)
+            raise
         finally:
             self.starting = False
 
@@ -731,10 +736,26 @@ class Simulation:
     async def _restart_later(self, sim_sheep: SimSheep, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
         if not sim_sheep.up:
-            await sim_sheep.start()
+            await self._start(sim_sheep)
+
+    async def _start(self, sim_sheep: SimSheep) -> None:
+        """Start a sheep, as an operator (or systemd) would: again if it fails."""
+        for _ in range(start_attempts_max):
+            try:
+                await sim_sheep.start()
+                return
+            except SheepError:
+                await asyncio.sleep(1.0)
+        raise SimFailure(f"sheep{sim_sheep.index} failed to start {start_attempts_max} times")
 
     def _spawn(self, coroutine: Any) -> None:
-        self.loop.create_task(coroutine)
+        """A nemesis' follow-up (a restart, a heal) on its own: its failure fails the run."""
+        def done(task: asyncio.Task[Any]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                error = task.exception()
+                self.fail(f"{type(error).__name__}: {error}")
+
+        self.loop.create_task(coroutine).add_done_callback(done)
 
     async def _kill(self, power_loss: bool = False) -> None:
         candidates = [s for s in self.up() if not s.starting]
@@ -762,7 +783,7 @@ class Simulation:
                 image.power_lost()
         await asyncio.sleep(self.rng.uniform(1.0, 3.0))
         for victim in victims:
-            self._spawn(victim.start())
+            self._spawn(self._start(victim))
 
     async def _partition(self) -> None:
         if self._down() or self.network.blocked:
@@ -788,7 +809,7 @@ class Simulation:
 
     async def _end_suspension(self, victim: SimSheep, suspended_s: float) -> None:
         driver = victim.driver
-        if driver is None or not driver.suspended or driver.dead:
+        if driver is None or not driver.suspended or driver.dead or driver.node is None:
             return
         if suspended_s > 4.0:  # past the session timeout: the session expired
             assert driver.node is not None
@@ -851,8 +872,10 @@ class Simulation:
             if sim_sheep.driver is not None and sim_sheep.driver.suspended:
                 await self._end_suspension(sim_sheep, 10.0)
         for sim_sheep in self.sheep:
+            while sim_sheep.starting:
+                await asyncio.sleep(0.1)
             if not sim_sheep.up:
-                await sim_sheep.start()
+                await self._start(sim_sheep)
         for client in self.clients:
             await client.stop()
         deadline = self.loop.time() + settle_limit_s
