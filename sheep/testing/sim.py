@@ -54,12 +54,14 @@ from sheep.errors import (
     Exists,
     NetworkError,
     NoTag,
+    ReadOnly,
     SheepError,
     ShuttingDown,
     Timeout,
     Unavailable,
     VdiLocked,
 )
+from sheep.proto import Op
 from sheep.store import Store
 from sheep.testing.faulty import FaultyIO
 from sheep.testing.simworld import (
@@ -716,7 +718,8 @@ class Simulation:
         whole_cluster_power_loss = rng.random() < 0.3
         actions: list[tuple[float, Callable[[], Any]]] = [
             (3, self._kill), (2, self._power_loss), (3, self._partition), (2, self._suspend),
-            (2, self._disk_fault), (2, self._slow_link), (2, self._reset)]
+            (2, self._disk_fault), (2, self._slow_link), (2, self._reset),
+            (2, self._stale_writer)]
         weights = [weight for weight, _ in actions]
         while self._nemesis_on and self.failure is None:
             await asyncio.sleep(rng.uniform(*nemesis_interval_s))
@@ -856,6 +859,53 @@ class Simulation:
         self.network.slow[(a.address, b.address)] = extra
         await asyncio.sleep(self.rng.uniform(0.5, 5.0))
         self.network.slow.pop((a.address, b.address), None)
+
+    async def _stale_writer(self) -> None:
+        """A member writes into an object that a snapshot froze, as a gateway that lost
+        its VDI's lock while cut off and wrote on would (the epoch checks, the lock and
+        the write gate stop such a writer before it gets here; the stores' fence is the
+        last line). Every store must refuse it; one that takes it changes a snapshot."""
+        candidates = [s for s in self.up() if not s.starting and s.sheep is not None
+                      and s.sheep.vdis is not None and s.sheep.joined.is_set()]
+        if not candidates:
+            return
+        writer = self.rng.choice(candidates)
+        sheep = writer.sheep
+        assert sheep is not None and sheep.vdis is not None and sheep.gateway is not None
+        snapshots = sorted(((vdi.name, snap.id, snap.root) for vdi in
+                            sheep.group.state.vdis.vdis.values() for snap in vdi.snapshots),
+                           key=lambda entry: (entry[0], entry[1]))
+        if not snapshots:
+            return
+        name, snapshot_id, root = self.rng.choice(snapshots)
+        gateway = sheep.gateway
+        engine = sheep.vdis.engine
+        data = self.rng.randbytes(512)
+        offset = self.rng.randrange(0, constants.object_size_min_bytes - len(data))
+
+        async def write() -> str:
+            node = await engine.root_node(root)
+            found = await engine.walk(node) if node else set()
+            oids = sorted(oid for oid in found if radix.is_data(oid)
+                          and radix.generation_of(oid) == root.generation)
+            if not oids:
+                return "nothing to write"
+            oid = self.rng.choice(oids)
+            try:
+                await gateway.request(Op.WRITE_OBJ, oid, offset, data)
+            except ReadOnly:
+                return f"{oid:016x} refused"
+            except SheepError as error:
+                return f"{oid:016x} failed: {type(error).__name__}"
+            return f"{oid:016x} ACCEPTED"
+
+        self.count("stale writer")
+        try:
+            outcome = await self.loop.create_task(write(), context=writer.host.context)
+        except (SheepError, asyncio.CancelledError) as error:
+            outcome = f"failed: {type(error).__name__}"
+        self.trace(f"stale write by sheep{writer.index} into {name} snapshot {snapshot_id}: "
+                   f"{outcome}")
 
     async def _reset(self) -> None:
         self.count("connection reset")
@@ -1034,15 +1084,33 @@ def _patched(target: Any, name: str, value: Any) -> Iterator[None]:
         setattr(target, name, original)
 
 
-def _plant_stale_read() -> contextlib.AbstractContextManager[None]:
+@contextlib.contextmanager
+def _plant_stale_read() -> Iterator[None]:
+    """The newest-copy rule (sheep/replicas.py) ignores versions: every copy is taken
+    as new as every other, so digests and states alone decide."""
+    from dataclasses import replace
+
     from sheep import replicas
 
-    rank = replicas.rank
+    rank, superseded, stale = replicas.rank, replicas.superseded, replicas.stale
 
-    def versionless(status: Any) -> Any:
+    def versionless_rank(status: Any) -> Any:
         return (0, *rank(status)[1:])
 
-    return _patched(replicas, "rank", versionless)
+    def versionless_superseded(mine: Any, best: Any) -> bool:
+        if best is None:
+            return False
+        return superseded(replace(mine, version=best.version), best)
+
+    def versionless_stale(answer: Any, newest_status: Any, compare_digests: bool) -> bool:
+        if isinstance(answer, replicas.CopyStatus):
+            answer = replace(answer, version=newest_status.version)
+        return stale(answer, newest_status, compare_digests)
+
+    with _patched(replicas, "rank", versionless_rank), \
+            _patched(replicas, "superseded", versionless_superseded), \
+            _patched(replicas, "stale", versionless_stale):
+        yield
 
 
 def _plant_early_ack() -> contextlib.AbstractContextManager[None]:
