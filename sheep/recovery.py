@@ -91,8 +91,9 @@ class Verifier(_Worker):
         stats = await self.gateway.stats(oid, others, epoch)  # any failure: try again later
         best = replicas.newest(zip(others, stats, strict=True), verified_only=False)
         health = self.peer.health
-        digest = self.store.stat(oid).get("digest") if self.store.exists(oid) else None
-        mine = CopyStatus(version=version, digest=digest, unverified=True,
+        stat = self.store.stat(oid) if self.store.exists(oid) else {}
+        mine = CopyStatus(version=version, digest=stat.get("digest"), unverified=True,
+                          durable=bool(stat.get("durable", True)),
                           damaged=health.is_damaged(oid))
         if best is not None and replicas.superseded(mine, best) and health.is_unverified(oid):
             await self._replace(oid, mine, best, epoch)

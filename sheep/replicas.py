@@ -172,8 +172,14 @@ def superseded(mine: CopyStatus, best: Copy[Any] | None) -> bool:
         return False
     if best.version > mine.version:
         return True
-    if best.removed or best.status.unverified:
+    if best.removed:
         return False
+    if best.status.unverified:
+        # Two suspect copies at one version, with other contents (a power loss took
+        # different unsynced writes from each): the one that ranks higher wins on
+        # every sheep, the copy reads take meanwhile (newest), so what a reader saw
+        # stays (found by the simulator, seed 36).
+        return mine.damaged or rank(best.status) > rank(mine)
     return mine.damaged or best.status.digest not in (None, mine.digest)
 
 

@@ -340,7 +340,7 @@ class SimClient:
         vdi.image.write(number, offset, data)
         if fua:
             vdi.image.unflushed = [e for e in vdi.image.unflushed if e[0] != number]
-        self.sim.trace(f"{self.name} write {vdi.name} {offset}+{length} ok")
+        self.sim.trace(f"{self.name} write {vdi.name} {offset}+{length}{' fua' if fua else ''} ok")
 
     async def read(self) -> None:
         assert self.vdi is not None
@@ -382,7 +382,6 @@ class SimClient:
         vdi = self.vdi
         self.snapshots_made += 1
         tag = f"s{self.snapshots_made}"
-        image = vdi.image.copy()
         tries = [0]
 
         async def work(client: Client) -> None:
@@ -398,9 +397,11 @@ class SimClient:
         except SheepError as error:
             self.sim.trace(f"{self.name} snapshot {vdi.name}@{tag} failed: {error}")
             if await self._snapshot_exists(vdi.name, tag):
-                vdi.snapshots[tag] = image
+                vdi.snapshots[tag] = vdi.image.copy()
             return
-        vdi.snapshots[tag] = image
+        # Copied now, not before: a power loss everywhere while the snapshot was being
+        # taken made unflushed writes uncertain in the VDI and so in the snapshot too.
+        vdi.snapshots[tag] = vdi.image.copy()
         self.sim.trace(f"{self.name} snapshot {vdi.name}@{tag} ok")
 
     async def _snapshot_exists(self, name: str, tag: str) -> bool:

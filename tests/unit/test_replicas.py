@@ -21,6 +21,7 @@ from sheep.replicas import (
     keeps_own,
     may_drop_surplus,
     newest,
+    rank,
     stale,
     stale_holders,
     superseded,
@@ -72,10 +73,13 @@ def legacy_key(status: CopyStatus) -> tuple[int, bool, bool]:
 
 
 def model_verifier_stale(mine: CopyStatus, best: Copy[str] | None) -> bool:
-    """Verifier.verify's rule as it was written before, for an undamaged copy."""
+    """Verifier.verify's rule as it was written before, for an undamaged copy, plus:
+    an unverified copy as new that ranks higher (the one reads take) wins too."""
     return best is not None and (best.version > mine.version or (
         best.version == mine.version and not best.removed and not best.status.unverified
-        and best.status.digest not in (None, mine.digest)))
+        and best.status.digest not in (None, mine.digest)) or (
+        best.version == mine.version and not best.removed and best.status.unverified
+        and rank(best.status) > rank(mine)))
 
 
 # --- newest ----------------------------------------------------------------------
@@ -205,8 +209,7 @@ def test_superseded_keeps_the_verifiers_old_rule_for_undamaged_copies(
 def test_a_damaged_copy_gives_way_to_a_verified_copy_as_new(
         version: int, digest: int | None, other: CopyStatus) -> None:
     mine = CopyStatus(version=version, digest=digest, unverified=True, damaged=True)
-    expected = other.version > version or (
-        other.version == version and not other.deleted and not other.unverified)
+    expected = other.version > version or (other.version == version and not other.deleted)
     assert superseded(mine, Copy("other", other)) == expected
     assert not superseded(mine, None)
 
