@@ -307,6 +307,7 @@ class Sheep:
         if event.seq <= state.seq:
             return
         epochs_before = len(state.epochs)
+        epoch_before = state.epoch
         status_before = state.status
         result = state.apply(event)
         self.store.save_cluster_state(
@@ -323,6 +324,8 @@ class Sheep:
                      event.node.node_id if event.node else event.node_id)
             self.group.notify_epoch()
             self.pool.forget({node.endpoint for node in state.members.values()})
+            if self.joined.is_set() and epoch_before and not self.stopping:
+                self._suspect_returning_copies(epoch_before, state.epoch)
         serving_again = state.status is Status.OK and status_before is not Status.OK
         if ((result.epoch_changed or serving_again) and self.recoverer is not None
                 and self.joined.is_set() and not self.stopping):
@@ -344,6 +347,26 @@ class Sheep:
         waiter = self._op_waiters.pop(event.op_id, None) if event.op_id else None
         if waiter is not None and not waiter.done():
             waiter.set_result(result)
+
+    def _suspect_returning_copies(self, before: int, after: int) -> None:
+        """A copy this sheep kept while the placement was elsewhere (a surplus copy not
+        dropped yet) missed the writes made meanwhile. When the placement comes back to
+        it, it is suspect until compared with the others: else the next write would give
+        it the same version as the copies that have those writes (found by the
+        simulator). Done as the epoch is applied, before any request of the new epoch
+        is served here."""
+        assert self.peer is not None and self.node is not None
+        me = self.node.node_id
+        returning = [oid for oid in self.store.list_oids()
+                     if not self.peer.health.is_unverified(oid)
+                     and any(node.node_id == me for node in self.group.placement(oid, after))
+                     and not any(node.node_id == me
+                                 for node in self.group.placement(oid, before))]
+        if returning:
+            log.info("%d copies kept outside the placement are back in it: verifying them",
+                     len(returning))
+            self.peer.health.suspect(returning)
+            self._start_verifier()
 
     async def broadcast(self, body: dict[str, Any]) -> ApplyResult:
         """Send a cluster op through the ordered log; wait until it is applied here."""

@@ -178,7 +178,7 @@ def superseded(mine: CopyStatus, best: Copy[Any] | None) -> bool:
         # Two suspect copies at one version, with other contents (a power loss took
         # different unsynced writes from each): the one that ranks higher wins on
         # every sheep, the copy reads take meanwhile (newest), so what a reader saw
-        # stays (found by the simulator, seed 36).
+        # stays (found by the simulator).
         return mine.damaged or rank(best.status) > rank(mine)
     return mine.damaged or best.status.digest not in (None, mine.digest)
 
@@ -222,6 +222,14 @@ class CopyHealth:
         damaged ones stay so until replaced."""
         self._unverified = set(oids) | self._damaged
         assert all(0 <= oid < oid_limit for oid in self._unverified)
+        self._check()
+
+    def suspect(self, oids: Iterable[int]) -> None:
+        """These copies may have missed changes (kept outside the placement while it
+        was elsewhere): unverified until compared."""
+        for oid in oids:
+            assert 0 <= oid < oid_limit
+            self._unverified.add(oid)
         self._check()
 
     def change_failed(self, oid: int, now: float) -> None:

@@ -565,7 +565,7 @@ class VdiService:
         be on disk yet: after a power loss it would point at the freed object again,
         a dangling pointer. Objects of frozen generations never become reachable
         again, so what was unreachable before this flush stays unreachable in what
-        the flush made durable (found by the simulator, seed 22)."""
+        the flush made durable (found by the simulator)."""
         await self.objects.flush()
 
     async def sweep(self) -> int:

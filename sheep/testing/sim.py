@@ -73,6 +73,7 @@ from sheep.testing.simworld import (
     SimFaults,
     SimNetwork,
     VirtualLoop,
+    current_host,
 )
 from sheep.world import World
 
@@ -643,7 +644,10 @@ class Simulation:
         started = time.monotonic()
         self.directory = tempfile.mkdtemp(prefix=f"sim{self.seed}-", dir=self.base)
         if self.verbose and not logging.getLogger().handlers:
-            logging.basicConfig(format="%(name)s: %(message)s")
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("  %(host)s %(name)s: %(message)s"))
+            handler.addFilter(_HostFilter())
+            logging.getLogger().addHandler(handler)
         logging.getLogger("sheep").setLevel(logging.INFO if self.verbose else logging.CRITICAL)
         try:
             with planted(self.plant):
@@ -1070,6 +1074,14 @@ class Simulation:
         self.trace(f"leaks checked: {len(reachable)} reachable")
 
     # --- what SimBus needs from us ----------------------------------------------------------
+
+
+class _HostFilter(logging.Filter):
+    """Names the simulated host whose code logged (the sheep's own logs do not)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.host = current_host.get() or "sim"
+        return True
 
 
 # --- planted bugs ---------------------------------------------------------------------------------
