@@ -515,8 +515,30 @@ class Store:
     def create_and_write(self, oid: int, offset: int, data: bytes | memoryview,
                          version: int | None = None) -> int:
         """Create the object (or overwrite an existing one) and write data into it.
-        version, when given, becomes the new copy's version."""
+        version, when given, becomes the new copy's version. A new object whose
+        creation fails (EIO, ENOSPC) is not left behind half made: it would be a
+        copy at version 0 of nothing in particular, that recovery and reads could
+        take for a real one (found by the simulator)."""
         self._check_range(offset, len(data))
+        fresh = not self.exists(oid)
+        before = self.version(oid)  # a tombstone's, if any
+        try:
+            return self._create_and_write(oid, offset, data, version)
+        except SheepError:
+            if fresh:
+                self._undo_create(oid, before)
+            raise
+
+    def _undo_create(self, oid: int, tombstone_version: int) -> None:
+        try:
+            self.drop(oid)
+            if tombstone_version:
+                self.tombstone(oid, tombstone_version)
+        except SheepError as error:  # the disk fails on: the intent sorts it out at restart
+            log.error("cannot undo the failed creation of %016x: %s", oid, error)
+
+    def _create_and_write(self, oid: int, offset: int, data: bytes | memoryview,
+                          version: int | None) -> int:
         with _translated(f"create object {oid:016x}"):
             self._intend(oid)
             self._drop_fd(oid)  # a cached fd may be of a file lost from the store

@@ -638,7 +638,9 @@ def test_failed_sync_on_eviction_keeps_the_object_dirty(
         store.create_and_write(cache_max + 1, 0, b"y")  # evicts object 1, which is dirty
     # Object 1 could not be synced: its fd stays, and it stays dirty for the next sync.
     assert 1 in store._fds and 1 in store._dirty
-    assert len(os.listdir("/proc/self/fd")) == open_fds + 1  # the new object's
+    # The new object's creation failed: it is not left behind half made (nor its fd).
+    assert not store.exists(cache_max + 1)
+    assert len(os.listdir("/proc/self/fd")) == open_fds
     monkeypatch.setattr(os, "fdatasync", lambda fd: None)
     assert store.read(1, 0, 1) == b"x"
     assert store.create_and_write(cache_max + 1, 0, b"y") == 1
@@ -697,3 +699,28 @@ def test_metadata_values_of_the_old_form_are_still_read(store: Store) -> None:
     assert store.stat(1)["version"] == expected["version"]
     assert store.stat(2)["deleted"]
     store.close()
+
+
+def test_a_failed_creation_leaves_no_half_made_object(tmp_path: Path) -> None:
+    """A new object whose first write fails (ENOSPC, EIO) must not stay as a copy at
+    version 0: recovery and reads would take it for a real one (found by the simulator:
+    a recovered copy that hit EIO served zeros to a copy-up). A tombstone stays."""
+    from sheep.testing.faulty import FaultyIO
+
+    io = FaultyIO()
+    store = Store(str(tmp_path / "s"), io=io)
+    store.open()
+    try:
+        io.fail("pwrite", errno.ENOSPC, partial=512)
+        with pytest.raises(NoSpace):
+            store.create_and_write(7, 0, pattern(2 * block), version=5)
+        assert not store.exists(7) and store.version(7) == 0
+        store.create_and_write(8, 0, b"x")
+        store.remove(8, 9)
+        io.fail("pwrite", errno.EIO)
+        with pytest.raises(IOErrorResult):
+            store.create_and_write(8, 0, pattern(block), version=10)
+        assert not store.exists(8) and store.version(8) == 9  # still removed, at 9
+        assert store.create_and_write(7, 0, b"y", version=6) == 6
+    finally:
+        store.close()
