@@ -1,0 +1,71 @@
+"""The deterministic simulator (sheep/testing/sim.py, scripts/simulate) in CI: a fixed
+budget of seeds passes, every planted bug is caught, and a seed replays exactly.
+
+The budget is small (CI has minutes, not hours); docs/operations.md says how to run a
+long soak. Each planted bug must be caught within 200 seeds (the issue's bound); the
+runs stop at the first seed that catches it, which so far is within the first ten.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sheep.testing.sim import PLANTS, Simulation
+
+ROOT = Path(__file__).resolve().parents[2]
+ci_seeds = 12
+
+
+def simulate(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    return subprocess.run([sys.executable, "-m", "sheep.testing.simulate", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout_s)
+
+
+def test_a_budget_of_seeds_passes() -> None:
+    done = simulate("--seeds", str(ci_seeds))
+    last = done.stdout.strip().splitlines()[-1]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.fullmatch(rf"{ci_seeds} seeds, 0 failures, trace [0-9a-f]{{16}}", last), last
+    assert "seeds per minute" in done.stdout
+
+
+@pytest.mark.parametrize("plant", sorted(PLANTS))
+def test_every_planted_bug_is_caught(plant: str) -> None:
+    done = simulate("--seeds", "200", "--plant", plant, "--stop-on-failure", timeout_s=600)
+    assert done.returncode == 1, f"{plant} was not caught:\n{done.stdout[-2000:]}"
+    failed = re.search(r"^seed (\d+) FAILED: (.*)$", done.stdout, re.M)
+    assert failed is not None, done.stdout[-2000:]
+    replay = f"scripts/simulate --seed {failed.group(1)} "
+    assert replay in done.stdout and f"--plant {plant}" in done.stdout
+    assert re.search(r"^\d+ seeds, 1 failures, trace [0-9a-f]{16}$", done.stdout, re.M)
+
+
+def test_a_seed_replays_exactly() -> None:
+    first = Simulation(7, nodes=4, steps=25).run()
+    again = Simulation(7, nodes=4, steps=25).run()
+    assert first.failure is None, first.failure
+    assert first.trace_hash == again.trace_hash
+    assert first.simulated_s == again.simulated_s
+    other = Simulation(8, nodes=4, steps=25).run()
+    assert other.trace_hash != first.trace_hash
+
+
+def test_two_processes_print_the_same_trace() -> None:
+    one, two = simulate("--seed", "3", "--steps", "20"), simulate("--seed", "3", "--steps", "20")
+    assert one.returncode == two.returncode == 0, one.stdout + one.stderr
+    assert one.stdout.splitlines()[-1] == two.stdout.splitlines()[-1]
+
+
+def test_a_failing_seed_prints_its_replay_and_exits_1() -> None:
+    done = simulate("--seed", "3", "--plant", "no-fence")
+    assert done.returncode == 1
+    assert "seed 3 FAILED" in done.stdout
+    assert "replay: scripts/simulate --seed 3 " in done.stdout
+    assert done.stdout.splitlines()[-1].startswith("1 seeds, 1 failures, trace ")
