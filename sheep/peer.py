@@ -49,6 +49,12 @@ _allocating = frozenset({Op.CREATE_AND_WRITE_PEER, Op.WRITE_PEER})  # may need n
 space_check_interval_s = 0.2
 
 
+def _log_failed_writeback(task: asyncio.Task[None]) -> None:
+    # The objects stay dirty (Store.sync_failed): the next sync tries them again.
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background sync failed: %s", task.exception())
+
+
 class Peer:
     def __init__(self, store: Store, group: Group, node_id: str = "",
                  clock: Clock | None = None) -> None:
@@ -130,6 +136,7 @@ class Peer:
         their metadata takes, and the work a crash leaves."""
         if self._writeback is None or self._writeback.done():
             self._writeback = asyncio.get_running_loop().create_task(self.sync_all())
+            self._writeback.add_done_callback(_log_failed_writeback)
 
     async def sync_all(self) -> None:
         await self._sync(self.store.begin_sync)

@@ -75,7 +75,10 @@ class Verifier(_Worker):
                 except (*RETRYABLE, SheepError) as error:
                     log.info("cannot verify %016x yet: %s", oid, error)
             if self.replaced != replaced:
-                await self.peer.sync_all()  # replaced copies count once durable
+                try:
+                    await self.peer.sync_all()  # replaced copies count once durable
+                except SheepError as error:  # the disk failed: the next pass syncs again
+                    log.error("verifier: cannot sync the replaced copies: %s", error)
             if health.unverified_count:
                 await self.clock.sleep(verify_retry_interval_s)
         log.info("every copy verified (%d kept, %d replaced)", self.verified, self.replaced)

@@ -123,12 +123,15 @@ class ZooKeeperDriver(ClusterDriver):
         self._wake = threading.Event()
         self._task: asyncio.Task[None] | None = None
         self.fenced_since: float | None = time.monotonic()
+        # After ZooKeeper comes back, the log position the sheep must apply before it
+        # serves again: clients may have been answered ops it has not seen.
+        self._catch_up_to = 0
 
     # --- the interface -----------------------------------------------------
 
     @property
     def fenced(self) -> bool:
-        return self.fenced_since is not None
+        return self.fenced_since is not None or self.applied_seq() < self._catch_up_to
 
     async def join(self, node: NodeInfo, from_seq: int) -> None:
         self._node = node
@@ -268,6 +271,7 @@ class ZooKeeperDriver(ClusterDriver):
         self._rejoin = False
         self.fenced_since = None
         self._poll_once()
+        self._catch_up_to = self._last_delivered
 
     def _member_path(self) -> str:
         assert self._node is not None
@@ -383,10 +387,15 @@ class ZooKeeperDriver(ClusterDriver):
                 log.info("joining again as a new incarnation")
                 self._join()
                 return
-            if self.fenced and self._state == "connected" and not self._rejoin:
-                log.info("ZooKeeper is back within the session timeout: unfenced")
+            if self.fenced_since is not None and self._state == "connected" and not self._rejoin:
+                # Read what was logged meanwhile first, and stay fenced until it is
+                # applied (found by the simulator: a sheep served a snapshot as missing).
+                self._sync_log()
+                self._catch_up_to = self._last_delivered
+                log.info("ZooKeeper is back within the session timeout: unfenced once the"
+                         " log is applied to position %d", self._catch_up_to)
                 self.fenced_since = None
-            if self.fenced:
+            if self.fenced_since is not None:
                 return
             self._sync_log()
             self._reap()
