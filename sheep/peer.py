@@ -97,7 +97,9 @@ class Peer:
                     self.writeback_soon()
                     assert self._writeback is not None
                     await asyncio.wait({self._writeback})  # its failure is not this change's
-                await self.store.ensure_intent(header.oid)
+                # The version this change gives the copy (a raw write: one past ours).
+                promised = header.arg0 or self.store.version(header.oid) + 1
+                await self.store.ensure_intent(header.oid, promised)
             # After the await: a copy found damaged meanwhile must not take the change.
             if self.health.is_unverified(header.oid):
                 if header.opcode == Op.READ_PEER and not header.flags & proto.FLAG_DIRECT:

@@ -220,9 +220,12 @@ class Store:
 
     def _recover_intents(self) -> None:
         """After a crash: the objects changed since their last sync get checksums from
-        whatever their files now hold (any of the unsynced writes may have landed)."""
+        whatever their files now hold (any of the unsynced writes may have landed), and
+        at least the version their intent promised (ensure_intent)."""
         with self.env.begin(db=self._intents_db) as txn:
-            oids = [int.from_bytes(key, "big") for key, _ in txn.cursor()]
+            promised = {int.from_bytes(key, "big"): int.from_bytes(bytes(value)[8:16], "big")
+                        for key, value in txn.cursor()}
+        oids = list(promised)
         if not oids:
             return
         with self.env.begin(write=True) as txn:
@@ -247,8 +250,10 @@ class Store:
                         sums.compute(data, 0, fresh)
                         txn.put(_oid_key(oid), fresh.tobytes(), db=self._sums)
                         digest = sums.digest(fresh)
-                    if value is not None:  # made anew after a removal: no tombstone now
-                        txn.put(_oid_key(oid), _pack_meta(_unpack_meta(value)[0], False, digest),
+                    version = max(_unpack_meta(value)[0] if value is not None else 0,
+                                  promised[oid])
+                    if value is not None or version:  # made anew after a removal: no tombstone
+                        txn.put(_oid_key(oid), _pack_meta(version, False, digest),
                                 db=self._objects)
                 txn.delete(_oid_key(oid), db=self._intents_db)
         self.counters["recomputed_after_crash"] = len(oids)
@@ -385,11 +390,16 @@ class Store:
     def needs_intent(self, oid: int) -> bool:
         return oid not in self._intents
 
-    async def ensure_intent(self, oid: int) -> None:
+    async def ensure_intent(self, oid: int, version: int = 0) -> None:
         """Commit an intent for oid before its first change since its last sync;
-        concurrent callers share one commit."""
+        concurrent callers share one commit. ``version`` is what that change gives the
+        copy (its gateway's version, when it has one): after a crash the copy is at
+        least that new. The data of a change a SIGKILL interrupted survives in the
+        page cache, its version in memory does not; without it, a copy with the
+        change and one without would come back at one version, and the one that
+        missed the change could win (a whole-cluster SIGKILL test showed it)."""
         while self.needs_intent(oid):
-            self._intent_wanted.setdefault(oid, self._token())
+            self._intent_wanted.setdefault(oid, self._token(version))
             if self._intent_task is None or self._intent_task.done():
                 self._intent_task = asyncio.get_running_loop().create_task(self._commit_intents())
             await asyncio.shield(self._intent_task)
@@ -407,8 +417,9 @@ class Store:
         if wipes == self._wipes:  # else the wipe dropped them
             self._intents.update(wanted)
 
-    def _token(self) -> bytes:
-        return next(self._tokens).to_bytes(8, "big")
+    def _token(self, version: int = 0) -> bytes:
+        """An intent's value: a token unique to it, then the version it promises."""
+        return next(self._tokens).to_bytes(8, "big") + version.to_bytes(8, "big")
 
     def _write_intents(self, wanted: dict[int, bytes], cleared: dict[int, bytes]) -> None:
         with _translated("record intents"), self.env.begin(db=self._intents_db, write=True) as txn:
