@@ -944,7 +944,7 @@ class Simulation:
         first = min((s for s in self.sheep if s.sheep and s.sheep.node),
                     key=lambda s: s.sheep.node.node_id)  # type: ignore[union-attr]
         assert first.sheep is not None and first.sheep.vdis is not None
-        swept = await first.sheep.vdis.sweep()
+        swept = await first.sheep.vdis.gc.sweep()
         self.trace(f"swept {swept}")
         while not self._settled():
             if self.loop.time() > deadline:
