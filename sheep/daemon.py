@@ -199,7 +199,7 @@ class Sheep:
 
     async def _sweep(self) -> None:
         """Every sweep_interval_s the first member (by node id) removes the objects of
-        frozen or deleted generations that nothing reaches (VdiService.sweep)."""
+        frozen or deleted generations that nothing reaches (Collector.sweep in sheep/vdi_gc.py)."""
         while True:
             await self.clock.sleep(sweep_interval_s)
             state = self.group.state
@@ -207,7 +207,7 @@ class Sheep:
                     or not state.members or min(state.members) != self.node.node_id):
                 continue
             try:
-                await self.vdis.sweep()
+                await self.vdis.gc.sweep()
             except SheepError as error:
                 log.warning("sweep of unreachable objects failed: %s", error)
 
@@ -450,7 +450,7 @@ class Sheep:
         if info.kind is Kind.VDI:
             return await self.vdis.serve_io(header, payload, session)
         if info.kind is Kind.VDI_ADMIN:
-            return await self.vdis.serve_admin(header, payload)
+            return await self.vdis.admin.serve(header, payload)
         return await self.gateway.serve(header, payload)
 
     async def _check_member(self, header: Header, session: Session) -> None:

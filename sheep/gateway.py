@@ -9,6 +9,10 @@ When a replica cannot be reached or the epochs disagree, the request waits for
 the next epoch (the driver notices a dead node within 2 s) and is retried on
 the new placement, so clients see latency instead of errors, for up to
 gateway_retry_total_ms.
+
+Making copies agree again (dog cluster check, a damaged copy met on a read or
+left by a partial write) is the repairer's work (sheep/repair.py): it reads
+and writes copies through this gateway, which owns it (Gateway.repairer).
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from typing import Any
 from sheep import constants, proto, replicas
 from sheep.client import Connection, raise_failed
 from sheep.errors import (
-    InvalidParameters,
     IOErrorResult,
     NetworkError,
     NewNodeVersion,
@@ -37,6 +40,7 @@ from sheep.net import Reply
 from sheep.node import NodeInfo
 from sheep.peer import Peer
 from sheep.proto import Header, Op
+from sheep.repair import Repairer
 from sheep.replicas import Answer, Copy, CopyStatus
 from sheep.world import REAL, Network, World
 
@@ -130,8 +134,7 @@ class Gateway:
         self._version = 0
         # Set while this sheep is fenced, for drivers that fence (see Sheep._watch_fence).
         self.fenced: asyncio.Event | None = None
-        self._repairing: set[int] = set()
-        self._repair_tasks: set[asyncio.Task[None]] = set()
+        self.repairer = Repairer(self)
         self.handlers: dict[Op, Callable[[Header, bytes], Awaitable[Reply]]] = {
             Op.CREATE_AND_WRITE_OBJ: self.write_all,
             Op.WRITE_OBJ: self.write_all,
@@ -140,7 +143,7 @@ class Gateway:
             Op.READ_OBJ: self.read,
             Op.FLUSH: self.flush,
             Op.STAT_OBJ: self.stat,
-            Op.CHECK_OBJS: self.check,
+            Op.CHECK_OBJS: self.repairer.check,
         }
         proto.check_handlers(self.handlers, {proto.Kind.GATEWAY}, "Gateway.handlers")
 
@@ -309,7 +312,7 @@ class Gateway:
                         if applied:
                             # Some replicas have the change, the failed one some of it
                             # (it marked its copy suspect): make them agree now.
-                            self.repair_soon(header.oid)
+                            self.repairer.repair_soon(header.oid)
                         raise error
                 if errors:
                     raise errors[0]
@@ -401,7 +404,7 @@ class Gateway:
                     retryable = error
                     continue
                 if damaged is not None:
-                    self.repair_soon(header.oid)
+                    self.repairer.repair_soon(header.oid)
                 return reply
             if unverified and retryable is None:
                 # Copies that came back with their nodes: the newest copy may still sit
@@ -414,7 +417,7 @@ class Gateway:
             found = await self._read_from_past_epochs(header, epoch)
             if found is not None:
                 if damaged is not None:
-                    self.repair_soon(header.oid)
+                    self.repairer.repair_soon(header.oid)
                 return found
             if retryable is not None:
                 raise retryable
@@ -423,26 +426,6 @@ class Gateway:
             raise NoObject(f"object {header.oid:016x} does not exist")
 
         return await self._retrying(attempt)
-
-    def repair_soon(self, oid: int) -> None:
-        """A read met a damaged copy and found a good one: copy it over, in the background."""
-        if oid in self._repairing:
-            return
-        self._repairing.add(oid)
-
-        async def repair() -> None:
-            try:
-                result = await self.check_object(oid)
-                log.warning("object %016x: damaged copy repaired on %s", oid,
-                            ", ".join(result["repaired"]) or "no node (it was gone)")
-            except SheepError as error:
-                log.error("object %016x: cannot repair the damaged copy: %s", oid, error)
-            finally:
-                self._repairing.discard(oid)
-
-        task = asyncio.get_running_loop().create_task(repair())
-        self._repair_tasks.add(task)
-        task.add_done_callback(self._repair_tasks.discard)
 
     def _past_holders(self, header: Header, nodes: list[NodeInfo]) -> list[NodeInfo]:
         """Members that the last epochs placed the object on, beyond nodes."""
@@ -538,83 +521,6 @@ class Gateway:
                  "copies": header.arg1 or self.group.copies_for(header.oid),
                  "replicas": replicas}
         return proto.encode_json(value), {}
-
-    # --- dog cluster check ---------------------------------------------------------
-
-    async def check(self, header: Header, payload: bytes) -> Reply:
-        """Bring each listed object back to N good copies under the current placement."""
-        body = proto.decode_json(payload)
-        oids = body.get("oids") if isinstance(body, dict) else None
-        if (not isinstance(oids, list) or len(oids) > check_batch_max
-                or not all(isinstance(oid, int) and 0 <= oid < 2**64 for oid in oids)):
-            raise InvalidParameters(f"check takes {{\"oids\": [up to {check_batch_max} object ids]}}")
-        scrub = bool(body.get("scrub"))
-        semaphore = asyncio.Semaphore(check_concurrency)
-
-        async def one(oid: int) -> dict[str, Any]:
-            async with semaphore:
-                try:
-                    return await self.check_object(oid, scrub)
-                except SheepError as error:
-                    return {"oid": oid, "state": "error", "error": str(error)}
-
-        return proto.encode_json({"objects": await asyncio.gather(*map(one, oids))}), {}
-
-    async def check_object(self, oid: int, scrub: bool = False) -> dict[str, Any]:
-        """One object: find its newest verified copy (in the placement, else anywhere in
-        the cluster) and copy it to every holder of the placement that lacks it, holds
-        an unverified, damaged or older copy, or one whose contents differ (digests).
-        With scrub, every holder first verifies every block of its copy. The copies
-        are made as recovery makes them, so a client's write racing with the repair is
-        never undone."""
-        epoch = self.group.epoch
-        nodes = self.group.placement(oid, epoch)
-        result: dict[str, Any] = {"oid": oid, "copies": self.group.copies_for(oid),
-                                  "placed": len(nodes), "good": 0, "repaired": []}
-        stats = await self.stats(oid, nodes, epoch, tolerant=True, scrub=scrub)
-        candidates = list(zip(nodes, stats, strict=True))
-        result["damaged"] = [node.node_id for node, stat in candidates
-                             if isinstance(stat, CopyStatus) and stat.damaged]
-        best = replicas.newest(candidates, verified_only=True)
-        if best is None:  # not in the placement: where earlier epochs or a drain left it
-            others = [node for node in self.group.state.nodes if node not in nodes]
-            best = replicas.newest(zip(others, await self.stats(oid, others, epoch, tolerant=True),
-                                       strict=True), verified_only=True)
-        if best is None:
-            result["state"] = "lost"
-            return result
-        if best.removed:
-            result["state"] = "removed"
-            return result
-        version, source = best.version, best.node
-        # With scrub, copies as new as the source but with other contents are stale too.
-        stale = replicas.stale_holders(candidates, best.status, compare_digests=scrub)
-        unreachable = [node for node, stat in candidates if isinstance(stat, BaseException)]
-        result["good"] = len(nodes) - len(stale)
-        repairable = [node for node in stale if node not in unreachable]
-        if repairable:
-            data, fields = await self.read_copy(source, Header(
-                opcode=Op.READ_OBJ, oid=oid, count=self.group.state.object_size), epoch)
-            # FLAG_DIRECT: a repair replaces a copy as new as the source (damaged, or
-            # with other contents), though never one a write has made newer since.
-            create = Header(opcode=Op.CREATE_AND_WRITE_OBJ, oid=oid, count=len(data),
-                            arg0=fields.get("arg0") or version, flags=proto.FLAG_DIRECT)
-            await asyncio.gather(*(self.call(node, create, bytes(data), epoch)
-                                   for node in repairable))
-            result["repaired"] = [node.node_id for node in repairable]
-            result["good"] += len(repairable)
-            log.info("check: object %016x copied to %s", oid,
-                     ", ".join(node.node_id for node in repairable))
-        result["unreachable"] = [node.node_id for node in unreachable]
-        result["state"] = ("ok" if not stale else "repaired" if not unreachable else "degraded")
-        if result["good"] < result["copies"] and result["state"] == "ok":
-            result["state"] = "degraded"  # fewer zones than copies: placement is short
-        return result
-
-
-check_batch_max = 1024
-check_concurrency = 8
-
 
 def _copy_status(result: Reply | BaseException) -> Answer:
     """One node's STAT reply parsed: None for no copy; a failure, or a malformed

@@ -4,8 +4,9 @@ at the cluster's scrub rate, and has a damaged copy replaced from a good replica
 A pass walks every object of the local store; after a pass it waits the scrub
 interval before the next. A damaged copy is marked as a read that meets the
 damage marks it (sheep/peer.py), so nothing serves it, and the gateway copies
-the newest good copy over it (Gateway.repair_soon). ``dog cluster scrub`` does
-the same at once for the whole cluster, comparing the replicas too.
+the newest good copy over it (Repairer.repair_soon, sheep/repair.py).
+``dog cluster scrub`` does the same at once for the whole cluster, comparing
+the replicas too.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class Scrubber:
                 continue
             if self.peer.scrub(oid):
                 self.damaged += 1
-                self.gateway.repair_soon(oid)
+                self.gateway.repairer.repair_soon(oid)
             self.scrubbed += 1
             self.position += 1
         self.passes += 1

@@ -88,6 +88,7 @@ settle_limit_s = 400.0
 run_limit_s = 3000.0  # virtual seconds a whole run may take
 nemesis_interval_s = (0.5, 4.0)
 start_attempts_max = 5
+sweep_attempts_max = 5
 think_time_max_s = 0.6  # between a client's operations: the run spans the nemesis' work
 clients_default = 2
 weight_bytes = 64 << 30
@@ -944,7 +945,15 @@ class Simulation:
         first = min((s for s in self.sheep if s.sheep and s.sheep.node),
                     key=lambda s: s.sheep.node.node_id)  # type: ignore[union-attr]
         assert first.sheep is not None and first.sheep.vdis is not None
-        swept = await first.sheep.vdis.sweep()
+        for attempt in range(sweep_attempts_max):
+            try:
+                swept = await first.sheep.vdis.gc.sweep()
+                break
+            except SheepError as error:  # a disk fault left pending: the next run sweeps
+                self.trace(f"sweep failed: {error}")
+                await asyncio.sleep(1.0)
+        else:
+            raise SimFailure(f"the sweep failed {sweep_attempts_max} times")
         self.trace(f"swept {swept}")
         while not self._settled():
             if self.loop.time() > deadline:

@@ -1,0 +1,287 @@
+"""The VDI management ops: create, delete, snapshot, clone, rollback, resize,
+list, attributes, object lookup and unlock.
+
+Each becomes a cluster op (VdiRegistry applies it everywhere in the same order);
+what this module adds is the work around it that needs the objects: resolving
+roots, growing trees, freeing garbage (sheep/vdi_gc.py).
+
+Management ops that change what a writer writes into (snapshot, resize) run on
+the sheep that holds the lock: any other sheep forwards them there. That sheep
+pauses new writes to the VDI, waits for those in flight, resolves the root
+node, broadcasts the op and resumes: the snapshot then holds exactly the
+writes acknowledged before it. The state machine refuses such an op from a
+sheep that is not the holder, so a lock taken meanwhile cannot slip past it.
+
+Deleting a VDI or snapshot, and rolling back, frees every object that no live
+root reaches any more (VdiEngine.garbage), before the op is answered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sheep import constants, proto, radix
+from sheep.client import Connection
+from sheep.cluster_state import ApplyResult
+from sheep.errors import InvalidParameters, NoObject, NoTag, NoVdi, SheepError, VdiLocked
+from sheep.gateway import Gateway
+from sheep.group import Group
+from sheep.net import Reply
+from sheep.proto import Header, Kind, Op
+from sheep.vdi import Objects, Root, VdiEngine
+from sheep.vdi_gc import Collector
+from sheep.vdi_registry import Snapshot, Vdi, vdi_size_max
+
+Broadcast = Callable[[dict[str, Any]], Awaitable[ApplyResult]]
+# Runs work with the VDI's new writes held and those in flight done (VdiService.paused).
+Paused = Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]]
+
+FLAG_FORWARDED = 1  # arg1 of a management op: already forwarded once, do not forward again
+
+
+def vdi_named(group: Group, name: Any) -> Vdi:
+    vdi = group.state.vdis.vdis.get(name) if isinstance(name, str) else None
+    if vdi is None:
+        raise NoVdi(f"no VDI named {name!r}")
+    return vdi
+
+
+def snapshot_named(vdi: Vdi, ref: Any) -> Snapshot:
+    snap = vdi.snapshot(ref)
+    if snap is None:
+        raise NoTag(f"VDI {vdi.name!r} has no snapshot {ref!r}")
+    return snap
+
+
+def _is_text(value: Any) -> bool:
+    """False for a string that cannot be encoded as UTF-8; True for anything else."""
+    if not isinstance(value, str):
+        return True
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class VdiAdmin:
+    def __init__(self, group: Group, gateway: Gateway, node_id: str, broadcast: Broadcast,
+                 peer_connection: Callable[[str], Awaitable[Connection]], objects: Objects,
+                 engine: Callable[[], VdiEngine], gc: Collector, paused: Paused) -> None:
+        self.group = group
+        self.gateway = gateway
+        self.node_id = node_id
+        self.broadcast = broadcast
+        self.peer_connection = peer_connection
+        self.objects = objects
+        self.engine = engine  # the engine of the current object size (VdiService.engine)
+        self.gc = gc
+        self.paused = paused
+        self.handlers: dict[Op, Callable[[dict[str, Any], Header], Awaitable[Any]]] = {
+            Op.VDI_CREATE: self.create,
+            Op.VDI_DELETE: self.delete,
+            Op.VDI_SNAPSHOT: self.snapshot,
+            Op.VDI_CLONE: self.clone,
+            Op.VDI_ROLLBACK: self.rollback,
+            Op.VDI_RESIZE: self.resize,
+            Op.VDI_LIST: self.list,
+            Op.VDI_SETATTR: self.setattr,
+            Op.VDI_GETATTR: self.getattr,
+            Op.VDI_OBJECT: self.locate,
+            Op.VDI_UNLOCK: self.unlock,
+        }
+        proto.check_handlers(self.handlers, {Kind.VDI_ADMIN}, "VdiAdmin.handlers")
+
+    async def serve(self, header: Header, payload: bytes) -> Reply:
+        body = proto.decode_json(payload)
+        if not isinstance(body, dict):
+            raise InvalidParameters("VDI operations take a JSON object")
+        value = await self.handlers[Op(header.opcode)](body, header)
+        return proto.encode_json(value), {}
+
+    async def create(self, body: dict[str, Any], header: Header) -> Any:
+        result = await self.broadcast({"type": "vdi_create", "name": body.get("name"),
+                                       "size": body.get("size"), "copies": body.get("copies")})
+        return result.value
+
+    async def _on_holder(self, vdi: Vdi, header: Header, body: dict[str, Any],
+                         work: Callable[[str | None], Awaitable[Any]]) -> Any:
+        """Run work where the VDI's writer is: here with writes paused, or forwarded."""
+        lock = vdi.lock
+        if lock is not None and lock.get("node_id") != self.node_id:
+            if header.arg1 & FLAG_FORWARDED:
+                raise VdiLocked(f"VDI {vdi.name!r} moved to another writer; try again")
+            return await self._forward(lock["node_id"], header, body)
+        if lock is None:
+            return await work(None)
+        return await self.paused(vdi.name, lambda: work(lock.get("session")))
+
+    async def _forward(self, node_id: str, header: Header, body: dict[str, Any]) -> Any:
+        connection = await self.peer_connection(node_id)
+        forwarded = Header(opcode=header.opcode, arg1=header.arg1 | FLAG_FORWARDED)
+        _, data = await connection.call(forwarded, proto.encode_json(body),
+                                        timeout_ms=constants.op_timeout_ms)
+        return proto.decode_json(data)
+
+    async def snapshot(self, body: dict[str, Any], header: Header) -> Any:
+        vdi = vdi_named(self.group, body.get("name"))
+
+        async def work(session: str | None) -> Any:
+            current = vdi_named(self.group, vdi.name)
+            base = await self.engine().root_node(current.root)
+            result = await self.broadcast({
+                "type": "vdi_snapshot", "name": current.name, "tag": body.get("tag", ""),
+                "generation": current.root.generation, "base": base, "session": session})
+            return result.value
+
+        return await self._on_holder(vdi, header, body, work)
+
+    async def resize(self, body: dict[str, Any], header: Header) -> Any:
+        vdi = vdi_named(self.group, body.get("name"))
+        size = body.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            raise InvalidParameters(f"size must be a positive number of bytes, not {size!r}")
+        object_size = self.group.state.object_size
+
+        async def work(session: str | None) -> Any:
+            current = vdi_named(self.group, vdi.name)
+            if size < current.size:
+                raise InvalidParameters(
+                    f"VDI {current.name!r} can only grow ({size} < {current.size} bytes)")
+            limit = vdi_size_max(object_size)
+            if size > limit:
+                raise InvalidParameters(f"size {size} exceeds the largest VDI ({limit} bytes)")
+            depth = radix.depth_for(-(-size // object_size))
+            root = await self.engine().grow(current.root, depth)
+            try:
+                result = await self.broadcast({"type": "vdi_resize", "name": current.name,
+                                               "size": size, "root": root.to_json(),
+                                               "session": session})
+            except SheepError:
+                for level in range(current.root.depth + 1, depth + 1):  # the grown levels
+                    node = radix.node_oid(current.root.generation, level, 0)
+                    try:
+                        await self.objects.remove(node)
+                    except NoObject:
+                        pass
+                    self.engine().forget({node})
+                raise
+            return result.value
+
+        return await self._on_holder(vdi, header, body, work)
+
+    async def clone(self, body: dict[str, Any], header: Header) -> Any:
+        source = vdi_named(self.group, body.get("source"))
+        snap = snapshot_named(source, body.get("snapshot"))
+        base = await self.engine().root_node(snap.root)
+        result = await self.broadcast({"type": "vdi_clone", "source": source.name,
+                                       "snapshot": snap.id, "name": body.get("name"),
+                                       "base": base})
+        return result.value
+
+    async def rollback(self, body: dict[str, Any], header: Header) -> Any:
+        vdi = vdi_named(self.group, body.get("name"))
+        snap = snapshot_named(vdi, body.get("snapshot"))
+        base = await self.engine().root_node(snap.root)
+        result = await self.broadcast({"type": "vdi_rollback", "name": vdi.name,
+                                       "snapshot": snap.id, "base": base,
+                                       "force": bool(body.get("force"))})
+        freed = await self.gc.collect([Root.from_json(r) for r in result.value["dead"]])
+        return {**result.value["vdi"], "freed_objects": freed}
+
+    async def delete(self, body: dict[str, Any], header: Header) -> Any:
+        vdi = vdi_named(self.group, body.get("name"))
+        op: dict[str, Any] = {"type": "vdi_delete", "name": vdi.name,
+                              "force": bool(body.get("force"))}
+        if body.get("snapshot") is not None:
+            op["snapshot"] = snapshot_named(vdi, body["snapshot"]).id
+        result = await self.broadcast(op)
+        freed = await self.gc.collect([Root.from_json(r) for r in result.value["dead"]])
+        return {"name": vdi.name, "snapshot": body.get("snapshot"), "freed_objects": freed}
+
+    async def list(self, body: dict[str, Any], header: Header) -> Any:
+        names = body.get("names")
+        usage = body.get("usage", True)
+        result = []
+        for vdi in list(self.group.state.vdis.vdis.values()):
+            if names and vdi.name not in names:
+                continue
+            entries: list[tuple[Snapshot | None, Root, int, float]] = [
+                (None, vdi.root, vdi.size, vdi.ctime)]
+            entries += [(snap, snap.root, snap.size, snap.time) for snap in vdi.snapshots]
+            for snap, root, size, ctime in entries:
+                item: dict[str, Any] = {
+                    "name": vdi.name, "id": snap.id if snap else vdi.id, "size": size,
+                    "ctime": ctime, "snapshot": snap is not None,
+                    "tag": snap.tag if snap else "", "copies": vdi.copies,
+                    "parent": vdi.parent, "generation": root.generation,
+                    "lock": None if snap else vdi.lock, "vdi_id": vdi.id,
+                    "unsettled": False if snap else vdi.unsettled, "attrs": len(vdi.attrs)}
+                if usage:
+                    used, shared = await self._usage(root)
+                    item["used"] = used
+                    item["shared"] = shared
+                result.append(item)
+        return result
+
+    async def _usage(self, root: Root) -> tuple[int, int]:
+        """Bytes in data objects this root's generation wrote, and in those it shares."""
+        node = await self.engine().root_node(root)
+        if node == 0:
+            return 0, 0
+        objects = await self.engine().walk(node)
+        object_size = self.group.state.object_size
+        used = shared = 0
+        for oid in objects:
+            if radix.is_data(oid):
+                if radix.generation_of(oid) == root.generation:
+                    used += object_size
+                else:
+                    shared += object_size
+        return used, shared
+
+    async def setattr(self, body: dict[str, Any], header: Header) -> Any:
+        vdi = vdi_named(self.group, body.get("name"))
+        # JSON carries lone surrogates (undecodable bytes from argv or stdin) that
+        # are not text: refused here, they never reach the state machine.
+        for part in ("key", "value"):
+            if not _is_text(body.get(part)):
+                raise InvalidParameters(f"attribute {part} must be valid UTF-8 text")
+        await self.broadcast({"type": "vdi_setattr", "name": vdi.name, "key": body.get("key"),
+                              "value": body.get("value"),
+                              "exclusive": bool(body.get("exclusive"))})
+        return {}
+
+    async def getattr(self, body: dict[str, Any], header: Header) -> Any:
+        vdi = vdi_named(self.group, body.get("name"))
+        key = body.get("key")
+        if key is None:
+            return dict(vdi.attrs)
+        if key not in vdi.attrs:
+            raise NoObject(f"VDI {vdi.name!r} has no attribute {key!r}")
+        return {"key": key, "value": vdi.attrs[key]}
+
+    async def locate(self, body: dict[str, Any], header: Header) -> Any:
+        vdi = vdi_named(self.group, body.get("name"))
+        root, size = vdi.root, vdi.size
+        if body.get("snapshot") is not None:
+            snap = snapshot_named(vdi, body["snapshot"])
+            root, size = snap.root, snap.size
+        object_size = self.group.state.object_size
+        index = body.get("index", 0)
+        count = -(-size // object_size)
+        if not isinstance(index, int) or not 0 <= index < count:
+            raise InvalidParameters(f"index must be 0 to {count - 1}, not {index!r}")
+        oid = await self.engine().lookup(root, index)
+        value: dict[str, Any] = {"name": vdi.name, "index": index, "oid": oid,
+                                 "offset": index * object_size, "object_size": object_size}
+        if oid:
+            data, _ = await self.gateway.request(Op.STAT_OBJ, oid)
+            value.update(proto.decode_json(data))
+        return value
+
+    async def unlock(self, body: dict[str, Any], header: Header) -> Any:
+        vdi = vdi_named(self.group, body.get("name"))
+        result = await self.broadcast({"type": "vdi_unlock", "name": vdi.name})
+        return result.value
