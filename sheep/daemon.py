@@ -136,7 +136,8 @@ class Sheep:
         if self.group.state.status is not Status.WAIT_FOR_FORMAT:
             self.store.set_object_size(self.group.state.object_size)
         self.node = self._make_node()
-        self.peer = Peer(self.store, self.group, self.node.node_id, self.clock)
+        self.peer = Peer(self.store, self.group, self.node.node_id, self.clock,
+                         self.world.faults)
         self.gateway = Gateway(self.group, self.peer, self.node.node_id, self.pool, self.world)
         self.vdis = VdiService(self.group, self.gateway, self.node.node_id, self.broadcast,
                                self._member_connection)

@@ -187,7 +187,14 @@ class Gateway:
             return await self.local.serve(peer_header, payload)
         connection = await self.pool.get(node)
         reply, data = await connection.call(peer_header, payload)
+        self._maybe_lose_reply(node)
         return data, {"arg0": reply.arg0}
+
+    def _maybe_lose_reply(self, node: NodeInfo) -> None:
+        """Fault hook: the replica did the work, its reply never came (a cut after the
+        request arrived). Retries must cope with a change applied twice."""
+        if self.world.faults.buggify("gateway.reply-lost"):
+            raise NetworkError(f"connection to {node.endpoint} lost (buggify)")
 
     async def call_all(self, nodes: list[NodeInfo], header: Header, payload: bytes,
                        epoch: int) -> list[Reply | BaseException]:
@@ -221,6 +228,7 @@ class Gateway:
                 if isinstance(request, asyncio.Future):
                     try:
                         reply, data = raise_failed(*await request)
+                        self._maybe_lose_reply(nodes[index])
                         results[index] = (data, {"arg0": reply.arg0})
                     except Exception as error:
                         results[index] = error
@@ -258,6 +266,8 @@ class Gateway:
         deadline = self.clock.monotonic() + constants.gateway_retry_total_ms / 1000
         while True:
             epoch = self.group.epoch
+            if self.world.faults.buggify("gateway.retry-late"):
+                await self.clock.sleep(0.3)  # fault hook: a retry that comes late
             try:
                 return await self._fenceable(attempt(epoch))
             except RETRYABLE as error:

@@ -36,7 +36,7 @@ from sheep.proto import Header, Kind, Op
 from sheep.replicas import CopyHealth, keeps_own
 from sheep.store import Store
 from sheep.store.store import SyncJob, pending_objects_max
-from sheep.world import Clock
+from sheep.world import Clock, Faults
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,9 @@ def _log_failed_writeback(task: asyncio.Task[None]) -> None:
 
 class Peer:
     def __init__(self, store: Store, group: Group, node_id: str = "",
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, faults: Faults | None = None) -> None:
         self.clock = clock or Clock()
+        self.faults = faults or Faults()
         self.store = store
         self.group = group
         self.node_id = node_id
@@ -82,6 +83,8 @@ class Peer:
         proto.check_handlers(self.handlers, {Kind.PEER}, "Peer.handlers")
 
     async def serve(self, header: Header, payload: bytes) -> Reply:
+        if self.faults.buggify("peer.slow"):
+            await self.clock.sleep(0.2)  # fault hook: a replica slow to take a request
         if header.opcode != Op.LIST_PEER:
             await self.group.check_epoch(header.epoch, constants.epoch_wait_ms / 1000)
         if header.opcode in _changes and not self.group.writable_object(header.oid):

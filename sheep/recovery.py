@@ -22,7 +22,7 @@ from typing import Any
 
 from sheep import constants, proto, replicas
 from sheep.cluster_state import Status
-from sheep.errors import NoObject, SheepError
+from sheep.errors import NoObject, SheepError, Timeout
 from sheep.gateway import RETRYABLE, Gateway
 from sheep.group import Group
 from sheep.peer import Peer
@@ -88,6 +88,8 @@ class Verifier(_Worker):
         nodes came back, the newest copy may sit where an earlier epoch put it). The
         newest copy wins (sheep/replicas.py: superseded); a damaged copy here that
         nothing supersedes stays unverified until a good copy turns up."""
+        if self.gateway.world.faults.buggify("verifier.stats-fail"):
+            raise Timeout(f"no answer about {oid:016x} in time (buggify)")
         epoch = self.group.epoch
         others = [node for node in self.group.state.nodes if node.node_id != self.node_id]
         version = self.store.version(oid)
@@ -301,6 +303,8 @@ class Recoverer(_Worker):
 
     async def fetch(self, oid: int, nodes: list[Any], epoch: int) -> bool:
         """Copy the newest verified copy of oid here; False if there is none to copy."""
+        if self.gateway.world.faults.buggify("recovery.fetch-fails"):
+            raise Timeout(f"fetching {oid:016x} timed out (buggify)")
         placement = self.group.placement(oid, epoch)
         asked = {node.node_id: node for node in [*nodes, *placement]
                  if node.node_id != self.node_id}

@@ -665,7 +665,9 @@ class Simulation:
             shutil.rmtree(self.directory, ignore_errors=True)
         self.trace(f"end {self.failure or 'ok'}")
         return Result(self.seed, self.failure, self._trace.hexdigest()[:16], self.loop.time(),
-                      time.monotonic() - started, dict(self.fault_counts))
+                      time.monotonic() - started,
+                      {**self.fault_counts,
+                       **{f"buggify {site}": n for site, n in sorted(self.faults.fired.items())}})
 
     def _close(self) -> None:
         loop = self.loop
@@ -945,7 +947,7 @@ class Simulation:
         first = min((s for s in self.sheep if s.sheep and s.sheep.node),
                     key=lambda s: s.sheep.node.node_id)  # type: ignore[union-attr]
         assert first.sheep is not None and first.sheep.vdis is not None
-        for attempt in range(sweep_attempts_max):
+        for _ in range(sweep_attempts_max):
             try:
                 swept = await first.sheep.vdis.gc.sweep()
                 break
