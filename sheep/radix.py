@@ -128,13 +128,22 @@ class Root:
     generation: int
     depth: int
     base: int  # a root node oid of another generation, or 0 for an empty tree
+    # Whether the generation's own root node was made (by its first write): recorded
+    # in the cluster log, because "its holders did not answer" must never read as
+    # "it was never made" (the engine would make it again from base, losing every
+    # entry written since: found by the simulator). None: a state from before the
+    # flag, where the engine asks the stores as it used to.
+    made: bool | None = False
 
     def own(self) -> int:
         return node_oid(self.generation, self.depth, 0)
 
-    def to_json(self) -> dict[str, int]:
-        return {"generation": self.generation, "depth": self.depth, "base": self.base}
+    def to_json(self) -> dict[str, Any]:
+        return {"generation": self.generation, "depth": self.depth, "base": self.base,
+                "made": self.made}
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> Root:
-        return cls(int(value["generation"]), int(value["depth"]), int(value["base"]))
+        made = value.get("made")
+        return cls(int(value["generation"]), int(value["depth"]), int(value["base"]),
+                   None if made is None else bool(made))

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -86,8 +86,12 @@ class Extent:
 
 class VdiEngine:
     def __init__(self, objects: Objects, object_size: int,
-                 is_frozen: Callable[[int], bool]) -> None:
+                 is_frozen: Callable[[int], bool],
+                 on_root_made: Callable[[Root], Awaitable[None]] | None = None) -> None:
         self.objects = objects
+        # Records a generation's own root node in the cluster log once made (Root.made);
+        # without it (tests of the engine alone) the stores are asked whether it exists.
+        self.on_root_made = on_root_made
         self.object_size = object_size
         self.is_frozen = is_frozen
         self._nodes: collections.OrderedDict[int, bytes] = collections.OrderedDict()
@@ -143,12 +147,15 @@ class VdiEngine:
     async def root_node(self, root: Root) -> int:
         """The root node in effect: the generation's own once written, else its base."""
         own = root.own()
-        if own in self._roots_made:
+        if own in self._roots_made or root.made:
             return own
-        if await self.objects.exists(own):
+        if self._asks_stores(root) and await self.objects.exists(own):
             self._roots_made.add(own)
             return own
         return root.base
+
+    def _asks_stores(self, root: Root) -> bool:
+        return root.made is None or self.on_root_made is None
 
     async def lookup(self, root: Root, index: int, cached: bool = False) -> int:
         """The data oid holding object ``index``, or 0 if it was never written.
@@ -279,7 +286,8 @@ class VdiEngine:
 
     async def _own_root(self, root: Root) -> int:
         own = root.own()
-        if own in self._roots_made or await self.objects.exists(own):
+        if own in self._roots_made or root.made or (
+                self._asks_stores(root) and await self.objects.exists(own)):
             self._roots_made.add(own)
             return own
         self._entries_changed(own)
@@ -291,6 +299,10 @@ class VdiEngine:
             await self.objects.create(own, b"")
         self._entries_changed(own)
         self._roots_made.add(own)
+        if self.on_root_made is not None:
+            # Before any entry goes into it: until then it holds what base holds, so a
+            # reader that still takes base, or a writer that makes it again, loses nothing.
+            await self.on_root_made(root)
         return own
 
     async def _owned_path(self, root: Root, index: int) -> int:
@@ -364,7 +376,7 @@ class VdiEngine:
             await self.objects.create(node, radix.encode_node(entries))
             below = node
         self._roots_made.add(below)
-        return Root(root.generation, depth, 0)
+        return Root(root.generation, depth, 0, made=True)  # its own root made just now
 
     # --- whole trees ---------------------------------------------------------
 

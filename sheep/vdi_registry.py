@@ -23,6 +23,7 @@ root node is in effect) before broadcasting it, so applying stays pure.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -160,6 +161,7 @@ class VdiRegistry:
             "vdi_lock": self._lock,
             "vdi_unlock": self._unlock,
             "vdi_settled": self._settled,
+            "vdi_root_made": self._root_made,
             "vdi_setattr": self._setattr,
         }
 
@@ -442,6 +444,19 @@ class VdiRegistry:
                 vdi.unsettled = False
         elif vdi.lock.get("session") == body.get("session"):
             vdi.unsettled = False
+        return Outcome(value=vdi.to_json())
+
+    def _root_made(self, body: dict[str, Any], time: float, copies: int, object_size: int,
+                   zones: int) -> Outcome:
+        """The writable generation's own root node exists now (Root.made). Applies only
+        while the VDI still writes that generation and tree: idempotent, and a late
+        one after a snapshot or rollback changes nothing."""
+        vdi = self._get(body)
+        if isinstance(vdi, Outcome):
+            return vdi
+        root = vdi.root
+        if body.get("generation") == root.generation and body.get("depth") == root.depth:
+            vdi.root = dataclasses.replace(root, made=True)
         return Outcome(value=vdi.to_json())
 
     def _setattr(self, body: dict[str, Any], time: float, copies: int, object_size: int,

@@ -165,8 +165,19 @@ class VdiService:
     def engine(self) -> VdiEngine:
         object_size = self.group.state.object_size
         if self._engine is None or self._engine.object_size != object_size:
-            self._engine = VdiEngine(self.objects, object_size, self.group.is_frozen)
+            self._engine = VdiEngine(self.objects, object_size, self.group.is_frozen,
+                                     self._root_made)
         return self._engine
+
+    async def _root_made(self, root: Root) -> None:
+        """Record in the cluster log that the writable generation's own root node
+        exists (Root.made): from then on nobody takes the holders' silence for its
+        absence."""
+        vdi = self.group.state.vdis.by_generation(root.generation)
+        if vdi is None or vdi.root.generation != root.generation or vdi.root.made:
+            return
+        await self.broadcast({"type": "vdi_root_made", "name": vdi.name,
+                              "generation": root.generation, "depth": root.depth})
 
     def reset(self) -> None:
         """Forget every cached node (the cluster was formatted anew)."""

@@ -54,6 +54,7 @@ from sheep.errors import (
     Exists,
     NetworkError,
     NoTag,
+    NoVdi,
     ReadOnly,
     SheepError,
     ShuttingDown,
@@ -494,6 +495,40 @@ class SimClient:
         if self.sim.rng.random() < 0.5:
             await self.use(clone)
 
+    async def delete_vdi(self) -> None:
+        """Delete a clone this client made and no longer uses (its objects must go)."""
+        candidates = [vdi for vdi in self.owned if vdi is not self.vdi and not vdi.deleted
+                      and vdi.name != f"{self.name}-vdi"]
+        if not candidates:
+            return
+        vdi = self.sim.rng.choice(candidates)
+        tries = [0]
+
+        async def work(client: Client) -> None:
+            tries[0] += 1
+            try:
+                await client.vdi_delete(vdi.name)
+            except NoVdi:
+                if tries[0] == 1:
+                    raise
+
+        try:
+            await self._call(f"delete {vdi.name}", work, reopen=False)
+        except SheepError as error:
+            self.sim.trace(f"{self.name} delete {vdi.name} failed: {error}")
+
+            async def listing(client: Client) -> Any:
+                return await client.vdi_list([vdi.name], usage=False)
+
+            try:
+                if any(entry.get("name") == vdi.name
+                       for entry in await self._call("list", listing, reopen=False)):
+                    return
+            except NoVdi:
+                pass
+        vdi.deleted = True
+        self.sim.trace(f"{self.name} delete {vdi.name} ok")
+
     async def rollback(self) -> None:
         assert self.vdi is not None
         if not self.vdi.snapshots:
@@ -541,7 +576,7 @@ class SimClient:
         operations: list[tuple[float, Callable[[], Any]]] = [
             (55, self.write), (18, self.read), (6, self.flush), (5, self.snapshot),
             (6, self.read_snapshot), (3, self.delete_snapshot), (2, self.clone),
-            (2, self.rollback)]
+            (2, self.rollback), (1, self.delete_vdi)]
         weights = [weight for weight, _ in operations]
         for _ in range(steps):
             _, operation = self.sim.rng.choices(operations, weights)[0]
@@ -586,7 +621,9 @@ class Simulation:
                                 enabled=self.rng.random() < 0.5)
         self._tokens = random.Random(self.rng.getrandbits(32))
         self.copies = min(self.rng.choice([2, 2, 3]), nodes)
-        self.sheep: list[SimSheep] = []
+        self.sheep: list[SimSheep] = []  # the members: started at least once
+        self.spares: list[SimSheep] = []  # new nodes that may join during the run
+        self.spare_count = 1 if self.rng.random() < 0.5 else 0
         self.clients: list[SimClient] = []
         self.client_count = clients
         self.vdis: list[VdiModel] = []
@@ -693,6 +730,7 @@ class Simulation:
                    f"buggify {self.faults.enabled} plant {self.plant}")
         for index in range(self.nodes):
             self.sheep.append(SimSheep(self, index))
+        self.spares = [SimSheep(self, self.nodes + k) for k in range(self.spare_count)]
         for sim_sheep in self.sheep:
             await sim_sheep.start()
         self.stage = "waiting for the members"
@@ -727,7 +765,7 @@ class Simulation:
         actions: list[tuple[float, Callable[[], Any]]] = [
             (3, self._kill), (2, self._power_loss), (3, self._partition), (2, self._suspend),
             (2, self._disk_fault), (2, self._slow_link), (2, self._reset),
-            (2, self._stale_writer)]
+            (2, self._stale_writer), (1, self._join_spare)]
         weights = [weight for weight, _ in actions]
         while self._nemesis_on and self.failure is None:
             await asyncio.sleep(rng.uniform(*nemesis_interval_s))
@@ -776,6 +814,16 @@ class Simulation:
         victim.kill(power_loss)
         self.count("power loss" if power_loss else "kill")
         self._spawn(self._restart_later(victim, self.rng.uniform(0.5, 8.0)))
+
+    async def _join_spare(self) -> None:
+        """A brand-new node joins: the placement moves, recovery fills it."""
+        if not self.spares or self._down():
+            return
+        spare = self.spares.pop(0)
+        self.sheep.append(spare)
+        self.trace(f"sheep{spare.index} joins")
+        self.count("join")
+        self._spawn(self._start(spare))
 
     async def _power_loss(self) -> None:
         await self._kill(power_loss=True)

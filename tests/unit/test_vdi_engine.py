@@ -333,3 +333,39 @@ async def test_discards_racing_writes_neither_fail_nor_leak():
     await asyncio.gather(*jobs)
     reachable = await h.engine.walk(await h.engine.root_node(root))
     assert set(h.objects.data) == reachable, "every stored object is in the tree"
+
+
+async def test_an_unanswered_own_root_is_never_made_again_from_base():
+    """Once a generation's own root node is recorded as made (Root.made), the engine
+    never asks the stores whether it exists: holders that do not answer (both down)
+    must not read as "never made", or a write would make it again from base and lose
+    every entry written since (found by the simulator). Until it is recorded, base is
+    in effect, and making it is recorded before any entry goes in."""
+    made: list[Root] = []
+    harness = Harness()
+
+    async def record(root: Root) -> None:
+        made.append(root)
+
+    harness.engine.on_root_made = record
+    root = harness.create(4 * object_size)
+    await harness.engine.write(root, 0, b"first")
+    assert made == [root]
+    recorded = Root(root.generation, root.depth, root.base, made=True)
+
+    class Silent:  # every holder of the own root is gone: reads fail as absent
+        async def exists(self, oid: int) -> bool:
+            return False
+
+    fresh = VdiEngine(harness.objects, object_size, lambda g: g not in harness.writable,
+                      record)
+    fresh.objects.exists = Silent().exists  # type: ignore[method-assign]
+    assert await fresh.root_node(recorded) == root.own()
+    await fresh.write(recorded, object_size, b"second")
+    assert made == [root]  # not made again
+    assert await fresh.read(recorded, 0, 5) == b"first"
+    other = VdiEngine(harness.objects, object_size, lambda g: g not in harness.writable,
+                      record)
+    other.objects.exists = Silent().exists  # type: ignore[method-assign]
+    unrecorded = Root(root.generation, root.depth, 0, made=False)
+    assert await other.root_node(unrecorded) == 0  # base (an empty tree), stores not asked

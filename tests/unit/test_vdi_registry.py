@@ -355,3 +355,20 @@ def test_to_json_round_trip(r):
     assert again.vdis == r.registry.vdis
     assert again.next_id == r.registry.next_id
     assert again.next_generation == r.registry.next_generation
+
+
+def test_a_made_root_is_recorded_for_its_generation_and_tree_only(r):
+    """vdi_root_made records that the writable generation's own root node exists; a
+    snapshot keeps the record with the frozen root, the new generation starts without
+    one, and a late record for an older generation or tree changes nothing."""
+    assert r.vdi("base").root.made is False
+    assert r("vdi_root_made", name="base", generation=1, depth=1).result == Result.SUCCESS
+    assert r.vdi("base").root == Root(1, 1, 0, made=True)
+    assert r.snapshot("base", "s1", base=node(1)).result == Result.SUCCESS
+    vdi = r.vdi("base")
+    assert vdi.snapshot("s1").root.made is True and vdi.root.made is False
+    r("vdi_root_made", name="base", generation=1, depth=1)  # late: changes nothing
+    r("vdi_root_made", name="base", generation=2, depth=2)  # another tree: nothing
+    assert r.vdi("base").root == Root(2, 1, node(1), made=False)
+    assert Root.from_json({"generation": 2, "depth": 1, "base": 0}).made is None  # old state
+    assert Root.from_json(r.vdi("base").root.to_json()) == r.vdi("base").root
