@@ -29,13 +29,16 @@ from sheep.testing.sim import PLANTS, Simulation
               help="Operations each client runs.")
 @click.option("--plant", type=click.Choice(sorted(PLANTS)), default=None,
               help="Switch on a known bug, to show that the checks catch it.")
-@click.option("--stop-on-failure", is_flag=True, help="Stop at the first failing seed.")
+@click.option("--stop-on-failure", is_flag=True,
+              help="Stop at the first failing seed (always so with --plant: a planted bug"
+                   " is caught by the first seed that fails).")
 @click.option("-v", "--verbose", is_flag=True, help="Print the trace and the sheep's logs.")
 def main(count: int, first: int, seed: int | None, nodes: int | None, steps: int,
          plant: str | None, stop_on_failure: bool, verbose: bool) -> None:
     """Run the deterministic simulated cluster over seeds; print failures with the
     command that replays them."""
     seeds = [seed] if seed is not None else list(range(first, first + count))
+    stop_on_failure = stop_on_failure or plant is not None
     combined = hashlib.sha256()
     failures = 0
     simulated_s = 0.0

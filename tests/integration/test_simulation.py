@@ -63,9 +63,15 @@ def test_two_processes_print_the_same_trace() -> None:
     assert one.stdout.splitlines()[-1] == two.stdout.splitlines()[-1]
 
 
-def test_a_failing_seed_prints_its_replay_and_exits_1() -> None:
-    done = simulate("--seed", "3", "--plant", "no-fence")
-    assert done.returncode == 1
-    assert "seed 3 FAILED" in done.stdout
-    assert "replay: scripts/simulate --seed 3 " in done.stdout
-    assert done.stdout.splitlines()[-1].startswith("1 seeds, 1 failures, trace ")
+def test_a_failing_seed_replays_with_the_command_it_prints() -> None:
+    found = simulate("--seeds", "200", "--plant", "no-fence")  # stops at the first failure
+    failed = re.search(r"^seed (\d+) FAILED: (.*)$\n  replay: (scripts/simulate .*) -v$",
+                       found.stdout, re.M)
+    assert found.returncode == 1 and failed is not None, found.stdout[-2000:]
+    seed, reason, replay = failed.groups()
+    args = replay.split()[1:]
+    assert args[:2] == ["--seed", seed] and "--plant" in args
+    again = simulate(*args)
+    assert again.returncode == 1
+    assert f"seed {seed} FAILED: {reason}" in again.stdout  # the same failure, exactly
+    assert again.stdout.splitlines()[-1].startswith("1 seeds, 1 failures, trace ")
