@@ -475,17 +475,10 @@ class SimBus(MemoryBus):
         self.delay_s = (0.0005, 0.02)
 
     def append(self, kind: EventKind, **fields: Any) -> None:
-        event = Event(seq=len(self.log) + 1, kind=kind, time=self.clock.wall(), **fields)
-        self.log.append(event)
-        if kind is EventKind.JOIN:
-            assert event.node is not None
-            self.members[event.node.node_id] = event.node
-            self.incarnations[event.node.node_id] = self.incarnations.get(
-                event.node.node_id, 0) + 1
-        elif kind is EventKind.LEAVE:
-            self.members.pop(event.node_id, None)
-        for driver in self.drivers:
-            driver.deliver(event)
+        if kind is EventKind.JOIN:  # each join is a new incarnation (see leave_later)
+            node_id = fields["node"].node_id
+            self.incarnations[node_id] = self.incarnations.get(node_id, 0) + 1
+        super().append(kind, **fields)
 
     def append_leave(self, node_id: str) -> None:
         self.append(EventKind.LEAVE, node_id=node_id, reason="dead")
