@@ -5,16 +5,12 @@ its working directory unless told where, and such files once got committed."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
-
-import pytest
 
 from sheep.testing.nbd import fio_command
 
 
-@pytest.mark.skipif(shutil.which("fio") is None, reason="needs fio")
 def test_fio_writes_its_own_files_into_the_directory_it_is_given(tmp_path: Path) -> None:
     aux, cwd = tmp_path / "aux", tmp_path / "cwd"
     aux.mkdir()
