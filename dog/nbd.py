@@ -43,7 +43,7 @@ def check_nbdkit() -> str:
 
 def nbdkit_command(nbdkit: str, target: Target, port: int | None, unix: str | None,
                    bind: str, readonly: bool, foreground: bool, threads: int,
-                   pidfile: str | None) -> list[str]:
+                   pidfile: str | None, retry: float | None = None) -> list[str]:
     command = [nbdkit]
     if foreground:
         command.append("-f")
@@ -57,6 +57,8 @@ def nbdkit_command(nbdkit: str, target: Target, port: int | None, unix: str | No
         command += ["-P", pidfile]
     command += ["-t", str(threads), "python", plugin_path(),
                 f"sheep={target.address}:{target.port}"]
+    if retry is not None:
+        command.append(f"retry={retry:g}")
     return command
 
 
@@ -78,10 +80,13 @@ def nbd() -> None:
               help="nbdkit threads per connection.")
 @click.option("--pidfile", type=click.Path(dir_okay=False), default=None,
               help="Write nbdkit's pid here (background mode).")
+@click.option("--retry", "retry", type=click.FloatRange(0, 86400, min_open=True), default=None,
+              help="Seconds a client's request waits and retries while no sheep can serve it"
+                   " (dead, fenced, shutting down) before it fails with EIO (default 60).")
 @click.option("--print-command", is_flag=True, help="Print the nbdkit command and exit.")
 @lambda function: connection_options(function, ("-p", "--sheep-port"))
 def serve(nbd_port: int | None, unix: str | None, bind: str, readonly: bool, foreground: bool,
-          threads: int, pidfile: str | None, print_command: bool) -> None:
+          threads: int, pidfile: str | None, retry: float | None, print_command: bool) -> None:
     """Serve every VDI as export NAME (read-write) and NAME@TAG (read-only).
 
     Clients attach with nbd://HOST:PORT/NAME, e.g.
@@ -94,7 +99,7 @@ def serve(nbd_port: int | None, unix: str | None, bind: str, readonly: bool, for
     if not print_command:
         nbdkit = check_nbdkit()
     command = nbdkit_command(nbdkit, target, nbd_port, unix, bind, readonly, foreground,
-                             threads, pidfile)
+                             threads, pidfile, retry)
     if print_command:
         click.echo(shlex.join(command))
         return

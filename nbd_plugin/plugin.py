@@ -32,8 +32,8 @@ API_VERSION = 2
 _config: dict[str, str] = {}
 _state: dict[str, Any] = {}
 
-reconnect_total_s = 60.0
-lock_retry_s = 30.0
+retry_total_s = 60.0  # the default retry budget: retry=SECONDS overrides it
+lock_retry_s = 30.0  # how long a reopen after failover waits for the dead gateway's lock
 
 
 def _import_client() -> Any:
@@ -48,8 +48,16 @@ def _import_client() -> Any:
 
 
 def config(key: str, value: str) -> None:
-    if key not in ("sheep", "root", "owner"):
-        raise RuntimeError(f"unknown parameter {key!r} (known: sheep, root, owner)")
+    if key not in ("sheep", "root", "owner", "retry"):
+        raise RuntimeError(f"unknown parameter {key!r} (known: sheep, root, owner, retry)")
+    if key == "retry":
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if not 0 < seconds <= 86400:
+            raise RuntimeError(f"retry={value!r}: the retry budget is a number of seconds,"
+                               " more than 0 and at most 86400")
     _config[key] = value
 
 
@@ -61,7 +69,7 @@ def config_complete() -> None:
         if not host or not port.isdigit():
             raise RuntimeError(f"sheep={item!r}: use HOST:PORT[,HOST:PORT...]")
         addresses.append((host, int(port)))
-    _state["gateways"] = Gateways(addresses)
+    _state["gateways"] = Gateways(addresses, float(_config.get("retry", retry_total_s)))
 
 
 def thread_model() -> int:
@@ -71,30 +79,43 @@ def thread_model() -> int:
 class Gateways:
     """The current gateway connection, the exports open on it, and failover."""
 
-    def __init__(self, addresses: list[tuple[str, int]]) -> None:
+    def __init__(self, addresses: list[tuple[str, int]], retry_s: float = retry_total_s) -> None:
         self.client, self.errors, self.proto = _import_client()
         self.addresses = list(addresses)
+        self.retry_s = retry_s
         self.lock = threading.Lock()
         self.connection: Any = None
         self.generation = 0  # bumped on every reconnect
         self.exports: dict[tuple[str, str | None, bool], dict[str, Any]] = {}
         self.owner = _config.get("owner") or f"nbdkit pid {os.getpid()}"
+        # What another member (or this one, a moment later) may serve: a dead or
+        # fenced gateway, one still joining or shutting down.
         self.retryable = (self.errors.NetworkError, self.errors.ShuttingDown,
                           self.errors.Unavailable, self.errors.Timeout)
 
+    def deadline(self) -> float:
+        return time.monotonic() + self.retry_s
+
+    def _gave_up(self, last: Exception | None) -> Exception:
+        return self.errors.Unavailable(
+            f"no sheep served within {self.retry_s:g} s (the plugin's retry budget, "
+            f"retry=SECONDS); the last reason: {last or 'no sheep reachable'}")
+
     # --- connections ---------------------------------------------------------------
 
-    def current(self) -> tuple[Any, int]:
+    def current(self, deadline: float | None = None) -> tuple[Any, int]:
         connection, generation = self.connection, self.generation
         if connection is not None and not connection.closed:  # the hot path: no lock
             return connection, generation
         with self.lock:
             if self.connection is None or self.connection.closed:
-                self._connect()
+                self._connect(deadline or self.deadline())
             return self.connection, self.generation
 
-    def _connect(self) -> None:
-        deadline = time.monotonic() + reconnect_total_s
+    def _connect(self, deadline: float) -> None:
+        """Connect to a member that serves, and open every export on it, trying each
+        in turn until deadline. A member that refuses as unavailable (fenced, joining)
+        is passed over like a dead one."""
         last: Exception | None = None
         if self.connection is not None:
             # The gateway that just failed is tried last: a host cut off silently
@@ -103,23 +124,30 @@ class Gateways:
             if failed in self.addresses:
                 self.addresses.remove(failed)
                 self.addresses.append(failed)
-        while time.monotonic() < deadline:
+        while True:
             for host, port in list(self.addresses):
+                connection = None
                 try:
                     connection = self.client.BlockingConnection(host, port)
-                    nodes = connection.json(self.proto.Op.NODE_LIST)
-                except self.errors.SheepError as error:
+                    self._learn(connection.json(self.proto.Op.NODE_LIST))
+                    # Published only once every export is open on it: threads take the
+                    # connection without the lock, and must never send an old handle on it.
+                    self._reopen(connection, deadline)
+                except self.retryable as error:
                     last = error
+                    if connection is not None:
+                        connection.close()
                     continue
-                self._learn(nodes)
-                # Published only once every export is open on it: threads take the
-                # connection without the lock, and must never send an old handle on it.
-                self._reopen(connection)
+                except self.errors.SheepError:
+                    if connection is not None:
+                        connection.close()
+                    raise
                 self.connection = connection
                 self.generation += 1
                 return
+            if time.monotonic() >= deadline:
+                raise self._gave_up(last)
             time.sleep(0.2)
-        raise RuntimeError(f"no sheep reachable ({last})")
 
     def _learn(self, nodes: list[dict[str, Any]]) -> None:
         for node in nodes:
@@ -128,35 +156,50 @@ class Gateways:
                 if address not in self.addresses:
                     self.addresses.append(address)
 
-    def _open_on(self, connection: Any, name: str, tag: str | None, writable: bool) -> Any:
-        deadline = time.monotonic() + lock_retry_s
+    def _open_on(self, connection: Any, name: str, tag: str | None, writable: bool,
+                 deadline: float) -> Any:
+        lock_deadline = min(deadline, time.monotonic() + lock_retry_s)
         while True:
             try:
                 return connection.json(self.proto.Op.VDI_OPEN, {
                     "name": name, "snapshot": tag, "writable": writable, "owner": self.owner})
             except self.errors.VdiLocked:
                 # After a failover the dead gateway's lock goes once its death is logged.
-                if not self.exports.get((name, tag, writable)) or time.monotonic() > deadline:
+                if not self.exports.get((name, tag, writable)) or time.monotonic() > lock_deadline:
                     raise
                 time.sleep(0.2)
 
-    def _reopen(self, connection: Any) -> None:
+    def _reopen(self, connection: Any, deadline: float) -> None:
         for (name, tag, writable), export in self.exports.items():
-            export["info"] = self._open_on(connection, name, tag, writable)
+            export["info"] = self._open_on(connection, name, tag, writable, deadline)
 
     # --- exports -----------------------------------------------------------------------
 
     def acquire(self, name: str, tag: str | None, writable: bool) -> dict[str, Any]:
         key = (name, tag, writable)
+        deadline = self.deadline()
         with self.lock:
-            if self.connection is None or self.connection.closed:
-                self._connect()
             export = self.exports.get(key)
             if export is None:
-                info = self._open_on(self.connection, name, tag, writable)
+                info = self._open(name, tag, writable, deadline)
                 export = self.exports[key] = {"info": info, "users": 0}
             export["users"] += 1
             return export
+
+    def _open(self, name: str, tag: str | None, writable: bool, deadline: float) -> Any:
+        """A first open, on the current gateway or, while it cannot serve, on another."""
+        while True:
+            if self.connection is None or self.connection.closed:
+                self._connect(deadline)
+            try:
+                return self._open_on(self.connection, name, tag, writable, deadline)
+            except self.retryable as error:
+                if time.monotonic() >= deadline:
+                    raise self._gave_up(error) from error
+                # This gateway cannot serve now: every thread fails over with this open
+                # (the failed gateway is tried last).
+                self.connection.close()
+                time.sleep(0.05)
 
     def release(self, name: str, tag: str | None, writable: bool) -> None:
         key = (name, tag, writable)
@@ -178,19 +221,20 @@ class Gateways:
 
     def call(self, export: dict[str, Any], op: int, offset: int = 0, count: int = 0,
              payload: Any = b"", into: Any = None, flags: int = 0) -> Any:
-        """One request on the export's handle; on a dead gateway, fail over and retry."""
+        """One request on the export's handle; on a gateway that is dead or cannot
+        serve, fail over and retry, for up to the retry budget."""
         deadline = None
         while True:
-            connection, generation = self.current()
+            connection, generation = self.current(deadline)
             header = self.proto.Header(opcode=op, arg0=export["info"]["handle"], offset=offset,
                                        count=count, flags=flags)
             try:
                 return connection.call(header, payload, into=into)
-            except self.retryable:
+            except self.retryable as error:
                 if deadline is None:
-                    deadline = time.monotonic() + reconnect_total_s
+                    deadline = self.deadline()
                 elif time.monotonic() > deadline:
-                    raise
+                    raise self._gave_up(error) from error
                 with self.lock:
                     if self.generation == generation and self.connection is not None:
                         self.connection.close()

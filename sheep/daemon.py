@@ -154,6 +154,7 @@ class Sheep:
         self._tasks.append(asyncio.get_running_loop().create_task(self._sweep()))
         if self.driver.can_fence:
             self.gateway.fenced = asyncio.Event()
+            self.gateway.fence_check = self.peer.fence_check = lambda: self.driver.fenced
             self._tasks.append(asyncio.get_running_loop().create_task(self._watch_fence()))
         await self.joined.wait()
         log.info("sheep %s joined at epoch %d", self.node.node_id, self.group.epoch)
@@ -182,8 +183,11 @@ class Sheep:
         while True:
             if self.driver.fenced and not self.gateway.fenced.is_set():
                 self.gateway.fenced.set()
+                log.warning("fenced: refusing I/O until the cluster driver's session is sure"
+                            " again and its log applied")
             elif not self.driver.fenced and self.gateway.fenced.is_set():
                 self.gateway.fenced.clear()
+                log.info("unfenced: serving again")
             await self.clock.sleep(fence_poll_s)
 
     async def _writeback(self) -> None:
@@ -529,6 +533,7 @@ class Sheep:
                           "repaired": self.peer.health.repaired if self.peer else 0,
                           "scrub": self.scrubber.status() if self.scrubber else None},
             "uptime": self.clock.wall() - self.started_at,
+            "driver": self.driver.info(),
         }
 
     async def node_list(self, header: Header, payload: bytes) -> Reply:

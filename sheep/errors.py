@@ -135,3 +135,7 @@ class UsageError(SheepError):
     result = Result.INVALID_PARMS
     exit_code = EXIT_USAGE
     default_message = "usage error"
+
+# What a fenced sheep answers: its cluster driver's session is in doubt or lost, so
+# the others may move on without it (sheep/lease.py).
+fenced_message = "this sheep is fenced: it lost its cluster driver's session"

@@ -34,6 +34,7 @@ from sheep.errors import (
     Timeout,
     Unavailable,
     Unverified,
+    fenced_message,
 )
 from sheep.group import Group
 from sheep.net import Reply
@@ -59,7 +60,6 @@ _peer_op = {
 }
 
 past_epochs_searched_max = 16
-fenced_message = "this sheep is fenced: it lost its cluster driver's session"
 
 # Ops whose arg0 is the version the change gives the object (0: the replica's own +1).
 _versioned_ops = frozenset({Op.CREATE_AND_WRITE_OBJ, Op.WRITE_OBJ, Op.DISCARD_OBJ,
@@ -134,6 +134,9 @@ class Gateway:
         self._version = 0
         # Set while this sheep is fenced, for drivers that fence (see Sheep._watch_fence).
         self.fenced: asyncio.Event | None = None
+        # The driver's own answer, asked again before anything is answered as done: the
+        # event above follows it by a poll, a lease runs out at an exact moment.
+        self.fence_check: Callable[[], bool] = lambda: False
         self.repairer = Repairer(self)
         self.handlers: dict[Op, Callable[[Header, bytes], Awaitable[Reply]]] = {
             Op.CREATE_AND_WRITE_OBJ: self.write_all,
@@ -258,6 +261,12 @@ class Gateway:
             fence.cancel()
         if task not in done:
             task.cancel()
+            raise Unavailable(fenced_message)
+        if self.fence_check():
+            # Done, but the lease ran out meanwhile: the client must not take it as
+            # done here (it retries through another sheep).
+            if not task.cancelled():
+                task.exception()  # retrieved: the fence is the answer
             raise Unavailable(fenced_message)
         return task.result()
 

@@ -28,7 +28,9 @@ from sheep.errors import (
     ReadOnly,
     SheepError,
     SystemFailure,
+    Unavailable,
     Unverified,
+    fenced_message,
 )
 from sheep.group import Group
 from sheep.net import Reply
@@ -67,6 +69,10 @@ class Peer:
         self._writeback: asyncio.Task[None] | None = None
         # Called when a copy becomes suspect at run time (the verifier must look at it).
         self.on_suspect: Callable[[], None] | None = None
+        # Whether this sheep is fenced now (set by the daemon): asked again after any
+        # wait, since a request let in while the session's lease held may have waited
+        # past its end, when the others may be moving on without this sheep.
+        self.fence_check: Callable[[], bool] = lambda: False
         self._sync_lock = asyncio.Lock()
         self._free = 0
         self._space_checked = -1e9
@@ -82,11 +88,16 @@ class Peer:
         }
         proto.check_handlers(self.handlers, {Kind.PEER}, "Peer.handlers")
 
+    def _refuse_if_fenced(self) -> None:
+        if self.fence_check():
+            raise Unavailable(fenced_message)
+
     async def serve(self, header: Header, payload: bytes) -> Reply:
         if self.faults.buggify("peer.slow"):
             await self.clock.sleep(0.2)  # fault hook: a replica slow to take a request
         if header.opcode != Op.LIST_PEER:
             await self.group.check_epoch(header.epoch, constants.epoch_wait_ms / 1000)
+        self._refuse_if_fenced()
         if header.opcode in _changes and not self.group.writable_object(header.oid):
             # Fencing: a snapshot froze this generation; whoever still writes it is stale.
             raise ReadOnly(f"object {header.oid:016x} belongs to a frozen generation")
@@ -109,6 +120,7 @@ class Peer:
                     raise Unverified(f"the copy of {header.oid:016x} here is not verified yet")
                 if header.opcode in (Op.WRITE_PEER, Op.DISCARD_PEER):
                     raise NoObject(f"the copy of {header.oid:016x} here is not verified yet")
+            self._refuse_if_fenced()
             try:
                 reply = await self.handlers[Op(header.opcode)](header, payload)
             except (NoSpace, IOErrorResult, SystemFailure):

@@ -99,7 +99,7 @@ class Verifier(_Worker):
         stat = self.store.stat(oid) if self.store.exists(oid) else {}
         mine = CopyStatus(version=version, digest=stat.get("digest"), unverified=True,
                           durable=bool(stat.get("durable", True)),
-                          damaged=health.is_damaged(oid))
+                          doubtful=bool(stat.get("doubtful")), damaged=health.is_damaged(oid))
         if best is not None and replicas.superseded(mine, best) and health.is_unverified(oid):
             await self._replace(oid, mine, best, epoch)
         elif mine.damaged:
@@ -114,11 +114,16 @@ class Verifier(_Worker):
                 return
             log.warning("copy of %016x marked damaged reads back sound: kept", oid)
             health.found_sound(oid)
-            self.verified += 1
-            health.verified(oid)
+            self._kept(oid)
         else:
-            self.verified += 1
-            health.verified(oid)
+            self._kept(oid)
+
+    def _kept(self, oid: int) -> None:
+        """Compared with every other copy and found current: verified, and no longer
+        in doubt (nothing outranks it)."""
+        self.verified += 1
+        self.peer.health.verified(oid)
+        self.store.clear_doubt(oid)
 
     async def _replace(self, oid: int, mine: CopyStatus, best: replicas.Copy[Any],
                        epoch: int) -> None:

@@ -11,8 +11,11 @@ ask this module, so they cannot drift apart. Pure: no I/O, no clock, no asyncio.
 The newest copy is the one with the highest version. At an equal version a
 present copy beats a tombstone (a removal always bumps the version, so a
 "tombstone" at the copies' own version is a file lost from a store), then a
-verified copy beats an unverified one, a durable one a fresh one, and last the
-digest decides: which copy wins does not depend on the order holders answered in.
+copy not in doubt beats one in doubt (recovered after a crash at the version a
+change promised, whose writes may not all have landed: sheep/store/store.py),
+then a verified copy beats an unverified one, a durable one a fresh one, and
+last the digest decides: which copy wins does not depend on the order holders
+answered in.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ oid_limit = 2**64  # object ids and versions are 64-bit on the wire and in the s
 version_limit = 2**64
 digest_limit = 2**64
 
-_flags = ("deleted", "missing", "unverified", "damaged", "durable", "synced")
+_flags = ("deleted", "missing", "doubtful", "unverified", "damaged", "durable", "synced")
 _sizes = ("size", "allocated")
 
 
@@ -40,6 +43,9 @@ class CopyStatus:
     version: int
     deleted: bool = False  # a removal's tombstone
     missing: bool = False  # the metadata says the copy is here, its file is gone
+    # Recovered after a crash at a version a change promised: its writes may not all
+    # have landed, so its contents may be older than its version says.
+    doubtful: bool = False
     unverified: bool = False  # not compared with the other replicas yet (sheep/recovery.py)
     damaged: bool = False  # a read or a scrub met damage; waits for a good copy
     # Synced at least once since it was made: a power loss can take back its latest
@@ -118,10 +124,10 @@ class Copy(Generic[N]):
         return self.status.deleted
 
 
-def rank(status: CopyStatus) -> tuple[int, bool, bool, bool, bool, int]:
+def rank(status: CopyStatus) -> tuple[int, bool, bool, bool, bool, bool, int]:
     """The newest-copy order (see the module comment); higher is newer."""
-    return (status.version, not status.deleted, not status.unverified, status.durable,
-            status.digest is not None, status.digest or 0)
+    return (status.version, not status.deleted, not status.doubtful, not status.unverified,
+            status.durable, status.digest is not None, status.digest or 0)
 
 
 def candidate(answer: Answer, verified_only: bool) -> bool:
@@ -148,11 +154,12 @@ def newest(answers: Iterable[tuple[N, Answer]], verified_only: bool) -> Copy[N] 
 def stale(answer: Answer, newest_status: CopyStatus, compare_digests: bool) -> bool:
     """Whether a placement holder's copy must be replaced by the newest copy: it has
     none, could not be asked, holds a tombstone or a lost file, an unverified (or
-    damaged) copy, an older one, or, when digests are compared (scrub), one whose
+    damaged) copy, an older one, one in doubt where the newest is not, or, when
+    digests are compared (scrub), one whose
     contents differ. A digest that either side does not report never differs."""
     if not isinstance(answer, CopyStatus) or not answer.whole or answer.unverified:
         return True
-    if answer.version < newest_status.version:
+    if answer.version < newest_status.version or (answer.doubtful and not newest_status.doubtful):
         return True
     return (compare_digests and newest_status.digest is not None
             and answer.digest is not None and answer.digest != newest_status.digest)
@@ -167,7 +174,8 @@ def stale_holders(answers: Iterable[tuple[N, Answer]], newest_status: CopyStatus
 def superseded(mine: CopyStatus, best: Copy[Any] | None) -> bool:
     """Whether an unverified copy here must give way to the newest copy elsewhere:
     that one is newer, or as new, present, verified and with other contents (its
-    digest known and not ours) or ours is damaged. Otherwise ours is current."""
+    digest known and not ours) or ours is damaged or in doubt. Otherwise ours is
+    current."""
     if best is None or best.version < mine.version:
         return False
     if best.version > mine.version:
@@ -180,7 +188,7 @@ def superseded(mine: CopyStatus, best: Copy[Any] | None) -> bool:
         # every sheep, the copy reads take meanwhile (newest), so what a reader saw
         # stays (found by the simulator).
         return mine.damaged or rank(best.status) > rank(mine)
-    return mine.damaged or best.status.digest not in (None, mine.digest)
+    return mine.damaged or mine.doubtful or best.status.digest not in (None, mine.digest)
 
 
 def may_drop_surplus(mine_version: int, placement: Sequence[Answer]) -> bool:
@@ -189,6 +197,7 @@ def may_drop_surplus(mine_version: int, placement: Sequence[Answer]) -> bool:
     power loss cannot take back the copy the drop relies on, only unflushed writes)."""
     return bool(placement) and all(
         isinstance(answer, CopyStatus) and not answer.unverified and not answer.missing
+        and not answer.doubtful
         and (answer.durable or answer.deleted) and answer.version >= mine_version
         for answer in placement)
 

@@ -37,8 +37,9 @@ from sheep.errors import (
     SheepError,
     Unavailable,
     VdiLocked,
+    fenced_message,
 )
-from sheep.gateway import Gateway, fenced_message
+from sheep.gateway import Gateway
 from sheep.group import Group
 from sheep.net import Reply, Session
 from sheep.proto import FLAG_FUA, Header, Kind, Op
@@ -193,7 +194,7 @@ class VdiService:
 
     async def serve_io(self, header: Header, payload: bytes, session: Session) -> Reply:
         fenced = self.gateway.fenced
-        if fenced is not None and fenced.is_set():
+        if (fenced is not None and fenced.is_set()) or self.gateway.fence_check():
             # Checked here too: a lookup answered from cached tree entries (an unwritten
             # object reads as zeros) does no object I/O for the gateway to refuse.
             raise Unavailable(fenced_message)

@@ -16,13 +16,19 @@ appends a leave record for that incarnation; readers deliver only the first
 leave that matches the member's current incarnation, so duplicates and late
 leaves for an old incarnation change nothing, deterministically everywhere.
 
-Fencing. While the session is suspended (the connection to ZooKeeper is lost)
-or after it expired, the sheep is fenced: it refuses client and peer I/O with
-UNAVAILABLE (see Sheep.dispatch), since the others may already have logged it
-dead and moved on. If the session survives (the connection comes back within
-the session timeout), nothing happened. If it expired, the sheep joins again as
-a fresh incarnation and catches up like a restarted one (its copies are
-unverified again). The majority side keeps serving: its sessions are fine.
+Fencing and the lease. A sheep serves only while it holds a lease on its
+session (sheep/lease.py): a time, on its own monotonic clock, before which
+ZooKeeper's leader surely cannot have expired the session, proven by its connect
+handshakes and by a sync through the leader every T/10 (T the negotiated session
+timeout). A suspension (the connection lost: a ZooKeeper leader election, a
+server restarted, a cut) is served through while the lease lasts, at most T/2
+after the last round trip; past it the sheep is fenced: it refuses client and
+peer I/O with UNAVAILABLE (see Sheep.dispatch), since the others may soon log it
+dead and move on. A lease renewed after it ran out, like a reconnect after the
+session expired, serves again only once the log is read and applied up to where
+it stood then. If the session expired, the sheep joins again as a fresh
+incarnation and catches up like a restarted one (its copies are unverified
+again). The majority side keeps serving: its sessions are fine.
 
 All ZooKeeper calls run on one worker thread (kazoo is thread-based); events
 reach the event loop through call_soon_threadsafe.
@@ -42,6 +48,7 @@ from typing import Any
 from sheep.cluster.driver import ClusterDriver, Snapshot
 from sheep.cluster_state import Event, EventKind
 from sheep.errors import SystemFailure, UsageError
+from sheep.lease import SessionLease
 from sheep.node import NodeInfo
 
 log = logging.getLogger(__name__)
@@ -51,7 +58,10 @@ trim_batch = 1000  # log entries everyone has applied, trimmed once there are th
 publish_interval_s = 1.0  # how often a member publishes its applied log position
 poll_interval_s = 0.5  # the log and members are re-read at least this often (watches wake earlier)
 connect_retry_s = 2.0
-reconnect_delay_max_s = 1.0
+# Reconnect attempts (a pass over every server) back off from 50 ms to at most this:
+# a refused connect (a server in an election, a dead one) costs nothing, so a sheep
+# finds the new leader's ensemble within this of it serving.
+reconnect_delay_max_s = 0.25
 _record_prefix = "r-"
 
 
@@ -122,22 +132,41 @@ class ZooKeeperDriver(ClusterDriver):
         self._closed = False
         self._wake = threading.Event()
         self._task: asyncio.Task[None] | None = None
+        # Set while the session is lost (expired) until the sheep joined again.
         self.fenced_since: float | None = time.monotonic()
         # After ZooKeeper comes back, the log position the sheep must apply before it
         # serves again: clients may have been answered ops it has not seen.
         self._catch_up_to = 0
+        self.lease: SessionLease | None = None  # the current session's, once connected
+        self._lease_lock = threading.Lock()  # renewals come from two threads
+        self._caught_up = 0  # lease.lapses when the log was last read after a lapse
+        self.server: str | None = None  # the ZooKeeper server connected to
+        self._renewer: threading.Thread | None = None
+        self._renew_wake = threading.Event()
 
     # --- the interface -----------------------------------------------------
 
     @property
     def fenced(self) -> bool:
-        return self.fenced_since is not None or self.applied_seq() < self._catch_up_to
+        if self.fenced_since is not None or self.applied_seq() < self._catch_up_to:
+            return True
+        lease = self.lease
+        return (lease is None or lease.lapses != self._caught_up
+                or not lease.holds(time.monotonic()))
+
+    def fence_deadline(self) -> float | None:
+        """When the lease runs out, on the monotonic clock (None: fenced or no lease)."""
+        lease = self.lease
+        return None if lease is None else lease.until
 
     async def join(self, node: NodeInfo, from_seq: int) -> None:
         self._node = node
         self._from_seq = from_seq
         self._loop = asyncio.get_running_loop()
         await self._run(self._connect)
+        self._renewer = threading.Thread(target=self._renew_forever, name="zookeeper-lease",
+                                         daemon=True)
+        self._renewer.start()
         await self._run(self._join)
         self._task = self._loop.create_task(self._poll_forever())
 
@@ -162,6 +191,7 @@ class ZooKeeperDriver(ClusterDriver):
             return
         self._closed = True
         self._wake.set()
+        self._renew_wake.set()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -172,9 +202,22 @@ class ZooKeeperDriver(ClusterDriver):
         self._executor.shutdown(wait=True)
 
     def info(self) -> dict[str, Any]:
+        fenced = self.fenced
+        lease = self.lease
+        now = time.monotonic()
+        state = "fenced" if fenced else "connected" if self._state == "connected" else "suspended"
+        fenced_at = None
+        if fenced and self.fenced_since is not None:
+            fenced_at = time.time() - (now - self.fenced_since)
+        elif fenced and lease is not None and lease.until is not None and lease.until <= now:
+            fenced_at = time.time() - (now - lease.until)
         return {"driver": self.name, "hosts": self.hosts, "prefix": self.prefix,
-                "connection": self._state, "fenced": self.fenced,
+                "connection": self._state, "fenced": fenced, "state": state,
+                "server": self.server if self._state == "connected" else None,
                 "session_timeout": self.session_timeout,
+                "negotiated_timeout": lease.timeout if lease is not None else None,
+                "lease_remaining": round(lease.remaining(now), 3) if lease is not None else 0.0,
+                "fenced_at": fenced_at,
                 "session": self._incarnation or None, "log_trimmed": self.trimmed}
 
     # --- asyncio side -----------------------------------------------------------
@@ -207,21 +250,26 @@ class ZooKeeperDriver(ClusterDriver):
         from kazoo.retry import KazooRetry
 
         # Reconnect attempts back off to at most reconnect_delay_max_s (kazoo's default
-        # grows to an hour): a sheep whose link comes back is a member again within
-        # about a second, not after a long backoff.
+        # grows to an hour): a sheep whose link comes back, or whose ensemble elected
+        # a new leader, is connected again within that of it serving.
         self._client = KazooClient(
             hosts=self.hosts, timeout=self.session_timeout,
-            connection_retry=KazooRetry(max_tries=-1, delay=0.1, backoff=2,
+            connection_retry=KazooRetry(max_tries=-1, delay=0.05, backoff=1.5,
                                         max_delay=reconnect_delay_max_s))
+        self._watch_handshakes()
 
         def listener(state: Any) -> None:
             self._state = str(state).lower()
             if state == KazooState.CONNECTED:
-                log.info("ZooKeeper connected (%s)", self.hosts)
+                log.info("ZooKeeper connected (%s)", self.server or self.hosts)
+                self._renew_wake.set()
             elif state == KazooState.SUSPENDED:
-                self._fence("connection to ZooKeeper lost")
+                lease = self.lease
+                log.warning("connection to ZooKeeper lost: serving on the session's lease for"
+                            " %.2f s more", lease.remaining(time.monotonic()) if lease else 0.0)
             elif state == KazooState.LOST:
                 self._fence("ZooKeeper session expired")
+                self.lease = None  # a new session, a new lease
                 self._rejoin = True
             self._wake.set()
 
@@ -237,6 +285,59 @@ class ZooKeeperDriver(ClusterDriver):
         self._state = "connected"
         self._client.ensure_path(self.members_path)
         self._client.ensure_path(self.log_path)
+
+    def _watch_handshakes(self) -> None:
+        """Hook kazoo's connect handshake: it tells the server connected to and the
+        negotiated session timeout (kazoo keeps neither), and a successful one
+        touched the session at the leader, which starts the lease (sheep/lease.py)."""
+        connection = getattr(self._client, "_connection", None)
+        handshake = getattr(connection, "_connect", None)
+        if handshake is None:
+            raise SystemFailure("this kazoo version hides its connect handshake: the session"
+                                " lease cannot be measured (kazoo 2.9 to 2.11 are known)")
+
+        def connect(host: str, hostip: str, port: int) -> Any:
+            started = time.monotonic()
+            read_timeout, connect_timeout = handshake(host, hostip, port)
+            negotiated = read_timeout * 1.5 / 1000  # kazoo reads with 2/3 of the timeout
+            with self._lease_lock:
+                if self.lease is None or self.lease.timeout != negotiated:
+                    self.lease = SessionLease(negotiated)
+                self.lease.connected(started, time.monotonic())
+            self.server = f"{host}:{port}"
+            return read_timeout, connect_timeout
+
+        connection._connect = connect  # type: ignore[union-attr]  # checked above
+
+    def _renew_forever(self) -> None:
+        """Renew the lease: a sync through the leader every T/10, on its own thread
+        (the poll thread may be busy). A renewal that follows a lapse wakes the poll
+        thread, which reads the log before the sheep serves again."""
+        from kazoo.exceptions import KazooException
+        from kazoo.handlers.threading import KazooTimeoutError
+
+        while not self._closed:
+            lease = self.lease
+            if lease is None or self._state != "connected":
+                self._renew_wake.wait(0.05)
+                self._renew_wake.clear()
+                continue
+            sent = time.monotonic()
+            try:
+                self._client.sync_async(self.prefix).get(timeout=lease.timeout)
+            except (KazooException, KazooTimeoutError) as error:
+                log.debug("lease renewal failed: %r", error)
+                self._renew_wake.wait(0.05)
+                self._renew_wake.clear()
+                continue
+            with self._lease_lock:
+                if self.lease is lease:
+                    lapses = lease.lapses
+                    lease.answered(sent, time.monotonic())
+                    if lease.lapses != lapses:
+                        self._wake.set()
+            self._renew_wake.wait(lease.renew_interval)
+            self._renew_wake.clear()
 
     def _fence(self, why: str) -> None:
         if self.fenced_since is None:
@@ -269,9 +370,11 @@ class ZooKeeperDriver(ClusterDriver):
         self._append({"kind": EventKind.JOIN.value, "node": self._node.to_json(),
                       "incarnation": self._incarnation})
         self._rejoin = False
+        lapses = self.lease.lapses if self.lease is not None else 0
         self.fenced_since = None
         self._poll_once()
         self._catch_up_to = self._last_delivered
+        self._caught_up = lapses
 
     def _member_path(self) -> str:
         assert self._node is not None
@@ -387,14 +490,18 @@ class ZooKeeperDriver(ClusterDriver):
                 log.info("joining again as a new incarnation")
                 self._join()
                 return
-            if self.fenced_since is not None and self._state == "connected" and not self._rejoin:
-                # Read what was logged meanwhile first, and stay fenced until it is
-                # applied (found by the simulator: a sheep served a snapshot as missing).
+            lease = self.lease
+            if (self.fenced_since is None and lease is not None and self._state == "connected"
+                    and lease.lapses != self._caught_up and lease.holds(time.monotonic())):
+                # The lease ran out and was renewed: read what was logged meanwhile
+                # first, and stay fenced until it is applied (found by the simulator:
+                # a sheep served a snapshot as missing).
+                lapses = lease.lapses
                 self._sync_log()
                 self._catch_up_to = self._last_delivered
-                log.info("ZooKeeper is back within the session timeout: unfenced once the"
-                         " log is applied to position %d", self._catch_up_to)
-                self.fenced_since = None
+                self._caught_up = lapses
+                log.info("the session's lease holds again: serving once the log is applied"
+                         " to position %d", self._catch_up_to)
             if self.fenced_since is not None:
                 return
             self._sync_log()

@@ -21,8 +21,12 @@ entry that names it. Before the first change to an object after its last sync, a
 whatever the files hold of the unsynced writes, the checksums of exactly those
 objects are recomputed from their data, so no unsynced write ever reads as
 corruption, and everything else must match its checksums (a mismatch there is
-damage). Versions fall back to the last sync; the replicas sort that out
-(sheep/recovery.py: a restarted sheep's copies are unverified).
+damage). Versions fall back to the last sync, or rise to what an intent promised;
+the replicas sort that out (sheep/recovery.py: a restarted sheep's copies are
+unverified). Such a copy is *in doubt* until verified: it carries a version
+whose writes may not all have landed, so another copy at that version that is
+not in doubt outranks it (sheep/replicas.py); the doubt is kept in LMDB so that
+another crash before the verification does not forget it.
 
 This is the one boundary where OSError and lmdb.Error become result-code
 exceptions (NoSpace, IOErrorResult, SystemFailure).
@@ -119,6 +123,7 @@ class SyncJob:
     synced: set[int] = field(default_factory=set)  # objects whose data is in fds
     directories: list[str] = field(default_factory=list)  # their entries changed
     intents_cleared: dict[int, bytes] = field(default_factory=dict)
+    doubts_cleared: set[int] = field(default_factory=set)
     wipes: int = 0  # the store's wipes when it began: after another, it has nothing to do
 
 
@@ -166,6 +171,8 @@ class Store:
         # object changes nothing.
         self._intents: dict[int, bytes] = {}
         self._intent_clear: dict[int, bytes] = {}  # intents to delete at the next commit
+        self._doubtful: set[int] = set()  # copies in doubt (see the module doc)
+        self._doubt_clear: set[int] = set()  # doubts to delete at the next commit
         self._intent_wanted: dict[int, bytes] = {}
         self._tokens = itertools.count(1)
         self._intent_task: asyncio.Task[None] | None = None
@@ -204,6 +211,7 @@ class Store:
             self._objects = self._env.open_db(b"objects")
             self._sums = self._env.open_db(b"sums")
             self._intents_db = self._env.open_db(b"intents")
+            self._doubt_db = self._env.open_db(b"doubt")
             self._config = self._env.open_db(b"config")
             self._epochs = self._env.open_db(b"epochs")
             size = self.config_get("object_size")
@@ -217,6 +225,8 @@ class Store:
                     f"the store {self.path} was made {'with' if kept else 'without'} checksums;"
                     f" it cannot be used {'without' if kept else 'with'} them")
             self._recover_intents()
+            with self.env.begin(db=self._doubt_db) as txn:
+                self._doubtful = {int.from_bytes(key, "big") for key, _ in txn.cursor()}
 
     def _recover_intents(self) -> None:
         """After a crash: the objects changed since their last sync get checksums from
@@ -255,6 +265,9 @@ class Store:
                     if value is not None or version:  # made anew after a removal: no tombstone
                         txn.put(_oid_key(oid), _pack_meta(version, False, digest),
                                 db=self._objects)
+                    if version > (_unpack_meta(value)[0] if value is not None else 0):
+                        # Its version is one a change promised: in doubt until verified.
+                        txn.put(_oid_key(oid), b"", db=self._doubt_db)
                 txn.delete(_oid_key(oid), db=self._intents_db)
         self.counters["recomputed_after_crash"] = len(oids)
         log.warning("the store was not closed cleanly: checksums of %d objects changed since"
@@ -518,6 +531,16 @@ class Store:
             raise
         self._refresh_sums(oid, meta, fd, offset, count, data)
 
+    def in_doubt(self, oid: int) -> bool:
+        return oid in self._doubtful
+
+    def clear_doubt(self, oid: int) -> None:
+        """The copy was verified, replaced or removed: no longer in doubt (durably so
+        at the next sync; until then a crash only brings the doubt back)."""
+        if oid in self._doubtful:
+            self._doubtful.discard(oid)
+            self._doubt_clear.add(oid)
+
     def exists(self, oid: int) -> bool:
         """Whether the object's file is there (asked of the path, not the fd cache: a
         file lost from the store must not count)."""
@@ -552,6 +575,7 @@ class Store:
                           version: int | None) -> int:
         with _translated(f"create object {oid:016x}"):
             self._intend(oid)
+            self.clear_doubt(oid)  # a whole new copy
             self._drop_fd(oid)  # a cached fd may be of a file lost from the store
             fd = self._fd(oid, create=True)
             self._directories.add(os.path.dirname(self.object_path(oid)))
@@ -688,6 +712,7 @@ class Store:
                 pass
             else:
                 self._directories.add(os.path.dirname(self.object_path(oid)))
+            self.clear_doubt(oid)
             meta = self._changing(oid)
             meta.gone = True
             meta.sums = None
@@ -695,6 +720,7 @@ class Store:
 
     def tombstone(self, oid: int, version: int) -> None:
         """Record that the object was removed at this version (it is not here)."""
+        self.clear_doubt(oid)
         meta = self._changing(oid)
         meta.version = max(meta.version, version)
         meta.removed = True
@@ -720,6 +746,8 @@ class Store:
                                  # Synced at least once since it was made: a power loss can
                                  # take back its latest writes, never the copy itself.
                                  "durable": oid not in self._fresh}
+        if oid in self._doubtful:
+            value["doubtful"] = True
         if self.checksums:
             value["digest"] = self._digest(oid)
         return value
@@ -780,10 +808,12 @@ class Store:
             self.meta_executor.submit(self._drop_objects).result()
             self._intents.clear()
             self._intent_clear.clear()
+            self._doubtful.clear()
+            self._doubt_clear.clear()
 
     def _drop_objects(self) -> None:
         with self.env.begin(write=True) as txn:
-            for db in (self._objects, self._sums, self._intents_db):
+            for db in (self._objects, self._sums, self._intents_db, self._doubt_db):
                 txn.drop(db, delete=False)
 
     # --- durability -------------------------------------------------------------
@@ -852,6 +882,7 @@ class Store:
         self._directories.clear()
         job.metas = {oid: self._frozen(meta) for oid, meta in self._meta.items()}
         job.intents_cleared, self._intent_clear = self._intent_clear, {}
+        job.doubts_cleared, self._doubt_clear = self._doubt_clear, set()
         return job
 
     @staticmethod
@@ -895,16 +926,17 @@ class Store:
         own (an object not committed yet keeps its intent), and a transaction holds
         every page it changes in memory until it ends (8 KiB per checksum table)."""
         if self._env is None or job.wipes != self._wipes or not (
-                job.metas or job.intents_cleared):
+                job.metas or job.intents_cleared or job.doubts_cleared):
             return
         items = list(job.metas.items())
         for start in range(0, max(len(items), 1), commit_objects_max):
             last = start + commit_objects_max >= len(items)
             self._commit_some(items[start:start + commit_objects_max],
-                              job.intents_cleared if last else {})
+                              job.intents_cleared if last else {},
+                              job.doubts_cleared if last else set())
 
     def _commit_some(self, items: list[tuple[int, tuple[int, bytes | None, bool, bool, bool, int]]],
-                     intents_cleared: dict[int, bytes]) -> None:
+                     intents_cleared: dict[int, bytes], doubts_cleared: set[int]) -> None:
         with _translated("sync store"), self.env.begin(write=True) as txn:
             for oid, (version, table, removed, gone, drop_sums, _) in items:
                 key = _oid_key(oid)
@@ -924,6 +956,8 @@ class Store:
                 elif drop_sums:
                     txn.delete(key, db=self._sums)
             self._delete_intents(txn, intents_cleared)
+            for oid in doubts_cleared:
+                txn.delete(_oid_key(oid), db=self._doubt_db)
 
     def sync_failed(self, job: SyncJob) -> None:
         """A sync that failed leaves its objects dirty and their intents in place: the
@@ -935,6 +969,7 @@ class Store:
         self._directories.update(job.directories)
         for oid, token in job.intents_cleared.items():
             self._intent_clear.setdefault(oid, token)
+        self._doubt_clear |= job.doubts_cleared
 
     def sync_done(self, job: SyncJob) -> None:
         """After finish_sync (back in the owner's thread): what did not change since

@@ -498,27 +498,34 @@ class SimBus(MemoryBus):
 
 
 class SimDriver(MemoryDriver):
-    """A member of the SimBus with a ZooKeeper-like session: while suspended it is
-    fenced and hears nothing; on resume it hears what it missed."""
+    """A member of the SimBus with a ZooKeeper-like session: while suspended it hears
+    nothing, and serves on its lease (sheep/lease.py) for lease_s, half the sim's
+    session timeout of 4 s, then is fenced; on resume it hears what it missed, and
+    after a lapsed lease serves again only once it has applied that."""
 
     name = "sim"
     can_fence = True
+    lease_s = 2.0
 
     def __init__(self, bus: SimBus) -> None:
         super().__init__(bus)
         self.sim_bus = bus
         self.suspended = False
+        self.suspended_at = 0.0
         self._next_delivery = 0.0
         self._held: list[Event] = []
         self._in_flight: collections.deque[Event] = collections.deque()
         self._catch_up_to = 0
         self.dead = False
 
+    def _lease_ran_out(self) -> bool:
+        return self.suspended and self.sim_bus.loop.time() >= self.suspended_at + self.lease_s
+
     @property
     def fenced(self) -> bool:
-        # After a suspension, fenced until the sheep has applied what it missed: its
+        # After a lapsed lease, fenced until the sheep has applied what it missed: its
         # state may be behind the ops that clients were answered meanwhile.
-        return self.suspended or self.applied_seq() < self._catch_up_to
+        return self._lease_ran_out() or self.applied_seq() < self._catch_up_to
 
     def deliver(self, event: Event) -> None:
         if self.dead or event.seq <= self._from_seq:
@@ -540,10 +547,12 @@ class SimDriver(MemoryDriver):
 
     def suspend(self) -> None:
         self.suspended = True
+        self.suspended_at = self.sim_bus.loop.time()
 
     def resume(self) -> None:
+        if self._lease_ran_out():
+            self._catch_up_to = len(self.sim_bus.log)
         self.suspended = False
-        self._catch_up_to = len(self.sim_bus.log)
         held, self._held = self._held, []
         for event in held:
             self.deliver(event)

@@ -122,6 +122,15 @@ def test_print_command_shows_the_raw_nbdkit_command():
     assert "-p" not in command
 
 
+def test_the_retry_budget_reaches_the_plugin_and_a_bad_one_is_refused():
+    line = dog("nbd", "serve", "--retry", "90", "--print-command").stdout.strip()
+    assert shlex.split(line)[-1] == "retry=90", line
+    assert "retry=" not in dog("nbd", "serve", "--print-command").stdout
+    for bad in ("0", "-5", "soon"):
+        result = dog("nbd", "serve", "--retry", bad, "--print-command", check=EXIT_USAGE)
+        assert "--retry" in result.stderr, result.stderr
+
+
 def test_port_and_unix_together_are_a_usage_error(tmp_path):
     result = dog("nbd", "serve", "--port", "10810", "--unix", str(tmp_path / "s"),
                  check=EXIT_USAGE)

@@ -5,6 +5,7 @@ a pulled cable. Skipped, saying why, where namespaces cannot be created."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -131,9 +132,17 @@ def test_a_host_cut_off_is_fenced_the_others_go_on_and_it_comes_back_current(
         cut, "vdi", "read", "disk", "0", "1").stderr, 3 * SESSION_TIMEOUT_S, "fenced")
     refused = dog_inside(cut, "vdi", "write", "disk", "0", "8")
     assert refused.returncode != 0 and "fenced" in refused.stderr, refused
+    # Its own account: when its lease ran out (wall clock, this machine's).
+    own = json.loads(dog_inside(cut, "cluster", "info", "--json").stdout)["driver"]
+    assert own["state"] == "fenced" and own["fenced_at"] is not None, own
     # The others declare it dead once its session expires, and keep serving.
     wait_for(lambda: members(a) == 2, 4 * SESSION_TIMEOUT_S, "the others' new epoch")
     to_dead = time.monotonic() - started
+    with client(a) as sheep:
+        declared_dead = sheep.cluster_info()["epochs"][-1]["time"]  # the leave's log time
+    # Both sides' timestamps: the fence came first, by most of the session timeout.
+    assert own["fenced_at"] < declared_dead, (own["fenced_at"], declared_dead)
+    fence_margin = declared_dead - own["fenced_at"]
     during = os.urandom(8 * MiB)
     vdi_io(a, 16 * MiB, during)
     assert vdi_io(b, 0, count=16 * MiB) == before
@@ -149,7 +158,8 @@ def test_a_host_cut_off_is_fenced_the_others_go_on_and_it_comes_back_current(
     assert vdi_io(a, 24 * MiB, count=4) == b"back"
     print(f"\nnamespaces, silent cut, session timeout {SESSION_TIMEOUT_S} s: cut to fenced "
           f"{to_fenced:.2f} s, cut to declared dead {to_dead:.2f} s, link back to healthy "
-          f"{to_healthy:.2f} s")
+          f"{to_healthy:.2f} s; fenced {fence_margin:.2f} s before the others logged its death"
+          " (their clocks)")
     assert to_fenced < to_dead  # fenced before the others can move on
 
 

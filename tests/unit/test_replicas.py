@@ -33,7 +33,7 @@ digests = st.one_of(st.none(), st.integers(min_value=0, max_value=2))
 
 statuses = st.builds(
     CopyStatus, version=versions, deleted=st.booleans(), missing=st.booleans(),
-    unverified=st.booleans(), damaged=st.booleans(), durable=st.booleans(),
+    doubtful=st.booleans(), unverified=st.booleans(), damaged=st.booleans(), durable=st.booleans(),
     synced=st.booleans(), digest=digests,
     size=st.one_of(st.none(), st.integers(0, 2**22)),
     allocated=st.one_of(st.none(), st.integers(0, 2**22)))
@@ -51,11 +51,12 @@ def holders(draw: Any, min_size: int = 0) -> list[tuple[str, Answer]]:
 
 
 def model_key(status: CopyStatus) -> tuple[Any, ...]:
-    """Written out on its own: version, then a present copy over a tombstone, a
-    verified copy over an unverified one, a durable over a fresh one, then the digest
-    (a known one over none, then the higher)."""
-    return (status.version, 0 if status.deleted else 1, 0 if status.unverified else 1,
-            1 if status.durable else 0, -1 if status.digest is None else status.digest)
+    """Written out on its own: version, then a present copy over a tombstone, one not
+    in doubt over one in doubt, a verified copy over an unverified one, a durable
+    over a fresh one, then the digest (a known one over none, then the higher)."""
+    return (status.version, 0 if status.deleted else 1, 0 if status.doubtful else 1,
+            0 if status.unverified else 1, 1 if status.durable else 0,
+            -1 if status.digest is None else status.digest)
 
 
 def model_newest(pairs: list[tuple[str, Answer]], verified_only: bool) -> tuple[str, CopyStatus] | None:
@@ -74,10 +75,11 @@ def legacy_key(status: CopyStatus) -> tuple[int, bool, bool]:
 
 def model_verifier_stale(mine: CopyStatus, best: Copy[str] | None) -> bool:
     """Verifier.verify's rule as it was written before, for an undamaged copy, plus:
-    an unverified copy as new that ranks higher (the one reads take) wins too."""
+    an unverified copy as new that ranks higher (the one reads take) wins too, and a
+    copy in doubt gives way to a verified one as new."""
     return best is not None and (best.version > mine.version or (
         best.version == mine.version and not best.removed and not best.status.unverified
-        and best.status.digest not in (None, mine.digest)) or (
+        and (mine.doubtful or best.status.digest not in (None, mine.digest))) or (
         best.version == mine.version and not best.removed and best.status.unverified
         and rank(best.status) > rank(mine)))
 
@@ -113,8 +115,10 @@ def test_newest_refines_the_old_rule(pairs: list[tuple[str, Answer]], verified_o
     found = newest(pairs, verified_only)
     eligible = [a for _, a in pairs if isinstance(a, CopyStatus) and not a.missing
                 and not (verified_only and a.unverified)]
-    if found is not None:
+    if found is not None and not any(a.doubtful for a in eligible):
         assert legacy_key(found.status) == max(map(legacy_key, eligible))
+    elif found is not None:  # doubt (added since) ranks before verification
+        assert legacy_key(found.status)[:2] == max(legacy_key(a)[:2] for a in eligible)
 
 
 @given(holders(), st.booleans())
@@ -183,6 +187,29 @@ def test_the_newest_copy_itself_is_never_stale(placement: list[tuple[str, Answer
         assert best.node not in stale_holders(placement, best.status, compare_digests)
 
 
+def test_a_copy_in_doubt_gives_way_to_one_as_new_that_is_not() -> None:
+    """A power loss took back a write on one holder whose intent promised its version:
+    that copy claims the version without the data. Another holder has the data at
+    the same version, and both are suspect (it was declared dead meanwhile): the one
+    not in doubt wins on both sides, whatever the digests (simulator seed 14)."""
+    torn = CopyStatus(version=7, digest=2, unverified=True, doubtful=True)
+    whole = CopyStatus(version=7, digest=1, unverified=True)
+    assert newest([("a", torn), ("b", whole)], False) == Copy("b", whole)
+    assert newest([("b", whole), ("a", torn)], False) == Copy("b", whole)
+    assert superseded(torn, Copy("b", whole))
+    assert not superseded(whole, Copy("a", torn))
+    # Verified, without digests to compare: the copy in doubt still gives way.
+    assert superseded(CopyStatus(version=7, unverified=True, doubtful=True),
+                      Copy("b", CopyStatus(version=7)))
+    # Newer wins over older whatever the doubt.
+    newer = newest([("a", CopyStatus(version=8, doubtful=True)), ("b", whole)], False)
+    assert newer is not None and newer.node == "a"
+    # Placement checks: a copy in doubt is stale beside one that is not; it never
+    # lets a surplus copy go.
+    assert stale(CopyStatus(version=7, digest=1, doubtful=True), CopyStatus(version=7), False)
+    assert not may_drop_surplus(7, [CopyStatus(version=7, doubtful=True)])
+
+
 def test_digests_are_compared_only_when_asked_and_both_known() -> None:
     source = CopyStatus(version=3, digest=7)
     assert not stale(CopyStatus(version=3, digest=8), source, compare_digests=False)
@@ -197,10 +224,11 @@ def test_digests_are_compared_only_when_asked_and_both_known() -> None:
 # --- the verifier's rule -----------------------------------------------------------------
 
 
-@given(versions, digests, holders())
+@given(versions, digests, st.booleans(), holders())
 def test_superseded_keeps_the_verifiers_old_rule_for_undamaged_copies(
-        version: int, digest: int | None, others: list[tuple[str, Answer]]) -> None:
-    mine = CopyStatus(version=version, digest=digest, unverified=True)
+        version: int, digest: int | None, doubtful: bool,
+        others: list[tuple[str, Answer]]) -> None:
+    mine = CopyStatus(version=version, digest=digest, unverified=True, doubtful=doubtful)
     best = newest(others, verified_only=False)
     assert superseded(mine, best) == model_verifier_stale(mine, best)
 
@@ -219,6 +247,7 @@ def test_a_damaged_copy_gives_way_to_a_verified_copy_as_new(
 
 def model_holds(mine: int, answer: Answer) -> bool:
     return (isinstance(answer, CopyStatus) and not answer.unverified and not answer.missing
+            and not answer.doubtful
             and (answer.durable or answer.deleted) and answer.version >= mine)
 
 

@@ -10,6 +10,7 @@ merely recomputed for everything after a crash.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import random
@@ -393,3 +394,72 @@ def test_a_sigkill_keeps_the_version_its_intent_promised(tmp_path: Path) -> None
         assert again.read(2, 0, 5) == b"fresh" and again.version(2) == 12
     finally:
         again.close()
+
+
+def test_a_copy_at_a_version_only_an_intent_promised_is_in_doubt_until_cleared(
+        tmp_path: Path) -> None:
+    """A change promised version 6 in its intent and its write never reached the disk:
+    after the power loss the copy says version 6 with version 5's data. It is in
+    doubt (another copy at 6 that is not outranks it: sheep/replicas.py), across
+    further crashes, until cleared (verified) and synced; a copy whose intent did not
+    raise its version is not in doubt."""
+    io = FaultyIO(random.Random(7))
+    store = new_store(tmp_path, io)
+    path = store.path
+    store.create_and_write(0x11, 0, b"a" * 4096, version=5)
+    store.create_and_write(0x22, 0, b"b" * 4096, version=5)
+    store.sync()
+    asyncio.run(store.ensure_intent(0x11, 6))
+    store.write(0x11, 0, b"lost", version=6)
+    store.write(0x22, 0, b"also lost")  # an intent without a promised version
+    crash(store, io, lose_all=True)
+
+    def reopened() -> Store:
+        fresh = Store(path, io=io)
+        fresh.open()
+        return fresh
+
+    store = reopened()
+    assert store.counters["recomputed_after_crash"] == 2
+    assert store.version(0x11) == 6 and store.read(0x11, 0, 4) == b"aaaa"
+    assert store.stat(0x11).get("doubtful") is True and store.in_doubt(0x11)
+    assert "doubtful" not in store.stat(0x22)
+    crash(store, io)
+    store = reopened()  # not verified yet: still in doubt
+    assert store.in_doubt(0x11)
+    store.clear_doubt(0x11)
+    assert "doubtful" not in store.stat(0x11)
+    crash(store, io)
+    store = reopened()  # cleared but never synced: the doubt comes back (the safe side)
+    assert store.in_doubt(0x11)
+    store.clear_doubt(0x11)
+    store.sync()
+    crash(store, io)
+    store = reopened()
+    assert not store.in_doubt(0x11)
+    store.close()
+
+
+def test_a_replaced_or_removed_copy_is_no_longer_in_doubt(tmp_path: Path) -> None:
+    io = FaultyIO(random.Random(8))
+    store = new_store(tmp_path, io)
+    path = store.path
+    for oid in (0x11, 0x22):
+        store.create_and_write(oid, 0, b"a" * 4096, version=5)
+    store.sync()
+    for oid in (0x11, 0x22):
+        asyncio.run(store.ensure_intent(oid, 6))
+        store.write(oid, 0, b"lost", version=6)
+    crash(store, io, lose_all=True)
+    store = Store(path, io=io)
+    store.open()
+    assert store.in_doubt(0x11) and store.in_doubt(0x22)
+    store.create_and_write(0x11, 0, b"the newest copy" * 100, version=6)  # recovery's copy
+    store.remove(0x22)
+    assert not store.in_doubt(0x11) and not store.in_doubt(0x22)
+    store.sync()
+    store.close()
+    store = Store(path, io=io)
+    store.open()
+    assert not store.in_doubt(0x11) and not store.in_doubt(0x22)
+    store.close()
