@@ -70,6 +70,24 @@ def _health_text(value: dict[str, Any]) -> str:
     return f"{health['state']}: " + "; ".join(problems)
 
 
+def _sessions(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each member's coordination session, for drivers that have one (ZooKeeper): the
+    server it is connected to, the negotiated timeout, and its state: connected,
+    suspended (the connection lost, serving on its lease) or fenced."""
+    sessions = []
+    for node in nodes:
+        driver = node.get("driver") or {}
+        if "state" not in driver and node.get("status") != "unreachable":
+            continue
+        sessions.append({
+            "node": f"{node.get('address')}:{node.get('port')}",
+            "server": driver.get("server"),
+            "negotiated_timeout": driver.get("negotiated_timeout"),
+            "state": driver.get("state", "unreachable"),
+            "lease_remaining": float(driver.get("lease_remaining") or 0.0)})
+    return sessions if any(session["state"] != "unreachable" for session in sessions) else []
+
+
 @cluster.command()
 @json_option
 @connection_options
@@ -78,11 +96,17 @@ def info(as_json: bool) -> None:
     from dog.node import summarize
 
     value = run(lambda client: client.cluster_info())
+    nodes: list[dict[str, Any]] = []
+    if value["status"] == "ok" or value["driver"].get("driver") == "zookeeper":
+        nodes = run(lambda client: client.node_list())
     if value["status"] == "ok":
-        summary = summarize(run(lambda client: client.node_list()))
+        summary = summarize(nodes)
         if value["zones"] < value["copies"] and summary["state"] == "healthy":
             summary["state"] = "degraded"
         value["health"] = summary
+    sessions = _sessions(nodes)
+    if sessions:
+        value["sessions"] = sessions
     if as_json:
         print_json(value)
         return
@@ -96,17 +120,29 @@ def info(as_json: bool) -> None:
     where = driver.get("directory") or (
         f"{driver['hosts']}{driver.get('prefix', '')}" if driver.get("hosts") else "")
     state = ""
-    if "connection" in driver:
-        state = f" ({driver['connection']}" + (", FENCED: this sheep serves no I/O"
-                                               if driver.get("fenced") else "") + ")"
+    if driver.get("state") == "fenced" or (driver.get("fenced") and "connection" in driver):
+        state = f" ({driver['connection']}, FENCED: this sheep serves no I/O)"
+    elif driver.get("state") == "suspended":
+        state = (f" (suspended: serving on its session's lease for "
+                 f"{float(driver.get('lease_remaining') or 0):.1f} s more)")
+    elif "connection" in driver:
+        state = f" ({driver['connection']}" + (f" to {driver['server']}"
+                                               if driver.get("server") else "") + ")"
     click.echo(f"Cluster driver: {driver['driver']} {where}".rstrip() + state)
     click.echo(f"Epoch: {value['epoch']}, nodes: {len(value['members'])}, "
                f"zones: {value['zones']}")
+    if sessions:
+        click.echo("")
+        print_table(["Node", "ZooKeeper server", "Session timeout", "State", "Lease left"], [
+            [session["node"], session["server"] or "-",
+             "-" if session["negotiated_timeout"] is None
+             else f"{session['negotiated_timeout']:g} s", session["state"],
+             f"{session['lease_remaining']:.1f} s"] for session in sessions])
     click.echo("")
     rows = []
     for entry in reversed(value["epochs"]):
-        nodes = ", ".join(f"{node['address']}:{node['port']}" for node in entry["nodes"])
-        rows.append([entry["epoch"], format_time(entry["time"]), nodes or "(none)"])
+        members = ", ".join(f"{node['address']}:{node['port']}" for node in entry["nodes"])
+        rows.append([entry["epoch"], format_time(entry["time"]), members or "(none)"])
     print_table(["Epoch", "Time", "Nodes"], rows, right=["Epoch"])
 
 

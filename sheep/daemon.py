@@ -154,7 +154,7 @@ class Sheep:
         self._tasks.append(asyncio.get_running_loop().create_task(self._sweep()))
         if self.driver.can_fence:
             self.gateway.fenced = asyncio.Event()
-            self.gateway.fence_check = self.peer.fence_check = lambda: self.driver.fenced
+            self.gateway.fence_check = self.peer.fence_check = self._fenced_now
             self._tasks.append(asyncio.get_running_loop().create_task(self._watch_fence()))
         await self.joined.wait()
         log.info("sheep %s joined at epoch %d", self.node.node_id, self.group.epoch)
@@ -177,17 +177,27 @@ class Sheep:
         self._verifier = asyncio.get_running_loop().create_task(verifier.run())
         self._tasks.append(self._verifier)
 
+    def _fenced_now(self) -> bool:
+        """The driver's fencing (decided on its threads, or by its lease's clock), and
+        the gateway's event, which wakes what is in flight, brought in line with it."""
+        fenced = self.driver.fenced
+        event = self.gateway.fenced if self.gateway is not None else None
+        if event is None:
+            return fenced
+        if fenced and not event.is_set():
+            event.set()
+            log.warning("fenced: refusing I/O until the cluster driver's session is sure"
+                        " again and its log applied")
+        elif not fenced and event.is_set():
+            event.clear()
+            log.info("unfenced: serving again")
+        return fenced
+
     async def _watch_fence(self) -> None:
-        """Mirror the driver's fencing (decided on its threads) into the gateway's event."""
-        assert self.gateway is not None and self.gateway.fenced is not None
+        """Mirror the driver's fencing into the gateway's event at least every
+        fence_poll_s (requests bring it in line as they come: _fenced_now)."""
         while True:
-            if self.driver.fenced and not self.gateway.fenced.is_set():
-                self.gateway.fenced.set()
-                log.warning("fenced: refusing I/O until the cluster driver's session is sure"
-                            " again and its log applied")
-            elif not self.driver.fenced and self.gateway.fenced.is_set():
-                self.gateway.fenced.clear()
-                log.info("unfenced: serving again")
+            self._fenced_now()
             await self.clock.sleep(fence_poll_s)
 
     async def _writeback(self) -> None:
@@ -331,18 +341,24 @@ class Sheep:
             self.pool.forget({node.endpoint for node in state.members.values()})
             if self.joined.is_set() and epoch_before and not self.stopping:
                 self._suspect_returning_copies(epoch_before, state.epoch)
+        assert self.node is not None
+        if event.kind is EventKind.JOIN and event.node == self.node:
+            # Before recovery is triggered: a sheep joining again after it was declared
+            # dead recovers for its new epoch like any member (found by the simulator).
+            self.joined.set()
         serving_again = state.status is Status.OK and status_before is not Status.OK
         if ((result.epoch_changed or serving_again) and self.recoverer is not None
                 and self.joined.is_set() and not self.stopping):
             self.recoverer.trigger()
-        assert self.node is not None
-        if event.kind is EventKind.JOIN and event.node == self.node:
-            self.joined.set()
         if (event.kind is EventKind.LEAVE and event.node_id == self.node.node_id
                 and self.joined.is_set() and not self.stopping and self.peer is not None):
             # Declared dead while alive (a lost driver session): writes went on without
             # us, so every copy here is suspect until compared again, as after a restart.
             log.warning("this sheep was declared dead; it joins again with its copies unverified")
+            # Not a member until its new join is applied: the others refuse its peer
+            # requests meanwhile, so it serves no client either (found by the
+            # simulator, once expired sessions are logged while their sheep is away).
+            self.joined.clear()
             self.peer.health.start_unverified(self.store.list_oids())
             self._start_verifier()
         if result.shutdown and not self.stopping:
@@ -427,8 +443,9 @@ class Sheep:
         if self.stopping:
             raise ShuttingDown(f"sheep {self.config.address}:{self.config.port} is shutting down")
         if not self.joined.is_set():
-            raise Unavailable("this sheep has not joined the cluster yet")
-        if self.driver.fenced:
+            raise Unavailable("this sheep is not a member of the cluster now: it has not"
+                              " joined yet, or joins again after it was declared dead")
+        if self._fenced_now():
             raise Unavailable(f"sheep {self.config.address}:{self.config.port} is fenced: it lost"
                               " its cluster driver's session and may have been declared dead")
         assert self.peer is not None and self.gateway is not None

@@ -249,7 +249,7 @@ class Gateway:
         hold the request for the full peer timeout."""
         if self.fenced is None:
             return await work
-        if self.fenced.is_set():
+        if self.fence_check():  # and the event in line with it
             if asyncio.iscoroutine(work):
                 work.close()  # never started
             raise Unavailable(fenced_message)

@@ -51,6 +51,8 @@ from sheep.vdi_registry import Vdi
 log = logging.getLogger(__name__)
 
 settle_concurrency = 16  # objects checked at once when a VDI is settled (Vdi.unsettled)
+unlock_retry_first_s = 0.2  # a lock release the cluster log refused is retried after this,
+unlock_retry_max_s = 5.0  # doubling up to this
 
 
 class GatewayObjects:
@@ -149,6 +151,7 @@ class VdiService:
         # (name, releases) -> the settle under way.
         self._settling: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._handles = itertools.count(1)
+        self._unlocking: set[asyncio.Task[None]] = set()  # releases retried (_unlock_quietly)
         self.io: dict[Op, Callable[[Header, bytes, Session], Awaitable[Reply]]] = {
             Op.VDI_OPEN: self.open,
             Op.VDI_CLOSE: self.close,
@@ -193,8 +196,7 @@ class VdiService:
     # --- dispatch --------------------------------------------------------------
 
     async def serve_io(self, header: Header, payload: bytes, session: Session) -> Reply:
-        fenced = self.gateway.fenced
-        if (fenced is not None and fenced.is_set()) or self.gateway.fence_check():
+        if self.gateway.fence_check():
             # Checked here too: a lookup answered from cached tree entries (an unwritten
             # object reads as zeros) does no object I/O for the gateway to refuse.
             raise Unavailable(fenced_message)
@@ -306,13 +308,33 @@ class VdiService:
                 await self._unlock_quietly(handle.name, session.id)
 
     async def _unlock_quietly(self, name: str, session_id: str) -> None:
+        """Release the session's lock on name. If the cluster log cannot take the
+        release now (its coordination service is electing, say), it is retried in the
+        background until it is logged or the lock is no longer the session's (its
+        sheep was declared dead): a closed session must never keep a VDI locked."""
+        if not await self._unlock_once(name, session_id):
+            task = asyncio.get_running_loop().create_task(self._unlock_later(name, session_id))
+            self._unlocking.add(task)
+            task.add_done_callback(self._unlocking.discard)
+
+    async def _unlock_once(self, name: str, session_id: str) -> bool:
         vdi = self.group.state.vdis.vdis.get(name)
         if vdi is None or vdi.lock is None or vdi.lock.get("session") != session_id:
-            return
+            return True
         try:
             await self.broadcast({"type": "vdi_unlock", "name": name, "session": session_id})
         except SheepError as error:
-            log.warning("could not release the lock on %s: %s", name, error)
+            log.warning("could not release the lock on %s: %s; retrying", name, error)
+            return False
+        return True
+
+    async def _unlock_later(self, name: str, session_id: str) -> None:
+        delay = unlock_retry_first_s
+        while True:
+            await self.gateway.clock.sleep(delay)
+            if await self._unlock_once(name, session_id):
+                return
+            delay = min(delay * 2, unlock_retry_max_s)
 
     async def close(self, header: Header, payload: bytes, session: Session) -> Reply:
         handle = self._handle(header, session)

@@ -40,6 +40,7 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import secrets
 import socket
 import threading
 import time
@@ -47,7 +48,7 @@ from typing import Any
 
 from sheep.cluster.driver import ClusterDriver, Snapshot
 from sheep.cluster_state import Event, EventKind
-from sheep.errors import SystemFailure, UsageError
+from sheep.errors import SystemFailure, Unavailable, UsageError
 from sheep.lease import SessionLease
 from sheep.node import NodeInfo
 
@@ -471,14 +472,51 @@ class ZooKeeperDriver(ClusterDriver):
                 log.debug("closing the ZooKeeper client", exc_info=True)
 
     def _append(self, record: dict[str, Any]) -> None:
-        from kazoo.exceptions import KazooException
+        """Append a record to the log. A connection lost meanwhile (a ZooKeeper leader
+        election, a server restarted) is waited out for up to the session timeout;
+        then, the session being the same, the record either landed or did not, and the
+        log says which (each record carries a random id): it is never appended twice.
+        Past that wait the caller gets UNAVAILABLE, which clients retry."""
+        from kazoo.exceptions import ConnectionLoss, KazooException
 
-        try:
-            self._client.create(f"{self.log_path}/{_record_prefix}", json.dumps(record).encode(),
-                                sequence=True)
-        except KazooException as error:
-            raise SystemFailure(f"cannot append to the cluster log in ZooKeeper: {error!r}") from error
+        record = {**record, "rid": secrets.token_hex(8)}
+        data = json.dumps(record).encode()
+        deadline = time.monotonic() + self.session_timeout
+        unsure = False  # a create was sent and its answer lost
+        while True:
+            try:
+                if unsure:
+                    if not self._await_connected(deadline):
+                        raise Unavailable("cannot append to the cluster log: ZooKeeper has"
+                                          f" been unreachable for {self.session_timeout:g} s")
+                    if self._appended(record["rid"]):
+                        break
+                    unsure = False
+                self._client.create(f"{self.log_path}/{_record_prefix}", data, sequence=True)
+                break
+            except ConnectionLoss:
+                unsure = True
+            except KazooException as error:
+                raise SystemFailure(
+                    f"cannot append to the cluster log in ZooKeeper: {error!r}") from error
         self._wake.set()
+
+    def _await_connected(self, deadline: float) -> bool:
+        while self._state != "connected":
+            if self._closed or time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def _appended(self, rid: str) -> bool:
+        """Whether a record with this id is in the log past what this sheep has read."""
+        self._client.sync(self.log_path)
+        for name in self._client.get_children(self.log_path):
+            if name.startswith(_record_prefix) and int(name[len(_record_prefix):]) + 1 > self._last_seq:
+                data, _ = self._client.get(f"{self.log_path}/{name}")
+                if json.loads(data).get("rid") == rid:
+                    return True
+        return False
 
     def _poll_once(self) -> None:
         from kazoo.exceptions import KazooException

@@ -87,6 +87,7 @@ write_bytes_max = 64 * 1024
 client_budget_s = 60.0  # how long a client retries one operation through failovers
 settle_limit_s = 400.0
 run_limit_s = 3000.0  # virtual seconds a whole run may take
+session_timeout_s = 4.0  # a suspended session expires after this (the lease is half)
 nemesis_interval_s = (0.5, 4.0)
 start_attempts_max = 5
 sweep_attempts_max = 5
@@ -855,10 +856,11 @@ class Simulation:
         self.trace(f"partition sheep{victim.index} one_way={one_way}")
         self.count("partition")
         self.network.partition({victim.address}, others, one_way)
+        heal_s = self.rng.uniform(0.5, 12.0)
         if victim.driver is not None and self.rng.random() < 0.7:
             # The same cut keeps it from the coordination service.
-            victim.driver.suspend()
-        self._spawn(self._heal_later(victim, self.rng.uniform(0.5, 12.0)))
+            self._suspend_session(victim, heal_s)
+        self._spawn(self._heal_later(victim, heal_s))
 
     async def _heal_later(self, victim: SimSheep, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
@@ -866,21 +868,46 @@ class Simulation:
         self.network.heal()
         await self._end_suspension(victim, delay_s)
 
+    def _suspend_session(self, victim: SimSheep, duration_s: float) -> None:
+        """The victim's session is suspended for duration_s: it hears nothing and serves
+        on its lease. If that outlasts the session timeout, the session expires, and
+        the others log its death and move on while it is still cut off: at the
+        timeout, or later (ZooKeeper may itself be electing, which holds expiries
+        back), or only as it comes back (then _end_suspension logs it)."""
+        driver = victim.driver
+        assert driver is not None
+        driver.suspend()
+        suspension = driver.suspended_at
+        if duration_s <= session_timeout_s:
+            return
+        if self.rng.random() < 0.4:
+            return  # noticed only as the victim comes back
+        delay_s = session_timeout_s + self.rng.uniform(0, duration_s - session_timeout_s)
+
+        def expire() -> None:
+            if (driver.suspended and driver.suspended_at == suspension and not driver.dead
+                    and driver.node is not None and driver.node.node_id in self.bus.members):
+                self.trace(f"session of sheep{victim.index} expired")
+                self.count("session expired")
+                self.bus.append_leave(driver.node.node_id)
+
+        self.loop.call_later(delay_s, expire)
+
     async def _end_suspension(self, victim: SimSheep, suspended_s: float) -> None:
         driver = victim.driver
         if driver is None or not driver.suspended or driver.dead or driver.node is None:
             return
-        if suspended_s > 4.0:  # past the session timeout: the session expired
-            assert driver.node is not None
+        expired = driver.node.node_id not in self.bus.members
+        if not expired and suspended_s > session_timeout_s:
             self.trace(f"session of sheep{victim.index} expired")
-            if driver.node.node_id in self.bus.members:
-                self.bus.append_leave(driver.node.node_id)
-            driver.resume()
+            self.count("session expired")
+            self.bus.append_leave(driver.node.node_id)
+            expired = True
+        driver.resume()
+        if expired:  # it hears its own death, and joins again as a new incarnation
             await asyncio.sleep(0.1)
             if not driver.dead:
                 self.bus.append_join(driver.node)
-        else:
-            driver.resume()
 
     async def _suspend(self) -> None:
         candidates = [s for s in self.up() if s.driver is not None and not s.starting
@@ -892,7 +919,7 @@ class Simulation:
         duration = self.rng.uniform(0.2, 8.0)
         self.trace(f"suspend sheep{victim.index} for {duration:.3f}")
         self.count("session suspended")
-        victim.driver.suspend()
+        self._suspend_session(victim, duration)
         await asyncio.sleep(duration)
         await self._end_suspension(victim, duration)
 
@@ -1213,6 +1240,14 @@ def _plant_no_fence() -> contextlib.AbstractContextManager[None]:
     return _patched(Group, "writable_object", lambda self, oid: True)
 
 
+def _plant_long_lease() -> contextlib.AbstractContextManager[None]:
+    """A suspended sheep serves on past its session's expiry (a lease longer than the
+    session timeout), while the others have moved on without it."""
+    from sheep.testing.simworld import SimDriver
+
+    return _patched(SimDriver, "lease_s", session_timeout_s * 3)
+
+
 def _plant_lost_flush() -> contextlib.AbstractContextManager[None]:
     from sheep.peer import Peer
 
@@ -1226,6 +1261,7 @@ PLANTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "stale-read": _plant_stale_read,
     "early-ack": _plant_early_ack,
     "no-fence": _plant_no_fence,
+    "long-lease": _plant_long_lease,
     "lost-flush": _plant_lost_flush,
 }
 

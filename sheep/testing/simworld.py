@@ -500,8 +500,9 @@ class SimBus(MemoryBus):
 class SimDriver(MemoryDriver):
     """A member of the SimBus with a ZooKeeper-like session: while suspended it hears
     nothing, and serves on its lease (sheep/lease.py) for lease_s, half the sim's
-    session timeout of 4 s, then is fenced; on resume it hears what it missed, and
-    after a lapsed lease serves again only once it has applied that."""
+    session timeout (sheep/testing/sim.py: session_timeout_s), then is fenced; on
+    resume it hears what it missed, and after a lapsed lease serves again only once
+    it has applied that."""
 
     name = "sim"
     can_fence = True

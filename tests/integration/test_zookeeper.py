@@ -43,6 +43,18 @@ def wait_for(condition, timeout_s: float, what: str) -> float:
     return time.monotonic() - started
 
 
+def dog(cluster: LocalCluster, index: int, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "dog", *args, "-p",
+                             str(cluster.sheep[index].port)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def dog_info(cluster: LocalCluster, index: int) -> dict:
+    return json.loads(dog(cluster, index, "cluster", "info", "--json"))
+
+
 def fenced(cluster: LocalCluster, index: int) -> bool:
     try:
         read(cluster, index, "disk", 0, 1)
@@ -68,16 +80,26 @@ def test_a_sheep_cut_off_from_zookeeper_is_fenced_and_comes_back_current(
             client.vdi_create("disk", 32 * MiB)
         before = os.urandom(8 * MiB)
         write(cluster, 0, "disk", 0, before)
+        # Every sheep's session: the server it uses, the negotiated timeout, its state.
+        shown = dog_info(cluster, 0)
+        servers = {session["node"]: session["server"] for session in shown["sessions"]}
+        assert servers == {f"127.0.0.1:{sheep.port}": (
+            f"127.0.0.1:{proxy.port}" if sheep.index == 2 else zookeeper_server.hosts)
+            for sheep in cluster.sheep}, shown["sessions"]
+        assert all(session["state"] == "connected" and session["negotiated_timeout"]
+                   == ZOOKEEPER_SESSION_TIMEOUT_S and session["lease_remaining"] > 0
+                   for session in shown["sessions"]), shown["sessions"]
 
         proxy.cut()
         cut = time.monotonic()
         to_fenced = wait_for(lambda: fenced(cluster, 2), 10, "sheep 2 fenced")
         with pytest.raises(Unavailable, match="fenced"):  # the cut-off side acknowledges nothing
             write(cluster, 2, "disk", 0, b"minority")
-        info = json.loads(subprocess.run(
-            [sys.executable, "-m", "dog", "cluster", "info", "--json", "-p",
-             str(cluster.sheep[2].port)], capture_output=True, text=True, timeout=60).stdout)
+        info = dog_info(cluster, 2)
         assert info["driver"]["fenced"] is True and info["driver"]["driver"] == "zookeeper"
+        assert info["driver"]["state"] == "fenced" and info["driver"]["lease_remaining"] == 0
+        human = dog(cluster, 2, "cluster", "info")
+        assert "FENCED: this sheep serves no I/O" in human and "ZooKeeper server" in human
         # The others log its death once its session expires, and go on without it.
         cluster.wait_epoch(0, 2, timeout_s=ZOOKEEPER_SESSION_TIMEOUT_S * 3 + 5)
         to_dead = time.monotonic() - cut
@@ -149,4 +171,19 @@ def test_the_log_is_trimmed_and_sheep_catch_up_from_a_snapshot(tmp_path, zookeep
     finally:
         zk.stop()
         zk.close()
+        cluster.close()
+
+
+def test_the_session_timeout_shown_is_the_one_zookeeper_negotiated(tmp_path, zookeeper_server):
+    """The lease is measured against the timeout the server granted, not the one asked
+    for: this server grants at most 60 s (maxSessionTimeout), the sheep asks for 100."""
+    cluster = LocalCluster(str(tmp_path / "cluster"), 1, driver=(
+        f"zookeeper:{zookeeper_server.hosts}/negotiated{os.getpid()}?timeout=100"))
+    try:
+        cluster.start()
+        driver = dog_info(cluster, 0)["driver"]
+        assert driver["session_timeout"] == 100 and driver["negotiated_timeout"] == 60.0
+        assert driver["state"] == "connected" and 0 < driver["lease_remaining"] <= 30.0
+        assert driver["server"] == zookeeper_server.hosts
+    finally:
         cluster.close()
