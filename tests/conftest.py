@@ -24,9 +24,8 @@ def cluster_driver(request):
     return getattr(request, "param", "local")
 
 
-@pytest.fixture(scope="session")
-def zookeeper_server(tmp_path_factory):
-    """One private ZooKeeper for the whole run (each cluster gets its own prefix)."""
+def _require_zookeeper() -> None:
+    """Skip where ZooKeeper cannot run, except in CI, where scripts/test installs it."""
     from sheep.testing import zookeeper
 
     why = zookeeper.missing()
@@ -34,9 +33,37 @@ def zookeeper_server(tmp_path_factory):
         if os.environ.get("CI") == "true":
             raise RuntimeError(f"CI lacks ZooKeeper: {why}; scripts/test installs it")
         pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def zookeeper_server(tmp_path_factory):
+    """One private ZooKeeper for the whole run (each cluster gets its own prefix)."""
+    from sheep.testing import zookeeper
+
+    _require_zookeeper()
     server = zookeeper.ZooKeeperServer(str(tmp_path_factory.mktemp("zookeeper")))
     yield server
     server.stop()
+
+
+@pytest.fixture
+def make_zookeeper_ensemble(tmp_path):
+    """Build private ZooKeeper ensembles (3 servers on 127.0.0.1 unless told); every
+    server is stopped by PID at teardown."""
+    from sheep.testing import zookeeper
+
+    _require_zookeeper()
+    ensembles: list[zookeeper.ZooKeeperEnsemble] = []
+
+    def make(servers: int = 3, tick_ms: int = zookeeper.tick_ms_default):
+        ensemble = zookeeper.ZooKeeperEnsemble(str(tmp_path / f"ensemble{len(ensembles)}"),
+                                               servers, tick_ms)
+        ensembles.append(ensemble)
+        return ensemble
+
+    yield make
+    for ensemble in ensembles:
+        ensemble.stop()
 
 
 @pytest.fixture
