@@ -93,16 +93,17 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> fl
 # --- fio through NBD ----------------------------------------------------------------------
 
 
-def start_fio(nbd: NbdServer, aux_path: str, offset: int) -> subprocess.Popen[str]:
+def start_fio(nbd: NbdServer, aux_path: str, offset: int, *extra: str,
+              name: str = vdi_name) -> subprocess.Popen[str]:
     """fio_command's verified random writes, in 4 KiB blocks over one region, rate-limited."""
     return subprocess.Popen(
-        fio_command(nbd.uri(vdi_name), "--bs=4k", f"--size={fio_region_bytes}",
-                    f"--offset={offset}", f"--rate=,{fio_rate}", "--verify_backlog=64",
+        fio_command(nbd.uri(name), "--bs=4k", f"--size={fio_region_bytes}",
+                    f"--offset={offset}", f"--rate=,{fio_rate}", "--verify_backlog=64", *extra,
                     aux_path=aux_path),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish_fio(fio: subprocess.Popen[str]) -> float:
+def finish_fio(fio: subprocess.Popen[str], size: int = fio_region_bytes) -> float:
     """Wait for fio; assert it wrote and verified its region with no error; return
     the longest I/O pause it saw (its largest completion latency), in seconds."""
     try:
@@ -117,8 +118,8 @@ def finish_fio(fio: subprocess.Popen[str]) -> float:
         raise AssertionError(f"fio failed (exit {fio.returncode}): " + (
             f"{len(failed)} I/O errors, the first: {failed[0]}" if failed
             else " | ".join(lines[:3]))) from None
-    assert job["write"]["io_bytes"] == fio_region_bytes, job["write"]
-    assert job["read"]["io_bytes"] >= fio_region_bytes, job["read"]  # every block verified
+    assert job["write"]["io_bytes"] == size, job["write"]
+    assert job["read"]["io_bytes"] >= size, job["read"]  # every block verified
     return max(job[way]["clat_ns"]["max"] for way in ("read", "write")) / 1e9
 
 
@@ -624,3 +625,71 @@ def test_each_sheep_names_its_zookeeper_server_and_the_negotiated_session_timeou
                "the new server lists sheep 0's session")
     print(f"\nsheep 0 was on {gone}; after its SIGKILL, connected to {driver['server']} "
           f"within {took:.2f} s (states seen: {sorted({d['state'] for d in seen})})")
+
+
+# --- e: fenced past the lease: the NBD client waits, it does not fail ---------------------
+
+quorum_lost_s = 8.0  # past the lease (3 s), well within the plugin's retry budget (60 s)
+writer_bytes = 32 * MiB  # at 2 MiB/s: still writing when the quorum comes back
+
+
+def driver_states(cluster: LocalCluster) -> list[str]:
+    states = []
+    for index in range(len(cluster.sheep)):
+        with cluster.client(index) as client:  # CLUSTER_INFO is served while fenced
+            states.append(client.cluster_info()["driver"]["state"])
+    return states
+
+
+@needs_nbd_tools
+def test_fenced_sheep_pause_nbd_clients_on_every_path_and_never_fail_them(
+        ensemble, cluster, nbd, tmp_path):
+    """The ensemble loses its quorum for longer than the lease, so every sheep is
+    fenced for seconds. An NBD client in the middle of writes (and flushes) waits
+    through it; a second client that connects while every sheep is fenced (a first
+    open of another VDI: an open, then a reopen on each failover) waits too; both
+    finish and verify with no error once the quorum is back. This is the plugin's
+    side of issue #21: fenced and unavailable are retried on every path within its
+    retry budget (60 s by default, retry=SECONDS)."""
+    with cluster.client(0) as client:
+        client.vdi_create("second", vdi_size)
+    before = used_bytes(cluster)
+    writer = start_fio(nbd, str(tmp_path), 0, "--fsync=16", f"--size={writer_bytes}")
+    opener: subprocess.Popen[str] | None = None
+    killed: list[int] = []
+    try:
+        wait_until(lambda: used_bytes(cluster) > before or writer.poll() is not None, 30,
+                   "fio's first write")
+        assert writer.poll() is None, writer.communicate()
+        leader = ensemble.leader()
+        assert leader is not None, ensemble.modes()
+        killed = [leader, (leader + 1) % len(ensemble.servers)]
+        lost = time.monotonic()
+        for index in killed:
+            ensemble.kill(index)
+        to_fenced = wait_until(lambda: driver_states(cluster) == ["fenced"] * 3,
+                               lease_s + 5, "every sheep fenced")
+        opener = start_fio(nbd, str(tmp_path / "second"), 0, name="second")
+        time.sleep(max(0.0, quorum_lost_s - (time.monotonic() - lost)))
+        assert writer.poll() is None, f"the writer ended while fenced: {writer.communicate()}"
+        assert opener.poll() is None, f"the opener ended while fenced: {opener.communicate()}"
+        for index in killed:
+            ensemble.start(index)
+        killed = []
+        ensemble.wait_quorum()
+        back = time.monotonic()
+        wait_until(lambda: driver_states(cluster) == ["connected"] * 3, 30, "serving again")
+        to_serving = time.monotonic() - back
+        writer_pause, opener_pause = finish_fio(writer, writer_bytes), finish_fio(opener)
+    finally:
+        stop_fio(writer)
+        if opener is not None:
+            stop_fio(opener)
+        for index in killed:
+            ensemble.start(index)
+    print(f"\nquorum lost for {quorum_lost_s:.0f} s (lease {lease_s:.0f} s): every sheep fenced "
+          f"{to_fenced:.2f} s after the loss, serving {to_serving:.2f} s after the quorum came "
+          f"back; the writer's longest I/O pause {writer_pause:.2f} s; the client that "
+          f"connected while every sheep was fenced finished too (its longest I/O pause "
+          f"{opener_pause:.2f} s); no I/O error")
+    assert writer_pause > lease_s / 2  # it did wait through the fence
