@@ -40,6 +40,7 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import random
 import secrets
 import socket
 import threading
@@ -63,6 +64,11 @@ connect_retry_s = 2.0
 # a refused connect (a server in an election, a dead one) costs nothing, so a sheep
 # finds the new leader's ensemble within this of it serving.
 reconnect_delay_max_s = 0.25
+# A lease renewal unanswered for this fraction of the session timeout means a server
+# that is silent (frozen, or cut off in a way TCP does not see): the sheep leaves it
+# for another one before its lease (half the timeout) runs out, instead of waiting for
+# kazoo's read timeout (two thirds of it).
+silent_server_fraction = 0.25
 _record_prefix = "r-"
 
 
@@ -253,8 +259,14 @@ class ZooKeeperDriver(ClusterDriver):
         # Reconnect attempts back off to at most reconnect_delay_max_s (kazoo's default
         # grows to an hour): a sheep whose link comes back, or whose ensemble elected
         # a new leader, is connected again within that of it serving.
+        # The servers in a random order (sheep spread over them), then, at every
+        # connect, the server connected to moves last (_watch_handshakes): when it
+        # fails, the others are tried first (kazoo would reshuffle, and a frozen or
+        # unreachable server tried first costs a connect timeout out of the lease).
+        hosts = self.hosts.split(",")
+        random.shuffle(hosts)
         self._client = KazooClient(
-            hosts=self.hosts, timeout=self.session_timeout,
+            hosts=",".join(hosts), timeout=self.session_timeout, randomize_hosts=False,
             connection_retry=KazooRetry(max_tries=-1, delay=0.05, backoff=1.5,
                                         max_delay=reconnect_delay_max_s))
         self._watch_handshakes()
@@ -306,6 +318,10 @@ class ZooKeeperDriver(ClusterDriver):
                     self.lease = SessionLease(negotiated)
                 self.lease.connected(started, time.monotonic())
             self.server = f"{host}:{port}"
+            servers = self._client.hosts
+            if (host, port) in servers:  # tried last the next time round
+                servers.remove((host, port))
+                servers.append((host, port))
             return read_timeout, connect_timeout
 
         connection._connect = connect  # type: ignore[union-attr]  # checked above
@@ -324,9 +340,19 @@ class ZooKeeperDriver(ClusterDriver):
                 self._renew_wake.clear()
                 continue
             sent = time.monotonic()
+            pending = self._client.sync_async(self.prefix)
             try:
-                self._client.sync_async(self.prefix).get(timeout=lease.timeout)
-            except (KazooException, KazooTimeoutError) as error:
+                pending.get(timeout=lease.timeout * silent_server_fraction)
+            except KazooTimeoutError:
+                # The server says nothing, yet kazoo would wait 2/3 of T to notice, past
+                # the lease: leave it now for the next server (it is tried last).
+                log.warning("ZooKeeper server %s has not answered for %.1f s: connecting"
+                            " to another", self.server, time.monotonic() - sent)
+                self._drop_connection()
+                self._renew_wake.wait(0.05)
+                self._renew_wake.clear()
+                continue
+            except KazooException as error:
                 log.debug("lease renewal failed: %r", error)
                 self._renew_wake.wait(0.05)
                 self._renew_wake.clear()
@@ -339,6 +365,17 @@ class ZooKeeperDriver(ClusterDriver):
                         self._wake.set()
             self._renew_wake.wait(lease.renew_interval)
             self._renew_wake.clear()
+
+    def _drop_connection(self) -> None:
+        """Close kazoo's socket under it: its loop sees the connection dropped and
+        connects to the next server, with the same session (kazoo has no call for it)."""
+        sock = getattr(getattr(self._client, "_connection", None), "_socket", None)
+        if sock is None:
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # closed meanwhile: kazoo is reconnecting already
 
     def _fence(self, why: str) -> None:
         if self.fenced_since is None:

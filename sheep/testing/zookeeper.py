@@ -131,6 +131,16 @@ class _Instance:
         self.process.kill()
         self.process.wait(timeout=30)
 
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): it accepts connections and answers nothing, as a
+        hung machine."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.process is not None:
             stop_process(self.process)
@@ -160,10 +170,10 @@ class ZooKeeperServer:
 
     def pause(self) -> None:
         """Freeze the server (SIGSTOP): every session loses its connection."""
-        self.process.send_signal(signal.SIGSTOP)
+        self._instance.pause()
 
     def resume(self) -> None:
-        self.process.send_signal(signal.SIGCONT)
+        self._instance.resume()
 
     def stop(self) -> None:
         self._instance.stop()
@@ -223,6 +233,13 @@ class ZooKeeperEnsemble:
     def kill(self, index: int) -> None:
         """SIGKILL server index (by PID) and reap it."""
         self.servers[index].kill()
+
+    def pause(self, index: int) -> None:
+        """Freeze server index (SIGSTOP): connected, and silent."""
+        self.servers[index].pause()
+
+    def resume(self, index: int) -> None:
+        self.servers[index].resume()
 
     def start(self, index: int) -> None:
         """Launch server index again, with its data; return once it answers ruok."""

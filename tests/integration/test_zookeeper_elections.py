@@ -627,6 +627,35 @@ def test_each_sheep_names_its_zookeeper_server_and_the_negotiated_session_timeou
           f"within {took:.2f} s (states seen: {sorted({d['state'] for d in seen})})")
 
 
+def test_a_frozen_server_is_left_for_another_and_tried_last(ensemble, cluster):
+    """The server sheep 0 is connected to freezes (SIGSTOP: it takes connections and
+    answers nothing, as a hung machine). kazoo alone would notice after its read
+    timeout (2/3 of the session timeout), past the lease; the sheep leaves the server
+    once a lease renewal has gone unanswered for a quarter of the timeout, and
+    connects to another at once (the server it was connected to is tried last: a
+    frozen server tried first would cost a connect timeout out of the lease). It
+    never fences."""
+    gone = driver_info(cluster, 0)["server"]
+    index = ensemble.index_of(gone)
+    seen: list[str] = []
+
+    def moved() -> bool:
+        driver = driver_info(cluster, 0)
+        seen.append(driver["state"])
+        return driver["state"] == "connected" and driver["server"] not in (gone, None)
+
+    ensemble.pause(index)
+    try:
+        took = wait_until(moved, 3 * session_timeout_s, "sheep 0 connected to another server")
+    finally:
+        ensemble.resume(index)
+    read_timeout_s = session_timeout_s * 2 / 3
+    print(f"\nsheep 0's server {gone} frozen: connected to another {took:.2f} s later (kazoo's"
+          f" read timeout {read_timeout_s:.1f} s); states seen: {sorted(set(seen))}")
+    assert took < session_timeout_s / 2, took  # before the lease runs out
+    assert "fenced" not in seen, seen
+
+
 # --- e: fenced past the lease: the NBD client waits, it does not fail ---------------------
 
 quorum_lost_s = 8.0  # past the lease (3 s), well within the plugin's retry budget (60 s)
