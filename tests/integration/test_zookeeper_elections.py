@@ -378,10 +378,9 @@ class Ledger:
         return None
 
 
-class Writer:
-    """Writes block after block through one sheep, each with the next value, and
-    records each acknowledgement with its time (as MINORITY_WRITER in
-    test_partitions.py), and each refusal."""
+class Worker:
+    """A thread doing I/O through one sheep against the ledger until stopped; what
+    crashes it is kept for the test to report."""
 
     def __init__(self, cluster: LocalCluster, index: int, ledger: Ledger) -> None:
         self.cluster = cluster
@@ -396,6 +395,15 @@ class Writer:
             self._loop()
         except BaseException as error:  # reported by the test
             self.crashed.append(repr(error))
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class Writer(Worker):
+    """Writes block after block through one sheep, each with the next value, and
+    records each acknowledgement with its time (as MINORITY_WRITER in
+    test_partitions.py), and each refusal."""
 
     def _loop(self) -> None:
         client: Any = None
@@ -427,26 +435,15 @@ class Writer:
             client.close()
 
 
-class Reader:
+class Reader(Worker):
     """Reads random blocks through another sheep, each checked against what was
     acknowledged in that block before the read was sent."""
 
     def __init__(self, cluster: LocalCluster, index: int, ledger: Ledger) -> None:
-        self.cluster = cluster
-        self.index = index
-        self.ledger = ledger
+        super().__init__(cluster, index, ledger)
         self.reads: list[float] = []  # when each checked read returned
         self.refused = 0
         self.stale: list[str] = []
-        self.crashed: list[str] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run)
-
-    def _run(self) -> None:
-        try:
-            self._loop()
-        except BaseException as error:  # reported by the test
-            self.crashed.append(repr(error))
 
     def _loop(self) -> None:
         rng = random.Random(21)
