@@ -1,4 +1,4 @@
-"""dog node: list, info, kill, recovery, drain."""
+"""dog node: list, info, kill, recovery, stat, drain."""
 
 from __future__ import annotations
 
@@ -197,6 +197,87 @@ def recovery(max_rate: int | None, watch: bool, as_json: bool) -> None:
     limit = next((item["max_rate"] for item in items if "max_rate" in item), 0)
     click.echo(f"\n{_summary_text(summarize(nodes))}; rate limit: "
                f"{format_size(limit) + '/s' if limit else 'none'}")
+
+
+stat_ops = ("read", "write", "discard", "flush")
+
+
+def stat_rows(before: list[dict[str, Any]], after: list[dict[str, Any]],
+              seconds: float) -> list[dict[str, Any]]:
+    """Per node, from two NODE_LIST samples seconds apart: each operation's rate
+    (ops/s), bytes/s and mean latency (ms) over the interval. A node restarted in
+    between (its counters went back) or unreachable shows no figures."""
+    earlier = {info["node_id"]: info.get("io") or {} for info in before}
+    rows = []
+    for index, info in enumerate(after):
+        row: dict[str, Any] = {"index": index, "node_id": info["node_id"],
+                               "address": f"{info['address']}:{info['port']}",
+                               "status": info.get("status", "ok")}
+        now, then = info.get("io"), earlier.get(info["node_id"])
+        if now is not None and then is not None:
+            for op in stat_ops:
+                a, b = then.get(op, {}), now.get(op, {})
+                ops = b.get("ops", 0) - a.get("ops", 0)
+                if ops < 0:  # restarted: its counters began again
+                    row = {**row, "status": "restarted"}
+                    break
+                spent = b.get("seconds", 0.0) - a.get("seconds", 0.0)
+                row[op] = {"ops_per_s": ops / seconds,
+                           "bytes_per_s": (b.get("bytes", 0) - a.get("bytes", 0)) / seconds,
+                           "latency_ms": 1000 * spent / ops if ops else None}
+        rows.append(row)
+    return rows
+
+
+def _stat_table(rows: list[dict[str, Any]]) -> None:
+    table = []
+    for row in rows:
+        if "read" not in row:
+            table.append([row["index"], row["address"], *["-"] * 7, row["status"]])
+            continue
+        read, write, flush = row["read"], row["write"], row["flush"]
+        table.append([row["index"], row["address"], f"{read['ops_per_s']:.0f}",
+                      f"{format_size(int(read['bytes_per_s']))}/s", _ms(read["latency_ms"]),
+                      f"{write['ops_per_s']:.0f}", f"{format_size(int(write['bytes_per_s']))}/s",
+                      _ms(write["latency_ms"]), f"{flush['ops_per_s']:.0f}", row["status"]])
+    print_table(["Id", "Address", "Read/s", "Read B/s", "Read ms", "Write/s", "Write B/s",
+                 "Write ms", "Flush/s", "Status"], table,
+                right=["Id", "Read/s", "Read B/s", "Read ms", "Write/s", "Write B/s",
+                       "Write ms", "Flush/s"])
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+@node.command()
+@click.option("-w", "--watch", is_flag=True, help="Show the rates again every interval"
+              " until interrupted.")
+@click.option("-i", "--interval", type=click.FloatRange(0.1, 3600), default=1.0,
+              show_default=True, help="Seconds between the two samples a rate is taken over.")
+@json_option
+@connection_options
+def stat(watch: bool, interval: float, as_json: bool) -> None:
+    """VDI I/O each node served as a gateway over the last interval: operations per
+    second, bytes per second and mean latency, for reads, writes and flushes
+    (discards in --json). The counters are also on each sheep's --metrics-port."""
+    import time
+
+    before = run(lambda client: client.node_list())
+    while True:
+        started = time.monotonic()
+        time.sleep(interval)
+        after = run(lambda client: client.node_list())
+        rows = stat_rows(before, after, time.monotonic() - started)
+        if as_json:
+            print_json(rows)
+        else:
+            if watch:
+                click.echo(f"\n{time.strftime('%H:%M:%S')}")
+            _stat_table(rows)
+        if not watch:
+            return
+        before = after
 
 
 def _rate(item: dict[str, Any]) -> str:

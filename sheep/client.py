@@ -228,8 +228,10 @@ class Client:
         await self.connection.call(
             Header(opcode=Op.DISCARD_OBJ, oid=oid, offset=offset, count=count))
 
-    async def flush(self) -> None:
-        await self.connection.call(Header(opcode=Op.FLUSH))
+    async def flush(self, handle: int = 0) -> None:
+        """Make every acknowledged write durable; handle names the open VDI it is for
+        (counted in its metrics), 0 for none."""
+        await self.connection.call(Header(opcode=Op.FLUSH, arg0=handle))
 
     async def stat(self, oid: int) -> dict[str, Any]:
         """Where the object lives now: its replicas and each one's version."""

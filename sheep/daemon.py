@@ -33,6 +33,7 @@ from sheep.errors import (
 )
 from sheep.gateway import Gateway, PeerPool
 from sheep.group import Group
+from sheep.metrics import Metrics
 from sheep.net import Reply, Server, Session
 from sheep.node import NodeInfo, from_member
 from sheep.peer import Peer
@@ -73,10 +74,16 @@ def space_state(usage: dict[str, int], object_size: int) -> str:
     return "ok"
 
 
+# VDI operations counted for metrics (sheep/metrics.py), by their label.
+_measured_ops = {Op.VDI_READ: "read", Op.VDI_WRITE: "write", Op.VDI_DISCARD: "discard",
+                 Op.FLUSH: "flush"}
+
+
 class Sheep:
     def __init__(self, config: SheepConfig, store: Store, driver: ClusterDriver,
                  world: World = REAL) -> None:
         self.config = config
+        self.metrics = Metrics(self._metrics_state)
         self.world = world
         self.clock = world.clock
         self.store = store
@@ -469,11 +476,19 @@ class Sheep:
         if info.kind is Kind.PEER:
             return await self.peer.serve(header, payload)
         assert self.vdis is not None
+        measured = _measured_ops.get(Op(header.opcode))
+        started = self.clock.precise() if measured else 0.0
         if info.kind is Kind.VDI:
-            return await self.vdis.serve_io(header, payload, session)
-        if info.kind is Kind.VDI_ADMIN:
+            reply = await self.vdis.serve_io(header, payload, session)
+        elif info.kind is Kind.VDI_ADMIN:
             return await self.vdis.admin.serve(header, payload)
-        return await self.gateway.serve(header, payload)
+        else:
+            reply = await self.gateway.serve(header, payload)
+        handle = session.values.get("vdis", {}).get(header.arg0) if measured else None
+        if measured and handle is not None:  # a flush may name no VDI (dog vdi write)
+            self.metrics.observe(handle.name, measured, header.count if measured != "flush"
+                                 else 0, self.clock.precise() - started)
+        return reply
 
     async def _check_member(self, header: Header, session: Session) -> None:
         """Refuse a peer op from a connection that is not from a member (from_member).
@@ -551,7 +566,16 @@ class Sheep:
                           "scrub": self.scrubber.status() if self.scrubber else None},
             "uptime": self.clock.wall() - self.started_at,
             "driver": self.driver.info(),
+            "io": self.metrics.by_op(),
         }
+
+    def _metrics_state(self) -> dict[str, Any]:
+        """What a metrics scrape reads from the sheep (sheep/metrics.py); it may come
+        from the endpoint's thread, so it only reads."""
+        return {"up": self.joined.is_set() and not self.stopping and not self.driver.fenced,
+                "recovery": self.recoverer.status() if self.recoverer else None,
+                "usage": self.store.usage(),
+                "damaged_found": self.peer.health.found_count if self.peer else 0}
 
     async def node_list(self, header: Header, payload: bytes) -> Reply:
         nodes = sorted(self.group.state.nodes, key=lambda n: (n.address, n.port, n.node_id))

@@ -142,10 +142,29 @@ def _report(fd: int | None, message: str) -> None:
         pass
 
 
-async def _run(sheep: Sheep, sock: socket.socket, ready_fd: int | None) -> int:
+def _serve_metrics(sheep: Sheep, port: int) -> None:
+    """Prometheus text on http://ADDRESS:PORT/metrics, from a thread of its own."""
+    from prometheus_client import start_http_server
+
+    try:
+        start_http_server(port, addr=sheep.config.address, registry=sheep.metrics.registry)
+    except OSError as error:
+        raise StartError(f"cannot serve metrics on {sheep.config.address}:{port}:"
+                         f" {error.strerror}") from error
+
+
+async def _run(sheep: Sheep, sock: socket.socket, ready_fd: int | None,
+               metrics_port: int | None) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, lambda: asyncio.ensure_future(sheep.stop()))
+    if metrics_port is not None:
+        try:
+            _serve_metrics(sheep, metrics_port)
+        except StartError as error:
+            _report(ready_fd, str(error))
+            log.error("cannot start: %s", error)
+            return EXIT_FAILURE
     try:
         await sheep.start(sock)
     except SheepError as error:
@@ -173,12 +192,16 @@ async def _run(sheep: Sheep, sock: socket.socket, ready_fd: int | None) -> int:
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground, log to stderr.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Serve Prometheus metrics on this port, at /metrics, on the sheep's"
+                   " address (off when not given).")
 @click.option("--no-checksums", is_flag=True,
               help="Keep no per-block checksums (damage goes unnoticed). For measuring their"
                    " cost only; a store keeps the setting it was created with.")
 @click.version_option(package_name="sheepdog")
 def command(directory: str, port: int, address: str, driver: str, zone: int | None,
-            weight: str | None, foreground: bool, log_level: str, no_checksums: bool) -> None:
+            weight: str | None, foreground: bool, log_level: str, metrics_port: int | None,
+            no_checksums: bool) -> None:
     """Run a sheep: a storage daemon of the cluster, keeping its objects in DIRECTORY."""
     directory = os.path.abspath(directory)
     weight_bytes = None
@@ -194,6 +217,10 @@ def command(directory: str, port: int, address: str, driver: str, zone: int | No
     try:
         lock_fd = _lock_directory(directory)
         sock = _bind(address, port)
+        if metrics_port is not None:
+            if metrics_port == port:
+                raise StartError(f"the metrics port {metrics_port} is the sheep's own port")
+            _bind(address, metrics_port).close()  # in use or not, said here, on the terminal
     except StartError as error:
         click.echo(f"sheep: {error}", err=True)
         sys.exit(EXIT_FAILURE)
@@ -207,7 +234,7 @@ def command(directory: str, port: int, address: str, driver: str, zone: int | No
                          weight=weight_bytes)
     sheep = Sheep(config, Store(directory, checksums=not no_checksums), cluster_driver)
     # uvloop (libuv) runs the same asyncio code with far less overhead per event.
-    code = uvloop.run(_run(sheep, sock, ready_fd))
+    code = uvloop.run(_run(sheep, sock, ready_fd, metrics_port))
     try:
         os.unlink(os.path.join(directory, "sheep.pid"))
     except OSError:

@@ -205,6 +205,7 @@ class Recoverer(_Worker):
         self.recovered = 0
         self.failed = 0
         self.bytes = 0
+        self.bytes_total = 0  # since this sheep started, over every pass
         self.surplus = 0  # copies held here that the placement no longer gives this sheep
         self.removed = 0
         self.started = 0.0
@@ -220,6 +221,7 @@ class Recoverer(_Worker):
         return {"epoch": self.epoch, "to_recover": self.to_recover,
                 "recovered": self.recovered, "failed": self.failed, "running": self.running,
                 "unverified": self.peer.health.unverified_count, "bytes": self.bytes,
+                "bytes_total": self.bytes_total,
                 "rate": self.bytes / elapsed if elapsed > 0 and self.bytes else 0.0,
                 "elapsed": elapsed if self.started else 0.0,
                 "max_rate": self.group.state.recovery_max_rate,
@@ -324,6 +326,7 @@ class Recoverer(_Worker):
         # The version read with the data: a write may have landed since the stat.
         self.store.create_and_write(oid, 0, bytes(data), fields.get("arg0") or best.version)
         self.bytes += len(data)
+        self.bytes_total += len(data)
         return True
 
     async def purge_once(self, epoch: int) -> bool:

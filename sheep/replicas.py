@@ -221,6 +221,7 @@ class CopyHealth:
     _unverified: set[int] = field(default_factory=set)
     _damaged: set[int] = field(default_factory=set)
     _repaired: int = 0  # damaged copies replaced by good ones
+    _found: int = 0  # copies found damaged (each time one was not known damaged)
     _scrubbed: int = 0  # copies scrubbed, block by block
     # Copies made suspect by a change that failed here, and when: the same change may
     # still be on its way to the other replicas, so they are compared only later.
@@ -268,6 +269,7 @@ class CopyHealth:
     def found_damaged(self, oid: int) -> bool:
         """A read met damage in the copy; True if it was not known damaged before."""
         new = oid not in self._damaged
+        self._found += new
         self._damaged.add(oid)
         self._unverified.add(oid)
         self._check(oid)
@@ -326,6 +328,10 @@ class CopyHealth:
         return self._repaired
 
     @property
+    def found_count(self) -> int:
+        return self._found
+
+    @property
     def scrubbed_count(self) -> int:
         return self._scrubbed
 
@@ -335,4 +341,4 @@ class CopyHealth:
         assert oid is None or 0 <= oid < oid_limit, f"oid {oid}"
         assert self._damaged <= self._unverified, "a damaged copy is never served"
         assert oid is None or oid not in self._failed_at or oid in self._unverified
-        assert self._repaired >= 0 and self._scrubbed >= 0
+        assert self._repaired >= 0 and self._scrubbed >= 0 and self._found >= self._repaired

@@ -148,6 +148,9 @@ class SimClock(Clock):
     def wall(self) -> float:
         return wall_clock_base_s + asyncio.get_running_loop().time()
 
+    def precise(self) -> float:
+        return asyncio.get_running_loop().time()
+
 
 class SimFaults(Faults):
     """FoundationDB's buggify: each site is switched on for a whole run with

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -49,21 +50,27 @@ def alive(pid: int) -> bool:
 
 
 def test_start_status_stop(tmp_path):
-    base = free_base_port(3)
+    base, metrics = free_base_port(3), free_base_port(3)
     directory = str(tmp_path / "lc")
     started = script("start", "-n", "3", "--copies", "2", "--dir", directory,
-                     "--port", str(base))
+                     "--port", str(base), "--metrics", str(metrics))
     pids = []
     try:
         assert started.returncode == 0, started.stderr
         assert "formatted: 2 copies" in started.stdout
         pids = [int(Path(directory, str(i), "sheep.pid").read_text()) for i in range(3)]
         assert all(alive(pid) for pid in pids)
+        for i in range(3):  # each sheep serves its metrics
+            url = f"http://127.0.0.1:{metrics + i}/metrics"
+            assert url in started.stdout
+            with urllib.request.urlopen(url, timeout=10) as answer:
+                assert "sheepdog_up 1.0" in answer.read().decode()
         status = script("status", "--dir", directory, "--port", str(base))
         assert status.returncode == 0
         assert "3 sheep running" in status.stdout
         assert status.stdout.count(f"127.0.0.1:{base}") >= 1
-        again = script("start", "-n", "3", "--dir", directory, "--port", str(base))
+        again = script("start", "-n", "3", "--dir", directory, "--port", str(base),
+                       "--metrics", str(metrics))
         assert again.returncode == 0 and "already running" in again.stdout
     finally:
         stopped = script("stop", "--dir", directory)
