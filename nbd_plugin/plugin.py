@@ -33,7 +33,7 @@ _config: dict[str, str] = {}
 _state: dict[str, Any] = {}
 
 retry_total_s = 60.0  # the default retry budget: retry=SECONDS overrides it
-lock_retry_s = 30.0  # how long a reopen after failover waits for the dead gateway's lock
+retry_pause_s = 0.2  # between two attempts of an open, or two passes over the sheep
 
 
 def _import_client() -> Any:
@@ -129,25 +129,30 @@ class Gateways:
                 connection = None
                 try:
                     connection = self.client.BlockingConnection(host, port)
-                    self._learn(connection.json(self.proto.Op.NODE_LIST))
-                    # Published only once every export is open on it: threads take the
-                    # connection without the lock, and must never send an old handle on it.
-                    self._reopen(connection, deadline)
-                except self.retryable as error:
+                    nodes = connection.json(self.proto.Op.NODE_LIST)
+                except self.errors.SheepError as error:
                     last = error
                     if connection is not None:
                         connection.close()
                     continue
+                self._learn(nodes)
+                try:
+                    # Published only once every export is open on it: threads take the
+                    # connection without the lock, and must never send an old handle on it.
+                    self._reopen(connection, deadline)
+                except self.retryable as error:
+                    last = error  # this one cannot serve now: the next one may
+                    connection.close()
+                    continue
                 except self.errors.SheepError:
-                    if connection is not None:
-                        connection.close()
+                    connection.close()
                     raise
                 self.connection = connection
                 self.generation += 1
                 return
             if time.monotonic() >= deadline:
                 raise self._gave_up(last)
-            time.sleep(0.2)
+            time.sleep(retry_pause_s)
 
     def _learn(self, nodes: list[dict[str, Any]]) -> None:
         for node in nodes:
@@ -158,16 +163,16 @@ class Gateways:
 
     def _open_on(self, connection: Any, name: str, tag: str | None, writable: bool,
                  deadline: float) -> Any:
-        lock_deadline = min(deadline, time.monotonic() + lock_retry_s)
         while True:
             try:
                 return connection.json(self.proto.Op.VDI_OPEN, {
                     "name": name, "snapshot": tag, "writable": writable, "owner": self.owner})
             except self.errors.VdiLocked:
-                # After a failover the dead gateway's lock goes once its death is logged.
-                if not self.exports.get((name, tag, writable)) or time.monotonic() > lock_deadline:
+                # After a failover the old gateway's lock goes once its death is logged
+                # (a fenced one's, once its session expired): up to the retry budget.
+                if not self.exports.get((name, tag, writable)) or time.monotonic() > deadline:
                     raise
-                time.sleep(0.2)
+                time.sleep(retry_pause_s)
 
     def _reopen(self, connection: Any, deadline: float) -> None:
         for (name, tag, writable), export in self.exports.items():
@@ -176,30 +181,49 @@ class Gateways:
     # --- exports -----------------------------------------------------------------------
 
     def acquire(self, name: str, tag: str | None, writable: bool) -> dict[str, Any]:
+        """Open an export (or share one open already): on the current gateway or, while
+        it cannot serve, on another. The lock is not held between attempts, so other
+        exports' I/O goes on meanwhile."""
         key = (name, tag, writable)
         deadline = self.deadline()
-        with self.lock:
-            export = self.exports.get(key)
-            if export is None:
-                info = self._open(name, tag, writable, deadline)
-                export = self.exports[key] = {"info": info, "users": 0}
-            export["users"] += 1
-            return export
-
-    def _open(self, name: str, tag: str | None, writable: bool, deadline: float) -> Any:
-        """A first open, on the current gateway or, while it cannot serve, on another."""
         while True:
-            if self.connection is None or self.connection.closed:
-                self._connect(deadline)
+            with self.lock:
+                export = self.exports.get(key)
+                if export is not None:
+                    export["users"] += 1
+                    return export
+                if self.connection is None or self.connection.closed:
+                    self._connect(deadline)
+                connection = self.connection
+                try:
+                    info = self._open_on(connection, name, tag, writable, deadline)
+                except self.retryable as error:
+                    last: Exception = error
+                    if not isinstance(error, self.errors.Timeout) and not connection.closed:
+                        # A gateway that cannot serve (dead, fenced, stopping): everyone
+                        # moves on with this open (the failed gateway is tried last).
+                        connection.close()
+                else:
+                    export = self.exports[key] = {"info": info, "users": 1}
+                    return export
+            if time.monotonic() >= deadline:
+                raise self._gave_up(last)
+            time.sleep(retry_pause_s)
+
+    def json(self, op: int, body: Any = None) -> Any:
+        """A request that names no export, with failover and retries like call's."""
+        deadline = self.deadline()
+        while True:
+            connection, generation = self.current(deadline)
             try:
-                return self._open_on(self.connection, name, tag, writable, deadline)
+                return connection.json(op, body)
             except self.retryable as error:
-                if time.monotonic() >= deadline:
+                if time.monotonic() > deadline:
                     raise self._gave_up(error) from error
-                # This gateway cannot serve now: every thread fails over with this open
-                # (the failed gateway is tried last).
-                self.connection.close()
-                time.sleep(0.05)
+                with self.lock:
+                    if self.generation == generation and self.connection is not None:
+                        self.connection.close()
+                time.sleep(retry_pause_s)
 
     def release(self, name: str, tag: str | None, writable: bool) -> None:
         key = (name, tag, writable)
@@ -277,10 +301,10 @@ def _guard(function: Any) -> Any:
     return wrapper
 
 
+@_guard
 def list_exports(readonly: bool, is_tls: bool) -> list[tuple[str, str]]:
     gateways = _gateways()
-    connection, _ = gateways.current()
-    items = connection.json(gateways.proto.Op.VDI_LIST, {"usage": False})
+    items = gateways.json(gateways.proto.Op.VDI_LIST, {"usage": False})
     exports = []
     for item in sorted(items, key=lambda i: (i["name"], i["snapshot"], i["id"])):
         if item["snapshot"]:

@@ -453,8 +453,9 @@ class Sheep:
             raise Unavailable("this sheep is not a member of the cluster now: it has not"
                               " joined yet, or joins again after it was declared dead")
         if self._fenced_now():
-            raise Unavailable(f"sheep {self.config.address}:{self.config.port} is fenced: it lost"
-                              " its cluster driver's session and may have been declared dead")
+            raise Unavailable(f"sheep {self.config.address}:{self.config.port} is fenced: its"
+                              " cluster driver's session is in doubt (its lease ran out) or"
+                              " lost, or it is catching up with the cluster log")
         assert self.peer is not None and self.gateway is not None
         status = self.group.state.status
         if status is Status.SHUTDOWN and info.kind is not Kind.PEER:

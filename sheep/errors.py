@@ -138,4 +138,5 @@ class UsageError(SheepError):
 
 # What a fenced sheep answers: its cluster driver's session is in doubt or lost, so
 # the others may move on without it (sheep/lease.py).
-fenced_message = "this sheep is fenced: it lost its cluster driver's session"
+fenced_message = ("this sheep is fenced: its cluster driver's session is in doubt (its lease"
+                  " ran out) or lost, or it is catching up with the cluster log")

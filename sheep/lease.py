@@ -30,6 +30,7 @@ fraction keeps room for what the argument does not model).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 #: The most the sheep serves past its last successful round trip, as a fraction of T.
@@ -48,6 +49,7 @@ class SessionLease:
     """The lease of one session with negotiated timeout T (seconds)."""
 
     timeout: float
+    cap: float = math.inf  # the most it serves past the last exchange, whatever T is
     fraction: float = lease_fraction
     drift: float = clock_drift
     margin: float = margin_s
@@ -104,7 +106,7 @@ class SessionLease:
     def _extend(self, now: float) -> None:
         if self.proven is None or self.last_exchange is None:
             return
-        until = min(self.last_exchange + self.timeout * self.fraction,
+        until = min(self.last_exchange + min(self.timeout * self.fraction, self.cap),
                     self.proven + self.after_touch)
         if not self.holds(now) and until > now:
             self.lapses += 1  # it had run out: the owner catches up before serving again

@@ -244,8 +244,15 @@ class VdiService:
             peer = session.peer
             client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
             owner = f"{body.get('owner') or 'client ' + client} (via sheep {self.node_id})"
-            await self.broadcast({"type": "vdi_lock", "name": vdi.name, "node_id": self.node_id,
-                                  "session": session.id, "owner": owner})
+            try:
+                await self.broadcast({"type": "vdi_lock", "name": vdi.name,
+                                      "node_id": self.node_id, "session": session.id,
+                                      "owner": owner})
+            except SheepError:
+                # Refused, or not known to be logged (an answer lost): if the lock did go
+                # in, this session holds it with no handle to release it on close.
+                self._unlock_soon(vdi.name, session.id)
+                raise
         handle_id = next(self._handles)
         handles = session.values.setdefault("vdis", {})
         handles[handle_id] = Handle(vdi.name, vdi.id, snap.id if snap else None, writable)
@@ -313,9 +320,12 @@ class VdiService:
         background until it is logged or the lock is no longer the session's (its
         sheep was declared dead): a closed session must never keep a VDI locked."""
         if not await self._unlock_once(name, session_id):
-            task = asyncio.get_running_loop().create_task(self._unlock_later(name, session_id))
-            self._unlocking.add(task)
-            task.add_done_callback(self._unlocking.discard)
+            self._unlock_soon(name, session_id)
+
+    def _unlock_soon(self, name: str, session_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._unlock_later(name, session_id))
+        self._unlocking.add(task)
+        task.add_done_callback(self._unlocking.discard)
 
     async def _unlock_once(self, name: str, session_id: str) -> bool:
         vdi = self.group.state.vdis.vdis.get(name)

@@ -47,9 +47,10 @@ import threading
 import time
 from typing import Any
 
+from sheep import constants
 from sheep.cluster.driver import ClusterDriver, Snapshot
 from sheep.cluster_state import Event, EventKind
-from sheep.errors import SystemFailure, Unavailable, UsageError
+from sheep.errors import SheepError, SystemFailure, Unavailable, UsageError
 from sheep.lease import SessionLease
 from sheep.node import NodeInfo
 
@@ -69,6 +70,13 @@ reconnect_delay_max_s = 0.25
 # for another one before its lease (half the timeout) runs out, instead of waiting for
 # kazoo's read timeout (two thirds of it).
 silent_server_fraction = 0.25
+renew_retry_s = 0.05  # a renewal that could not be sent or failed is tried again after this
+# The most a sheep serves on its lease past its last exchange with ZooKeeper, whatever
+# the session timeout: a cluster op's barrier (Sheep._wait_members_applied) stops
+# waiting for a silent member after epoch_wait_ms and answers the client, and a sheep
+# that cannot read the log must stop serving before then (it may still be reading it
+# for up to the poll interval after the op was logged).
+lease_cap_s = constants.epoch_wait_ms / 1000 - 2 * poll_interval_s
 _record_prefix = "r-"
 
 
@@ -155,16 +163,14 @@ class ZooKeeperDriver(ClusterDriver):
 
     @property
     def fenced(self) -> bool:
-        if self.fenced_since is not None or self.applied_seq() < self._catch_up_to:
-            return True
-        lease = self.lease
-        return (lease is None or lease.lapses != self._caught_up
-                or not lease.holds(time.monotonic()))
-
-    def fence_deadline(self) -> float | None:
-        """When the lease runs out, on the monotonic clock (None: fenced or no lease)."""
-        lease = self.lease
-        return None if lease is None else lease.until
+        # Under the lock that every change of these takes (renewals come from two
+        # threads, catching up from a third): never an old lapse count with a new end.
+        with self._lease_lock:
+            if self.fenced_since is not None or self.applied_seq() < self._catch_up_to:
+                return True
+            lease = self.lease
+            return (lease is None or lease.lapses != self._caught_up
+                    or not lease.holds(time.monotonic()))
 
     async def join(self, node: NodeInfo, from_seq: int) -> None:
         self._node = node
@@ -189,7 +195,7 @@ class ZooKeeperDriver(ClusterDriver):
             await self._run(self._append, {"kind": EventKind.LEAVE.value,
                                            "node_id": self._node.node_id, "reason": "leave",
                                            "incarnation": self._incarnation})
-        except SystemFailure as error:
+        except SheepError as error:
             log.warning("could not log a graceful leave: %s", error)
         await self.close()
 
@@ -205,7 +211,9 @@ class ZooKeeperDriver(ClusterDriver):
                 await self._task
             except asyncio.CancelledError:
                 pass
-        await self._run(self._stop_client)
+        # Not on the worker thread: it may be waiting on a call kazoo queued while
+        # disconnected, which stopping the client fails.
+        await asyncio.get_running_loop().run_in_executor(None, self._stop_client)
         self._executor.shutdown(wait=True)
 
     def info(self) -> dict[str, Any]:
@@ -236,7 +244,7 @@ class ZooKeeperDriver(ClusterDriver):
         while not self._closed:
             try:
                 await self._run(self._poll_once)
-            except SystemFailure as error:
+            except SheepError as error:  # ZooKeeper unreachable, or an answer lost
                 log.warning("cluster log: %s", error)
             await asyncio.get_running_loop().run_in_executor(None, self._wait_wake)
 
@@ -282,7 +290,9 @@ class ZooKeeperDriver(ClusterDriver):
                             " %.2f s more", lease.remaining(time.monotonic()) if lease else 0.0)
             elif state == KazooState.LOST:
                 self._fence("ZooKeeper session expired")
-                self.lease = None  # a new session, a new lease
+                with self._lease_lock:
+                    if self.lease is not None:  # a new session starts a new lease
+                        self.lease.until = None
                 self._rejoin = True
             self._wake.set()
 
@@ -315,7 +325,9 @@ class ZooKeeperDriver(ClusterDriver):
             negotiated = read_timeout * 1.5 / 1000  # kazoo reads with 2/3 of the timeout
             with self._lease_lock:
                 if self.lease is None or self.lease.timeout != negotiated:
-                    self.lease = SessionLease(negotiated)
+                    # A lapse not caught up with yet must stay one (_caught_up counts them).
+                    self.lease = SessionLease(negotiated, cap=lease_cap_s,
+                                              lapses=self.lease.lapses if self.lease else 0)
                 self.lease.connected(started, time.monotonic())
             self.server = f"{host}:{port}"
             servers = self._client.hosts
@@ -330,33 +342,44 @@ class ZooKeeperDriver(ClusterDriver):
         """Renew the lease: a sync through the leader every T/10, on its own thread
         (the poll thread may be busy). A renewal that follows a lapse wakes the poll
         thread, which reads the log before the sheep serves again."""
+        while not self._closed:
+            try:
+                self._renew_once()
+            except Exception:  # noqa: BLE001 - the thread must not end: the lease would
+                log.exception("lease renewal")  # run out for good while all looks well
+                time.sleep(renew_retry_s)
+
+    def _renew_once(self) -> None:
         from kazoo.exceptions import KazooException
         from kazoo.handlers.threading import KazooTimeoutError
 
-        while not self._closed:
+        if not self._closed:
             lease = self.lease
             if lease is None or self._state != "connected":
-                self._renew_wake.wait(0.05)
+                self._renew_wake.wait(renew_retry_s)
                 self._renew_wake.clear()
-                continue
+                return
             sent = time.monotonic()
+            sock = self._socket()
             pending = self._client.sync_async(self.prefix)
             try:
                 pending.get(timeout=lease.timeout * silent_server_fraction)
             except KazooTimeoutError:
                 # The server says nothing, yet kazoo would wait 2/3 of T to notice, past
-                # the lease: leave it now for the next server (it is tried last).
-                log.warning("ZooKeeper server %s has not answered for %.1f s: connecting"
-                            " to another", self.server, time.monotonic() - sent)
-                self._drop_connection()
-                self._renew_wake.wait(0.05)
+                # the lease: leave it now for the next server (it is tried last). Only
+                # the connection the sync went out on: kazoo may have a new one by now.
+                if sock is not None and sock is self._socket():
+                    log.warning("ZooKeeper server %s has not answered for %.1f s:"
+                                " connecting to another", self.server, time.monotonic() - sent)
+                    self._drop_connection(sock)
+                self._renew_wake.wait(renew_retry_s)
                 self._renew_wake.clear()
-                continue
+                return
             except KazooException as error:
                 log.debug("lease renewal failed: %r", error)
-                self._renew_wake.wait(0.05)
+                self._renew_wake.wait(renew_retry_s)
                 self._renew_wake.clear()
-                continue
+                return
             with self._lease_lock:
                 if self.lease is lease:
                     lapses = lease.lapses
@@ -366,12 +389,14 @@ class ZooKeeperDriver(ClusterDriver):
             self._renew_wake.wait(lease.renew_interval)
             self._renew_wake.clear()
 
-    def _drop_connection(self) -> None:
-        """Close kazoo's socket under it: its loop sees the connection dropped and
+    def _socket(self) -> Any:
+        """kazoo's socket to its server now (private to kazoo; None if it has none)."""
+        return getattr(getattr(self._client, "_connection", None), "_socket", None)
+
+    @staticmethod
+    def _drop_connection(sock: Any) -> None:
+        """Shut kazoo's socket down under it: its loop sees the connection dropped and
         connects to the next server, with the same session (kazoo has no call for it)."""
-        sock = getattr(getattr(self._client, "_connection", None), "_socket", None)
-        if sock is None:
-            return
         try:
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -407,12 +432,14 @@ class ZooKeeperDriver(ClusterDriver):
                           "reason": "dead", "incarnation": old})
         self._append({"kind": EventKind.JOIN.value, "node": self._node.to_json(),
                       "incarnation": self._incarnation})
-        self._rejoin = False
         lapses = self.lease.lapses if self.lease is not None else 0
-        self.fenced_since = None
+        self._sync_log()  # through our own join: served only once that is applied
+        with self._lease_lock:
+            self._catch_up_to = self._last_delivered
+            self._caught_up = lapses
+            self.fenced_since = None
+        self._rejoin = False
         self._poll_once()
-        self._catch_up_to = self._last_delivered
-        self._caught_up = lapses
 
     def _member_path(self) -> str:
         assert self._node is not None
@@ -514,25 +541,41 @@ class ZooKeeperDriver(ClusterDriver):
         then, the session being the same, the record either landed or did not, and the
         log says which (each record carries a random id): it is never appended twice.
         Past that wait the caller gets UNAVAILABLE, which clients retry."""
-        from kazoo.exceptions import ConnectionLoss, KazooException
+        from kazoo.exceptions import (
+            ConnectionClosedError,
+            ConnectionLoss,
+            KazooException,
+            SessionExpiredError,
+        )
+        from kazoo.handlers.threading import KazooTimeoutError
 
         record = {**record, "rid": secrets.token_hex(8)}
         data = json.dumps(record).encode()
-        deadline = time.monotonic() + self.session_timeout
+        began = time.monotonic()
+        deadline = began + self.session_timeout
         unsure = False  # a create was sent and its answer lost
         while True:
             try:
                 if unsure:
                     if not self._await_connected(deadline):
-                        raise Unavailable("cannot append to the cluster log: ZooKeeper has"
-                                          f" been unreachable for {self.session_timeout:g} s")
+                        raise Unavailable(
+                            "cannot append to the cluster log: ZooKeeper has been unreachable"
+                            f" for {time.monotonic() - began:.1f} s (the op may or may not"
+                            " have been logged)")
                     if self._appended(record["rid"]):
                         break
                     unsure = False
-                self._client.create(f"{self.log_path}/{_record_prefix}", data, sequence=True)
+                # Bounded: kazoo queues a call while it reconnects, for as long as that takes.
+                self._client.create_async(f"{self.log_path}/{_record_prefix}", data,
+                                          sequence=True).get(
+                    timeout=max(0.1, deadline - time.monotonic()))
                 break
-            except ConnectionLoss:
+            except (ConnectionLoss, KazooTimeoutError):
                 unsure = True
+            except (SessionExpiredError, ConnectionClosedError) as error:
+                raise Unavailable("cannot append to the cluster log: this sheep's ZooKeeper"
+                                  f" session is gone ({type(error).__name__}); it joins"
+                                  " again") from error
             except KazooException as error:
                 raise SystemFailure(
                     f"cannot append to the cluster log in ZooKeeper: {error!r}") from error
@@ -558,23 +601,24 @@ class ZooKeeperDriver(ClusterDriver):
     def _poll_once(self) -> None:
         from kazoo.exceptions import KazooException
 
-        if self._closed:
-            return
+        if self._closed or self._state != "connected":
+            return  # kazoo would queue the calls until it reconnects, holding this thread
         try:
-            if self._rejoin and self._state == "connected":
+            if self._rejoin:
                 log.info("joining again as a new incarnation")
                 self._join()
                 return
             lease = self.lease
-            if (self.fenced_since is None and lease is not None and self._state == "connected"
+            if (self.fenced_since is None and lease is not None
                     and lease.lapses != self._caught_up and lease.holds(time.monotonic())):
                 # The lease ran out and was renewed: read what was logged meanwhile
                 # first, and stay fenced until it is applied (found by the simulator:
                 # a sheep served a snapshot as missing).
                 lapses = lease.lapses
                 self._sync_log()
-                self._catch_up_to = self._last_delivered
-                self._caught_up = lapses
+                with self._lease_lock:
+                    self._catch_up_to = self._last_delivered
+                    self._caught_up = lapses
                 log.info("the session's lease holds again: serving once the log is applied"
                          " to position %d", self._catch_up_to)
             if self.fenced_since is not None:

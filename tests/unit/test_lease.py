@@ -175,3 +175,20 @@ def test_the_bound_never_exceeds_the_timeout(timeout: float) -> None:
     lease = SessionLease(timeout)
     assume(lease.after_touch > 0)
     assert lease.after_touch < timeout / (1 + clock_drift)
+
+
+def test_the_cap_bounds_the_lease_whatever_the_timeout() -> None:
+    """A long session timeout gives no longer lease than the cap (the driver's: a
+    cluster op's barrier stops waiting for a silent member after epoch_wait_ms)."""
+    lease = SessionLease(60.0, cap=4.0)
+    lease.connected(10.0, 10.0)
+    assert lease.until == pytest.approx(14.0)
+    lease.answered(11.0, 11.01)
+    assert lease.until == pytest.approx(15.0)
+    assert SessionLease(6.0, cap=4.0).timeout * 0.5 < 4.0  # the default T: T/2 binds
+
+
+def test_a_new_lease_keeps_the_lapses_it_is_given() -> None:
+    lease = SessionLease(6.0, lapses=3)
+    lease.connected(0.0, 0.0)
+    assert lease.lapses == 4  # the driver compares counts: a lapse is never forgotten
