@@ -244,15 +244,8 @@ class VdiService:
             peer = session.peer
             client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
             owner = f"{body.get('owner') or 'client ' + client} (via sheep {self.node_id})"
-            try:
-                await self.broadcast({"type": "vdi_lock", "name": vdi.name,
-                                      "node_id": self.node_id, "session": session.id,
-                                      "owner": owner})
-            except SheepError:
-                # Refused, or not known to be logged (an answer lost): if the lock did go
-                # in, this session holds it with no handle to release it on close.
-                self._unlock_soon(vdi.name, session.id)
-                raise
+            await self.broadcast({"type": "vdi_lock", "name": vdi.name, "node_id": self.node_id,
+                                  "session": session.id, "owner": owner})
         handle_id = next(self._handles)
         handles = session.values.setdefault("vdis", {})
         handles[handle_id] = Handle(vdi.name, vdi.id, snap.id if snap else None, writable)
