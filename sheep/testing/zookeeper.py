@@ -234,6 +234,16 @@ class ZooKeeperEnsemble:
         """SIGKILL server index (by PID) and reap it."""
         self.servers[index].kill()
 
+    def lose_quorum(self) -> list[int]:
+        """SIGKILL the leader and the server after it (of 3: the quorum is gone);
+        the servers killed, to start again."""
+        leader = self.leader()
+        assert leader is not None, self.modes()
+        victims = [leader, (leader + 1) % len(self.servers)]
+        for index in victims:
+            self.kill(index)
+        return victims
+
     def pause(self, index: int) -> None:
         """Freeze server index (SIGSTOP): connected, and silent."""
         self.servers[index].pause()

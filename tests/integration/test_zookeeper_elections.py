@@ -21,6 +21,7 @@ I/O error, every block verifies, no acknowledgement after the lease, no stale re
 
 from __future__ import annotations
 
+import abc
 import json
 import random
 import subprocess
@@ -380,7 +381,7 @@ class Ledger:
         return None
 
 
-class Worker:
+class Worker(abc.ABC):
     """A thread doing I/O through one sheep against the ledger until stopped; what
     crashes it is kept for the test to report."""
 
@@ -398,8 +399,9 @@ class Worker:
         except BaseException as error:  # reported by the test
             self.crashed.append(repr(error))
 
+    @abc.abstractmethod
     def _loop(self) -> None:
-        raise NotImplementedError
+        """The I/O itself, until self.stop is set."""
 
 
 class Writer(Worker):
@@ -513,12 +515,8 @@ def test_with_the_quorum_lost_no_write_is_acknowledged_past_the_lease_no_read_is
     reader.thread.start()
     try:
         wait_until(lambda: len(ledger.acks) >= 2 * blocks, 30, "every block written")
-        leader = ensemble.leader()
-        assert leader is not None, ensemble.modes()
-        victims = [leader, (leader + 1) % len(ensemble.servers)]
         killed = time.monotonic()
-        for index in victims:
-            ensemble.kill(index)
+        victims = ensemble.lose_quorum()
         # Past the session timeout: by then the lease is long over.
         time.sleep(max(0.0, session_timeout_s + 2 - (time.monotonic() - killed)))
         reads_during = sum(at > killed for at in reader.reads)
@@ -704,12 +702,8 @@ def test_fenced_sheep_pause_nbd_clients_on_every_path_and_never_fail_them(
         wait_until(lambda: used_bytes(cluster) > before or writer.poll() is not None, 30,
                    "fio's first write")
         assert writer.poll() is None, writer.communicate()
-        leader = ensemble.leader()
-        assert leader is not None, ensemble.modes()
-        killed = [leader, (leader + 1) % len(ensemble.servers)]
         lost = time.monotonic()
-        for index in killed:
-            ensemble.kill(index)
+        killed = ensemble.lose_quorum()
         to_fenced = wait_until(lambda: driver_states(cluster) == ["fenced"] * 3,
                                lease_s + 5, "every sheep fenced")
         opener = start_fio(nbd, str(tmp_path / "second"), 0, name="second")
