@@ -366,9 +366,25 @@ class Recoverer(_Worker):
 
     async def _held_elsewhere(self, oid: int, epoch: int) -> bool:
         """Every holder of the placement has a verified, durable copy at least as new as
-        ours, or a removal (sheep/replicas.py: may_drop_surplus)."""
+        ours, or a removal (sheep/replicas.py: may_drop_surplus).
+
+        A holder whose verified copy is older than ours is brought up to the newest
+        copy first (a repair, as dog cluster check makes it): nothing else would, since
+        re-replication fetches only absent copies and verification only unverified ones.
+        Copies with the same contents can differ in version (a raw write that carries
+        none takes each replica's own version + 1), and waiting for such a holder to
+        catch up on its own would keep the surplus copy forever."""
         mine = self.store.version(oid)
         placement = self.group.placement(oid, epoch)
         if not placement:
             return False
-        return replicas.may_drop_surplus(mine, await self.gateway.stats(oid, placement, epoch))
+        stats = await self.gateway.stats(oid, placement, epoch)
+        if replicas.may_drop_surplus(mine, stats):
+            return True
+        if replicas.behind(mine, stats):
+            me = [node for node in self.group.state.nodes if node.node_id == self.node_id]
+            result = await self.gateway.repairer.check_object(oid, also=me)
+            if result["repaired"]:
+                log.info("surplus %016x: brought %s up to the newest copy", oid,
+                         ", ".join(result["repaired"]))
+        return False

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from sheep import proto, replicas
@@ -25,6 +26,7 @@ from sheep.replicas import CopyStatus
 
 if TYPE_CHECKING:
     from sheep.gateway import Gateway
+    from sheep.node import NodeInfo
 
 log = logging.getLogger(__name__)
 
@@ -60,22 +62,24 @@ class Repairer:
 
         return proto.encode_json({"objects": await asyncio.gather(*map(one, oids))}), {}
 
-    async def check_object(self, oid: int, scrub: bool = False) -> dict[str, Any]:
-        """One object: find its newest verified copy (in the placement, else anywhere in
-        the cluster) and copy it to every holder of the placement that lacks it, holds
-        an unverified, damaged or older copy, or one whose contents differ (digests).
-        With scrub, every holder first verifies every block of its copy. The copies
-        are made as recovery makes them, so a client's write racing with the repair is
-        never undone."""
+    async def check_object(self, oid: int, scrub: bool = False,
+                           also: Sequence[NodeInfo] = ()) -> dict[str, Any]:
+        """One object: find its newest verified copy (in the placement or on the nodes
+        also named, else anywhere in the cluster) and copy it to every holder of the
+        placement that lacks it, holds an unverified, damaged or older copy, or one
+        whose contents differ (digests). With scrub, every holder first verifies every
+        block of its copy. The copies are made as recovery makes them, so a client's
+        write racing with the repair is never undone."""
         epoch = self.group.epoch
         nodes = self.group.placement(oid, epoch)
         result: dict[str, Any] = {"oid": oid, "copies": self.group.copies_for(oid),
                                   "placed": len(nodes), "good": 0, "repaired": []}
-        stats = await self.gateway.stats(oid, nodes, epoch, tolerant=True, scrub=scrub)
-        candidates = list(zip(nodes, stats, strict=True))
+        extra = [node for node in also if node not in nodes]
+        stats = await self.gateway.stats(oid, nodes + extra, epoch, tolerant=True, scrub=scrub)
+        candidates = list(zip(nodes, stats[:len(nodes)], strict=True))
         result["damaged"] = [node.node_id for node, stat in candidates
                              if isinstance(stat, CopyStatus) and stat.damaged]
-        best = replicas.newest(candidates, verified_only=True)
+        best = replicas.newest(zip(nodes + extra, stats, strict=True), verified_only=True)
         if best is None:  # not in the placement: where earlier epochs or a drain left it
             others = [node for node in self.group.state.nodes if node not in nodes]
             best = replicas.newest(zip(others, await self.gateway.stats(oid, others, epoch, tolerant=True),
@@ -97,8 +101,11 @@ class Repairer:
                 opcode=Op.READ_OBJ, oid=oid, count=self.group.state.object_size), epoch)
             # FLAG_DIRECT: a repair replaces a copy as new as the source (damaged, or
             # with other contents), though never one a write has made newer since.
+            # FLAG_FUA: a repaired copy is durable when it is counted as good (a surplus
+            # copy waiting for it may go at once: Recoverer._held_elsewhere).
             create = Header(opcode=Op.CREATE_AND_WRITE_OBJ, oid=oid, count=len(data),
-                            arg0=fields.get("arg0") or version, flags=proto.FLAG_DIRECT)
+                            arg0=fields.get("arg0") or version,
+                            flags=proto.FLAG_DIRECT | proto.FLAG_FUA)
             await asyncio.gather(*(self.gateway.call(node, create, bytes(data), epoch)
                                    for node in repairable))
             result["repaired"] = [node.node_id for node in repairable]

@@ -202,6 +202,15 @@ def may_drop_surplus(mine_version: int, placement: Sequence[Answer]) -> bool:
         for answer in placement)
 
 
+def behind(mine_version: int, placement: Sequence[Answer]) -> bool:
+    """Whether some holder of the placement has a verified copy (or removal) older than
+    a surplus copy at mine_version: one that neither recovery nor verification would
+    bring up to date (see Recoverer._held_elsewhere)."""
+    return any(isinstance(answer, CopyStatus) and not answer.unverified
+               and not answer.missing and answer.version < mine_version
+               for answer in placement)
+
+
 def keeps_own(current_version: int, source_version: int, repair: bool) -> bool:
     """Whether a verified copy here stays when a copy made from a source at
     source_version arrives (recovery, repair): a recovery copy never replaces one at

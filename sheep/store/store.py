@@ -977,7 +977,9 @@ class Store:
         self._syncing = False
         if job.wipes != self._wipes:
             return
-        for oid in job.synced:
+        # Its data synced by this job, or earlier when the fd cache evicted it (so it
+        # is no longer dirty, yet still fresh until its metadata is committed).
+        for oid in job.synced | job.metas.keys():
             if oid not in self._dirty:
                 self._fresh.discard(oid)
         for oid, frozen in job.metas.items():

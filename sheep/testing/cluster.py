@@ -16,14 +16,33 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from sheep import proto
 from sheep.client import SyncClient
 from sheep.errors import SheepError
+from sheep.proto import FrameDecoder, Header
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def raw_call(port: int, header: Header, payload: bytes = b"",
+             source: str = "127.0.0.1") -> tuple[Header, bytes]:
+    """One request on a fresh TCP connection from the source address; the reply (a
+    frame as an attacker or an old peer would send it, past the client's checks)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10,
+                                  source_address=(source, 0)) as sock:
+        sock.sendall(proto.encode(header, payload))
+        decoder = FrameDecoder()
+        while True:
+            data = sock.recv(1 << 16)
+            if not data:
+                raise ConnectionError("the sheep closed the connection")
+            frames = decoder.feed(data)
+            if frames:
+                return frames[0]
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 15) -> None:

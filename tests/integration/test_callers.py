@@ -7,7 +7,6 @@ address (127.0.0.2), or a session given a made-up address.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import pytest
@@ -16,26 +15,11 @@ from sheep import proto
 from sheep.errors import PermissionDenied, Result
 from sheep.net import Session
 from sheep.oid import ObjectType, make_oid
-from sheep.proto import FrameDecoder, Header, Op
-from sheep.testing.cluster import LocalCluster
+from sheep.proto import Header, Op
+from sheep.testing.cluster import LocalCluster, raw_call
 from sheep.testing.inprocess import InProcessCluster
 
 object_size = 4 << 20
-
-
-def raw_call(port: int, header: Header, payload: bytes = b"",
-             source: str = "127.0.0.1") -> tuple[Header, bytes]:
-    """One request on a fresh TCP connection from the source address; the reply."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10,
-                                  source_address=(source, 0)) as sock:
-        sock.sendall(proto.encode(header, payload))
-        decoder = FrameDecoder()
-        while True:
-            data = sock.recv(1 << 16)
-            assert data, "the sheep closed the connection"
-            frames = decoder.feed(data)
-            if frames:
-                return frames[0]
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,10 @@ from typing import Any
 import pytest
 
 from sheep import radix
-from sheep.testing.cluster import LocalCluster
+from sheep.errors import Result
+from sheep.oid import ObjectType, make_oid
+from sheep.proto import Header, Op
+from sheep.testing.cluster import LocalCluster, raw_call
 from sheep.testing.nbd import fio_command, fio_jobs, needs_tools
 
 KiB = 1 << 10
@@ -540,3 +543,45 @@ def test_a_node_dying_during_recovery_still_converges_to_3_copies(make_cluster):
     holders = assert_fully_replicated(cluster, oids, 3, expected)
     assert all(sorted(where) == survivors for where in holders.values())
     assert_everything_reads_back(cluster, survivors[-1], image, expected)
+
+
+def test_a_drained_copy_newer_than_its_fellow_holders_brings_them_up_and_goes(make_cluster):
+    """Copies with the same contents may differ in version: a raw write (no version)
+    takes each replica's own version + 1. When the newer copy becomes surplus (its
+    node is drained), its fellow holder stays in the placement, behind it, and
+    neither recovery (absent copies) nor verification (unverified ones) would bring
+    that one up: the surplus holder repairs it, then drops its copy. It used to wait
+    for ever, and the drain never ended."""
+    cluster: LocalCluster = make_cluster(4)
+    cluster.format(2)
+    bumped: list[int] = []
+    with cluster.client(0) as client:
+        index = 0
+        while len(bumped) < 4:
+            oid = make_oid(ObjectType.RAW, 0, index)
+            index += 1
+            client.create_and_write(oid, b"contents")
+            if 3 in cluster.object_files(oid):
+                bumped.append(oid)
+        epoch = client.node_info()["epoch"]
+        ports = sorted(node["port"] for node in client.node_list())
+    for oid in bumped:
+        write = Header(opcode=Op.WRITE_PEER, epoch=epoch, oid=oid, count=8)
+        reply, _ = raw_call(cluster.sheep[3].port, write, b"contents")
+        assert reply.result == Result.SUCCESS
+    with cluster.client(1) as client:
+        assert len({r["version"] for r in client.stat(bumped[0])["replicas"]}) == 2
+    drain = subprocess.run([sys.executable, "-m", "dog", "node", "drain",
+                            str(ports.index(cluster.sheep[3].port)),
+                            "-p", str(cluster.sheep[0].port)],
+                           capture_output=True, text=True, timeout=60)
+    assert drain.returncode == 0, drain.stderr
+    assert cluster.sheep[3].process is not None
+    assert cluster.sheep[3].process.wait(timeout=30) == 0, "the drained node emptied itself"
+    with cluster.client(0) as client:
+        for oid in bumped:
+            assert 3 not in cluster.object_files(oid)
+            stat = client.stat(oid)
+            assert len(stat["replicas"]) == 2
+            assert {r["version"] for r in stat["replicas"]} == {2}, stat
+            assert client.read(oid, 0, 8) == b"contents"

@@ -404,3 +404,14 @@ def test_a_damaged_copy_stays_unverified_until_replaced() -> None:
     assert not health.is_unverified(1) and not health.replaced(1)
     health.forget(2)
     assert health.unverified_count == 0 and health.damaged_count == 0
+
+
+def test_behind_names_only_verified_holders_older_than_the_surplus_copy():
+    from sheep.replicas import behind
+
+    assert behind(5, [CopyStatus(version=4), CopyStatus(version=5)])
+    assert behind(5, [CopyStatus(version=3, deleted=True)])  # an older removal
+    assert not behind(5, [CopyStatus(version=5), CopyStatus(version=6)])
+    # Recovery fetches an absent copy, verification settles an unverified one.
+    assert not behind(5, [None, CopyStatus(version=4, unverified=True),
+                          CopyStatus(version=4, missing=True), NetworkError("no answer")])

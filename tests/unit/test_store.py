@@ -468,6 +468,9 @@ def test_fd_cache_evicts_and_fsyncs(store: Store, monkeypatch: pytest.MonkeyPatc
     store.sync()
     # Only objects still in the cache are left to sync; the rest were synced on eviction.
     assert synced <= {inode[oid] for oid in range(1, count + 1)}
+    # Every copy counts as durable now, the evicted ones too (their metadata went with
+    # this sync): a surplus copy elsewhere waits for that before it is dropped.
+    assert all(store.stat(oid)["durable"] for oid in range(1, count + 1))
     assert not store._dirty
     assert len(list(Path("/proc/self/fd").iterdir())) < 2 * cache_max
 
