@@ -16,7 +16,7 @@ from typing import Any, BinaryIO
 
 import click
 
-from dog.common import SIZE, connection_options, json_option, run
+from dog.common import RATE, SIZE, connection_options, json_option, run
 from dog.output import Progress, format_time, print_json, print_table
 from sheep import constants
 from sheep.client import Client
@@ -82,9 +82,67 @@ def list_(name: str | None, no_usage: bool, as_json: bool) -> None:
         shared = "-" if no_usage else format_size(item["shared"])
         rows.append([mark, item["name"], item["id"], format_size(item["size"]), used, shared,
                      format_time(item["ctime"]), item["copies"], item["tag"],
-                     "locked" if item.get("lock") else ""])
+                     "locked" if item.get("lock") else "", qos_text(item.get("qos"))])
     print_table(["", "Name", "Id", "Size", "Used", "Shared", "Creation time", "Copies", "Tag",
-                 "Lock"], rows, right=["Id", "Size", "Used", "Shared", "Copies"])
+                 "Lock", "QoS"], rows, right=["Id", "Size", "Used", "Shared", "Copies"])
+
+
+def qos_text(qos: dict[str, Any] | None) -> str:
+    """A VDI's limits in a few words: "300 IOPS, 10 MiB/s, burst 1s", or ""."""
+    if not qos:
+        return ""
+    parts = []
+    if qos.get("iops"):
+        parts.append(f"{qos['iops']} IOPS")
+    if qos.get("bps"):
+        parts.append(f"{format_size(qos['bps'])}/s")
+    parts.append(f"burst {qos.get('burst', 1.0):g}s")
+    return ", ".join(parts)
+
+
+class _Positive(click.ParamType):
+    """A whole number >= 0 (0: no limit)."""
+
+    name = "count"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        else:
+            try:
+                number = int(str(value), 10)
+            except ValueError:
+                self.fail(f"{value!r} is not a whole number", param, ctx)
+        if number < 0:
+            self.fail(f"{value!r} is negative (0 means no limit)", param, ctx)
+        return number
+
+
+@vdi.command()
+@click.argument("name")
+@click.option("--iops", type=_Positive(), default=None,
+              help="Operations per second the VDI may do (0: no limit).")
+@click.option("--bps", type=RATE, default=None,
+              help="Bytes per second the VDI may move, like 100M (0: no limit).")
+@click.option("--burst", type=click.FloatRange(0.01, 3600), default=None,
+              help="Seconds' worth of I/O the VDI may run ahead after an idle spell "
+                   "(default 1).")
+@click.option("--clear", is_flag=True, help="Remove every limit.")
+@json_option
+@connection_options
+def qos(name: str, iops: int | None, bps: int | None, burst: float | None, clear: bool,
+        as_json: bool) -> None:
+    """Limit VDI NAME's I/O (every sheep serving it enforces the limits), clear them,
+    or with no option show them. Limits apply per sheep that serves the VDI."""
+    if clear and (iops is not None or bps is not None or burst is not None):
+        raise click.UsageError("--clear takes no limits with it")
+    value = run(lambda client: client.vdi_qos(name, iops, bps, burst, clear))
+    if as_json:
+        print_json(value)
+        return
+    text = qos_text(value.get("qos"))
+    click.echo(f"VDI {name!r}: {text or 'no limits'}")
 
 
 @vdi.command()

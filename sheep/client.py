@@ -361,6 +361,13 @@ class Client:
         result: dict[str, Any] = await self._vdi(Op.VDI_UNLOCK, name=name)
         return result
 
+    async def vdi_qos(self, name: str, iops: int | None = None, bps: int | None = None,
+                      burst: float | None = None, clear: bool = False) -> dict[str, Any]:
+        """Set (any of iops, bps, burst) or clear a VDI's I/O limits; with none, show them."""
+        result: dict[str, Any] = await self._vdi(Op.VDI_QOS, name=name, iops=iops, bps=bps,
+                                                 burst=burst, clear=clear or None)
+        return result
+
     # --- VDIs: I/O on an open handle ------------------------------------------------------
 
     async def vdi_open(self, name: str, snapshot: str | int | None = None,

@@ -145,6 +145,7 @@ class Sheep:
         self.node = self._make_node()
         self.peer = Peer(self.store, self.group, self.node.node_id, self.clock,
                          self.world.faults)
+        self.peer.scheduler.set_qos(self.group.state.vdis.qos())
         self.gateway = Gateway(self.group, self.peer, self.node.node_id, self.pool, self.world)
         self.vdis = VdiService(self.group, self.gateway, self.node.node_id, self.broadcast,
                                self._member_connection)
@@ -168,6 +169,7 @@ class Sheep:
         self.recoverer = Recoverer(self.store, self.peer, self.group, self.gateway,
                                    self.node.node_id)
         self.recoverer.trigger()
+        self._tasks.append(asyncio.get_running_loop().create_task(self.recoverer.tune()))
         self.scrubber = Scrubber(self.peer, self.group, self.gateway)
         self._tasks.append(asyncio.get_running_loop().create_task(self.scrubber.run()))
         if self.peer.health.unverified_count:
@@ -313,6 +315,8 @@ class Sheep:
                  snapshot.seq)
         self.group.state = ClusterState.from_json(snapshot.state, snapshot.epochs)
         self.store.save_cluster_state(self.group.state.to_json(), snapshot.epochs)
+        if self.peer is not None:
+            self.peer.scheduler.set_qos(self.group.state.vdis.qos())
         if self.group.state.status is not Status.WAIT_FOR_FORMAT:
             self.store.set_object_size(self.group.state.object_size)
         self.group.notify_epoch()
@@ -341,6 +345,8 @@ class Sheep:
                 self.vdis.reset()
         if self.vdis is not None and event.kind is not EventKind.JOIN:
             self.vdis.forget_entries()  # a lock may have moved, a tree may have changed
+        if self.peer is not None and event.kind is EventKind.OP:
+            self.peer.scheduler.set_qos(state.vdis.qos())
         if result.epoch_changed:
             log.info("epoch %d: %s %s", state.epoch, event.kind.value,
                      event.node.node_id if event.node else event.node_id)
@@ -478,17 +484,29 @@ class Sheep:
             return await self.peer.serve(header, payload)
         assert self.vdis is not None
         measured = _measured_ops.get(Op(header.opcode))
-        started = self.clock.precise() if measured else 0.0
-        if info.kind is Kind.VDI:
-            reply = await self.vdis.serve_io(header, payload, session)
-        elif info.kind is Kind.VDI_ADMIN:
+        if info.kind is Kind.VDI_ADMIN:
             return await self.vdis.admin.serve(header, payload)
-        else:
-            reply = await self.gateway.serve(header, payload)
+        # A flush may name no VDI (dog vdi write): it is not scheduled, nor measured.
         handle = session.values.get("vdis", {}).get(header.arg0) if measured else None
-        if measured and handle is not None:  # a flush may name no VDI (dog vdi write)
-            self.metrics.observe(handle.name, measured, header.count if measured != "flush"
-                                 else 0, self.clock.precise() - started)
+        if handle is None or measured is None:
+            if info.kind is Kind.VDI:
+                return await self.vdis.serve_io(header, payload, session)
+            return await self.gateway.serve(header, payload)
+        # A VDI's I/O waits its turn in its own client queue (its QoS, its share).
+        queue = "client:" + handle.name
+        nbytes = header.count if measured in ("read", "write") else 0
+        scheduler = self.peer.scheduler
+        request = await scheduler.start(queue, nbytes)
+        started = self.clock.precise()
+        try:
+            if info.kind is Kind.VDI:
+                reply = await self.vdis.serve_io(header, payload, session)
+            else:
+                reply = await self.gateway.serve(header, payload)
+        finally:
+            scheduler.done(queue, request)
+        self.metrics.observe(handle.name, measured, header.count if measured != "flush"
+                             else 0, self.clock.precise() - started)
         return reply
 
     async def _check_member(self, header: Header, session: Session) -> None:
@@ -568,6 +586,7 @@ class Sheep:
             "uptime": self.clock.wall() - self.started_at,
             "driver": self.driver.info(),
             "io": self.metrics.by_op(),
+            "scheduler": self.peer.scheduler.status() if self.peer else None,
         }
 
     def _metrics_state(self) -> dict[str, Any]:
@@ -576,7 +595,8 @@ class Sheep:
         return {"up": self.joined.is_set() and not self.stopping and not self.driver.fenced,
                 "recovery": self.recoverer.status() if self.recoverer else None,
                 "usage": self.store.usage(),
-                "damaged_found": self.peer.health.found_count if self.peer else 0}
+                "damaged_found": self.peer.health.found_count if self.peer else 0,
+                "queues": self.peer.scheduler.depths() if self.peer else {}}
 
     async def node_list(self, header: Header, payload: bytes) -> Reply:
         nodes = sorted(self.group.state.nodes, key=lambda n: (n.address, n.port, n.node_id))

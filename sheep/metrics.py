@@ -104,6 +104,12 @@ class _StateCollector(Collector):
         space.add_metric(["used"], float(usage.get("used", 0)))
         space.add_metric(["capacity"], float(usage.get("capacity", 0)))
         yield space
+        queues = GaugeMetricFamily("sheepdog_scheduler_queue_depth", "Requests waiting in the"
+                                   " I/O scheduler, by class (client: every VDI's)",
+                                   labels=["class"])
+        for name, waiting in sorted((state.get("queues") or {}).items()):
+            queues.add_metric([name], float(waiting))
+        yield queues
         yield CounterMetricFamily("sheepdog_damaged_copies", "Copies found damaged (by a read"
                                   " or a scrub) since this sheep started",
                                   value=int(state.get("damaged_found", 0)))

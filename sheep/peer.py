@@ -20,7 +20,7 @@ import shutil
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sheep import constants, proto
+from sheep import constants, proto, scheduler
 from sheep.errors import (
     IOErrorResult,
     NoObject,
@@ -36,6 +36,7 @@ from sheep.group import Group
 from sheep.net import Reply
 from sheep.proto import Header, Kind, Op
 from sheep.replicas import CopyHealth, keeps_own
+from sheep.scheduler import Scheduler
 from sheep.store import Store
 from sheep.store.store import SyncJob, pending_objects_max
 from sheep.world import Clock, Faults
@@ -57,6 +58,10 @@ def _log_failed_writeback(task: asyncio.Task[None]) -> None:
         log.error("background sync failed: %s", task.exception())
 
 
+# Peer ops that move an object's data, accounted in the scheduler.
+_data_ops = frozenset({Op.READ_PEER, Op.WRITE_PEER, Op.CREATE_AND_WRITE_PEER, Op.DISCARD_PEER})
+
+
 class Peer:
     def __init__(self, store: Store, group: Group, node_id: str = "",
                  clock: Clock | None = None, faults: Faults | None = None) -> None:
@@ -66,6 +71,9 @@ class Peer:
         self.group = group
         self.node_id = node_id
         self.health = CopyHealth()  # which copies here are unverified, damaged
+        # The sheep's one I/O scheduler (sheep/scheduler.py): peer ops are accounted
+        # in it, the work this sheep starts waits its turn in it.
+        self.scheduler = Scheduler(self.clock.monotonic)
         self._writeback: asyncio.Task[None] | None = None
         # Called when a copy becomes suspect at run time (the verifier must look at it).
         self.on_suspect: Callable[[], None] | None = None
@@ -93,6 +101,18 @@ class Peer:
             raise Unavailable(fenced_message)
 
     async def serve(self, header: Header, payload: bytes) -> Reply:
+        """A peer op, accounted in the scheduler as its class: a copy's source or
+        target (FLAG_DIRECT) as recovery, anything else as a client's."""
+        if header.opcode not in _data_ops:
+            return await self._serve(header, payload)
+        name = "recovery" if header.flags & proto.FLAG_DIRECT else scheduler.CLIENT
+        request = self.scheduler.account(name, header.count)
+        try:
+            return await self._serve(header, payload)
+        finally:
+            self.scheduler.done(name, request)
+
+    async def _serve(self, header: Header, payload: bytes) -> Reply:
         if self.faults.buggify("peer.slow"):
             await self.clock.sleep(0.2)  # fault hook: a replica slow to take a request
         if header.opcode != Op.LIST_PEER:

@@ -121,6 +121,7 @@ class Op(enum.IntEnum):
     VDI_GETATTR = 0x49
     VDI_OBJECT = 0x4A
     VDI_UNLOCK = 0x4B
+    VDI_QOS = 0x4C  # JSON {"name", "iops"?, "bps"?, "burst"?, "clear"?}: a VDI's I/O limits
 
 
 _NONE, _DATA, _JSON = Payload.NONE, Payload.DATA, Payload.JSON  # the table's columns fit a line
@@ -168,6 +169,8 @@ OPS: dict[Op, OpInfo] = {
         Op.VDI_RESIZE, Op.VDI_LIST, Op.VDI_SETATTR, Op.VDI_GETATTR, Op.VDI_OBJECT)},
     # Takes another session's lock away (dog vdi unlock): the operator's call.
     Op.VDI_UNLOCK: OpInfo("vdi_unlock", Kind.VDI_ADMIN, _JSON, _JSON, Caller.ADMIN),
+    # Limits on a VDI's I/O: the operator's call, as taking a lock away is.
+    Op.VDI_QOS: OpInfo("vdi_qos", Kind.VDI_ADMIN, _JSON, _JSON, Caller.ADMIN),
 }
 assert set(OPS) == set(Op), "every opcode has an entry in the op table"
 assert all(info.kind is Kind.PEER for info in OPS.values() if info.caller is Caller.PEER), \

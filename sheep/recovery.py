@@ -25,6 +25,7 @@ from sheep.cluster_state import Status
 from sheep.errors import NoObject, SheepError, Timeout
 from sheep.gateway import RETRYABLE, Gateway
 from sheep.group import Group
+from sheep.mclock import RecoveryTuner
 from sheep.peer import Peer
 from sheep.proto import Header, Op
 from sheep.replicas import CopyStatus
@@ -71,7 +72,8 @@ class Verifier(_Worker):
                                               failed_change_settle_s):
                     continue  # a change failed here just now: it may still reach the others
                 try:
-                    await self.verify(oid)
+                    async with self.peer.scheduler.running("verify", 0):
+                        await self.verify(oid)
                 except (*RETRYABLE, SheepError) as error:
                     log.info("cannot verify %016x yet: %s", oid, error)
             if self.replaced != replaced:
@@ -213,6 +215,7 @@ class Recoverer(_Worker):
         self.running = False
         self.phase = "idle"  # fetching, removing (surplus copies waiting for holders), idle
         self.limiter = RateLimiter(lambda: self.group.state.recovery_max_rate, self.clock)
+        self.tuner = RecoveryTuner()
         self._again = False
         self._task: asyncio.Task[None] | None = None
 
@@ -225,6 +228,7 @@ class Recoverer(_Worker):
                 "rate": self.bytes / elapsed if elapsed > 0 and self.bytes else 0.0,
                 "elapsed": elapsed if self.started else 0.0,
                 "max_rate": self.group.state.recovery_max_rate,
+                "tuned_rate": self.tuner.rate, "held_by": self.tuner.reason,
                 "surplus": self.surplus, "removed": self.removed, "phase": self.phase}
 
     def trigger(self) -> None:
@@ -235,6 +239,17 @@ class Recoverer(_Worker):
             self._again = True
             return
         self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def tune(self) -> None:
+        """Every tuner interval: recovery's rate in the scheduler from the clients'
+        latency here (RecoveryTuner), the operator's --max-rate as its cap."""
+        scheduler = self.peer.scheduler
+        while True:
+            await self.clock.sleep(self.tuner.interval_s)
+            rate = self.tuner.tick(self.clock.monotonic(), scheduler.client_ops,
+                                   scheduler.client_seconds, self.running,
+                                   self.group.state.recovery_max_rate)
+            scheduler.set_limit("recovery", rate)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -289,7 +304,10 @@ class Recoverer(_Worker):
                 if self.group.epoch != epoch:
                     return  # a newer epoch: its own pass takes over
                 try:
-                    if await self.fetch(oid, holders[oid], epoch):
+                    async with self.peer.scheduler.running(
+                            "recovery", self.group.state.object_size):
+                        fetched = await self.fetch(oid, holders[oid], epoch)
+                    if fetched:
                         self.recovered += 1
                 except SheepError as error:
                     self.failed += 1
@@ -342,7 +360,8 @@ class Recoverer(_Worker):
                 if self.group.epoch != epoch:
                     return
                 try:
-                    held = await self._held_elsewhere(oid, epoch)
+                    async with self.peer.scheduler.running("drain", 0):
+                        held = await self._held_elsewhere(oid, epoch)
                 except (*RETRYABLE, SheepError) as error:
                     log.info("cannot check the holders of %016x yet: %s", oid, error)
                     held = False

@@ -1,362 +1,30 @@
-"""One I/O scheduler per sheep, for every piece of I/O it serves or starts.
-
-Classes (DESIGN.md section 15): client I/O, one queue per VDI ("client:NAME";
-"client" alone is a replica's half of a client's write, which its gateway
-already admitted), and the background classes: recovery, verify, scrub, gc and
-drain. Each class has a reservation, a weight and a limit, as in mClock (Gulati
-et al., OSDI 2010; Ceph's osd_mclock): the reservation is a rate it always gets
-(the floor that makes background work finish), the weight its share of what is
-left, the limit a rate it never exceeds. Rates are in cost per second, and a
-request's cost is its bytes plus ``op_cost_bytes`` (a 4 KiB read costs about as
-much as any small op; a 4 MiB recovery copy a thousand times more).
-
-Clients come first, which is the asymmetry mClock alone does not give: a client
-request waits only for its own VDI's limits and, when the clients alone fill the
-depth (``depth_bytes`` of cost in flight), for its turn among the other VDIs by
-their tags. Background work never holds a client back: it is dispatched in
-the weight phase only while the cost of everything in flight, clients' included,
-leaves room within the depth, and in the reservation phase whenever its
-reservation is due. So it gets what clients leave, and at least its floor.
-
-Per-VDI QoS (dog vdi qos) is a limit on a client queue given as token buckets:
-IOPS and bytes per second, each with a burst of that many seconds' worth.
-
-The core is pure and runs on any clock (tests drive it with a fake one);
-``Scheduler.start`` is its asyncio front.
-"""
+"""The asyncio front of the sheep's one I/O scheduler (the pure core and its
+rules are in sheep/mclock.py): work waits in it for its turn, and waiters are
+woken by completions and by a timer for the next tag or bucket that comes due."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
-op_cost_bytes = 64 << 10  # a request's cost beyond its bytes
-depth_bytes = 8 << 20  # cost in flight beyond which background waits (clients' too)
-burst_default_s = 1.0
+from sheep.mclock import (
+    BACKGROUND,
+    CLIENT,
+    DEFAULT_SPECS,
+    ClassSpec,
+    Core,
+    Qos,
+    RecoveryTuner,
+    TokenBucket,
+    cost,
+    depth_bytes,
+)
+from sheep.mclock import _Request as Request
 
-CLIENT = "client"  # a replica's half of a client request (admitted at its gateway)
-BACKGROUND = ("recovery", "verify", "scrub", "gc", "drain")
-
-
-def cost(nbytes: int) -> int:
-    return op_cost_bytes + max(0, nbytes)
-
-
-@dataclass(frozen=True, slots=True)
-class ClassSpec:
-    """A class's reservation and limit in cost per second (0: none), its weight."""
-
-    reservation: float = 0.0
-    weight: float = 1.0
-    limit: float = 0.0
-    background: bool = False
-
-
-MiB = 1 << 20
-# Clients share what they use by weight; background classes get a floor each.
-DEFAULT_SPECS: dict[str, ClassSpec] = {
-    CLIENT: ClassSpec(weight=100.0),
-    "recovery": ClassSpec(reservation=8 * MiB, weight=2.0, background=True),
-    "verify": ClassSpec(reservation=2 * MiB, weight=1.0, background=True),
-    "scrub": ClassSpec(reservation=1 * MiB, weight=0.5, background=True),
-    "gc": ClassSpec(reservation=1 * MiB, weight=1.0, background=True),
-    "drain": ClassSpec(reservation=2 * MiB, weight=1.0, background=True),
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Qos:
-    """A VDI's limits: operations and bytes per second (0: none), and how many
-    seconds' worth either may run ahead after an idle spell (the burst)."""
-
-    iops: int = 0
-    bps: int = 0
-    burst: float = burst_default_s
-
-    @classmethod
-    def from_json(cls, value: Any) -> Qos | None:
-        if not isinstance(value, dict):
-            return None
-        return cls(int(value.get("iops", 0)), int(value.get("bps", 0)),
-                   float(value.get("burst", burst_default_s)))
-
-    def to_json(self) -> dict[str, Any]:
-        return {"iops": self.iops, "bps": self.bps, "burst": self.burst}
-
-
-class TokenBucket:
-    """``rate`` tokens a second, up to ``rate * burst_s`` saved (at least one
-    request's worth). A request larger than the bucket waits for a full bucket and
-    leaves it in debt, so a big request is paced, never refused."""
-
-    def __init__(self, rate: float, burst_s: float, now: float) -> None:
-        self.rate = rate
-        self.capacity = max(rate * burst_s, 1.0)
-        self.tokens = self.capacity
-        self.stamp = now
-
-    def _refill(self, now: float) -> None:
-        if now > self.stamp:
-            self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-            self.stamp = now
-
-    def ready_at(self, amount: float, now: float) -> float:
-        """When amount may be taken (now, or later)."""
-        self._refill(now)
-        need = min(amount, self.capacity)
-        if self.tokens >= need:
-            return now
-        return now + (need - self.tokens) / self.rate
-
-    def take(self, amount: float, now: float) -> None:
-        self._refill(now)
-        self.tokens -= amount
-
-
-@dataclass(slots=True)
-class _Request:
-    cost: int
-    nbytes: int
-    reservation: float  # mClock's tags
-    proportion: float
-    arrived: float
-    started: bool = False
-    future: Any = None  # the waiter's, in the asyncio front
-
-
-@dataclass(slots=True)
-class _Queue:
-    name: str
-    spec: ClassSpec
-    buckets: list[tuple[TokenBucket, str]] = field(default_factory=list)  # (bucket, unit)
-    waiting: deque[_Request] = field(default_factory=deque)
-    r_last: float = 0.0
-    p_last: float = 0.0
-    inflight: int = 0  # cost
-    dispatched: int = 0  # requests, ever
-    waited: int = 0  # of them, how many queued first
-    wait_seconds: float = 0.0
-
-    def amount(self, unit: str, request: _Request) -> float:
-        return 1.0 if unit == "ops" else float(request.nbytes if unit == "bytes" else request.cost)
-
-    def ready_at(self, request: _Request, now: float) -> float:
-        return max((bucket.ready_at(self.amount(unit, request), now)
-                    for bucket, unit in self.buckets), default=now)
-
-
-class Core:
-    """The pure scheduler: queues, tags, buckets and the dispatch decision."""
-
-    def __init__(self, now: Callable[[], float], depth: int = depth_bytes,
-                 specs: dict[str, ClassSpec] | None = None) -> None:
-        self.now = now
-        self.depth = depth
-        self.specs = dict(DEFAULT_SPECS if specs is None else specs)
-        self.queues: dict[str, _Queue] = {}
-        self.qos: dict[str, Qos] = {}  # by VDI name
-        self.foreground = 0  # cost in flight, clients'
-        self.background = 0  # cost in flight, background classes'
-        self.limits: dict[str, float] = {}  # class limits set at run time (0: none)
-        self.waiting_fg = 0  # requests queued, clients'
-        self.waiting_bg = 0  # requests queued, background classes'
-
-    # --- configuration -------------------------------------------------------
-
-    def _spec(self, name: str) -> ClassSpec:
-        base = name.partition(":")[0]
-        return self.specs.get(name) or self.specs.get(base) or self.specs[CLIENT]
-
-    def queue(self, name: str) -> _Queue:
-        queue = self.queues.get(name)
-        if queue is None:
-            queue = self.queues[name] = _Queue(name, self._spec(name))
-            self._rebuild_buckets(queue)
-        return queue
-
-    def _rebuild_buckets(self, queue: _Queue) -> None:
-        now = self.now()
-        queue.buckets = []
-        limit = self.limits.get(queue.name, queue.spec.limit)
-        if limit > 0:
-            queue.buckets.append((TokenBucket(limit, 0.1, now), "cost"))
-        vdi = queue.name.partition(":")[2] if queue.name.startswith(CLIENT + ":") else ""
-        qos = self.qos.get(vdi) if vdi else None
-        if qos is not None:
-            if qos.iops > 0:
-                queue.buckets.append((TokenBucket(qos.iops, qos.burst, now), "ops"))
-            if qos.bps > 0:
-                queue.buckets.append((TokenBucket(qos.bps, qos.burst, now), "bytes"))
-
-    def set_limit(self, name: str, rate: float) -> None:
-        """A class's limit at run time (recovery: the tuner's rate), 0 for none."""
-        if self.limits.get(name, -1.0) == rate:
-            return
-        self.limits[name] = rate
-        queue = self.queues.get(name)
-        if queue is not None:
-            old = {unit: bucket for bucket, unit in queue.buckets}
-            self._rebuild_buckets(queue)
-            for bucket, unit in queue.buckets:  # keep the saved tokens' debt, not a fresh burst
-                if unit in old and old[unit].rate == bucket.rate:
-                    bucket.tokens, bucket.stamp = old[unit].tokens, old[unit].stamp
-
-    def set_qos(self, qos: dict[str, Qos]) -> None:
-        """Every VDI's limits, as the cluster state has them now."""
-        changed = {name for name in set(self.qos) | set(qos) if self.qos.get(name) != qos.get(name)}
-        self.qos = dict(qos)
-        for name in changed:
-            queue = self.queues.get(f"{CLIENT}:{name}")
-            if queue is not None:
-                self._rebuild_buckets(queue)
-
-    # --- requests -------------------------------------------------------------
-
-    def _tagged(self, queue: _Queue, nbytes: int, now: float) -> _Request:
-        spec = queue.spec
-        request_cost = cost(nbytes)
-        reservation = (max(queue.r_last + request_cost / spec.reservation, now)
-                       if spec.reservation > 0 else math.inf)
-        proportion = max(queue.p_last + request_cost / spec.weight, now)
-        if spec.reservation > 0:
-            queue.r_last = reservation
-        queue.p_last = proportion
-        return _Request(request_cost, nbytes, reservation, proportion, now)
-
-    def _room(self, queue: _Queue, request: _Request, reserved: bool) -> bool:
-        if not queue.spec.background:
-            return self.foreground == 0 or self.foreground + request.cost <= self.depth
-        if reserved:  # the floor: one request of the class at a time at least
-            return queue.inflight == 0 or self.background + request.cost <= self.depth
-        total = self.foreground + self.background
-        return total == 0 or total + request.cost <= self.depth
-
-    def submit(self, name: str, nbytes: int) -> _Request:
-        """A new request: dispatched at once (``started``) if nothing waits before it
-        and its limits and the room allow, else queued with its tags (pop() takes it
-        in turn)."""
-        queue = self.queue(name)
-        now = self.now()
-        request = self._tagged(queue, nbytes, now)
-        if (queue.waiting or (queue.spec.background and self.waiting_fg)
-                or queue.ready_at(request, now) > now
-                or not self._room(queue, request, request.reservation <= now)):
-            queue.waiting.append(request)
-            self._count(queue, 1)
-            return request
-        self._dispatch(queue, request, now, request.reservation <= now)
-        return request
-
-    def _dispatch(self, queue: _Queue, request: _Request, now: float, reserved: bool) -> None:
-        for bucket, unit in queue.buckets:
-            bucket.take(queue.amount(unit, request), now)
-        if reserved and queue.spec.weight > 0:
-            # Served out of its reservation: not counted against its share (mClock).
-            adjust = request.cost / queue.spec.weight
-            queue.p_last -= adjust
-            for other in queue.waiting:
-                other.proportion -= adjust
-        request.started = True
-        queue.inflight += request.cost
-        queue.dispatched += 1
-        if request.arrived < now:
-            queue.waited += 1
-            queue.wait_seconds += now - request.arrived
-        if queue.spec.background:
-            self.background += request.cost
-        else:
-            self.foreground += request.cost
-
-    def done(self, name: str, request: _Request) -> None:
-        queue = self.queues[name]
-        queue.inflight -= request.cost
-        if queue.spec.background:
-            self.background -= request.cost
-        else:
-            self.foreground -= request.cost
-
-    def cancel(self, name: str, request: _Request) -> None:
-        """A waiting request whose waiter gave up."""
-        queue = self.queues.get(name)
-        if queue is not None and request in queue.waiting:
-            queue.waiting.remove(request)
-            self._count(queue, -1)
-
-    def _count(self, queue: _Queue, change: int) -> None:
-        if queue.spec.background:
-            self.waiting_bg += change
-        else:
-            self.waiting_fg += change
-
-    def pop(self) -> tuple[str, _Request] | float | None:
-        """The next request to dispatch (dispatched now), else when to look again (a
-        tag or a bucket comes due), else None (nothing waits, or it waits for room)."""
-        now = self.now()
-        heads: list[tuple[_Queue, _Request]] = []
-        later = math.inf
-        for queue in self.queues.values():
-            if not queue.waiting:
-                continue
-            request = queue.waiting[0]
-            ready = queue.ready_at(request, now)
-            if ready > now:
-                later = min(later, ready)
-                continue
-            heads.append((queue, request))
-        # Reservation phase: a due reservation goes first, the earliest tag first.
-        due = [(request.reservation, index) for index, (queue, request) in enumerate(heads)
-               if request.reservation <= now and self._room(queue, request, True)]
-        if due:
-            queue, request = heads[min(due)[1]]
-            return self._take(queue, request, now, reserved=True)
-        for _, request in heads:
-            if request.reservation < math.inf and request.reservation > now:
-                later = min(later, request.reservation)
-        # Weight phase: the smallest proportional tag among those with room; clients'
-        # before background work's while any client waits.
-        clients_wait = any(not queue.spec.background for queue, _ in heads)
-        fits = [(request.proportion, index) for index, (queue, request) in enumerate(heads)
-                if (not clients_wait or not queue.spec.background)
-                and self._room(queue, request, False)]
-        if fits:
-            queue, request = heads[min(fits)[1]]
-            return self._take(queue, request, now, reserved=False)
-        return later if later < math.inf else None
-
-    def _take(self, queue: _Queue, request: _Request, now: float,
-              reserved: bool) -> tuple[str, _Request]:
-        queue.waiting.popleft()
-        self._count(queue, -1)
-        self._dispatch(queue, request, now, reserved)
-        return queue.name, request
-
-    # --- what it is doing -----------------------------------------------------
-
-    def depths(self) -> dict[str, int]:
-        """Requests waiting, by class (client queues summed as "client")."""
-        result = {name: 0 for name in (CLIENT, *BACKGROUND)}
-        for queue in self.queues.values():
-            key = queue.name.partition(":")[0]
-            result[key] = result.get(key, 0) + len(queue.waiting)
-        return result
-
-    def status(self) -> dict[str, Any]:
-        classes: dict[str, dict[str, Any]] = {}
-        for queue in self.queues.values():
-            key = queue.name.partition(":")[0]
-            entry = classes.setdefault(key, {"waiting": 0, "inflight_bytes": 0,
-                                             "dispatched": 0, "waited": 0, "wait_seconds": 0.0})
-            entry["waiting"] += len(queue.waiting)
-            entry["inflight_bytes"] += queue.inflight
-            entry["dispatched"] += queue.dispatched
-            entry["waited"] += queue.waited
-            entry["wait_seconds"] += queue.wait_seconds
-        return {"depth_bytes": self.depth, "foreground_bytes": self.foreground,
-                "background_bytes": self.background, "classes": classes}
+__all__ = ["BACKGROUND", "CLIENT", "DEFAULT_SPECS", "ClassSpec", "Core", "Qos", "RecoveryTuner",
+           "Request", "Scheduler", "TokenBucket", "cost"]
 
 
 class Scheduler(Core):
@@ -370,7 +38,7 @@ class Scheduler(Core):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
 
-    async def start(self, name: str, nbytes: int) -> _Request:
+    async def start(self, name: str, nbytes: int) -> Request:
         request = self.submit(name, nbytes)
         if request.started:
             return request
@@ -387,7 +55,16 @@ class Scheduler(Core):
             raise
         return request
 
-    def done(self, name: str, request: _Request) -> None:
+    @contextlib.asynccontextmanager
+    async def running(self, name: str, nbytes: int) -> AsyncIterator[None]:
+        """Background work as one request of its class: waits its turn, then runs."""
+        request = await self.start(name, nbytes)
+        try:
+            yield
+        finally:
+            self.done(name, request)
+
+    def done(self, name: str, request: Request) -> None:
         super().done(name, request)
         if self.waiting_fg or self.waiting_bg:
             self._wake()

@@ -70,7 +70,9 @@ class Scrubber:
             await self.limiter.take(self.peer.store.object_size)
             if self.peer.health.is_damaged(oid):
                 continue
-            if self.peer.scrub(oid):
+            async with self.peer.scheduler.running("scrub", self.peer.store.object_size):
+                damaged = self.peer.scrub(oid)
+            if damaged:
                 self.damaged += 1
                 self.gateway.repairer.repair_soon(oid)
             self.scrubbed += 1

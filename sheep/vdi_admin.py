@@ -90,6 +90,7 @@ class VdiAdmin:
             Op.VDI_GETATTR: self.getattr,
             Op.VDI_OBJECT: self.locate,
             Op.VDI_UNLOCK: self.unlock,
+            Op.VDI_QOS: self.qos,
         }
         proto.check_handlers(self.handlers, {Kind.VDI_ADMIN}, "VdiAdmin.handlers")
 
@@ -217,7 +218,8 @@ class VdiAdmin:
                     "tag": snap.tag if snap else "", "copies": vdi.copies,
                     "parent": vdi.parent, "generation": root.generation,
                     "lock": None if snap else vdi.lock, "vdi_id": vdi.id,
-                    "unsettled": False if snap else vdi.unsettled, "attrs": len(vdi.attrs)}
+                    "unsettled": False if snap else vdi.unsettled, "attrs": len(vdi.attrs),
+                    "qos": None if snap else vdi.qos}
                 if usage:
                     used, shared = await self._usage(root)
                     item["used"] = used
@@ -280,6 +282,17 @@ class VdiAdmin:
             data, _ = await self.gateway.request(Op.STAT_OBJ, oid)
             value.update(proto.decode_json(data))
         return value
+
+    async def qos(self, body: dict[str, Any], header: Header) -> Any:
+        """Set or clear a VDI's I/O limits (through the log: every sheep that serves
+        the VDI enforces them), or with no limit named, show them."""
+        vdi = vdi_named(self.group, body.get("name"))
+        change = {key: body[key] for key in ("iops", "bps", "burst", "clear")
+                  if body.get(key) is not None}
+        if not change:
+            return {"name": vdi.name, "qos": vdi.qos}
+        result = await self.broadcast({"type": "vdi_qos", "name": vdi.name, **change})
+        return {"name": vdi.name, "qos": result.value.get("qos")}
 
     async def unlock(self, body: dict[str, Any], header: Header) -> Any:
         vdi = vdi_named(self.group, body.get("name"))

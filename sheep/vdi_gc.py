@@ -83,7 +83,8 @@ class Collector:
                                                  if radix.is_tree(oid) else 0))
         for oid in order:
             try:
-                await self.objects.remove(oid)
+                async with self.gateway.local.scheduler.running("gc", 0):
+                    await self.objects.remove(oid)
             except NoObject:
                 pass
         engine.forget(garbage)
@@ -135,7 +136,8 @@ class Collector:
             await self._durable_before_free()
         for oid in garbage:
             try:
-                await self.objects.remove(oid)
+                async with self.gateway.local.scheduler.running("gc", 0):
+                    await self.objects.remove(oid)
             except NoObject:
                 pass
         engine.forget(set(garbage))

@@ -31,6 +31,7 @@ from typing import Any
 
 from sheep import radix
 from sheep.errors import Result
+from sheep.mclock import Qos
 from sheep.oid import GENERATION_MAX
 from sheep.radix import Root
 
@@ -40,6 +41,12 @@ attr_value_max_bytes = 64 * 1024
 attrs_per_vdi_max = 1024
 _name_pattern = re.compile(r"^[A-Za-z0-9._-]+$")
 
+
+qos_iops_max = 10**9
+qos_bps_max = 1 << 50
+qos_burst_min_s = 0.01
+qos_burst_max_s = 3600.0
+qos_burst_default_s = 1.0
 
 def name_problem(name: Any, what: str = "VDI name") -> str | None:
     if not isinstance(name, str) or not name:
@@ -97,6 +104,8 @@ class Vdi:
     # The frozen generations the writable tree started from, newest first: it may
     # still reach their objects, whether or not their snapshots still exist.
     lineage: list[int] = field(default_factory=list)
+    # Its I/O limits (dog vdi qos): {"iops", "bps", "burst"}; None: unlimited.
+    qos: dict[str, Any] | None = None
 
     def generations(self) -> set[int]:
         """Every generation this VDI's trees (current and snapshots) may reach."""
@@ -123,7 +132,7 @@ class Vdi:
                 "copies": self.copies, "root": self.root.to_json(),
                 "snapshots": [s.to_json() for s in self.snapshots], "parent": self.parent,
                 "attrs": dict(self.attrs), "lock": self.lock, "unsettled": self.unsettled,
-                "lineage": list(self.lineage), "releases": self.releases}
+                "lineage": list(self.lineage), "releases": self.releases, "qos": self.qos}
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> Vdi:
@@ -132,7 +141,8 @@ class Vdi:
                    [Snapshot.from_json(s) for s in value["snapshots"]], value["parent"],
                    dict(value["attrs"]), value["lock"], bool(value.get("unsettled", False)),
                    releases=int(value.get("releases", 0)),
-                   lineage=[int(g) for g in value.get("lineage", [])])
+                   lineage=[int(g) for g in value.get("lineage", [])],
+                   qos=value.get("qos"))
 
 
 @dataclass
@@ -163,6 +173,7 @@ class VdiRegistry:
             "vdi_settled": self._settled,
             "vdi_root_made": self._root_made,
             "vdi_setattr": self._setattr,
+            "vdi_qos": self._qos,
         }
 
     # --- queries ---------------------------------------------------------------
@@ -483,6 +494,42 @@ class VdiRegistry:
             return _fail(Result.EXISTS, f"VDI {vdi.name!r} already has attribute {key!r}")
         vdi.attrs[key] = value
         return Outcome()
+
+    def _qos(self, body: dict[str, Any], time: float, copies: int, object_size: int,
+             zones: int) -> Outcome:
+        """Set a VDI's I/O limits (iops, bps: per second, 0 for none; burst: seconds'
+        worth saved while idle), or clear them all (clear)."""
+        vdi = self._get(body)
+        if isinstance(vdi, Outcome):
+            return vdi
+        if body.get("clear"):
+            vdi.qos = None
+            return Outcome(value=vdi.to_json())
+        current = vdi.qos or {"iops": 0, "bps": 0, "burst": qos_burst_default_s}
+        limits = dict(current)
+        for key, top in (("iops", qos_iops_max), ("bps", qos_bps_max)):
+            value = body.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
+                return _fail(Result.INVALID_PARMS, f"{key} must be a whole number from 0"
+                                                   f" (no limit) to {top}, not {value!r}")
+            limits[key] = value
+        burst = body.get("burst")
+        if burst is not None:
+            if (not isinstance(burst, (int, float)) or isinstance(burst, bool)
+                    or not qos_burst_min_s <= burst <= qos_burst_max_s):
+                return _fail(Result.INVALID_PARMS, f"burst must be {qos_burst_min_s} to"
+                                                   f" {qos_burst_max_s} seconds, not {burst!r}")
+            limits["burst"] = float(burst)
+        vdi.qos = limits if limits["iops"] or limits["bps"] else None
+        return Outcome(value=vdi.to_json())
+
+    def qos(self) -> dict[str, Qos]:
+        """Every limited VDI's limits, by name (what the scheduler enforces)."""
+        return {name: Qos(int(vdi.qos.get("iops", 0)), int(vdi.qos.get("bps", 0)),
+                          float(vdi.qos.get("burst", qos_burst_default_s)))
+                for name, vdi in self.vdis.items() if vdi.qos}
 
     # --- persistence -------------------------------------------------------------
 

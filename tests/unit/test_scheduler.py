@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from sheep import scheduler
+from sheep import mclock as scheduler
 from sheep.scheduler import ClassSpec, Core, Qos, Scheduler, TokenBucket
 
 KiB = 1 << 10
