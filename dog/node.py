@@ -187,13 +187,14 @@ def recovery(max_rate: int | None, watch: bool, as_json: bool) -> None:
         return
     rows = [[item["index"], item["node_id"], item.get("epoch", "-"),
              item.get("to_recover", "-"), item.get("recovered", "-"), item.get("failed", "-"),
-             _rate(item), item.get("surplus", "-"), item.get("unverified", "-"),
-             item.get("phase", "-") if "phase" in item else "unreachable"]
+             _rate(item), _limit(item), item.get("surplus", "-"), item.get("unverified", "-"),
+             item.get("phase", "-") if "phase" in item else "unreachable",
+             item.get("held_by", "-")]
             for item in items]
     print_table(["Id", "Node id", "Epoch", "To recover", "Recovered", "Failed", "Rate",
-                 "Surplus", "Unverified", "State"], rows,
-                right=["Id", "Epoch", "To recover", "Recovered", "Failed", "Rate", "Surplus",
-                       "Unverified"])
+                 "Allowed", "Surplus", "Unverified", "State", "Held back by"], rows,
+                right=["Id", "Epoch", "To recover", "Recovered", "Failed", "Rate", "Allowed",
+                       "Surplus", "Unverified"])
     limit = next((item["max_rate"] for item in items if "max_rate" in item), 0)
     click.echo(f"\n{_summary_text(summarize(nodes))}; rate limit: "
                f"{format_size(limit) + '/s' if limit else 'none'}")
@@ -283,6 +284,14 @@ def stat(watch: bool, interval: float, as_json: bool) -> None:
 def _rate(item: dict[str, Any]) -> str:
     rate = item.get("rate")
     return f"{format_size(int(rate))}/s" if rate else "-"
+
+
+def _limit(item: dict[str, Any]) -> str:
+    """The rate recovery may run at now (the scheduler's, tuned to the clients)."""
+    if "tuned_rate" not in item:
+        return "-"
+    rate = item["tuned_rate"]
+    return f"{format_size(int(rate))}/s" if rate else "any"
 
 
 @node.command()

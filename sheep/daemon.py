@@ -62,6 +62,7 @@ class SheepConfig:
     port: int = constants.port_default
     zone: int | None = None
     weight: int | None = None  # bytes; default: the free space of the store's filesystem
+    io_scheduler: str = "mclock"  # or "fifo": no scheduling (sheep/mclock.py: Core.fifo)
 
 
 def space_state(usage: dict[str, int], object_size: int) -> str:
@@ -146,6 +147,7 @@ class Sheep:
         self.peer = Peer(self.store, self.group, self.node.node_id, self.clock,
                          self.world.faults)
         self.peer.scheduler.set_qos(self.group.state.vdis.qos())
+        self.peer.scheduler.fifo = self.config.io_scheduler == "fifo"
         self.gateway = Gateway(self.group, self.peer, self.node.node_id, self.pool, self.world)
         self.vdis = VdiService(self.group, self.gateway, self.node.node_id, self.broadcast,
                                self._member_connection)

@@ -195,13 +195,18 @@ async def _run(sheep: Sheep, sock: socket.socket, ready_fd: int | None,
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
               help="Serve Prometheus metrics on this port, at /metrics, on the sheep's"
                    " address (off when not given).")
+@click.option("--io-scheduler", type=click.Choice(["mclock", "fifo"]), default="mclock",
+              show_default=True,
+              help="mclock: clients first, background work in the room they leave, VDI QoS,"
+                   " recovery tuned to client latency. fifo: everything at once, no QoS (for"
+                   " comparisons).")
 @click.option("--no-checksums", is_flag=True,
               help="Keep no per-block checksums (damage goes unnoticed). For measuring their"
                    " cost only; a store keeps the setting it was created with.")
 @click.version_option(package_name="sheepdog")
 def command(directory: str, port: int, address: str, driver: str, zone: int | None,
             weight: str | None, foreground: bool, log_level: str, metrics_port: int | None,
-            no_checksums: bool) -> None:
+            io_scheduler: str, no_checksums: bool) -> None:
     """Run a sheep: a storage daemon of the cluster, keeping its objects in DIRECTORY."""
     directory = os.path.abspath(directory)
     weight_bytes = None
@@ -231,7 +236,7 @@ def command(directory: str, port: int, address: str, driver: str, zone: int | No
     with open(os.path.join(directory, "sheep.pid"), "w") as file:
         file.write(f"{os.getpid()}\n")
     config = SheepConfig(directory=directory, address=address, port=port, zone=zone,
-                         weight=weight_bytes)
+                         weight=weight_bytes, io_scheduler=io_scheduler)
     sheep = Sheep(config, Store(directory, checksums=not no_checksums), cluster_driver)
     # uvloop (libuv) runs the same asyncio code with far less overhead per event.
     code = uvloop.run(_run(sheep, sock, ready_fd, metrics_port))

@@ -162,6 +162,9 @@ class Core:
         self.foreground = 0  # cost in flight, clients'
         self.background = 0  # cost in flight, background classes'
         self.limits: dict[str, float] = {}  # class limits set at run time (0: none)
+        # Everything at once, in arrival order, as before there was a scheduler (no
+        # QoS, floors or tuning): sheep --io-scheduler fifo, for comparisons.
+        self.fifo = False
         self.waiting_fg = 0  # requests queued, clients'
         self.client_ops = 0  # client requests done, ever, and the seconds they took
         self.client_seconds = 0.0  # (dispatch to done: what background work may slow)
@@ -244,6 +247,11 @@ class Core:
         queue = self.queue(name)
         now = self.now()
         request = self._tagged(queue, nbytes, now)
+        if self.fifo:
+            request.started = True
+            request.dispatched_at = now
+            self._charge(queue, request)
+            return request
         if (queue.waiting or (queue.spec.background and self.waiting_fg)
                 or queue.ready_at(request, now) > now
                 or not self._room(queue, request, request.reservation <= now)):
@@ -263,13 +271,16 @@ class Core:
         now = self.now()
         request = _Request(cost(nbytes), nbytes, math.inf, 0.0, now, started=True,
                            dispatched_at=now)
+        self._charge(queue, request)
+        return request
+
+    def _charge(self, queue: _Queue, request: _Request) -> None:
         queue.inflight += request.cost
         queue.dispatched += 1
         if queue.spec.background:
             self.background += request.cost
         else:
             self.foreground += request.cost
-        return request
 
     def _dispatch(self, queue: _Queue, request: _Request, now: float, reserved: bool) -> None:
         for bucket, unit in queue.buckets:
@@ -282,15 +293,10 @@ class Core:
                 other.proportion -= adjust
         request.started = True
         request.dispatched_at = now
-        queue.inflight += request.cost
-        queue.dispatched += 1
         if request.arrived < now:
             queue.waited += 1
             queue.wait_seconds += now - request.arrived
-        if queue.spec.background:
-            self.background += request.cost
-        else:
-            self.foreground += request.cost
+        self._charge(queue, request)
 
     def done(self, name: str, request: _Request) -> None:
         queue = self.queues[name]
@@ -378,7 +384,8 @@ class Core:
             entry["dispatched"] += queue.dispatched
             entry["waited"] += queue.waited
             entry["wait_seconds"] += queue.wait_seconds
-        return {"depth_bytes": self.depth, "foreground_bytes": self.foreground,
+        return {"mode": "fifo" if self.fifo else "mclock",
+                "depth_bytes": self.depth, "foreground_bytes": self.foreground,
                 "background_bytes": self.background, "classes": classes}
 
 

@@ -249,7 +249,8 @@ class Recoverer(_Worker):
             rate = self.tuner.tick(self.clock.monotonic(), scheduler.client_ops,
                                    scheduler.client_seconds, self.running,
                                    self.group.state.recovery_max_rate)
-            scheduler.set_limit("recovery", rate)
+            if not scheduler.fifo:
+                scheduler.set_limit("recovery", rate)
 
     async def stop(self) -> None:
         if self._task is not None:

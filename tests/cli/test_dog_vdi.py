@@ -273,7 +273,7 @@ def test_list_marks_snapshots_and_clones(port, api):
 
     headers, rows = parse_table(out(port, "vdi", "list"))
     assert headers == ["Name", "Id", "Size", "Used", "Shared", "Creation_time", "Copies", "Tag",
-                       "Lock"]
+                       "Lock", "QoS"]
     mine = [(mark, cells) for mark, cells in rows if cells[0].startswith("family")]
     assert [(mark, cells[0]) for mark, cells in mine] == [
         ("s", "family"), ("s", "family"), ("", "family"), ("c", "family-clone")]

@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 
 from sheep import mclock as scheduler
-from sheep.scheduler import ClassSpec, Core, Qos, Scheduler, TokenBucket
+from sheep.scheduler import ClassSpec, Core, Qos, RecoveryTuner, Scheduler, TokenBucket
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -270,3 +270,42 @@ def test_a_cancelled_waiter_leaves_no_trace() -> None:
 
     sched = asyncio.run(main())
     assert sched.foreground == 0 and sched.waiting_fg == 0
+
+
+def test_recovery_tuner_follows_client_latency_within_its_floor_and_cap() -> None:
+    tuner = RecoveryTuner(floor=8 * MiB, start=32 * MiB)
+    ops, spent = 0, 0.0
+
+    def tick(now: float, new_ops: int, latency_s: float, recovering: bool, cap: float = 0) -> float:
+        nonlocal ops, spent
+        ops += new_ops
+        spent += new_ops * latency_s
+        return tuner.tick(now, ops, spent, recovering, cap)
+
+    # No recovery: the clients' latency is learnt as the baseline, no limit.
+    assert tick(0.5, 100, 0.001, False) == 0 and tuner.reason == "idle"
+    assert tuner.baseline == pytest.approx(0.001)
+    # Recovering with no client I/O: no limit but the cap.
+    assert tick(1.0, 0, 0, True) == 0 and "no client" in tuner.reason
+    assert tick(1.5, 0, 0, True, cap=50 * MiB) == 50 * MiB and tuner.reason == "max-rate"
+    # Clients slowed (5 ms > max(2 x 1 ms, 1 ms + 2 ms)): halve, down to the floor.
+    tuner.rate = 0
+    assert tick(2.0, 100, 0.005, True) == 16 * MiB
+    assert "client latency 5.0 ms > 3.0 ms" in tuner.reason
+    assert tick(2.5, 100, 0.005, True) == 8 * MiB
+    assert tick(3.0, 100, 0.005, True) == 8 * MiB and "floor" in tuner.reason
+    # Clients fast again: speed up, a step a tick, never past the cap.
+    assert tick(3.5, 100, 0.0015, True) == 12 * MiB and "speeding up" in tuner.reason
+    assert tick(4.0, 100, 0.0015, True) == 18 * MiB
+    assert tick(4.5, 100, 0.0015, True, cap=20 * MiB) == 20 * MiB
+    assert tuner.reason == "max-rate"
+    assert tuner.due(5.0) and not tuner.due(4.7)
+
+
+def test_fifo_mode_dispatches_everything_at_once(clock: FakeClock) -> None:
+    core = Core(clock, depth=unit)
+    core.fifo = True
+    core.set_qos({"v": Qos(iops=1, burst=0.01)})
+    assert all(core.submit("client:v", 0).started for _ in range(10))
+    assert all(core.submit("recovery", 4 * MiB).started for _ in range(10))
+    assert core.waiting_fg == core.waiting_bg == 0
