@@ -88,7 +88,7 @@ def list_(name: str | None, no_usage: bool, as_json: bool) -> None:
 
 
 def qos_text(qos: dict[str, Any] | None) -> str:
-    """A VDI's limits in a few words: "300 IOPS, 10 MiB/s, burst 1s", or ""."""
+    """A VDI's limits in a few words: "300 IOPS, 10 MiB/s, burst 0.25s", or ""."""
     if not qos:
         return ""
     parts = []
@@ -127,7 +127,7 @@ class _Positive(click.ParamType):
               help="Bytes per second the VDI may move, like 100M (0: no limit).")
 @click.option("--burst", type=click.FloatRange(0.01, 3600), default=None,
               help="Seconds' worth of I/O the VDI may run ahead after an idle spell "
-                   "(default 1).")
+                   "(default 0.25).")
 @click.option("--clear", is_flag=True, help="Remove every limit.")
 @json_option
 @connection_options

@@ -170,6 +170,7 @@ class Sheep:
         log.info("sheep %s joined at epoch %d", self.node.node_id, self.group.epoch)
         self.recoverer = Recoverer(self.store, self.peer, self.group, self.gateway,
                                    self.node.node_id)
+        self.peer.on_partial = self.recoverer.fill_soon
         self.recoverer.trigger()
         self._tasks.append(asyncio.get_running_loop().create_task(self.recoverer.tune()))
         self.scrubber = Scrubber(self.peer, self.group, self.gateway)

@@ -35,7 +35,7 @@ from typing import Any
 
 op_cost_bytes = 64 << 10  # a request's cost beyond its bytes
 depth_bytes = 8 << 20  # cost in flight beyond which background waits (clients' too)
-burst_default_s = 1.0
+burst_default_s = 0.25  # a quarter second's worth: a 10 s window runs at most 2.5% over
 
 CLIENT = "client"  # a replica's half of a client request (admitted at its gateway)
 BACKGROUND = ("recovery", "verify", "scrub", "gc", "drain")
@@ -400,13 +400,18 @@ class RecoveryTuner:
     --max-rate, 0 for none) always bounds it. ``reason`` says what holds it back."""
 
     floor: float = DEFAULT_SPECS["recovery"].reservation
-    start: float = 32.0 * MiB
-    increase: float = 1.5
+    start: float = 16.0 * MiB
+    increase: float = 1.25
     slack: float = 2.0  # times the baseline
     slack_min_s: float = 0.002  # and at least this much above it
+    # Clients served at less than this share of their rate without recovery: they
+    # are held back (on a shared box the sheep that serves them may be starved of
+    # CPU while this one's requests still look fast).
+    throughput_floor: float = 0.7
     interval_s: float = 0.5
     rate: float = 0.0  # bytes/s now; 0: no limit
     baseline: float = 0.0  # clients' mean service time without recovery
+    baseline_ops: float = 0.0  # and their requests per second
     reason: str = "idle"
     last_ops: int = 0
     last_seconds: float = 0.0
@@ -417,11 +422,15 @@ class RecoveryTuner:
         """The rate from now on (0: none) and, in ``reason``, why."""
         ops = client_ops - self.last_ops
         spent = client_seconds - self.last_seconds
+        elapsed = now - self.last_tick if self.last_tick else self.interval_s
         self.last_ops, self.last_seconds, self.last_tick = client_ops, client_seconds, now
         mean = spent / ops if ops else 0.0
+        per_s = ops / elapsed if elapsed > 0 else 0.0
         if not recovering:
             if ops:
                 self.baseline = mean if not self.baseline else 0.8 * self.baseline + 0.2 * mean
+                self.baseline_ops = (per_s if not self.baseline_ops
+                                     else 0.8 * self.baseline_ops + 0.2 * per_s)
             self.rate = 0.0
             self.reason = "idle"
             return self._capped(cap)
@@ -432,10 +441,14 @@ class RecoveryTuner:
         target = max(self.baseline * self.slack, self.baseline + self.slack_min_s)
         if not self.rate:
             self.rate = self.start
-        if self.baseline and mean > target:
+        slowed = self.baseline_ops and per_s < self.throughput_floor * self.baseline_ops
+        if (self.baseline and mean > target) or slowed:
             self.rate = max(self.floor, self.rate / 2)
             self.reason = (f"client latency {mean * 1000:.1f} ms > {target * 1000:.1f} ms"
-                           + (" (at the floor)" if self.rate <= self.floor else ""))
+                           if not slowed else
+                           f"client I/O at {per_s:.0f}/s < {self.throughput_floor:g} x"
+                           f" {self.baseline_ops:.0f}/s") + (
+                " (at the floor)" if self.rate <= self.floor else "")
         else:
             self.rate = self.rate * self.increase
             self.reason = f"client latency {mean * 1000:.1f} ms: speeding up"

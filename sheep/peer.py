@@ -77,6 +77,8 @@ class Peer:
         self._writeback: asyncio.Task[None] | None = None
         # Called when a copy becomes suspect at run time (the verifier must look at it).
         self.on_suspect: Callable[[], None] | None = None
+        # Called when a write made a partial copy here (recovery must fill it in next).
+        self.on_partial: Callable[[int], None] | None = None
         # Whether this sheep is fenced now (set by the daemon): asked again after any
         # wait, since a request let in while the session's lease held may have waited
         # past its end, when the others may be moving on without this sheep.
@@ -106,6 +108,8 @@ class Peer:
         if header.opcode not in _data_ops:
             return await self._serve(header, payload)
         name = "recovery" if header.flags & proto.FLAG_DIRECT else scheduler.CLIENT
+        if name == "recovery" and header.opcode == Op.READ_PEER:
+            await self.scheduler.pace_source(header.count)
         request = self.scheduler.account(name, header.count)
         try:
             return await self._serve(header, payload)
@@ -134,6 +138,12 @@ class Peer:
                 # The version this change gives the copy (a raw write: one past ours).
                 promised = header.arg0 or self.store.version(header.oid) + 1
                 await self.store.ensure_intent(header.oid, promised)
+            if (header.opcode in (Op.READ_PEER, Op.STAT_PEER)
+                    and self.store.is_partial(header.oid)):
+                # Only what was written since it was made is here: to everyone else
+                # the copy is not here yet (never read, never a source, never counted).
+                raise NoObject(f"object {header.oid:016x} is only partly here yet (being"
+                               " recovered)")
             # After the await: a copy found damaged meanwhile must not take the change.
             if self.health.is_unverified(header.oid):
                 if header.opcode == Op.READ_PEER and not header.flags & proto.FLAG_DIRECT:
@@ -184,6 +194,14 @@ class Peer:
         # may have recovered and changed the object here since the source was read.
         # A repair (FLAG_DIRECT) replaces a copy as new as its source too (damaged, or
         # with other contents), but not one that a write has made newer since.
+        if (header.arg0 and self.store.is_partial(header.oid) and not header.offset
+                and len(payload) == self.store.object_size):
+            # A copy of the whole object for a partial one: it fills in what was not
+            # written here since (Store.fill), never over what was.
+            version = self.store.fill(header.oid, payload, header.arg0)
+            if header.flags & proto.FLAG_FUA:
+                await self._sync(lambda: self.store.begin_sync_object(header.oid))
+            return b"", {"arg0": version}
         if (header.arg0 and not self.health.is_unverified(header.oid)
                 and self.store.exists(header.oid)):
             current = self.store.version(header.oid)
@@ -247,8 +265,17 @@ class Peer:
     async def write(self, header: Header, payload: bytes) -> Reply:
         # arg0, when set, is the version the gateway gave this write (see Gateway.next_version).
         try:
-            version = self.store.write(header.oid, header.offset, payload,
-                                       version=header.arg0 or None)
+            if header.arg0 and not self.store.knows(header.oid):
+                # A holder that lacks the object (recovery has not copied it here yet):
+                # it keeps what is written as a partial copy, and recovery fills in the
+                # rest next, so the write does not wait for a whole copy.
+                version = self.store.write_partial(header.oid, header.offset, payload,
+                                                   header.arg0)
+                if self.on_partial is not None:
+                    self.on_partial(header.oid)
+            else:
+                version = self.store.write(header.oid, header.offset, payload,
+                                           version=header.arg0 or None)
         except IOErrorResult as error:
             raise self._refuse_damaged(header.oid, error) from error
         if header.flags & proto.FLAG_FUA:
@@ -299,5 +326,6 @@ class Peer:
         return bad
 
     async def list_objects(self, header: Header, payload: bytes) -> Reply:
-        value: list[Any] = self.store.list_oids()
+        partial = self.store.partial_oids()
+        value: list[Any] = [oid for oid in self.store.list_oids() if oid not in partial]
         return proto.encode_json(value), {}

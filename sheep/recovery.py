@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -218,6 +219,9 @@ class Recoverer(_Worker):
         self.tuner = RecoveryTuner()
         self._again = False
         self._task: asyncio.Task[None] | None = None
+        self._filling: set[int] = set()
+        self._fill_tasks: set[asyncio.Task[None]] = set()
+        self.recovered_early = 0  # partial copies filled as soon as a write made them
 
     def status(self) -> dict[str, Any]:
         elapsed = (self.finished if not self.running else self.clock.monotonic()) - self.started
@@ -229,7 +233,8 @@ class Recoverer(_Worker):
                 "elapsed": elapsed if self.started else 0.0,
                 "max_rate": self.group.state.recovery_max_rate,
                 "tuned_rate": self.tuner.rate, "held_by": self.tuner.reason,
-                "surplus": self.surplus, "removed": self.removed, "phase": self.phase}
+                "surplus": self.surplus, "removed": self.removed, "phase": self.phase,
+                "partial": len(self.store.partial_oids()), "filled": self.recovered_early}
 
     def trigger(self) -> None:
         """A new epoch: recover now, or once more after the pass that is running."""
@@ -239,6 +244,29 @@ class Recoverer(_Worker):
             self._again = True
             return
         self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def fill_soon(self, oid: int) -> None:
+        """A write made a partial copy here: fill it in next, before the pass's other
+        objects (a recovery request of its own, from the newest verified copy)."""
+        if oid in self._filling:
+            return
+        self._filling.add(oid)
+
+        async def fill() -> None:
+            try:
+                epoch = self.group.epoch
+                async with self.peer.scheduler.running("recovery", self.group.state.object_size):
+                    if self.store.is_partial(oid) and await self.fetch(
+                            oid, list(self.group.state.nodes), epoch):
+                        self.recovered_early += 1
+            except SheepError as error:
+                log.info("cannot fill the partial copy of %016x yet: %s", oid, error)
+            finally:
+                self._filling.discard(oid)
+
+        task = asyncio.get_running_loop().create_task(fill())
+        self._fill_tasks.add(task)
+        task.add_done_callback(self._fill_tasks.discard)
 
     async def tune(self) -> None:
         """Every tuner interval: recovery's rate in the scheduler from the clients'
@@ -253,6 +281,9 @@ class Recoverer(_Worker):
                 scheduler.set_limit("recovery", rate)
 
     async def stop(self) -> None:
+        for task in list(self._fill_tasks):
+            task.cancel()
+        await asyncio.gather(*self._fill_tasks, return_exceptions=True)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -292,8 +323,11 @@ class Recoverer(_Worker):
                 continue  # it is leaving; the next epoch's pass will do without it
             for oid in proto.decode_json(data):
                 holders.setdefault(int(oid), []).append(node)
-        here = set(self.store.list_oids())
-        wanted = [oid for oid, nodes in holders.items() if oid not in here and self._mine(oid, epoch)]
+        # A partial copy (a write made it before recovery came) is wanted first.
+        here = set(self.store.list_oids()) - self.store.partial_oids()
+        wanted = sorted((oid for oid, nodes in holders.items()
+                         if oid not in here and self._mine(oid, epoch)),
+                        key=lambda oid: not self.store.is_partial(oid))
         self.to_recover = len(wanted)
         self.recovered = self.failed = self.bytes = 0
         if wanted:
@@ -334,12 +368,22 @@ class Recoverer(_Worker):
         placement = self.group.placement(oid, epoch)
         asked = {node.node_id: node for node in [*nodes, *placement]
                  if node.node_id != self.node_id}
-        best = await self.gateway.newest(oid, list(asked.values()), epoch, verified_only=True)
+        # Among equally new copies the first asked is read: an order that differs by
+        # object spreads the reads over every holder, rather than on one sheep that may
+        # be the one serving the clients.
+        order = sorted(asked.values(),
+                       key=lambda node: zlib.crc32(f"{oid}:{node.node_id}".encode()))
+        best = await self.gateway.newest(oid, order, epoch, verified_only=True)
         if best is None or best.removed:
             return False
         self.peer.check_space()
         await self.limiter.take(self.group.state.object_size)
         data, fields = await self.gateway.read_copy(best.node, _whole(self.group, oid), epoch)
+        if self.store.is_partial(oid):  # what was written here since stays
+            self.store.fill(oid, data, fields.get("arg0") or best.version)
+            self.bytes += len(data)
+            self.bytes_total += len(data)
+            return True
         if self.store.exists(oid):
             return False  # a client's write put a current copy here meanwhile
         # The version read with the data: a write may have landed since the stat.

@@ -36,6 +36,7 @@ class Scheduler(Core):
                  specs: dict[str, ClassSpec] | None = None) -> None:
         super().__init__(now, depth, specs)
         self._timer: asyncio.TimerHandle | None = None
+        self._source: TokenBucket | None = None
         self._timer_at = math.inf
 
     async def start(self, name: str, nbytes: int) -> Request:
@@ -54,6 +55,24 @@ class Scheduler(Core):
                 self._wake()
             raise
         return request
+
+    async def pace_source(self, nbytes: int) -> None:
+        """The source side of a recovery copy, paced at this sheep's own recovery rate
+        (what its clients' latency allows, RecoveryTuner): a sheep busy serving clients
+        does not also feed the others' recovery at full speed. A token bucket only, no
+        room in the depth: waiting here always ends, so two sheep copying from each
+        other cannot deadlock."""
+        rate = self.limits.get("recovery", 0.0)
+        if self.fifo or rate <= 0:
+            return
+        now = self.now()
+        if self._source is None or self._source.rate != rate:
+            self._source = TokenBucket(rate, 0.1, now)
+        amount = cost(nbytes)
+        ready = self._source.ready_at(amount, now)
+        self._source.take(amount, max(now, ready))
+        if ready > now:
+            await asyncio.sleep(ready - now)
 
     @contextlib.asynccontextmanager
     async def running(self, name: str, nbytes: int) -> AsyncIterator[None]:

@@ -31,7 +31,7 @@ from typing import Any
 
 from sheep import radix
 from sheep.errors import Result
-from sheep.mclock import Qos
+from sheep.mclock import Qos, burst_default_s
 from sheep.oid import GENERATION_MAX
 from sheep.radix import Root
 
@@ -46,7 +46,7 @@ qos_iops_max = 10**9
 qos_bps_max = 1 << 50
 qos_burst_min_s = 0.01
 qos_burst_max_s = 3600.0
-qos_burst_default_s = 1.0
+qos_burst_default_s = burst_default_s
 
 def name_problem(name: Any, what: str = "VDI name") -> str | None:
     if not isinstance(name, str) or not name:

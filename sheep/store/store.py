@@ -124,7 +124,32 @@ class SyncJob:
     directories: list[str] = field(default_factory=list)  # their entries changed
     intents_cleared: dict[int, bytes] = field(default_factory=dict)
     doubts_cleared: set[int] = field(default_factory=set)
+    doubts_added: set[int] = field(default_factory=set)  # partial copies (Store.write_partial)
     wipes: int = 0  # the store's wipes when it began: after another, it has nothing to do
+
+
+_zero_run_block = 64 << 10  # zero runs this size or more stay holes when filling
+
+
+def _nonzero_runs(view: memoryview, low: int, high: int) -> list[tuple[int, int]]:
+    """The [start, end) runs of view[low:high] to write: all of it but whole aligned
+    blocks of zeros."""
+    runs: list[tuple[int, int]] = []
+    start = None
+    at = low
+    zero = bytes(_zero_run_block)
+    while at < high:
+        end = min(high, (at // _zero_run_block + 1) * _zero_run_block)
+        if end - at == _zero_run_block and view[at:end] == zero:
+            if start is not None:
+                runs.append((start, at))
+                start = None
+        elif start is None:
+            start = at
+        at = end
+    if start is not None:
+        runs.append((start, high))
+    return runs
 
 
 def _oid_key(oid: int) -> bytes:
@@ -172,6 +197,10 @@ class Store:
         self._intents: dict[int, bytes] = {}
         self._intent_clear: dict[int, bytes] = {}  # intents to delete at the next commit
         self._doubtful: set[int] = set()  # copies in doubt (see the module doc)
+        self._doubt_add: set[int] = set()  # in doubt, to be recorded at the next sync
+        # Partial copies: only the ranges written since they were made are here
+        # (write_partial), by object: sorted, merged [start, end) byte ranges.
+        self._partial: dict[int, list[list[int]]] = {}
         self._doubt_clear: set[int] = set()  # doubts to delete at the next commit
         self._intent_wanted: dict[int, bytes] = {}
         self._tokens = itertools.count(1)
@@ -539,7 +568,86 @@ class Store:
         at the next sync; until then a crash only brings the doubt back)."""
         if oid in self._doubtful:
             self._doubtful.discard(oid)
+            self._doubt_add.discard(oid)
             self._doubt_clear.add(oid)
+        self._partial.pop(oid, None)  # a whole copy now, or none
+
+    # --- partial copies ---------------------------------------------------------
+    #
+    # A write to an object this sheep should hold but lacks (a new holder, before
+    # recovery copied it here) does not wait for a whole copy: the sheep makes a
+    # partial copy holding just what was written (write_partial), takes every later
+    # change as any copy does (recording the ranges), and recovery fills in the rest
+    # from a whole copy later (fill), never over a range written here meanwhile. To
+    # everyone else a partial copy is absent (the peer side answers NoObject to reads,
+    # stats and listings): it is never read, never a source, never counted as held.
+    # It is in doubt from the start, durably so from its first sync (an intent covers
+    # it before that), so after a crash it never outranks a whole copy.
+
+    def is_partial(self, oid: int) -> bool:
+        return oid in self._partial
+
+    def partial_oids(self) -> set[int]:
+        return set(self._partial)
+
+    def knows(self, oid: int) -> bool:
+        """Whether the store has anything of oid: a copy, a file, or a tombstone."""
+        return self._lookup(oid) is not None or self.exists(oid)
+
+    def write_partial(self, oid: int, offset: int, data: bytes | memoryview,
+                      version: int) -> int:
+        """A partial copy of an object the store knows nothing of, holding only data at
+        offset (the rest reads as zeros, and is nobody's business until filled)."""
+        if self.knows(oid):
+            raise NoObject(f"object {oid:016x}: a partial copy only replaces nothing")
+        new = self.create_and_write(oid, offset, data, version)
+        self._doubtful.add(oid)
+        self._doubt_add.add(oid)
+        self._partial[oid] = [[offset, offset + len(data)]]
+        return new
+
+    def _written(self, oid: int, offset: int, count: int) -> None:
+        ranges = self._partial.get(oid)
+        if ranges is None or not count:
+            return
+        start, end = offset, offset + count
+        merged: list[list[int]] = []
+        for low, high in ranges:
+            if high < start or low > end:
+                merged.append([low, high])
+            else:
+                start, end = min(start, low), max(end, high)
+        merged.append([start, end])
+        merged.sort()
+        self._partial[oid] = merged
+
+    def fill(self, oid: int, data: bytes | bytearray | memoryview, version: int) -> int:
+        """Complete a partial copy from a whole copy's data (at version): every range
+        not written here since the partial copy was made. Zero ranges stay holes (the
+        file has zeros there already). The version becomes the newer of the two."""
+        ranges = self._partial.get(oid)
+        if ranges is None:
+            raise NoObject(f"object {oid:016x} has no partial copy here")
+        if len(data) != self.object_size:
+            raise InvalidParameters(f"filling {oid:016x} takes the whole object"
+                                    f" ({self.object_size} bytes), not {len(data)}")
+        view = memoryview(data)
+        gaps, at = [], 0
+        for low, high in ranges:
+            if low > at:
+                gaps.append((at, low))
+            at = max(at, high)
+        if at < self.object_size:
+            gaps.append((at, self.object_size))
+        new = self.version(oid)
+        for low, high in gaps:
+            for start, end in _nonzero_runs(view, low, high):
+                new = self.write(oid, start, view[start:end], version=version)
+        if not gaps or new < version:
+            new = self._bump_version(oid, version)
+        self._partial.pop(oid, None)
+        self.clear_doubt(oid)
+        return new
 
     def exists(self, oid: int) -> bool:
         """Whether the object's file is there (asked of the path, not the fd cache: a
@@ -607,6 +715,7 @@ class Store:
             self._changed(oid, fd, meta, offset, len(data), data,
                           lambda: self.io.pwrite(fd, data, offset))
             new = self._bump_version(oid, version)
+            self._written(oid, offset, len(data))
         if fua:
             job = self.begin_sync_object(oid)
             self.finish_sync(job)
@@ -682,6 +791,7 @@ class Store:
             self._dirty.add(oid)
             self._changed(oid, fd, meta, offset, count, None,
                           lambda: self.io.punch(fd, offset, count))
+            self._written(oid, offset, count)
             return self._bump_version(oid, version)
 
     def remove(self, oid: int, version: int | None = None) -> None:
@@ -810,6 +920,8 @@ class Store:
             self._intent_clear.clear()
             self._doubtful.clear()
             self._doubt_clear.clear()
+            self._doubt_add.clear()
+            self._partial.clear()
 
     def _drop_objects(self) -> None:
         with self.env.begin(write=True) as txn:
@@ -883,6 +995,7 @@ class Store:
         job.metas = {oid: self._frozen(meta) for oid, meta in self._meta.items()}
         job.intents_cleared, self._intent_clear = self._intent_clear, {}
         job.doubts_cleared, self._doubt_clear = self._doubt_clear, set()
+        job.doubts_added, self._doubt_add = self._doubt_add, set()
         return job
 
     @staticmethod
@@ -926,17 +1039,21 @@ class Store:
         own (an object not committed yet keeps its intent), and a transaction holds
         every page it changes in memory until it ends (8 KiB per checksum table)."""
         if self._env is None or job.wipes != self._wipes or not (
-                job.metas or job.intents_cleared or job.doubts_cleared):
+                job.metas or job.intents_cleared or job.doubts_cleared or job.doubts_added):
             return
         items = list(job.metas.items())
         for start in range(0, max(len(items), 1), commit_objects_max):
             last = start + commit_objects_max >= len(items)
+            # The doubts with the intents: until both commit, an intent left behind
+            # makes the copy doubtful at the next start anyway.
             self._commit_some(items[start:start + commit_objects_max],
                               job.intents_cleared if last else {},
-                              job.doubts_cleared if last else set())
+                              job.doubts_cleared if last else set(),
+                              job.doubts_added if last else set())
 
     def _commit_some(self, items: list[tuple[int, tuple[int, bytes | None, bool, bool, bool, int]]],
-                     intents_cleared: dict[int, bytes], doubts_cleared: set[int]) -> None:
+                     intents_cleared: dict[int, bytes], doubts_cleared: set[int],
+                     doubts_added: set[int] = frozenset()) -> None:  # type: ignore[assignment]
         with _translated("sync store"), self.env.begin(write=True) as txn:
             for oid, (version, table, removed, gone, drop_sums, _) in items:
                 key = _oid_key(oid)
@@ -956,6 +1073,8 @@ class Store:
                 elif drop_sums:
                     txn.delete(key, db=self._sums)
             self._delete_intents(txn, intents_cleared)
+            for oid in doubts_added - doubts_cleared:
+                txn.put(_oid_key(oid), b"", db=self._doubt_db)
             for oid in doubts_cleared:
                 txn.delete(_oid_key(oid), db=self._doubt_db)
 
@@ -970,6 +1089,7 @@ class Store:
         for oid, token in job.intents_cleared.items():
             self._intent_clear.setdefault(oid, token)
         self._doubt_clear |= job.doubts_cleared
+        self._doubt_add |= {oid for oid in job.doubts_added if oid in self._doubtful}
 
     def sync_done(self, job: SyncJob) -> None:
         """After finish_sync (back in the owner's thread): what did not change since

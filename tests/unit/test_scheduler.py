@@ -273,7 +273,7 @@ def test_a_cancelled_waiter_leaves_no_trace() -> None:
 
 
 def test_recovery_tuner_follows_client_latency_within_its_floor_and_cap() -> None:
-    tuner = RecoveryTuner(floor=8 * MiB, start=32 * MiB)
+    tuner = RecoveryTuner(floor=8 * MiB, start=32 * MiB, increase=1.5)
     ops, spent = 0, 0.0
 
     def tick(now: float, new_ops: int, latency_s: float, recovering: bool, cap: float = 0) -> float:
@@ -309,3 +309,24 @@ def test_fifo_mode_dispatches_everything_at_once(clock: FakeClock) -> None:
     assert all(core.submit("client:v", 0).started for _ in range(10))
     assert all(core.submit("recovery", 4 * MiB).started for _ in range(10))
     assert core.waiting_fg == core.waiting_bg == 0
+
+
+def test_recovery_tuner_backs_off_when_client_throughput_drops() -> None:
+    """On a shared box the sheep that serves the clients may be starved of CPU while
+    this one's requests still look fast: fewer client requests a second than before
+    the recovery count as held back."""
+    tuner = RecoveryTuner(floor=8 * MiB, start=16 * MiB, increase=1.25)
+    ops = 0
+
+    def tick(now: float, per_tick: int, recovering: bool) -> float:
+        nonlocal ops
+        ops += per_tick
+        return tuner.tick(now, ops, ops * 0.0001, recovering, 0)
+
+    tick(0.5, 1000, False)
+    tick(1.0, 1000, False)  # 2000 requests a second, as fast as ever
+    assert tuner.baseline_ops == pytest.approx(2000)
+    assert tick(1.5, 1000, True) == 20 * MiB  # the same rate: speeding up
+    assert tick(2.0, 600, True) == 10 * MiB  # 1200/s < 0.7 x 2000/s: halve
+    assert "client I/O at 1200/s" in tuner.reason
+    assert tick(2.5, 900, True) == 12.5 * MiB  # 1800/s: fine again

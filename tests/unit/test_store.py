@@ -727,3 +727,63 @@ def test_a_failed_creation_leaves_no_half_made_object(tmp_path: Path) -> None:
         assert store.create_and_write(7, 0, b"y", version=6) == 6
     finally:
         store.close()
+
+
+# --- partial copies (a new holder's write before recovery copied the object) ----------
+
+
+def test_a_partial_copy_keeps_its_writes_and_fill_adds_only_the_rest(store: Store) -> None:
+    oid = 0x77
+    store.write_partial(oid, 8 * KiB, b"new!" * 1024, version=9)
+    assert store.is_partial(oid) and store.in_doubt(oid) and store.partial_oids() == {oid}
+    store.write(oid, 100 * KiB, b"two", version=10)  # a later write: recorded too
+    assert store.is_partial(oid)
+    # The whole copy was read before the partial copy's writes reached its source.
+    source = bytearray(pattern(object_size))
+    source[2 * MiB:3 * MiB] = bytes(MiB)  # a zero range in the source: stays a hole
+    version = store.fill(oid, bytes(source), 8)
+    assert version == 10  # the newer of the two
+    assert not store.is_partial(oid) and not store.in_doubt(oid)
+    data = store.read(oid, 0, object_size)
+    assert data[:8 * KiB] == source[:8 * KiB]
+    assert data[8 * KiB:12 * KiB] == b"new!" * 1024  # not overwritten by the fill
+    assert data[12 * KiB:100 * KiB] == source[12 * KiB:100 * KiB]
+    assert data[100 * KiB:100 * KiB + 3] == b"two"
+    assert data[100 * KiB + 3:] == source[100 * KiB + 3:]
+    assert allocated(store.object_path(oid)) <= object_size - MiB + 64 * KiB
+    assert store.verify(oid) == []  # checksums hold for every block
+
+
+def test_a_partial_copy_only_replaces_nothing(store: Store) -> None:
+    store.create_and_write(1, 0, b"here")
+    with pytest.raises(NoObject):
+        store.write_partial(1, 0, b"x", version=5)
+    store.create_and_write(2, 0, b"gone")
+    store.remove(2)
+    with pytest.raises(NoObject):  # a tombstone: the object was removed
+        store.write_partial(2, 0, b"x", version=9)
+    with pytest.raises(NoObject):
+        store.fill(3, bytes(object_size), 1)
+    store.write_partial(4, 0, b"x", version=2)
+    with pytest.raises(InvalidParameters):
+        store.fill(4, b"short", 1)
+
+
+def test_a_whole_copy_or_a_removal_ends_a_partial_copy(store: Store) -> None:
+    store.write_partial(5, 0, b"x", version=2)
+    store.create_and_write(5, 0, b"whole", version=3)
+    assert not store.is_partial(5) and not store.in_doubt(5)
+    store.write_partial(6, 0, b"x", version=2)
+    store.remove(6)
+    assert not store.is_partial(6) and not store.in_doubt(6)
+
+
+def test_a_partial_copy_stays_in_doubt_across_a_sync_and_a_restart(store: Store) -> None:
+    store.write_partial(7, 0, b"half", version=4)
+    store.sync()  # the doubt is recorded with the object's metadata
+    again = reopen(store)
+    try:
+        assert again.in_doubt(7)  # never outranks a whole copy after a crash
+        assert not again.is_partial(7)  # which ranges were written is not kept
+    finally:
+        again.close()
