@@ -158,6 +158,8 @@ def _whole(group: Group, oid: int) -> Header:
 recovery_concurrency = 4  # objects fetched at once
 purge_concurrency = 16  # surplus copies checked at once
 purge_retry_interval_s = 1.0
+list_tries = 5  # a member's object list, asked this many times
+list_retry_s = 0.1
 
 
 class RateLimiter:
@@ -314,13 +316,19 @@ class Recoverer(_Worker):
         epoch = self.group.epoch
         self.epoch = epoch
         holders: dict[int, list[Any]] = {}
+        unlisted = []
         for node in self.group.state.nodes:
             if node.node_id == self.node_id:
                 continue
             try:
-                data, _ = await self.gateway.call(node, Header(opcode=Op.LIST_PEER), b"", epoch)
+                data = await self._list(node, epoch)
             except RETRYABLE:
-                continue  # it is leaving; the next epoch's pass will do without it
+                # Leaving, or cut off for a while: the objects only it lists are fetched
+                # by the pass run again once it answers (or after its leave). Passing it
+                # over for good left a copy nobody fetched, and the surplus copy it was
+                # to replace waiting for ever (simulator, seed 80).
+                unlisted.append(node.node_id)
+                continue
             for oid in proto.decode_json(data):
                 holders.setdefault(int(oid), []).append(node)
         # A partial copy (a write made it before recovery came) is wanted first.
@@ -354,9 +362,23 @@ class Recoverer(_Worker):
             await self.peer.sync_all()
         if self.failed:
             raise SheepError(f"{self.failed} objects not recovered")
+        if unlisted:
+            raise SheepError(f"no object list from {', '.join(unlisted)} yet")
         if wanted:
             log.info("epoch %d: recovered %d objects (%d bytes)", epoch, self.recovered,
                      self.bytes)
+
+    async def _list(self, node: Any, epoch: int) -> bytes:
+        """A member's object list; asked a few times over half a second first (right
+        after a format or a join it may not serve yet)."""
+        for _ in range(list_tries - 1):
+            try:
+                data, _ = await self.gateway.call(node, Header(opcode=Op.LIST_PEER), b"", epoch)
+                return bytes(data)
+            except RETRYABLE:
+                await self.clock.sleep(list_retry_s)
+        data, _ = await self.gateway.call(node, Header(opcode=Op.LIST_PEER), b"", epoch)
+        return bytes(data)
 
     def _mine(self, oid: int, epoch: int) -> bool:
         return any(node.node_id == self.node_id for node in self.group.placement(oid, epoch))
