@@ -36,6 +36,35 @@ class FileIO:
             done += written
         return done
 
+    def extents(self, fd: int, size: int) -> list[tuple[int, int]]:
+        """The [start, end) byte ranges of the first ``size`` bytes that hold data, by
+        lseek SEEK_DATA/SEEK_HOLE; everything else is a hole and reads as zeros. Where
+        the system or the filesystem cannot tell (no SEEK_DATA, EINVAL, EOPNOTSUPP),
+        the whole file is data: a copy made from it is as full as before, never wrong."""
+        seek_data = getattr(os, "SEEK_DATA", None)
+        seek_hole = getattr(os, "SEEK_HOLE", None)
+        if seek_data is None or seek_hole is None:
+            return [(0, size)] if size else []
+        found: list[tuple[int, int]] = []
+        at = 0
+        try:
+            while at < size:
+                try:
+                    start = os.lseek(fd, at, seek_data)
+                except OSError as error:
+                    if error.errno == errno.ENXIO:  # no data past at (or at is past the end)
+                        break
+                    raise
+                if start >= size:
+                    break
+                at = min(os.lseek(fd, start, seek_hole), size)
+                found.append((start, at))
+        except OSError as error:
+            if error.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                return [(0, size)] if size else []
+            raise
+        return found
+
     def truncate(self, fd: int, size: int) -> None:
         os.ftruncate(fd, size)
 
