@@ -249,6 +249,7 @@ class Peer:
         await self._sync_lock.acquire()
 
     async def read(self, header: Header, payload: bytes) -> Reply:
+        data: bytes | memoryview
         try:
             if header.flags & proto.FLAG_SPARSE:
                 # The whole object as its extents (FLAG_SPARSE), for a copy elsewhere.
@@ -256,7 +257,9 @@ class Peer:
                     raise InvalidParameters(
                         f"a sparse read is of the whole object ({self.store.object_size}"
                         f" bytes), not {header.count}")
-                data = proto.encode_extents(self.store.read_extents(header.oid))
+                room = proto.extent_table_bytes(header.count)
+                extents, buffer = self.store.read_extents(header.oid, room)
+                data = proto.encode_extents_into(buffer, room, extents)
             else:
                 data = self.store.read(header.oid, header.offset, header.count)
         except IOErrorResult as error:

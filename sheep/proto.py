@@ -500,6 +500,25 @@ def encode_extents(extents: list[Extent]) -> bytes:
     return b"".join([table, *(data for _, data in extents)])
 
 
+def extent_table_bytes(object_size: int) -> int:
+    """The largest extent table of an object this size (one extent per block)."""
+    return _extent_count.size + _extent.size * (object_size // constants.block_size_bytes)
+
+
+def encode_extents_into(buffer: bytearray, data_at: int, extents: list[Extent]) -> memoryview:
+    """The payload of a sparse copy whose extents lie one after another in buffer from
+    data_at on (Store.read_extents): its table goes just before them, so the data is
+    not copied again."""
+    size = _extent_count.size + _extent.size * len(extents)
+    assert size <= data_at, f"no room for {len(extents)} extents before byte {data_at}"
+    table_at = data_at - size
+    _extent_count.pack_into(buffer, table_at, len(extents))
+    for index, (offset, data) in enumerate(extents):
+        _extent.pack_into(buffer, table_at + _extent_count.size + index * _extent.size,
+                          offset, len(data))
+    return memoryview(buffer)[table_at:data_at + extents_bytes(extents)]
+
+
 def extents_bytes(extents: list[Extent]) -> int:
     """The data bytes of a sparse copy (what it holds besides zeros)."""
     return sum(len(data) for _, data in extents)

@@ -24,6 +24,17 @@ class FileIO:
     def pread(self, fd: int, count: int, offset: int) -> bytes:
         return os.pread(fd, count, offset)
 
+    def pread_into(self, fd: int, view: memoryview, offset: int) -> int:
+        """Read into view (no new buffer: a copy's data goes where it is sent from);
+        the bytes read, fewer only at the end of the file."""
+        done = 0
+        while done < len(view):
+            count = os.preadv(fd, [view[done:]], offset + done)
+            if count <= 0:
+                break
+            done += count
+        return done
+
     def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
         """Write all of data: a short write (a disk filling up) goes on from where it
         stopped, and one that writes nothing is ENOSPC."""

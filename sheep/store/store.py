@@ -744,8 +744,12 @@ class Store:
     # zeros; the new copy is made at the object's size and only the extents are
     # written, so holes stay holes on every copy, however often it is copied.
 
-    def read_extents(self, oid: int) -> list[tuple[int, memoryview]]:
-        """The copy's data as (offset, bytes) extents of whole blocks, in order.
+    def read_extents(self, oid: int,
+                     room: int = 0) -> tuple[list[tuple[int, memoryview]], bytearray]:
+        """The copy's data as (offset, bytes) extents of whole blocks, in order: views
+        of one buffer, in which they lie one after another from byte ``room`` on (the
+        bytes before are the caller's: a sparse reply puts its table there and sends
+        the buffer as it is, rather than copying 4 MiB into a payload).
 
         Verified as strictly as read() of the whole object: the extents' data against
         its checksums, and every block left out (a hole, or zeros) against a zero
@@ -754,24 +758,35 @@ class Store:
         with _translated(f"read object {oid:016x}"):
             fd = self._fd_to_read(oid)
             ranges = _whole_blocks(self.io.extents(fd, self.object_size), self.object_size)
-            pieces = [(start, self._pread_full(fd, start, end - start)) for start, end in ranges]
+            buffer = bytearray(room + sum(end - start for start, end in ranges))
+            view = memoryview(buffer)
+            at = room
+            for start, end in ranges:  # a file cut short reads as zeros past its end
+                self.io.pread_into(fd, view[at:at + end - start], start)
+                at += end - start
         table = self._checksums(oid) if self.checksums else None
         found: list[tuple[int, memoryview]] = []
         bad: list[int] = []
         block = 0  # the blocks before it are checked
-        for start, data in pieces:
+        at = packed = room  # where the next range was read, where its data goes
+        for start, end in ranges:
             first = start // sums.BLOCK
-            crcs = sums.crcs(data)
+            piece = view[at:at + end - start]
+            crcs = sums.crcs(piece)
             if table is not None:
                 bad += sums.not_zeros(table, block, first) + sums.mismatches(crcs, first, table)
-            view = memoryview(data)
-            found += [(start + low, view[low:high]) for low, high in sums.nonzero_runs(view, crcs)]
+            for low, high in sums.nonzero_runs(piece, crcs):
+                if packed != at + low:  # blocks of zeros left out: the rest moves up
+                    view[packed:packed + high - low] = view[at + low:at + high]
+                found.append((start + low, view[packed:packed + high - low]))
+                packed += high - low
             block = first + len(crcs)
+            at += end - start
         if table is not None:
             bad += sums.not_zeros(table, block, len(table))
         if bad:
             raise self._damage(oid, bad)
-        return found
+        return found, buffer
 
     def _check_extents(self, extents: list[tuple[int, memoryview]]) -> None:
         """Extents as read_extents gives them: whole blocks, in order, apart, inside

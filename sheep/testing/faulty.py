@@ -158,6 +158,11 @@ class FaultyIO(FileIO):
             _overlay(data, offset, at, written)
         return bytes(data[:wanted])
 
+    def pread_into(self, fd: int, view: memoryview, offset: int) -> int:
+        data = self.pread(fd, len(view), offset)  # with the unsynced writes
+        view[:len(data)] = data
+        return len(data)
+
     def extents(self, fd: int, size: int) -> list[tuple[int, int]]:
         """The file's own extents and the ranges of its pending writes (held here, as
         the page cache holds them, so the file's lseek cannot see them)."""

@@ -29,7 +29,9 @@ from sheep.proto import (
     decode_json,
     encode,
     encode_extents,
+    encode_extents_into,
     encode_json,
+    extent_table_bytes,
     extents_bytes,
     request_problem,
     unpack_header,
@@ -439,3 +441,15 @@ def test_flag_sparse_is_for_whole_object_reads_and_creates() -> None:
     # A sparse payload of the largest object, with the largest table, can be framed.
     assert constants.payload_max_bytes >= (constants.object_size_max_bytes
                                            + constants.extent_table_max_bytes)
+
+
+def test_extents_encoded_in_place_are_the_same_payload() -> None:
+    room = extent_table_bytes(sparse_object_size)
+    assert room == 4 + 8 * (sparse_object_size // block)
+    first, second = b"\x01" * block, b"\x02" * (2 * block)
+    buffer = bytearray(room) + first + second
+    view = memoryview(buffer)
+    extents = [(block, view[room:room + block]), (8 * block, view[room + block:])]
+    payload = encode_extents_into(buffer, room, extents)
+    assert bytes(payload) == encode_extents([(block, memoryview(first)),
+                                             (8 * block, memoryview(second))])

@@ -793,7 +793,7 @@ def test_a_partial_copy_stays_in_doubt_across_a_sync_and_a_restart(store: Store)
 
 
 def copy_by_extents(source: Store, target: Store, oid: int, version: int | None = None) -> int:
-    return target.create_from_extents(oid, source.read_extents(oid), version)
+    return target.create_from_extents(oid, source.read_extents(oid)[0], version)
 
 
 @pytest.fixture
@@ -867,7 +867,7 @@ def test_a_copy_by_extents_keeps_the_holes_and_the_bytes(store: Store, target: S
     store.create_and_write(oid, 0, pattern(64 * KiB), version=7)
     store.write(oid, 2 * MiB + 100, b"tail")  # inside one block: the block goes whole
     store.write(oid, 3 * MiB, bytes(32 * KiB))  # zeros written: allocated, yet not data
-    extents = store.read_extents(oid)
+    extents, _ = store.read_extents(oid)
     assert [(offset, len(data)) for offset, data in extents] == [
         (0, 64 * KiB), (2 * MiB, block)]
     assert copy_by_extents(store, target, oid, version=9) == 9  # exactly the given version
@@ -887,7 +887,7 @@ def test_an_object_of_zeros_is_copied_as_a_hole(store: Store, target: Store) -> 
     oid = 0x52
     store.create_and_write(oid, 0, bytes(object_size))  # every byte written, all zeros
     assert allocated(store.object_path(oid)) >= object_size
-    assert store.read_extents(oid) == []
+    assert store.read_extents(oid)[0] == []
     copy_by_extents(store, target, oid, version=1)
     assert allocated(target.object_path(oid)) == 0
     assert target.read(oid, 0, object_size) == bytes(object_size)
@@ -994,3 +994,18 @@ def test_fill_from_extents_keeps_what_the_partial_copy_wrote(store: Store) -> No
     assert data[MiB + block:] == bytes(object_size - MiB - block)
     assert allocated(store.object_path(oid)) == 16 * KiB + block
     assert store.verify(oid) == []
+
+
+def test_extents_are_packed_in_one_buffer_after_the_room_asked_for(store: Store) -> None:
+    """Blocks of zeros inside the file's data are left out and the data after them
+    moves up, so the extents lie one after another from ``room`` on: a sparse reply
+    puts its table in front and sends the buffer without another copy."""
+    oid = 0x5C
+    data = bytearray(pattern(6 * block))
+    data[block:3 * block] = bytes(2 * block)  # written zeros between data
+    store.create_and_write(oid, 0, bytes(data))
+    extents, buffer = store.read_extents(oid, room=100)
+    assert [(offset, bytes(view)) for offset, view in extents] == [
+        (0, bytes(data[:block])), (3 * block, bytes(data[3 * block:]))]
+    assert bytes(buffer[100:100 + 4 * block]) == bytes(data[:block] + data[3 * block:])
+    assert all(view.obj is buffer for _, view in extents)
