@@ -30,7 +30,12 @@ proto_version = 1
 # A data payload never exceeds one object; control payloads (JSON) are small.
 payload_data_max_bytes = object_size_max_bytes
 payload_control_max_bytes = 16 * MiB
-payload_max_bytes = max(payload_data_max_bytes, payload_control_max_bytes)
+# A sparse copy of an object (proto: FLAG_SPARSE) is an extent table, a u32 count and
+# a (u32 offset, u32 length) per extent, then the extents' data: at most one extent per
+# block, and never more data than the object holds.
+extent_table_max_bytes = 4 + 8 * (object_size_max_bytes // block_size_bytes)
+payload_max_bytes = max(payload_data_max_bytes + extent_table_max_bytes,
+                        payload_control_max_bytes)
 requests_in_flight_max = 256  # per connection; the server stops reading past it
 request_bytes_in_flight_max = 32 * MiB  # payloads, reads and unsent replies, per connection
 
@@ -78,6 +83,7 @@ for _size in (object_size_min_bytes, object_size_default_bytes, object_size_max_
 assert object_size_min_bytes % block_size_bytes == 0
 assert payload_data_max_bytes <= payload_max_bytes
 assert payload_max_bytes < 2**32, "payload length travels in a u32"
+assert object_size_max_bytes < 2**32, "extent offsets and lengths travel in a u32"
 assert 1 <= copies_default <= copies_max
 assert vnodes_min <= vnodes_max
 assert driver_poll_interval_ms * 4 <= member_death_detect_ms_max

@@ -181,7 +181,8 @@ class Gateway:
         return Header(
             opcode=_peer_op.get(Op(header.opcode), header.opcode), epoch=epoch, oid=header.oid,
             offset=header.offset, count=header.count,
-            flags=header.flags & (proto.FLAG_FUA | proto.FLAG_DIRECT | proto.FLAG_SCRUB),
+            flags=header.flags & (proto.FLAG_FUA | proto.FLAG_DIRECT | proto.FLAG_SCRUB
+                                  | proto.FLAG_SPARSE),
             arg0=header.arg0 if header.opcode in _versioned_ops else 0)
 
     async def call(self, node: NodeInfo, header: Header, payload: bytes, epoch: int) -> Reply:
@@ -361,8 +362,9 @@ class Gateway:
         node loss. Recovery of everything else is the self-healing stage's work.)
         """
         object_size = self.group.state.object_size
+        # The copy travels as its extents (FLAG_SPARSE): holes stay holes on the new holders.
         read = Header(opcode=Op.READ_OBJ, oid=header.oid, offset=0, count=object_size,
-                      arg1=header.arg1)
+                      arg1=header.arg1, flags=proto.FLAG_SPARSE)
         holders = [node for node in self._read_order(nodes) if node not in missing]
         found: Reply | None = None
         for node in holders:
@@ -376,8 +378,9 @@ class Gateway:
         if found is None:  # maybe only unverified copies: the newest of them
             found = await self._read_newest(read, nodes, epoch)
         data, fields = found
+        proto.decode_extents(data, object_size)  # a malformed copy goes nowhere
         create = Header(opcode=Op.CREATE_AND_WRITE_OBJ, oid=header.oid, offset=0,
-                        count=len(data), arg0=fields.get("arg0", 0))
+                        count=object_size, arg0=fields.get("arg0", 0), flags=proto.FLAG_SPARSE)
         await asyncio.gather(*(self.call(node, create, bytes(data), epoch) for node in missing))
         log.info("recovered object %016x onto %s for a write", header.oid,
                  ", ".join(node.node_id for node in missing))
@@ -499,6 +502,16 @@ class Gateway:
         direct = Header(opcode=Op.READ_OBJ, oid=header.oid, offset=header.offset,
                         count=header.count, flags=header.flags | proto.FLAG_DIRECT)
         return await self.call(node, direct, b"", epoch)
+
+    async def read_extents(self, node: NodeInfo, oid: int,
+                           epoch: int) -> tuple[list[proto.Extent], bytes | bytearray | memoryview, int]:
+        """This node's copy, verified or not (FLAG_DIRECT), as its extents (FLAG_SPARSE):
+        (the extents, the payload they are views of, the copy's version). A malformed
+        reply is BadRequest, never a copy."""
+        object_size = self.group.state.object_size
+        data, fields = await self.read_copy(node, Header(
+            opcode=Op.READ_OBJ, oid=oid, count=object_size, flags=proto.FLAG_SPARSE), epoch)
+        return proto.decode_extents(data, object_size), data, fields.get("arg0", 0)
 
     async def _read_newest(self, header: Header, nodes: list[NodeInfo], epoch: int) -> Reply:
         """No verified copy answered (say, every sheep just restarted): read the copy

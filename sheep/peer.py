@@ -22,6 +22,7 @@ from typing import Any
 
 from sheep import constants, proto, scheduler
 from sheep.errors import (
+    InvalidParameters,
     IOErrorResult,
     NoObject,
     NoSpace,
@@ -194,11 +195,20 @@ class Peer:
         # may have recovered and changed the object here since the source was read.
         # A repair (FLAG_DIRECT) replaces a copy as new as its source too (damaged, or
         # with other contents), but not one that a write has made newer since.
-        if (header.arg0 and self.store.is_partial(header.oid) and not header.offset
-                and len(payload) == self.store.object_size):
+        # With FLAG_SPARSE the payload is the whole object's extents (a copy made by
+        # recovery, a repair or a write's recovery): only they are written.
+        extents: list[proto.Extent] | None = None
+        if header.flags & proto.FLAG_SPARSE:
+            if header.count != self.store.object_size:
+                raise InvalidParameters(f"a sparse copy is of the whole object"
+                                        f" ({self.store.object_size} bytes), not {header.count}")
+            extents = proto.decode_extents(payload, header.count)
+        elif not header.offset and len(payload) == self.store.object_size:
+            extents = [(0, memoryview(payload))]
+        if header.arg0 and self.store.is_partial(header.oid) and extents is not None:
             # A copy of the whole object for a partial one: it fills in what was not
-            # written here since (Store.fill), never over what was.
-            version = self.store.fill(header.oid, payload, header.arg0)
+            # written here since (Store.fill_extents), never over what was.
+            version = self.store.fill_extents(header.oid, extents, header.arg0)
             if header.flags & proto.FLAG_FUA:
                 await self._sync(lambda: self.store.begin_sync_object(header.oid))
             return b"", {"arg0": version}
@@ -207,8 +217,12 @@ class Peer:
             current = self.store.version(header.oid)
             if keeps_own(current, header.arg0, repair=bool(header.flags & proto.FLAG_DIRECT)):
                 return b"", {"arg0": current}
-        version = self.store.create_and_write(header.oid, header.offset, payload,
-                                              header.arg0 or None)
+        if header.flags & proto.FLAG_SPARSE:
+            assert extents is not None
+            version = self.store.create_from_extents(header.oid, extents, header.arg0 or None)
+        else:
+            version = self.store.create_and_write(header.oid, header.offset, payload,
+                                                  header.arg0 or None)
         if self.health.replaced(header.oid):  # a whole new copy: current by definition
             log.warning("damaged copy of %016x replaced by a good one", header.oid)
         if header.flags & proto.FLAG_FUA:
@@ -235,8 +249,19 @@ class Peer:
         await self._sync_lock.acquire()
 
     async def read(self, header: Header, payload: bytes) -> Reply:
+        data: bytes | memoryview
         try:
-            data = self.store.read(header.oid, header.offset, header.count)
+            if header.flags & proto.FLAG_SPARSE:
+                # The whole object as its extents (FLAG_SPARSE), for a copy elsewhere.
+                if header.count != self.store.object_size:
+                    raise InvalidParameters(
+                        f"a sparse read is of the whole object ({self.store.object_size}"
+                        f" bytes), not {header.count}")
+                room = proto.extent_table_bytes(header.count)
+                extents, buffer = self.store.read_extents(header.oid, room)
+                data = proto.encode_extents_into(buffer, room, extents)
+            else:
+                data = self.store.read(header.oid, header.offset, header.count)
         except IOErrorResult as error:
             # Damage (a checksum mismatch, a lost file): this copy serves nothing more
             # until a good one replaces it (the gateway reads another replica and

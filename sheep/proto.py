@@ -36,7 +36,10 @@ FLAG_REPLY = 0x0001
 FLAG_FUA = 0x0002  # the write is on stable storage before it is acknowledged
 FLAG_DIRECT = 0x0004  # gateway ops: serve from this node's store only (admin, tests)
 FLAG_SCRUB = 0x0008  # STAT: verify every block of the copy first (a scrub)
-FLAGS_KNOWN = FLAG_REPLY | FLAG_FUA | FLAG_DIRECT | FLAG_SCRUB
+# READ, CREATE_AND_WRITE of a whole object: its data travels as extents (see
+# encode_extents), so a copy of a sparse object moves and allocates only its data.
+FLAG_SPARSE = 0x0010
+FLAGS_KNOWN = FLAG_REPLY | FLAG_FUA | FLAG_DIRECT | FLAG_SCRUB | FLAG_SPARSE
 
 
 class Payload(enum.Enum):
@@ -197,6 +200,12 @@ OBJECT_RANGE_OPS = frozenset({
 })
 
 
+# Ops that take FLAG_SPARSE: a whole object read, or made, as its extents.
+SPARSE_OPS = frozenset({
+    Op.READ_OBJ, Op.READ_PEER, Op.CREATE_AND_WRITE_OBJ, Op.CREATE_AND_WRITE_PEER,
+})
+
+
 class Header(NamedTuple):
     """A frame's header. A named tuple: built for every request and reply, and a
     tuple is several times cheaper to make than a frozen dataclass."""
@@ -295,8 +304,16 @@ def request_problem(header: Header) -> tuple[Result, str] | None:
         if op is Op.VDI_READ and header.count > constants.payload_data_max_bytes:
             return Result.INVALID_PARMS, (
                 f"{info.name}: {header.count} bytes exceed {constants.payload_data_max_bytes}")
+    if header.flags & FLAG_SPARSE:
+        if op not in SPARSE_OPS:
+            return Result.BAD_REQUEST, f"{info.name} takes no FLAG_SPARSE"
+        if header.offset:
+            return Result.INVALID_PARMS, (
+                f"{info.name}: a sparse copy is of the whole object, not from {header.offset}")
     if op in OBJECT_RANGE_OPS:
-        if info.request is Payload.DATA and header.count != header.length:
+        # A sparse payload is the object's extents: count is the object's size.
+        if (info.request is Payload.DATA and header.count != header.length
+                and not header.flags & FLAG_SPARSE):
             return Result.BAD_REQUEST, (
                 f"{info.name}: count {header.count} differs from payload length {header.length}")
         end = header.offset + header.count
@@ -458,6 +475,84 @@ class FrameDecoder:
 def encode(header: Header, payload: bytes | bytearray | memoryview = b"") -> bytes:
     """One whole frame; the header's length is set from the payload."""
     return header._replace(length=len(payload)).pack() + bytes(payload)
+
+
+# --- sparse copies ---------------------------------------------------------------
+#
+# A whole object as its extents (FLAG_SPARSE): a u32 count, a (u32 offset, u32
+# length) per extent, then the extents' data one after another. Extents are whole
+# blocks (constants.block_size_bytes), in order, not overlapping, inside the object; every
+# byte outside them is zero. The decoder checks all of that, and that the data
+# is exactly as long as the table says, before it hands out a single extent: a
+# malformed copy is an error, never a wrong copy.
+
+_extent_count = struct.Struct("<I")
+_extent = struct.Struct("<II")
+
+Extent = tuple[int, memoryview]  # offset in the object, the bytes there
+
+
+def encode_extents(extents: list[Extent]) -> bytes:
+    """The payload of a sparse copy (its bytes copied once, into the payload)."""
+    table = bytearray(_extent_count.pack(len(extents)))
+    for offset, data in extents:
+        table += _extent.pack(offset, len(data))
+    return b"".join([table, *(data for _, data in extents)])
+
+
+def extent_table_bytes(object_size: int) -> int:
+    """The largest extent table of an object this size (one extent per block)."""
+    return _extent_count.size + _extent.size * (object_size // constants.block_size_bytes)
+
+
+def encode_extents_into(buffer: bytearray, data_at: int, extents: list[Extent]) -> memoryview:
+    """The payload of a sparse copy whose extents lie one after another in buffer from
+    data_at on (Store.read_extents): its table goes just before them, so the data is
+    not copied again."""
+    size = _extent_count.size + _extent.size * len(extents)
+    assert size <= data_at, f"no room for {len(extents)} extents before byte {data_at}"
+    table_at = data_at - size
+    _extent_count.pack_into(buffer, table_at, len(extents))
+    for index, (offset, data) in enumerate(extents):
+        _extent.pack_into(buffer, table_at + _extent_count.size + index * _extent.size,
+                          offset, len(data))
+    return memoryview(buffer)[table_at:data_at + extents_bytes(extents)]
+
+
+def extents_bytes(extents: list[Extent]) -> int:
+    """The data bytes of a sparse copy (what it holds besides zeros)."""
+    return sum(len(data) for _, data in extents)
+
+
+def decode_extents(payload: bytes | bytearray | memoryview, object_size: int) -> list[Extent]:
+    """The extents of a sparse copy of an object of object_size bytes, as views of the
+    payload; BadRequest, naming the problem, unless the payload is well formed."""
+    view = memoryview(payload).cast("B")
+    block = constants.block_size_bytes
+    if object_size <= 0 or object_size % block or object_size > constants.object_size_max_bytes:
+        raise BadRequest(f"sparse copy: no object is {object_size} bytes")
+    if len(view) < _extent_count.size:
+        raise BadRequest(f"sparse copy: {len(view)} bytes hold no extent count")
+    (count,) = _extent_count.unpack_from(view)
+    data_at = _extent_count.size + count * _extent.size
+    if count > object_size // block or data_at > len(view):
+        raise BadRequest(f"sparse copy: {count} extents do not fit {len(view)} bytes"
+                         f" of a {object_size}-byte object")
+    extents: list[Extent] = []
+    end = 0
+    for offset, length in _extent.iter_unpack(view[_extent_count.size:data_at]):
+        if (offset % block or length % block or not length or offset < end
+                or offset + length > object_size):
+            raise BadRequest(f"sparse copy: extent {offset}+{length} is not whole blocks"
+                             f" in order inside the object")
+        if data_at + length > len(view):
+            raise BadRequest(f"sparse copy: extent {offset}+{length} is cut short")
+        extents.append((offset, view[data_at:data_at + length]))
+        data_at += length
+        end = offset + length
+    if data_at != len(view):
+        raise BadRequest(f"sparse copy: {len(view) - data_at} bytes past the last extent")
+    return extents
 
 
 def encode_json(value: Any) -> bytes:

@@ -140,20 +140,17 @@ class Verifier(_Worker):
             self.peer.health.forget(oid)
         else:
             self.peer.check_space()
-            data, fields = await self.gateway.read_copy(best.node, _whole(self.group, oid), epoch)
+            extents, _, read_version = await self.gateway.read_extents(best.node, oid, epoch)
             if not self.peer.health.is_unverified(oid):
                 return  # a client's write got here first: it is current
             # The version read with the data: a write may have landed since the stat.
-            version = fields.get("arg0") or version
-            self.store.create_and_write(oid, 0, bytes(data), version)
+            version = read_version or version
+            self.store.create_from_extents(oid, extents, version)
             self.peer.health.replaced(oid)
         self.replaced += 1
         log.info("copy of %016x was stale (version %d, newest %d): replaced", oid,
                  mine.version, version)
 
-
-def _whole(group: Group, oid: int) -> Header:
-    return Header(opcode=Op.READ_OBJ, oid=oid, offset=0, count=group.state.object_size)
 
 recovery_concurrency = 4  # objects fetched at once
 purge_concurrency = 16  # surplus copies checked at once
@@ -400,18 +397,20 @@ class Recoverer(_Worker):
             return False
         self.peer.check_space()
         await self.limiter.take(self.group.state.object_size)
-        data, fields = await self.gateway.read_copy(best.node, _whole(self.group, oid), epoch)
+        # The copy comes as its extents and only they are written: holes stay holes.
+        extents, _, version = await self.gateway.read_extents(best.node, oid, epoch)
+        copied = proto.extents_bytes(extents)
         if self.store.is_partial(oid):  # what was written here since stays
-            self.store.fill(oid, data, fields.get("arg0") or best.version)
-            self.bytes += len(data)
-            self.bytes_total += len(data)
+            self.store.fill_extents(oid, extents, version or best.version)
+            self.bytes += copied
+            self.bytes_total += copied
             return True
         if self.store.exists(oid):
             return False  # a client's write put a current copy here meanwhile
         # The version read with the data: a write may have landed since the stat.
-        self.store.create_and_write(oid, 0, bytes(data), fields.get("arg0") or best.version)
-        self.bytes += len(data)
-        self.bytes_total += len(data)
+        self.store.create_from_extents(oid, extents, version or best.version)
+        self.bytes += copied
+        self.bytes_total += copied
         return True
 
     async def purge_once(self, epoch: int) -> bool:

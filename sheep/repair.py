@@ -97,15 +97,16 @@ class Repairer:
         result["good"] = len(nodes) - len(stale)
         repairable = [node for node in stale if node not in unreachable]
         if repairable:
-            data, fields = await self.gateway.read_copy(source, Header(
-                opcode=Op.READ_OBJ, oid=oid, count=self.group.state.object_size), epoch)
+            _, data, read_version = await self.gateway.read_extents(source, oid, epoch)
             # FLAG_DIRECT: a repair replaces a copy as new as the source (damaged, or
             # with other contents), though never one a write has made newer since.
             # FLAG_FUA: a repaired copy is durable when it is counted as good (a surplus
             # copy waiting for it may go at once: Recoverer._held_elsewhere).
-            create = Header(opcode=Op.CREATE_AND_WRITE_OBJ, oid=oid, count=len(data),
-                            arg0=fields.get("arg0") or version,
-                            flags=proto.FLAG_DIRECT | proto.FLAG_FUA)
+            # FLAG_SPARSE: the copy goes as the source's extents; holes stay holes.
+            create = Header(opcode=Op.CREATE_AND_WRITE_OBJ, oid=oid,
+                            count=self.group.state.object_size,
+                            arg0=read_version or version,
+                            flags=proto.FLAG_DIRECT | proto.FLAG_FUA | proto.FLAG_SPARSE)
             await asyncio.gather(*(self.gateway.call(node, create, bytes(data), epoch)
                                    for node in repairable))
             result["repaired"] = [node.node_id for node in repairable]

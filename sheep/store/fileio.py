@@ -24,6 +24,17 @@ class FileIO:
     def pread(self, fd: int, count: int, offset: int) -> bytes:
         return os.pread(fd, count, offset)
 
+    def pread_into(self, fd: int, view: memoryview, offset: int) -> int:
+        """Read into view (no new buffer: a copy's data goes where it is sent from);
+        the bytes read, fewer only at the end of the file."""
+        done = 0
+        while done < len(view):
+            count = os.preadv(fd, [view[done:]], offset + done)
+            if count <= 0:
+                break
+            done += count
+        return done
+
     def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
         """Write all of data: a short write (a disk filling up) goes on from where it
         stopped, and one that writes nothing is ENOSPC."""
@@ -35,6 +46,35 @@ class FileIO:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             done += written
         return done
+
+    def extents(self, fd: int, size: int) -> list[tuple[int, int]]:
+        """The [start, end) byte ranges of the first ``size`` bytes that hold data, by
+        lseek SEEK_DATA/SEEK_HOLE; everything else is a hole and reads as zeros. Where
+        the system or the filesystem cannot tell (no SEEK_DATA, EINVAL, EOPNOTSUPP),
+        the whole file is data: a copy made from it is as full as before, never wrong."""
+        seek_data = getattr(os, "SEEK_DATA", None)
+        seek_hole = getattr(os, "SEEK_HOLE", None)
+        if seek_data is None or seek_hole is None:
+            return [(0, size)] if size else []
+        found: list[tuple[int, int]] = []
+        at = 0
+        try:
+            while at < size:
+                try:
+                    start = os.lseek(fd, at, seek_data)
+                except OSError as error:
+                    if error.errno == errno.ENXIO:  # no data past at (or at is past the end)
+                        break
+                    raise
+                if start >= size:
+                    break
+                at = min(os.lseek(fd, start, seek_hole), size)
+                found.append((start, at))
+        except OSError as error:
+            if error.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                return [(0, size)] if size else []
+            raise
+        return found
 
     def truncate(self, fd: int, size: int) -> None:
         os.ftruncate(fd, size)

@@ -152,6 +152,22 @@ def _nonzero_runs(view: memoryview, low: int, high: int) -> list[tuple[int, int]
     return runs
 
 
+def _whole_blocks(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """Sorted [start, end) byte ranges rounded out to whole checksum blocks (a read
+    verifies whole blocks), cut at size, the ones that then touch merged."""
+    merged: list[tuple[int, int]] = []
+    for start, end in ranges:
+        start = start // sums.BLOCK * sums.BLOCK
+        end = min(size, -(-end // sums.BLOCK) * sums.BLOCK)
+        if start >= end:
+            continue
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
 def _oid_key(oid: int) -> bytes:
     return oid.to_bytes(8, "big")
 
@@ -622,16 +638,24 @@ class Store:
         self._partial[oid] = merged
 
     def fill(self, oid: int, data: bytes | bytearray | memoryview, version: int) -> int:
-        """Complete a partial copy from a whole copy's data (at version): every range
-        not written here since the partial copy was made. Zero ranges stay holes (the
-        file has zeros there already). The version becomes the newer of the two."""
-        ranges = self._partial.get(oid)
-        if ranges is None:
+        """fill_extents from the whole object's bytes."""
+        if oid not in self._partial:
             raise NoObject(f"object {oid:016x} has no partial copy here")
         if len(data) != self.object_size:
             raise InvalidParameters(f"filling {oid:016x} takes the whole object"
                                     f" ({self.object_size} bytes), not {len(data)}")
-        view = memoryview(data)
+        return self.fill_extents(oid, [(0, memoryview(data))], version)
+
+    def fill_extents(self, oid: int, extents: list[tuple[int, memoryview]],
+                     version: int) -> int:
+        """Complete a partial copy from a whole copy's extents (read_extents, at
+        version): every range not written here since the partial copy was made. What
+        the extents leave out, and zero ranges in them, stay holes (the file has zeros
+        there already). The version becomes the newer of the two."""
+        ranges = self._partial.get(oid)
+        if ranges is None:
+            raise NoObject(f"object {oid:016x} has no partial copy here")
+        self._check_extents(extents)
         gaps, at = [], 0
         for low, high in ranges:
             if low > at:
@@ -640,9 +664,13 @@ class Store:
         if at < self.object_size:
             gaps.append((at, self.object_size))
         new = self.version(oid)
-        for low, high in gaps:
-            for start, end in _nonzero_runs(view, low, high):
-                new = self.write(oid, start, view[start:end], version=version)
+        for offset, data in extents:
+            view = memoryview(data)
+            for low, high in gaps:
+                start, end = max(low, offset) - offset, min(high, offset + len(view)) - offset
+                for run_start, run_end in _nonzero_runs(view, start, end):
+                    new = self.write(oid, offset + run_start, view[run_start:run_end],
+                                     version=version)
         if not gaps or new < version:
             new = self._bump_version(oid, version)
         self._partial.pop(oid, None)
@@ -682,16 +710,7 @@ class Store:
     def _create_and_write(self, oid: int, offset: int, data: bytes | memoryview,
                           version: int | None) -> int:
         with _translated(f"create object {oid:016x}"):
-            self._intend(oid)
-            self.clear_doubt(oid)  # a whole new copy
-            self._drop_fd(oid)  # a cached fd may be of a file lost from the store
-            fd = self._fd(oid, create=True)
-            self._directories.add(os.path.dirname(self.object_path(oid)))
-            meta = self._changing(oid)
-            meta.sums = sums.fresh(self.object_size) if self.checksums else None
-            meta.drop_sums = False
-            self._dirty.add(oid)
-            self._fresh.add(oid)
+            fd, meta = self._new_copy(oid)
 
             def create() -> None:
                 self.io.truncate(fd, 0)  # an old object's bytes must not show through
@@ -700,6 +719,129 @@ class Store:
                     self.io.pwrite(fd, data, offset)
 
             self._changed(oid, fd, meta, offset, len(data), data, create)
+            return self._bump_version(oid, version, exact=version is not None)
+
+    def _new_copy(self, oid: int) -> tuple[int, _Meta]:
+        """Begin a whole new copy of oid (its file opened, made if need be; the caller
+        empties it): the checksums of a zero object, to be set for what is written."""
+        self._intend(oid)
+        self.clear_doubt(oid)  # a whole new copy
+        self._drop_fd(oid)  # a cached fd may be of a file lost from the store
+        fd = self._fd(oid, create=True)
+        self._directories.add(os.path.dirname(self.object_path(oid)))
+        meta = self._changing(oid)
+        meta.sums = sums.fresh(self.object_size) if self.checksums else None
+        meta.drop_sums = False
+        self._dirty.add(oid)
+        self._fresh.add(oid)
+        return fd, meta
+
+    # --- copies by extents ----------------------------------------------------------
+    #
+    # A whole copy of an object travels as its extents: the ranges of whole checksum
+    # blocks that hold data, with their bytes; every other block is zeros. The source
+    # lists them from its file's allocation (FileIO.extents) and leaves out blocks of
+    # zeros; the new copy is made at the object's size and only the extents are
+    # written, so holes stay holes on every copy, however often it is copied.
+
+    def read_extents(self, oid: int,
+                     room: int = 0) -> tuple[list[tuple[int, memoryview]], bytearray]:
+        """The copy's data as (offset, bytes) extents of whole blocks, in order: views
+        of one buffer, in which they lie one after another from byte ``room`` on (the
+        bytes before are the caller's: a sparse reply puts its table there and sends
+        the buffer as it is, rather than copying 4 MiB into a payload).
+
+        Verified as strictly as read() of the whole object: the extents' data against
+        its checksums, and every block left out (a hole, or zeros) against a zero
+        block's checksum, so a block the file lost (it reads as zeros) is damage here
+        as it is there. Damage is an I/O error."""
+        with _translated(f"read object {oid:016x}"):
+            fd = self._fd_to_read(oid)
+            ranges = _whole_blocks(self.io.extents(fd, self.object_size), self.object_size)
+            buffer = bytearray(room + sum(end - start for start, end in ranges))
+            view = memoryview(buffer)
+            at = room
+            for start, end in ranges:  # a file cut short reads as zeros past its end
+                self.io.pread_into(fd, view[at:at + end - start], start)
+                at += end - start
+        table = self._checksums(oid) if self.checksums else None
+        found: list[tuple[int, memoryview]] = []
+        bad: list[int] = []
+        block = 0  # the blocks before it are checked
+        at = packed = room  # where the next range was read, where its data goes
+        for start, end in ranges:
+            first = start // sums.BLOCK
+            piece = view[at:at + end - start]
+            crcs = sums.crcs(piece)
+            if table is not None:
+                bad += sums.not_zeros(table, block, first) + sums.mismatches(crcs, first, table)
+            for low, high in sums.nonzero_runs(piece, crcs):
+                if packed != at + low:  # blocks of zeros left out: the rest moves up
+                    view[packed:packed + high - low] = view[at + low:at + high]
+                found.append((start + low, view[packed:packed + high - low]))
+                packed += high - low
+            block = first + len(crcs)
+            at += end - start
+        if table is not None:
+            bad += sums.not_zeros(table, block, len(table))
+        if bad:
+            raise self._damage(oid, bad)
+        return found, buffer
+
+    def _check_extents(self, extents: list[tuple[int, memoryview]]) -> None:
+        """Extents as read_extents gives them: whole blocks, in order, apart, inside
+        the object (the checksums are computed block by block from them)."""
+        end = 0
+        for offset, data in extents:
+            if (offset % sums.BLOCK or len(data) % sums.BLOCK or offset < end
+                    or offset + len(data) > self.object_size):
+                raise InvalidParameters(
+                    f"extent {offset}+{len(data)} is not whole blocks in order inside the"
+                    f" object size {self.object_size}")
+            end = offset + len(data)
+
+    def create_from_extents(self, oid: int, extents: list[tuple[int, memoryview]],
+                            version: int | None = None) -> int:
+        """A whole new copy of the object (over any copy here) from another copy's
+        extents (read_extents): the file is made at the object's size and only the
+        extents' blocks that are not zeros are written, so it takes the space its
+        data does. The checksums are those of the whole object (a zero block's where
+        nothing is written). Otherwise as create_and_write of the whole object:
+        version, when given, becomes the copy's; a new object whose creation fails is
+        not left behind."""
+        self._check_extents(extents)
+        fresh = not self.exists(oid)
+        before = self.version(oid)
+        try:
+            return self._create_from_extents(oid, extents, version)
+        except SheepError:
+            if fresh:
+                self._undo_create(oid, before)
+            raise
+
+    def _create_from_extents(self, oid: int, extents: list[tuple[int, memoryview]],
+                             version: int | None) -> int:
+        with _translated(f"create object {oid:016x}"):
+            fd, meta = self._new_copy(oid)
+            found = [sums.crcs(data) for _, data in extents]
+            try:
+                self.io.truncate(fd, 0)  # an old object's bytes must not show through
+                self.io.truncate(fd, self.object_size)
+                for (offset, data), crcs in zip(extents, found, strict=True):
+                    view = memoryview(data)
+                    for low, high in sums.nonzero_runs(view, crcs):
+                        self.io.pwrite(fd, view[low:high], offset + low)
+            except OSError:
+                # An old copy replaced halfway: its checksums must be true to the file.
+                try:
+                    self._refresh_sums(oid, meta, fd, 0, self.object_size)
+                except OSError:
+                    log.exception("cannot re-read object %016x after a failed change", oid)
+                raise
+            if meta.sums is not None:
+                for (offset, _), crcs in zip(extents, found, strict=True):
+                    first = offset // sums.BLOCK
+                    meta.sums[first:first + len(crcs)] = array.array("I", crcs)
             return self._bump_version(oid, version, exact=version is not None)
 
     def write(self, oid: int, offset: int, data: bytes | memoryview, fua: bool = False,
@@ -732,15 +874,7 @@ class Store:
         """The bytes, verified against the checksums; damage is an I/O error."""
         self._check_range(offset, count)
         with _translated(f"read object {oid:016x}"):
-            try:
-                fd = self._fd(oid)
-            except NoObject:
-                found = self._lookup(oid)
-                if found is not None and not found[1]:
-                    self.counters["missing_files"] += 1
-                    raise IOErrorResult(
-                        f"object {oid:016x}: its file is missing from the store") from None
-                raise
+            fd = self._fd_to_read(oid)
             if not self.checksums or not count:
                 return self._pread_full(fd, offset, count)
             first, end = sums.covering(offset, count)
@@ -750,6 +884,19 @@ class Store:
         if bad:
             raise self._damage(oid, bad)
         return data[offset - start:offset - start + count]
+
+    def _fd_to_read(self, oid: int) -> int:
+        """The copy's fd; a copy whose metadata is here but whose file is not is
+        damage (an I/O error), not an absent object."""
+        try:
+            return self._fd(oid)
+        except NoObject:
+            found = self._lookup(oid)
+            if found is not None and not found[1]:
+                self.counters["missing_files"] += 1
+                raise IOErrorResult(
+                    f"object {oid:016x}: its file is missing from the store") from None
+            raise
 
     def _damage(self, oid: int, bad: list[int]) -> SheepError:
         self.counters["checksum_errors"] += 1

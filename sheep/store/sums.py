@@ -53,7 +53,8 @@ def covering(offset: int, count: int) -> tuple[int, int]:
     return first, end
 
 
-def _crcs(data: bytes | bytearray | memoryview) -> list[int]:
+def crcs(data: bytes | bytearray | memoryview) -> list[int]:
+    """The crc of every whole block of data."""
     view = memoryview(data)
     return [crc32c.crc32c(view[at:at + BLOCK])
             for at in range(0, len(view) - len(view) % BLOCK, BLOCK)]
@@ -62,19 +63,55 @@ def _crcs(data: bytes | bytearray | memoryview) -> list[int]:
 def compute(data: bytes | bytearray | memoryview, first: int,
             sums: array.array[int]) -> None:
     """Set the entries of whole blocks of data that start at block ``first``."""
-    crcs = _crcs(data)
-    sums[first:first + len(crcs)] = array.array("I", crcs)
+    found = crcs(data)
+    sums[first:first + len(found)] = array.array("I", found)
+
+
+def mismatches(found: list[int], first: int, sums: array.array[int]) -> list[int]:
+    """The blocks from block ``first`` whose crc (of found) is not the one stored."""
+    stored = sums[first:first + len(found)].tolist()
+    if found == stored:
+        return []
+    return [first + index for index, (got, kept) in enumerate(zip(found, stored, strict=True))
+            if got != kept]
 
 
 def bad_blocks(data: bytes | bytearray | memoryview, first: int,
                sums: array.array[int]) -> list[int]:
     """The blocks of data (whole blocks from block ``first``) whose crc is not stored."""
-    crcs = _crcs(data)
-    stored = sums[first:first + len(crcs)].tolist()
-    if crcs == stored:
+    return mismatches(crcs(data), first, sums)
+
+
+def not_zeros(sums: array.array[int], first: int, end: int) -> list[int]:
+    """The blocks in [first, end) whose stored crc is not a zero block's: where a copy
+    has a hole (which reads as zeros), these are damage."""
+    if sums[first:end].count(ZERO_CRC) == end - first:
         return []
-    return [first + index for index, (got, kept) in enumerate(zip(crcs, stored, strict=True))
-            if got != kept]
+    return [block for block in range(first, end) if sums[block] != ZERO_CRC]
+
+
+_zero_block = bytes(BLOCK)
+
+
+def nonzero_runs(data: bytes | bytearray | memoryview, found: list[int]) -> list[tuple[int, int]]:
+    """The [start, end) byte runs of data (whole blocks, whose crcs are found) that are
+    not all zeros: a copy writes only these, so zeros stay holes. A block whose crc is
+    a zero block's is compared with zeros before it is left out (the crc alone proves
+    nothing), and only then: comparing every block costs more than its crc."""
+    view = memoryview(data)
+    runs: list[tuple[int, int]] = []
+    start: int | None = None
+    for index, value in enumerate(found):
+        at = index * BLOCK
+        zero = value == ZERO_CRC and view[at:at + BLOCK].tobytes() == _zero_block
+        if zero and start is not None:
+            runs.append((start, at))
+            start = None
+        elif not zero and start is None:
+            start = at
+    if start is not None:
+        runs.append((start, len(found) * BLOCK))
+    return runs
 
 
 def digest(sums: array.array[int]) -> int:

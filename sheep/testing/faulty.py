@@ -49,8 +49,9 @@ class FaultyIO(FileIO):
 
     def fail(self, call: str, code: int, times: int = 1, partial: int = 0) -> None:
         """Make the next ``times`` calls named call ("pwrite", "pread", "datasync",
-        "punch", "open", "truncate", "sync_directory") fail with errno code; a failing pwrite first
-        writes ``partial`` bytes, as a disk that fills up halfway does."""
+        "punch", "open", "truncate", "sync_directory", "extents") fail with errno
+        code; a failing pwrite first writes ``partial`` bytes, as a disk that fills
+        up halfway does."""
         self._failures += [(call, code, partial)] * times
 
     def power_loss(self, lose_all: bool = False) -> None:
@@ -156,6 +157,26 @@ class FaultyIO(FileIO):
         for at, written in self._fds[fd].pending:
             _overlay(data, offset, at, written)
         return bytes(data[:wanted])
+
+    def pread_into(self, fd: int, view: memoryview, offset: int) -> int:
+        data = self.pread(fd, len(view), offset)  # with the unsynced writes
+        view[:len(data)] = data
+        return len(data)
+
+    def extents(self, fd: int, size: int) -> list[tuple[int, int]]:
+        """The file's own extents and the ranges of its pending writes (held here, as
+        the page cache holds them, so the file's lseek cannot see them)."""
+        self._maybe_fail("extents")
+        ranges = super().extents(fd, size) + [
+            (offset, min(offset + len(data), size))
+            for offset, data in self._fds[fd].pending if offset < size and data]
+        merged: list[tuple[int, int]] = []
+        for start, end in sorted(ranges):
+            if merged and start <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+            else:
+                merged.append((start, end))
+        return merged
 
     def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
         try:

@@ -1,17 +1,23 @@
 """Writes through the gateway onto a replica that needs a copy first (unverified,
 or found damaged by the write), in-process: every replica ends with the same
-bytes and the same version."""
+bytes and the same version. Whole copies (a write's, a repair's) travel as
+extents and keep the holes; a malformed sparse copy is an error, never a copy."""
 
 from __future__ import annotations
 
+import os
+import struct
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from sheep import proto
 from sheep.constants import MiB
-from sheep.errors import IOErrorResult
+from sheep.errors import BadRequest, IOErrorResult, Result
+from sheep.proto import Header, Op
 from sheep.store import sums
+from sheep.testing.cluster import raw_call
 from sheep.testing.inprocess import InProcessCluster
 
 object_size = 1 * MiB
@@ -94,3 +100,113 @@ def test_a_partial_write_onto_a_block_damaged_everywhere_is_an_io_error(
         with pytest.raises(IOErrorResult, match="checksum mismatch in block 0"):
             client.write(oid, b"new", offset=100)
     assert [sheep.store.verify(oid) for sheep in cluster.sheep] == [[0], [0], [0]]
+
+
+# --- whole copies travel as extents (FLAG_SPARSE): holes stay holes ----------------------
+
+
+def allocated(path: str) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def sparse_object(client: Any, oid: int) -> bytes:
+    """An object with 8 KiB of data at its start and 4 KiB in its middle; the rest a hole."""
+    client.create_and_write(oid, b"s" * 8192)
+    client.write(oid, b"m" * sums.BLOCK, offset=object_size // 2)
+    client.flush()
+    return client.read(oid, 0, object_size)
+
+
+def test_a_copy_made_for_a_write_keeps_the_holes(cluster: InProcessCluster) -> None:
+    """The gateway copies a current copy over an unverified one before a write: only
+    the source's data is written there, not a whole object of zeros."""
+    oid = 0x61
+    with cluster.client(0) as client:
+        sparse_object(client, oid)
+        mark_unverified(cluster, 2, oid)
+        client.write(oid, b"w" * 100, offset=100)
+        expected = client.read(oid, 0, object_size)
+    source, copy = cluster.sheep[0].store, cluster.sheep[2].store
+    assert copy.read(oid, 0, object_size) == expected
+    assert copy.verify(oid) == [] and copy.version(oid) == source.version(oid)
+    assert allocated(copy.object_path(oid)) <= allocated(source.object_path(oid))
+    assert allocated(copy.object_path(oid)) <= 4 * sums.BLOCK
+
+
+def test_a_repaired_copy_keeps_the_holes(cluster: InProcessCluster) -> None:
+    oid = 0x62
+    with cluster.client(0) as client:
+        expected = sparse_object(client, oid)
+        damaged = cluster.sheep[1].store
+        with open(damaged.object_path(oid), "r+b") as file:
+            file.seek(5)
+            file.write(b"X")
+        [result] = client.check_objects([oid], scrub=True)
+        assert result["state"] == "repaired", result
+    assert damaged.read(oid, 0, object_size) == expected and damaged.verify(oid) == []
+    assert allocated(damaged.object_path(oid)) <= 4 * sums.BLOCK
+
+
+def test_a_malformed_sparse_reply_is_an_error_never_a_copy(cluster: InProcessCluster) -> None:
+    """A holder whose sparse reads answer garbage (a bug, a bad peer): reading its copy
+    fails with BadRequest, and a write that needed that copy fails rather than making
+    a wrong one."""
+    oid = 0x63
+    with cluster.client(0) as client:
+        sparse_object(client, oid)
+    bad = cluster.sheep[0].peer
+    assert bad is not None
+    honest_read = bad.handlers[Op.READ_PEER]
+
+    async def garbage(header: Header, payload: bytes) -> tuple[bytes, dict[str, int]]:
+        if header.flags & proto.FLAG_SPARSE:
+            # One extent of a block, then half a block of data.
+            return struct.pack("<III", 1, 0, sums.BLOCK) + b"g" * (sums.BLOCK // 2), {"arg0": 1}
+        return await honest_read(header, payload)
+
+    bad.handlers[Op.READ_PEER] = garbage
+    reader = cluster.sheep[1].gateway
+    assert reader is not None
+    node = cluster.sheep[0].node
+    with pytest.raises(BadRequest, match="cut short"):  # over TCP, decoded on receipt
+        cluster.run(reader.read_extents(node, oid, reader.group.epoch))
+    before = cluster.sheep[2].store.read(oid, 0, object_size)
+    mark_unverified(cluster, 2, oid)
+    with cluster.client(0) as client, pytest.raises(BadRequest, match="sparse copy"):
+        client.write(oid, b"w", offset=0)
+    assert cluster.sheep[2].store.read(oid, 0, object_size) == before  # no copy made
+    bad.handlers[Op.READ_PEER] = honest_read
+
+
+def test_a_malformed_sparse_copy_is_refused_by_its_receiver(cluster: InProcessCluster) -> None:
+    oid = 0x64
+    create = Header(opcode=Op.CREATE_AND_WRITE_OBJ, oid=oid, count=object_size,
+                    flags=proto.FLAG_SPARSE, arg0=5)
+    for payload in (b"\x01\x00", struct.pack("<III", 1, 1, sums.BLOCK) + bytes(sums.BLOCK),
+                    struct.pack("<III", 1, 0, sums.BLOCK) + bytes(sums.BLOCK + 1)):
+        reply, message = raw_call(cluster.ports[0], create, payload)
+        assert reply.result == Result.BAD_REQUEST, message
+        assert b"sparse copy" in message
+    assert not any(sheep.store.exists(oid) for sheep in cluster.sheep)
+    # A well-formed one makes the object on every holder, thin.
+    extents = [(0, memoryview(b"k" * sums.BLOCK))]
+    reply, _ = raw_call(cluster.ports[0], create, proto.encode_extents(extents))
+    assert reply.result == Result.SUCCESS
+    for sheep in cluster.sheep:
+        assert sheep.store.read(oid, 0, sums.BLOCK + 1) == b"k" * sums.BLOCK + b"\0"
+        assert sheep.store.version(oid) == 5
+        assert allocated(sheep.store.object_path(oid)) == sums.BLOCK
+
+
+def test_an_old_style_whole_read_still_returns_every_byte(cluster: InProcessCluster) -> None:
+    oid = 0x65
+    with cluster.client(0) as client:
+        expected = sparse_object(client, oid)
+    reply, data = raw_call(cluster.ports[1], Header(opcode=Op.READ_OBJ, oid=oid,
+                                                    count=object_size))
+    assert reply.result == Result.SUCCESS and bytes(data) == expected
+    reply, data = raw_call(cluster.ports[1], Header(opcode=Op.READ_OBJ, oid=oid,
+                                                    count=object_size, flags=proto.FLAG_SPARSE))
+    assert reply.result == Result.SUCCESS
+    assert [(offset, len(view)) for offset, view in proto.decode_extents(data, object_size)] == [
+        (0, 2 * sums.BLOCK), (object_size // 2, sums.BLOCK)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+from sheep import radix
 from sheep.testing.cluster import LocalCluster
 
 
@@ -68,3 +69,58 @@ def test_dog_node_recovery_reports_every_node(make_cluster):
                                         timeout=60).stdout)
     assert [item["index"] for item in listing] == [0, 1, 2]
     assert all(item["failed"] == 0 and item["unverified"] == 0 for item in listing)
+
+
+def allocated(path: str) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def test_recovered_copies_take_the_space_of_their_data_not_of_the_object(make_cluster):
+    """Thin recovery: a VDI with 64 KiB written at the start of each of its objects
+    loses a sheep (SIGKILL); the copies recovery makes on the survivors allocate about
+    what their sources do (64 KiB each), not 4 MiB, and hold the same bytes. Before
+    copies travelled as extents, each recovered copy took the whole object."""
+    cluster: LocalCluster = make_cluster(4)
+    cluster.format(3)
+    objects, written = 32, 64 << 10
+    object_size = 4 << 20
+    expected: dict[int, bytes] = {}
+    with cluster.client(0) as client:
+        client.vdi_create("thin", objects * object_size)
+        handle = client.vdi_open("thin", writable=True)["handle"]
+        for index in range(objects):
+            data = os.urandom(written)
+            client.vdi_write(handle, index * object_size, data)
+            expected[index] = data + bytes(object_size - written)
+        client.vdi_close(handle)
+        client.flush()
+        generation = client.vdi_list(["thin"], usage=False)[0]["generation"]
+    oids = {radix.data_oid(generation, index): index for index in range(objects)}
+    held = {oid: set(cluster.object_files(oid)) for oid in oids}
+    assert all(len(holders) == 3 for holders in held.values()), held
+    sources = {oid: max(allocated(cluster.object_path(index, oid)) for index in holders)
+               for oid, holders in held.items()}
+    victim = 3
+    lost = [oid for oid in oids if victim in held[oid]]
+    assert lost, "the victim held copies"
+    cluster.kill(victim)
+    cluster.wait_recovered(60)
+    recovered = {oid: [index for index in cluster.object_files(oid)
+                       if index != victim and index not in held[oid]] for oid in lost}
+    assert all(len(new) == 1 for new in recovered.values()), recovered
+    copies_bytes = sum(allocated(cluster.object_path(new[0], oid))
+                       for oid, new in recovered.items())
+    sources_bytes = sum(sources[oid] for oid in lost)
+    print(f"\n{len(lost)} objects recovered: their copies allocate {copies_bytes} bytes,"
+          f" their sources {sources_bytes} bytes ({len(lost) * object_size} if whole)")
+    for oid, [index] in recovered.items():
+        path = cluster.object_path(index, oid)
+        assert allocated(path) <= 1.1 * sources[oid], (oid, allocated(path), sources[oid])
+        with open(path, "rb") as file:
+            assert file.read() == expected[oids[oid]]
+    # And through the cluster, every object byte for byte, from a survivor.
+    with cluster.client(0) as client:
+        handle = client.vdi_open("thin")["handle"]
+        for index in range(objects):
+            assert client.vdi_read(handle, index * object_size, object_size) == expected[index]
+        client.vdi_close(handle)

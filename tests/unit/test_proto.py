@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import struct
 
 import pytest
 from hypothesis import given, settings
@@ -13,6 +14,7 @@ from sheep.errors import BadRequest, Result
 from sheep.proto import (
     FLAG_FUA,
     FLAG_REPLY,
+    FLAG_SPARSE,
     HEADER_SIZE,
     OPS,
     Caller,
@@ -23,9 +25,14 @@ from sheep.proto import (
     Payload,
     ProtocolError,
     check_handlers,
+    decode_extents,
     decode_json,
     encode,
+    encode_extents,
+    encode_extents_into,
     encode_json,
+    extent_table_bytes,
+    extents_bytes,
     request_problem,
     unpack_header,
 )
@@ -339,3 +346,110 @@ def test_an_op_added_without_a_handler_fails_at_construction(monkeypatch, tmp_pa
     builders[Kind.VDI_ADMIN] = builders[Kind.VDI]
     with pytest.raises(AssertionError, match=rf"does not match the op table: missing \['{op.name}'\]"):
         builders[kind]()
+
+
+# --- sparse copies (FLAG_SPARSE) -----------------------------------------------------
+
+sparse_object_size = 1 << 20
+block = constants.block_size_bytes
+
+
+def sparse_payload(*entries: tuple[int, int], data: bytes | None = None,
+                   count: int | None = None) -> bytes:
+    """An extent table as the encoder lays it out, with data that fits it unless given."""
+    table = struct.pack("<I", len(entries) if count is None else count)
+    for offset, length in entries:
+        table += struct.pack("<II", offset, length)
+    body = bytes(sum(length for _, length in entries)) if data is None else data
+    return table + body
+
+
+def test_extents_round_trip() -> None:
+    first, second = bytes(range(256)) * 16, b"\xab" * (3 * block)
+    extents = [(0, memoryview(first)), (5 * block, memoryview(second))]
+    payload = encode_extents(extents)
+    assert len(payload) == 4 + 2 * 8 + len(first) + len(second)
+    decoded = decode_extents(payload, sparse_object_size)
+    assert [(offset, bytes(data)) for offset, data in decoded] == [
+        (0, first), (5 * block, second)]
+    assert extents_bytes(decoded) == len(first) + len(second)
+    # An object of zeros is no extent at all; a whole object is one.
+    assert decode_extents(encode_extents([]), sparse_object_size) == []
+    whole = decode_extents(encode_extents([(0, memoryview(bytes(sparse_object_size)))]),
+                           sparse_object_size)
+    assert [(offset, len(data)) for offset, data in whole] == [(0, sparse_object_size)]
+
+
+@pytest.mark.parametrize(("payload", "reason"), [
+    (b"", "no extent count"),
+    (b"\x01\x00", "no extent count"),
+    (sparse_payload(count=1), "do not fit"),  # a table shorter than its count
+    (sparse_payload(count=2**32 - 1), "do not fit"),  # a hostile count: nothing allocated
+    (sparse_payload(*[(index * 2 * block, block) for index in range(129)]), "do not fit"),
+    (sparse_payload((1, block)), "not whole blocks"),
+    (sparse_payload((0, block + 1)), "not whole blocks"),
+    (sparse_payload((0, 0)), "not whole blocks"),
+    (sparse_payload((block, block), (0, block)), "not whole blocks"),  # out of order
+    (sparse_payload((0, 2 * block), (block, block)), "not whole blocks"),  # overlapping
+    (sparse_payload((sparse_object_size, block)), "not whole blocks"),  # past the end
+    (sparse_payload((2**32 - block, block)), "not whole blocks"),
+    (sparse_payload((0, block), data=bytes(block - 1)), "cut short"),
+    (sparse_payload((0, block), data=bytes(block + 1)), "past the last extent"),
+])
+def test_malformed_sparse_copies_are_bad_requests(payload: bytes, reason: str) -> None:
+    small = 128 * block  # 512 KiB: at most 128 extents
+    with pytest.raises(BadRequest, match=reason):
+        decode_extents(payload, small)
+
+
+def test_sparse_copies_of_impossible_objects_are_bad_requests() -> None:
+    for size in (0, block + 1, constants.object_size_max_bytes * 2):
+        with pytest.raises(BadRequest, match="no object"):
+            decode_extents(encode_extents([]), size)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64), st.binary(max_size=3 * block))
+def test_any_sparse_payload_decodes_to_a_valid_copy_or_is_a_bad_request(
+        table: bytes, body: bytes) -> None:
+    """Whatever bytes arrive: either BadRequest, or extents that are whole blocks, in
+    order, inside the object, and that account for every byte of the payload."""
+    try:
+        extents = decode_extents(table + body, 16 * block)
+    except BadRequest:
+        return
+    end = 0
+    for offset, data in extents:
+        assert offset % block == 0 and len(data) % block == 0 and len(data)
+        assert end <= offset and offset + len(data) <= 16 * block
+        end = offset + len(data)
+    assert 4 + 8 * len(extents) + extents_bytes(extents) == len(table + body)
+
+
+def test_flag_sparse_is_for_whole_object_reads_and_creates() -> None:
+    read = Header(opcode=Op.READ_PEER, count=4 << 20, flags=FLAG_SPARSE)
+    assert request_problem(read) is None
+    # A sparse create's payload is the extents, not count bytes of data.
+    create = Header(opcode=Op.CREATE_AND_WRITE_OBJ, count=4 << 20, length=12,
+                    flags=FLAG_SPARSE)
+    assert request_problem(create) is None
+    assert request_problem(create._replace(flags=0))[0] == Result.BAD_REQUEST
+    write = Header(opcode=Op.WRITE_OBJ, count=12, length=12, flags=FLAG_SPARSE)
+    assert request_problem(write) == (Result.BAD_REQUEST, "write_obj takes no FLAG_SPARSE")
+    problem = request_problem(read._replace(offset=block))
+    assert problem is not None and problem[0] == Result.INVALID_PARMS
+    # A sparse payload of the largest object, with the largest table, can be framed.
+    assert constants.payload_max_bytes >= (constants.object_size_max_bytes
+                                           + constants.extent_table_max_bytes)
+
+
+def test_extents_encoded_in_place_are_the_same_payload() -> None:
+    room = extent_table_bytes(sparse_object_size)
+    assert room == 4 + 8 * (sparse_object_size // block)
+    first, second = b"\x01" * block, b"\x02" * (2 * block)
+    buffer = bytearray(room) + first + second
+    view = memoryview(buffer)
+    extents = [(block, view[room:room + block]), (8 * block, view[room + block:])]
+    payload = encode_extents_into(buffer, room, extents)
+    assert bytes(payload) == encode_extents([(block, memoryview(first)),
+                                             (8 * block, memoryview(second))])

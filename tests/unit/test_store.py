@@ -787,3 +787,225 @@ def test_a_partial_copy_stays_in_doubt_across_a_sync_and_a_restart(store: Store)
         assert not again.is_partial(7)  # which ranges were written is not kept
     finally:
         again.close()
+
+
+# --- copies by extents (thin recovery) --------------------------------------------------
+
+
+def copy_by_extents(source: Store, target: Store, oid: int, version: int | None = None) -> int:
+    return target.create_from_extents(oid, source.read_extents(oid)[0], version)
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> Iterator[Store]:
+    store = Store(str(tmp_path / "target"))
+    store.open()
+    yield store
+    store.close()
+
+
+def test_file_extents_are_the_written_ranges(tmp_path: Path) -> None:
+    from sheep.store.fileio import FileIO
+
+    io = FileIO()
+    fd = io.open(str(tmp_path / "file"), create=True)
+    try:
+        io.truncate(fd, object_size)
+        assert io.extents(fd, object_size) == []
+        io.pwrite(fd, b"x" * 100, 8 * KiB)
+        io.pwrite(fd, b"y" * (64 * KiB), 2 * MiB)
+        found = io.extents(fd, object_size)
+        for start, end in ((8 * KiB, 8 * KiB + 100), (2 * MiB, 2 * MiB + 64 * KiB)):
+            assert any(low <= start and end <= high for low, high in found), found
+        assert sum(high - low for low, high in found) <= 2 * (64 * KiB + block)
+        # Cut at size: nothing past it is listed.
+        assert all(high <= MiB for _, high in io.extents(fd, MiB))
+    finally:
+        io.close(fd)
+
+
+def test_file_extents_where_holes_cannot_be_found_are_the_whole_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sheep.store.fileio import FileIO
+
+    io = FileIO()
+    fd = io.open(str(tmp_path / "file"), create=True)
+    try:
+        io.truncate(fd, object_size)
+
+        def unsupported(fd: int, offset: int, whence: int) -> int:
+            raise OSError(errno.EINVAL, "no SEEK_DATA here")
+
+        monkeypatch.setattr(os, "lseek", unsupported)
+        assert io.extents(fd, object_size) == [(0, object_size)]
+        monkeypatch.setattr(os, "lseek", failing(errno.EIO))
+        with pytest.raises(OSError):  # a real failure is not taken for "all data"
+            io.extents(fd, object_size)
+    finally:
+        monkeypatch.undo()
+        io.close(fd)
+
+
+def test_faulty_disk_extents_include_unsynced_writes(tmp_path: Path) -> None:
+    from sheep.testing.faulty import FaultyIO
+
+    io = FaultyIO()
+    fd = io.open(str(tmp_path / "file"), create=True)
+    try:
+        io.truncate(fd, object_size)
+        io.pwrite(fd, b"z" * block, 3 * block)  # held in memory, not in the file yet
+        assert io.extents(fd, object_size) == [(3 * block, 4 * block)]
+        io.fail("extents", errno.EIO)
+        with pytest.raises(OSError):
+            io.extents(fd, object_size)
+    finally:
+        io.close(fd)
+
+
+def test_a_copy_by_extents_keeps_the_holes_and_the_bytes(store: Store, target: Store) -> None:
+    oid = 0x51
+    store.create_and_write(oid, 0, pattern(64 * KiB), version=7)
+    store.write(oid, 2 * MiB + 100, b"tail")  # inside one block: the block goes whole
+    store.write(oid, 3 * MiB, bytes(32 * KiB))  # zeros written: allocated, yet not data
+    extents, _ = store.read_extents(oid)
+    assert [(offset, len(data)) for offset, data in extents] == [
+        (0, 64 * KiB), (2 * MiB, block)]
+    assert copy_by_extents(store, target, oid, version=9) == 9  # exactly the given version
+    source_path, copy_path = store.object_path(oid), target.object_path(oid)
+    assert os.stat(copy_path).st_size == object_size
+    assert allocated(copy_path) == 64 * KiB + block
+    assert allocated(copy_path) < allocated(source_path)  # the written zeros stayed behind
+    assert target.read(oid, 0, object_size) == store.read(oid, 0, object_size)
+    assert target.verify(oid) == []  # every block, holes included
+    assert target.stat(oid)["digest"] == store.stat(oid)["digest"]
+    # The checksums hold after a restart too (committed as computed, not re-read).
+    target = reopen(target)
+    assert target.verify(oid) == [] and target.version(oid) == 9
+
+
+def test_an_object_of_zeros_is_copied_as_a_hole(store: Store, target: Store) -> None:
+    oid = 0x52
+    store.create_and_write(oid, 0, bytes(object_size))  # every byte written, all zeros
+    assert allocated(store.object_path(oid)) >= object_size
+    assert store.read_extents(oid)[0] == []
+    copy_by_extents(store, target, oid, version=1)
+    assert allocated(target.object_path(oid)) == 0
+    assert target.read(oid, 0, object_size) == bytes(object_size)
+    assert target.verify(oid) == []
+
+
+def test_zero_blocks_inside_extents_are_not_written(target: Store) -> None:
+    data = bytearray(pattern(8 * block))
+    data[2 * block:5 * block] = bytes(3 * block)
+    target.create_from_extents(0x53, [(MiB, memoryview(bytes(data)))], version=4)
+    assert allocated(target.object_path(0x53)) == 5 * block
+    assert target.read(0x53, MiB, len(data)) == data
+    assert target.verify(0x53) == []
+
+
+def test_a_copy_by_extents_replaces_an_older_copy_whole(store: Store, target: Store) -> None:
+    oid = 0x54
+    target.create_and_write(oid, 0, pattern(object_size, seed=3), version=2)
+    store.create_and_write(oid, MiB, pattern(block), version=5)
+    assert copy_by_extents(store, target, oid, version=5) == 5
+    assert target.read(oid, 0, object_size) == store.read(oid, 0, object_size)
+    assert allocated(target.object_path(oid)) == block
+    assert target.verify(oid) == []
+
+
+@pytest.mark.parametrize("where", ["data", "hole"])
+def test_a_damaged_source_block_is_an_io_error(store: Store, where: str) -> None:
+    oid = 0x55
+    store.create_and_write(oid, 0, pattern(4 * block))
+    store.sync()
+    if where == "data":  # a flipped byte in a block that holds data
+        with open(store.object_path(oid), "r+b") as file:
+            file.seek(block + 9)
+            file.write(b"!")
+    else:  # a block the file lost: it reads as zeros, its checksum says otherwise
+        fd = os.open(store.object_path(oid), os.O_RDWR)
+        try:
+            punch_hole(fd, 2 * block, block)
+        finally:
+            os.close(fd)
+    with pytest.raises(IOErrorResult, match="checksum mismatch in block"):
+        store.read_extents(oid)
+    with pytest.raises(IOErrorResult):  # exactly as a read of the whole object
+        store.read(oid, 0, object_size)
+
+
+def test_a_missing_source_file_is_an_io_error_and_an_absent_object_is_none(
+        store: Store) -> None:
+    store.create_and_write(0x56, 0, b"x")
+    store.sync()
+    os.unlink(store.object_path(0x56))
+    store = reopen(store)  # no fd cached for it
+    try:
+        with pytest.raises(IOErrorResult, match="missing"):
+            store.read_extents(0x56)
+        with pytest.raises(NoObject):
+            store.read_extents(0x57)
+    finally:
+        store.close()
+
+
+def test_extents_that_are_not_whole_blocks_in_order_are_refused(target: Store) -> None:
+    for extents in ([(1, memoryview(bytes(block)))], [(0, memoryview(bytes(10)))],
+                    [(block, memoryview(bytes(block))), (0, memoryview(bytes(block)))],
+                    [(object_size, memoryview(bytes(block)))]):
+        with pytest.raises(InvalidParameters):
+            target.create_from_extents(0x58, extents)
+    assert not target.exists(0x58)
+
+
+def test_a_failed_copy_by_extents_leaves_no_half_made_object(tmp_path: Path) -> None:
+    from sheep.testing.faulty import FaultyIO
+
+    io = FaultyIO()
+    store = Store(str(tmp_path / "faulty"), io=io)
+    store.open()
+    try:
+        io.fail("pwrite", errno.EIO)
+        with pytest.raises(IOErrorResult):
+            store.create_from_extents(0x59, [(0, memoryview(pattern(block)))], version=3)
+        assert not store.exists(0x59) and store.version(0x59) == 0
+        # An old copy replaced halfway keeps checksums true to what its file holds.
+        store.create_and_write(0x5A, 0, pattern(2 * block), version=1)
+        io.fail("pwrite", errno.ENOSPC, partial=512)
+        with pytest.raises(NoSpace):
+            store.create_from_extents(0x5A, [(0, memoryview(pattern(2 * block, seed=9)))], 2)
+        assert store.verify(0x5A) == []
+    finally:
+        store.close()
+
+
+def test_fill_from_extents_keeps_what_the_partial_copy_wrote(store: Store) -> None:
+    oid = 0x5B
+    store.write_partial(oid, 8 * KiB, b"new!" * 1024, version=9)
+    source = [(0, memoryview(pattern(16 * KiB))), (MiB, memoryview(pattern(block, seed=5)))]
+    assert store.fill_extents(oid, source, 8) == 9
+    assert not store.is_partial(oid) and not store.in_doubt(oid)
+    data = store.read(oid, 0, object_size)
+    assert data[:8 * KiB] == pattern(16 * KiB)[:8 * KiB]
+    assert data[8 * KiB:12 * KiB] == b"new!" * 1024
+    assert data[12 * KiB:16 * KiB] == pattern(16 * KiB)[12 * KiB:]
+    assert data[MiB:MiB + block] == pattern(block, seed=5)
+    assert data[16 * KiB:MiB] == bytes(MiB - 16 * KiB)  # the source's holes
+    assert data[MiB + block:] == bytes(object_size - MiB - block)
+    assert allocated(store.object_path(oid)) == 16 * KiB + block
+    assert store.verify(oid) == []
+
+
+def test_extents_are_packed_in_one_buffer_after_the_room_asked_for(store: Store) -> None:
+    """Blocks of zeros inside the file's data are left out and the data after them
+    moves up, so the extents lie one after another from ``room`` on: a sparse reply
+    puts its table in front and sends the buffer without another copy."""
+    oid = 0x5C
+    data = bytearray(pattern(6 * block))
+    data[block:3 * block] = bytes(2 * block)  # written zeros between data
+    store.create_and_write(oid, 0, bytes(data))
+    extents, buffer = store.read_extents(oid, room=100)
+    assert [(offset, bytes(view)) for offset, view in extents] == [
+        (0, bytes(data[:block])), (3 * block, bytes(data[3 * block:]))]
+    assert bytes(buffer[100:100 + 4 * block]) == bytes(data[:block] + data[3 * block:])
+    assert all(view.obj is buffer for _, view in extents)
