@@ -16,13 +16,15 @@ import checksum_bench  # noqa: E402
 import io_bench  # noqa: E402
 import memory_bench  # noqa: E402
 import recovery_bench  # noqa: E402
+import recovery_timeline_bench  # noqa: E402
 import sparse_bench  # noqa: E402
 import vdi_bench  # noqa: E402
 
 from sheep.size import parse_size  # noqa: E402
 
 BENCHMARKS = {"io": io_bench.run, "vdi": vdi_bench.run, "sparse": sparse_bench.run,
-              "recovery": recovery_bench.run, "checksums": checksum_bench.run,
+              "recovery": recovery_bench.run, "recovery-timeline": recovery_timeline_bench.run,
+              "checksums": checksum_bench.run,
               "memory": memory_bench.run}
 
 
@@ -55,6 +57,7 @@ def main() -> None:
         "recovery": {"size": args.recovery_size},
         "io": {"targets": args.targets, "workloads": args.workloads, "ceph": args.ceph,
                "chart_path": os.path.join(args.out, "io.png")},
+        "recovery-timeline": {"chart_path": os.path.join(args.out, "recovery-timeline.png")},
         "memory": {"stored": args.stored, "full": args.full}}
     os.makedirs(args.out, exist_ok=True)
     for name in args.only or sorted(BENCHMARKS):
