@@ -509,10 +509,14 @@ def test_a_node_joining_during_recovery_still_converges_to_3_copies(make_cluster
     survivors = [0, 1, 2]
     epoch_before = recovery_of(cluster, 0)["node_epoch"]
 
+    # Recovery held to a crawl until the newcomer has joined: the join surely comes
+    # while the kill's recovery is under way, however fast or busy the machine.
+    assert dog(cluster.sheep[0].port, "node", "recovery", "--max-rate", "2M").returncode == 0
     cluster.kill(3)
     wait_recovery_under_way(cluster, survivors, epoch_before, remaining_min=20)
     cluster.start(newcomer.index)
     join_epoch = recovery_of(cluster, newcomer.index)["node_epoch"]
+    assert dog(cluster.sheep[0].port, "node", "recovery", "--max-rate", "0").returncode == 0
     cluster.wait_recovered(timeout_s=recovery_bound_s)
 
     # The join came while the kill's recovery was under way: in the join's epoch, a

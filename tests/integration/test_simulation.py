@@ -24,8 +24,8 @@ from sheep.testing.sim import PLANTS, Simulation
 
 ROOT = Path(__file__).resolve().parents[2]
 ci_seeds = 12
-first_catch = {"early-ack": 5, "lost-flush": 67, "no-fence": 1, "stale-read": 51,
-               "long-lease": 40}
+first_catch = {"early-ack": 2, "lost-flush": 5, "no-fence": 2, "stale-read": 67,
+               "long-lease": 10}
 
 
 def simulate(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
