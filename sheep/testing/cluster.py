@@ -88,6 +88,13 @@ class LocalCluster:
             for i in range(nodes)
         ]
 
+    def serve_metrics(self) -> list[int]:
+        """Give every sheep (before it starts) a free --metrics-port; the ports."""
+        ports = [free_port() for _ in self.sheep]
+        for node, port in zip(self.sheep, ports, strict=True):
+            node.extra_args = [*node.extra_args, "--metrics-port", str(port)]
+        return ports
+
     def add(self, zone: int | None = None) -> SheepProcess:
         index = len(self.sheep)
         node = SheepProcess(index, os.path.join(self.base, f"store{index}"), free_port(),

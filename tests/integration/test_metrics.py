@@ -25,9 +25,7 @@ MiB = 1 << 20
 @pytest.fixture
 def cluster(tmp_path):
     nodes = LocalCluster(str(tmp_path / "cluster"), 2)
-    ports = [free_port() for _ in nodes.sheep]
-    for node, port in zip(nodes.sheep, ports, strict=True):
-        node.extra_args = ["--metrics-port", str(port)]
+    ports = nodes.serve_metrics()
     try:
         nodes.start()
         nodes.format(2)

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sheep.client import Client
 from sheep.errors import EXIT_MISSING
-from sheep.testing.cluster import LocalCluster, free_port
+from sheep.testing.cluster import LocalCluster
 
 MiB = 1 << 20
 
@@ -31,9 +31,7 @@ MiB = 1 << 20
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[LocalCluster]:
     nodes = LocalCluster(str(tmp_path_factory.mktemp("qos")), nodes=2)
-    ports = [free_port() for _ in nodes.sheep]
-    for node, port in zip(nodes.sheep, ports, strict=True):
-        node.extra_args = ["--metrics-port", str(port)]
+    ports = nodes.serve_metrics()
     try:
         nodes.start()
         nodes.format(2)
