@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sheep import constants, proto, replicas
+from sheep.background import PerKey
 from sheep.cluster_state import Status
 from sheep.errors import NoObject, SheepError, Timeout
 from sheep.gateway import RETRYABLE, Gateway
@@ -218,8 +219,7 @@ class Recoverer(_Worker):
         self.tuner = RecoveryTuner()
         self._again = False
         self._task: asyncio.Task[None] | None = None
-        self._filling: set[int] = set()
-        self._fill_tasks: set[asyncio.Task[None]] = set()
+        self._fills = PerKey()
         self.recovered_early = 0  # partial copies filled as soon as a write made them
 
     def status(self) -> dict[str, Any]:
@@ -247,9 +247,6 @@ class Recoverer(_Worker):
     def fill_soon(self, oid: int) -> None:
         """A write made a partial copy here: fill it in next, before the pass's other
         objects (a recovery request of its own, from the newest verified copy)."""
-        if oid in self._filling:
-            return
-        self._filling.add(oid)
 
         async def fill() -> None:
             try:
@@ -260,12 +257,8 @@ class Recoverer(_Worker):
                         self.recovered_early += 1
             except SheepError as error:
                 log.info("cannot fill the partial copy of %016x yet: %s", oid, error)
-            finally:
-                self._filling.discard(oid)
 
-        task = asyncio.get_running_loop().create_task(fill())
-        self._fill_tasks.add(task)
-        task.add_done_callback(self._fill_tasks.discard)
+        self._fills.start(oid, fill)
 
     async def tune(self) -> None:
         """Every tuner interval: recovery's rate in the scheduler from the clients'
@@ -280,9 +273,7 @@ class Recoverer(_Worker):
                 scheduler.set_limit("recovery", rate)
 
     async def stop(self) -> None:
-        for task in list(self._fill_tasks):
-            task.cancel()
-        await asyncio.gather(*self._fill_tasks, return_exceptions=True)
+        await self._fills.cancel()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

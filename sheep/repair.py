@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from sheep import proto, replicas
+from sheep.background import PerKey
 from sheep.errors import InvalidParameters, SheepError
 from sheep.net import Reply
 from sheep.proto import Header, Op
@@ -40,8 +41,7 @@ class Repairer:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.group = gateway.group
-        self._repairing: set[int] = set()
-        self._repair_tasks: set[asyncio.Task[None]] = set()
+        self._repairs = PerKey()
 
     async def check(self, header: Header, payload: bytes) -> Reply:
         """Bring each listed object back to N good copies under the current placement."""
@@ -121,9 +121,6 @@ class Repairer:
 
     def repair_soon(self, oid: int) -> None:
         """A read met a damaged copy and found a good one: copy it over, in the background."""
-        if oid in self._repairing:
-            return
-        self._repairing.add(oid)
 
         async def repair() -> None:
             try:
@@ -132,9 +129,5 @@ class Repairer:
                             ", ".join(result["repaired"]) or "no node (it was gone)")
             except SheepError as error:
                 log.error("object %016x: cannot repair the damaged copy: %s", oid, error)
-            finally:
-                self._repairing.discard(oid)
 
-        task = asyncio.get_running_loop().create_task(repair())
-        self._repair_tasks.add(task)
-        task.add_done_callback(self._repair_tasks.discard)
+        self._repairs.start(oid, repair)

@@ -32,7 +32,6 @@ import glob
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
+import io_bench  # noqa: E402
 import recovery_bench  # noqa: E402
 
 from sheep.client import SyncClient  # noqa: E402
@@ -123,15 +123,7 @@ def _busy(port: int) -> int:
 
 
 def _wait_port(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + wait_port_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"{process.args!r} not listening within {wait_port_s} s")
+    io_bench._wait_port(port, process, wait_port_s)
 
 
 def per_second(paths: list[str]) -> tuple[list[int], list[int]]:

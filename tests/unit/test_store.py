@@ -30,12 +30,16 @@ object_size = constants.object_size_default_bytes
 block = constants.block_size_bytes
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    store = Store(str(tmp_path / "store"))
+def opened(path: Path) -> Iterator[Store]:
+    store = Store(str(path))
     store.open()
     yield store
     store.close()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    yield from opened(tmp_path / "store")
 
 
 def reopen(store: Store) -> Store:
@@ -798,10 +802,7 @@ def copy_by_extents(source: Store, target: Store, oid: int, version: int | None 
 
 @pytest.fixture
 def target(tmp_path: Path) -> Iterator[Store]:
-    store = Store(str(tmp_path / "target"))
-    store.open()
-    yield store
-    store.close()
+    yield from opened(tmp_path / "target")
 
 
 def test_file_extents_are_the_written_ranges(tmp_path: Path) -> None:
