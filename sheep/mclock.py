@@ -35,6 +35,12 @@ from typing import Any
 
 op_cost_bytes = 64 << 10  # a request's cost beyond its bytes
 depth_bytes = 8 << 20  # cost in flight beyond which background waits (clients' too)
+# With no client about (none in flight or waiting, none seen for client_quiet_s),
+# background work may have this much in flight: recovery with nobody to keep
+# waiting moves several objects at once. Within depth_bytes, one 4 MiB copy at a
+# time left a joining sheep's recovery serial (0.04x cp).
+idle_depth_bytes = 32 << 20
+client_quiet_s = 0.5
 burst_default_s = 0.25  # a quarter second's worth: a 10 s window runs at most 2.5% over
 
 CLIENT = "client"  # a replica's half of a client request (admitted at its gateway)
@@ -153,9 +159,12 @@ class Core:
     """The pure scheduler: queues, tags, buckets and the dispatch decision."""
 
     def __init__(self, now: Callable[[], float], depth: int = depth_bytes,
-                 specs: dict[str, ClassSpec] | None = None) -> None:
+                 specs: dict[str, ClassSpec] | None = None,
+                 idle_depth: int = idle_depth_bytes) -> None:
         self.now = now
         self.depth = depth
+        self.idle_depth = max(depth, idle_depth)
+        self.client_seen = -math.inf  # when a client request was last dispatched or done
         self.specs = dict(DEFAULT_SPECS if specs is None else specs)
         self.queues: dict[str, _Queue] = {}
         self.qos: dict[str, Qos] = {}  # by VDI name
@@ -235,10 +244,19 @@ class Core:
     def _room(self, queue: _Queue, request: _Request, reserved: bool) -> bool:
         if not queue.spec.background:
             return self.foreground == 0 or self.foreground + request.cost <= self.depth
+        depth = self._background_depth()
         if reserved:  # the floor: one request of the class at a time at least
-            return queue.inflight == 0 or self.background + request.cost <= self.depth
+            return queue.inflight == 0 or self.background + request.cost <= depth
         total = self.foreground + self.background
-        return total == 0 or total + request.cost <= self.depth
+        return total == 0 or total + request.cost <= depth
+
+    def _background_depth(self) -> int:
+        """Background work's room: the depth while clients are about (in flight,
+        waiting, or seen within client_quiet_s), else the idle depth."""
+        if (self.foreground or self.waiting_fg
+                or self.now() - self.client_seen < client_quiet_s):
+            return self.depth
+        return self.idle_depth
 
     def submit(self, name: str, nbytes: int) -> _Request:
         """A new request: dispatched at once (``started``) if nothing waits before it
@@ -281,6 +299,7 @@ class Core:
             self.background += request.cost
         else:
             self.foreground += request.cost
+            self.client_seen = request.dispatched_at
 
     def _dispatch(self, queue: _Queue, request: _Request, now: float, reserved: bool) -> None:
         for bucket, unit in queue.buckets:
@@ -306,7 +325,8 @@ class Core:
         else:
             self.foreground -= request.cost
             self.client_ops += 1
-            self.client_seconds += self.now() - request.dispatched_at
+            self.client_seen = self.now()
+            self.client_seconds += self.client_seen - request.dispatched_at
 
     def cancel(self, name: str, request: _Request) -> None:
         """A waiting request whose waiter gave up."""
@@ -416,6 +436,13 @@ class RecoveryTuner:
     last_ops: int = 0
     last_seconds: float = 0.0
     last_tick: float = 0.0
+
+    def began(self, now: float, client_ops: int, client_seconds: float) -> None:
+        """A recovery pass starts: the next tick counts only the client requests done
+        from now on. Those done before (a VM's last writes before a node joined) said
+        nothing of what recovery does to clients, yet held the pass's first half
+        second to the start rate."""
+        self.last_ops, self.last_seconds, self.last_tick = client_ops, client_seconds, now
 
     def tick(self, now: float, client_ops: int, client_seconds: float, recovering: bool,
              cap: float) -> float:

@@ -17,6 +17,13 @@ random 4 KiB reads and writes (half each, queue depth 1) on the VDI the whole
 time; for the latter the client's ops/s before the kill and during recovery
 are reported too.
 
+A third case, *join*: 3 sheep with the VDI, then a fourth joins with no client
+running. The clock runs from the newcomer serving until every sheep's pass at
+the new epoch is over; *recover* is the part until the newcomer's own pass is
+(its share fetched and synced), the rest is the others dropping their surplus
+copies. Recovered bytes are the newcomer's object files; afterwards every
+object has exactly 3 identical copies.
+
 Baseline in the same run, on the same filesystem: ``cp`` of a file of the
 bytes recovered. Both sides start from the same point: ``sync`` first, so
 nothing is dirty, and the source in the page cache (just written). Neither
@@ -272,6 +279,90 @@ def recover_once(work: str, size: int, load: bool) -> dict[str, Any]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def join_once(work: str, size: int) -> dict[str, Any]:
+    """One fresh cluster of nodes - 1 sheep: fill, then a new sheep joins with no
+    client running. Timed from the newcomer serving (its start-up is not recovery)
+    until every sheep's pass at the new epoch is over: *fetch* until the newcomer's
+    own pass (its share fetched and synced), *total* until the others dropped the
+    surplus copies too. Then every object must have its copies, identical, on the
+    sheep the new placement gives it."""
+    base = tempfile.mkdtemp(prefix="cluster-", dir=work)
+    try:
+        with LocalCluster(base, nodes - 1) as cluster:
+            cluster.start()
+            cluster.format(copies)
+            asyncio.run(_fill(cluster.sheep[0].port, size))
+            os.sync()
+            try:
+                return _timed_join(cluster, size)
+            except BaseException:
+                _print_log_tails(cluster)
+                raise
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _timed_join(cluster: LocalCluster, size: int) -> dict[str, Any]:
+    clients = [cluster.client(node.index) for node in cluster.sheep]
+    try:
+        epoch_before = clients[0].node_info()["epoch"]
+        oids = set().union(*(_store_objects(node.directory) for node in cluster.sheep))
+        newcomer = cluster.add()
+        cluster.start(newcomer.index)  # returns once it serves
+        started = time.perf_counter()
+        cpu_before_s = _cpu_s(cluster, [node.index for node in cluster.sheep])
+        clients.append(cluster.client(newcomer.index))
+        timeout_s = recovery_timeout_base_s + size / recovery_timeout_rate_bytes_per_s
+        fetched_at = 0.0
+        while True:
+            now = time.perf_counter()
+            infos = [client.node_info() for client in clients]
+            if not fetched_at and _recovery_done(infos[-1:], epoch_before):
+                fetched_at = now
+            if _recovery_done(infos, epoch_before):
+                break
+            if now - started > timeout_s:
+                raise RuntimeError(f"the join's recovery not done in {timeout_s:.0f} s: "
+                                   f"{[info['recovery'] for info in infos]}")
+            time.sleep(poll_interval_s)
+        cpu_s = _cpu_s(cluster, [node.index for node in cluster.sheep]) - cpu_before_s
+        epoch = infos[0]["epoch"]
+    finally:
+        for client in clients:
+            client.close()
+    gained = _store_objects(newcomer.directory)
+    fetch_s, total_s = fetched_at - started, now - started
+    recovered = sum(gained.values())
+    return {
+        "client_load": False, "written_bytes": size, "objects": len(oids),
+        "copies_recovered": len(gained), "recovered_bytes": recovered,
+        "epoch_before": epoch_before, "epoch_after": epoch, "detect_s": 0.0,
+        "recover_s": round(fetch_s, 3), "total_s": round(total_s, 3),
+        "mib_per_s": round(recovered / MiB / total_s, 1),
+        "mib_per_s_after_detect": round(recovered / MiB / max(fetch_s, 1e-9), 1),
+        "survivors_cores_busy": round(cpu_s / total_s, 2),
+        **_verify_placed(cluster, oids)}
+
+
+def _verify_placed(cluster: LocalCluster, oids: set[int]) -> dict[str, int]:
+    """Count objects with fewer than `copies` copies over the sheep, and objects
+    whose copies differ (after a join each object is on the sheep its placement
+    gives it, which the stores show: the surplus copies are gone)."""
+    missing = differing = 0
+    for oid in sorted(oids):
+        paths = [os.path.join(node.directory, "obj", f"{oid:016x}"[-2:], f"{oid:016x}")
+                 for node in cluster.sheep]
+        present = [path for path in paths if os.path.exists(path)]
+        if len(present) != copies:
+            missing += 1
+            print(f"  object {oid:016x}: {len(present)} copies, not {copies}")
+            continue
+        if len({_digest(path) for path in present}) != 1:
+            differing += 1
+            print(f"  object {oid:016x}: its copies differ")
+    return {"objects_missing_a_copy": missing, "objects_with_differing_copies": differing}
+
+
 @dataclass
 class Timings:
     epoch_before: int
@@ -442,7 +533,7 @@ def run(quick: bool = False, reps: int | None = None, size: int | None = None) -
     source_state = _source_state()  # each cluster's sheep import the tree as it is then
     work = tempfile.mkdtemp(prefix="sheep-bench-recovery-")
     filesystem = _filesystem(work)
-    cases: dict[str, list[dict[str, Any]]] = {"no_load": [], "client_load": []}
+    cases: dict[str, list[dict[str, Any]]] = {"no_load": [], "client_load": [], "join": []}
     cp_s: list[float] = []
     cp_fsync_s: list[float] = []
     source = os.path.join(work, "baseline.src")
@@ -461,6 +552,9 @@ def run(quick: bool = False, reps: int | None = None, size: int | None = None) -
             print(f"rep {rep + 1}/{reps}: with client load", flush=True)
             cases["client_load"].append(recover_once(work, size, load=True))
             print_case(cases["client_load"][-1])
+            print(f"rep {rep + 1}/{reps}: a sheep joins, no client", flush=True)
+            cases["join"].append(join_once(work, size))
+            print_case(cases["join"][-1])
         baseline_bytes = os.path.getsize(source)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -481,7 +575,9 @@ def summarize(result: dict[str, Any]) -> None:
     baseline = result["cp"]
     baseline["cp_mib_per_s"] = round(baseline["bytes"] / MiB / baseline["cp_s"], 1)
     baseline["cp_fsync_mib_per_s"] = round(baseline["bytes"] / MiB / baseline["cp_fsync_s"], 1)
-    for name in ("no_load", "client_load"):
+    for name in ("no_load", "client_load", "join"):
+        if name not in result["samples"]:
+            continue  # a result from before the join case
         result[name] = _summary(result["samples"][name])
         result[name]["vs_cp"] = round(result[name]["mib_per_s"] / baseline["cp_mib_per_s"], 3)
 
@@ -506,10 +602,14 @@ def print_result(result: dict[str, Any]) -> None:
     print(f"recovery of a {format_size(result['written_bytes'])} VDI after a node loss, "
           f"median of {result['reps']} (cp of {format_size(cp['bytes'])} as the ceiling)")
     print(f"{'case':>12} {'detect s':>9} {'total s':>8} {'MiB/s':>7} {'vs cp':>6} {'client ops/s':>13}")
-    for name in ("no_load", "client_load"):
+    for name in ("no_load", "client_load", "join"):
         row = result[name]
         ops = row["client_ops_per_s_during_recovery"] if row["client_load"] else "-"
         print(f"{name:>12} {row['detect_s']:>9} {row['total_s']:>8} {row['mib_per_s']:>7} "
               f"{row['vs_cp']:>6} {ops:>13}")
+    join = result["join"]
+    print(f"{'join':>12}: the newcomer's share fetched in {join['recover_s']} s "
+          f"({join['mib_per_s_after_detect']} MiB/s, "
+          f"{join['mib_per_s_after_detect'] / cp['cp_mib_per_s']:.3f} x cp)")
     print(f"{'cp':>12} {'':>9} {cp['cp_s']:>8} {cp['cp_mib_per_s']:>7} {1.0:>6}")
     print(f"{'cp + fsync':>12} {'':>9} {cp['cp_fsync_s']:>8} {cp['cp_fsync_mib_per_s']:>7}")

@@ -8,6 +8,12 @@ import os
 
 from sheep.store.punch import punch_hole
 
+# The most one pwrite call writes. On the Linux VMs we run on, one pwrite of 4 MiB
+# into the page cache took 10 ms, and the same bytes in calls of 256 KiB 1.0 ms
+# (medians of 100 each, interleaved, into fresh files; reads show no such
+# difference). Recovery, repairs and whole-object writes all write 4 MiB at once.
+write_piece_bytes = 256 << 10
+
 
 class FileIO:
     """The real thing: plain os calls."""
@@ -36,12 +42,13 @@ class FileIO:
         return done
 
     def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
-        """Write all of data: a short write (a disk filling up) goes on from where it
-        stopped, and one that writes nothing is ENOSPC."""
+        """Write all of data, in pieces of at most write_piece_bytes: a short write (a
+        disk filling up) goes on from where it stopped, and one that writes nothing is
+        ENOSPC."""
         view = memoryview(data)
         done = 0
         while done < len(view):
-            written = os.pwrite(fd, view[done:], offset + done)
+            written = os.pwrite(fd, view[done:done + write_piece_bytes], offset + done)
             if written <= 0:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             done += written

@@ -462,6 +462,35 @@ class Store:
                 self._intent_task = asyncio.get_running_loop().create_task(self._commit_intents())
             await asyncio.shield(self._intent_task)
 
+    async def ensure_intents(self, oids: list[int]) -> None:
+        """ensure_intent for many objects in one commit, before they are made: recovery
+        commits the intents of the copies it is about to fetch a window at a time
+        (version 0: a copy not synced before a crash is forgotten, and fetched again),
+        rather than one commit, with its fsync, per copy."""
+        wanted = [oid for oid in oids if self.needs_intent(oid)]
+        if not wanted:
+            return
+        for oid in wanted:
+            self._intent_wanted.setdefault(oid, self._token())
+        while any(self.needs_intent(oid) for oid in wanted):
+            if self._intent_task is None or self._intent_task.done():
+                self._intent_task = asyncio.get_running_loop().create_task(self._commit_intents())
+            await asyncio.shield(self._intent_task)
+            for oid in wanted:
+                if self.needs_intent(oid):
+                    self._intent_wanted.setdefault(oid, self._token())
+
+    def release_intents(self, oids: list[int]) -> None:
+        """Intents of ensure_intents that no change used (the copy was not made after
+        all): deleted at the next commit. An object changed since its last sync keeps
+        its intent until that change is durable."""
+        for oid in oids:
+            if oid in self._meta or oid in self._dirty:
+                continue
+            token = self._intents.pop(oid, None)
+            if token is not None:
+                self._intent_clear[oid] = token
+
     async def _commit_intents(self) -> None:
         wanted, self._intent_wanted = self._intent_wanted, {}
         cleared, self._intent_clear = self._intent_clear, {}

@@ -82,7 +82,7 @@ def clock() -> FakeClock:
 
 def one_at_a_time(clock: FakeClock, specs: dict[str, ClassSpec]) -> Core:
     """A server that takes one small request at a time: every choice is the scheduler's."""
-    return Core(clock, depth=unit, specs={**scheduler.DEFAULT_SPECS, **specs})
+    return Core(clock, depth=unit, specs={**scheduler.DEFAULT_SPECS, **specs}, idle_depth=unit)
 
 
 def test_backlogged_classes_share_by_weight(clock: FakeClock) -> None:
@@ -188,6 +188,36 @@ def test_clients_never_wait_for_background_work_in_flight(clock: FakeClock) -> N
     request = core.submit("client:vm", 4 * KiB)
     assert request.started
     assert core.submit(scheduler.CLIENT, 4 * KiB).started  # a replica's half of a write
+
+
+def test_background_alone_fills_the_idle_depth_and_makes_way_once_a_client_comes(
+        clock: FakeClock) -> None:
+    # 4 MiB recovery copies: within the 8 MiB depth only one fits at a time (two cost
+    # a little more than 8 MiB), which left recovery serial. With no client about,
+    # the idle depth takes seven.
+    core = Core(clock, depth=8 * MiB, idle_depth=32 * MiB)
+    first = [core.submit("recovery", 4 * MiB) for _ in range(10)]
+    assert sum(request.started for request in first) == 7
+    # A client comes: background dispatched from now on stays within the depth.
+    client = core.submit("client:vm", 4 * KiB)
+    assert client.started
+    for request in first[:7]:
+        core.done("recovery", request)
+    while isinstance(core.pop(), tuple):
+        pass
+    assert sum(request.started for request in first) == 8  # one at a time
+    core.done("client:vm", client)
+    # Still about: the client was seen less than client_quiet_s ago.
+    clock.t += scheduler.client_quiet_s / 2
+    core.done("recovery", first[7])
+    while isinstance(core.pop(), tuple):
+        pass
+    assert sum(request.started for request in first) == 9
+    # Quiet for client_quiet_s: the idle depth again.
+    clock.t += scheduler.client_quiet_s
+    while isinstance(core.pop(), tuple):
+        pass
+    assert sum(request.started for request in first) == 10
 
 
 def test_background_gets_what_clients_leave_and_its_floor_when_they_leave_nothing(
@@ -330,3 +360,15 @@ def test_recovery_tuner_backs_off_when_client_throughput_drops() -> None:
     assert tick(2.0, 600, True) == 10 * MiB  # 1200/s < 0.7 x 2000/s: halve
     assert "client I/O at 1200/s" in tuner.reason
     assert tick(2.5, 900, True) == 12.5 * MiB  # 1800/s: fine again
+
+
+def test_recovery_tuner_counts_only_the_client_requests_done_since_the_pass_began() -> None:
+    """Client writes just before a pass (a VDI filled, then a node joins) say nothing
+    of what recovery does to clients: they must not hold the pass to the start rate."""
+    tuner = RecoveryTuner(floor=8 * MiB, start=16 * MiB, increase=1.25)
+    assert tuner.tick(0.5, 1000, 1.0, False, 0) == 0
+    tuner.began(0.9, 3000, 3.0)  # 2000 more requests done before the pass began
+    assert tuner.tick(1.0, 3000, 3.0, True, 0) == 0  # none since: no limit
+    assert "no client" in tuner.reason
+    # Clients now, as fast and as many as before: the start rate, a step up.
+    assert tuner.tick(1.5, 4000, 4.0, True, 0) == 20 * MiB

@@ -825,6 +825,32 @@ def test_file_extents_are_the_written_ranges(tmp_path: Path) -> None:
         io.close(fd)
 
 
+def test_file_writes_go_in_pieces_and_survive_short_writes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 4 MiB write goes in calls of at most write_piece_bytes (one big pwrite into
+    the page cache was ten times slower here); a short write goes on where it stopped."""
+    from sheep.store import fileio
+
+    calls: list[int] = []
+    real = os.pwrite
+
+    def recording(fd: int, data: memoryview, offset: int) -> int:
+        calls.append(len(data))
+        return real(fd, data[:len(data) - 1000] if len(calls) == 2 else data, offset)
+
+    io = fileio.FileIO()
+    fd = io.open(str(tmp_path / "file"), create=True)
+    data = os.urandom(object_size)
+    try:
+        monkeypatch.setattr(os, "pwrite", recording)
+        assert io.pwrite(fd, data, 0) == object_size
+        monkeypatch.undo()
+        assert max(calls) <= fileio.write_piece_bytes < object_size
+        assert os.pread(fd, object_size, 0) == data
+    finally:
+        io.close(fd)
+
+
 def test_file_extents_where_holes_cannot_be_found_are_the_whole_file(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from sheep.store.fileio import FileIO

@@ -463,3 +463,41 @@ def test_a_replaced_or_removed_copy_is_no_longer_in_doubt(tmp_path: Path) -> Non
     store.open()
     assert not store.in_doubt(0x11) and not store.in_doubt(0x22)
     store.close()
+
+
+def test_recovery_commits_its_copies_intents_together_and_releases_the_unused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recovery commits the intents of a window of copies at once (one commit, not
+    one per copy, each with an fsync, which held every fetch up); those of copies it
+    did not make go at the next sync. A copy made but not synced before a crash is
+    left at version 0, older than every real copy (so it is fetched again); one
+    synced is whole, at its version."""
+    io = FaultyIO()
+    store = new_store(tmp_path, io)
+    commits: list[list[int]] = []
+    real = store._write_intents
+
+    def counted(wanted: dict[int, bytes], cleared: dict[int, bytes]) -> None:
+        commits.append(sorted(wanted))
+        real(wanted, cleared)
+
+    monkeypatch.setattr(store, "_write_intents", counted)
+    asyncio.run(store.ensure_intents([0x11, 0x22, 0x33, 0x44]))
+    assert commits == [[0x11, 0x22, 0x33, 0x44]]
+    made = b"r" * object_size
+    store.create_from_extents(0x11, [(0, memoryview(made))], 7)
+    store.create_from_extents(0x44, [(0, memoryview(made))], 9)
+    assert len(commits) == 1  # the copies needed no commit of their own
+    store.release_intents([0x11, 0x22, 0x33])  # 0x11 changed: it keeps its intent
+    store.sync()
+    store.create_from_extents(0x22, [(0, memoryview(made))], 3)  # intent released: its own
+    assert commits[1:] == [[0x22]]
+    io.process_killed()  # SIGKILL: the unsynced copy's bytes are in the page cache
+    crash(store, io)
+    store = Store(store.path, io=io)
+    store.open()
+    assert store.counters["recomputed_after_crash"] == 1  # 0x22 only: 0x33's intent went
+    assert store.read(0x11, 0, object_size) == made and store.version(0x11) == 7
+    assert store.read(0x44, 0, object_size) == made and store.version(0x44) == 9
+    assert store.version(0x22) == 0 and not store.knows(0x33)
+    store.close()
