@@ -432,7 +432,17 @@ class Recoverer(_Worker):
         if self.store.exists(oid):
             return False  # a client's write put a current copy here meanwhile
         # The version read with the data: a write may have landed since the stat.
-        self.store.create_from_extents(oid, extents, version or best.version)
+        version = version or best.version
+        # Written off the loop when the store knows nothing of the object (the common
+        # case); over a tombstone, or after a write made a partial copy meanwhile, as
+        # before (Store.adopt_extents).
+        if not await self.store.adopt_extents(oid, extents, version):
+            if self.store.is_partial(oid):
+                self.store.fill_extents(oid, extents, version)
+            elif self.store.exists(oid):
+                return False
+            else:
+                self.store.create_from_extents(oid, extents, version)
         self.bytes += copied
         self.bytes_total += copied
         return True

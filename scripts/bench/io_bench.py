@@ -6,6 +6,8 @@ data, not holes) before any measurement:
 
 - ours-c3, ours-c1: 3 local sheep, copies=3 / copies=1, through nbdkit and our
   plugin (nbd_plugin/plugin.py);
+- ours-c3-fifo (only with --targets): ours-c3 with `sheep --io-scheduler fifo`,
+  the scheduler off: ours-c3/ours-c3-fifo is what scheduling costs;
 - file: nbdkit's file plugin on a local raw file;
 - qcow2: qemu-nbd on a qcow2 overlay (over a raw base), cache=none, aio=native;
 - pyref: the "Python plugin + one Python hop" ceiling (scripts/bench/reference/):
@@ -124,9 +126,12 @@ def _wait_port(port: int, process: subprocess.Popen[bytes], timeout_s: float = 2
 
 class Ours(Target):
     copies = 3
+    sheep_args: list[str] = []
 
     def start(self) -> None:
         self.cluster = LocalCluster(self.base, 3)
+        for node in self.cluster.sheep:
+            node.extra_args = [*node.extra_args, *self.sheep_args]
         self.cluster.start()
         self.cluster.format(self.copies)
         with self.cluster.client(0) as client:
@@ -150,6 +155,13 @@ class Ours(Target):
 
 class OursOneCopy(Ours):
     copies = 1
+
+
+class OursFifo(Ours):
+    """ours-c3 with the I/O scheduler off (every request at once, as before issue
+    #14): beside ours-c3 in one run, what the scheduler costs the data path."""
+
+    sheep_args = ["--io-scheduler", "fifo"]
 
 
 class Local(Target):
@@ -226,7 +238,8 @@ class Ceph(Target):
         self.cluster.stop()
 
 
-TARGETS: dict[str, type[Target]] = {"ours-c3": Ours, "ours-c1": OursOneCopy, "file": File,
+TARGETS: dict[str, type[Target]] = {"ours-c3": Ours, "ours-c1": OursOneCopy,
+                                     "ours-c3-fifo": OursFifo, "file": File,
                                      "qcow2": Qcow2, "pyref": Reference, "ceph": Ceph}
 DEFAULT_TARGETS = ["ours-c3", "ours-c1", "file", "qcow2", "pyref"]
 
@@ -388,7 +401,7 @@ def _ratio(summary: dict[str, dict[str, float]], a: str, b: str) -> str:
 def print_tables(report: dict[str, Any]) -> None:
     targets = report["targets"]
     ours = [t for t in ("ours-c3", "ours-c1") if t in targets]
-    baselines = [t for t in ("file", "qcow2", "pyref", "ceph") if t in targets]
+    baselines = [t for t in ("ours-c3-fifo", "file", "qcow2", "pyref", "ceph") if t in targets]
 
     def cell(summary: dict[str, dict[str, float]], target: str, key: str) -> str:
         return f"{summary[target][key]:.0f}" if target in summary else "-"

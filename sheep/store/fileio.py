@@ -95,6 +95,11 @@ class FileIO:
     def unlink(self, path: str) -> None:
         os.unlink(path)
 
+    def rename(self, source: str, target: str) -> None:
+        """Give a file another name in the same directory (durable once the
+        directory is synced, as a new file's entry is)."""
+        os.rename(source, target)
+
     def sync_directory(self, path: str) -> None:
         """Make the directory's entries durable: a file's fdatasync does not cover
         the entry that names it (nor an unlink)."""

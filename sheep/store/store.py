@@ -38,6 +38,7 @@ import array
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import errno
 import itertools
 import json
@@ -89,6 +90,8 @@ def _unpack_meta(value: bytes) -> tuple[int, bool, int | None]:
     version, flags, digest = _meta_value_digest.unpack(value)
     return version, bool(flags & _flag_removed), digest if flags & _flag_digest else None
 _fd_cache_max = 1024
+write_threads = 2  # recovery copies written at once, off the loop
+_adopting_suffix = ".adopting"  # a copy being written (adopt_extents); never an oid
 pending_objects_max = 1024  # changed objects before the writeback syncs on its own
 commit_objects_max = 256  # objects' metadata per LMDB transaction of a sync
 sync_threads = 16  # fdatasyncs of one sync in flight at once
@@ -233,6 +236,9 @@ class Store:
         # closed and opened again, so close() does not shut it down).
         self.sync_executor = concurrent.futures.ThreadPoolExecutor(
             sync_threads, thread_name_prefix="store-sync")
+        # Recovery's new copies are written here, off the event loop (adopt_extents).
+        self.write_executor = concurrent.futures.ThreadPoolExecutor(
+            write_threads, thread_name_prefix="store-write")
         self.object_size = constants.object_size_default_bytes
         self.counters = {"checksum_errors": 0, "missing_files": 0, "recomputed_after_crash": 0}
 
@@ -270,8 +276,20 @@ class Store:
                     f"the store {self.path} was made {'with' if kept else 'without'} checksums;"
                     f" it cannot be used {'without' if kept else 'with'} them")
             self._recover_intents()
+            self._remove_unadopted()
             with self.env.begin(db=self._doubt_db) as txn:
                 self._doubtful = {int.from_bytes(key, "big") for key, _ in txn.cursor()}
+
+    def _remove_unadopted(self) -> None:
+        """Copies a crash caught while adopt_extents wrote them: never named as
+        objects, so nothing else would remove them."""
+        for sub in os.scandir(self.object_dir):
+            if not sub.is_dir():
+                continue
+            for entry in os.scandir(sub.path):
+                if entry.name.endswith(_adopting_suffix):
+                    log.info("removing %s, a copy a crash left half made", entry.path)
+                    self.io.unlink(entry.path)
 
     def _recover_intents(self) -> None:
         """After a crash: the objects changed since their last sync get checksums from
@@ -548,6 +566,10 @@ class Store:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             self._directories.add(self.object_dir)
             fd = self.io.open(path, create)
+        self._cache_fd(oid, fd)
+        return fd
+
+    def _cache_fd(self, oid: int, fd: int) -> None:
         self._fds[oid] = fd
         if len(self._fds) > _fd_cache_max:
             old_oid, old_fd = self._fds.popitem(last=False)
@@ -559,7 +581,6 @@ class Store:
                     raise
                 self._dirty.discard(old_oid)
             self.io.close(old_fd)
-        return fd
 
     def _drop_fd(self, oid: int) -> None:
         fd = self._fds.pop(oid, None)
@@ -872,6 +893,80 @@ class Store:
                     first = offset // sums.BLOCK
                     meta.sums[first:first + len(crcs)] = array.array("I", crcs)
             return self._bump_version(oid, version, exact=version is not None)
+
+    async def adopt_extents(self, oid: int, extents: list[tuple[int, memoryview]],
+                            version: int) -> bool:
+        """create_from_extents for a copy of an object this store knows nothing of
+        (recovery's), with the file written off the event loop: into a new file beside
+        the object's (its name is not an oid's, so nothing lists or reads it), in
+        write_executor, then renamed into place on the loop, with no await between the
+        check that the store still knows nothing of oid and the rename. False (and
+        nothing kept) if the store came to know the object meanwhile: a client's write
+        made a copy or a partial copy there, which the caller fills instead. Writing a
+        4 MiB copy into fresh page cache took 2 to 13 ms here, time in which the loop
+        served nothing else."""
+        self._check_extents(extents)
+        if self.knows(oid):
+            return False
+        path = self.object_path(oid)
+        directory = os.path.dirname(path)
+        temporary = path + _adopting_suffix
+        wipes = self._wipes
+        loop = asyncio.get_running_loop()
+        with _translated(f"create object {oid:016x}"):
+            os.makedirs(directory, exist_ok=True)
+            fd, found = await loop.run_in_executor(
+                self.write_executor, self._write_adopted, temporary, extents)
+            if self.knows(oid) or wipes != self._wipes or self._env is None:
+                self.io.close(fd)
+                self.io.unlink(temporary)
+                return False
+            try:
+                self._intend(oid)
+                self.io.rename(temporary, path)
+            except BaseException:
+                self.io.close(fd)
+                with contextlib.suppress(OSError):
+                    self.io.unlink(temporary)
+                raise
+        self.clear_doubt(oid)
+        self._drop_fd(oid)
+        self._cache_fd(oid, fd)
+        self._directories.add(directory)
+        meta = self._changing(oid)
+        meta.drop_sums = False
+        if self.checksums:
+            meta.sums = sums.fresh(self.object_size)
+            for (offset, _), crcs in zip(extents, found, strict=True):
+                first = offset // sums.BLOCK
+                meta.sums[first:first + len(crcs)] = array.array("I", crcs)
+        else:
+            meta.sums = None
+        self._dirty.add(oid)
+        self._fresh.add(oid)
+        self._bump_version(oid, version, exact=True)
+        return True
+
+    def _write_adopted(self, path: str, extents: list[tuple[int, memoryview]],
+                       ) -> tuple[int, list[list[int]]]:
+        """adopt_extents' file (in write_executor): made afresh at the object's size,
+        only the extents' non-zero blocks written; its fd and the extents' crcs. A
+        failure leaves no file behind."""
+        fd = self.io.open(path, True)
+        try:
+            self.io.truncate(fd, 0)  # a file left by a crash must not show through
+            self.io.truncate(fd, self.object_size)
+            found = [sums.crcs(data) for _, data in extents]
+            for (offset, data), crcs in zip(extents, found, strict=True):
+                view = memoryview(data)
+                for low, high in sums.nonzero_runs(view, crcs):
+                    self.io.pwrite(fd, view[low:high], offset + low)
+        except BaseException:
+            self.io.close(fd)
+            with contextlib.suppress(OSError):
+                self.io.unlink(path)
+            raise
+        return fd, found
 
     def write(self, oid: int, offset: int, data: bytes | memoryview, fua: bool = False,
               version: int | None = None) -> int:

@@ -49,7 +49,7 @@ class FaultyIO(FileIO):
 
     def fail(self, call: str, code: int, times: int = 1, partial: int = 0) -> None:
         """Make the next ``times`` calls named call ("pwrite", "pread", "datasync",
-        "punch", "open", "truncate", "sync_directory", "extents") fail with errno
+        "punch", "open", "truncate", "sync_directory", "extents", "rename") fail with errno
         code; a failing pwrite first writes ``partial`` bytes, as a disk that fills
         up halfway does."""
         self._failures += [(call, code, partial)] * times
@@ -211,6 +211,19 @@ class FaultyIO(FileIO):
         entry = self._files.pop(path, None)
         if entry is not None:
             entry.pending.clear()
+
+    def rename(self, source: str, target: str) -> None:
+        """The file keeps its unsynced writes under its new name. Until the directory
+        is synced a power loss may undo the rename: the new name goes (what the old
+        one held is not brought back: a file renamed into place is a new file's
+        first name, never an old file's)."""
+        self._maybe_fail("rename")
+        super().rename(source, target)
+        self._entries.setdefault(os.path.dirname(target), []).append((target, None))
+        entry = self._files.pop(source, None)
+        if entry is not None:
+            entry.path = target
+            self._files[target] = entry
 
     def sync_directory(self, path: str) -> None:
         with self._lock:

@@ -202,7 +202,9 @@ class SimSheep:
         self.host.reborn()
         self.starting = True
         store = Store(self.directory, io=self.io, token=lambda _: self.secret)
-        store.meta_executor = store.sync_executor = InlineExecutor()  # type: ignore[assignment]
+        inline = InlineExecutor()
+        store.meta_executor = store.sync_executor = inline  # type: ignore[assignment]
+        store.write_executor = inline  # type: ignore[assignment]
         self.driver = SimDriver(self.sim.bus)
         config = SheepConfig(directory=self.directory, address=self.address, port=sheep_port,
                              zone=self.index, weight=weight_bytes)

@@ -7,6 +7,7 @@ monkeypatching os.pwrite, os.fdatasync and the fallocate binding.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import os
@@ -1004,6 +1005,92 @@ def test_a_failed_copy_by_extents_leaves_no_half_made_object(tmp_path: Path) -> 
         assert store.verify(0x5A) == []
     finally:
         store.close()
+
+
+def adopt(target: Store, oid: int, extents: list[tuple[int, memoryview]], version: int) -> bool:
+    return asyncio.run(target.adopt_extents(oid, extents, version))
+
+
+def test_an_adopted_copy_is_the_copy_by_extents_written_off_the_loop(
+        store: Store, target: Store) -> None:
+    oid = 0x61
+    store.create_and_write(oid, 0, pattern(64 * KiB), version=7)
+    store.write(oid, 3 * MiB, bytes(32 * KiB))  # zeros: not written on the copy
+    threads: list[str] = []
+    real = target._write_adopted
+
+    def recorded(*args: object) -> object:
+        threads.append(threading.current_thread().name)
+        return real(*args)  # type: ignore[arg-type]
+
+    target._write_adopted = recorded  # type: ignore[method-assign]
+    assert adopt(target, oid, store.read_extents(oid)[0], 7)
+    assert threads and threads[0].startswith("store-write")  # not the loop's thread
+    assert target.read(oid, 0, object_size) == store.read(oid, 0, object_size)
+    assert allocated(target.object_path(oid)) == 64 * KiB
+    assert target.verify(oid) == [] and target.version(oid) == 7
+    assert target.stat(oid)["digest"] == store.stat(oid)["digest"]
+    assert os.listdir(os.path.dirname(target.object_path(oid))) == [f"{oid:016x}"]
+    assert target.list_oids() == [oid]
+    target = reopen(target)  # synced at the close: whole, at its version
+    assert target.verify(oid) == [] and target.version(oid) == 7
+    target.close()
+
+
+def test_adoption_gives_way_to_a_write_that_made_the_object_meanwhile(target: Store) -> None:
+    """A client's write makes a partial copy while the adopted file is written: the
+    adoption keeps nothing (the caller fills the partial copy instead), and leaves
+    no file behind."""
+    oid = 0x62
+    real = target._write_adopted
+
+    def racing(*args: object) -> object:
+        result = real(*args)  # type: ignore[arg-type]
+        target.write_partial(oid, 0, b"newer", version=9)  # as if on the loop meanwhile
+        return result
+
+    target._write_adopted = racing  # type: ignore[method-assign]
+    assert not adopt(target, oid, [(0, memoryview(pattern(block)))], 5)
+    assert target.is_partial(oid) and target.read(oid, 0, 5) == b"newer"
+    assert os.listdir(os.path.dirname(target.object_path(oid))) == [f"{oid:016x}"]
+    # Known already (a tombstone, a copy): nothing is written at all.
+    target.remove(oid)
+    assert not adopt(target, oid, [(0, memoryview(pattern(block)))], 10)
+
+
+def test_a_failed_or_crashed_adoption_leaves_nothing(tmp_path: Path) -> None:
+    from sheep.testing.faulty import FaultyIO
+
+    io = FaultyIO()
+    store = Store(str(tmp_path / "faulty"), io=io)
+    store.open()
+    io.fail("pwrite", errno.ENOSPC, partial=512)
+    with pytest.raises(NoSpace):
+        adopt(store, 0x63, [(0, memoryview(pattern(2 * block)))], 3)
+    assert not store.knows(0x63)
+    assert os.listdir(os.path.dirname(store.object_path(0x63))) == []
+    # A crash while a copy is being written leaves its file under the temporary
+    # name: the next start removes it.
+    leftover = store.object_path(0x64) + ".adopting"
+    os.makedirs(os.path.dirname(leftover), exist_ok=True)
+    with open(leftover, "wb") as file:
+        file.write(b"half")
+    store.close()
+    store = Store(str(tmp_path / "faulty"), io=io)
+    store.open()
+    assert not os.path.exists(leftover) and store.list_oids() == []
+    # Adopted, then the power fails before a sync: the copy is gone whole (its
+    # entry never reached the disk), never there with checksums that lie.
+    assert adopt(store, 0x65, [(0, memoryview(pattern(block)))], 4)
+    io.power_loss(lose_all=True)
+    store._fds.clear()
+    assert store._env is not None
+    store._env.close()
+    store._env = None
+    store = Store(str(tmp_path / "faulty"), io=io)
+    store.open()
+    assert not store.exists(0x65) and store.version(0x65) == 0
+    store.close()
 
 
 def test_fill_from_extents_keeps_what_the_partial_copy_wrote(store: Store) -> None:
