@@ -131,6 +131,8 @@ def info(as_json: bool) -> None:
     click.echo(f"Cluster driver: {driver['driver']} {where}".rstrip() + state)
     click.echo(f"Epoch: {value['epoch']}, nodes: {len(value['members'])}, "
                f"zones: {value['zones']}")
+    if value.get("lost"):
+        click.echo(f"Declared lost: {', '.join(value['lost'])}")
     if sessions:
         click.echo("")
         print_table(["Node", "ZooKeeper server", "Session timeout", "State", "Lease left"], [
@@ -156,17 +158,23 @@ def shutdown() -> None:
 
 @cluster.group()
 def recover() -> None:
-    """After a shutdown: decide about nodes that do not come back."""
+    """Decide about nodes that do not come back."""
 
 
 @recover.command()
+@click.argument("nodes", nargs=-1)
 @connection_options
-def force() -> None:
-    """Serve again without the nodes of the last epoch that are still missing."""
-    value = run(lambda client: client.force_recover())
+def force(nodes: tuple[str, ...]) -> None:
+    """Give up on the missing NODES (node ids; default: every node that is not a
+    member): the cluster serves again after a shutdown without them, and objects
+    whose newest copy may be on them stop waiting for them."""
+    value = run(lambda client: client.force_recover(list(nodes) if nodes else None))
+    lost = value.get("lost") or []
     given_up = value.get("given_up") or []
-    click.echo(f"the cluster serves again; gave up waiting for {len(given_up)} node(s)"
-               + (f": {', '.join(given_up)}" if given_up else ""))
+    click.echo(f"declared {len(lost)} node(s) lost" + (f": {', '.join(lost)}" if lost else ""))
+    if given_up:
+        click.echo(f"the cluster serves again; gave up waiting for {len(given_up)} node(s): "
+                   f"{', '.join(given_up)}")
 
 
 check_batch = 64

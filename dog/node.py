@@ -198,6 +198,11 @@ def recovery(max_rate: int | None, watch: bool, as_json: bool) -> None:
     limit = next((item["max_rate"] for item in items if "max_rate" in item), 0)
     click.echo(f"\n{_summary_text(summarize(nodes))}; rate limit: "
                f"{format_size(limit) + '/s' if limit else 'none'}")
+    waiting = sum(item.get("waiting", 0) for item in items)
+    if waiting:
+        away = sorted({node_id for item in items for node_id in item.get("waiting_for", [])})
+        click.echo(f"{waiting} copies wait for node(s) away that may hold newer ones: "
+                   f"{', '.join(away)} ('dog cluster recover force' if gone for good)")
 
 
 stat_ops = ("read", "write", "discard", "flush")

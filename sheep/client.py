@@ -253,9 +253,12 @@ class Client:
             Op.FORMAT, {"copies": copies, "object_size": object_size, "force": force})
         return result
 
-    async def force_recover(self) -> dict[str, Any]:
-        """After a shutdown: go on without the nodes of the last epoch still missing."""
-        result: dict[str, Any] = await self._json(Op.FORCE_RECOVER)
+    async def force_recover(self, nodes: list[str] | None = None) -> dict[str, Any]:
+        """Give up on nodes that are not members (all of them, or those named): after a
+        shutdown the cluster goes on without the nodes of its last epoch still missing,
+        and objects whose newest copy may be on one of them stop waiting for it."""
+        result: dict[str, Any] = await self._json(
+            Op.FORCE_RECOVER, {} if nodes is None else {"nodes": nodes})
         return result
 
     async def shutdown(self) -> None:

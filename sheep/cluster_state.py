@@ -3,8 +3,9 @@
 Every sheep feeds it the same events in the same order, from the cluster
 driver's totally ordered log: joins, leaves and cluster operations. It holds
 the membership, the epoch (bumped by every membership change), the epoch log
-(epoch -> node list, so placement under any past epoch can be recomputed), and
-the formatted parameters (copies, object size).
+(epoch -> node list, so placement under any past epoch can be recomputed), the
+nodes the operator declared lost, and the formatted parameters (copies, object
+size).
 
 ``apply`` never raises for a bad operation: it returns an error result that the
 sheep which broadcast the operation hands back to its client. It must not look
@@ -117,6 +118,10 @@ class ClusterState:
         # Members before the current run of consecutive leaves: if the run empties the
         # cluster (every sheep died), these are the nodes its restart must wait for.
         self.leave_run: list[str] = []
+        # Nodes the operator gave up on ('dog cluster recover force'): gone for good, so
+        # nothing waits for the copies they may hold (Recovery, Gateway._read_newest). A
+        # node that joins again is no longer lost.
+        self.lost: set[str] = set()
         self.recovery_max_rate = 0  # bytes/s each sheep may fetch when recovering; 0: no limit
         self.scrub_max_rate = constants.scrub_rate_default  # bytes/s of background scrub; 0: off
         self.scrub_interval = constants.scrub_interval_default_s  # from one pass to the next
@@ -148,6 +153,11 @@ class ClusterState:
     def copies_max(self) -> int:
         """The most copies any object keeps: the cluster's, or a VDI's own."""
         return max([self.copies, *(vdi.copies for vdi in self.vdis.vdis.values())])
+
+    def missing(self) -> list[str]:
+        """Nodes the epoch log names that are neither members nor declared lost."""
+        named = {node.node_id for entry in self.epochs for node in entry.nodes}
+        return sorted(named - set(self.members) - self.lost)
 
     def epoch_nodes(self, epoch: int) -> list[NodeInfo] | None:
         for entry in reversed(self.epochs):
@@ -186,6 +196,7 @@ class ClusterState:
         if event.node.node_id in self.members and self.members[event.node.node_id] == event.node:
             return ApplyResult()  # a duplicate join changes nothing
         self.members[event.node.node_id] = event.node
+        self.lost.discard(event.node.node_id)  # back: what it holds counts again
         self._new_epoch(event)
         if self.status is Status.SHUTDOWN and set(self.waiting_for) <= set(self.members):
             self.status = Status.OK  # every node of the last epoch is back
@@ -238,13 +249,35 @@ class ClusterState:
         return ApplyResult(shutdown=True)
 
     def _apply_force_recover(self, event: Event) -> ApplyResult:
-        """The operator accepts the cluster without the nodes that did not come back."""
-        if self.status is not Status.SHUTDOWN:
-            return _error(Result.INVALID_PARMS, "the cluster is not waiting for any node")
-        self.status = Status.OK
+        """The operator gives up on nodes that are not members: they are lost, gone for
+        good. After a shutdown, or once every sheep died, the cluster serves again when
+        none of its last epoch's nodes is still missing; at any time, an object whose
+        newest copy may be on a missing node stops waiting for it. ``nodes`` names the
+        ones to give up; without it, every node the epoch log names that is missing."""
+        named = event.body.get("nodes")
+        known = {node.node_id for entry in self.epochs for node in entry.nodes}
+        if named is None:
+            lost = self.missing()
+        elif not isinstance(named, list) or not all(isinstance(node_id, str) for node_id in named):
+            return _error(Result.INVALID_PARMS, "nodes must be a list of node ids")
+        else:
+            unknown = [node_id for node_id in named if node_id not in known]
+            members = [node_id for node_id in named if node_id in self.members]
+            if unknown or members:
+                return _error(Result.INVALID_PARMS, (
+                    f"not a node of the epoch log: {', '.join(unknown)}" if unknown else
+                    f"a member, not missing: {', '.join(members)}"))
+            lost = sorted(set(named) - self.lost)
+        if not lost and self.status is not Status.SHUTDOWN:
+            return _error(Result.INVALID_PARMS, "no node is missing: there is nothing to give up")
+        self.lost.update(lost)
+        given_up: list[str] = []
         missing = [node_id for node_id in self.waiting_for if node_id not in self.members]
-        self.waiting_for = []
-        return ApplyResult(value={"given_up": missing})
+        if self.status is Status.SHUTDOWN and set(missing) <= self.lost:
+            self.status = Status.OK
+            given_up = missing
+            self.waiting_for = []
+        return ApplyResult(value={"given_up": given_up, "lost": lost})
 
     def _apply_recovery(self, event: Event) -> ApplyResult:
         """Recovery settings for every sheep: max_rate in bytes/s (0: no limit)."""
@@ -319,6 +352,7 @@ class ClusterState:
             "object_size": self.object_size, "format_time": self.format_time,
             "format_epoch": self.format_epoch, "vdis": self.vdis.to_json(),
             "waiting_for": list(self.waiting_for), "leave_run": list(self.leave_run),
+            "lost": sorted(self.lost),
             "recovery_max_rate": self.recovery_max_rate,
             "scrub_max_rate": self.scrub_max_rate, "scrub_interval": self.scrub_interval,
         }
@@ -338,6 +372,7 @@ class ClusterState:
             state.vdis = VdiRegistry.from_json(value["vdis"])
         state.waiting_for = [str(node_id) for node_id in value.get("waiting_for", [])]
         state.leave_run = [str(node_id) for node_id in value.get("leave_run", [])]
+        state.lost = {str(node_id) for node_id in value.get("lost", [])}
         state.recovery_max_rate = int(value.get("recovery_max_rate", 0))
         state.scrub_max_rate = int(value.get("scrub_max_rate", constants.scrub_rate_default))
         state.scrub_interval = int(value.get("scrub_interval",
@@ -353,6 +388,7 @@ class ClusterState:
             assert self.epochs[-1].epoch == self.epoch
             assert {n.node_id for n in self.epochs[-1].nodes} == set(self.members)
         assert not self.waiting_for or self.status is Status.SHUTDOWN
+        assert not self.lost & set(self.members), "a member is never lost"
         if self.status in (Status.OK, Status.SHUTDOWN):
             assert 1 <= self.copies <= constants.copies_max
             assert constants.object_size_min_bytes <= self.object_size

@@ -109,6 +109,7 @@ class Sheep:
         self.recoverer: Recoverer | None = None
         self.scrubber: Scrubber | None = None
         self._verifier: asyncio.Task[None] | None = None
+        self._verifying: Verifier | None = None  # the last verifier run, for its status
         self._stopper: asyncio.Task[None] | None = None
         self.admin: dict[Op, Callable[[Header, bytes], Awaitable[Reply]]] = {
             Op.PING: self.ping,
@@ -153,8 +154,9 @@ class Sheep:
                                self._member_connection)
         self.peer.on_suspect = self._start_verifier
         if self.group.state.status is not Status.WAIT_FOR_FORMAT:
-            # What this store holds may have changed elsewhere while it was away.
-            self.peer.health.start_unverified(self.store.list_oids())
+            # What this store holds may have changed elsewhere while it was away: since
+            # the epoch it stopped in.
+            self._start_unverified(self.group.state.epoch)
         await self.server.start(listener)
         self.driver.applied_seq = lambda: self.group.state.seq
         self.driver.snapshot_source = self._snapshot
@@ -186,6 +188,7 @@ class Sheep:
         if self._verifier is not None and not self._verifier.done():
             return  # the running one goes on until every copy is verified
         verifier = Verifier(self.store, self.peer, self.group, self.gateway, self.node.node_id)
+        self._verifying = verifier
         self._verifier = asyncio.get_running_loop().create_task(verifier.run())
         self._tasks.append(self._verifier)
 
@@ -343,6 +346,7 @@ class Sheep:
             state.to_json(), [entry.to_json() for entry in state.epochs[epochs_before:]])
         if result.wipe_store:
             self.store.wipe()
+            self.store.config_put("unverified_since", None)
             self.store.set_object_size(state.object_size)
             if self.vdis is not None:
                 self.vdis.reset()
@@ -375,7 +379,7 @@ class Sheep:
             # requests meanwhile, so it serves no client either (found by the
             # simulator, once expired sessions are logged while their sheep is away).
             self.joined.clear()
-            self.peer.health.start_unverified(self.store.list_oids())
+            self._start_unverified(epoch_before)
             self._start_verifier()
         if result.shutdown and not self.stopping:
             log.info("cluster shutdown requested")
@@ -402,8 +406,32 @@ class Sheep:
         if returning:
             log.info("%d copies kept outside the placement are back in it: verifying them",
                      len(returning))
-            self.peer.health.suspect(returning)
+            self.peer.health.suspect(returning, before)
+            self._save_unverified_since()
             self._start_verifier()
+
+    def _start_unverified(self, since: int) -> None:
+        """Every copy here is suspect (a restart, or declared dead while alive): it may
+        lack the changes made from epoch ``since`` on (the placement was elsewhere, or
+        the others went on without this sheep), a copy in doubt those made from its
+        doubt's epoch (a power loss took them), and a copy still unverified from before
+        a restart those made from its own epoch (kept in the store, as the earliest of
+        them). The verifier waits for the nodes placed since then that are away."""
+        assert self.peer is not None
+        saved = self.store.config_get("unverified_since")
+        if saved is not None:
+            since = min(since, int(saved))
+        self.peer.health.start_unverified(self.store.list_oids(), since, self.store.doubts())
+        self._save_unverified_since()
+
+    def _save_unverified_since(self) -> None:
+        """Keep the earliest epoch an unverified copy may lack changes from, for a restart
+        before the verifier is done (it clears it when every copy is verified)."""
+        assert self.peer is not None
+        oldest = self.peer.health.oldest_since()
+        saved = self.store.config_get("unverified_since")
+        if oldest is not None and (saved is None or oldest < int(saved)):
+            self.store.config_put("unverified_since", oldest)
 
     async def broadcast(self, body: dict[str, Any]) -> ApplyResult:
         """Send a cluster op through the ordered log; wait until it is applied here."""
@@ -581,7 +609,7 @@ class Sheep:
             "status": "stopping" if self.stopping else (
                 "ok" if self.joined.is_set() else "joining"),
             "store": self.store.path, "pid": os.getpid(), "version": __version__,
-            "recovery": self.recoverer.status() if self.recoverer else None,
+            "recovery": self._recovery_status(),
             "integrity": {**self.store.counters, "checksums": self.store.checksums,
                           "damaged": self.peer.health.damaged_count if self.peer else 0,
                           "repaired": self.peer.health.repaired if self.peer else 0,
@@ -591,6 +619,15 @@ class Sheep:
             "io": self.metrics.by_op(),
             "scheduler": self.peer.scheduler.status() if self.peer else None,
         }
+
+    def _recovery_status(self) -> dict[str, Any] | None:
+        """The recoverer's status, with the copies that wait for nodes away (Verifier)."""
+        if self.recoverer is None:
+            return None
+        waiting = self._verifying.waiting if self._verifying is not None else {}
+        return {**self.recoverer.status(), "waiting": len(waiting),
+                "waiting_for": sorted({node_id for nodes in waiting.values()
+                                       for node_id in nodes})}
 
     def _metrics_state(self) -> dict[str, Any]:
         """What a metrics scrape reads from the sheep (sheep/metrics.py); it may come
@@ -619,7 +656,13 @@ class Sheep:
         return proto.encode_json(infos), {}
 
     async def force_recover(self, header: Header, payload: bytes) -> Reply:
-        result = await self.broadcast({"type": "force_recover"})
+        body = proto.decode_json(payload) if payload else {}
+        if not isinstance(body, dict):
+            raise error_for(Result.INVALID_PARMS, "force_recover takes a JSON object")
+        op: dict[str, Any] = {"type": "force_recover"}
+        if "nodes" in body:
+            op["nodes"] = body["nodes"]
+        result = await self.broadcast(op)
         return proto.encode_json(result.value), {}
 
     async def set_recovery(self, header: Header, payload: bytes) -> Reply:

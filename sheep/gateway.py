@@ -371,7 +371,7 @@ class Gateway:
             try:
                 found = await self.call(node, read, b"", epoch)
                 break
-            except NoObject:
+            except (NoObject, Unverified):
                 continue
         if found is None:
             found = await self._read_from_past_epochs(read, epoch)
@@ -490,13 +490,6 @@ class Gateway:
                 raise value
         return values
 
-    async def newest(self, oid: int, nodes: list[NodeInfo], epoch: int,
-                     verified_only: bool = False) -> Copy[NodeInfo] | None:
-        """The newest copy among nodes (sheep/replicas.py), or None if none has one. A
-        removal's tombstone counts, as a copy that says 'removed'."""
-        return replicas.newest(zip(nodes, await self.stats(oid, nodes, epoch), strict=True),
-                               verified_only)
-
     async def read_copy(self, node: NodeInfo, header: Header, epoch: int) -> Reply:
         """Read this node's copy, verified or not (FLAG_DIRECT)."""
         direct = Header(opcode=Op.READ_OBJ, oid=header.oid, offset=header.offset,
@@ -515,10 +508,13 @@ class Gateway:
 
     async def _read_newest(self, header: Header, nodes: list[NodeInfo], epoch: int) -> Reply:
         """No verified copy answered (say, every sheep just restarted): read the copy
-        with the highest version, whatever its state (a damaged one is passed over)."""
+        with the highest version, whatever its state (a damaged one is passed over).
+        Unless a node away from the cluster may hold a newer one (sheep/replicas.py:
+        verdict): then the object waits for it (Unavailable, which is retried)."""
         stats = list(zip(nodes, await self.stats(header.oid, nodes, epoch), strict=True))
         damaged: SheepError | None = None
         while (best := replicas.newest(stats, verified_only=False)) is not None and not best.removed:
+            self._check_none_newer_away(header.oid, best)
             try:
                 return await self.read_copy(best.node, header, epoch)
             except IOErrorResult as error:
@@ -527,6 +523,19 @@ class Gateway:
         if damaged is not None:
             raise damaged
         raise NoObject(f"object {header.oid:016x} does not exist")
+
+    def _check_none_newer_away(self, oid: int, best: Copy[NodeInfo]) -> None:
+        """Refuse to take an unverified copy as the newest while a node the placement
+        named since its ``since`` epoch is away: that node may hold a newer copy (the
+        verifier waits for it too)."""
+        if replicas.vouches(best, best.version) or best.status.since is None:
+            return
+        away = self.group.holders_away(oid, best.status.since, best.node.node_id)
+        if away:
+            names = ", ".join(node.node_id for node in away)
+            raise Unavailable(
+                f"object {oid:016x}: its newest copy may be on {names}, not a member now;"
+                " waiting for it ('dog cluster recover force' if it is gone for good)")
 
     async def flush(self, header: Header, payload: bytes) -> Reply:
         async def attempt(epoch: int) -> Reply:

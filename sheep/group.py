@@ -8,6 +8,7 @@ an epoch's node list, so every sheep and client computes the same answer).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import functools
 
 from sheep.cluster_state import ClusterState
@@ -100,6 +101,24 @@ class Group:
     def placement(self, oid: int, epoch: int | None = None,
                   copies: int | None = None) -> list[NodeInfo]:
         return self.ring(epoch).placement(oid, copies or self.copies_for(oid))
+
+    def holders_away(self, oid: int, since: int, me: str) -> list[NodeInfo]:
+        """The nodes other than me that the placement of oid named in any epoch from
+        ``since`` on and that cannot be asked now: not members, and not declared lost.
+        One of them may hold a copy newer than any a member has (sheep/replicas.py:
+        verdict). Only epochs that name such a node cost a placement; epochs this sheep
+        does not know (older than the snapshot it installed) name nobody."""
+        state = self.state
+        gone: dict[str, NodeInfo] = {}
+        for entry in state.epochs[bisect.bisect_left(state.epochs, since,
+                                                     key=lambda e: e.epoch):]:
+            away = [node for node in entry.nodes if node.node_id != me
+                    and node.node_id not in state.members and node.node_id not in state.lost]
+            if not away:
+                continue
+            placed = {node.node_id for node in self.placement(oid, entry.epoch)}
+            gone.update({node.node_id: node for node in away if node.node_id in placed})
+        return [gone[node_id] for node_id in sorted(gone)]
 
     def past_epochs(self, limit: int) -> list[int]:
         """Up to ``limit`` earlier epochs, newest first."""

@@ -156,7 +156,8 @@ class Peer:
                 reply = await self.handlers[Op(header.opcode)](header, payload)
             except (NoSpace, IOErrorResult, SystemFailure):
                 if header.opcode in _changes and self.store.exists(header.oid):
-                    self.health.change_failed(header.oid, self.clock.monotonic())
+                    self.health.change_failed(header.oid, self.clock.monotonic(),
+                                              self.group.epoch)
                     self._suspect()
                 raise
         except NoSpace as error:
@@ -271,7 +272,7 @@ class Peer:
         return data, {"arg0": self.store.version(header.oid)}
 
     def _damaged(self, oid: int, error: SheepError) -> None:
-        if self.health.found_damaged(oid):
+        if self.health.found_damaged(oid, self.group.epoch):
             log.error("%s", error)
         self._suspect()
 
@@ -330,6 +331,7 @@ class Peer:
         value = self.store.stat(header.oid)
         if self.health.is_unverified(header.oid):
             value["unverified"] = True
+            value["since"] = self.health.since(header.oid)
         if self.health.is_damaged(header.oid):
             value["damaged"] = True
         return proto.encode_json(value), {}
@@ -344,7 +346,7 @@ class Peer:
         except IOErrorResult as error:
             log.error("scrub: %s", error)
             bad = [-1]
-        if self.health.scrubbed(oid, damaged=bool(bad)):
+        if self.health.scrubbed(oid, damaged=bool(bad), since=self.group.epoch):
             self.store.counters["checksum_errors"] += 1
             log.error("scrub: object %016x is damaged in blocks %s", oid, bad[:8])
             self._suspect()

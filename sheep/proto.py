@@ -157,7 +157,7 @@ OPS: dict[Op, OpInfo] = {
     Op.FORMAT: OpInfo("format", Kind.ADMIN, _JSON, _JSON, Caller.ADMIN),
     Op.SHUTDOWN: OpInfo("shutdown", Kind.ADMIN, _NONE, _NONE, Caller.ADMIN),
     Op.KILL_NODE: OpInfo("kill_node", Kind.ADMIN, _NONE, _NONE, Caller.ADMIN),
-    Op.FORCE_RECOVER: OpInfo("force_recover", Kind.ADMIN, _NONE, _JSON, Caller.ADMIN),
+    Op.FORCE_RECOVER: OpInfo("force_recover", Kind.ADMIN, _JSON, _JSON, Caller.ADMIN),
     Op.SET_RECOVERY: OpInfo("set_recovery", Kind.ADMIN, _JSON, _JSON, Caller.ADMIN),
     Op.REWEIGHT: OpInfo("reweight", Kind.ADMIN, _JSON, _JSON, Caller.ADMIN),
     Op.SET_SCRUB: OpInfo("set_scrub", Kind.ADMIN, _JSON, _JSON, Caller.ADMIN),

@@ -7,7 +7,9 @@ sheep/peer.py). The verifier walks those copies in the background: a copy
 whose version is the highest is verified as it is; one that is older is
 replaced by the newest copy (or removed, when the newest is a removal's
 tombstone) before it is verified. Copies that no reachable replica can vouch
-for stay unverified and are tried again later.
+for stay unverified and are tried again later: among them, copies that a node
+away from the cluster may hold newer (sheep/replicas.py: verdict) wait for that
+node to come back, or for the operator to declare it lost.
 
 The Recoverer below does the rest: re-replication after every epoch change,
 and the removal of copies a sheep no longer has to hold.
@@ -59,6 +61,8 @@ class Verifier(_Worker):
         super().__init__(store, peer, group, gateway, node_id)
         self.verified = 0
         self.replaced = 0
+        # Copies waiting for nodes away that may hold newer ones: oid -> their node ids.
+        self.waiting: dict[int, list[str]] = {}
 
     async def run(self) -> None:
         while self.group.state.status is not Status.OK:
@@ -69,6 +73,7 @@ class Verifier(_Worker):
             replaced = self.replaced
             for oid in health.unverified_oids():
                 if not health.is_unverified(oid):
+                    self.waiting.pop(oid, None)
                     continue  # a write or removal settled it meanwhile
                 if not health.ready_to_verify(oid, self.clock.monotonic(),
                                               failed_change_settle_s):
@@ -85,13 +90,19 @@ class Verifier(_Worker):
                     log.error("verifier: cannot sync the replaced copies: %s", error)
             if health.unverified_count:
                 await self.clock.sleep(verify_retry_interval_s)
+        self.waiting.clear()
+        if self.store.config_get("unverified_since") is not None:
+            # A restart no longer needs to look back for what these copies may lack.
+            self.store.config_put("unverified_since", None)
         log.info("every copy verified (%d kept, %d replaced)", self.verified, self.replaced)
 
     async def verify(self, oid: int) -> None:
         """Compare the copy with every other member's (not only the placement's: after
         nodes came back, the newest copy may sit where an earlier epoch put it). The
-        newest copy wins (sheep/replicas.py: superseded); a damaged copy here that
-        nothing supersedes stays unverified until a good copy turns up."""
+        newest copy wins (sheep/replicas.py: verdict); a damaged copy here that nothing
+        supersedes stays unverified until a good copy turns up. While a node that the
+        placement named since this copy's ``since`` epoch is away, and no member's
+        verified copy vouches for the answer, the copy waits for it."""
         if self.gateway.world.faults.buggify("verifier.stats-fail"):
             raise Timeout(f"no answer about {oid:016x} in time (buggify)")
         epoch = self.group.epoch
@@ -103,9 +114,24 @@ class Verifier(_Worker):
         stat = self.store.stat(oid) if self.store.exists(oid) else {}
         mine = CopyStatus(version=version, digest=stat.get("digest"), unverified=True,
                           durable=bool(stat.get("durable", True)),
-                          doubtful=bool(stat.get("doubtful")), damaged=health.is_damaged(oid))
-        if best is not None and replicas.superseded(mine, best) and health.is_unverified(oid):
-            await self._replace(oid, mine, best, epoch)
+                          doubtful=bool(stat.get("doubtful")), damaged=health.is_damaged(oid),
+                          since=health.since(oid))
+        away = ([] if replicas.vouches(best, mine.version)
+                else self.group.holders_away(oid, health.since(oid), self.node_id))
+        verdict = replicas.verdict(mine, best, bool(away))
+        if verdict is replicas.Verdict.WAIT:
+            waiting_for = [node.node_id for node in away]
+            if self.waiting.get(oid) != waiting_for:
+                log.warning("copy of %016x waits for %s: not a member, it may hold a newer"
+                            " copy ('dog cluster recover force' if it is gone for good)", oid,
+                            ", ".join(waiting_for))
+            self.waiting[oid] = waiting_for
+            return
+        self.waiting.pop(oid, None)
+        if verdict is replicas.Verdict.REPLACE:
+            assert best is not None
+            if health.is_unverified(oid):
+                await self._replace(oid, mine, best, epoch)
         elif mine.damaged:
             # No better copy: look at ours again. A read that failed with EIO marks a
             # copy damaged, yet the disk may have failed for a moment only.
@@ -236,11 +262,15 @@ class Recoverer(_Worker):
         self.bytes = 0
         self.bytes_total = 0  # since this sheep started, over every pass
         self.surplus = 0  # copies held here that the placement no longer gives this sheep
+        # Objects this pass wanted of which there were only unverified copies yet.
+        self.unverified_sources = 0
         self.removed = 0
         self.started = 0.0
         self.finished = 0.0
         self.running = False
-        self.phase = "idle"  # fetching, removing (surplus copies waiting for holders), idle
+        # fetching, removing (surplus copies waiting for holders), waiting (for a verified
+        # copy of some object), idle
+        self.phase = "idle"
         self.limiter = RateLimiter(lambda: self.group.state.recovery_max_rate, self.clock)
         self.tuner = RecoveryTuner()
         self._again = False
@@ -317,6 +347,12 @@ class Recoverer(_Worker):
                 self.phase = "removing"
                 while await self.purge_once(self.epoch) and not self._again:
                     await self.group.wait_epoch_after(self.epoch, purge_retry_interval_s)
+                if self.unverified_sources and not self._again:
+                    # Objects with only unverified copies yet: the pass runs again until
+                    # one is verified (not a failure: everything else went on).
+                    self.phase = "waiting"
+                    await self.group.wait_epoch_after(self.epoch, verify_retry_interval_s)
+                    self._again = True
             except SheepError as error:
                 log.warning("recovery pass failed: %s; retrying", error)
                 self._again = True
@@ -353,7 +389,7 @@ class Recoverer(_Worker):
                          if oid not in here and self._mine(oid, epoch)),
                         key=lambda oid: not self.store.is_partial(oid))
         self.to_recover = len(wanted)
-        self.recovered = self.failed = self.bytes = 0
+        self.recovered = self.failed = self.bytes = self.unverified_sources = 0
         if wanted:
             log.info("epoch %d: recovering %d objects", epoch, len(wanted))
         semaphore = asyncio.Semaphore(recovery_concurrency)
@@ -370,6 +406,8 @@ class Recoverer(_Worker):
                         fetched = await self.fetch(oid, holders[oid], epoch)
                     if fetched:
                         self.recovered += 1
+                    elif fetched is None:
+                        self.unverified_sources += 1
                 except SheepError as error:
                     self.failed += 1
                     log.warning("cannot recover %016x: %s", oid, error)
@@ -404,8 +442,9 @@ class Recoverer(_Worker):
     def _mine(self, oid: int, epoch: int) -> bool:
         return any(node.node_id == self.node_id for node in self.group.placement(oid, epoch))
 
-    async def fetch(self, oid: int, nodes: list[Any], epoch: int) -> bool:
-        """Copy the newest verified copy of oid here; False if there is none to copy."""
+    async def fetch(self, oid: int, nodes: list[Any], epoch: int) -> bool | None:
+        """Copy the newest verified copy of oid here; False if there is none to copy,
+        None if there are only copies not verified yet (a pass run again fetches it)."""
         if self.gateway.world.faults.buggify("recovery.fetch-fails"):
             raise Timeout(f"fetching {oid:016x} timed out (buggify)")
         placement = self.group.placement(oid, epoch)
@@ -416,7 +455,14 @@ class Recoverer(_Worker):
         # be the one serving the clients.
         order = sorted(asked.values(),
                        key=lambda node: zlib.crc32(f"{oid}:{node.node_id}".encode()))
-        best = await self.gateway.newest(oid, order, epoch, verified_only=True)
+        found = list(zip(order, await self.gateway.stats(oid, order, epoch), strict=True))
+        best = replicas.newest(found, verified_only=True)
+        if best is None and replicas.verifiable(answer for _, answer in found):
+            # Only unverified copies yet (their holders came back, or wait for a node
+            # away that may hold a newer one). Taken as "nothing to fetch", it was
+            # fetched by nobody, and the surplus copy it was to replace stayed for ever
+            # (simulator seed 14, once copies wait for nodes away).
+            return None
         if best is None or best.removed:
             return False
         self.peer.check_space()

@@ -16,11 +16,20 @@ change promised, whose writes may not all have landed: sheep/store/store.py),
 then a verified copy beats an unverified one, a durable one a fresh one, and
 last the digest decides: which copy wins does not depend on the order holders
 answered in.
+
+Members can only compare the copies they hold. An unverified copy may lack changes
+made since an epoch of its own (its ``since``: it was away from then, or a power
+loss took its unsynced writes made from then); a node that the placement named in
+any epoch since then and that is not a member now (nor declared lost) may hold the
+only copy with those changes. Unless a member's verified copy at least as new
+vouches for the answer, nothing is decided about such a copy while that node is
+away (verdict, vouches): the object waits, as Ceph's "down" placement groups do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import enum
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -31,6 +40,7 @@ N = TypeVar("N")  # a holder: NodeInfo in the daemon, anything in tests
 oid_limit = 2**64  # object ids and versions are 64-bit on the wire and in the store
 version_limit = 2**64
 digest_limit = 2**64
+epoch_limit = 2**63
 
 _flags = ("deleted", "missing", "doubtful", "unverified", "damaged", "durable", "synced")
 _sizes = ("size", "allocated")
@@ -53,6 +63,9 @@ class CopyStatus:
     durable: bool = True
     synced: bool = True  # no change waits for a sync
     digest: int | None = None  # of the checksum table: equal contents, equal digests
+    # An unverified copy's epoch from which it may lack changes (CopyHealth.since): the
+    # nodes placed since then may hold newer copies.
+    since: int | None = None
     size: int | None = None
     allocated: int | None = None
 
@@ -62,7 +75,8 @@ class CopyStatus:
         reason = _invalid(value)
         if reason is not None:
             raise BadRequest(f"malformed copy status: {reason}")
-        known = {name: value[name] for name in (*_flags, "digest", *_sizes) if name in value}
+        known = {name: value[name] for name in (*_flags, "digest", "since", *_sizes)
+                 if name in value}
         return cls(version=value["version"], **known)
 
     def to_json(self) -> dict[str, Any]:
@@ -72,7 +86,7 @@ class CopyStatus:
             default = name in ("durable", "synced")
             if getattr(self, name) is not default:
                 value[name] = getattr(self, name)
-        for name in ("digest", *_sizes):
+        for name in ("digest", "since", *_sizes):
             if getattr(self, name) is not None:
                 value[name] = getattr(self, name)
         return value
@@ -98,6 +112,8 @@ def _invalid(value: Any) -> str | None:
             return f"{name} {value[name]!r}"
     if value.get("digest") is not None and not _is_int(value["digest"], digest_limit):
         return f"digest {value['digest']!r}"
+    if value.get("since") is not None and not _is_int(value["since"], epoch_limit):
+        return f"since {value['since']!r}"
     for name in _sizes:
         if value.get(name) is not None and not _is_int(value[name], 2**63):
             return f"{name} {value[name]!r}"
@@ -191,6 +207,49 @@ def superseded(mine: CopyStatus, best: Copy[Any] | None) -> bool:
     return mine.damaged or mine.doubtful or best.status.digest not in (None, mine.digest)
 
 
+class Verdict(enum.Enum):
+    """What the verifier does with its unverified copy."""
+
+    KEEP = "keep"  # ours is current: verified as it is
+    REPLACE = "replace"  # the newest copy elsewhere replaces ours
+    WAIT = "wait"  # a node that may hold a newer copy is away: decide later
+
+
+def vouches(best: Copy[Any] | None, version: int) -> bool:
+    """Whether the newest copy among the members settles what is current for a copy
+    at version: a verified copy, not in doubt, at least as new. It took every change
+    made since it was verified, so no copy elsewhere can be newer than it by a change
+    it lacks."""
+    return (best is not None and not best.status.unverified and not best.status.doubtful
+            and best.version >= version)
+
+
+def verdict(mine: CopyStatus, best: Copy[Any] | None, holders_away: bool) -> Verdict:
+    """The verifier's decision for its unverified copy, given the newest copy among the
+    members (newest()) and whether a node that may hold a newer copy is away: placed
+    since our copy's ``since`` epoch, not a member, not declared lost
+    (Group.holders_away).
+
+    A member's verified copy at least as new vouches for the comparison, and the
+    members' copies decide (superseded). Without one, keeping ours, or taking another
+    unverified copy, would rest on copies that may lack exactly the changes the away
+    node holds: a power loss took a holder's unflushed writes while the other holder,
+    cut off and declared dead, kept them; keeping the torn copy and writing on would
+    lose an acknowledged write for good when the other came back (simulator seed
+    111). So the copy waits for that node, or for the operator to declare it lost."""
+    if holders_away and not vouches(best, mine.version):
+        return Verdict.WAIT
+    return Verdict.REPLACE if superseded(mine, best) else Verdict.KEEP
+
+
+def verifiable(answers: Iterable[Answer]) -> bool:
+    """Whether some holder's copy is unverified yet may be found current: not damaged,
+    its file not lost (recovery waits for such a copy rather than take the object as
+    absent)."""
+    return any(isinstance(answer, CopyStatus) and answer.unverified and not answer.damaged
+               and not answer.missing for answer in answers)
+
+
 def may_drop_surplus(mine_version: int, placement: Sequence[Answer]) -> bool:
     """Whether a copy held outside the placement may go: every holder of the placement
     has a verified copy at least as new (or a removal at least as new), durable (a
@@ -235,31 +294,68 @@ class CopyHealth:
     # Copies made suspect by a change that failed here, and when: the same change may
     # still be on its way to the other replicas, so they are compared only later.
     _failed_at: dict[int, float] = field(default_factory=dict)
+    # The epoch from which an unverified copy may lack changes (since()): the one given
+    # to start_unverified for most, an earlier or later one of their own for the rest.
+    _since_start: int = 0
+    _since: dict[int, int] = field(default_factory=dict)
 
-    def start_unverified(self, oids: Iterable[int]) -> None:
-        """Every copy held is suspect (a restart, or declared dead while alive); the
-        damaged ones stay so until replaced."""
+    def start_unverified(self, oids: Iterable[int], since: int,
+                         earlier: Mapping[int, int] | None = None) -> None:
+        """Every copy held is suspect (a restart, or declared dead while alive): each may
+        lack changes made from epoch ``since`` on, or from its own earlier epoch in
+        ``earlier`` (a power loss took writes made from then: store doubts). The
+        damaged ones stay so until replaced, and copies unverified before keep their
+        own epoch if it is earlier."""
+        assert 0 <= since < epoch_limit
+        before = {oid: self.since(oid) for oid in self._unverified}
         self._unverified = set(oids) | self._damaged
         assert all(0 <= oid < oid_limit for oid in self._unverified)
+        self._since_start, self._since = since, {}
+        for oid, epoch in [*before.items(), *(earlier or {}).items()]:
+            if oid in self._unverified and epoch < self.since(oid):
+                self._since[oid] = epoch
         self._check()
 
-    def suspect(self, oids: Iterable[int]) -> None:
-        """These copies may have missed changes (kept outside the placement while it
-        was elsewhere): unverified until compared."""
+    def suspect(self, oids: Iterable[int], since: int) -> None:
+        """These copies may have missed changes made from epoch ``since`` on (kept
+        outside the placement while it was elsewhere): unverified until compared."""
         for oid in oids:
             assert 0 <= oid < oid_limit
-            self._unverified.add(oid)
+            self._unverify(oid, since)
         self._check()
 
-    def change_failed(self, oid: int, now: float) -> None:
-        """A change failed halfway (EIO, ENOSPC): the copy holds some of it, and the
-        other replicas may hold all of it. A later change would give every replica the
-        same version and hide the difference, so the copy is suspect until compared,
-        which waits until the change is surely over elsewhere (ready_to_verify)."""
+    def change_failed(self, oid: int, now: float, since: int) -> None:
+        """A change failed halfway (EIO, ENOSPC) in epoch ``since``: the copy holds some
+        of it, and the other replicas may hold all of it. A later change would give
+        every replica the same version and hide the difference, so the copy is suspect
+        until compared, which waits until the change is surely over elsewhere
+        (ready_to_verify)."""
         assert 0 <= oid < oid_limit
-        self._unverified.add(oid)
+        self._unverify(oid, since)
         self._failed_at[oid] = now
         self._check(oid)
+
+    def _unverify(self, oid: int, since: int) -> None:
+        assert 0 <= since < epoch_limit
+        if oid in self._unverified:
+            since = min(since, self.since(oid))
+        self._unverified.add(oid)
+        self._since[oid] = since
+
+    def since(self, oid: int) -> int:
+        """The epoch from which an unverified copy may lack changes: the nodes that the
+        placement named since then may hold newer copies (verdict)."""
+        return self._since.get(oid, self._since_start)
+
+    def oldest_since(self) -> int | None:
+        """The earliest epoch any unverified copy may lack changes from (None if every
+        copy is verified): what a restart must still look back to."""
+        if not self._unverified:
+            return None
+        values = list(self._since.values())
+        if len(self._since) < len(self._unverified):
+            values.append(self._since_start)
+        return min(values)
 
     def ready_to_verify(self, oid: int, now: float, settle_s: float) -> bool:
         """Whether the copy may be compared with the others now: not if a change failed
@@ -273,21 +369,24 @@ class CopyHealth:
         assert oid not in self._damaged, f"a damaged copy of {oid:016x} cannot be current"
         self._unverified.discard(oid)
         self._failed_at.pop(oid, None)
+        self._since.pop(oid, None)
         self._check(oid)
 
-    def found_damaged(self, oid: int) -> bool:
-        """A read met damage in the copy; True if it was not known damaged before."""
+    def found_damaged(self, oid: int, since: int) -> bool:
+        """A read met damage in the copy in epoch ``since`` (it was current until then);
+        True if it was not known damaged before."""
         new = oid not in self._damaged
         self._found += new
         self._damaged.add(oid)
-        self._unverified.add(oid)
+        self._unverify(oid, since)
         self._check(oid)
         return new
 
-    def scrubbed(self, oid: int, damaged: bool) -> bool:
-        """A scrub verified every block of the copy; True if it found new damage."""
+    def scrubbed(self, oid: int, damaged: bool, since: int) -> bool:
+        """A scrub verified every block of the copy in epoch ``since``; True if it found
+        new damage."""
         self._scrubbed += 1
-        return self.found_damaged(oid) if damaged else False
+        return self.found_damaged(oid, since) if damaged else False
 
     def found_sound(self, oid: int) -> None:
         """A copy marked damaged was verified block by block again and every block
@@ -301,6 +400,7 @@ class CopyHealth:
         replaced a damaged one (counted as repaired)."""
         self._unverified.discard(oid)
         self._failed_at.pop(oid, None)
+        self._since.pop(oid, None)
         repaired = oid in self._damaged
         if repaired:
             self._damaged.discard(oid)
@@ -312,6 +412,7 @@ class CopyHealth:
         """The copy is gone (removed, or dropped as surplus): nothing to verify or repair."""
         self._unverified.discard(oid)
         self._failed_at.pop(oid, None)
+        self._since.pop(oid, None)
         self._damaged.discard(oid)
         self._check(oid)
 
@@ -350,4 +451,5 @@ class CopyHealth:
         assert oid is None or 0 <= oid < oid_limit, f"oid {oid}"
         assert self._damaged <= self._unverified, "a damaged copy is never served"
         assert oid is None or oid not in self._failed_at or oid in self._unverified
+        assert oid is None or oid not in self._since or oid in self._unverified
         assert self._repaired >= 0 and self._scrubbed >= 0 and self._found >= self._repaired

@@ -26,7 +26,10 @@ the replicas sort that out (sheep/recovery.py: a restarted sheep's copies are
 unverified). Such a copy is *in doubt* until verified: it carries a version
 whose writes may not all have landed, so another copy at that version that is
 not in doubt outranks it (sheep/replicas.py); the doubt is kept in LMDB so that
-another crash before the verification does not forget it.
+another crash before the verification does not forget it. An intent also records
+the epoch it was made in, and the doubt keeps it: the writes the crash may have
+taken were made from then on, so the nodes placed since then may hold them (the
+verifier waits for those: sheep/recovery.py).
 
 This is the one boundary where OSError and lmdb.Error become result-code
 exceptions (NoSpace, IOErrorResult, SystemFailure).
@@ -127,7 +130,8 @@ class SyncJob:
     directories: list[str] = field(default_factory=list)  # their entries changed
     intents_cleared: dict[int, bytes] = field(default_factory=dict)
     doubts_cleared: set[int] = field(default_factory=set)
-    doubts_added: set[int] = field(default_factory=set)  # partial copies (Store.write_partial)
+    # Partial copies (Store.write_partial), each with the epoch it was made in.
+    doubts_added: dict[int, int] = field(default_factory=dict)
     wipes: int = 0  # the store's wipes when it began: after another, it has nothing to do
 
 
@@ -215,7 +219,9 @@ class Store:
         # object changes nothing.
         self._intents: dict[int, bytes] = {}
         self._intent_clear: dict[int, bytes] = {}  # intents to delete at the next commit
-        self._doubtful: set[int] = set()  # copies in doubt (see the module doc)
+        # Copies in doubt (see the module doc), each with the epoch from which a crash
+        # may have taken its writes.
+        self._doubtful: dict[int, int] = {}
         self._doubt_add: set[int] = set()  # in doubt, to be recorded at the next sync
         # Partial copies: only the ranges written since they were made are here
         # (write_partial), by object: sorted, merged [start, end) byte ranges.
@@ -240,6 +246,9 @@ class Store:
         self.write_executor = concurrent.futures.ThreadPoolExecutor(
             write_threads, thread_name_prefix="store-write")
         self.object_size = constants.object_size_default_bytes
+        # The epoch of the cluster state last saved or loaded: the one this sheep serves
+        # in, recorded with every intent.
+        self.epoch = 0
         self.counters = {"checksum_errors": 0, "missing_files": 0, "recomputed_after_crash": 0}
 
     # --- lifecycle -------------------------------------------------------
@@ -278,7 +287,9 @@ class Store:
             self._recover_intents()
             self._remove_unadopted()
             with self.env.begin(db=self._doubt_db) as txn:
-                self._doubtful = {int.from_bytes(key, "big") for key, _ in txn.cursor()}
+                # A doubt of the older form (no epoch) may date from any epoch.
+                self._doubtful = {int.from_bytes(key, "big"): int.from_bytes(value or b"", "big")
+                                  for key, value in txn.cursor()}
 
     def _remove_unadopted(self) -> None:
         """Copies a crash caught while adopt_extents wrote them: never named as
@@ -296,8 +307,10 @@ class Store:
         whatever their files now hold (any of the unsynced writes may have landed), and
         at least the version their intent promised (ensure_intent)."""
         with self.env.begin(db=self._intents_db) as txn:
-            promised = {int.from_bytes(key, "big"): int.from_bytes(bytes(value)[8:16], "big")
-                        for key, value in txn.cursor()}
+            values = {int.from_bytes(key, "big"): bytes(value) for key, value in txn.cursor()}
+        promised = {oid: int.from_bytes(value[8:16], "big") for oid, value in values.items()}
+        # The epoch the intent was made in (an intent of the older form has none: any).
+        made_in = {oid: int.from_bytes(value[16:24], "big") for oid, value in values.items()}
         oids = list(promised)
         if not oids:
             return
@@ -329,8 +342,13 @@ class Store:
                         txn.put(_oid_key(oid), _pack_meta(version, False, digest),
                                 db=self._objects)
                     if version > (_unpack_meta(value)[0] if value is not None else 0):
-                        # Its version is one a change promised: in doubt until verified.
-                        txn.put(_oid_key(oid), b"", db=self._doubt_db)
+                        # Its version is one a change promised: in doubt until verified,
+                        # from the earlier of this intent's epoch and an older doubt's.
+                        since = made_in[oid]
+                        older = txn.get(_oid_key(oid), db=self._doubt_db)
+                        if older is not None:
+                            since = min(since, int.from_bytes(older, "big"))
+                        txn.put(_oid_key(oid), since.to_bytes(8, "big"), db=self._doubt_db)
                 txn.delete(_oid_key(oid), db=self._intents_db)
         self.counters["recomputed_after_crash"] = len(oids)
         log.warning("the store was not closed cleanly: checksums of %d objects changed since"
@@ -386,12 +404,16 @@ class Store:
             for entry in epochs:
                 txn.put(int(entry["epoch"]).to_bytes(8, "big"), json.dumps(entry).encode(),
                         db=self._epochs)
+        self.epoch = int(state["epoch"])
 
     def load_cluster_state(self) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
         with _translated("load cluster state"), self.env.begin() as txn:
             raw = txn.get(b"cluster_state", db=self._config)
             epochs = [json.loads(value) for _, value in txn.cursor(db=self._epochs)]
-        return (None if raw is None else json.loads(raw)), epochs
+        state = None if raw is None else json.loads(raw)
+        if state is not None:
+            self.epoch = int(state["epoch"])
+        return state, epochs
 
     # --- metadata ----------------------------------------------------------
 
@@ -523,8 +545,10 @@ class Store:
             self._intents.update(wanted)
 
     def _token(self, version: int = 0) -> bytes:
-        """An intent's value: a token unique to it, then the version it promises."""
-        return next(self._tokens).to_bytes(8, "big") + version.to_bytes(8, "big")
+        """An intent's value: a token unique to it, the version it promises, and the
+        epoch it is made in."""
+        return (next(self._tokens).to_bytes(8, "big") + version.to_bytes(8, "big")
+                + self.epoch.to_bytes(8, "big"))
 
     def _write_intents(self, wanted: dict[int, bytes], cleared: dict[int, bytes]) -> None:
         with _translated("record intents"), self.env.begin(db=self._intents_db, write=True) as txn:
@@ -629,11 +653,16 @@ class Store:
     def in_doubt(self, oid: int) -> bool:
         return oid in self._doubtful
 
+    def doubts(self) -> dict[int, int]:
+        """The copies in doubt, each with the epoch from which a crash may have taken
+        its writes."""
+        return dict(self._doubtful)
+
     def clear_doubt(self, oid: int) -> None:
         """The copy was verified, replaced or removed: no longer in doubt (durably so
         at the next sync; until then a crash only brings the doubt back)."""
         if oid in self._doubtful:
-            self._doubtful.discard(oid)
+            del self._doubtful[oid]
             self._doubt_add.discard(oid)
             self._doubt_clear.add(oid)
         self._partial.pop(oid, None)  # a whole copy now, or none
@@ -667,7 +696,7 @@ class Store:
         if self.knows(oid):
             raise NoObject(f"object {oid:016x}: a partial copy only replaces nothing")
         new = self.create_and_write(oid, offset, data, version)
-        self._doubtful.add(oid)
+        self._doubtful[oid] = self.epoch
         self._doubt_add.add(oid)
         self._partial[oid] = [[offset, offset + len(data)]]
         return new
@@ -1266,7 +1295,9 @@ class Store:
         job.metas = {oid: self._frozen(meta) for oid, meta in self._meta.items()}
         job.intents_cleared, self._intent_clear = self._intent_clear, {}
         job.doubts_cleared, self._doubt_clear = self._doubt_clear, set()
-        job.doubts_added, self._doubt_add = self._doubt_add, set()
+        job.doubts_added = {oid: self._doubtful[oid] for oid in self._doubt_add
+                            if oid in self._doubtful}
+        self._doubt_add = set()
         return job
 
     @staticmethod
@@ -1320,11 +1351,11 @@ class Store:
             self._commit_some(items[start:start + commit_objects_max],
                               job.intents_cleared if last else {},
                               job.doubts_cleared if last else set(),
-                              job.doubts_added if last else set())
+                              job.doubts_added if last else {})
 
     def _commit_some(self, items: list[tuple[int, tuple[int, bytes | None, bool, bool, bool, int]]],
                      intents_cleared: dict[int, bytes], doubts_cleared: set[int],
-                     doubts_added: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+                     doubts_added: dict[int, int] | None = None) -> None:
         with _translated("sync store"), self.env.begin(write=True) as txn:
             for oid, (version, table, removed, gone, drop_sums, _) in items:
                 key = _oid_key(oid)
@@ -1344,8 +1375,9 @@ class Store:
                 elif drop_sums:
                     txn.delete(key, db=self._sums)
             self._delete_intents(txn, intents_cleared)
-            for oid in doubts_added - doubts_cleared:
-                txn.put(_oid_key(oid), b"", db=self._doubt_db)
+            for oid, epoch in (doubts_added or {}).items():
+                if oid not in doubts_cleared:
+                    txn.put(_oid_key(oid), epoch.to_bytes(8, "big"), db=self._doubt_db)
             for oid in doubts_cleared:
                 txn.delete(_oid_key(oid), db=self._doubt_db)
 

@@ -38,9 +38,9 @@ def versions(cluster: InProcessCluster, oid: int) -> list[int]:
 
 def mark_unverified(cluster: InProcessCluster, index: int, oid: int) -> None:
     async def mark() -> None:
-        peer = cluster.sheep[index].peer
-        assert peer is not None
-        peer.health.start_unverified([oid])
+        sheep = cluster.sheep[index]
+        assert sheep.peer is not None
+        sheep.peer.health.start_unverified([oid], sheep.group.epoch)
 
     cluster.run(mark())
 

@@ -63,6 +63,8 @@ def test_recover_force_goes_on_without_a_node_that_is_gone(make_cluster):
     port = cluster.sheep[0].port
     forced = dog(port, "cluster", "recover", "force")
     assert forced.returncode == 0 and "gave up waiting for 1 node(s)" in forced.stdout
+    assert "declared 1 node(s) lost" in forced.stdout  # nothing waits for its copies
+    assert "Declared lost: " in dog(port, "cluster", "info").stdout
     assert dog(port, "cluster", "recover", "force").returncode == 64  # not waiting any more
     with cluster.client(1) as client:
         assert client.vdi_read(client.vdi_open("disk")["handle"], 0, 4) == b"kept"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+
+import pytest
 
 from sheep.testing.cluster import LocalCluster
 
@@ -107,3 +110,57 @@ def test_both_returning_holders_never_outvote_the_copy_written_while_they_were_a
     for index in (0, 1):
         with open(cluster.object_path(index, oid), "rb") as file:
             assert file.read(8) == b"new!new!"
+
+
+def test_a_copy_whose_newer_version_may_be_on_a_node_away_waits_until_it_is_declared_lost(
+        tmp_path, monkeypatch):
+    """Simulator seed 111's shape, with real sheep in one process: one holder's copy is
+    unverified (as after a power loss), the other holder dies. Its node may hold a
+    newer copy, so the object waits: the verifier does not take the unverified copy
+    as current, reads fail with a retryable error naming the node, and recovery
+    fetches nothing. Everything else is served. Once the operator declares the node
+    lost (dog cluster recover force), the copy among the members is current."""
+    from sheep import constants
+    from sheep.errors import Unavailable
+    from sheep.testing.inprocess import InProcessCluster
+
+    monkeypatch.setattr(constants, "gateway_retry_total_ms", 1500)  # fail fast
+    oid, other = 0x51, 0x52
+    with InProcessCluster(str(tmp_path), nodes=3) as cluster:
+        with cluster.client(0) as client:
+            client.format(2, 4 << 20)
+            client.create_and_write(oid, b"v1")
+            client.create_and_write(other, b"ok")
+        torn, away = (index for index, sheep in enumerate(cluster.sheep)
+                      if sheep.store.exists(oid))
+        third = 3 - torn - away
+        torn_sheep = cluster.sheep[torn]
+        away_id = cluster.sheep[away].node.node_id
+
+        async def unverify() -> None:
+            assert torn_sheep.peer is not None
+            torn_sheep.peer.health.start_unverified([oid], torn_sheep.group.epoch)
+
+        cluster.run(unverify())
+        cluster.crash(away)
+        with cluster.client(third) as client:
+            with pytest.raises(Unavailable, match=f"newest copy may be on {away_id}"):
+                client.read(oid, 0, 2)
+            assert client.read(other, 0, 2) == b"ok"  # only that object waits
+
+        async def start_verifier() -> dict:
+            torn_sheep._start_verifier()
+            await asyncio.sleep(1.5)
+            return torn_sheep.local_node_info()["recovery"]
+
+        recovery = cluster.run(start_verifier())
+        assert recovery["waiting"] == 1 and recovery["waiting_for"] == [away_id]
+        assert torn_sheep.peer.health.is_unverified(oid)
+        assert not cluster.sheep[third].store.exists(oid)  # nothing verified to fetch
+        with cluster.client(third) as client:
+            assert client.force_recover([away_id]) == {"given_up": [], "lost": [away_id]}
+            deadline = time.monotonic() + 15
+            while torn_sheep.peer.health.is_unverified(oid):
+                assert time.monotonic() < deadline, "still waiting after the node was lost"
+                time.sleep(0.1)
+            assert client.read(oid, 0, 2) == b"v1"

@@ -538,8 +538,36 @@ def test_force_recover_gives_up_on_missing_nodes() -> None:
         feeder.leave(node.node_id)
     feeder.join(nodes[0])
     result = feeder.op({"type": "force_recover"})
-    assert result.result is Result.SUCCESS and result.value == {"given_up": [nodes[1].node_id]}
+    assert result.result is Result.SUCCESS
+    assert result.value == {"given_up": [nodes[1].node_id], "lost": [nodes[1].node_id]}
     assert feeder.state.status is Status.OK
+    assert feeder.state.lost == {nodes[1].node_id}
+
+
+def test_force_recover_declares_missing_nodes_lost_until_they_join_again() -> None:
+    """Objects whose newest copy may be on a node that is away wait for it
+    (sheep/replicas.py: verdict); the operator gives up on it with the same op, for
+    every missing node or the ones named, and a node that joins again is not lost."""
+    feeder = cluster_of(4)
+    feeder.format(copies=2)
+    nodes = feeder.state.nodes
+    feeder.leave(nodes[2].node_id, "dead")
+    feeder.leave(nodes[3].node_id, "dead")
+    assert feeder.state.missing() == [nodes[2].node_id, nodes[3].node_id]
+    for bad in ({"nodes": "x"}, {"nodes": [nodes[0].node_id]}, {"nodes": ["nobody"]},
+                {"nodes": [3]}):
+        result = feeder.op({"type": "force_recover", **bad})
+        assert result.result is Result.INVALID_PARMS and not feeder.state.lost, bad
+    result = feeder.op({"type": "force_recover", "nodes": [nodes[3].node_id]})
+    assert result.value == {"given_up": [], "lost": [nodes[3].node_id]}
+    assert feeder.state.lost == {nodes[3].node_id}
+    assert reload(feeder.state).lost == {nodes[3].node_id}
+    assert feeder.state.missing() == [nodes[2].node_id]
+    result = feeder.op({"type": "force_recover"})
+    assert result.value == {"given_up": [], "lost": [nodes[2].node_id]}
+    assert feeder.op({"type": "force_recover"}).result is Result.INVALID_PARMS  # none left
+    feeder.join(nodes[3])
+    assert feeder.state.lost == {nodes[2].node_id} and feeder.state.missing() == []
 
 
 def test_when_every_sheep_dies_the_restart_waits_for_the_last_members() -> None:

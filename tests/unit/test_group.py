@@ -52,3 +52,35 @@ def test_a_deleted_snapshots_objects_keep_their_vdis_copies() -> None:
     assert cluster.group.copies_for(make_oid(ObjectType.RAW, frozen, 0)) == 2
     assert cluster.op({"type": "vdi_delete", "name": "k"}) == Result.SUCCESS
     assert cluster.group.copies_for(before) == 2, "no live tree reaches it any more"
+
+
+def test_holders_away_are_the_nodes_placed_since_an_epoch_that_cannot_be_asked() -> None:
+    """Simulator seed 111's shape: the two holders of an object are lost to the cluster,
+    one by a power loss (its copy comes back in doubt, torn), the other cut off and
+    declared dead (its copy whole). When the first comes back, the other is the node
+    its copy must wait for; a node never placed for the object is not, nor a node
+    declared lost, nor one back as a member."""
+    cluster = Cluster(members=4, copies=2)
+    group, state = cluster.group, cluster.state
+    oid = make_oid(ObjectType.DATA, 1, 0)
+    written = state.epoch
+    torn, whole = (node.node_id for node in group.placement(oid, written))
+    bystander = next(node for node in state.nodes if node.node_id not in (torn, whole))
+    nodes = {node.node_id: node for node in state.nodes}
+    cluster.event(EventKind.LEAVE, node_id=bystander.node_id, reason="dead")
+    cluster.event(EventKind.LEAVE, node_id=torn, reason="dead")  # the power loss
+    cluster.event(EventKind.LEAVE, node_id=whole, reason="dead")  # cut off, then expired
+    cluster.event(EventKind.JOIN, node=nodes[torn])
+    assert [node.node_id for node in group.holders_away(oid, written, torn)] == [whole]
+    # Only the epochs from since on count; the asker itself is never away.
+    assert group.holders_away(oid, state.epoch, torn) == []
+    assert [node.node_id for node in group.holders_away(oid, written, "nobody")] == [whole]
+    # The operator gives up on the whole copy's node: nothing waits for it any more.
+    assert cluster.op({"type": "force_recover", "nodes": [whole]}) == Result.SUCCESS
+    assert group.holders_away(oid, written, torn) == []
+    # Back as a member, it is asked like any other (and no longer lost).
+    cluster.op({"type": "force_recover"})  # the bystander too
+    cluster.event(EventKind.JOIN, node=nodes[whole])
+    assert group.holders_away(oid, written, torn) == [] and whole not in state.lost
+    cluster.event(EventKind.LEAVE, node_id=whole, reason="dead")
+    assert [node.node_id for node in group.holders_away(oid, written, torn)] == [whole]

@@ -18,6 +18,7 @@ from sheep.replicas import (
     Copy,
     CopyHealth,
     CopyStatus,
+    Verdict,
     keeps_own,
     may_drop_surplus,
     newest,
@@ -25,6 +26,8 @@ from sheep.replicas import (
     stale,
     stale_holders,
     superseded,
+    verdict,
+    vouches,
 )
 
 # Few distinct versions and digests, so that ties (the interesting cases) are common.
@@ -34,7 +37,7 @@ digests = st.one_of(st.none(), st.integers(min_value=0, max_value=2))
 statuses = st.builds(
     CopyStatus, version=versions, deleted=st.booleans(), missing=st.booleans(),
     doubtful=st.booleans(), unverified=st.booleans(), damaged=st.booleans(), durable=st.booleans(),
-    synced=st.booleans(), digest=digests,
+    synced=st.booleans(), digest=digests, since=st.one_of(st.none(), st.integers(0, 9)),
     size=st.one_of(st.none(), st.integers(0, 2**22)),
     allocated=st.one_of(st.none(), st.integers(0, 2**22)))
 answers: st.SearchStrategy[Answer] = st.one_of(
@@ -242,6 +245,55 @@ def test_a_damaged_copy_gives_way_to_a_verified_copy_as_new(
     assert not superseded(mine, None)
 
 
+def test_a_copy_in_doubt_waits_for_a_holder_away_unless_a_verified_copy_vouches() -> None:
+    """Simulator seed 111: a power loss took an acknowledged, unflushed write from one
+    holder (its copy comes back in doubt at the version the write promised); the other
+    holder, cut off and declared dead, kept it. With no member holding the object,
+    keeping the torn copy (and writing on) lost the write for good when the other came
+    back. While a node placed since the copy's epoch is away, the copy waits."""
+    torn = CopyStatus(version=7, digest=2, unverified=True, doubtful=True, since=3)
+    assert verdict(torn, None, holders_away=True) is Verdict.WAIT
+    assert verdict(torn, None, holders_away=False) is Verdict.KEEP  # nobody else ever had it
+    # An older verified copy, or a newer unverified one, vouches for nothing.
+    older = Copy("b", CopyStatus(version=6, digest=1))
+    assert verdict(torn, older, holders_away=True) is Verdict.WAIT
+    assert verdict(torn, older, holders_away=False) is Verdict.KEEP
+    newer_unverified = Copy("b", CopyStatus(version=8, digest=1, unverified=True, since=2))
+    assert verdict(torn, newer_unverified, holders_away=True) is Verdict.WAIT
+    assert verdict(torn, newer_unverified, holders_away=False) is Verdict.REPLACE
+    # A verified copy at least as new settles it, whoever is away.
+    for best in (Copy("b", CopyStatus(version=7, digest=1)), Copy("b", CopyStatus(version=9))):
+        assert vouches(best, torn.version)
+        assert verdict(torn, best, holders_away=True) is Verdict.REPLACE
+    whole = CopyStatus(version=7, digest=1, unverified=True, since=3)
+    assert verdict(whole, Copy("b", CopyStatus(version=7, digest=1)), True) is Verdict.KEEP
+    # Not an unverified copy, nor one in doubt (a partial copy), nor a removal older.
+    assert not vouches(Copy("b", CopyStatus(version=7, unverified=True)), 7)
+    assert not vouches(Copy("b", CopyStatus(version=7, doubtful=True)), 7)
+    assert not vouches(Copy("b", CopyStatus(version=6, deleted=True)), 7)
+    assert vouches(Copy("b", CopyStatus(version=8, deleted=True)), 7)
+    assert not vouches(None, 0)
+
+
+@given(versions, digests, st.booleans(), st.booleans(), holders(), st.booleans())
+def test_the_verdict_is_the_old_rule_unless_a_holder_away_may_hold_newer(
+        version: int, digest: int | None, doubtful: bool, damaged: bool,
+        others: list[tuple[str, Answer]], away: bool) -> None:
+    """Nobody away (or a verified copy as new among the members): superseded() decides,
+    as before. Someone away and no such copy: nothing is decided."""
+    mine = CopyStatus(version=version, digest=digest, unverified=True, doubtful=doubtful,
+                      damaged=damaged, since=0)
+    best = newest(others, verified_only=False)
+    decided = Verdict.REPLACE if superseded(mine, best) else Verdict.KEEP
+    if not away or (best is not None and not best.status.unverified
+                    and not best.status.doubtful and best.version >= version):
+        assert verdict(mine, best, away) is decided
+    else:
+        assert verdict(mine, best, away) is Verdict.WAIT
+    if verdict(mine, best, away) is not Verdict.WAIT and away:
+        assert vouches(best, version)
+
+
 # --- surplus removal ---------------------------------------------------------------------
 
 
@@ -301,7 +353,7 @@ json_values = st.recursive(
 @given(st.one_of(json_values, st.fixed_dictionaries(
     {"version": st.integers(-1, 2**65) | st.booleans()},
     optional={name: json_values for name in ("deleted", "unverified", "durable", "digest",
-                                             "size")})))
+                                             "since", "size")})))
 def test_a_malformed_reply_is_an_error_never_a_crash(value: Any) -> None:
     try:
         status = CopyStatus.from_json(value)
@@ -324,10 +376,14 @@ def test_the_stores_stat_parses() -> None:
 # --- copy health ------------------------------------------------------------------------
 
 oids = st.integers(min_value=0, max_value=5)
+epochs = st.integers(min_value=0, max_value=6)
 events = st.one_of(
-    st.tuples(st.just("start_unverified"), st.lists(oids, max_size=4)),
-    st.tuples(st.sampled_from(["verified", "found_damaged", "replaced", "forget"]), oids),
-    st.tuples(st.just("scrubbed"), st.tuples(oids, st.booleans())))
+    st.tuples(st.just("start_unverified"),
+              st.tuples(st.lists(oids, max_size=4), epochs, st.dictionaries(oids, epochs))),
+    st.tuples(st.sampled_from(["verified", "replaced", "forget"]), oids),
+    st.tuples(st.sampled_from(["found_damaged", "change_failed"]), st.tuples(oids, epochs)),
+    st.tuples(st.just("suspect"), st.tuples(st.lists(oids, max_size=3), epochs)),
+    st.tuples(st.just("scrubbed"), st.tuples(oids, st.booleans(), epochs)))
 
 
 class HealthModel:
@@ -336,44 +392,68 @@ class HealthModel:
         self.damaged: set[int] = set()
         self.repaired = 0
         self.scrubbed = 0
+        # Every unverified copy's epoch from which it may lack changes: the earliest of
+        # those it was made unverified with since it was last verified.
+        self.since: dict[int, int] = {}
+
+    def unverify(self, oid: int, since: int) -> None:
+        self.since[oid] = min(since, self.since.get(oid, since))
+        self.unverified.add(oid)
+
+    def settle(self, oid: int) -> None:
+        self.unverified.discard(oid)
+        self.since.pop(oid, None)
 
 
 def apply(health: CopyHealth, model: HealthModel, event: str, arg: Any) -> Any:
     if event == "start_unverified":
-        model.unverified = set(arg) | model.damaged
-        return health.start_unverified(arg)
+        held, since, earlier = arg
+        before = dict(model.since)
+        model.unverified = set(held) | model.damaged
+        model.since = {oid: min([since] + [e for e in (before.get(oid), earlier.get(oid))
+                                            if e is not None])
+                       for oid in model.unverified}
+        return health.start_unverified(held, since, earlier)
+    if event == "suspect":
+        for oid in arg[0]:
+            model.unverify(oid, arg[1])
+        return health.suspect(*arg)
+    if event == "change_failed":
+        model.unverify(*arg)
+        return health.change_failed(arg[0], 0.0, arg[1])
     if event == "verified":
         if arg in model.damaged:
             with pytest.raises(AssertionError):
                 health.verified(arg)
             return None
-        model.unverified.discard(arg)
+        model.settle(arg)
         return health.verified(arg)
     if event == "found_damaged":
-        new = arg not in model.damaged
-        model.damaged.add(arg)
-        model.unverified.add(arg)
-        assert health.found_damaged(arg) == new
+        oid, since = arg
+        new = oid not in model.damaged
+        model.damaged.add(oid)
+        model.unverify(oid, since)
+        assert health.found_damaged(oid, since) == new
         return None
     if event == "scrubbed":
-        oid, bad = arg
+        oid, bad, since = arg
         model.scrubbed += 1
         new = bad and oid not in model.damaged
         if bad:
             model.damaged.add(oid)
-            model.unverified.add(oid)
-        assert health.scrubbed(oid, bad) == new
+            model.unverify(oid, since)
+        assert health.scrubbed(oid, bad, since) == new
         return None
     if event == "replaced":
         was = arg in model.damaged
         model.repaired += was
         model.damaged.discard(arg)
-        model.unverified.discard(arg)
+        model.settle(arg)
         assert health.replaced(arg) == was
         return None
     assert event == "forget"
     model.damaged.discard(arg)
-    model.unverified.discard(arg)
+    model.settle(arg)
     return health.forget(arg)
 
 
@@ -388,17 +468,19 @@ def test_copy_health_follows_its_events(script: list[tuple[str, Any]]) -> None:
         assert health.damaged_count == len(model.damaged)
         assert all(health.is_damaged(oid) == (oid in model.damaged) for oid in range(6))
         assert all(health.is_unverified(oid) == (oid in model.unverified) for oid in range(6))
+        assert {oid: health.since(oid) for oid in model.unverified} == model.since
+        assert health.oldest_since() == min(model.since.values(), default=None)
         assert health.repaired == model.repaired
         assert health.scrubbed_count == model.scrubbed
 
 
 def test_a_damaged_copy_stays_unverified_until_replaced() -> None:
     health = CopyHealth()
-    health.start_unverified([1, 2])
+    health.start_unverified([1, 2], 3)
     health.verified(1)
-    assert health.found_damaged(1) and not health.found_damaged(1)
+    assert health.found_damaged(1, 4) and not health.found_damaged(1, 5)
     assert health.is_unverified(1) and health.is_damaged(1)
-    health.start_unverified([2])  # declared dead: the damaged copy stays suspect
+    health.start_unverified([2], 6)  # declared dead: the damaged copy stays suspect
     assert health.unverified_oids() == [1, 2]
     assert health.replaced(1) and health.repaired == 1
     assert not health.is_unverified(1) and not health.replaced(1)
@@ -415,3 +497,15 @@ def test_behind_names_only_verified_holders_older_than_the_surplus_copy():
     # Recovery fetches an absent copy, verification settles an unverified one.
     assert not behind(5, [None, CopyStatus(version=4, unverified=True),
                           CopyStatus(version=4, missing=True), NetworkError("no answer")])
+
+
+def test_recovery_waits_only_for_copies_that_may_yet_be_verified() -> None:
+    """A holder whose copy is unverified (back from a restart, or waiting for a node
+    away) may soon have the copy recovery wants; a damaged or lost one never will."""
+    from sheep.replicas import verifiable
+
+    assert verifiable([None, CopyStatus(version=3, unverified=True)])
+    assert verifiable([CopyStatus(version=3, deleted=True, unverified=True)])
+    assert not verifiable([None, NetworkError("no answer"), CopyStatus(version=3)])
+    assert not verifiable([CopyStatus(version=3, unverified=True, damaged=True),
+                           CopyStatus(version=3, unverified=True, missing=True)])

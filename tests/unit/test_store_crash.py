@@ -500,4 +500,41 @@ def test_recovery_commits_its_copies_intents_together_and_releases_the_unused(
     assert store.read(0x11, 0, object_size) == made and store.version(0x11) == 7
     assert store.read(0x44, 0, object_size) == made and store.version(0x44) == 9
     assert store.version(0x22) == 0 and not store.knows(0x33)
+
+
+def test_a_doubt_keeps_the_epoch_its_lost_writes_were_made_from(tmp_path: Path) -> None:
+    """An intent records the epoch it was made in, and the doubt a crash leaves keeps
+    it: the writes the crash may have taken were made from then on, so the nodes the
+    placement named since then may hold them (the verifier waits for those that are
+    away: sheep/replicas.py, verdict). Another crash keeps the earlier epoch; a
+    partial copy is in doubt from the epoch it was made in."""
+    io = FaultyIO(random.Random(9))
+    store = new_store(tmp_path, io)
+    path = store.path
+
+    def reopened() -> Store:
+        fresh = Store(path, io=io)
+        fresh.open()
+        fresh.load_cluster_state()
+        return fresh
+
+    store.save_cluster_state({"epoch": 3}, [])
+    store.create_and_write(0x11, 0, b"a" * 4096, version=5)
+    store.sync()
+    asyncio.run(store.ensure_intent(0x11, 6))
+    store.write(0x11, 0, b"lost", version=6)
+    store.save_cluster_state({"epoch": 7}, [])  # epochs go on; the writes were made in 3
+    crash(store, io, lose_all=True)
+    store = reopened()
+    assert store.doubts() == {0x11: 3} and store.epoch == 7
+    asyncio.run(store.ensure_intent(0x11, 8))  # a change in epoch 7, lost too
+    store.write(0x11, 0, b"lost again", version=8)
+    crash(store, io, lose_all=True)
+    store = reopened()
+    assert store.doubts() == {0x11: 3}
+    store.write_partial(0x33, 0, b"x" * 4096, version=9)
+    store.sync()
+    crash(store, io)
+    store = reopened()
+    assert store.doubts() == {0x11: 3, 0x33: 7}
     store.close()
