@@ -46,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -232,20 +233,23 @@ def _cpu_s(cluster: LocalCluster, indexes: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def _verify(cluster: LocalCluster, survivors: list[int], oids: set[int]) -> dict[str, int]:
-    """Count objects lacking a copy on a survivor, and objects whose copies differ."""
+def _verify(cluster: LocalCluster, indexes: list[int], oids: set[int],
+            expected: int | None = None) -> dict[str, int]:
+    """Count objects with other than `expected` copies on these sheep (default: one on
+    each), and objects whose copies differ."""
+    wanted = len(indexes) if expected is None else expected
     missing = differing = 0
     for oid in sorted(oids):
         paths = [os.path.join(cluster.sheep[index].directory, "obj", f"{oid:016x}"[-2:],
-                              f"{oid:016x}") for index in survivors]
+                              f"{oid:016x}") for index in indexes]
         present = [path for path in paths if os.path.exists(path)]
-        if len(present) != len(paths):
+        if len(present) != wanted:
             missing += 1
-            print(f"  object {oid:016x}: {len(present)} copies on the survivors, not {len(paths)}")
+            print(f"  object {oid:016x}: {len(present)} copies on sheep {indexes}, not {wanted}")
             continue
         if len({_digest(path) for path in present}) != 1:
             differing += 1
-            print(f"  object {oid:016x}: the survivors' copies differ")
+            print(f"  object {oid:016x}: its copies differ")
     return {"objects_missing_a_copy": missing, "objects_with_differing_copies": differing}
 
 
@@ -262,21 +266,8 @@ def _print_log_tails(cluster: LocalCluster, lines: int = 15) -> None:
 
 def recover_once(work: str, size: int, load: bool) -> dict[str, Any]:
     """One fresh cluster: fill, kill a sheep, time the recovery, verify; the cluster goes."""
-    base = tempfile.mkdtemp(prefix="cluster-", dir=work)
-    try:
-        with LocalCluster(base, nodes) as cluster:
-            cluster.start()
-            cluster.format(copies)
-            start = time.perf_counter()
-            asyncio.run(_fill(cluster.sheep[0].port, size))
-            fill_s = time.perf_counter() - start
-            try:
-                return _kill_and_recover(cluster, size, load, fill_s)
-            except BaseException:
-                _print_log_tails(cluster)
-                raise
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    return _on_filled_cluster(work, nodes, size, lambda cluster, fill_s: _kill_and_recover(
+        cluster, size, load, fill_s))
 
 
 def join_once(work: str, size: int) -> dict[str, Any]:
@@ -286,15 +277,28 @@ def join_once(work: str, size: int) -> dict[str, Any]:
     own pass (its share fetched and synced), *total* until the others dropped the
     surplus copies too. Then every object must have its copies, identical, on the
     sheep the new placement gives it."""
+
+    def joined(cluster: LocalCluster, _: float) -> dict[str, Any]:
+        os.sync()
+        return _timed_join(cluster, size)
+
+    return _on_filled_cluster(work, nodes - 1, size, joined)
+
+
+def _on_filled_cluster(work: str, count: int, size: int,
+                       then: Callable[[LocalCluster, float], dict[str, Any]]) -> dict[str, Any]:
+    """A fresh cluster of count sheep with the VDI written (size bytes), given to then
+    with the seconds the fill took; the sheep's log tails if then fails."""
     base = tempfile.mkdtemp(prefix="cluster-", dir=work)
     try:
-        with LocalCluster(base, nodes - 1) as cluster:
+        with LocalCluster(base, count) as cluster:
             cluster.start()
             cluster.format(copies)
+            start = time.perf_counter()
             asyncio.run(_fill(cluster.sheep[0].port, size))
-            os.sync()
+            fill_s = time.perf_counter() - start
             try:
-                return _timed_join(cluster, size)
+                return then(cluster, fill_s)
             except BaseException:
                 _print_log_tails(cluster)
                 raise
@@ -341,26 +345,7 @@ def _timed_join(cluster: LocalCluster, size: int) -> dict[str, Any]:
         "mib_per_s": round(recovered / MiB / total_s, 1),
         "mib_per_s_after_detect": round(recovered / MiB / max(fetch_s, 1e-9), 1),
         "survivors_cores_busy": round(cpu_s / total_s, 2),
-        **_verify_placed(cluster, oids)}
-
-
-def _verify_placed(cluster: LocalCluster, oids: set[int]) -> dict[str, int]:
-    """Count objects with fewer than `copies` copies over the sheep, and objects
-    whose copies differ (after a join each object is on the sheep its placement
-    gives it, which the stores show: the surplus copies are gone)."""
-    missing = differing = 0
-    for oid in sorted(oids):
-        paths = [os.path.join(node.directory, "obj", f"{oid:016x}"[-2:], f"{oid:016x}")
-                 for node in cluster.sheep]
-        present = [path for path in paths if os.path.exists(path)]
-        if len(present) != copies:
-            missing += 1
-            print(f"  object {oid:016x}: {len(present)} copies, not {copies}")
-            continue
-        if len({_digest(path) for path in present}) != 1:
-            differing += 1
-            print(f"  object {oid:016x}: its copies differ")
-    return {"objects_missing_a_copy": missing, "objects_with_differing_copies": differing}
+        **_verify(cluster, [node.index for node in cluster.sheep], oids, copies)}
 
 
 @dataclass
