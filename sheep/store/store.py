@@ -771,11 +771,14 @@ class Store:
         self._check_range(offset, len(data))
         fresh = not self.exists(oid)
         before = self.version(oid)  # a tombstone's, if any
+        doubt = self._doubtful.get(oid)
         try:
             return self._create_and_write(oid, offset, data, version)
         except SheepError:
             if fresh:
                 self._undo_create(oid, before)
+            else:
+                self._torn(oid, doubt)
             raise
 
     def _undo_create(self, oid: int, tombstone_version: int) -> None:
@@ -785,6 +788,18 @@ class Store:
                 self.tombstone(oid, tombstone_version)
         except SheepError as error:  # the disk fails on: the intent sorts it out at restart
             log.error("cannot undo the failed creation of %016x: %s", oid, error)
+
+    def _torn(self, oid: int, doubt: int | None) -> None:
+        """A whole new copy failed over an old one (ENOSPC, EIO): the file was emptied
+        first, so it holds neither copy, yet keeps the old one's version. In doubt
+        (durably so at the next sync), from the old doubt's epoch if it had one: at
+        that version any copy not in doubt outranks it, so it never wins over the
+        copies it should have matched (simulator seed 67: a verifier's replacement
+        that met ENOSPC left zeros at the version of a flushed write; kept at the next
+        verification, they were copied over the good replicas)."""
+        self._doubtful[oid] = self.epoch if doubt is None else min(doubt, self.epoch)
+        self._doubt_add.add(oid)
+        self._doubt_clear.discard(oid)
 
     def _create_and_write(self, oid: int, offset: int, data: bytes | memoryview,
                           version: int | None) -> int:
@@ -891,11 +906,14 @@ class Store:
         self._check_extents(extents)
         fresh = not self.exists(oid)
         before = self.version(oid)
+        doubt = self._doubtful.get(oid)
         try:
             return self._create_from_extents(oid, extents, version)
         except SheepError:
             if fresh:
                 self._undo_create(oid, before)
+            else:
+                self._torn(oid, doubt)
             raise
 
     def _create_from_extents(self, oid: int, extents: list[tuple[int, memoryview]],
@@ -1391,7 +1409,7 @@ class Store:
         self._directories.update(job.directories)
         for oid, token in job.intents_cleared.items():
             self._intent_clear.setdefault(oid, token)
-        self._doubt_clear |= job.doubts_cleared
+        self._doubt_clear |= {oid for oid in job.doubts_cleared if oid not in self._doubtful}
         self._doubt_add |= {oid for oid in job.doubts_added if oid in self._doubtful}
 
     def sync_done(self, job: SyncJob) -> None:

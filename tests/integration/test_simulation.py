@@ -3,10 +3,10 @@ budget of seeds passes, every planted bug is caught, and a seed replays exactly.
 
 The budget is small (CI has minutes, not hours); docs/operations.md says how to run a
 long soak. Each planted bug must be caught within 200 seeds (the issue's bound), by a
-seed that passes without it: seeds 67 and 81 fail with no plant at all (open: an
-unflushed write acknowledged by the only member, lost with it; a flushed write
-reading back as zeros after a power loss everywhere), so they caught every plant and
-proved nothing. Each run starts at the seed that caught its bug last (first_catch),
+seed that passes without it: seeds 67 and 81 failed with no plant at all (81, open:
+an unflushed write acknowledged by the only member, lost with it; 67, fixed: a
+flushed write read back as zeros, see regression_seeds), so they caught every plant
+and proved nothing. Each run starts at the seed that caught its bug last (first_catch),
 stops at the first seed that catches it, checks that seed without the plant, and
 fails if none of 200 seeds from there does. When the simulator changes, the figures
 move: `scripts/simulate --seeds 200 --plant NAME` gives the new ones (replay each
@@ -32,7 +32,9 @@ first_catch = {"early-ack": 83, "lost-flush": 5, "no-fence": 2, "stale-read": 13
 # Seeds that failed once, replayed as they were found (seed, nodes, steps): a second
 # or two each. 111: an acknowledged write lost when the copy a power loss tore was
 # kept while the holder of the whole one was away (docs/design.md, Replica truth).
-regression_seeds = [(111, 3, 40)]
+# 67: a flushed write lost when a replacement that met ENOSPC left zeros at the old
+# copy's version, not in doubt, which were kept and copied over the good copies.
+regression_seeds = [(111, 3, 40), (67, 4, 40)]
 
 
 def simulate(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:

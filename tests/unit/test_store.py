@@ -734,6 +734,49 @@ def test_a_failed_creation_leaves_no_half_made_object(tmp_path: Path) -> None:
         store.close()
 
 
+def test_a_failed_replacement_leaves_the_old_copy_in_doubt(tmp_path: Path) -> None:
+    """A whole new copy over an old one (the verifier's replacement, a repair) that
+    fails halfway leaves a file holding neither, at the old copy's version: in doubt,
+    durably, so any copy at that version not in doubt outranks it (found by the
+    simulator, seed 67: a replacement that met ENOSPC left zeros at the version of a
+    flushed write; the verifier kept them against the good unverified copies, and a
+    repair copied them over those)."""
+    from sheep import replicas
+    from sheep.testing.faulty import FaultyIO
+
+    io = FaultyIO()
+    store = Store(str(tmp_path / "s"), io=io)
+    store.open()
+    try:
+        store.create_and_write(7, 0, pattern(2 * block), version=5)
+        store.create_and_write(8, 0, pattern(block), version=5)
+        store.sync()
+        good = store.stat(7)
+        assert not store.in_doubt(7)
+        extents = [(0, memoryview(pattern(2 * block, seed=3)))]
+        io.fail("pwrite", errno.ENOSPC)
+        with pytest.raises(NoSpace):
+            store.create_from_extents(7, extents, version=5)
+        io.fail("pwrite", errno.EIO)
+        with pytest.raises(IOErrorResult):
+            store.create_and_write(8, 0, pattern(block, seed=3), version=5)
+        for oid in (7, 8):
+            assert store.exists(oid) and store.version(oid) == 5 and store.in_doubt(oid)
+            assert store.verify(oid) == []  # checksums true to what the file holds
+        torn = replicas.CopyStatus.from_json({**store.stat(7), "unverified": True})
+        assert torn.doubtful and torn.digest != good["digest"]
+        other = replicas.CopyStatus.from_json({**good, "unverified": True})
+        best = replicas.newest([("there", other)], verified_only=False)
+        assert replicas.verdict(torn, best, False) is replicas.Verdict.REPLACE
+        store.sync()
+        store = reopen(store)
+        assert store.in_doubt(7) and store.in_doubt(8)
+        store.create_from_extents(7, extents, version=5)  # replaced at last: no doubt
+        assert not store.in_doubt(7)
+    finally:
+        store.close()
+
+
 # --- partial copies (a new holder's write before recovery copied the object) ----------
 
 
