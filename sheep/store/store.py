@@ -769,11 +769,17 @@ class Store:
         copy at version 0 of nothing in particular, that recovery and reads could
         take for a real one (found by the simulator)."""
         self._check_range(offset, len(data))
+        return self._whole_copy(oid, lambda: self._create_and_write(oid, offset, data, version))
+
+    def _whole_copy(self, oid: int, make: Callable[[], int]) -> int:
+        """make() a whole new copy of oid (its version). If it fails, a new object is
+        not left behind half made (_undo_create), and an old copy it emptied is left
+        in doubt (_torn)."""
         fresh = not self.exists(oid)
         before = self.version(oid)  # a tombstone's, if any
         doubt = self._doubtful.get(oid)
         try:
-            return self._create_and_write(oid, offset, data, version)
+            return make()
         except SheepError:
             if fresh:
                 self._undo_create(oid, before)
@@ -815,13 +821,18 @@ class Store:
             self._changed(oid, fd, meta, offset, len(data), data, create)
             return self._bump_version(oid, version, exact=version is not None)
 
-    def _new_copy(self, oid: int) -> tuple[int, _Meta]:
+    def _new_copy(self, oid: int, adopted: int | None = None) -> tuple[int, _Meta]:
         """Begin a whole new copy of oid (its file opened, made if need be; the caller
-        empties it): the checksums of a zero object, to be set for what is written."""
+        empties it), or take the file adopt_extents wrote (its fd, adopted): the
+        checksums of a zero object, to be set for what is written."""
         self._intend(oid)
         self.clear_doubt(oid)  # a whole new copy
         self._drop_fd(oid)  # a cached fd may be of a file lost from the store
-        fd = self._fd(oid, create=True)
+        if adopted is None:
+            fd = self._fd(oid, create=True)
+        else:
+            fd = adopted
+            self._cache_fd(oid, fd)
         self._directories.add(os.path.dirname(self.object_path(oid)))
         meta = self._changing(oid)
         meta.sums = sums.fresh(self.object_size) if self.checksums else None
@@ -904,30 +915,14 @@ class Store:
         version, when given, becomes the copy's; a new object whose creation fails is
         not left behind."""
         self._check_extents(extents)
-        fresh = not self.exists(oid)
-        before = self.version(oid)
-        doubt = self._doubtful.get(oid)
-        try:
-            return self._create_from_extents(oid, extents, version)
-        except SheepError:
-            if fresh:
-                self._undo_create(oid, before)
-            else:
-                self._torn(oid, doubt)
-            raise
+        return self._whole_copy(oid, lambda: self._create_from_extents(oid, extents, version))
 
     def _create_from_extents(self, oid: int, extents: list[tuple[int, memoryview]],
                              version: int | None) -> int:
         with _translated(f"create object {oid:016x}"):
             fd, meta = self._new_copy(oid)
-            found = [sums.crcs(data) for _, data in extents]
             try:
-                self.io.truncate(fd, 0)  # an old object's bytes must not show through
-                self.io.truncate(fd, self.object_size)
-                for (offset, data), crcs in zip(extents, found, strict=True):
-                    view = memoryview(data)
-                    for low, high in sums.nonzero_runs(view, crcs):
-                        self.io.pwrite(fd, view[low:high], offset + low)
+                found = self._write_whole(fd, extents)
             except OSError:
                 # An old copy replaced halfway: its checksums must be true to the file.
                 try:
@@ -935,11 +930,17 @@ class Store:
                 except OSError:
                     log.exception("cannot re-read object %016x after a failed change", oid)
                 raise
-            if meta.sums is not None:
-                for (offset, _), crcs in zip(extents, found, strict=True):
-                    first = offset // sums.BLOCK
-                    meta.sums[first:first + len(crcs)] = array.array("I", crcs)
+            self._set_sums(meta, extents, found)
             return self._bump_version(oid, version, exact=version is not None)
+
+    @staticmethod
+    def _set_sums(meta: _Meta, extents: list[tuple[int, memoryview]],
+                  found: list[list[int]]) -> None:
+        """A new copy's checksums where its extents (with their crcs, found) lie."""
+        if meta.sums is not None:
+            for (offset, _), crcs in zip(extents, found, strict=True):
+                first = offset // sums.BLOCK
+                meta.sums[first:first + len(crcs)] = array.array("I", crcs)
 
     async def adopt_extents(self, oid: int, extents: list[tuple[int, memoryview]],
                             version: int) -> bool:
@@ -976,23 +977,23 @@ class Store:
                 with contextlib.suppress(OSError):
                     self.io.unlink(temporary)
                 raise
-        self.clear_doubt(oid)
-        self._drop_fd(oid)
-        self._cache_fd(oid, fd)
-        self._directories.add(directory)
-        meta = self._changing(oid)
-        meta.drop_sums = False
-        if self.checksums:
-            meta.sums = sums.fresh(self.object_size)
-            for (offset, _), crcs in zip(extents, found, strict=True):
-                first = offset // sums.BLOCK
-                meta.sums[first:first + len(crcs)] = array.array("I", crcs)
-        else:
-            meta.sums = None
-        self._dirty.add(oid)
-        self._fresh.add(oid)
+        _, meta = self._new_copy(oid, adopted=fd)
+        self._set_sums(meta, extents, found)
         self._bump_version(oid, version, exact=True)
         return True
+
+    def _write_whole(self, fd: int, extents: list[tuple[int, memoryview]]) -> list[list[int]]:
+        """Make the file a whole copy from extents: emptied (an old copy's bytes, or a
+        file a crash left, must not show through), at the object's size, only the
+        extents' non-zero blocks written. The extents' crcs."""
+        self.io.truncate(fd, 0)
+        self.io.truncate(fd, self.object_size)
+        found = [sums.crcs(data) for _, data in extents]
+        for (offset, data), crcs in zip(extents, found, strict=True):
+            view = memoryview(data)
+            for low, high in sums.nonzero_runs(view, crcs):
+                self.io.pwrite(fd, view[low:high], offset + low)
+        return found
 
     def _write_adopted(self, path: str, extents: list[tuple[int, memoryview]],
                        ) -> tuple[int, list[list[int]]]:
@@ -1001,13 +1002,7 @@ class Store:
         failure leaves no file behind."""
         fd = self.io.open(path, True)
         try:
-            self.io.truncate(fd, 0)  # a file left by a crash must not show through
-            self.io.truncate(fd, self.object_size)
-            found = [sums.crcs(data) for _, data in extents]
-            for (offset, data), crcs in zip(extents, found, strict=True):
-                view = memoryview(data)
-                for low, high in sums.nonzero_runs(view, crcs):
-                    self.io.pwrite(fd, view[low:high], offset + low)
+            found = self._write_whole(fd, extents)
         except BaseException:
             self.io.close(fd)
             with contextlib.suppress(OSError):
