@@ -152,8 +152,8 @@ def test_the_log_is_trimmed_and_sheep_catch_up_from_a_snapshot(tmp_path, zookeep
         log_path = f"{prefix}/log"
         wait_for(lambda: zk.exists(f"{prefix}/snapshot") is not None
                  and len(zk.get_children(log_path)) < 40, 30, "the log trimmed")
-        first = min(int(name[2:]) for name in zk.get_children(log_path))
-        assert first > 20  # the oldest entries are gone
+        left = [int(name[2:]) for name in zk.get_children(log_path)]
+        assert not left or min(left) > 20  # the oldest entries are gone (or all of them)
         cluster.start(2)  # down while its position was trimmed away
         newcomer = cluster.add()
         cluster.start(newcomer.index)  # never saw the log at all
