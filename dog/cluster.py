@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import click
 
-from dog.common import DURATION, RATE, SIZE, connection_options, json_option, run
+from dog.common import DURATION, RATE, SIZE, Target, connection_options, json_option, run
 from dog.output import Progress, format_time, print_json, print_table
-from sheep import constants
+from sheep import auth, constants
 from sheep.errors import EXIT_FAILURE, NoObject, Unavailable
 from sheep.size import format_size
 
@@ -34,12 +35,28 @@ def _check_object_size(value: int) -> int:
               callback=lambda ctx, param, value: _check_object_size(value),
               help="Object size, a power of two from 1M to 64M (default 4M).")
 @click.option("--force", is_flag=True, help="Format even a formatted cluster, erasing its data.")
+@click.option("--encrypt", is_flag=True,
+              help="Encrypt every frame (AES-GCM), not only sign it (the default).")
+@click.option("--keyring", "output", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the first admin key. Default: the keyring dog reads"
+                   " (--keyring before the command, DOG_KEYRING), else"
+                   " ~/.config/sheepdog/keyring.")
 @connection_options
-def format(copies: int, object_size: int, force: bool) -> None:  # noqa: A001 - Sheepdog's name
-    """Format the cluster: fix copies and object size, erase all objects."""
-    result = run(lambda client: client.format(copies, object_size, force))
+def format(copies: int, object_size: int, force: bool, encrypt: bool,  # noqa: A001
+           output: str | None) -> None:
+    """Format the cluster: fix copies and object size, erase all objects, and make the
+    first admin key."""
+    target = click.get_current_context().ensure_object(Target)
+    target.prefer_node = True  # before the first format there is no admin key
+    result = run(lambda client: client.format(copies, object_size, force, encrypt))
+    path = output or target.keyring or os.environ.get("DOG_KEYRING") or auth.config_keyring_path()
+    admin = result["admin"]
+    auth.merge_into_keyring(path, admin["name"], auth.Entry(
+        auth.decode_key(admin["key"]), auth.Caps.parse(admin["caps"])))
     click.echo(f"formatted: {result['copies']} copies, "
-               f"{format_size(result['object_size'])} objects")
+               f"{format_size(result['object_size'])} objects"
+               f"{', frames encrypted' if encrypt else ''}")
+    click.echo(f"admin key ({admin['name']}) written to {path}")
 
 
 def _status_text(info: dict[str, Any]) -> str:
@@ -198,7 +215,8 @@ def _objects(vdi: str | None) -> list[int]:
         for node in await client.node_list():
             if node.get("status") == "unreachable":
                 raise Unavailable(f"node {node['node_id']} is unreachable; cannot list its objects")
-            peer = await Client.connect(node["address"], node["port"])
+            peer = await Client.connect(node["address"], node["port"],
+                                        credentials=client.connection.credentials)
             try:
                 oids.update(await peer.list_objects())
             finally:

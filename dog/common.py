@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
-from sheep import constants
+from sheep import auth, constants
 from sheep.client import Client
 from sheep.size import parse_size
 
@@ -25,6 +25,12 @@ T = TypeVar("T")
 class Target:
     address: str = constants.address_default
     port: int = constants.port_default
+    keyring: str | None = None  # --keyring (DOG_KEYRING)
+    name: str | None = None  # --name (DOG_NAME)
+    prefer_node: bool = False  # format: the node key first (no admin exists before it)
+
+    def credentials(self) -> auth.Credentials:
+        return auth.resolve_credentials(self.keyring, self.name, self.prefer_node)
 
 
 def _set_address(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
@@ -58,7 +64,8 @@ def run(call: Callable[[Client], Awaitable[T]]) -> T:
     target = click.get_current_context().ensure_object(Target)
 
     async def main() -> T:
-        client = await Client.connect(target.address, target.port)
+        client = await Client.connect(target.address, target.port,
+                                      credentials=target.credentials())
         try:
             return await call(client)
         finally:

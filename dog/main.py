@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from dog.auth import auth
 from dog.cluster import cluster
 from dog.common import Target, connection_options
 from dog.nbd import nbd
@@ -23,13 +24,21 @@ from sheep.errors import EXIT_FAILURE, EXIT_USAGE, SheepError
 @click.group(context_settings={"help_option_names": ["-h", "--help"],
                                "auto_envvar_prefix": "DOG"})
 @connection_options
+@click.option("--keyring", type=click.Path(dir_okay=False), default=None,
+              help="Keyring file with this principal's key (env DOG_KEYRING). Default:"
+                   " ~/.config/sheepdog/keyring, then the one-box cluster's own.")
+@click.option("--name", "principal", default=None,
+              help="Principal to authenticate as (env DOG_NAME; default client.admin).")
 @click.version_option(package_name="sheepdog")
 @click.pass_context
-def dog(ctx: click.Context) -> None:
+def dog(ctx: click.Context, keyring: str | None, principal: str | None) -> None:
     """Manage a sheep cluster: its nodes, virtual disks (VDIs) and objects."""
-    ctx.ensure_object(Target)
+    target = ctx.ensure_object(Target)
+    target.keyring = keyring
+    target.name = principal
 
 
+dog.add_command(auth)
 dog.add_command(cluster)
 dog.add_command(node)
 dog.add_command(object_)

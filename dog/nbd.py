@@ -59,6 +59,10 @@ def nbdkit_command(nbdkit: str, target: Target, port: int | None, unix: str | No
                 f"sheep={target.address}:{target.port}"]
     if retry is not None:
         command.append(f"retry={retry:g}")
+    if target.keyring is not None:  # else the plugin looks where dog looks (DOG_KEYRING...)
+        command.append(f"keyring={os.path.abspath(target.keyring)}")
+    if target.name is not None:
+        command.append(f"name={target.name}")
     return command
 
 
@@ -83,10 +87,15 @@ def nbd() -> None:
 @click.option("--retry", "retry", type=click.FloatRange(0, 86400, min_open=True), default=None,
               help="Seconds a client's request waits and retries while no sheep can serve it"
                    " (dead, fenced, shutting down) before it fails with EIO (default 60).")
+@click.option("--keyring", type=click.Path(dir_okay=False), default=None,
+              help="Keyring the plugin authenticates with (default: as dog finds its own).")
+@click.option("--name", "principal", default=None,
+              help="Principal the plugin authenticates as (default client.admin).")
 @click.option("--print-command", is_flag=True, help="Print the nbdkit command and exit.")
 @lambda function: connection_options(function, ("-p", "--sheep-port"))
 def serve(nbd_port: int | None, unix: str | None, bind: str, readonly: bool, foreground: bool,
-          threads: int, pidfile: str | None, retry: float | None, print_command: bool) -> None:
+          threads: int, pidfile: str | None, retry: float | None, keyring: str | None,
+          principal: str | None, print_command: bool) -> None:
     """Serve every VDI as export NAME (read-write) and NAME@TAG (read-only).
 
     Clients attach with nbd://HOST:PORT/NAME, e.g.
@@ -95,6 +104,8 @@ def serve(nbd_port: int | None, unix: str | None, bind: str, readonly: bool, for
     if unix and nbd_port:
         raise click.UsageError("--port and --unix exclude each other")
     target = click.get_current_context().ensure_object(Target)
+    target.keyring = keyring or target.keyring
+    target.name = principal or target.name
     nbdkit = shutil.which("nbdkit") or "nbdkit"
     if not print_command:
         nbdkit = check_nbdkit()

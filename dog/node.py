@@ -94,7 +94,8 @@ def kill(index: int) -> None:
         if index >= len(nodes):
             raise InvalidParameters(f"no node with index {index} (the cluster has {len(nodes)})")
         target = nodes[index]
-        victim = await Client.connect(target["address"], target["port"])
+        victim = await Client.connect(target["address"], target["port"],
+                                          credentials=client.connection.credentials)
         try:
             await victim.kill_node()
         finally:
@@ -324,7 +325,8 @@ def drain(index: int, no_wait: bool) -> None:
     from sheep.client import Client
 
     async def remaining(client: Client) -> dict[str, Any]:
-        victim = await Client.connect(target["address"], target["port"])
+        victim = await Client.connect(target["address"], target["port"],
+                                          credentials=client.connection.credentials)
         try:
             return await victim.node_info()
         finally:
@@ -341,7 +343,8 @@ def drain(index: int, no_wait: bool) -> None:
     line.close(f"node {index} holds no copies any more")
 
     async def stop(client: Client) -> None:
-        victim = await Client.connect(target["address"], target["port"])
+        victim = await Client.connect(target["address"], target["port"],
+                                          credentials=client.connection.credentials)
         try:
             await victim.kill_node()
         finally:

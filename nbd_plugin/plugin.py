@@ -42,14 +42,15 @@ def _import_client() -> Any:
     root = _config.get("root") or os.path.dirname(os.path.dirname(os.path.abspath(script)))
     if root not in sys.path:
         sys.path.insert(0, root)
-    from sheep import client, errors, proto
+    from sheep import auth, client, errors, proto
 
-    return client, errors, proto
+    return auth, client, errors, proto
 
 
 def config(key: str, value: str) -> None:
-    if key not in ("sheep", "root", "owner", "retry"):
-        raise RuntimeError(f"unknown parameter {key!r} (known: sheep, root, owner, retry)")
+    known = ("sheep", "root", "owner", "retry", "keyring", "name")
+    if key not in known:
+        raise RuntimeError(f"unknown parameter {key!r} (known: {', '.join(known)})")
     if key == "retry":
         try:
             seconds = float(value)
@@ -80,7 +81,12 @@ class Gateways:
     """The current gateway connection, the exports open on it, and failover."""
 
     def __init__(self, addresses: list[tuple[str, int]], retry_s: float = retry_total_s) -> None:
-        self.client, self.errors, self.proto = _import_client()
+        auth, self.client, self.errors, self.proto = _import_client()
+        try:  # keyring=FILE name=NAME, else DOG_KEYRING, DOG_NAME and the defaults
+            self.credentials = auth.resolve_credentials(_config.get("keyring"),
+                                                        _config.get("name"))
+        except self.errors.SheepError as error:
+            raise RuntimeError(error.message) from None
         self.addresses = list(addresses)
         self.retry_s = retry_s
         self.lock = threading.Lock()
@@ -128,7 +134,7 @@ class Gateways:
             for host, port in list(self.addresses):
                 connection = None
                 try:
-                    connection = self.client.BlockingConnection(host, port)
+                    connection = self.client.BlockingConnection(host, port, self.credentials)
                     nodes = connection.json(self.proto.Op.NODE_LIST)
                 except self.errors.SheepError as error:
                     last = error

@@ -18,8 +18,8 @@ import socket
 import threading
 from typing import Any
 
-from sheep import constants, proto
-from sheep.errors import NetworkError, SheepError, Timeout, error_for
+from sheep import auth, constants, proto
+from sheep.errors import BadRequest, NetworkError, SheepError, Timeout, error_for
 from sheep.proto import Header, Op
 from sheep.world import Network
 
@@ -40,7 +40,17 @@ class _ReplyProtocol(asyncio.BufferedProtocol):
             frames = self.decoder.buffer_updated(nbytes)
         except proto.ProtocolError:
             frames = []
+        sealer = self.connection.sealer
         for header, payload in frames:
+            if sealer is not None:
+                try:
+                    payload = sealer.open(header.opcode, header.pack(), payload)  # type: ignore[assignment]
+                except BadRequest as bad:
+                    self.connection._fail(NetworkError(
+                        f"bad reply from {self.connection.endpoint}: {bad.message}"))
+                    self.transport.close()
+                    return
+                header = header._replace(length=len(payload))
             self.connection._deliver(header, payload)
         error = self.decoder.error
         if error is not None:
@@ -64,6 +74,10 @@ class Connection:
         self._error: SheepError | None = None
         self._deadlines: dict[int, float] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+        self.credentials: auth.Credentials | None = None  # who it authenticates as
+        self.sealer: auth.Sealer | None = None  # once the handshake is done
+        self.principal = ""  # who the sheep took us for
+        self.caps = ""
 
     @property
     def endpoint(self) -> str:
@@ -74,10 +88,14 @@ class Connection:
         return self._transport is None or self._error is not None
 
     @classmethod
-    async def open(cls, host: str, port: int,
+    async def open(cls, host: str, port: int, credentials: auth.Credentials | None = None,
                    timeout_ms: int = constants.peer_connect_timeout_ms,
                    network: Network | None = None) -> Connection:
+        """Connect and authenticate (credentials: default, auth.resolve_credentials())."""
+        if credentials is None:
+            credentials = auth.resolve_credentials()
         connection = cls(host, port)
+        connection.credentials = credentials
         try:
             transport = await (network or _tcp).connect(
                 host, port, lambda: _ReplyProtocol(connection), timeout_ms / 1000)
@@ -95,7 +113,24 @@ class Connection:
         sock = transport.get_extra_info("socket")
         if sock is not None:  # a simulated network has none
             detect_dead_peer(sock)
+        try:
+            handshake = auth.ClientHandshake(credentials)
+            _, data = await connection.call(Header(opcode=Op.AUTH_HELLO),
+                                            proto.encode_json(handshake.hello()), timeout_ms)
+            proof = handshake.answer(proto.decode_json(data))
+            _, data = await connection.call(Header(opcode=Op.AUTH_PROVE),
+                                            proto.encode_json(proof), timeout_ms)
+        except SheepError:
+            connection.close()
+            raise
+        connection._welcome(handshake.sealer(), proto.decode_json(data))
         return connection
+
+    def _welcome(self, sealer: auth.Sealer, welcome: Any) -> None:
+        self.sealer = sealer
+        if isinstance(welcome, dict):
+            self.principal = str(welcome.get("principal", ""))
+            self.caps = str(welcome.get("caps", ""))
 
     def close(self) -> None:
         if self._transport is not None:
@@ -132,6 +167,10 @@ class Connection:
         self._deadlines[request_id] = loop.time() + timeout_ms / 1000
         if self._sweeper is None:
             self._sweeper = loop.call_later(_sweep_interval_s, self._sweep)
+        if self.sealer is not None:
+            self._transport.writelines(self.sealer.seal(
+                header.opcode, lambda length: header.pack_request(request_id, length), payload))
+            return future
         packed = header.pack_request(request_id, len(payload))
         if payload:
             self._transport.writelines([packed, payload])
@@ -193,8 +232,9 @@ class Client:
     @classmethod
     async def connect(cls, host: str = constants.address_default,
                       port: int = constants.port_default,
-                      network: Network | None = None) -> Client:
-        return cls(await Connection.open(host, port, network=network))
+                      network: Network | None = None,
+                      credentials: auth.Credentials | None = None) -> Client:
+        return cls(await Connection.open(host, port, credentials, network=network))
 
     def close(self) -> None:
         self.connection.close()
@@ -248,9 +288,33 @@ class Client:
         result: dict[str, Any] = await self._json(Op.CLUSTER_INFO)
         return result
 
-    async def format(self, copies: int, object_size: int, force: bool = False) -> dict[str, Any]:
+    async def format(self, copies: int, object_size: int, force: bool = False,
+                     encrypt: bool = False) -> dict[str, Any]:
+        """Format the cluster; the result's "admin" is the first admin principal (name,
+        key, caps), for a keyring."""
         result: dict[str, Any] = await self._json(
-            Op.FORMAT, {"copies": copies, "object_size": object_size, "force": force})
+            Op.FORMAT, {"copies": copies, "object_size": object_size, "force": force,
+                        "encrypt": encrypt})
+        return result
+
+    async def auth_add(self, name: str, caps: str) -> dict[str, Any]:
+        """A new principal: its name, key (base64) and caps."""
+        result: dict[str, Any] = await self._json(Op.AUTH_ADD, {"name": name, "caps": caps})
+        return result
+
+    async def auth_rm(self, name: str) -> None:
+        await self._json(Op.AUTH_RM, {"name": name})
+
+    async def auth_rotate(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._json(Op.AUTH_ROTATE, {"name": name})
+        return result
+
+    async def auth_get(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._json(Op.AUTH_GET, {"name": name})
+        return result
+
+    async def auth_list(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._json(Op.AUTH_LIST)
         return result
 
     async def force_recover(self, nodes: list[str] | None = None) -> dict[str, Any]:
@@ -410,10 +474,12 @@ class SyncClient:
     """A blocking wrapper: the same calls, each run to completion on a private loop."""
 
     def __init__(self, host: str = constants.address_default,
-                 port: int = constants.port_default) -> None:
+                 port: int = constants.port_default,
+                 credentials: auth.Credentials | None = None) -> None:
         self._loop = asyncio.new_event_loop()
         try:
-            self._client = self._loop.run_until_complete(Client.connect(host, port))
+            self._client = self._loop.run_until_complete(
+                Client.connect(host, port, credentials=credentials))
         except BaseException:
             self._loop.close()
             raise
@@ -421,6 +487,10 @@ class SyncClient:
     @property
     def endpoint(self) -> tuple[str, int]:
         return self._client.connection.host, self._client.connection.port
+
+    @property
+    def credentials(self) -> auth.Credentials | None:
+        return self._client.connection.credentials
 
     def __enter__(self) -> SyncClient:
         return self
@@ -470,10 +540,12 @@ class BlockingConnection:
     Python either way.
     """
 
-    def __init__(self, host: str, port: int,
+    def __init__(self, host: str, port: int, credentials: auth.Credentials | None = None,
                  timeout_ms: int = constants.peer_connect_timeout_ms) -> None:
         self.host = host
         self.port = port
+        if credentials is None:
+            credentials = auth.resolve_credentials()
         try:
             self._sock = socket.create_connection((host, port), timeout=timeout_ms / 1000)
         except OSError as error:
@@ -484,8 +556,13 @@ class BlockingConnection:
             else:
                 reason = os.strerror(error.errno) if error.errno else str(error)
             raise NetworkError(f"cannot connect to sheep at {host}:{port}: {reason}") from error
-        self._sock.settimeout(None)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self.sealer = self._authenticate(credentials)
+        except BaseException:
+            self._sock.close()
+            raise
+        self._sock.settimeout(None)
         detect_dead_peer(self._sock)
         self._send_lock = threading.Lock()
         self._pending: dict[int, _Waiter] = {}
@@ -503,6 +580,32 @@ class BlockingConnection:
     @property
     def closed(self) -> bool:
         return self._error is not None
+
+    def _authenticate(self, credentials: auth.Credentials) -> auth.Sealer:
+        """The handshake, in this thread, before the reader starts (the socket still has
+        its connect timeout)."""
+        handshake = auth.ClientHandshake(credentials)
+        try:
+            answer = self._exchange(Op.AUTH_HELLO, handshake.hello())
+            self._exchange(Op.AUTH_PROVE, handshake.answer(answer))
+        except OSError as error:
+            raise NetworkError(f"authenticating to {self.endpoint}: {error}") from error
+        return handshake.sealer()
+
+    def _exchange(self, op: Op, body: Any) -> Any:
+        payload = proto.encode_json(body)
+        self._sock.sendall(proto.encode(Header(opcode=op, request_id=0), payload))
+        header_buffer = bytearray(proto.HEADER_SIZE)
+        self._recv_exactly(memoryview(header_buffer))
+        header = proto.unpack_header(header_buffer)
+        problem = proto.framing_problem(header)
+        if problem is not None or header.length > constants.handshake_payload_max_bytes:
+            raise NetworkError(f"bad handshake reply from {self.endpoint}: {problem}")
+        data = bytearray(header.length)
+        self._recv_exactly(memoryview(data))
+        if header.result:
+            raise error_for(header.result, proto.error_message(data) or None)
+        return proto.decode_json(data)
 
     def close(self) -> None:
         self._fail(NetworkError(f"connection to {self.endpoint} closed"))
@@ -531,6 +634,7 @@ class BlockingConnection:
     def _read_replies(self) -> None:
         header_buffer = bytearray(proto.HEADER_SIZE)
         header_view = memoryview(header_buffer)
+        tag_view = memoryview(bytearray(auth.TAG_BYTES))
         waiter: _Waiter | None = None
         try:
             while True:
@@ -542,18 +646,29 @@ class BlockingConnection:
                 with self._pending_lock:
                     waiter = self._pending.pop(header.request_id, None)
                 into = waiter.into if waiter is not None else None
-                if header.length and not header.result and into is not None \
-                        and len(into) == header.length:
-                    self._recv_exactly(into)
-                elif header.length:
-                    data = bytearray(header.length)
+                packed = bytes(header_buffer)
+                length = header.length - auth.TAG_BYTES
+                if length < 0:
+                    raise ConnectionError("bad reply: no room for its tag")
+                header = header._replace(length=length)
+                if (length and not header.result and into is not None
+                        and len(into) == length and not self.sealer.sealed(header.opcode)):
+                    self._recv_exactly(into)  # straight into the caller's buffer
+                    self._recv_exactly(tag_view)
+                    self.sealer.open_parts(header.opcode, packed, into, tag_view)
+                else:
+                    data = bytearray(header.length + auth.TAG_BYTES)
                     self._recv_exactly(memoryview(data))
-                    if waiter is not None:
-                        waiter.data = bytes(data)
+                    body = self.sealer.open(header.opcode, packed, data)
+                    header = header._replace(length=len(body))
+                    if into is not None and not header.result and len(into) == len(body):
+                        into[:] = body
+                    elif waiter is not None:
+                        waiter.data = bytes(body)
                 if waiter is not None:
                     waiter.header = header
                     waiter.done.release()
-        except (OSError, ConnectionError) as error:
+        except (OSError, ConnectionError, BadRequest) as error:
             lost = NetworkError(f"connection to {self.endpoint} lost: {error}")
             if waiter is not None:  # taken off the pending list, its reply cut short
                 waiter.error = lost
@@ -572,8 +687,9 @@ class BlockingConnection:
             self._pending[request_id] = waiter
         try:
             with self._send_lock:
-                parts = [memoryview(header.pack_request(request_id, len(payload))),
-                         memoryview(payload).cast("B")]
+                parts = [memoryview(part).cast("B") for part in self.sealer.seal(
+                    header.opcode, lambda length: header.pack_request(request_id, length),
+                    payload)]
                 while parts:
                     sent = self._sock.sendmsg([part for part in parts if part])
                     while parts and sent >= len(parts[0]):

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sheep import constants
+from sheep import auth, constants
 from sheep.errors import Result
 from sheep.node import NodeInfo
 from sheep.vdi_registry import VdiRegistry
+
+log = logging.getLogger(__name__)
 
 
 class EventKind(enum.Enum):
@@ -97,6 +100,8 @@ class ApplyResult:
     epoch_changed: bool = False
     wipe_store: bool = False
     shutdown: bool = False
+    cut: str = ""  # a principal whose connections must close (removed, or a new key)
+    mode_changed: bool = False  # frames are now encrypted, or no longer: reconnect
 
 
 def _error(result: Result, message: str) -> ApplyResult:
@@ -126,6 +131,9 @@ class ClusterState:
         self.scrub_max_rate = constants.scrub_rate_default  # bytes/s of background scrub; 0: off
         self.scrub_interval = constants.scrub_interval_default_s  # from one pass to the next
         self.vdis = VdiRegistry()
+        # Principals other than the node (sheep/auth.py): made by format and 'dog auth'.
+        self.principals: dict[str, auth.Entry] = {}
+        self.encrypt = False  # frames are encrypted, not only signed ('format --encrypt')
         self._ops: dict[str, Callable[[Event], ApplyResult]] = {
             "format": self._apply_format,
             "shutdown": self._apply_shutdown,
@@ -133,6 +141,9 @@ class ClusterState:
             "recovery": self._apply_recovery,
             "scrub": self._apply_scrub,
             "reweight": self._apply_reweight,
+            "auth_add": self._apply_auth,
+            "auth_rm": self._apply_auth,
+            "auth_rotate": self._apply_auth,
         }
         for kind in self.vdis.ops:
             self._ops[kind] = self._apply_vdi_op
@@ -236,8 +247,37 @@ class ClusterState:
         self.format_epoch = self.epoch
         self.waiting_for = []
         self.vdis = VdiRegistry()
-        return ApplyResult(wipe_store=True, value={"copies": self.copies,
+        encrypt = self.encrypt
+        self.encrypt = body.get("encrypt") is True
+        self.principals = _principals(body.get("principals"))
+        return ApplyResult(wipe_store=True, mode_changed=encrypt != self.encrypt,
+                           value={"copies": self.copies,
                                                    "object_size": self.object_size})
+
+    def _apply_auth(self, event: Event) -> ApplyResult:
+        """auth_add {name, caps, key}, auth_rm {name}, auth_rotate {name, key}."""
+        body = event.body
+        kind, name = body.get("type"), body.get("name")
+        if self.status is Status.WAIT_FOR_FORMAT:
+            return _error(Result.NOT_FORMATTED, "the cluster is not formatted")
+        if not isinstance(name, str) or auth.name_problem(name) is not None or name == auth.NODE:
+            return _error(Result.INVALID_PARMS, f"bad principal name {str(name)[:80]!r}")
+        if kind == "auth_add" and name in self.principals:
+            return _error(Result.EXISTS, f"principal {name} exists ('dog auth rotate' gives it"
+                          " a new key)")
+        if kind != "auth_add" and name not in self.principals:
+            return _error(Result.NO_OBJ, f"no principal {name}")
+        if kind == "auth_rm":
+            del self.principals[name]
+            return ApplyResult(cut=name)
+        try:
+            key = auth.decode_key(body.get("key"))
+            caps = (auth.Caps.parse(body.get("caps")) if kind == "auth_add"
+                    else self.principals[name].caps)
+        except ValueError as error:
+            return _error(Result.INVALID_PARMS, str(error))
+        self.principals[name] = auth.Entry(key, caps)
+        return ApplyResult(cut=name if kind == "auth_rotate" else "")
 
     def _apply_shutdown(self, event: Event) -> ApplyResult:
         """Every sheep stops. When they come back, the cluster serves again only once
@@ -355,6 +395,10 @@ class ClusterState:
             "lost": sorted(self.lost),
             "recovery_max_rate": self.recovery_max_rate,
             "scrub_max_rate": self.scrub_max_rate, "scrub_interval": self.scrub_interval,
+            "encrypt": self.encrypt,
+            "principals": [{"name": name, "key": auth.encode_key(entry.key),
+                            "caps": entry.caps.text()}
+                           for name, entry in sorted(self.principals.items())],
         }
 
     @classmethod
@@ -377,6 +421,8 @@ class ClusterState:
         state.scrub_max_rate = int(value.get("scrub_max_rate", constants.scrub_rate_default))
         state.scrub_interval = int(value.get("scrub_interval",
                                              constants.scrub_interval_default_s))
+        state.encrypt = value.get("encrypt") is True
+        state.principals = _principals(value.get("principals"))
         state.epochs = sorted((EpochEntry.from_json(e) for e in epochs), key=lambda e: e.epoch)
         state._check()
         return state
@@ -393,6 +439,20 @@ class ClusterState:
             assert 1 <= self.copies <= constants.copies_max
             assert constants.object_size_min_bytes <= self.object_size
             assert self.object_size <= constants.object_size_max_bytes
+
+
+def _principals(value: Any) -> dict[str, auth.Entry]:
+    """Principals from their JSON form; malformed entries are skipped (they came through
+    the sheep's own checks, so none should be)."""
+    principals: dict[str, auth.Entry] = {}
+    for item in value if isinstance(value, list) else []:
+        try:
+            if auth.name_problem(item["name"]) is None and item["name"] != auth.NODE:
+                principals[item["name"]] = auth.Entry(auth.decode_key(item["key"]),
+                                                      auth.Caps.parse(item["caps"]))
+        except (KeyError, TypeError, ValueError):
+            log.error("skipping a malformed principal in the cluster state")
+    return principals
 
 
 def _zones(nodes: Iterable[NodeInfo]) -> int:

@@ -26,7 +26,7 @@ block_size_bytes = 4 * KiB  # unit of checksums and of discard alignment
 
 # --- protocol ------------------------------------------------------------
 proto_magic = 0x5344  # "SD"
-proto_version = 1
+proto_version = 2  # 2: the handshake, and a tag on every frame after it (sheep/auth.py)
 # A data payload never exceeds one object; control payloads (JSON) are small.
 payload_data_max_bytes = object_size_max_bytes
 payload_control_max_bytes = 16 * MiB
@@ -98,3 +98,8 @@ scrub_interval_default_s = 24 * 3600
 # Space a sheep keeps free for its metadata: below it, writes that may need space are
 # refused (NoSpace) so that flushes, removals and recovery bookkeeping still commit.
 space_reserve_bytes = 32 * MiB
+
+# Authentication (sheep/auth.py, sheep/net.py): a connection that has not finished its
+# handshake within this long is closed; until then its frames may be this large.
+handshake_timeout_s = 10.0
+handshake_payload_max_bytes = 4096

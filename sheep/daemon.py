@@ -17,11 +17,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sheep import __version__, constants, proto
+from sheep import __version__, auth, constants, proto
 from sheep.client import Connection
 from sheep.cluster.driver import ClusterDriver, Snapshot
 from sheep.cluster_state import ApplyResult, ClusterState, Event, EventKind, Status, format_problem
 from sheep.errors import (
+    AuthFailed,
+    NoObject,
     NotFormatted,
     PermissionDenied,
     Result,
@@ -63,6 +65,9 @@ class SheepConfig:
     zone: int | None = None
     weight: int | None = None  # bytes; default: the free space of the store's filesystem
     io_scheduler: str = "mclock"  # or "fifo": no scheduling (sheep/mclock.py: Core.fifo)
+    # The cluster's node key (sheep/auth.py): this sheep's credentials towards its peers,
+    # and the key it accepts from them. None: a random one (a cluster of this sheep alone).
+    node_key: bytes | None = None
 
 
 def space_state(usage: dict[str, int], object_size: int) -> str:
@@ -91,8 +96,10 @@ class Sheep:
         self.driver = driver
         self.node: NodeInfo | None = None
         self.group = Group(ClusterState(), self.clock)
-        self.pool = PeerPool(world.network)
-        self.server = Server(self.dispatch, world)
+        self.credentials = auth.Credentials(auth.NODE, config.node_key or auth.new_key())
+        self._node_entry = auth.Entry(self.credentials.key, auth.Caps(node=True))
+        self.pool = PeerPool(world.network, self.credentials)
+        self.server = Server(self.dispatch, self, world)
         self.joined = asyncio.Event()
         self.stopped = asyncio.Event()
         self.stopping = False
@@ -123,6 +130,11 @@ class Sheep:
             Op.SET_RECOVERY: self.set_recovery,
             Op.REWEIGHT: self.reweight,
             Op.SET_SCRUB: self.set_scrub,
+            Op.AUTH_ADD: self.auth_add,
+            Op.AUTH_RM: self.auth_rm,
+            Op.AUTH_ROTATE: self.auth_rotate,
+            Op.AUTH_LIST: self.auth_list,
+            Op.AUTH_GET: self.auth_get,
         }
         proto.check_handlers(self.admin, {Kind.ADMIN}, "Sheep.admin")
 
@@ -309,7 +321,8 @@ class Sheep:
                 # Every sheep applies the same log: an event that breaks the state
                 # machine is a bug, and serving on without it would diverge silently.
                 log.critical("cannot apply event %d (%s); stopping", event.seq,
-                             event.to_json(), exc_info=True)
+                             event.kind.value if event.kind is not EventKind.OP
+                             else event.body.get("type"), exc_info=True)
                 self.world.crash(f"cannot apply event {event.seq}")
                 return
 
@@ -381,6 +394,14 @@ class Sheep:
             self.joined.clear()
             self._start_unverified(epoch_before)
             self._start_verifier()
+        if result.mode_changed:
+            log.info("frames are %s from now on: connections made before reconnect",
+                     "encrypted" if state.encrypt else "signed")
+            self.server.cut_mode(state.encrypt)
+        if result.cut:
+            cut = self.server.cut(result.cut)
+            log.info("principal %s removed or its key rotated: %d connection(s) cut",
+                     result.cut, cut)
         if result.shutdown and not self.stopping:
             log.info("cluster shutdown requested")
             self._stop_soon()
@@ -480,8 +501,71 @@ class Sheep:
 
     # --- dispatch ----------------------------------------------------------------
 
+    # --- authentication (auth.Authority) --------------------------------------------
+
+    def lookup(self, name: str) -> auth.Entry | None:
+        """The key and caps of a principal: the node key is this sheep's own, the others
+        are in the cluster state."""
+        if name == auth.NODE:
+            return self._node_entry
+        return self.group.state.principals.get(name)
+
+    def mode(self) -> str:
+        return "encrypt" if self.group.state.encrypt else "sign"
+
+    def _authorize(self, header: Header, payload: bytes, session: Session,
+                   info: proto.OpInfo) -> bool:
+        """Refuse what the session's principal may not do (PermissionDenied, naming the
+        principal and what it lacks); True if a VDI list must be cut to its VDIs."""
+        principal = session.principal
+        if principal is None:
+            raise AuthFailed("this connection has not authenticated")
+        caps = principal.caps
+        if info.caller is proto.Caller.PEER and not caps.node:
+            raise PermissionDenied(f"{info.name} is for the sheep themselves (the node key),"
+                                   f" not {principal.name}")
+        if caps.privileged:
+            return False
+        if info.caller is proto.Caller.ADMIN:
+            raise PermissionDenied(f"{info.name} needs admin caps; {principal.name} has"
+                                   f" '{caps.text()}'")
+        op = Op(header.opcode)
+        if info.kind is Kind.GATEWAY and op is not Op.FLUSH:
+            raise PermissionDenied(f"{info.name} (raw object I/O) needs admin caps;"
+                                   f" {principal.name} has '{caps.text()}'")
+        if op is Op.VDI_LIST:
+            return True
+        if info.kind is Kind.VDI_ADMIN or op is Op.VDI_OPEN:
+            body = proto.decode_json(payload)
+            if not isinstance(body, dict):
+                return False  # the handler refuses it
+            names = [body.get("name")] + ([body.get("source")] if op is Op.VDI_CLONE else [])
+            for name in names:
+                if not isinstance(name, str) or not caps.may_touch(name):
+                    raise PermissionDenied(f"{principal.name} may not touch VDI"
+                                           f" {str(name)[:128]!r} (caps '{caps.text()}')")
+            writes = op not in (Op.VDI_GETATTR, Op.VDI_OBJECT, Op.VDI_OPEN) or (
+                op is Op.VDI_OPEN and body.get("writable"))
+            if writes and caps.read_only:
+                raise PermissionDenied(f"{principal.name} is read-only: {info.name} refused")
+        return False
+
+    def _visible(self, reply: Reply, session: Session) -> Reply:
+        """A VDI list cut to the VDIs the session's principal may touch."""
+        assert session.principal is not None
+        caps = session.principal.caps
+        data, fields = reply
+        items = proto.decode_json(data)
+        return proto.encode_json([item for item in items if caps.may_touch(item["name"])]), fields
+
     async def dispatch(self, header: Header, payload: bytes, session: Session) -> Reply:
         info = proto.OPS[Op(header.opcode)]
+        if self._authorize(header, payload, session, info):
+            return self._visible(await self._dispatch(header, payload, session, info), session)
+        return await self._dispatch(header, payload, session, info)
+
+    async def _dispatch(self, header: Header, payload: bytes, session: Session,
+                        info: proto.OpInfo) -> Reply:
         if info.kind is Kind.ADMIN:
             return await self.admin[Op(header.opcode)](header, payload)
         if self.stopping:
@@ -571,7 +655,7 @@ class Sheep:
     async def cluster_info(self, header: Header, payload: bytes) -> Reply:
         state = self.group.state
         value = {
-            **state.to_json(),
+            **{key: value for key, value in state.to_json().items() if key != "principals"},
             "zones": state.zones,
             "epochs": [entry.to_json() for entry in state.epochs],
             "driver": self.driver.info(),
@@ -588,10 +672,70 @@ class Sheep:
         problem = format_problem(copies, object_size, self.group.state.zones)
         if problem is not None:
             raise error_for(*problem)
+        encrypt = body.get("encrypt", False)
+        if not isinstance(encrypt, bool):
+            raise error_for(Result.INVALID_PARMS, "format: encrypt must be true or false")
+        admin = {"name": auth.ADMIN, "key": auth.encode_key(auth.new_key()), "caps": "admin"}
         result = await self.broadcast({"type": "format", "copies": copies,
                                        "object_size": object_size,
-                                       "force": bool(body.get("force"))})
-        return proto.encode_json(result.value), {}
+                                       "force": bool(body.get("force")), "encrypt": encrypt,
+                                       "principals": [admin]})
+        # The reply is sealed (proto.SEALED_OPS): the first admin key, for dog's keyring.
+        return proto.encode_json({**result.value, "admin": admin}), {}
+
+    # --- principals (dog auth) --------------------------------------------------------
+
+    def _auth_name(self, payload: bytes) -> tuple[str, dict[str, Any]]:
+        body = proto.decode_json(payload)
+        if not isinstance(body, dict):
+            raise error_for(Result.INVALID_PARMS, "takes a JSON object")
+        name = body.get("name")
+        problem = auth.name_problem(name)
+        if problem is not None or not isinstance(name, str):
+            raise error_for(Result.INVALID_PARMS, problem or "bad name")
+        if name == auth.NODE:
+            raise error_for(Result.INVALID_PARMS, "the node key is in the sheep's keyring"
+                            " files, not in the cluster: it cannot be changed from here")
+        return name, body
+
+    def _principal_reply(self, name: str) -> Reply:
+        entry = self.group.state.principals.get(name)
+        if entry is None:
+            raise NoObject(f"no principal {name}")
+        return proto.encode_json({"name": name, "key": auth.encode_key(entry.key),
+                                  "caps": entry.caps.text()}), {}
+
+    async def auth_add(self, header: Header, payload: bytes) -> Reply:
+        name, body = self._auth_name(payload)
+        try:
+            caps = auth.Caps.parse(body.get("caps"))
+        except ValueError as error:
+            raise error_for(Result.INVALID_PARMS, str(error)) from None
+        if caps.node:
+            raise error_for(Result.INVALID_PARMS, "no principal but node has caps 'node'")
+        await self.broadcast({"type": "auth_add", "name": name, "caps": caps.text(),
+                              "key": auth.encode_key(auth.new_key())})
+        return self._principal_reply(name)
+
+    async def auth_rm(self, header: Header, payload: bytes) -> Reply:
+        name, _ = self._auth_name(payload)
+        await self.broadcast({"type": "auth_rm", "name": name})
+        return proto.encode_json({"name": name}), {}
+
+    async def auth_rotate(self, header: Header, payload: bytes) -> Reply:
+        name, _ = self._auth_name(payload)
+        await self.broadcast({"type": "auth_rotate", "name": name,
+                              "key": auth.encode_key(auth.new_key())})
+        return self._principal_reply(name)
+
+    async def auth_get(self, header: Header, payload: bytes) -> Reply:
+        name, _ = self._auth_name(payload)
+        return self._principal_reply(name)
+
+    async def auth_list(self, header: Header, payload: bytes) -> Reply:
+        principals = self.group.state.principals
+        return proto.encode_json([{"name": name, "caps": entry.caps.text()}
+                                  for name, entry in sorted(principals.items())]), {}
 
     async def shutdown(self, header: Header, payload: bytes) -> Reply:
         await self.broadcast({"type": "shutdown"})

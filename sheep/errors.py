@@ -16,6 +16,7 @@ EXIT_SYSTEM = 2
 EXIT_EXISTS = 3
 EXIT_FULL = 4
 EXIT_MISSING = 5
+EXIT_PERMISSION = 77  # sysexits' EX_NOPERM: not authenticated, or not allowed
 EXIT_USAGE = 64
 
 
@@ -44,7 +45,8 @@ class Result(enum.IntEnum):
     TOO_FEW_ZONES = 21
     SYSTEM = 22
     UNVERIFIED = 23  # this copy may be stale (its node was away): read another
-    PERMISSION_DENIED = 24  # the caller may not send this op (see proto.Caller)
+    PERMISSION_DENIED = 24  # the caller's principal may not do this (see proto.Caller, auth.Caps)
+    AUTH_FAILED = 25  # the connection did not authenticate (no handshake, wrong key)
 
 
 class SheepError(Exception):
@@ -102,8 +104,11 @@ SystemFailure = _define("SystemFailure", Result.SYSTEM, EXIT_SYSTEM, "system err
 Unverified = _define(
     "Unverified", Result.UNVERIFIED, EXIT_FAILURE, "this copy is not verified current yet")
 PermissionDenied = _define(
-    "PermissionDenied", Result.PERMISSION_DENIED, EXIT_FAILURE,
+    "PermissionDenied", Result.PERMISSION_DENIED, EXIT_PERMISSION,
     "permission denied: this connection may not send this operation")
+AuthFailed = _define(
+    "AuthFailed", Result.AUTH_FAILED, EXIT_PERMISSION,
+    "authentication failed")
 
 _by_result: dict[Result, type[SheepError]] = {
     cls.result: cls
@@ -111,7 +116,7 @@ _by_result: dict[Result, type[SheepError]] = {
         UnknownError, InvalidParameters, NoObject, IOErrorResult, NoSpace, OldNodeVersion,
         NewNodeVersion, NotFormatted, AlreadyFormatted, Exists, NoVdi, NoTag, VdiLocked,
         ReadOnly, ShuttingDown, Unavailable, BadRequest, UnknownOp, NetworkError, Timeout,
-        TooFewZones, SystemFailure, Unverified, PermissionDenied,
+        TooFewZones, SystemFailure, Unverified, PermissionDenied, AuthFailed,
     )
 }
 assert set(_by_result) == set(Result) - {Result.SUCCESS}, "every failure code has a class"

@@ -22,7 +22,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sheep import constants, proto, replicas
+from sheep import auth, constants, proto, replicas
 from sheep.client import Connection, raise_failed
 from sheep.errors import (
     IOErrorResult,
@@ -79,7 +79,9 @@ def _close_opened(task: asyncio.Task[Connection]) -> None:
 class PeerPool:
     """One pipelined connection per peer, opened on first use, reopened after failure."""
 
-    def __init__(self, network: Network | None = None) -> None:
+    def __init__(self, network: Network | None = None,
+                 credentials: auth.Credentials | None = None) -> None:
+        self.credentials = credentials
         self.network = network
         self._connections: dict[str, asyncio.Task[Connection]] = {}
 
@@ -98,7 +100,8 @@ class PeerPool:
             task = None
         if task is None:
             task = asyncio.get_running_loop().create_task(
-                Connection.open(node.address, node.port, network=self.network))
+                Connection.open(node.address, node.port, self.credentials,
+                                network=self.network))
             self._connections[node.endpoint] = task
         return await asyncio.shield(task)
 

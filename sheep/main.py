@@ -22,10 +22,10 @@ from typing import IO
 import click
 import uvloop
 
-from sheep import constants, world
-from sheep.cluster.driver import make_driver
+from sheep import auth, constants, world
+from sheep.cluster.driver import ClusterDriver, make_driver
 from sheep.daemon import Sheep, SheepConfig
-from sheep.errors import EXIT_FAILURE, EXIT_USAGE, SheepError
+from sheep.errors import EXIT_FAILURE, EXIT_USAGE, SheepError, UsageError
 from sheep.size import parse_size
 from sheep.store import Store
 
@@ -177,6 +177,22 @@ async def _run(sheep: Sheep, sock: socket.socket, ready_fd: int | None,
     return 0
 
 
+def _node_key(keyring: str | None, driver: ClusterDriver) -> bytes:
+    """The cluster's node key: from --keyring, or the local driver's shared directory
+    (made there by the first sheep)."""
+    if keyring is None:
+        directory = driver.info().get("directory")
+        if driver.name != "local" or not directory:
+            raise UsageError(f"the {driver.name} driver needs --keyring FILE with the"
+                             " cluster's [node] key ('dog auth new-keyring FILE' makes one;"
+                             " copy it to every host)")
+        return auth.node_keyring(auth.cluster_keyring_path(directory)).key
+    entries = auth.load_keyring(keyring)
+    if auth.NODE not in entries:
+        raise UsageError(f"keyring {keyring} has no [node] section")
+    return entries[auth.NODE].key
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("-p", "--port", type=click.IntRange(1, 65535), default=constants.port_default,
@@ -200,13 +216,17 @@ async def _run(sheep: Sheep, sock: socket.socket, ready_fd: int | None,
               help="mclock: clients first, background work in the room they leave, VDI QoS,"
                    " recovery tuned to client latency. fifo: everything at once, no QoS (for"
                    " comparisons).")
+@click.option("--keyring", "keyring", default=None, type=click.Path(dir_okay=False),
+              help="Keyring file holding the cluster's [node] key (mode 0600). Default with"
+                   " the local driver: 'keyring' in its shared directory, made by the first"
+                   " sheep. Required with zookeeper: copy it to every host.")
 @click.option("--no-checksums", is_flag=True,
               help="Keep no per-block checksums (damage goes unnoticed). For measuring their"
                    " cost only; a store keeps the setting it was created with.")
 @click.version_option(package_name="sheepdog")
 def command(directory: str, port: int, address: str, driver: str, zone: int | None,
             weight: str | None, foreground: bool, log_level: str, metrics_port: int | None,
-            io_scheduler: str, no_checksums: bool) -> None:
+            io_scheduler: str, keyring: str | None, no_checksums: bool) -> None:
     """Run a sheep: a storage daemon of the cluster, keeping its objects in DIRECTORY."""
     directory = os.path.abspath(directory)
     weight_bytes = None
@@ -219,6 +239,11 @@ def command(directory: str, port: int, address: str, driver: str, zone: int | No
         cluster_driver = make_driver(driver)
     except SheepError as error:
         raise click.BadParameter(error.message, param_hint="'-c/--cluster'") from None
+    try:
+        node_key = _node_key(keyring, cluster_driver)
+    except SheepError as error:
+        click.echo(f"sheep: {error.message}", err=True)
+        sys.exit(EXIT_USAGE)
     try:
         lock_fd = _lock_directory(directory)
         sock = _bind(address, port)
@@ -236,7 +261,7 @@ def command(directory: str, port: int, address: str, driver: str, zone: int | No
     with open(os.path.join(directory, "sheep.pid"), "w") as file:
         file.write(f"{os.getpid()}\n")
     config = SheepConfig(directory=directory, address=address, port=port, zone=zone,
-                         weight=weight_bytes, io_scheduler=io_scheduler)
+                         weight=weight_bytes, io_scheduler=io_scheduler, node_key=node_key)
     sheep = Sheep(config, Store(directory, checksums=not no_checksums), cluster_driver)
     # uvloop (libuv) runs the same asyncio code with far less overhead per event.
     code = uvloop.run(_run(sheep, sock, ready_fd, metrics_port))

@@ -27,9 +27,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sheep import constants, proto
+from sheep import auth, constants, proto
 from sheep.client import detect_dead_peer
-from sheep.errors import Result, SheepError
+from sheep.errors import BadRequest, Result, SheepError, error_for
 from sheep.proto import Header
 from sheep.world import REAL, Listener, World
 
@@ -48,6 +48,7 @@ class Session:
     def __init__(self, peer: Any = None, session_id: str = "") -> None:
         self.id = session_id
         self.peer = peer
+        self.principal: auth.Principal | None = None  # set once its handshake succeeds
         self.values: dict[str, Any] = {}
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self.closed = False
@@ -93,7 +94,12 @@ def _request_bytes(header: Header) -> int:
 class _RequestProtocol(asyncio.BufferedProtocol):
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.decoder = proto.FrameDecoder()
+        # Until the handshake is done, only its small frames are taken.
+        self.decoder = proto.FrameDecoder(constants.handshake_payload_max_bytes)
+        self.handshake: auth.ServerHandshake | None = None
+        self.sealer: auth.Sealer | None = None
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self.close_when_idle = False  # its mode is not the cluster's any more
         self.backlog: collections.deque[tuple[Header, bytes]] = collections.deque()
         self.in_flight = 0
         self.bytes_in_flight = 0
@@ -110,8 +116,19 @@ class _RequestProtocol(asyncio.BufferedProtocol):
             # A client on a host that vanished releases its VDI locks within seconds.
             detect_dead_peer(sock)
         self.server.connections.add(self)
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            constants.handshake_timeout_s, self._handshake_expired)
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if self.sealer is None and self.transport is not None:
+            log.warning("closing connection %s: no handshake within %s s", self._peer(),
+                        constants.handshake_timeout_s)
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
         self.server.connections.discard(self)
         self.backlog.clear()
         self.server.close_session(self.session)
@@ -142,8 +159,60 @@ class _RequestProtocol(asyncio.BufferedProtocol):
             assert self.transport is not None
             self.transport.close()
             return
-        self.backlog.extend(frames)
+        for header, payload in frames:
+            if self.transport is None or self.transport.is_closing():
+                return
+            if self.sealer is None:
+                self._handshake_step(header, payload)
+                continue
+            try:
+                payload = self.sealer.open(header.opcode, header.pack(), payload)  # type: ignore[assignment]
+            except BadRequest as bad:
+                log.warning("closing connection %s (%s): %s", self._peer(),
+                            self.session.principal.name if self.session.principal else "?",
+                            bad.message)
+                self.backlog.clear()
+                self.transport.close()
+                return
+            self.backlog.append((header._replace(length=len(payload)), payload))
         self._start_ready()
+
+    def _handshake_step(self, header: Header, payload: bytes) -> None:
+        """Serve one frame of the handshake; anything else before it is done is refused
+        and the connection closed. Nothing but the handshake runs before it."""
+        assert self.transport is not None
+        try:
+            if header.is_reply or header.opcode not in (proto.Op.AUTH_HELLO,
+                                                        proto.Op.AUTH_PROVE):
+                raise error_for(Result.AUTH_FAILED, "authenticate first: this connection"
+                                " has not run the handshake (a client older than the sheep?)")
+            body = proto.decode_json(payload)
+            if header.opcode == proto.Op.AUTH_HELLO:
+                if self.handshake is not None:
+                    raise BadRequest("handshake: hello sent twice")
+                self.handshake = auth.ServerHandshake(self.server.authority.lookup,
+                                                      self.server.authority.mode())
+                answer = proto.encode_json(self.handshake.hello(body))
+                self._send(header.reply(Result.SUCCESS, len(answer)), answer)
+                return
+            if self.handshake is None:
+                raise BadRequest("handshake: proof before hello")
+            principal = self.handshake.prove(body)
+        except SheepError as error:
+            log.warning("closing connection %s: %s", self._peer(), error.message)
+            self._send_error(header, error.result, error.message)
+            self.backlog.clear()
+            self.transport.close()
+            return
+        welcome = proto.encode_json({"principal": principal.name, "caps": principal.caps.text()})
+        self._send(header.reply(Result.SUCCESS, len(welcome)), welcome)
+        self.session.principal = principal
+        self.sealer = self.handshake.sealer()
+        self.handshake = None
+        self.decoder.allow(constants.payload_max_bytes + auth.TAG_BYTES)
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
 
     def _peer(self) -> Any:
         return None if self.transport is None else self.transport.get_extra_info("peername")
@@ -211,6 +280,8 @@ class _RequestProtocol(asyncio.BufferedProtocol):
             self.in_flight -= 1
             self.bytes_in_flight -= cost
             assert self.in_flight >= 0 and self.bytes_in_flight >= 0
+            if self.close_when_idle and not self.in_flight and self.transport is not None:
+                self.transport.close()  # after the reply: close() sends what is buffered
             self._start_ready()
 
     def _send_error(self, header: Header, result: int, message: str) -> None:
@@ -220,20 +291,48 @@ class _RequestProtocol(asyncio.BufferedProtocol):
     def _send(self, header: Header, data: bytes | bytearray | memoryview) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        if data:
+        if self.sealer is not None:
+            self.transport.writelines(self.sealer.seal(
+                header.opcode, lambda length: header._replace(length=length).pack(), data))
+        elif data:
             self.transport.writelines([header.pack(), data])
         else:
             self.transport.write(header.pack())
 
 
 class Server:
-    def __init__(self, dispatch: Dispatch, world: World = REAL) -> None:
+    def __init__(self, dispatch: Dispatch, authority: auth.Authority,
+                 world: World = REAL) -> None:
         self.dispatch = dispatch
+        self.authority = authority
         self.world = world
         self.connections: set[_RequestProtocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self._server: Listener | None = None
         self._closing: set[asyncio.Task[None]] = set()
+
+    def cut(self, principal: str) -> int:
+        """Close every connection authenticated as this principal (removed, or its key
+        rotated); return how many."""
+        cut = 0
+        for connection in list(self.connections):
+            if (connection.session.principal is not None
+                    and connection.session.principal.name == principal
+                    and connection.transport is not None):
+                connection.transport.close()
+                cut += 1
+        return cut
+
+    def cut_mode(self, encrypt: bool) -> None:
+        """Close the connections whose frames are not (or are) encrypted, once each has
+        answered what it is serving (the format that changed the mode, say): their
+        peers connect again in the cluster's mode."""
+        for connection in list(self.connections):
+            if connection.sealer is None or connection.sealer.encrypt == encrypt:
+                continue
+            connection.close_when_idle = True
+            if not connection.in_flight and connection.transport is not None:
+                connection.transport.close()
 
     def close_session(self, session: Session) -> None:
         """Release a session once the requests it started have finished."""

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from sheep import constants
+from sheep import auth, constants
 from sheep.errors import BadRequest, Result
 
 HEADER = struct.Struct("<HBBHHIIQQIIQQ")
@@ -54,6 +54,7 @@ class Kind(enum.Enum):
     ADMIN = "admin"  # cluster and node management
     VDI = "vdi"  # byte I/O on an open VDI (arg0 = handle, offset = byte in the VDI)
     VDI_ADMIN = "vdi_admin"  # VDI management: JSON in, JSON out
+    AUTH = "auth"  # the handshake: served by the connection itself, before any op (sheep/net.py)
 
 
 class Caller(enum.Enum):
@@ -126,6 +127,14 @@ class Op(enum.IntEnum):
     VDI_UNLOCK = 0x4B
     VDI_QOS = 0x4C  # JSON {"name", "iops"?, "bps"?, "burst"?, "clear"?}: a VDI's I/O limits
 
+    AUTH_HELLO = 0x51  # JSON {"name", "nonce"} -> {"nonce", "mode", "proof"} (sheep/auth.py)
+    AUTH_PROVE = 0x52  # JSON {"proof"} -> {"principal", "caps"}; sealed frames from then on
+    AUTH_ADD = 0x53  # JSON {"name", "caps"} -> {"name", "key", "caps"}: a new principal
+    AUTH_RM = 0x54  # JSON {"name"}: the principal is gone, its connections are cut
+    AUTH_ROTATE = 0x55  # JSON {"name"} -> {"name", "key", "caps"}: a new key, the old one void
+    AUTH_LIST = 0x56  # -> [{"name", "caps"}]: principals, never their keys
+    AUTH_GET = 0x57  # JSON {"name"} -> {"name", "key", "caps"}: a principal's keyring section
+
 
 _NONE, _DATA, _JSON = Payload.NONE, Payload.DATA, Payload.JSON  # the table's columns fit a line
 
@@ -174,8 +183,20 @@ OPS: dict[Op, OpInfo] = {
     Op.VDI_UNLOCK: OpInfo("vdi_unlock", Kind.VDI_ADMIN, _JSON, _JSON, Caller.ADMIN),
     # Limits on a VDI's I/O: the operator's call, as taking a lock away is.
     Op.VDI_QOS: OpInfo("vdi_qos", Kind.VDI_ADMIN, _JSON, _JSON, Caller.ADMIN),
+    Op.AUTH_HELLO: OpInfo("auth_hello", Kind.AUTH, _JSON, _JSON, Caller.CLIENT),
+    Op.AUTH_PROVE: OpInfo("auth_prove", Kind.AUTH, _JSON, _JSON, Caller.CLIENT),
+    Op.AUTH_ADD: OpInfo("auth_add", Kind.ADMIN, _JSON, _JSON, Caller.ADMIN),
+    Op.AUTH_RM: OpInfo("auth_rm", Kind.ADMIN, _JSON, _JSON, Caller.ADMIN),
+    Op.AUTH_ROTATE: OpInfo("auth_rotate", Kind.ADMIN, _JSON, _JSON, Caller.ADMIN),
+    Op.AUTH_LIST: OpInfo("auth_list", Kind.ADMIN, _NONE, _JSON, Caller.ADMIN),
+    Op.AUTH_GET: OpInfo("auth_get", Kind.ADMIN, _JSON, _JSON, Caller.ADMIN),
 }
 assert set(OPS) == set(Op), "every opcode has an entry in the op table"
+
+# Ops whose frames carry keys: encrypted after the handshake even when the cluster
+# only signs frames (a key must never cross the wire in clear).
+SEALED_OPS = frozenset({Op.FORMAT, Op.AUTH_ADD, Op.AUTH_ROTATE, Op.AUTH_GET})
+auth.Sealer.always_sealed = frozenset(int(op) for op in SEALED_OPS)
 assert all(info.kind is Kind.PEER for info in OPS.values() if info.caller is Caller.PEER), \
     "an op only members may send is one a sheep serves from its own store"
 
@@ -276,7 +297,7 @@ def framing_problem(header: Header) -> str | None:
         return f"bad magic 0x{header.magic:04x}"
     if header.version != constants.proto_version:
         return f"unsupported protocol version {header.version}"
-    if header.length > constants.payload_max_bytes:
+    if header.length > constants.payload_max_bytes + auth.TAG_BYTES:
         return f"payload length {header.length} exceeds {constants.payload_max_bytes}"
     return None
 
@@ -358,6 +379,10 @@ class FrameDecoder:
         self._filled = 0  # bytes of the payload received so far
         self._payload_max_bytes = payload_max_bytes
         self._broken: ProtocolError | None = None
+
+    def allow(self, payload_max_bytes: int) -> None:
+        """From now on, take payloads up to this length (more once a peer authenticated)."""
+        self._payload_max_bytes = payload_max_bytes
 
     @property
     def buffered_bytes(self) -> int:

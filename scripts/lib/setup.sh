@@ -36,6 +36,8 @@ SYSTEM_PACKAGES=(
     "libnbd-bin:nbdinfo"
     "fio:fio"
     "zookeeper:/usr/share/zookeeper/bin/zkServer.sh"
+    "tcpdump:tcpdump"
+    "gnutls-bin:psktool"
 )
 
 _present() {

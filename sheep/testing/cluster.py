@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from sheep import proto
+from sheep import auth, proto
 from sheep.client import SyncClient
 from sheep.errors import SheepError
 from sheep.proto import FrameDecoder, Header
@@ -29,20 +29,45 @@ def free_port() -> int:
 
 
 def raw_call(port: int, header: Header, payload: bytes = b"",
-             source: str = "127.0.0.1") -> tuple[Header, bytes]:
+             source: str = "127.0.0.1",
+             credentials: auth.Credentials | None = None) -> tuple[Header, bytes]:
     """One request on a fresh TCP connection from the source address; the reply (a
-    frame as an attacker or an old peer would send it, past the client's checks)."""
+    frame as an attacker or an old peer would send it, past the client's checks).
+    With credentials the connection runs the handshake first and seals the request."""
     with socket.create_connection(("127.0.0.1", port), timeout=10,
                                   source_address=(source, 0)) as sock:
-        sock.sendall(proto.encode(header, payload))
         decoder = FrameDecoder()
-        while True:
-            data = sock.recv(1 << 16)
-            if not data:
-                raise ConnectionError("the sheep closed the connection")
-            frames = decoder.feed(data)
-            if frames:
-                return frames[0]
+        sealer: auth.Sealer | None = None
+
+        def call(header: Header, payload: bytes) -> tuple[Header, bytes]:
+            if sealer is None:
+                sock.sendall(proto.encode(header, payload))
+            else:
+                parts = sealer.seal(header.opcode,
+                                    lambda length: header._replace(length=length).pack(), payload)
+                sock.sendall(b"".join(bytes(part) for part in parts))
+            while True:
+                data = sock.recv(1 << 16)
+                if not data:
+                    raise ConnectionError("the sheep closed the connection")
+                frames = decoder.feed(data)
+                if frames:
+                    reply, body = frames[0]
+                    if sealer is not None:
+                        body = bytes(sealer.open(reply.opcode, reply.pack(), body))
+                        reply = reply._replace(length=len(body))
+                    return reply, body
+
+        if credentials is not None:
+            handshake = auth.ClientHandshake(credentials)
+            reply, body = call(Header(opcode=proto.Op.AUTH_HELLO),
+                               proto.encode_json(handshake.hello()))
+            assert reply.result == 0, proto.error_message(body)
+            reply, body = call(Header(opcode=proto.Op.AUTH_PROVE), proto.encode_json(
+                handshake.answer(proto.decode_json(body))))
+            assert reply.result == 0, proto.error_message(body)
+            sealer = handshake.sealer()
+        return call(header, payload)
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 15) -> None:
@@ -87,6 +112,13 @@ class LocalCluster:
             SheepProcess(i, os.path.join(base, f"store{i}"), free_port(), zones[i])
             for i in range(nodes)
         ]
+        # The cluster's node keyring, given to every sheep (--keyring), whatever the
+        # driver; tests authenticate with it (the node may do all an admin may). dog and
+        # clients made without credentials find it through DOG_KEYRING, which points
+        # here while this cluster is the last one made in this process.
+        self.keyring = os.path.join(base, "keyring")
+        self.credentials = auth.Credentials(auth.NODE, auth.node_keyring(self.keyring).key)
+        os.environ["DOG_KEYRING"] = self.keyring
 
     def serve_metrics(self) -> list[int]:
         """Give every sheep (before it starts) a free --metrics-port; the ports."""
@@ -112,7 +144,7 @@ class LocalCluster:
                 node.process = subprocess.Popen(
                     [sys.executable, "-m", "sheep", node.directory, "-f", "-p", str(node.port),
                      "-z", str(node.zone), "-c", node.driver or self.driver, "-w", "80G",
-                     *node.extra_args],
+                     "--keyring", self.keyring, *node.extra_args],
                     stdout=log, stderr=log, stdin=subprocess.DEVNULL)
             if wait:
                 self.wait_ready(node.index)
@@ -124,7 +156,7 @@ class LocalCluster:
             if not node.alive:
                 raise RuntimeError(f"sheep {index} exited; see {node.directory}/stderr.log")
             try:
-                with SyncClient("127.0.0.1", node.port) as client:
+                with SyncClient("127.0.0.1", node.port, self.credentials) as client:
                     if client.ping()["joined"]:
                         return
             except SheepError:
@@ -133,7 +165,7 @@ class LocalCluster:
         raise RuntimeError(f"sheep {index} not ready within {timeout_s} s")
 
     def client(self, index: int = 0) -> SyncClient:
-        return SyncClient("127.0.0.1", self.sheep[index].port)
+        return SyncClient("127.0.0.1", self.sheep[index].port, self.credentials)
 
     def format(self, copies: int, object_size: int = 4 << 20) -> None:
         with self.client(self.first_alive()) as client:

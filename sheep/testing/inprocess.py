@@ -14,7 +14,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from sheep import world
+from sheep import auth, world
 from sheep.client import SyncClient
 from sheep.cluster.memory import MemoryBus, MemoryDriver
 from sheep.cluster_state import EventKind
@@ -30,6 +30,7 @@ class InProcessCluster:
         self.base = base
         self.zones = zones if zones is not None else list(range(nodes))
         self.bus = MemoryBus()
+        self.credentials = auth.Credentials(auth.NODE, auth.new_key())  # the node key
         self.sheep: list[Sheep] = []
         self.ports: list[int] = []
         self._loop = asyncio.new_event_loop()
@@ -48,7 +49,8 @@ class InProcessCluster:
         index = len(self.sheep) if index is None else index
         directory = os.path.join(self.base, f"store{index}")
         port = free_port()
-        config = SheepConfig(directory=directory, port=port, zone=zone, weight=80 << 30)
+        config = SheepConfig(directory=directory, port=port, zone=zone, weight=80 << 30,
+                             node_key=self.credentials.key)
 
         async def start() -> Sheep:
             sheep = Sheep(config, Store(directory), MemoryDriver(self.bus))
@@ -60,7 +62,7 @@ class InProcessCluster:
         return index
 
     def client(self, index: int = 0) -> SyncClient:
-        return SyncClient("127.0.0.1", self.ports[index])
+        return SyncClient("127.0.0.1", self.ports[index], self.credentials)
 
     def crash(self, index: int) -> None:
         """Stop a sheep without leaving: the others see a death."""

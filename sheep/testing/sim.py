@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sheep import constants, radix
+from sheep import auth, constants, radix
 from sheep.client import Client
 from sheep.daemon import Sheep, SheepConfig
 from sheep.errors import (
@@ -207,7 +207,8 @@ class SimSheep:
         store.write_executor = inline  # type: ignore[assignment]
         self.driver = SimDriver(self.sim.bus)
         config = SheepConfig(directory=self.directory, address=self.address, port=sheep_port,
-                             zone=self.index, weight=weight_bytes)
+                             zone=self.index, weight=weight_bytes,
+                             node_key=self.sim.credentials.key)
         self.sheep = Sheep(config, store, self.driver, self.world())
         sheep = self.sheep
         task = asyncio.get_running_loop().create_task(
@@ -274,7 +275,8 @@ class SimClient:
         candidates = [s for s in self.sim.sheep if s.up and not s.starting] or self.sim.sheep
         self.gateway = self.sim.rng.choice(candidates)
         self.client = await Client.connect(self.gateway.address, sheep_port,
-                                           network=self.sim.network.view(self.host))
+                                           network=self.sim.network.view(self.host),
+                                           credentials=self.sim.credentials)
 
     async def _call(self, what: str, work: Callable[[Client], Any],
                     reopen: bool = True) -> Any:
@@ -620,6 +622,8 @@ class Simulation:
         self.clock = SimClock()
         self.network = SimNetwork(self.loop, random.Random(self.rng.getrandbits(32)))
         self.bus = SimBus(self.loop, random.Random(self.rng.getrandbits(32)), self.clock)
+        # The cluster's node key, from the seed; the simulated clients use it too.
+        self.credentials = auth.Credentials(auth.NODE, self.rng.randbytes(auth.KEY_BYTES))
         self.faults = SimFaults(random.Random(self.rng.getrandbits(32)),
                                 enabled=self.rng.random() < 0.5)
         self._tokens = random.Random(self.rng.getrandbits(32))
@@ -1076,7 +1080,8 @@ class Simulation:
         for sim_sheep in self.sheep:
             reader = SimClient(self, 100 + sim_sheep.index)
             reader.client = await Client.connect(sim_sheep.address, sheep_port,
-                                                 network=self.network.view(reader.host))
+                                                 network=self.network.view(reader.host),
+                                                 credentials=self.credentials)
             client = reader.client
             try:
                 for vdi in self.vdis:

@@ -109,7 +109,7 @@ def reachable_objects(client: SyncClient, object_size: int) -> set[int]:
     writable = {vdi["root"]["generation"] for vdi in vdis}
 
     async def walk() -> set[int]:
-        connection = await Client.connect(*client.endpoint)
+        connection = await Client.connect(*client.endpoint, credentials=client.credentials)
         engine = VdiEngine(_ClientObjects(connection), object_size,  # type: ignore[arg-type]
                            lambda generation: generation not in writable)
         found: set[int] = set()

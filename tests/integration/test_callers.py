@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sheep import proto
+from sheep import auth, proto
 from sheep.errors import PermissionDenied, Result
 from sheep.net import Session
 from sheep.oid import ObjectType, make_oid
@@ -34,7 +34,10 @@ def dispatch(cluster: InProcessCluster, header: Header, payload: bytes, peer: ob
     sheep = cluster.sheep[0]
 
     async def call() -> bytes:
-        data, _ = await sheep.dispatch(header, payload, Session(peer))
+        session = Session(peer)
+        # Authenticated with the node key: what is left to check is the address.
+        session.principal = auth.Principal(auth.NODE, auth.Caps(node=True))
+        data, _ = await sheep.dispatch(header, payload, session)
         return bytes(data)
 
     return cluster.run(call())
@@ -78,10 +81,11 @@ def test_real_sheep_refuse_peer_writes_from_a_non_member_and_members_still_work(
         holder = cluster.object_files(oid)[0]
         port = cluster.sheep[holder].port
         write = Header(opcode=Op.WRITE_PEER, epoch=epoch, oid=oid, count=8)
-        reply, message = raw_call(port, write, b"intruder", source="127.0.0.2")
+        reply, message = raw_call(port, write, b"intruder", source="127.0.0.2",
+                                  credentials=cluster.credentials)
         assert reply.result == Result.PERMISSION_DENIED
         assert "members only" in proto.error_message(message)
-        reply, _ = raw_call(port, write, b"a member", source="127.0.0.1")
+        reply, _ = raw_call(port, write, b"a member", source="127.0.0.1", credentials=cluster.credentials)
         assert reply.result == Result.SUCCESS
         with open(cluster.object_path(holder, oid), "rb") as file:
             assert file.read(8) == b"a member"
@@ -91,7 +95,8 @@ def test_real_sheep_refuse_peer_writes_from_a_non_member_and_members_still_work(
             with cluster.client(node.index) as client:
                 assert client.read(oid, 0, 8) == b"members!"
         listing = Header(opcode=Op.LIST_PEER, epoch=epoch)
-        reply, data = raw_call(port, listing, source="127.0.0.2")  # dog cluster check
+        reply, data = raw_call(port, listing, source="127.0.0.2",  # dog cluster check
+                               credentials=cluster.credentials)
         assert reply.result == Result.SUCCESS and oid in proto.decode_json(data)
         # A fourth sheep joins and recovers from the others: its peer ops are served.
         cluster.start(cluster.add().index)

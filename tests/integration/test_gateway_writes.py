@@ -184,13 +184,14 @@ def test_a_malformed_sparse_copy_is_refused_by_its_receiver(cluster: InProcessCl
                     flags=proto.FLAG_SPARSE, arg0=5)
     for payload in (b"\x01\x00", struct.pack("<III", 1, 1, sums.BLOCK) + bytes(sums.BLOCK),
                     struct.pack("<III", 1, 0, sums.BLOCK) + bytes(sums.BLOCK + 1)):
-        reply, message = raw_call(cluster.ports[0], create, payload)
+        reply, message = raw_call(cluster.ports[0], create, payload, credentials=cluster.credentials)
         assert reply.result == Result.BAD_REQUEST, message
         assert b"sparse copy" in message
     assert not any(sheep.store.exists(oid) for sheep in cluster.sheep)
     # A well-formed one makes the object on every holder, thin.
     extents = [(0, memoryview(b"k" * sums.BLOCK))]
-    reply, _ = raw_call(cluster.ports[0], create, proto.encode_extents(extents))
+    reply, _ = raw_call(cluster.ports[0], create, proto.encode_extents(extents),
+                        credentials=cluster.credentials)
     assert reply.result == Result.SUCCESS
     for sheep in cluster.sheep:
         assert sheep.store.read(oid, 0, sums.BLOCK + 1) == b"k" * sums.BLOCK + b"\0"
@@ -203,10 +204,11 @@ def test_an_old_style_whole_read_still_returns_every_byte(cluster: InProcessClus
     with cluster.client(0) as client:
         expected = sparse_object(client, oid)
     reply, data = raw_call(cluster.ports[1], Header(opcode=Op.READ_OBJ, oid=oid,
-                                                    count=object_size))
+                                                    count=object_size), credentials=cluster.credentials)
     assert reply.result == Result.SUCCESS and bytes(data) == expected
     reply, data = raw_call(cluster.ports[1], Header(opcode=Op.READ_OBJ, oid=oid,
-                                                    count=object_size, flags=proto.FLAG_SPARSE))
+                                                    count=object_size, flags=proto.FLAG_SPARSE),
+                           credentials=cluster.credentials)
     assert reply.result == Result.SUCCESS
     assert [(offset, len(view)) for offset, view in proto.decode_extents(data, object_size)] == [
         (0, 2 * sums.BLOCK), (object_size // 2, sums.BLOCK)]

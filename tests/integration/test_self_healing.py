@@ -572,7 +572,7 @@ def test_a_drained_copy_newer_than_its_fellow_holders_brings_them_up_and_goes(ma
         ports = sorted(node["port"] for node in client.node_list())
     for oid in bumped:
         write = Header(opcode=Op.WRITE_PEER, epoch=epoch, oid=oid, count=8)
-        reply, _ = raw_call(cluster.sheep[3].port, write, b"contents")
+        reply, _ = raw_call(cluster.sheep[3].port, write, b"contents", credentials=cluster.credentials)
         assert reply.result == Result.SUCCESS
     with cluster.client(1) as client:
         assert len({r["version"] for r in client.stat(bumped[0])["replicas"]}) == 2

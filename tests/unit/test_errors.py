@@ -9,7 +9,7 @@ from sheep.errors import Result, SheepError, UnknownError, UsageError, error_cla
 
 sheepdog_exit_codes = {
     errors.EXIT_FAILURE, errors.EXIT_SYSTEM, errors.EXIT_EXISTS, errors.EXIT_FULL,
-    errors.EXIT_MISSING, errors.EXIT_USAGE,
+    errors.EXIT_MISSING, errors.EXIT_USAGE, errors.EXIT_PERMISSION,
 }
 
 
@@ -20,7 +20,7 @@ def wire_classes() -> list[type[SheepError]]:
 
 
 def test_exit_codes_are_sheepdogs():
-    assert sheepdog_exit_codes == {1, 2, 3, 4, 5, 64}
+    assert sheepdog_exit_codes == {1, 2, 3, 4, 5, 64, 77}  # 77: sysexits' EX_NOPERM
     assert errors.EXIT_SUCCESS == 0
 
 

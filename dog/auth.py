@@ -1,0 +1,106 @@
+"""dog auth: principals and their keys (Ceph's names: add, list, rm, get; and rotate)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from dog.common import connection_options, json_option, run
+from dog.output import print_json, print_table
+from sheep import auth as keys
+from sheep.errors import UsageError
+
+
+@click.group()
+def auth() -> None:
+    """Principals (client.NAME) and their keys and caps; the node key's keyring."""
+
+
+def _section(value: dict[str, Any]) -> str:
+    return keys.section_text(value["name"], keys.decode_key(value["key"]),
+                             keys.Caps.parse(value["caps"]))
+
+
+def _name(value: str) -> str:
+    problem = keys.name_problem(value)
+    if problem is not None:
+        raise click.BadParameter(problem, param_hint="'NAME'")
+    return value
+
+
+@auth.command()
+@click.argument("name", callback=lambda ctx, param, value: _name(value))
+@click.option("--vdi", "patterns", multiple=True, metavar="PATTERN",
+              help="VDIs it may list, create, read, write, snapshot, clone and delete:"
+                   " a name or a pattern with * ? [ ] (repeatable).")
+@click.option("--read-only", is_flag=True, help="It may only list and read those VDIs.")
+@click.option("--admin", is_flag=True, help="It may do everything (but peer ops).")
+@connection_options
+def add(name: str, patterns: tuple[str, ...], read_only: bool, admin: bool) -> None:
+    """Add a principal NAME (client.SOMETHING); print its keyring section."""
+    if admin and (patterns or read_only):
+        raise UsageError("--admin takes no --vdi or --read-only: an admin touches every VDI")
+    if not admin and not patterns:
+        raise UsageError("give --vdi PATTERN (repeatable) or --admin")
+    caps = "admin" if admin else " ".join(
+        ["ro" if read_only else "rw", *(f"vdi={pattern}" for pattern in patterns)])
+    try:
+        keys.Caps.parse(caps)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    click.echo(_section(run(lambda client: client.auth_add(name, caps))), nl=False)
+
+
+@auth.command(name="list")
+@json_option
+@connection_options
+def list_(as_json: bool) -> None:
+    """List principals and their caps (never their keys)."""
+    principals = run(lambda client: client.auth_list())
+    if as_json:
+        print_json(principals)
+        return
+    print_table(["Name", "Caps"], [[p["name"], p["caps"]] for p in principals])
+
+
+@auth.command()
+@click.argument("name", callback=lambda ctx, param, value: _name(value))
+@connection_options
+def rm(name: str) -> None:
+    """Remove a principal; its open connections are cut at once."""
+    run(lambda client: client.auth_rm(name))
+    click.echo(f"removed {name}")
+
+
+@auth.command()
+@click.argument("name", callback=lambda ctx, param, value: _name(value))
+@connection_options
+def rotate(name: str) -> None:
+    """Give a principal a new key (the old one stops working, its connections are cut);
+    print its new keyring section."""
+    click.echo(_section(run(lambda client: client.auth_rotate(name))), nl=False)
+
+
+@auth.command()
+@click.argument("name", callback=lambda ctx, param, value: _name(value))
+@connection_options
+def get(name: str) -> None:
+    """Print a principal's keyring section."""
+    click.echo(_section(run(lambda client: client.auth_get(name))), nl=False)
+
+
+@auth.command(name="new-keyring")
+@click.argument("path", type=click.Path(dir_okay=False))
+def new_keyring(path: str) -> None:
+    """Make a keyring file with a new cluster node key (mode 0600), for
+    'sheep --keyring PATH' on every host of a multi-host cluster. Talks to no sheep."""
+    try:
+        keys.write_keyring(path, {keys.NODE: keys.Entry(keys.new_key(), keys.Caps(node=True))},
+                           exclusive=True)
+    except FileExistsError:
+        raise UsageError(f"{path} exists: not overwriting a keyring") from None
+    except OSError as error:
+        raise UsageError(f"cannot write {path}: {error.strerror}") from None
+    click.echo(f"node keyring written to {path}: copy it to every host (mode 0600) and"
+               " start each sheep with --keyring")

@@ -1,0 +1,515 @@
+"""Keys, principals, and the session layer every connection runs: sans-IO.
+
+Keyrings are Ceph-like INI files, one section per principal:
+
+    [client.admin]
+    key = <base64 of 32 random bytes>
+    caps = admin
+
+Principals and what their caps let them do:
+
+- ``node``: the sheep themselves. One key per cluster (the cluster's password, as in
+  Virtuozzo Storage); it alone may send peer ops, and it may do all an admin may.
+- ``admin``: everything but peer ops.
+- ``rw vdi=PATTERN ...``: list, create, read, write, snapshot, clone and delete the
+  VDIs whose names match a pattern (fnmatch, case-sensitive); nothing else.
+- ``ro vdi=PATTERN ...``: list and read those VDIs only.
+
+The node key lives in each sheep's keyring file; every other principal lives in the
+cluster state (made by format and ``dog auth``), so every sheep knows it.
+
+The handshake (docs/security.md): mutual challenge-response with HMAC-SHA256, a
+fresh 32-byte nonce from each side, never the key on the wire; then HKDF-SHA256
+gives one AES-256-GCM key per direction. Every later frame carries a 16-byte tag:
+
+- signed (the default): the GMAC of the header and the payload (AES-GCM with the
+  whole frame as associated data, nothing encrypted);
+- encrypted (``dog cluster format --encrypt``), and always for ops that carry keys:
+  the payload is sealed with AES-GCM, the header is associated data.
+
+The nonce is a per-direction frame counter, so a frame replayed, reordered, dropped
+or injected fails its tag, and the counters restart with fresh keys on every
+connection, so nothing recorded from one connection means anything on another.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import configparser
+import fnmatch
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from sheep.errors import AuthFailed, BadRequest, UsageError
+
+KEY_BYTES = 32
+NONCE_BYTES = 32
+TAG_BYTES = 16
+NODE = "node"
+ADMIN = "client.admin"
+MODES = ("sign", "encrypt")
+_LABEL = b"sheepdog-auth-v1"
+
+# A principal's name: 'node', or 'client.' and a name of letters, digits and . _ -
+_name_re = re.compile(r"^(node|client\.[A-Za-z0-9][A-Za-z0-9._-]{0,62})$")
+_pattern_re = re.compile(r"^[A-Za-z0-9._*?\[\]!:@+-]{1,256}$")
+
+
+def name_problem(name: Any) -> str | None:
+    """Why this cannot be a principal's name, or None."""
+    if not isinstance(name, str) or not _name_re.match(name):
+        shown = repr(name)[:80]
+        return (f"bad principal name {shown}: 'node', or 'client.' followed by up to 63"
+                " letters, digits, '.', '_' or '-'")
+    return None
+
+
+def new_key() -> bytes:
+    return secrets.token_bytes(KEY_BYTES)
+
+
+def encode_key(key: bytes) -> str:
+    return base64.b64encode(key).decode()
+
+
+def decode_key(text: Any, where: str = "key") -> bytes:
+    """A key from its base64 text; ValueError naming the problem unless it is one."""
+    if not isinstance(text, str):
+        raise ValueError(f"{where} is not text")
+    try:
+        key = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{where} is not base64") from None
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"{where} holds {len(key)} bytes, not {KEY_BYTES}")
+    return key
+
+
+# --- capabilities --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Caps:
+    node: bool = False
+    admin: bool = False
+    vdis: tuple[str, ...] = ()
+    read_only: bool = False
+
+    @classmethod
+    def parse(cls, text: Any) -> Caps:
+        """Caps from their text: 'node', 'admin', 'rw vdi=PATTERN...' or 'ro vdi=PATTERN...';
+        ValueError naming the problem otherwise."""
+        if not isinstance(text, str) or len(text) > 4096:
+            raise ValueError("caps must be a short text")
+        words = text.split()
+        if words == ["node"]:
+            return cls(node=True)
+        if words == ["admin"]:
+            return cls(admin=True)
+        if not words or words[0] not in ("rw", "ro") or len(words) < 2:
+            raise ValueError(f"bad caps {text[:80]!r}: 'admin', 'node', 'rw vdi=PATTERN...'"
+                             " or 'ro vdi=PATTERN...'")
+        patterns = []
+        for word in words[1:]:
+            key, _, pattern = word.partition("=")
+            if key != "vdi" or not _pattern_re.match(pattern):
+                raise ValueError(f"bad caps word {word[:80]!r}: vdi=PATTERN, where PATTERN"
+                                 " has letters, digits and . _ - : @ + and the wildcards * ? [ ]")
+            patterns.append(pattern)
+        return cls(vdis=tuple(patterns), read_only=words[0] == "ro")
+
+    def text(self) -> str:
+        if self.node:
+            return "node"
+        if self.admin:
+            return "admin"
+        return " ".join(["ro" if self.read_only else "rw", *(f"vdi={p}" for p in self.vdis)])
+
+    @property
+    def privileged(self) -> bool:
+        """Admin or node: every VDI and every admin op."""
+        return self.node or self.admin
+
+    def may_touch(self, vdi_name: str) -> bool:
+        return self.privileged or any(fnmatch.fnmatchcase(vdi_name, p) for p in self.vdis)
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    caps: Caps
+
+
+# --- keyring files ---------------------------------------------------------------
+
+
+class KeyringError(UsageError):
+    """A keyring file that cannot be used: named, with the reason."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: bytes
+    caps: Caps
+
+
+def section_text(name: str, key: bytes, caps: Caps) -> str:
+    return f"[{name}]\n\tkey = {encode_key(key)}\n\tcaps = {caps.text()}\n"
+
+
+def load_keyring(path: str) -> dict[str, Entry]:
+    """The principals of a keyring file. Refused, naming the problem, if the file is
+    missing, readable by others than its owner, or malformed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as error:
+        raise KeyringError(f"cannot read keyring {path}: {error.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise KeyringError(f"keyring {path} is not a regular file")
+        if info.st_mode & 0o077:
+            raise KeyringError(f"keyring {path} is readable by others (mode"
+                               f" {stat.S_IMODE(info.st_mode):o}): chmod 600 it")
+        if info.st_size > 1 << 20:
+            raise KeyringError(f"keyring {path} is larger than 1 MiB")
+        with os.fdopen(os.dup(fd), "r", encoding="utf-8", errors="strict") as file:
+            text = file.read()
+    except UnicodeDecodeError:
+        raise KeyringError(f"keyring {path} is not UTF-8 text") from None
+    finally:
+        os.close(fd)
+    return parse_keyring(text, path)
+
+
+def parse_keyring(text: str, path: str = "keyring") -> dict[str, Entry]:
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(text, source=path)
+    except configparser.Error as error:
+        raise KeyringError(f"keyring {path} is malformed: {str(error).splitlines()[0]}") from None
+    entries: dict[str, Entry] = {}
+    for name in parser.sections():
+        problem = name_problem(name)
+        if problem is not None:
+            raise KeyringError(f"keyring {path}: {problem}")
+        section = parser[name]
+        if "key" not in section:
+            raise KeyringError(f"keyring {path}: [{name}] has no key")
+        try:
+            key = decode_key(section["key"], f"[{name}] key")
+            caps = Caps.parse(section.get("caps", "node" if name == NODE else ""))
+        except ValueError as error:
+            raise KeyringError(f"keyring {path}: {error}") from None
+        if (name == NODE) != caps.node:
+            raise KeyringError(f"keyring {path}: only [node] has caps 'node'")
+        entries[name] = Entry(key, caps)
+    return entries
+
+
+def keyring_text(entries: dict[str, Entry]) -> str:
+    return "".join(section_text(name, e.key, e.caps) for name, e in sorted(entries.items()))
+
+
+def write_keyring(path: str, entries: dict[str, Entry], exclusive: bool = False) -> None:
+    """Write a keyring file with mode 0600, atomically (a temporary file renamed over
+    it). exclusive: fail with FileExistsError if the path exists."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    temporary = f"{path}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(keyring_text(entries))
+            file.flush()
+            os.fsync(file.fileno())
+        if exclusive:
+            os.link(temporary, path)  # FileExistsError if another made it first
+            os.unlink(temporary)
+        else:
+            os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+
+
+def merge_into_keyring(path: str, name: str, entry: Entry) -> None:
+    """Add or replace one principal in a keyring file, keeping the others."""
+    entries = load_keyring(path) if os.path.exists(path) else {}
+    entries[name] = entry
+    write_keyring(path, entries)
+
+
+def node_keyring(path: str) -> Entry:
+    """The node key of the cluster directory's keyring at path, made if there is none
+    (the one-box default: the first sheep makes it, the others read it)."""
+    if not os.path.exists(path):
+        try:
+            write_keyring(path, {NODE: Entry(new_key(), Caps(node=True))}, exclusive=True)
+        except FileExistsError:
+            pass  # another sheep made it first: use theirs
+    entries = load_keyring(path)
+    if NODE not in entries:
+        raise KeyringError(f"keyring {path} has no [node] section")
+    return entries[NODE]
+
+
+class Authority(Protocol):
+    """What a sheep's server asks: the key and caps of a principal, and the mode."""
+
+    def lookup(self, name: str) -> Entry | None: ...
+
+    def mode(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Who a connection authenticates as."""
+
+    name: str
+    key: bytes
+
+    def __repr__(self) -> str:  # never the key
+        return f"Credentials({self.name!r})"
+
+
+# --- the handshake ---------------------------------------------------------------
+
+
+def _hex(value: Any, size: int, what: str) -> bytes:
+    if not isinstance(value, str) or len(value) != 2 * size:
+        raise BadRequest(f"handshake: {what} must be {size} bytes in hex")
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        raise BadRequest(f"handshake: {what} is not hex") from None
+
+
+def _transcript(role: bytes, name: str, client_nonce: bytes, server_nonce: bytes,
+                mode: str) -> bytes:
+    return b"\0".join([_LABEL, role, name.encode(), client_nonce, server_nonce, mode.encode()])
+
+
+def _proof(key: bytes, role: bytes, name: str, cn: bytes, sn: bytes, mode: str) -> bytes:
+    return hmac.new(key, _transcript(role, name, cn, sn, mode), hashlib.sha256).digest()
+
+
+def _session_keys(key: bytes, name: str, cn: bytes, sn: bytes, mode: str) -> tuple[bytes, bytes]:
+    """(client-to-server key, server-to-client key)."""
+    okm = HKDF(algorithm=hashes.SHA256(), length=2 * KEY_BYTES, salt=cn + sn,
+               info=_transcript(b"session", name, cn, sn, mode)).derive(key)
+    return okm[:KEY_BYTES], okm[KEY_BYTES:]
+
+
+class ClientHandshake:
+    """The client's side: hello() -> the sheep answers -> answer(reply) -> prove it."""
+
+    def __init__(self, credentials: Credentials,
+                 random: Callable[[int], bytes] = secrets.token_bytes) -> None:
+        self.credentials = credentials
+        self.nonce = random(NONCE_BYTES)
+        self.mode = ""
+        self._keys: tuple[bytes, bytes] | None = None
+
+    def hello(self) -> dict[str, Any]:
+        return {"name": self.credentials.name, "nonce": self.nonce.hex()}
+
+    def answer(self, reply: Any) -> dict[str, Any]:
+        """The sheep's challenge and proof in; our proof out. AuthFailed unless the sheep
+        proved it knows our key."""
+        if not isinstance(reply, dict) or reply.get("mode") not in MODES:
+            raise AuthFailed("handshake: the sheep's answer is malformed")
+        server_nonce = _hex(reply.get("nonce"), NONCE_BYTES, "nonce")
+        proof = _hex(reply.get("proof"), hashlib.sha256().digest_size, "proof")
+        name, key, mode = self.credentials.name, self.credentials.key, reply["mode"]
+        if not hmac.compare_digest(proof, _proof(key, b"server", name, self.nonce,
+                                                 server_nonce, mode)):
+            raise AuthFailed(f"authentication as {name} failed: the sheep does not know this"
+                             f" key for {name} (a wrong key, another cluster's, or no such"
+                             " principal)")
+        self.mode = mode
+        self._keys = _session_keys(key, name, self.nonce, server_nonce, mode)
+        return {"proof": _proof(key, b"client", name, self.nonce, server_nonce, mode).hex()}
+
+    def sealer(self) -> Sealer:
+        assert self._keys is not None, "answer() first"
+        send, receive = self._keys
+        return Sealer(send, receive, self.mode == "encrypt")
+
+
+class ServerHandshake:
+    """The sheep's side. lookup(name) gives (key, caps) or None; an unknown name gets a
+    proof under a random key, so it fails exactly as a wrong key does."""
+
+    def __init__(self, lookup: Callable[[str], Entry | None], mode: str,
+                 random: Callable[[int], bytes] = secrets.token_bytes) -> None:
+        assert mode in MODES
+        self.lookup = lookup
+        self.mode = mode
+        self.random = random
+        self.nonce = random(NONCE_BYTES)
+        self._state: tuple[str, Entry | None, bytes, bytes] | None = None
+        self._keys: tuple[bytes, bytes] | None = None
+        self.principal: Principal | None = None
+
+    def hello(self, body: Any) -> dict[str, Any]:
+        if self._state is not None:
+            raise BadRequest("handshake: hello sent twice")
+        if not isinstance(body, dict):
+            raise BadRequest("handshake: hello must be a JSON object")
+        name = body.get("name")
+        problem = name_problem(name)
+        if problem is not None or not isinstance(name, str):
+            raise BadRequest(f"handshake: {problem}")
+        client_nonce = _hex(body.get("nonce"), NONCE_BYTES, "nonce")
+        entry = self.lookup(name)
+        key = entry.key if entry is not None else self.random(KEY_BYTES)
+        self._state = (name, entry, key, client_nonce)
+        return {"nonce": self.nonce.hex(), "mode": self.mode,
+                "proof": _proof(key, b"server", name, client_nonce, self.nonce,
+                                self.mode).hex()}
+
+    def prove(self, body: Any) -> Principal:
+        if self._state is None:
+            raise BadRequest("handshake: proof before hello")
+        name, entry, key, client_nonce = self._state
+        proof = _hex(body.get("proof") if isinstance(body, dict) else None,
+                     hashlib.sha256().digest_size, "proof")
+        expected = _proof(key, b"client", name, client_nonce, self.nonce, self.mode)
+        if not hmac.compare_digest(proof, expected) or entry is None:
+            raise AuthFailed(f"authentication as {name} failed: wrong key or no such principal")
+        self.principal = Principal(name, entry.caps)
+        self._keys = _session_keys(key, name, client_nonce, self.nonce, self.mode)
+        return self.principal
+
+    def sealer(self) -> Sealer:
+        assert self._keys is not None, "prove() first"
+        client_to_server, server_to_client = self._keys
+        return Sealer(server_to_client, client_to_server, self.mode == "encrypt")
+
+
+# --- frames after the handshake -----------------------------------------------------
+
+
+class Sealer:
+    """Tags (and, when encrypting, seals) every frame one side sends, and checks every
+    frame it receives, in order. Frames of ops in ``always_sealed`` are encrypted in
+    either mode (they carry keys)."""
+
+    always_sealed: frozenset[int] = frozenset()  # set by sheep.proto
+
+    def __init__(self, send_key: bytes, receive_key: bytes, encrypt: bool) -> None:
+        self._send = AESGCM(send_key)
+        self._receive = AESGCM(receive_key)
+        self.encrypt = encrypt
+        self._sent = 0
+        self._received = 0
+
+    @staticmethod
+    def _nonce(counter: int) -> bytes:
+        return counter.to_bytes(12, "little")
+
+    def seal(self, opcode: int, pack: Callable[[int], bytes],
+             payload: bytes | bytearray | memoryview) -> list[bytes | bytearray | memoryview]:
+        """The frame's parts: pack(length) gives the header with that payload length."""
+        nonce = self._nonce(self._sent)
+        self._sent += 1
+        header = pack(len(payload) + TAG_BYTES)
+        if self.sealed(opcode):
+            return [header, self._send.encrypt(nonce, bytes(payload), header)]
+        if not payload:
+            return [header, self._send.encrypt(nonce, b"", header)]
+        return [header, payload, self._send.encrypt(nonce, b"", b"".join((header, payload)))]
+
+    def open(self, opcode: int, header: bytes, payload: bytes | bytearray | memoryview
+             ) -> bytes | bytearray | memoryview:
+        """The payload of a received frame (header: its packed bytes as received);
+        BadRequest if its tag is wrong: tampered, replayed, reordered or injected."""
+        if len(payload) < TAG_BYTES:
+            raise BadRequest("frame has no room for its tag")
+        view = memoryview(payload)
+        return self.open_parts(opcode, header, view[:-TAG_BYTES], view[-TAG_BYTES:])
+
+    def sealed(self, opcode: int) -> bool:
+        """Whether frames of this op travel encrypted."""
+        return self.encrypt or opcode in self.always_sealed
+
+    def open_parts(self, opcode: int, header: bytes, body: bytes | bytearray | memoryview,
+                   tag: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
+        """open() of a frame whose body and tag were received apart."""
+        nonce = self._nonce(self._received)
+        self._received += 1
+        try:
+            if self.sealed(opcode):
+                return self._receive.decrypt(nonce, b"".join((body, tag)), header)
+            self._receive.decrypt(nonce, bytes(tag), b"".join((header, body)))
+            return body
+        except InvalidTag:
+            raise BadRequest("frame failed its integrity check (tampered, replayed or out of"
+                             " order)") from None
+
+
+# --- where dog and the client library find their key -----------------------------------
+
+
+def config_keyring_path() -> str:
+    """The default keyring of dog and the client library ('dog cluster format' writes the
+    first admin key there unless told otherwise)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "sheepdog", "keyring")
+
+
+def cluster_keyring_path(directory: str) -> str:
+    """The node keyring of a local-driver cluster, in its shared directory."""
+    return os.path.join(directory, "keyring")
+
+
+def resolve_credentials(keyring: str | None = None, name: str | None = None,
+                        prefer_node: bool = False) -> Credentials:
+    """Who to authenticate as. An explicit keyring or name beats DOG_KEYRING and
+    DOG_NAME. Without a keyring: the default keyring, then the one-box cluster's (the
+    local driver's default directory, whose first sheep made it). Without a name:
+    client.admin, or else the node key if a keyring holds one (before the first format
+    there is no admin yet); prefer_node tries the node key first ('dog cluster format')."""
+    from sheep.cluster.driver import default_local_directory
+
+    keyring = keyring or os.environ.get("DOG_KEYRING") or None
+    explicit = name or os.environ.get("DOG_NAME") or None
+    if explicit is not None:
+        problem = name_problem(explicit)
+        if problem is not None:
+            raise UsageError(problem)
+    if keyring is not None:
+        paths = [keyring]
+    else:
+        defaults = [config_keyring_path(),
+                    cluster_keyring_path(default_local_directory())]
+        paths = [path for path in defaults if os.path.exists(path)]
+        if not paths:
+            raise KeyringError(
+                "no keyring: pass --keyring FILE or set DOG_KEYRING (looked in "
+                + " and ".join(defaults) + ")")
+    loaded = [(path, load_keyring(path)) for path in paths]
+    wanted = [explicit] if explicit is not None else (
+        [NODE, ADMIN] if prefer_node else [ADMIN, NODE])
+    for candidate in wanted:
+        for _, entries in loaded:
+            if candidate in entries:
+                return Credentials(candidate, entries[candidate].key)
+    raise KeyringError(f"no [{wanted[0]}] key in {' or '.join(paths)}")

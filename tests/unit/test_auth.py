@@ -1,0 +1,218 @@
+"""Keyrings, caps, the handshake and the frame sealer (sheep/auth.py), without sockets."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from sheep import auth, proto
+from sheep.errors import AuthFailed, BadRequest, UsageError
+from sheep.proto import Header, Op
+
+
+def pair(key_client: bytes, key_server: bytes | None = None, mode: str = "sign",
+         name: str = "client.web") -> tuple[auth.Sealer, auth.Sealer]:
+    """A full handshake; (client sealer, server sealer)."""
+    entry = auth.Entry(key_client if key_server is None else key_server,
+                       auth.Caps.parse("rw vdi=web*"))
+    server = auth.ServerHandshake(lambda n: entry if n == name else None, mode)
+    client = auth.ClientHandshake(auth.Credentials(name, key_client))
+    answer = server.hello(client.hello())
+    principal = server.prove(client.answer(answer))
+    assert principal == auth.Principal(name, entry.caps)
+    return client.sealer(), server.sealer()
+
+
+def frame(sealer: auth.Sealer, header: Header, payload: bytes) -> tuple[bytes, bytes]:
+    """What goes on the wire: (packed header, the rest)."""
+    parts = sealer.seal(header.opcode, lambda length: header._replace(length=length).pack(),
+                        payload)
+    return bytes(parts[0]), b"".join(bytes(part) for part in parts[1:])
+
+
+def test_a_handshake_gives_both_sides_sealers_that_understand_each_other():
+    key = auth.new_key()
+    client, server = pair(key)
+    header = Header(Op.VDI_WRITE, request_id=7, offset=4096, count=5)
+    packed, rest = frame(client, header, b"hello")
+    assert rest[:5] == b"hello"  # signed, not encrypted
+    assert len(rest) == 5 + auth.TAG_BYTES
+    assert proto.unpack_header(packed).length == 5 + auth.TAG_BYTES
+    assert bytes(server.open(Op.VDI_WRITE, packed, rest)) == b"hello"
+    reply = header.reply()
+    packed, rest = frame(server, reply, b"")
+    assert bytes(client.open(reply.opcode, packed, rest)) == b""
+
+
+@pytest.mark.parametrize("unknown", [False, True])
+def test_a_wrong_key_or_an_unknown_name_fails_alike_on_both_sides(unknown):
+    entry = auth.Entry(auth.new_key(), auth.Caps(admin=True))
+    server = auth.ServerHandshake(lambda n: None if unknown else entry, "sign")
+    client = auth.ClientHandshake(auth.Credentials("client.admin", auth.new_key()))
+    answer = server.hello(client.hello())
+    with pytest.raises(AuthFailed, match="does not know this key"):
+        client.answer(answer)
+    # A client that ignores the server's failed proof still cannot prove itself.
+    forged = {"proof": os.urandom(32).hex()}
+    with pytest.raises(AuthFailed, match="wrong key or no such principal"):
+        server.prove(forged)
+
+
+def test_the_key_never_crosses_the_wire():
+    key = auth.new_key()
+    entry = auth.Entry(key, auth.Caps(admin=True))
+    server = auth.ServerHandshake(lambda n: entry, "sign")
+    client = auth.ClientHandshake(auth.Credentials("client.admin", key))
+    messages = [client.hello()]
+    messages.append(server.hello(messages[0]))
+    messages.append(client.answer(messages[1]))
+    wire = b"".join(proto.encode_json(m) for m in messages)
+    assert key not in wire and key.hex().encode() not in wire
+    assert auth.encode_key(key).encode() not in wire
+
+
+def test_a_tampered_frame_is_refused():
+    client, server = pair(auth.new_key())
+    header = Header(Op.VDI_WRITE, request_id=1, count=4)
+    packed, rest = frame(client, header, b"data")
+    bad = bytearray(rest)
+    bad[0] ^= 1
+    with pytest.raises(BadRequest, match="integrity"):
+        server.open(Op.VDI_WRITE, packed, bytes(bad))
+    client, server = pair(auth.new_key())
+    packed, rest = frame(client, header, b"data")
+    moved = proto.unpack_header(packed)._replace(offset=1 << 20).pack()  # the header too
+    with pytest.raises(BadRequest, match="integrity"):
+        server.open(Op.VDI_WRITE, moved, rest)
+
+
+def test_frames_replayed_reordered_or_from_another_session_are_refused():
+    key = auth.new_key()
+    client, server = pair(key)
+    first = frame(client, Header(Op.PING, request_id=1), b"")
+    second = frame(client, Header(Op.PING, request_id=2), b"")
+    server.open(Op.PING, *first)
+    with pytest.raises(BadRequest):  # the first again: its counter has passed
+        server.open(Op.PING, *first)
+    client, server = pair(key)
+    first = frame(client, Header(Op.PING, request_id=1), b"")
+    second = frame(client, Header(Op.PING, request_id=2), b"")
+    with pytest.raises(BadRequest):  # out of order
+        server.open(Op.PING, *second)
+    _, other_server = pair(key)  # same key, fresh nonces: fresh session keys
+    client, _ = pair(key)
+    with pytest.raises(BadRequest):
+        other_server.open(Op.PING, *frame(client, Header(Op.PING, request_id=1), b""))
+
+
+def test_encrypted_sessions_and_key_carrying_ops_hide_their_payloads():
+    secret = b"the VDI's bytes " * 64
+    client, server = pair(auth.new_key(), mode="encrypt")
+    packed, rest = frame(client, Header(Op.VDI_WRITE, count=len(secret)), secret)
+    assert secret[:16] not in rest
+    assert bytes(server.open(Op.VDI_WRITE, packed, rest)) == secret
+    client, server = pair(auth.new_key(), mode="sign")  # signed only, but a key travels
+    body = proto.encode_json({"key": auth.encode_key(auth.new_key())})
+    packed, rest = frame(server, Header(Op.AUTH_ADD, flags=proto.FLAG_REPLY), body)
+    assert body[:8] not in rest and len(rest) == len(body) + auth.TAG_BYTES
+    assert bytes(client.open(Op.AUTH_ADD, packed, rest)) == body
+
+
+def test_caps_parse_and_match():
+    caps = auth.Caps.parse("rw vdi=web* vdi=db")
+    assert caps.may_touch("web1") and caps.may_touch("db") and not caps.may_touch("db2")
+    assert not caps.read_only and not caps.privileged
+    assert auth.Caps.parse(caps.text()) == caps
+    assert auth.Caps.parse("ro vdi=x").read_only
+    assert auth.Caps.parse("admin").may_touch("anything")
+    for bad in ["", "rw", "rx vdi=a", "rw name=a", "rw vdi=a/b", "rw vdi=", 7, "rw vdi=" + "a" * 300]:
+        with pytest.raises(ValueError):
+            auth.Caps.parse(bad)
+
+
+def test_names():
+    assert auth.name_problem("client.web-1") is None and auth.name_problem("node") is None
+    for bad in ["admin", "client.", "client.a b", "client./x", "client." + "a" * 64, None, 3]:
+        assert auth.name_problem(bad) is not None
+
+
+def test_keyrings_are_written_0600_and_read_back(tmp_path):
+    path = str(tmp_path / "sub" / "keyring")
+    key = auth.new_key()
+    auth.write_keyring(path, {"client.web": auth.Entry(key, auth.Caps.parse("ro vdi=web*"))})
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    entries = auth.load_keyring(path)
+    assert entries["client.web"] == auth.Entry(key, auth.Caps.parse("ro vdi=web*"))
+    auth.merge_into_keyring(path, "client.admin", auth.Entry(key, auth.Caps(admin=True)))
+    assert set(auth.load_keyring(path)) == {"client.web", "client.admin"}
+    with pytest.raises(FileExistsError):
+        auth.write_keyring(path, {}, exclusive=True)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("[client.a]\nkey = nothex!\ncaps = admin\n", "not base64"),
+    ("[client.a]\nkey = AAAA\ncaps = admin\n", "holds 3 bytes"),
+    ("[client.a]\ncaps = admin\n", "has no key"),
+    ("[bad name]\nkey = AAAA\n", "bad principal name"),
+    ("not an ini file", "malformed"),
+    ("[client.a]\nkey = " + auth.encode_key(bytes(32)) + "\ncaps = node\n", "only \\[node\\]"),
+])
+def test_malformed_keyrings_are_refused_naming_the_problem(tmp_path, text, problem):
+    path = tmp_path / "keyring"
+    path.write_text(text)
+    path.chmod(0o600)
+    with pytest.raises(auth.KeyringError, match=problem):
+        auth.load_keyring(str(path))
+
+
+def test_a_keyring_others_can_read_is_refused(tmp_path):
+    path = str(tmp_path / "keyring")
+    auth.write_keyring(path, {})
+    os.chmod(path, 0o644)
+    with pytest.raises(auth.KeyringError, match="chmod 600"):
+        auth.load_keyring(path)
+    with pytest.raises(auth.KeyringError, match="cannot read"):
+        auth.load_keyring(str(tmp_path / "missing"))
+
+
+def test_credentials_an_explicit_option_beats_the_environment(tmp_path, monkeypatch):
+    admin, node, other = auth.new_key(), auth.new_key(), auth.new_key()
+    mine, env = str(tmp_path / "mine"), str(tmp_path / "env")
+    auth.write_keyring(mine, {"client.admin": auth.Entry(admin, auth.Caps(admin=True)),
+                              "node": auth.Entry(node, auth.Caps(node=True))})
+    auth.write_keyring(env, {"client.admin": auth.Entry(other, auth.Caps(admin=True)),
+                             "client.x": auth.Entry(other, auth.Caps.parse("rw vdi=x"))})
+    monkeypatch.setenv("DOG_KEYRING", env)
+    monkeypatch.setenv("DOG_NAME", "client.x")
+    assert auth.resolve_credentials() == auth.Credentials("client.x", other)
+    assert auth.resolve_credentials(mine, "client.admin") == auth.Credentials("client.admin", admin)
+    monkeypatch.delenv("DOG_NAME")
+    assert auth.resolve_credentials(mine) == auth.Credentials("client.admin", admin)
+    assert auth.resolve_credentials(mine, prefer_node=True) == auth.Credentials("node", node)
+    with pytest.raises(auth.KeyringError, match=r"no \[client.nobody\] key"):
+        auth.resolve_credentials(mine, "client.nobody")
+    with pytest.raises(UsageError, match="bad principal name"):
+        auth.resolve_credentials(mine, "root")
+
+
+def test_without_a_keyring_the_one_box_clusters_node_key_is_found(tmp_path, monkeypatch):
+    monkeypatch.delenv("DOG_KEYRING", raising=False)
+    monkeypatch.delenv("DOG_NAME", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    os.makedirs(tmp_path / "run")
+    with pytest.raises(auth.KeyringError, match="no keyring"):
+        auth.resolve_credentials()
+    from sheep.cluster.driver import default_local_directory
+
+    node = auth.node_keyring(auth.cluster_keyring_path(default_local_directory()))
+    assert auth.resolve_credentials() == auth.Credentials("node", node.key)
+    admin = auth.new_key()
+    auth.merge_into_keyring(auth.config_keyring_path(), "client.admin",
+                            auth.Entry(admin, auth.Caps(admin=True)))
+    assert auth.resolve_credentials() == auth.Credentials("client.admin", admin)
+    assert auth.resolve_credentials(prefer_node=True) == auth.Credentials("node", node.key)
+    # The first sheep makes the node keyring; the next ones read the same key.
+    assert auth.node_keyring(auth.cluster_keyring_path(default_local_directory())) == node
