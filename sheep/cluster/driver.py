@@ -81,8 +81,10 @@ def default_local_directory() -> str:
     return os.path.join(base, f"sheepdog-{os.getuid()}", "cluster")
 
 
-def make_driver(spec: str) -> ClusterDriver:
-    """Build a driver from '-c local[:PATH]' or '-c zookeeper:HOST:PORT[,...][/PREFIX]'."""
+def make_driver(spec: str, secret: bytes | None = None) -> ClusterDriver:
+    """Build a driver from '-c local[:PATH]' or '-c zookeeper:HOST:PORT[,...][/PREFIX]'.
+    secret is the cluster's node key: the ZooKeeper driver guards its znodes with
+    an ACL derived from it; the local driver (a directory's permissions) ignores it."""
     name, _, argument = spec.partition(":")
     if name == "local":
         from sheep.cluster.local import LocalDriver
@@ -91,5 +93,5 @@ def make_driver(spec: str) -> ClusterDriver:
     if name in ("zookeeper", "zk"):
         from sheep.cluster.zookeeper import make_zookeeper_driver
 
-        return make_zookeeper_driver(argument)
+        return make_zookeeper_driver(argument, secret=secret)
     raise UsageError(f"unknown cluster driver {name!r} (known: local, zookeeper)")

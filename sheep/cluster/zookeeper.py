@@ -30,6 +30,16 @@ it stood then. If the session expired, the sheep joins again as a fresh
 incarnation and catches up like a restarted one (its copies are unverified
 again). The majority side keeps serving: its sessions are fine.
 
+ACLs. Given the cluster's node key, the driver authenticates to ZooKeeper as
+one digest identity whose password is derived from the key (digest_password), on
+every connection kazoo makes (its auth_data is sent again at each connect, a new
+session's included), and every znode it creates is readable, writable and
+administrable by that identity alone (the client's default ACL): a ZooKeeper
+client without the key can neither read nor change the log, the snapshot or the
+membership. A prefix an older version left open is guarded at start (_guard). A
+sheep refused at the prefix (another cluster's key, or none for a guarded prefix)
+fails its start with PERMISSION_DENIED. Without a key, znodes stay open, as before.
+
 All ZooKeeper calls run on one worker thread (kazoo is thread-based); events
 reach the event loop through call_soon_threadsafe.
 """
@@ -37,7 +47,10 @@ reach the event loop through call_soon_threadsafe.
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
+import hashlib
+import hmac
 import json
 import logging
 import random
@@ -50,7 +63,7 @@ from typing import Any
 from sheep import constants
 from sheep.cluster.driver import ClusterDriver, Snapshot
 from sheep.cluster_state import Event, EventKind
-from sheep.errors import SheepError, SystemFailure, Unavailable, UsageError
+from sheep.errors import PermissionDenied, SheepError, SystemFailure, Unavailable, UsageError
 from sheep.lease import SessionLease
 from sheep.node import NodeInfo
 
@@ -78,6 +91,17 @@ renew_retry_s = 0.05  # a renewal that could not be sent or failed is tried agai
 # for up to the poll interval after the op was logged).
 lease_cap_s = constants.epoch_wait_ms / 1000 - 2 * poll_interval_s
 _record_prefix = "r-"
+# The ZooKeeper digest identity of a cluster's sheep; its password comes from the
+# cluster's node key (digest_password), bound to this use by the context.
+digest_user = "sheep"
+_digest_context = b"sheepdog zookeeper digest"
+
+
+def digest_password(secret: bytes) -> str:
+    """The ZooKeeper digest password for a cluster's node key: HMAC-SHA256 of a fixed
+    context, so the key itself never reaches ZooKeeper (which sees the password on
+    every connect and keeps SHA-1(user:password) in every znode's ACL)."""
+    return base64.b64encode(hmac.new(secret, _digest_context, hashlib.sha256).digest()).decode()
 
 
 def parse_spec(argument: str) -> tuple[str, str, float, int]:
@@ -120,8 +144,20 @@ class ZooKeeperDriver(ClusterDriver):
     can_fence = True
 
     def __init__(self, hosts: str, prefix: str = "/sheepdog",
-                 session_timeout: float = session_timeout_s, trim: int = trim_batch) -> None:
+                 session_timeout: float = session_timeout_s, trim: int = trim_batch,
+                 secret: bytes | None = None) -> None:
         super().__init__()
+        if secret is not None and not secret:
+            raise UsageError("the cluster key is empty")
+        # With a key: the identity sent at every connect, and the ACL of every znode.
+        self._auth: list[tuple[str, str]] = []
+        self._acl: list[Any] | None = None
+        if secret is not None:
+            from kazoo.security import make_digest_acl
+
+            password = digest_password(secret)
+            self._auth = [("digest", f"{digest_user}:{password}")]
+            self._acl = [make_digest_acl(digest_user, password, all=True)]
         self.hosts = hosts
         self.prefix = prefix
         self.session_timeout = session_timeout
@@ -233,7 +269,8 @@ class ZooKeeperDriver(ClusterDriver):
                 "negotiated_timeout": lease.timeout if lease is not None else None,
                 "lease_remaining": round(lease.remaining(now), 3) if lease is not None else 0.0,
                 "fenced_at": fenced_at,
-                "session": self._incarnation or None, "log_trimmed": self.trimmed}
+                "session": self._incarnation or None, "log_trimmed": self.trimmed,
+                "acl": "digest" if self._acl is not None else "open"}
 
     # --- asyncio side -----------------------------------------------------------
 
@@ -271,12 +308,15 @@ class ZooKeeperDriver(ClusterDriver):
         # connect, the server connected to moves last (_watch_handshakes): when it
         # fails, the others are tried first (kazoo would reshuffle, and a frozen or
         # unreachable server tried first costs a connect timeout out of the lease).
+        # auth_data is sent at every connect, to a new session too; default_acl goes
+        # on every znode created (ensure_path's intermediate nodes included).
         hosts = self.hosts.split(",")
         random.shuffle(hosts)
         self._client = KazooClient(
             hosts=",".join(hosts), timeout=self.session_timeout, randomize_hosts=False,
             connection_retry=KazooRetry(max_tries=-1, delay=0.05, backoff=1.5,
-                                        max_delay=reconnect_delay_max_s))
+                                        max_delay=reconnect_delay_max_s),
+            auth_data=self._auth or None, default_acl=self._acl)
         self._watch_handshakes()
 
         def listener(state: Any) -> None:
@@ -306,8 +346,63 @@ class ZooKeeperDriver(ClusterDriver):
                 if self._closed:
                     raise SystemFailure(f"cannot reach ZooKeeper at {self.hosts}") from None
         self._state = "connected"
-        self._client.ensure_path(self.members_path)
-        self._client.ensure_path(self.log_path)
+        self._prepare_prefix()
+
+    def _prepare_prefix(self) -> None:
+        """Check that ZooKeeper lets this sheep use the prefix, guard it if an older
+        version left it open, and create the driver's nodes. Refused (NoAuth): the
+        start fails at once, as no retry would change the key."""
+        from kazoo.exceptions import NoAuthError
+
+        try:
+            if self._client.exists(self.prefix) is not None:
+                self._client.get_children(self.prefix)  # exists() checks no ACL; this does
+                if self._acl is not None:
+                    self._guard()
+            self._client.ensure_path(self.members_path)
+            self._client.ensure_path(self.log_path)
+        except NoAuthError as error:
+            self._stop_client()
+            why = ("it is guarded by another key: is this sheep's keyring the cluster's?"
+                   if self._acl is not None else
+                   "it is guarded by a cluster key and this sheep was given none")
+            raise PermissionDenied(f"ZooKeeper refused this sheep access to {self.prefix}"
+                                   f" on {self.hosts} (NoAuth): {why}") from error
+
+    def _guard(self) -> None:
+        """A prefix left open to anyone (by a version without keys) gets this cluster's
+        ACL, and so does every znode under it. Top-down, each parent before its
+        children are listed, so nothing open can be added under it afterwards; the
+        prefix last, so a start that stops halfway finds it open and starts over;
+        then the prefix's children once more, for those added while it was open."""
+        acls, _ = self._client.get_acls(self.prefix)
+        if acls == self._acl or not any(acl.id.scheme == "world" for acl in acls):
+            return  # ours, or an operator's own: left as it is
+        log.warning("the ZooKeeper prefix %s is open to every client: giving it and every"
+                    " znode under it the cluster key's ACL", self.prefix)
+        guarded: set[str] = set()
+        self._guard_below(self.prefix, guarded)
+        self._client.set_acls(self.prefix, self._acl)
+        self._guard_below(self.prefix, guarded)
+        log.info("%d znode(s) under %s guarded", len(guarded), self.prefix)
+
+    def _guard_below(self, path: str, guarded: set[str]) -> None:
+        from kazoo.exceptions import NoNodeError
+
+        try:
+            names = self._client.get_children(path)
+        except NoNodeError:
+            return  # gone meanwhile (a member's session ended, a trim)
+        paths = [f"{path}/{name}" for name in names if f"{path}/{name}" not in guarded]
+        pending = [self._client.set_acls_async(child, self._acl) for child in paths]
+        for child, result in zip(paths, pending, strict=True):
+            try:
+                stat = result.get()
+            except NoNodeError:
+                continue
+            guarded.add(child)
+            if stat.numChildren:
+                self._guard_below(child, guarded)
 
     def _watch_handshakes(self) -> None:
         """Hook kazoo's connect handshake: it tells the server connected to and the
@@ -703,7 +798,7 @@ class ZooKeeperDriver(ClusterDriver):
                               "reason": "dead", "incarnation": incarnation})
 
 
-def make_zookeeper_driver(argument: str) -> ZooKeeperDriver:
+def make_zookeeper_driver(argument: str, secret: bytes | None = None) -> ZooKeeperDriver:
     hosts, prefix, timeout, trim = parse_spec(argument)
-    return ZooKeeperDriver(hosts, prefix, timeout, trim)
+    return ZooKeeperDriver(hosts, prefix, timeout, trim, secret=secret)
 

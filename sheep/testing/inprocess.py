@@ -3,7 +3,9 @@
 Real protocol, real TCP on 127.0.0.1, real stores in a temporary directory,
 but no process start-up and no driver polling: the memory driver delivers
 events at once. Tests talk to it with the ordinary SyncClient from their own
-thread, which is how the VDI model test runs hundreds of examples quickly.
+thread, which is how the VDI model test runs hundreds of examples quickly. A
+cluster may be given other drivers instead (a ZooKeeper one with a cluster key,
+which the sheep command cannot be given yet).
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from sheep import auth, world
 from sheep.client import SyncClient
+from sheep.cluster.driver import ClusterDriver
 from sheep.cluster.memory import MemoryBus, MemoryDriver
 from sheep.cluster_state import EventKind
 from sheep.daemon import Sheep, SheepConfig
@@ -26,8 +29,10 @@ T = TypeVar("T")
 
 
 class InProcessCluster:
-    def __init__(self, base: str, nodes: int = 3, zones: list[int] | None = None) -> None:
+    def __init__(self, base: str, nodes: int = 3, zones: list[int] | None = None,
+                 driver: Callable[[int], ClusterDriver] | None = None) -> None:
         self.base = base
+        self.make_driver = driver  # sheep index -> its driver; None: the memory bus
         self.zones = zones if zones is not None else list(range(nodes))
         self.bus = MemoryBus()
         self.credentials = auth.Credentials(auth.NODE, auth.new_key())  # the node key
@@ -53,7 +58,9 @@ class InProcessCluster:
                              node_key=self.credentials.key)
 
         async def start() -> Sheep:
-            sheep = Sheep(config, Store(directory), MemoryDriver(self.bus))
+            driver = (MemoryDriver(self.bus) if self.make_driver is None
+                      else self.make_driver(index))
+            sheep = Sheep(config, Store(directory), driver)
             await sheep.start(world.bind("127.0.0.1", port))
             return sheep
 
