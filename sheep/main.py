@@ -23,7 +23,7 @@ import click
 import uvloop
 
 from sheep import auth, constants, world
-from sheep.cluster.driver import ClusterDriver, make_driver
+from sheep.cluster.driver import default_local_directory, make_driver
 from sheep.daemon import Sheep, SheepConfig
 from sheep.errors import EXIT_FAILURE, EXIT_USAGE, SheepError, UsageError
 from sheep.size import parse_size
@@ -177,15 +177,16 @@ async def _run(sheep: Sheep, sock: socket.socket, ready_fd: int | None,
     return 0
 
 
-def _node_key(keyring: str | None, driver: ClusterDriver) -> bytes:
-    """The cluster's node key: from --keyring, or the local driver's shared directory
-    (made there by the first sheep)."""
+def _node_key(keyring: str | None, driver: str) -> bytes:
+    """The cluster's node key: from --keyring, or, with the local driver, from its shared
+    directory (made there by the first sheep)."""
     if keyring is None:
-        directory = driver.info().get("directory")
-        if driver.name != "local" or not directory:
-            raise UsageError(f"the {driver.name} driver needs --keyring FILE with the"
-                             " cluster's [node] key ('dog auth new-keyring FILE' makes one;"
-                             " copy it to every host)")
+        name, _, argument = driver.partition(":")
+        if name != "local":
+            raise UsageError(f"the {name} driver needs --keyring FILE with the cluster's"
+                             " [node] key ('dog auth new-keyring FILE' makes one; copy it to"
+                             " every host)")
+        directory = os.path.abspath(argument or default_local_directory())
         return auth.node_keyring(auth.cluster_keyring_path(directory)).key
     entries = auth.load_keyring(keyring)
     if auth.NODE not in entries:
@@ -236,14 +237,15 @@ def command(directory: str, port: int, address: str, driver: str, zone: int | No
         except ValueError as error:
             raise click.BadParameter(str(error), param_hint="'-w/--weight'") from None
     try:
-        cluster_driver = make_driver(driver)
-    except SheepError as error:
-        raise click.BadParameter(error.message, param_hint="'-c/--cluster'") from None
-    try:
-        node_key = _node_key(keyring, cluster_driver)
+        node_key = _node_key(keyring, driver)
     except SheepError as error:
         click.echo(f"sheep: {error.message}", err=True)
         sys.exit(EXIT_USAGE)
+    try:
+        # The ZooKeeper driver guards the cluster's znodes with ACLs from the node key.
+        cluster_driver = make_driver(driver, secret=node_key)
+    except SheepError as error:
+        raise click.BadParameter(error.message, param_hint="'-c/--cluster'") from None
     try:
         lock_fd = _lock_directory(directory)
         sock = _bind(address, port)

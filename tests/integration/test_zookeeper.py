@@ -137,14 +137,15 @@ def test_a_sheep_cut_off_from_zookeeper_is_fenced_and_comes_back_current(
 def test_the_log_is_trimmed_and_sheep_catch_up_from_a_snapshot(tmp_path, zookeeper_server):
     """Entries every member has applied go (in batches of trim=20); a sheep that was
     down meanwhile, and a brand-new one, start from the snapshot and catch up."""
-    from kazoo.client import KazooClient
+    from kazoo.exceptions import NoAuthError
 
     prefix = f"/trim{os.getpid()}"
     cluster = LocalCluster(str(tmp_path / "cluster"), 3, driver=(
         f"zookeeper:{zookeeper_server.hosts}{prefix}?timeout={ZOOKEEPER_SESSION_TIMEOUT_S}"
         "&trim=20"))
-    zk = KazooClient(hosts=zookeeper_server.hosts)
-    zk.start(timeout=10)
+    # Real sheep, started with --keyring: their znodes are the node key's only.
+    zk = zookeeper_client(zookeeper_server.hosts, cluster.credentials.key)
+    stranger = zookeeper_client(zookeeper_server.hosts)
     try:
         cluster.start()
         cluster.format(2)
@@ -162,6 +163,11 @@ def test_the_log_is_trimmed_and_sheep_catch_up_from_a_snapshot(tmp_path, zookeep
                  and len(zk.get_children(log_path)) < 40, 30, "the log trimmed")
         left = [int(name[2:]) for name in zk.get_children(log_path)]
         assert not left or min(left) > 20  # the oldest entries are gone (or all of them)
+        for path in (prefix, f"{prefix}/log", f"{prefix}/snapshot", f"{prefix}/members"):
+            with pytest.raises(NoAuthError):  # an anonymous ZooKeeper client sees nothing
+                stranger.get_children(path)
+            with pytest.raises(NoAuthError):
+                stranger.set(path, b"mine")
         cluster.start(2)  # down while its position was trimmed away
         newcomer = cluster.add()
         cluster.start(newcomer.index)  # never saw the log at all
@@ -179,6 +185,8 @@ def test_the_log_is_trimmed_and_sheep_catch_up_from_a_snapshot(tmp_path, zookeep
     finally:
         zk.stop()
         zk.close()
+        stranger.stop()
+        stranger.close()
         cluster.close()
 
 
