@@ -53,7 +53,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from sheep.errors import AuthFailed, BadRequest, UsageError
+from sheep.errors import AuthFailed, BadRequest, SheepError, UsageError
 
 KEY_BYTES = 32
 NONCE_BYTES = 32
@@ -264,6 +264,9 @@ def node_keyring(path: str) -> Entry:
             write_keyring(path, {NODE: Entry(new_key(), Caps(node=True))}, exclusive=True)
         except FileExistsError:
             pass  # another sheep made it first: use theirs
+        except OSError as error:
+            raise SheepError(f"cannot use cluster directory {os.path.dirname(path)}:"
+                             f" {error.strerror}") from None
     entries = load_keyring(path)
     if NODE not in entries:
         raise KeyringError(f"keyring {path} has no [node] section")

@@ -237,15 +237,16 @@ def command(directory: str, port: int, address: str, driver: str, zone: int | No
         except ValueError as error:
             raise click.BadParameter(str(error), param_hint="'-w/--weight'") from None
     try:
+        make_driver(driver)  # a bad -c is told first
+    except SheepError as error:
+        raise click.BadParameter(error.message, param_hint="'-c/--cluster'") from None
+    try:
         node_key = _node_key(keyring, driver)
     except SheepError as error:
         click.echo(f"sheep: {error.message}", err=True)
-        sys.exit(EXIT_USAGE)
-    try:
-        # The ZooKeeper driver guards the cluster's znodes with ACLs from the node key.
-        cluster_driver = make_driver(driver, secret=node_key)
-    except SheepError as error:
-        raise click.BadParameter(error.message, param_hint="'-c/--cluster'") from None
+        sys.exit(error.exit_code)
+    # The ZooKeeper driver guards the cluster's znodes with ACLs from the node key.
+    cluster_driver = make_driver(driver, secret=node_key)
     try:
         lock_fd = _lock_directory(directory)
         sock = _bind(address, port)

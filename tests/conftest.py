@@ -12,6 +12,26 @@ _prefixes = itertools.count()
 ZOOKEEPER_SESSION_TIMEOUT_S = 2.0  # how long a SIGKILLed sheep stays a member on ZooKeeper
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_keyrings_of_the_user(tmp_path_factory):
+    """dog and the client library look for keyrings in ~/.config and the runtime
+    directory, and 'dog cluster format' writes one there: in tests, both are private."""
+    home = tmp_path_factory.mktemp("xdg")
+    saved = {name: os.environ.get(name) for name in
+             ("XDG_CONFIG_HOME", "XDG_RUNTIME_DIR", "DOG_KEYRING", "DOG_NAME")}
+    os.environ["XDG_CONFIG_HOME"] = str(home / "config")
+    os.environ["XDG_RUNTIME_DIR"] = str(home / "run")
+    os.makedirs(home / "run", mode=0o700)
+    os.environ.pop("DOG_KEYRING", None)
+    os.environ.pop("DOG_NAME", None)
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def pytest_generate_tests(metafunc):
     module = metafunc.module.__name__.rsplit(".", 1)[-1]
     if "make_cluster" in metafunc.fixturenames and module in BOTH_DRIVERS:

@@ -21,6 +21,9 @@ from sheep.client import SyncClient
 from sheep.errors import SheepError
 from sheep.proto import FrameDecoder, Header
 
+# The keyrings of the LocalClusters open in this process, the newest last.
+_open_keyrings: list[str] = []
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -118,6 +121,7 @@ class LocalCluster:
         # here while this cluster is the last one made in this process.
         self.keyring = os.path.join(base, "keyring")
         self.credentials = auth.Credentials(auth.NODE, auth.node_keyring(self.keyring).key)
+        _open_keyrings.append(self.keyring)
         os.environ["DOG_KEYRING"] = self.keyring
 
     def serve_metrics(self) -> list[int]:
@@ -262,6 +266,12 @@ class LocalCluster:
                 assert node.process is not None
                 node.process.send_signal(signal.SIGKILL)
                 node.process.wait(timeout=30)
+        if self.keyring in _open_keyrings:  # DOG_KEYRING: the last cluster still open
+            _open_keyrings.remove(self.keyring)
+            if _open_keyrings:
+                os.environ["DOG_KEYRING"] = _open_keyrings[-1]
+            else:
+                os.environ.pop("DOG_KEYRING", None)
 
     def __enter__(self) -> LocalCluster:
         return self

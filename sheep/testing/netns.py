@@ -104,6 +104,7 @@ class Network:
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
 
 
-def sheep_command(directory: str, address: str, port: int, driver: str, zone: int) -> list[str]:
+def sheep_command(directory: str, address: str, port: int, driver: str, zone: int,
+                  keyring: str) -> list[str]:
     return [sys.executable, "-m", "sheep", directory, "-f", "-b", address, "-p", str(port),
-            "-z", str(zone), "-c", driver, "-w", "80G"]
+            "-z", str(zone), "-c", driver, "-w", "80G", "--keyring", keyring]

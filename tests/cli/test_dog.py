@@ -99,7 +99,9 @@ def test_copies_larger_than_zones(make_cluster):
 def test_format_list_and_objects(cluster):
     port = cluster.sheep[0].port
     result = dog("cluster", "format", "--copies", "2", "--object-size", "1M", port=port)
-    assert result.stdout.decode().strip() == "formatted: 2 copies, 1 MiB objects"
+    assert result.stdout.decode().splitlines() == [
+        "formatted: 2 copies, 1 MiB objects",
+        f"admin key (client.admin) written to {cluster.keyring}"]  # DOG_KEYRING
     line = one_line_error(dog("cluster", "format", port=port, check=3))
     assert "already formatted" in line
 

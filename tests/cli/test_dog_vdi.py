@@ -723,7 +723,7 @@ def test_attributes_that_are_not_text_are_refused(port):
 
 def test_lock_list_and_unlock(port, api, cluster):
     dog(port, "vdi", "create", "held", "8M")
-    holder = SyncClient("127.0.0.1", cluster.sheep[1].port)
+    holder = SyncClient("127.0.0.1", cluster.sheep[1].port, cluster.credentials)
     try:
         handle = holder.vdi_open("held", writable=True, owner="test-holder")["handle"]
         holder.vdi_write(handle, 0, b"mine")

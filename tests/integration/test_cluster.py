@@ -70,7 +70,8 @@ async def _bounded(coroutines: list, limit: int = writes_in_flight_max) -> list:
 
 def write_all(cluster: LocalCluster, index: int, objects: list[Written]) -> None:
     async def run() -> None:
-        client = await Client.connect("127.0.0.1", cluster.sheep[index].port)
+        client = await Client.connect("127.0.0.1", cluster.sheep[index].port,
+                                      credentials=cluster.credentials)
         try:
             await _bounded([client.create_and_write(o.oid, o.data, o.offset) for o in objects])
         finally:
@@ -94,7 +95,8 @@ def check_all(cluster: LocalCluster, index: int, objects: list[Written]) -> None
             assert await client.read(written.oid, end, after) == bytes(after)
 
     async def run() -> None:
-        client = await Client.connect("127.0.0.1", cluster.sheep[index].port)
+        client = await Client.connect("127.0.0.1", cluster.sheep[index].port,
+                                      credentials=cluster.credentials)
         try:
             await _bounded([check(client, written) for written in objects])
         finally:
@@ -165,8 +167,9 @@ def test_format_checks_zones_copies_and_refuses_a_second_format(make_cluster):
         with pytest.raises(AlreadyFormatted):
             client.format(2, object_size)
         client.create_and_write(7, b"before the forced format")
-        assert client.format(2, object_size, force=True) == {"copies": 2,
-                                                             "object_size": object_size}
+        result = client.format(2, object_size, force=True)
+        assert (result["copies"], result["object_size"]) == (2, object_size)
+        assert (result["admin"]["name"], result["admin"]["caps"]) == ("client.admin", "admin")
         with pytest.raises(NoObject):  # a forced format erases every object
             client.read(7, 0, 10)
         assert cluster.object_files(7) == []

@@ -131,8 +131,9 @@ def node_id(port: int) -> str:
         return str(client.node_info()["node_id"])
 
 
-def test_daemon_lifecycle_and_refusals(tmp_path, daemons):
+def test_daemon_lifecycle_and_refusals(tmp_path, daemons, monkeypatch):
     driver = f"local:{tmp_path / 'cluster'}"
+    monkeypatch.setenv("DOG_KEYRING", str(tmp_path / "cluster" / "keyring"))  # the first made it
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     port_a, port_b = free_port(), free_port()
     pid_a = daemons.start(a, "-p", str(port_a), "-c", driver)
@@ -217,9 +218,13 @@ def test_bad_start_arguments_get_one_clear_line(tmp_path, args, code, message):
         time.sleep(0.02)
 
 
-def test_seed_one_liner_with_the_default_driver(tmp_path, daemons):
+def test_seed_one_liner_with_the_default_driver(tmp_path, daemons, monkeypatch):
     runtime = tmp_path / "run"
     runtime.mkdir(mode=0o700)
+    # The first sheep makes the cluster's node keyring; the client finds it where dog
+    # does on one box, without being told.
+    monkeypatch.delenv("DOG_KEYRING", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
     env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime),
            "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}"}
     ports = [free_port() for _ in range(3)]
@@ -288,7 +293,8 @@ def test_sigterm_finishes_in_flight_writes_and_exits_0(make_cluster):
     busy = threading.Event()
 
     async def writers() -> None:
-        client = await Client.connect("127.0.0.1", cluster.sheep[1].port)
+        client = await Client.connect("127.0.0.1", cluster.sheep[1].port,
+                                      credentials=cluster.credentials)
         oids = iter(range(100_000))
 
         async def one_writer() -> None:
@@ -318,7 +324,8 @@ def test_sigterm_finishes_in_flight_writes_and_exits_0(make_cluster):
     cluster.wait_epoch(0, members=2)
 
     async def check() -> None:
-        client = await Client.connect("127.0.0.1", cluster.sheep[2].port)
+        client = await Client.connect("127.0.0.1", cluster.sheep[2].port,
+                                      credentials=cluster.credentials)
         try:
             for oid in acknowledged:
                 assert await client.read(oid, 0, 8) == oid.to_bytes(8, "little"), f"{oid:016x}"
@@ -330,9 +337,11 @@ def test_sigterm_finishes_in_flight_writes_and_exits_0(make_cluster):
           + ", ".join(sorted({type(f).__name__ for f in failures})))
 
 
-def test_a_store_is_refused_by_a_cluster_log_that_never_knew_it(tmp_path, daemons):
+def test_a_store_is_refused_by_a_cluster_log_that_never_knew_it(tmp_path, daemons,
+                                                              monkeypatch):
     """A store that applied more of a log than a (new, other) log holds must not hang
     waiting for its join: it refuses to start, naming both."""
+    monkeypatch.setenv("DOG_KEYRING", str(tmp_path / "first" / "keyring"))
     store = str(tmp_path / "store")
     port = free_port()
     pid = daemons.start(store, "-p", str(port), "-c", f"local:{tmp_path / 'first'}")

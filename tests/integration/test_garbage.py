@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sheep import constants, proto
+from sheep import auth, constants, proto
 from sheep.client import SyncClient
 from sheep.errors import Result
 from sheep.oid import ObjectType, make_oid
@@ -33,13 +33,31 @@ object_size = 4 << 20
 
 
 class Exchange:
-    """A raw connection: send bytes, collect reply frames, notice the close."""
+    """A raw connection: send bytes, collect reply frames, notice the close. With
+    credentials it runs the handshake first, and then seals what call() and frame()
+    make (garbage sent with send() stays garbage)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, credentials: auth.Credentials | None = None) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=reply_timeout_s)
         self.decoder = proto.FrameDecoder()
         self.replies: list[tuple[Header, bytes]] = []
         self.closed = False
+        self.sealer: auth.Sealer | None = None
+        if credentials is not None:
+            handshake = auth.ClientHandshake(credentials)
+            reply, body = self.call(Header(opcode=Op.AUTH_HELLO),
+                                    proto.encode_json(handshake.hello()))
+            reply, body = self.call(Header(opcode=Op.AUTH_PROVE), proto.encode_json(
+                handshake.answer(proto.decode_json(body))))
+            assert reply.result == Result.SUCCESS, proto.error_message(body)
+            self.sealer = handshake.sealer()
+
+    def frame(self, header: Header, payload: bytes = b"") -> bytes:
+        """A frame as the client library would send it on this connection."""
+        if self.sealer is None:
+            return proto.encode(header, payload)
+        return b"".join(bytes(part) for part in self.sealer.seal(
+            header.opcode, lambda length: header._replace(length=length).pack(), payload))
 
     def send(self, data: bytes) -> None:
         try:
@@ -55,7 +73,11 @@ class Exchange:
         if not data:
             self.closed = True
             return
-        self.replies += self.decoder.feed(data)
+        for header, payload in self.decoder.feed(data):
+            if self.sealer is not None:
+                payload = bytes(self.sealer.open(header.opcode, header.pack(), payload))
+                header = header._replace(length=len(payload))
+            self.replies.append((header, payload))
 
     def wait_replies(self, count: int) -> list[tuple[Header, bytes]]:
         while len(self.replies) < count and not self.closed:
@@ -71,7 +93,7 @@ class Exchange:
     def call(self, header: Header, payload: bytes = b"") -> tuple[Header, bytes]:
         """One request on this connection; the connection must still be served."""
         before = len(self.replies)
-        self.send(proto.encode(header, payload))
+        self.send(self.frame(header, payload))
         return self.wait_replies(before + 1)[before]
 
     def close(self) -> None:
@@ -81,9 +103,10 @@ class Exchange:
 class HonestClient(threading.Thread):
     """Writes and reads objects through the sheep under attack until stopped."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, credentials: auth.Credentials) -> None:
         super().__init__(daemon=True)
         self.port = port
+        self.credentials = credentials
         self.stop_event = threading.Event()
         self.rounds = 0
         self.errors: list[BaseException] = []
@@ -91,7 +114,7 @@ class HonestClient(threading.Thread):
     def run(self) -> None:
         rng = random.Random(7)
         try:
-            with SyncClient("127.0.0.1", self.port) as client:
+            with SyncClient("127.0.0.1", self.port, self.credentials) as client:
                 while not self.stop_event.is_set():
                     oid = make_oid(ObjectType.RAW, 77, self.rounds % 32)
                     data = rng.randbytes(rng.randrange(1, 64 << 10))
@@ -125,7 +148,7 @@ def cluster(tmp_path_factory) -> Iterator[LocalCluster]:
 
 @pytest.fixture
 def honest(cluster) -> Iterator[HonestClient]:
-    client = HonestClient(cluster.sheep[0].port)
+    client = HonestClient(cluster.sheep[0].port, cluster.credentials)
     client.start()
     deadline = time.monotonic() + 10
     while client.rounds == 0 and not client.errors and time.monotonic() < deadline:
@@ -189,7 +212,7 @@ def test_random_bytes_close_the_connection(cluster, honest):
 
 
 def test_garbage_after_good_requests_closes_only_that_connection(cluster, honest):
-    exchange = Exchange(port(cluster))
+    exchange = Exchange(port(cluster), cluster.credentials)
     assert exchange.call(ping(1))[0].result == Result.SUCCESS
     exchange.send(random.Random(2).randbytes(4096))
     exchange.wait_closed()
@@ -239,7 +262,7 @@ def test_bad_version_gets_an_error_and_a_close(cluster, honest):
         "zero-copies"])
 def test_bad_request_gets_its_error_code_and_the_connection_lives(cluster, honest, request_,
                                                                    payload, result):
-    exchange = Exchange(port(cluster))
+    exchange = Exchange(port(cluster), cluster.credentials)
     reply = exchange.call(request_, payload)
     error_reply(reply, result, 11)
     assert exchange.call(ping(12))[0].result == Result.SUCCESS
@@ -273,12 +296,13 @@ def test_memory_stays_bounded(cluster, honest):
         exchange.close()
     figures["after 50 x 4 GiB claims"] = rss_bytes(cluster)
 
-    # Many connections claiming the largest legal payload, sending only part of it.
+    # Many authenticated connections claiming the largest legal payload, sending only
+    # part of it (before the handshake, a frame may not exceed a few KiB).
     claims = []
     for request_id in range(100):
-        exchange = Exchange(port(cluster))
+        exchange = Exchange(port(cluster), cluster.credentials)
         exchange.send(Header(opcode=Op.WRITE_OBJ, request_id=request_id, oid=1,
-                             length=constants.payload_max_bytes,
+                             length=constants.payload_max_bytes + auth.TAG_BYTES,
                              count=constants.payload_max_bytes).pack() + bytes(4096))
         claims.append(exchange)
     time.sleep(0.2)
@@ -290,10 +314,10 @@ def test_memory_stays_bounded(cluster, honest):
     oid = make_oid(ObjectType.RAW, 79, 0)
     with cluster.client(0) as client:
         client.create_and_write(oid, os.urandom(object_size), 0)
-    greedy = Exchange(port(cluster))
+    greedy = Exchange(port(cluster), cluster.credentials)
     greedy.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    greedy.send(b"".join(Header(opcode=Op.READ_OBJ, request_id=i, oid=oid,
-                                count=object_size).pack() for i in range(300)))
+    greedy.send(b"".join(greedy.frame(Header(opcode=Op.READ_OBJ, request_id=i, oid=oid,
+                                             count=object_size)) for i in range(300)))
     rounds_before = honest.rounds
     peak = 0
     deadline = time.monotonic() + 2.0

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from sheep import auth
 from sheep.client import SyncClient
 from sheep.errors import SheepError, Unavailable
 from sheep.testing import netns
@@ -102,13 +103,24 @@ def start_sheep(network: netns.Network, zookeeper: ZooKeeperServer, tmp_path, co
     for host in network.hosts:
         store = str(tmp_path / f"store{host.index}")
         os.makedirs(store)
-        host.run(netns.sheep_command(store, host.address, PORT, driver, host.index),
+        host.run(netns.sheep_command(store, host.address, PORT, driver, host.index,
+                                     os.environ["DOG_KEYRING"]),
                  os.path.join(store, "stderr.log"))
     for host in network.hosts:
         wait_for(lambda host=host: client(host).ping()["joined"], 30, "sheep joined")
     with client(network.hosts[0]) as sheep:
         sheep.format(copies, 4 * MiB)
         sheep.vdi_create("disk", 64 * MiB)
+
+
+@pytest.fixture(autouse=True)
+def keyring(tmp_path, monkeypatch) -> str:
+    """The cluster's node keyring: every sheep's --keyring, and (DOG_KEYRING) what dog,
+    the plugin and the clients here and inside the hosts authenticate with."""
+    path = str(tmp_path / "keyring")
+    auth.node_keyring(path)
+    monkeypatch.setenv("DOG_KEYRING", path)
+    return path
 
 
 @pytest.fixture

@@ -54,7 +54,8 @@ def writes(cluster: LocalCluster, node: int, name: str, count: int, depth: int =
     connection (as the NBD plugin sends them); the seconds they took."""
 
     async def main() -> float:
-        client = await Client.connect("127.0.0.1", cluster.sheep[node].port)
+        client = await Client.connect("127.0.0.1", cluster.sheep[node].port,
+                                      credentials=cluster.credentials)
         try:
             handle = (await client.vdi_open(name, writable=True))["handle"]
             slots = asyncio.Semaphore(depth)

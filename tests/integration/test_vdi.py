@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from sheep import radix
+from sheep import auth, radix
 from sheep.client import Client, Connection, SyncClient
 from sheep.errors import ReadOnly, VdiLocked
 from sheep.oid import ObjectType, oid_generation, oid_index, oid_type
@@ -357,7 +357,8 @@ def test_a_write_half_applied_by_a_dead_writer_is_settled_before_the_next_writer
         version = max(replica["version"] for replica in client.stat(oid)["replicas"])
 
         async def half_write() -> None:  # what the writer sent before it died
-            connection = await Connection.open("127.0.0.1", cluster.sheep[first].port)
+            connection = await Connection.open("127.0.0.1", cluster.sheep[first].port,
+                                               cluster.credentials)
             try:
                 await connection.call(Header(opcode=Op.WRITE_PEER, epoch=epoch, oid=oid,
                                              count=4096, arg0=version + 1), b"\x22" * 4096)
@@ -411,7 +412,8 @@ def test_readers_through_different_sheep_agree_on_a_write_its_dead_writer_half_a
             client.vdi_open("halfway", writable=True, owner="doomed")
 
             async def half_write() -> None:  # what the writer sent before it died
-                connection = await Connection.open("127.0.0.1", cluster.ports[holders[0]])
+                connection = await Connection.open("127.0.0.1", cluster.ports[holders[0]],
+                                                   cluster.credentials)
                 try:
                     await connection.call(Header(opcode=Op.WRITE_PEER, epoch=stat["epoch"],
                                                  oid=oid, count=4096, arg0=version + 1),
@@ -545,9 +547,11 @@ class Writer(threading.Thread):
     region_bytes = 16 * KiB
     in_flight = 4
 
-    def __init__(self, port: int, name: str, regions: int) -> None:
+    def __init__(self, port: int, name: str, regions: int,
+                 credentials: auth.Credentials) -> None:
         super().__init__(daemon=True)
         self.port, self.name, self.regions = port, name, regions
+        self.credentials = credentials
         self.writes: list[Acked] = []
         self.stop_event = threading.Event()
         self.ready = threading.Event()
@@ -562,7 +566,7 @@ class Writer(threading.Thread):
 
     async def _run(self) -> None:
         rng = random.Random(13)
-        client = await Client.connect("127.0.0.1", self.port)
+        client = await Client.connect("127.0.0.1", self.port, credentials=self.credentials)
         try:
             handle = (await client.vdi_open(self.name, writable=True, owner="writer"))["handle"]
             self.ready.set()
@@ -636,7 +640,8 @@ def test_snapshot_fences_a_live_writer(cluster):
     name = "fenced"
     with cluster.client(2) as client:
         client.vdi_create(name, 64 * MiB)
-    writer = Writer(cluster.sheep[0].port, name, (64 * MiB) // Writer.region_bytes)
+    writer = Writer(cluster.sheep[0].port, name, (64 * MiB) // Writer.region_bytes,
+                    cluster.credentials)
     writer.start()
     try:
         assert writer.ready.wait(10)
@@ -769,7 +774,8 @@ def test_a_write_in_flight_when_its_connection_closes_cannot_overwrite_the_next_
     assert process is not None
 
     async def old_writer() -> None:
-        client = await Client.connect("127.0.0.1", ports[writer_index])
+        client = await Client.connect("127.0.0.1", ports[writer_index],
+                                      credentials=cluster.credentials)
         handle = (await client.vdi_open("handover", writable=True))["handle"]
         process.send_signal(signal.SIGSTOP)
         asyncio.ensure_future(client.vdi_write(handle, 0, b"OLD!!"))
