@@ -8,6 +8,12 @@ data, not holes) before any measurement:
   plugin (nbd_plugin/plugin.py);
 - ours-c3-fifo (only with --targets): ours-c3 with `sheep --io-scheduler fifo`,
   the scheduler off: ours-c3/ours-c3-fifo is what scheduling costs;
+- ours-c3-encrypt (only with --targets): ours-c3 formatted with --encrypt (every
+  frame encrypted; ours-c3 only signs them);
+- ours-c3-noauth (only with --targets, and SHEEP_BENCH_NOAUTH_TREE=PATH): ours-c3
+  as built by another checkout, the one before authentication existed, set up by
+  that tree's own code in a child process: ours-c3/ours-c3-noauth is what
+  authentication and signing cost;
 - file: nbdkit's file plugin on a local raw file;
 - qcow2: qemu-nbd on a qcow2 overlay (over a raw base), cache=none, aio=native;
 - pyref: the "Python plugin + one Python hop" ceiling (scripts/bench/reference/):
@@ -164,6 +170,73 @@ class OursFifo(Ours):
     sheep_args = ["--io-scheduler", "fifo"]
 
 
+class OursEncrypted(Ours):
+    """ours-c3 formatted with --encrypt: every frame's payload encrypted."""
+
+    def start(self) -> None:
+        super().start()
+        with self.cluster.client(0) as client:  # connections made before close after it
+            client.format(self.copies, 4 * MiB, force=True, encrypt=True)
+        with self.cluster.client(0) as client:
+            assert client.cluster_info()["encrypt"]
+            client.set_scrub(max_rate=0)
+            client.vdi_create("bench", self.size)
+
+
+# Run by the checkout of SHEEP_BENCH_NOAUTH_TREE, with that tree's code: its own
+# LocalCluster and NbdServer, the same shape as Ours. It prints the URI and the pids,
+# and stops everything when its stdin closes.
+_OLD_TREE_TARGET = """
+import json, os, sys
+from sheep.testing.cluster import LocalCluster
+from sheep.testing.nbd import NbdServer
+base, size = sys.argv[1], int(sys.argv[2])
+cluster = LocalCluster(base, 3)
+cluster.start()
+cluster.format(3)
+with cluster.client(0) as client:
+    client.set_scrub(max_rate=0)
+    client.vdi_create("bench", size)
+nbd = NbdServer([n.port for n in cluster.sheep], os.path.join(base, "nbdkit.log"), threads=16)
+print(json.dumps({"uri": nbd.uri("bench"), "sheep": [n.process.pid for n in cluster.sheep],
+                  "nbdkit": nbd.process.pid}), flush=True)
+sys.stdin.read()
+nbd.stop()
+cluster.close()
+"""
+
+
+class OursWithoutAuth(Target):
+    """ours-c3 from the checkout before authentication (SHEEP_BENCH_NOAUTH_TREE)."""
+
+    def start(self) -> None:
+        tree = os.environ.get("SHEEP_BENCH_NOAUTH_TREE")
+        if not tree or not os.path.isdir(os.path.join(tree, "sheep")):
+            raise RuntimeError("ours-c3-noauth needs SHEEP_BENCH_NOAUTH_TREE=PATH, a checkout"
+                               " from before authentication (git worktree add PATH f4b4006~1)")
+        env = {**os.environ, "PYTHONPATH": tree}
+        env.pop("DOG_KEYRING", None)
+        self.helper = subprocess.Popen(
+            [sys.executable, "-c", _OLD_TREE_TARGET, self.base, str(self.size)], cwd=tree,
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.helper.stdout is not None
+        line = self.helper.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {tree} target did not start (exit {self.helper.wait()})")
+        self.info = json.loads(line)
+
+    def uri(self) -> str:
+        return str(self.info["uri"])
+
+    def pids(self) -> list[tuple[str, int]]:
+        return [("sheep", pid) for pid in self.info["sheep"]] + [("nbdkit", self.info["nbdkit"])]
+
+    def stop(self) -> None:
+        assert self.helper.stdin is not None
+        self.helper.stdin.close()
+        self.helper.wait(timeout=120)
+
+
 class Local(Target):
     """A target served by a process of ours on a loopback port."""
 
@@ -239,7 +312,9 @@ class Ceph(Target):
 
 
 TARGETS: dict[str, type[Target]] = {"ours-c3": Ours, "ours-c1": OursOneCopy,
-                                     "ours-c3-fifo": OursFifo, "file": File,
+                                     "ours-c3-fifo": OursFifo,
+                                     "ours-c3-encrypt": OursEncrypted,
+                                     "ours-c3-noauth": OursWithoutAuth, "file": File,
                                      "qcow2": Qcow2, "pyref": Reference, "ceph": Ceph}
 DEFAULT_TARGETS = ["ours-c3", "ours-c1", "file", "qcow2", "pyref"]
 
@@ -401,7 +476,8 @@ def _ratio(summary: dict[str, dict[str, float]], a: str, b: str) -> str:
 def print_tables(report: dict[str, Any]) -> None:
     targets = report["targets"]
     ours = [t for t in ("ours-c3", "ours-c1") if t in targets]
-    baselines = [t for t in ("ours-c3-fifo", "file", "qcow2", "pyref", "ceph") if t in targets]
+    baselines = [t for t in ("ours-c3-noauth", "ours-c3-encrypt", "ours-c3-fifo", "file",
+                             "qcow2", "pyref", "ceph") if t in targets]
 
     def cell(summary: dict[str, dict[str, float]], target: str, key: str) -> str:
         return f"{summary[target][key]:.0f}" if target in summary else "-"

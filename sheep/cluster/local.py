@@ -78,7 +78,10 @@ class LocalDriver(ClusterDriver):
         self._node = node
         self._from_seq = from_seq
         try:
-            os.makedirs(self.members_dir, exist_ok=True)
+            os.makedirs(self.members_dir, mode=0o700, exist_ok=True)
+            # The log holds the cluster's principals and their keys: the owner's only.
+            if os.stat(self.directory).st_mode & 0o077:
+                os.chmod(self.directory, 0o700)
         except OSError as error:
             raise SystemFailure(
                 f"cannot use cluster directory {self.directory}: {error.strerror}") from error
