@@ -131,6 +131,35 @@ def test_the_retry_budget_reaches_the_plugin_and_a_bad_one_is_refused():
         assert "--retry" in result.stderr, result.stderr
 
 
+@needs_nbdkit
+def test_without_a_usable_keyring_nbdkit_fails_at_start_in_one_line(tmp_path):
+    """Not at the first client: nbdkit exits before it listens, saying why in one line."""
+    port = free_port()
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("DOG_KEYRING", "DOG_NAME", "XDG_RUNTIME_DIR")}
+    env.update(HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / "config"),
+               TMPDIR=str(tmp_path))  # no default keyring either
+    result = subprocess.run(["nbdkit", "-f", "-p", str(port), "-i", "127.0.0.1", "python",
+                             str(PLUGIN), "sheep=127.0.0.1:1"], capture_output=True,
+                            text=True, timeout=60, env=env)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        f"nbdkit: error: sheepdog plugin: no keyring: pass --keyring FILE or set DOG_KEYRING"
+        f" (looked in {tmp_path}/config/sheepdog/keyring and"
+        f" {tmp_path}/sheepdog-{os.getuid()}/cluster/keyring)"], result.stderr
+
+    line = one_line_error(dog("nbd", "serve", "--port", str(port), "--keyring",
+                              str(tmp_path / "missing"), check=EXIT_SYSTEM))
+    assert line == (f"dog: nbdkit failed to start: nbdkit: error: sheepdog plugin: cannot read"
+                    f" keyring {tmp_path / 'missing'}: No such file or directory"), line
+    keyring = tmp_path / "keyring"
+    keyring.touch(mode=0o600)
+    keyring.write_text("[client.web]\n\tkey = " + "A" * 43 + "=\n\tcaps = rw vdi=web*\n")
+    line = one_line_error(dog("nbd", "serve", "--port", str(port), "--keyring", str(keyring),
+                              "--name", "client.nobody", check=EXIT_SYSTEM))
+    assert f"sheepdog plugin: no [client.nobody] key in {keyring}" in line, line
+
+
 def test_port_and_unix_together_are_a_usage_error(tmp_path):
     result = dog("nbd", "serve", "--port", "10810", "--unix", str(tmp_path / "s"),
                  check=EXIT_USAGE)
