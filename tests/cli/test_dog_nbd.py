@@ -131,6 +131,27 @@ def test_the_retry_budget_reaches_the_plugin_and_a_bad_one_is_refused():
         assert "--retry" in result.stderr, result.stderr
 
 
+def test_tls_psk_reaches_nbdkit_and_a_bad_file_is_refused(tmp_path):
+    keys = tmp_path / "keys.psk"
+    keys.write_text("alice:" + "ab" * 32 + "\n")
+    command = shlex.split(dog("nbd", "serve", "--tls-psk", str(keys),
+                              "--print-command").stdout.strip())
+    assert {"--tls=require", f"--tls-psk={keys}"} <= set(command), command
+    assert command.index("--tls=require") < command.index("python")
+    assert not any(part.startswith("--tls") for part in shlex.split(
+        dog("nbd", "serve", "--print-command").stdout.strip()))
+
+    line = one_line_error(dog("nbd", "serve", "--tls-psk", str(tmp_path / "none.psk"),
+                              check=EXIT_SYSTEM))
+    assert f"cannot read the TLS PSK file {tmp_path / 'none.psk'}: No such file" in line, line
+    result = dog("nbd", "serve", "--tls-psk", str(tmp_path), check=EXIT_USAGE)
+    assert "is a directory" in result.stderr, result.stderr
+    not_psk = tmp_path / "keyring"
+    not_psk.write_text("[client.admin]\n")
+    line = one_line_error(dog("nbd", "serve", "--tls-psk", str(not_psk), check=EXIT_SYSTEM))
+    assert "is not a PSK file" in line and "psktool -u USER -p" in line, line
+
+
 @needs_nbdkit
 def test_without_a_usable_keyring_nbdkit_fails_at_start_in_one_line(tmp_path):
     """Not at the first client: nbdkit exits before it listens, saying why in one line."""

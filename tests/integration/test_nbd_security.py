@@ -1,5 +1,7 @@
 """The NBD export's security (issue #15) with real nbdkit and real clients.
 
+- ``dog nbd serve --tls-psk FILE``: nbdinfo and qemu-img get in with the key of a
+  psktool file, and neither gets in without TLS or with another key.
 - ``dog nbd serve --keyring K --name client.web``: the plugin's principal limits
   what the NBD clients see and open; a read-only principal's exports refuse writes;
   a principal the sheep does not know is refused at once, not after the retry budget.
@@ -12,6 +14,7 @@ listening on 127.0.0.1, stopped by its PID.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -113,6 +116,70 @@ def keyring_of(cluster: LocalCluster, path: Path, name: str, *add_options: str) 
 def listed(uri: str, *extra: str) -> dict[str, dict]:
     result = run("nbdinfo", "--list", "--json", *extra, uri)
     return {item["export-name"]: item for item in json.loads(result.stdout)["exports"]}
+
+
+def psk_dir(base: Path, user: str) -> Path:
+    """A directory holding keys.psk with a fresh key for user (QEMU reads keys.psk)."""
+    base.mkdir(mode=0o700)
+    run("psktool", "-u", user, "-p", str(base / "keys.psk"))
+    return base
+
+
+# --- TLS with pre-shared keys -----------------------------------------------------------
+
+
+def qemu_tls(directory: Path, user: str = "alice") -> list[str]:
+    return ["--object", f"tls-creds-psk,id=tls0,endpoint=client,dir={directory},"
+                        f"username={user}"]
+
+
+def nbd_opts(port: int, export: str) -> str:
+    return f"driver=nbd,host=127.0.0.1,port={port},export={export},tls-creds=tls0"
+
+
+def test_tls_psk_lets_in_only_clients_with_the_key(cluster, serve, tmp_path):
+    keys = psk_dir(tmp_path / "keys", "alice")
+    other = psk_dir(tmp_path / "other", "alice")  # the same user, another key
+    server = serve("--tls-psk", str(keys / "keys.psk"))
+    tls_uri = f"nbds://alice@127.0.0.1:{server.port}/web1?tls-psk-file={keys / 'keys.psk'}"
+
+    info = run("nbdinfo", "--json", tls_uri)
+    assert json.loads(info.stdout)["exports"][0]["export-size"] == 16 * MiB
+    assert {"web1", "web2", "db"} <= set(listed(
+        f"nbds://alice@127.0.0.1:{server.port}/?tls-psk-file={keys / 'keys.psk'}"))
+
+    image = tmp_path / "in.raw"
+    image.write_bytes(os.urandom(MiB) + bytes(3 * MiB) + os.urandom(MiB))
+    run("qemu-img", "convert", "-n", "-f", "raw", str(image), *qemu_tls(keys),
+        "--target-image-opts", nbd_opts(server.port, "web1"))
+    info = run("qemu-img", "info", "--output=json", *qemu_tls(keys), "--image-opts",
+               nbd_opts(server.port, "web1"))
+    assert json.loads(info.stdout)["virtual-size"] == 16 * MiB
+    back = tmp_path / "back.raw"
+    run("qemu-img", "convert", "-O", "raw", *qemu_tls(keys), "--image-opts",
+        nbd_opts(server.port, "web1"), str(back))
+    assert back.read_bytes()[:5 * MiB] == image.read_bytes()
+    io = run("qemu-io", *qemu_tls(keys), "--image-opts", nbd_opts(server.port, "web2"),
+             "-c", "write -P 0x5a 4096 8192", "-c", "read -P 0x5a 4096 8192")
+    assert "failed" not in io.stdout + io.stderr, io
+
+    # Without TLS: refused before any export is named.
+    plain = run("nbdinfo", server.uri("web1"), check=False)
+    assert plain.returncode != 0 and "without TLS" in plain.stdout, plain
+    assert "opt_go request: Operation not supported" in plain.stderr, plain.stderr  # TLS_REQD
+    plain = run("qemu-img", "info", server.uri("web1"), check=False)
+    assert plain.returncode != 0 and "TLS negotiation required" in plain.stderr, plain.stderr
+    # With another key: the TLS handshake fails.
+    wrong = run("nbdinfo", f"nbds://alice@127.0.0.1:{server.port}/web1?tls-psk-file="
+                f"{other / 'keys.psk'}", check=False)
+    assert wrong.returncode != 0 and "handshake" in wrong.stderr, wrong.stderr
+    wrong = run("qemu-img", "info", *qemu_tls(other), "--image-opts",
+                nbd_opts(server.port, "web1"), check=False)
+    assert wrong.returncode != 0 and "TLS handshake failed" in wrong.stderr, wrong.stderr
+    # And with a user the file does not know.
+    stranger = run("qemu-img", "info", *qemu_tls(keys, "mallory"), "--image-opts",
+                   nbd_opts(server.port, "web1"), check=False)
+    assert stranger.returncode != 0, stranger.stdout
 
 
 # --- the plugin's principal -----------------------------------------------------------------
