@@ -1,4 +1,9 @@
-"""dog nbd serve: export every VDI over NBD through nbdkit and our plugin."""
+"""dog nbd serve: export every VDI over NBD through nbdkit and our plugin.
+
+With --tls-psk FILE nbdkit requires TLS with pre-shared keys (a psktool file of
+USER:KEY lines) from every client, so the NBD hop is encrypted and only holders of
+a key may connect; the plugin's own hop to the sheep is authenticated and signed
+by the sheep protocol whatever this says (docs/security.md, NBD)."""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from typing import NoReturn
 
 import click
 
@@ -22,7 +28,7 @@ def plugin_path() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(nbd_plugin.__file__)), "plugin.py")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     click.echo(f"dog: {message}", err=True)
     sys.exit(EXIT_SYSTEM)
 
@@ -43,12 +49,15 @@ def check_nbdkit() -> str:
 
 def nbdkit_command(nbdkit: str, target: Target, port: int | None, unix: str | None,
                    bind: str, readonly: bool, foreground: bool, threads: int,
-                   pidfile: str | None, retry: float | None = None) -> list[str]:
+                   pidfile: str | None, retry: float | None = None,
+                   tls_psk: str | None = None) -> list[str]:
     command = [nbdkit]
     if foreground:
         command.append("-f")
     if readonly:
         command.append("-r")
+    if tls_psk:
+        command += ["--tls=require", f"--tls-psk={os.path.abspath(tls_psk)}"]
     if unix:
         command += ["-U", unix]
     else:
@@ -71,6 +80,19 @@ def nbd() -> None:
     """Export VDIs over NBD (for QEMU, qemu-img, nbdcopy, fio)."""
 
 
+def check_psk_file(path: str) -> None:
+    """A PSK file nbdkit can read, or one line saying what is wrong with it (nbdkit
+    would only find out at the first client, in its log)."""
+    try:
+        with open(path, "rb") as file:
+            first = file.readline(4096)
+    except OSError as error:
+        _fail(f"cannot read the TLS PSK file {path}: {error.strerror}")
+    if b":" not in first:
+        _fail(f"{path} is not a PSK file (USER:HEXKEY lines): make one with"
+              f" 'psktool -u USER -p {path}'")
+
+
 @nbd.command()
 @click.option("--port", "nbd_port", type=click.IntRange(1, 65535), default=None,
               help=f"TCP port for NBD clients (default {nbd_port_default}).")
@@ -91,15 +113,20 @@ def nbd() -> None:
               help="Keyring the plugin authenticates with (default: as dog finds its own).")
 @click.option("--name", "principal", default=None,
               help="Principal the plugin authenticates as (default client.admin).")
+@click.option("--tls-psk", "tls_psk", type=click.Path(dir_okay=False), default=None,
+              help="Require TLS from every NBD client, with the pre-shared keys of this"
+                   " file (made by 'psktool -u USER -p FILE').")
 @click.option("--print-command", is_flag=True, help="Print the nbdkit command and exit.")
 @lambda function: connection_options(function, ("-p", "--sheep-port"))
 def serve(nbd_port: int | None, unix: str | None, bind: str, readonly: bool, foreground: bool,
           threads: int, pidfile: str | None, retry: float | None, keyring: str | None,
-          principal: str | None, print_command: bool) -> None:
+          principal: str | None, tls_psk: str | None, print_command: bool) -> None:
     """Serve every VDI as export NAME (read-write) and NAME@TAG (read-only).
 
     Clients attach with nbd://HOST:PORT/NAME, e.g.
     qemu-system-x86_64 -drive file=nbd://127.0.0.1:10809/alice,format=raw,if=virtio
+    (with --tls-psk: nbds://USER@HOST:PORT/NAME?tls-psk-file=FILE for nbdinfo, and
+    QEMU's tls-creds-psk object; see the README).
     """
     if unix and nbd_port:
         raise click.UsageError("--port and --unix exclude each other")
@@ -108,14 +135,19 @@ def serve(nbd_port: int | None, unix: str | None, bind: str, readonly: bool, for
     target.name = principal or target.name
     nbdkit = shutil.which("nbdkit") or "nbdkit"
     if not print_command:
+        if tls_psk:
+            check_psk_file(tls_psk)
         nbdkit = check_nbdkit()
     command = nbdkit_command(nbdkit, target, nbd_port, unix, bind, readonly, foreground,
-                             threads, pidfile, retry)
+                             threads, pidfile, retry, tls_psk)
     if print_command:
         click.echo(shlex.join(command))
         return
-    where = f"nbd+unix:///NAME?socket={unix}" if unix else \
-        f"nbd://{bind}:{nbd_port or nbd_port_default}/NAME"
+    scheme = "nbds" if tls_psk else "nbd"
+    where = f"{scheme}+unix:///NAME?socket={unix}" if unix else \
+        f"{scheme}://{bind}:{nbd_port or nbd_port_default}/NAME"
+    if tls_psk:
+        where += f" (TLS required, keys in {os.path.abspath(tls_psk)})"
     if foreground:
         click.echo(f"serving VDIs of {target.address}:{target.port} at {where}", err=True)
         sys.stderr.flush()

@@ -14,6 +14,12 @@ retries what was in flight: the NBD client sees latency, not an error.
 
 Flush semantics make multi-conn safe: a FLUSH makes every write acknowledged
 before it durable on every replica, whichever connection sent the write.
+
+The plugin authenticates as one principal (keyring=FILE name=NAME, else as dog
+does): a principal limited to some VDIs lists and opens only those, and a
+read-only one serves every export read-only. A refusal (a wrong key, a VDI not in
+the caps) will not heal by waiting, so it is never retried: the client gets EACCES
+at once and nbdkit's log names the principal and the VDI.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import nbdkit  # provided by nbdkit's python plugin
 
@@ -62,6 +68,16 @@ def config(key: str, value: str) -> None:
     _config[key] = value
 
 
+def _fail_to_start(message: str) -> NoReturn:
+    """One line on stderr and exit: a configuration that cannot work (no keyring, a
+    malformed one, no such name in it) must stop nbdkit before it serves, and an
+    exception here would be printed by nbdkit with a traceback around its one line.
+    Nothing is bound or forked yet (nbdkit does that after config_complete)."""
+    sys.stderr.write(f"nbdkit: error: sheepdog plugin: {message}\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
 def config_complete() -> None:
     spec = _config.get("sheep", "127.0.0.1:7000")
     addresses = []
@@ -70,7 +86,13 @@ def config_complete() -> None:
         if not host or not port.isdigit():
             raise RuntimeError(f"sheep={item!r}: use HOST:PORT[,HOST:PORT...]")
         addresses.append((host, int(port)))
-    _state["gateways"] = Gateways(addresses, float(_config.get("retry", retry_total_s)))
+    auth, _, errors, _ = _import_client()
+    try:  # keyring=FILE name=NAME, else DOG_KEYRING, DOG_NAME and the defaults
+        credentials = auth.resolve_credentials(_config.get("keyring"), _config.get("name"))
+    except errors.SheepError as error:
+        _fail_to_start(error.message)
+    _state["gateways"] = Gateways(addresses, credentials,
+                                  float(_config.get("retry", retry_total_s)))
 
 
 def thread_model() -> int:
@@ -80,13 +102,10 @@ def thread_model() -> int:
 class Gateways:
     """The current gateway connection, the exports open on it, and failover."""
 
-    def __init__(self, addresses: list[tuple[str, int]], retry_s: float = retry_total_s) -> None:
-        auth, self.client, self.errors, self.proto = _import_client()
-        try:  # keyring=FILE name=NAME, else DOG_KEYRING, DOG_NAME and the defaults
-            self.credentials = auth.resolve_credentials(_config.get("keyring"),
-                                                        _config.get("name"))
-        except self.errors.SheepError as error:
-            raise RuntimeError(error.message) from None
+    def __init__(self, addresses: list[tuple[str, int]], credentials: Any,
+                 retry_s: float = retry_total_s) -> None:
+        self.auth, self.client, self.errors, self.proto = _import_client()
+        self.credentials = credentials
         self.addresses = list(addresses)
         self.retry_s = retry_s
         self.lock = threading.Lock()
@@ -98,6 +117,9 @@ class Gateways:
         # fenced gateway, one still joining or shutting down.
         self.retryable = (self.errors.NetworkError, self.errors.ShuttingDown,
                           self.errors.Unavailable, self.errors.Timeout)
+        # What no other member will take either (they share the principals): failing
+        # at once says why, where retrying would say "no sheep served" a minute later.
+        self.refused = (self.errors.AuthFailed, self.errors.PermissionDenied)
 
     def deadline(self) -> float:
         return time.monotonic() + self.retry_s
@@ -140,6 +162,8 @@ class Gateways:
                     last = error
                     if connection is not None:
                         connection.close()
+                    if isinstance(error, self.refused):
+                        raise
                     continue
                 self._learn(nodes)
                 try:
@@ -159,6 +183,15 @@ class Gateways:
             if time.monotonic() >= deadline:
                 raise self._gave_up(last)
             time.sleep(retry_pause_s)
+
+    def read_only(self) -> bool:
+        """Whether the principal may only read (caps 'ro vdi=...'), as the sheep told
+        this connection: then every export is served read-only."""
+        connection, _ = self.current()
+        try:
+            return bool(self.auth.Caps.parse(connection.caps).read_only)
+        except ValueError:
+            return False  # a sheep that did not say: the sheep still checks every op
 
     def _learn(self, nodes: list[dict[str, Any]]) -> None:
         for node in nodes:
@@ -284,7 +317,8 @@ def _raise(error: Exception, code: int = errno.EIO) -> None:
 
 def _errno_for(gateways: Gateways, error: Exception) -> int:
     errors = gateways.errors
-    table = [(errors.NoSpace, errno.ENOSPC), (errors.ReadOnly, errno.EROFS),
+    table = [(errors.PermissionDenied, errno.EACCES), (errors.AuthFailed, errno.EACCES),
+             (errors.NoSpace, errno.ENOSPC), (errors.ReadOnly, errno.EROFS),
              (errors.VdiLocked, errno.EBUSY), (errors.InvalidParameters, errno.EINVAL),
              (errors.NoVdi, errno.ENOENT), (errors.NoTag, errno.ENOENT)]
     for cls, code in table:
@@ -301,7 +335,12 @@ def _guard(function: Any) -> Any:
         try:
             return function(*args)
         except gateways.errors.SheepError as error:
-            _raise(error, _errno_for(gateways, error))
+            code = _errno_for(gateways, error)
+            if isinstance(error, gateways.refused):  # the reason is all the log needs
+                nbdkit.set_error(code)
+                raise RuntimeError(f"{function.__name__} refused to principal"
+                                   f" {gateways.credentials.name}: {error}") from None
+            _raise(error, code)
 
     wrapper.__name__ = function.__name__
     return wrapper
@@ -337,8 +376,14 @@ def open(readonly: bool) -> Handle:  # noqa: A001 - nbdkit's name
         nbdkit.set_error(errno.ENOENT)
         raise RuntimeError("no export name given: connect to nbd://HOST:PORT/VDI or VDI@TAG")
     base, _, tag = name.partition("@")
-    writable = not readonly and not tag
-    export = _gateways().acquire(base, tag or None, writable)
+    gateways = _gateways()
+    writable = not readonly and not tag and not gateways.read_only()
+    try:
+        export = gateways.acquire(base, tag or None, writable)
+    except gateways.errors.PermissionDenied as error:
+        nbdkit.set_error(errno.EACCES)
+        raise RuntimeError(f"export {name!r} refused to principal"
+                           f" {gateways.credentials.name}: {error}") from None
     return Handle(base, tag or None, writable, export)
 
 

@@ -557,6 +557,8 @@ class BlockingConnection:
                 reason = os.strerror(error.errno) if error.errno else str(error)
             raise NetworkError(f"cannot connect to sheep at {host}:{port}: {reason}") from error
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.principal = ""  # who the sheep took us for, and its caps' text
+        self.caps = ""
         try:
             self.sealer = self._authenticate(credentials)
         except BaseException:
@@ -587,9 +589,12 @@ class BlockingConnection:
         handshake = auth.ClientHandshake(credentials)
         try:
             answer = self._exchange(Op.AUTH_HELLO, handshake.hello())
-            self._exchange(Op.AUTH_PROVE, handshake.answer(answer))
+            welcome = self._exchange(Op.AUTH_PROVE, handshake.answer(answer))
         except OSError as error:
             raise NetworkError(f"authenticating to {self.endpoint}: {error}") from error
+        if isinstance(welcome, dict):
+            self.principal = str(welcome.get("principal", ""))
+            self.caps = str(welcome.get("caps", ""))
         return handshake.sealer()
 
     def _exchange(self, op: Op, body: Any) -> Any:

@@ -131,6 +131,56 @@ def test_the_retry_budget_reaches_the_plugin_and_a_bad_one_is_refused():
         assert "--retry" in result.stderr, result.stderr
 
 
+def test_tls_psk_reaches_nbdkit_and_a_bad_file_is_refused(tmp_path):
+    keys = tmp_path / "keys.psk"
+    keys.write_text("alice:" + "ab" * 32 + "\n")
+    command = shlex.split(dog("nbd", "serve", "--tls-psk", str(keys),
+                              "--print-command").stdout.strip())
+    assert {"--tls=require", f"--tls-psk={keys}"} <= set(command), command
+    assert command.index("--tls=require") < command.index("python")
+    assert not any(part.startswith("--tls") for part in shlex.split(
+        dog("nbd", "serve", "--print-command").stdout.strip()))
+
+    line = one_line_error(dog("nbd", "serve", "--tls-psk", str(tmp_path / "none.psk"),
+                              check=EXIT_SYSTEM))
+    assert f"cannot read the TLS PSK file {tmp_path / 'none.psk'}: No such file" in line, line
+    result = dog("nbd", "serve", "--tls-psk", str(tmp_path), check=EXIT_USAGE)
+    assert "is a directory" in result.stderr, result.stderr
+    not_psk = tmp_path / "keyring"
+    not_psk.write_text("[client.admin]\n")
+    line = one_line_error(dog("nbd", "serve", "--tls-psk", str(not_psk), check=EXIT_SYSTEM))
+    assert "is not a PSK file" in line and "psktool -u USER -p" in line, line
+
+
+@needs_nbdkit
+def test_without_a_usable_keyring_nbdkit_fails_at_start_in_one_line(tmp_path):
+    """Not at the first client: nbdkit exits before it listens, saying why in one line."""
+    port = free_port()
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("DOG_KEYRING", "DOG_NAME", "XDG_RUNTIME_DIR")}
+    env.update(HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / "config"),
+               TMPDIR=str(tmp_path))  # no default keyring either
+    result = subprocess.run(["nbdkit", "-f", "-p", str(port), "-i", "127.0.0.1", "python",
+                             str(PLUGIN), "sheep=127.0.0.1:1"], capture_output=True,
+                            text=True, timeout=60, env=env)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        f"nbdkit: error: sheepdog plugin: no keyring: pass --keyring FILE or set DOG_KEYRING"
+        f" (looked in {tmp_path}/config/sheepdog/keyring and"
+        f" {tmp_path}/sheepdog-{os.getuid()}/cluster/keyring)"], result.stderr
+
+    line = one_line_error(dog("nbd", "serve", "--port", str(port), "--keyring",
+                              str(tmp_path / "missing"), check=EXIT_SYSTEM))
+    assert line == (f"dog: nbdkit failed to start: nbdkit: error: sheepdog plugin: cannot read"
+                    f" keyring {tmp_path / 'missing'}: No such file or directory"), line
+    keyring = tmp_path / "keyring"
+    keyring.touch(mode=0o600)
+    keyring.write_text("[client.web]\n\tkey = " + "A" * 43 + "=\n\tcaps = rw vdi=web*\n")
+    line = one_line_error(dog("nbd", "serve", "--port", str(port), "--keyring", str(keyring),
+                              "--name", "client.nobody", check=EXIT_SYSTEM))
+    assert f"sheepdog plugin: no [client.nobody] key in {keyring}" in line, line
+
+
 def test_port_and_unix_together_are_a_usage_error(tmp_path):
     result = dog("nbd", "serve", "--port", "10810", "--unix", str(tmp_path / "s"),
                  check=EXIT_USAGE)
