@@ -22,6 +22,24 @@ def _section(value: dict[str, Any]) -> str:
                              keys.Caps.parse(value["caps"]))
 
 
+def _emit(value: dict[str, Any], output: str | None) -> None:
+    """Print the keyring section, or add it to the keyring file output (mode 0600)."""
+    if output is None:
+        click.echo(_section(value), nl=False)
+        return
+    try:
+        keys.merge_into_keyring(output, value["name"], keys.Entry(
+            keys.decode_key(value["key"]), keys.Caps.parse(value["caps"])))
+    except OSError as error:
+        raise UsageError(f"cannot write {output}: {error.strerror}") from None
+    click.echo(f"{value['name']} written to {output}")
+
+
+output_option = click.option(
+    "-o", "--output", type=click.Path(dir_okay=False), default=None,
+    help="Add the keyring section to this file (mode 0600) instead of printing it.")
+
+
 def _name(value: str) -> str:
     problem = keys.name_problem(value)
     if problem is not None:
@@ -36,8 +54,10 @@ def _name(value: str) -> str:
                    " a name or a pattern with * ? [ ] (repeatable).")
 @click.option("--read-only", is_flag=True, help="It may only list and read those VDIs.")
 @click.option("--admin", is_flag=True, help="It may do everything (but peer ops).")
+@output_option
 @connection_options
-def add(name: str, patterns: tuple[str, ...], read_only: bool, admin: bool) -> None:
+def add(name: str, patterns: tuple[str, ...], read_only: bool, admin: bool,
+        output: str | None) -> None:
     """Add a principal NAME (client.SOMETHING); print its keyring section."""
     if admin and (patterns or read_only):
         raise UsageError("--admin takes no --vdi or --read-only: an admin touches every VDI")
@@ -49,7 +69,7 @@ def add(name: str, patterns: tuple[str, ...], read_only: bool, admin: bool) -> N
         keys.Caps.parse(caps)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    click.echo(_section(run(lambda client: client.auth_add(name, caps))), nl=False)
+    _emit(run(lambda client: client.auth_add(name, caps)), output)
 
 
 @auth.command(name="list")
@@ -75,19 +95,21 @@ def rm(name: str) -> None:
 
 @auth.command()
 @click.argument("name", callback=lambda ctx, param, value: _name(value))
+@output_option
 @connection_options
-def rotate(name: str) -> None:
+def rotate(name: str, output: str | None) -> None:
     """Give a principal a new key (the old one stops working, its connections are cut);
     print its new keyring section."""
-    click.echo(_section(run(lambda client: client.auth_rotate(name))), nl=False)
+    _emit(run(lambda client: client.auth_rotate(name)), output)
 
 
 @auth.command()
 @click.argument("name", callback=lambda ctx, param, value: _name(value))
+@output_option
 @connection_options
-def get(name: str) -> None:
+def get(name: str, output: str | None) -> None:
     """Print a principal's keyring section."""
-    click.echo(_section(run(lambda client: client.auth_get(name))), nl=False)
+    _emit(run(lambda client: client.auth_get(name)), output)
 
 
 @auth.command(name="new-keyring")

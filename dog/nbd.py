@@ -143,6 +143,8 @@ def serve(nbd_port: int | None, unix: str | None, bind: str, readonly: bool, for
     if print_command:
         click.echo(shlex.join(command))
         return
+    if sys.prefix != sys.base_prefix:  # the plugin takes its libraries from dog's virtualenv
+        os.environ.setdefault("VIRTUAL_ENV", sys.prefix)
     scheme = "nbds" if tls_psk else "nbd"
     where = f"{scheme}+unix:///NAME?socket={unix}" if unix else \
         f"{scheme}://{bind}:{nbd_port or nbd_port_default}/NAME"

@@ -629,6 +629,17 @@ class BlockingConnection:
             waiter.error = error
             waiter.done.release()
 
+    def _recv_parts(self, first: memoryview, second: memoryview) -> None:
+        """Fill first, then second, in as few system calls as the data allows."""
+        while first:
+            count = self._sock.recvmsg_into([first, second])[0]
+            if count == 0:
+                raise ConnectionError("closed by the sheep")
+            taken = min(count, len(first))
+            first, count = first[taken:], count - taken
+            second = second[count:]
+        self._recv_exactly(second)
+
     def _recv_exactly(self, view: memoryview) -> None:
         while view:
             count = self._sock.recv_into(view)
@@ -658,8 +669,7 @@ class BlockingConnection:
                 header = header._replace(length=length)
                 if (length and not header.result and into is not None
                         and len(into) == length and not self.sealer.sealed(header.opcode)):
-                    self._recv_exactly(into)  # straight into the caller's buffer
-                    self._recv_exactly(tag_view)
+                    self._recv_parts(into, tag_view)  # straight into the caller's buffer
                     self.sealer.open_parts(header.opcode, packed, into, tag_view)
                 else:
                     data = bytearray(header.length + auth.TAG_BYTES)

@@ -293,7 +293,8 @@ class _RequestProtocol(asyncio.BufferedProtocol):
             return
         if self.sealer is not None:
             self.transport.writelines(self.sealer.seal(
-                header.opcode, lambda length: header._replace(length=length).pack(), data))
+                header.opcode, lambda length: header.pack_request(header.request_id, length),
+                data))
         elif data:
             self.transport.writelines([header.pack(), data])
         else:

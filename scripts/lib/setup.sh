@@ -38,6 +38,7 @@ SYSTEM_PACKAGES=(
     "zookeeper:/usr/share/zookeeper/bin/zkServer.sh"
     "tcpdump:tcpdump"
     "gnutls-bin:psktool"
+    "python3-cryptography:/usr/lib/python3/dist-packages/cryptography"
 )
 
 _present() {

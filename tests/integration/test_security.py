@@ -347,6 +347,12 @@ def test_dog_auth_commands(cluster, tmp_path):
         result = dog(port, *args, env=env)
         assert result.returncode == code, (args, result.returncode, result.stderr)
         assert text in one_line(result), args
+    written = tmp_path / "written" / "cli.keyring"  # -o: into a keyring file, 0600
+    result = dog(port, "auth", "get", "client.cli", "-o", str(written), env=env)
+    assert result.returncode == 0 and f"client.cli written to {written}" in result.stdout
+    assert os.stat(written).st_mode & 0o777 == 0o600
+    assert auth.load_keyring(str(written))["client.cli"].caps == auth.Caps.parse(
+        "ro vdi=cli* vdi=x")
     assert dog(port, "auth", "rm", "client.cli", env=env).returncode == 0
     made = tmp_path / "new.keyring"
     assert dog(port, "auth", "new-keyring", str(made), env=env).returncode == 0
@@ -405,8 +411,12 @@ def test_with_encrypt_a_capture_of_a_vdi_write_holds_none_of_its_bytes(tmp_path)
 
 
 def test_the_first_admin_key_from_format_works_and_dog_format_writes_it(tmp_path):
+    os.makedirs(tmp_path / "c" / "cluster", mode=0o755)
     with LocalCluster(str(tmp_path / "c"), nodes=1) as cluster:
         cluster.start()
+        # The local driver's log will hold the principals' keys: its directory is the
+        # owner's only, even one made open before.
+        assert os.stat(tmp_path / "c" / "cluster").st_mode & 0o777 == 0o700
         env = dict(dog_env(tmp_path), DOG_KEYRING=cluster.keyring)
         out = str(tmp_path / "admin.keyring")
         result = dog(cluster.sheep[0].port, "cluster", "format", "-c", "1", "--keyring", out,
