@@ -22,6 +22,8 @@ object_size_min_bytes = 1 * MiB
 object_size_max_bytes = 64 * MiB
 copies_default = 3
 copies_max = 8
+# A copy's version (a u64 in the store): what a frame may name leaves room to count on.
+version_max = 2**63 - 1
 block_size_bytes = 4 * KiB  # unit of checksums and of discard alignment
 
 # --- protocol ------------------------------------------------------------

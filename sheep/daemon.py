@@ -10,6 +10,7 @@ the admin handlers below.
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import logging
 import os
@@ -454,9 +455,31 @@ class Sheep:
         if oldest is not None and (saved is None or oldest < int(saved)):
             self.store.config_put("unverified_since", oldest)
 
-    async def broadcast(self, body: dict[str, Any]) -> ApplyResult:
-        """Send a cluster op through the ordered log; wait until it is applied here."""
+    def _trial(self, body: dict[str, Any]) -> None:
+        """Refuse an op the cluster state would refuse now, before it reaches the log:
+        only ops accepted when they were sent are logged (one that a concurrent op
+        makes fail meanwhile is still logged, and refused by every sheep alike). The
+        trial runs on a copy; an op that would break the state's invariants is refused
+        here too, never applied."""
         assert self.node is not None
+        trial = copy.deepcopy(self.group.state)
+        event = Event(seq=trial.seq + 1, kind=EventKind.OP, time=self.clock.wall(),
+                      node_id=self.node.node_id, body=body)
+        try:
+            result = trial.apply(event)
+        except (AssertionError, ArithmeticError, KeyError, TypeError, ValueError) as error:
+            log.error("refusing cluster op %s: it would break the cluster state (%r)",
+                      str(body.get("type"))[:40], error)
+            raise error_for(Result.INVALID_PARMS, f"cluster op {str(body.get('type'))[:40]}"
+                            " refused: invalid for the cluster state") from None
+        if result.result != Result.SUCCESS:
+            raise error_for(result.result, result.message)
+
+    async def broadcast(self, body: dict[str, Any]) -> ApplyResult:
+        """Send a cluster op through the ordered log, if the state accepts it now; wait
+        until it is applied here."""
+        assert self.node is not None
+        self._trial(body)
         op_id = f"{self.node.node_id}#{next(self._op_ids)}#{self.world.token(4)}"
         future: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()
         self._op_waiters[op_id] = future

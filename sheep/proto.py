@@ -314,6 +314,16 @@ def request_problem(header: Header) -> tuple[Result, str] | None:
     info = OPS[op]
     if header.flags & ~FLAGS_KNOWN:
         return Result.BAD_REQUEST, f"unknown flags 0x{header.flags:04x}"
+    if info.kind is Kind.AUTH:
+        return Result.BAD_REQUEST, f"{info.name}: the handshake is over on this connection"
+    if info.kind in (Kind.GATEWAY, Kind.PEER):
+        # arg0: the version a write gives its copies; arg1: the copies of a gateway op.
+        if header.arg0 > constants.version_max:
+            return Result.INVALID_PARMS, (
+                f"{info.name}: version {header.arg0} exceeds {constants.version_max}")
+        if info.kind is Kind.GATEWAY and header.arg1 > constants.copies_max:
+            return Result.INVALID_PARMS, (
+                f"{info.name}: {header.arg1} copies exceed {constants.copies_max}")
     if info.request is Payload.NONE and header.length:
         return Result.BAD_REQUEST, f"{info.name} takes no payload, got {header.length} bytes"
     if info.request is Payload.JSON and header.length > constants.payload_control_max_bytes:

@@ -21,7 +21,16 @@ from collections.abc import Iterator
 import pytest
 
 from sheep.client import Client, SyncClient
-from sheep.errors import NetworkError, SheepError, ShuttingDown
+from sheep.errors import (
+    AlreadyFormatted,
+    Exists,
+    NetworkError,
+    NoObject,
+    NoTag,
+    NoVdi,
+    SheepError,
+    ShuttingDown,
+)
 from sheep.oid import ObjectType, make_oid
 from sheep.testing.cluster import free_port
 
@@ -359,3 +368,29 @@ def test_a_store_is_refused_by_a_cluster_log_that_never_knew_it(tmp_path, daemon
     with SyncClient("127.0.0.1", port) as client:
         assert [v["name"] for v in client.vdi_list(usage=False)] == ["kept"]
     daemons.signal(restarted, signal.SIGTERM)
+
+
+def test_refused_cluster_ops_never_reach_the_cluster_log(tmp_path, daemons, monkeypatch):
+    """Every sheep applies the log forever: an op the state refuses is refused before
+    it is logged, so no client can grow the log with ops that do nothing."""
+    monkeypatch.setenv("DOG_KEYRING", str(tmp_path / "cluster" / "keyring"))
+    port = free_port()
+    daemons.start(str(tmp_path / "s"), "-p", str(port), "-c", f"local:{tmp_path / 'cluster'}")
+    with SyncClient("127.0.0.1", port) as client:
+        client.format(1, 4 << 20)
+        client.vdi_create("a", 1 << 20)
+        before = len(driver_log(str(tmp_path / "cluster")))
+        refusals = [
+            (lambda: client.vdi_create("a", 1 << 20), Exists),
+            (lambda: client.vdi_delete("missing"), NoVdi),
+            (lambda: client.format(1, 4 << 20), AlreadyFormatted),
+            (lambda: client.vdi_snapshot("missing"), NoVdi),
+            (lambda: client.auth_rm("client.nobody"), NoObject),
+            (lambda: client.vdi_clone("a", "nosuchsnap", "b"), NoTag),
+        ]
+        for call, error in refusals:
+            with pytest.raises(error):
+                call()
+        assert len(driver_log(str(tmp_path / "cluster"))) == before
+        client.vdi_create("b", 1 << 20)  # an accepted op is logged, once
+        assert len(driver_log(str(tmp_path / "cluster"))) == before + 1
