@@ -65,7 +65,7 @@ def run(call: Callable[[Client], Awaitable[T]]) -> T:
 
     async def main() -> T:
         client = await Client.connect(target.address, target.port,
-                                      credentials=target.credentials())
+                                      credentials=target.credentials)
         try:
             return await call(client)
         finally:

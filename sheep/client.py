@@ -16,12 +16,25 @@ import itertools
 import os
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from sheep import auth, constants, proto
 from sheep.errors import BadRequest, NetworkError, SheepError, Timeout, error_for
 from sheep.proto import Header, Op
 from sheep.world import Network
+
+# Who a connection authenticates as: credentials, a function giving them (called once
+# the sheep answered), or None: auth.resolve_credentials().
+CredentialsSource = auth.Credentials | Callable[[], auth.Credentials] | None
+
+
+def _resolve(credentials: CredentialsSource) -> auth.Credentials:
+    if credentials is None:
+        return auth.resolve_credentials()
+    if isinstance(credentials, auth.Credentials):
+        return credentials
+    return credentials()
 
 
 class _ReplyProtocol(asyncio.BufferedProtocol):
@@ -88,14 +101,13 @@ class Connection:
         return self._transport is None or self._error is not None
 
     @classmethod
-    async def open(cls, host: str, port: int, credentials: auth.Credentials | None = None,
+    async def open(cls, host: str, port: int, credentials: CredentialsSource = None,
                    timeout_ms: int = constants.peer_connect_timeout_ms,
                    network: Network | None = None) -> Connection:
-        """Connect and authenticate (credentials: default, auth.resolve_credentials())."""
-        if credentials is None:
-            credentials = auth.resolve_credentials()
+        """Connect and authenticate. credentials: who to be, or a function giving it once
+        the sheep answered (so an unreachable sheep is what is reported), or None for
+        auth.resolve_credentials()."""
         connection = cls(host, port)
-        connection.credentials = credentials
         try:
             transport = await (network or _tcp).connect(
                 host, port, lambda: _ReplyProtocol(connection), timeout_ms / 1000)
@@ -114,6 +126,8 @@ class Connection:
         if sock is not None:  # a simulated network has none
             detect_dead_peer(sock)
         try:
+            credentials = _resolve(credentials)
+            connection.credentials = credentials
             handshake = auth.ClientHandshake(credentials)
             _, data = await connection.call(Header(opcode=Op.AUTH_HELLO),
                                             proto.encode_json(handshake.hello()), timeout_ms)
@@ -233,7 +247,7 @@ class Client:
     async def connect(cls, host: str = constants.address_default,
                       port: int = constants.port_default,
                       network: Network | None = None,
-                      credentials: auth.Credentials | None = None) -> Client:
+                      credentials: CredentialsSource = None) -> Client:
         return cls(await Connection.open(host, port, credentials, network=network))
 
     def close(self) -> None:
@@ -475,7 +489,7 @@ class SyncClient:
 
     def __init__(self, host: str = constants.address_default,
                  port: int = constants.port_default,
-                 credentials: auth.Credentials | None = None) -> None:
+                 credentials: CredentialsSource = None) -> None:
         self._loop = asyncio.new_event_loop()
         try:
             self._client = self._loop.run_until_complete(
@@ -540,12 +554,10 @@ class BlockingConnection:
     Python either way.
     """
 
-    def __init__(self, host: str, port: int, credentials: auth.Credentials | None = None,
+    def __init__(self, host: str, port: int, credentials: CredentialsSource = None,
                  timeout_ms: int = constants.peer_connect_timeout_ms) -> None:
         self.host = host
         self.port = port
-        if credentials is None:
-            credentials = auth.resolve_credentials()
         try:
             self._sock = socket.create_connection((host, port), timeout=timeout_ms / 1000)
         except OSError as error:
@@ -560,7 +572,7 @@ class BlockingConnection:
         self.principal = ""  # who the sheep took us for, and its caps' text
         self.caps = ""
         try:
-            self.sealer = self._authenticate(credentials)
+            self.sealer = self._authenticate(_resolve(credentials))
         except BaseException:
             self._sock.close()
             raise

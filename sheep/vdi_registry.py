@@ -53,8 +53,9 @@ def name_problem(name: Any, what: str = "VDI name") -> str | None:
         return f"{what} must not be empty"
     if len(name) > name_max_chars:
         return f"{what} is longer than {name_max_chars} characters"
-    if not _name_pattern.match(name):
-        return f"{what} {name!r} may hold only letters, digits, '-', '_' and '.'"
+    if not _name_pattern.match(name) or ".." in name:
+        return (f"{what} {name!r} may hold only letters, digits, '-', '_' and '.' (not"
+                " '..')")
     return None
 
 

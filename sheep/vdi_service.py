@@ -137,6 +137,9 @@ def _holds_lock(handle: Handle, vdi: Vdi, session: Session) -> bool:
             and vdi.lock.get("session") == session.id)
 
 
+owner_max_chars = 256  # who a lock names (dog vdi lock list): it goes into the cluster log
+
+
 class VdiService:
     def __init__(self, group: Group, gateway: Gateway, node_id: str, broadcast: Broadcast,
                  peer_connection: Callable[[str], Awaitable[Connection]]) -> None:
@@ -243,7 +246,12 @@ class VdiService:
         if writable:
             peer = session.peer
             client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-            owner = f"{body.get('owner') or 'client ' + client} (via sheep {self.node_id})"
+            named = body.get("owner")
+            if named is not None and (not isinstance(named, str) or len(named) > owner_max_chars
+                                      or not named.isprintable()):
+                raise InvalidParameters(f"owner must be printable text of at most"
+                                        f" {owner_max_chars} characters")
+            owner = f"{named or 'client ' + client} (via sheep {self.node_id})"
             await self.broadcast({"type": "vdi_lock", "name": vdi.name, "node_id": self.node_id,
                                   "session": session.id, "owner": owner})
         handle_id = next(self._handles)

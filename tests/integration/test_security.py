@@ -24,6 +24,7 @@ from sheep.client import SyncClient
 from sheep.errors import (
     EXIT_PERMISSION,
     AuthFailed,
+    InvalidParameters,
     NetworkError,
     NoVdi,
     PermissionDenied,
@@ -438,3 +439,16 @@ def test_the_first_admin_key_from_format_works_and_dog_format_writes_it(tmp_path
         assert set(auth.load_keyring(cluster.keyring)) == {"node", "client.admin"}
         stale = dog(cluster.sheep[0].port, "--keyring", out, "vdi", "list", env=env)
         assert stale.returncode == EXIT_PERMISSION  # the old admin key died with the format
+
+
+def test_names_and_owners_are_bounded_before_they_reach_the_cluster_log(cluster, admin):
+    for name in ["..", "a..b", "a/b", "", "x" * 257, "tab\there", "é"]:
+        with pytest.raises(InvalidParameters):
+            admin.vdi_create(name, MiB)
+    if "bounded" not in vdi_names(admin):
+        admin.vdi_create("bounded", MiB)
+    for owner in ["x" * 257, "\x1b[31mred", "line\nbreak"]:
+        with pytest.raises(InvalidParameters, match="owner"):
+            admin.vdi_open("bounded", writable=True, owner=owner)
+    handle = admin.vdi_open("bounded", writable=True, owner="a VM on host 7")["handle"]
+    admin.vdi_close(handle)
