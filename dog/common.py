@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import click
@@ -28,19 +28,33 @@ class Target:
     keyring: str | None = None  # --keyring (DOG_KEYRING)
     name: str | None = None  # --name (DOG_NAME)
     prefer_node: bool = False  # format: the node key first (no admin exists before it)
+    explicit: set[str] = field(default_factory=set)  # fields given on the command line
 
     def credentials(self) -> auth.Credentials:
         return auth.resolve_credentials(self.keyring, self.name, self.prefer_node)
 
 
-def _set_address(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
-    if value is not None:
-        ctx.ensure_object(Target).address = value
+def _setter(field_name: str) -> Callable[[click.Context, click.Parameter, Any], None]:
+    """A callback that sets a Target field from -a/-p, before or after the command. An
+    explicit option always beats the environment: DOG_PORT read again at the
+    subcommand does not undo 'dog -p 7001 ...'."""
+
+    def set_field(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        if value is None:
+            return
+        target = ctx.ensure_object(Target)
+        source = ctx.get_parameter_source(param.name or "")
+        if source is click.core.ParameterSource.COMMANDLINE:
+            target.explicit.add(field_name)
+        elif field_name in target.explicit:
+            return
+        setattr(target, field_name, value)
+
+    return set_field
 
 
-def _set_port(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
-    if value is not None:
-        ctx.ensure_object(Target).port = value
+_set_address = _setter("address")
+_set_port = _setter("port")
 
 
 def connection_options(function: Callable[..., Any],

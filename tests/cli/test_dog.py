@@ -160,3 +160,16 @@ def test_node_kill_and_cluster_shutdown(cluster):
     for sheep in cluster.sheep:
         if sheep.process is not None and sheep.process.poll() is None:
             assert sheep.process.wait(timeout=15) == 0
+
+
+def test_an_explicit_port_beats_dog_port_before_or_after_the_command(cluster):
+    live, dead = cluster.sheep[0].port, free_port()
+    env = {**os.environ, "DOG_PORT": str(dead)}
+    for args in (["-p", str(live), "cluster", "info"], ["cluster", "info", "-p", str(live)],
+                 ["-a", "127.0.0.1", "-p", str(live), "node", "list"]):
+        result = subprocess.run([sys.executable, "-m", "dog", *args], capture_output=True,
+                                env=env, timeout=60)
+        assert result.returncode == 0, (args, result.stderr)
+    result = subprocess.run([sys.executable, "-m", "dog", "cluster", "info"], capture_output=True,
+                            env=env, timeout=60)
+    assert result.returncode == EXIT_SYSTEM and f":{dead}" in result.stderr.decode()
