@@ -30,8 +30,9 @@ class Target:
     prefer_node: bool = False  # format: the node key first (no admin exists before it)
     explicit: set[str] = field(default_factory=set)  # fields given on the command line
 
-    def credentials(self) -> auth.Credentials:
-        return auth.resolve_credentials(self.keyring, self.name, self.prefer_node)
+    def credentials(self) -> auth.Auto:
+        """Keys as dog finds them; on one box also the node keyring the sheep names."""
+        return auth.Auto(self.keyring, self.name, self.prefer_node)
 
 
 def _setter(field_name: str) -> Callable[[click.Context, click.Parameter, Any], None]:
@@ -79,7 +80,7 @@ def run(call: Callable[[Client], Awaitable[T]]) -> T:
 
     async def main() -> T:
         client = await Client.connect(target.address, target.port,
-                                      credentials=target.credentials)
+                                      credentials=target.credentials())
         try:
             return await call(client)
         finally:

@@ -40,6 +40,7 @@ import configparser
 import fnmatch
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
@@ -54,6 +55,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sheep.errors import AuthFailed, BadRequest, SheepError, UsageError
+
+log = logging.getLogger(__name__)
 
 KEY_BYTES = 32
 NONCE_BYTES = 32
@@ -172,7 +175,7 @@ def section_text(name: str, key: bytes, caps: Caps) -> str:
 
 def load_keyring(path: str) -> dict[str, Entry]:
     """The principals of a keyring file. Refused, naming the problem, if the file is
-    missing, readable by others than its owner, or malformed."""
+    missing or malformed; a warning if others than its owner may read it."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as error:
@@ -181,9 +184,9 @@ def load_keyring(path: str) -> dict[str, Entry]:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise KeyringError(f"keyring {path} is not a regular file")
-        if info.st_mode & 0o077:
-            raise KeyringError(f"keyring {path} is readable by others (mode"
-                               f" {stat.S_IMODE(info.st_mode):o}): chmod 600 it")
+        if info.st_mode & 0o077:  # as ssh warns; refusing would break 'add > FILE'
+            log.warning("keyring %s is open to others (mode %o): chmod 600 it", path,
+                        stat.S_IMODE(info.st_mode))
         if info.st_size > 1 << 20:
             raise KeyringError(f"keyring {path} is larger than 1 MiB")
         with os.fdopen(os.dup(fd), "r", encoding="utf-8", errors="strict") as file:
@@ -279,6 +282,9 @@ class Authority(Protocol):
     def lookup(self, name: str) -> Entry | None: ...
 
     def mode(self) -> str: ...
+
+    def keyring_hint(self) -> str | None:
+        """The path of the sheep's node keyring, told to clients on this box only."""
 
 
 @dataclass(frozen=True)
@@ -516,3 +522,54 @@ def resolve_credentials(keyring: str | None = None, name: str | None = None,
             if candidate in entries:
                 return Credentials(candidate, entries[candidate].key)
     raise KeyringError(f"no [{wanted[0]}] key in {' or '.join(paths)}")
+
+
+@dataclass(frozen=True)
+class Auto:
+    """Credentials found as dog finds them (resolve_credentials), which may also take the
+    node keyring a sheep on this box names in its handshake answer (a path, never a
+    key: only a user who may read that file gets anything from it). It is the one-box
+    cluster's own key, so it comes first for 'dog cluster format' (prefer_node), and
+    last otherwise, when nothing else is found."""
+
+    keyring: str | None = None
+    name: str | None = None
+    prefer_node: bool = False
+
+    def _explicit(self) -> bool:
+        return bool(self.keyring or os.environ.get("DOG_KEYRING") or self.name
+                    or os.environ.get("DOG_NAME"))
+
+    def name_to_try(self) -> str:
+        """Who to say hello as, before the sheep answered."""
+        if self._explicit():
+            return resolve_credentials(self.keyring, self.name, self.prefer_node).name
+        try:
+            return resolve_credentials(prefer_node=self.prefer_node).name
+        except KeyringError:
+            return NODE  # a sheep on this box may name its keyring
+
+    def resolve(self, name: str, hint: Any) -> Credentials:
+        """The credentials for name, now that the sheep may have named its keyring: the
+        node key of the sheep answering beats a node key found in a default place,
+        which may be another cluster's."""
+        if not self._explicit() and name == NODE:
+            from_sheep = _hinted_node_key(hint)
+            if from_sheep is not None:
+                return from_sheep
+        found = resolve_credentials(self.keyring, self.name, self.prefer_node)
+        if found.name != name:
+            raise KeyringError(f"no [{name}] key found")
+        return found
+
+
+def _hinted_node_key(hint: Any) -> Credentials | None:
+    """The node key of the keyring file a sheep on this box named, if readable."""
+    if not isinstance(hint, str) or not os.path.isabs(hint):
+        return None
+    try:
+        entries = load_keyring(hint)
+    except KeyringError:
+        return None
+    entry = entries.get(NODE)
+    return Credentials(NODE, entry.key) if entry is not None else None

@@ -26,7 +26,7 @@ from sheep.world import Network
 
 # Who a connection authenticates as: credentials, a function giving them (called once
 # the sheep answered), or None: auth.resolve_credentials().
-CredentialsSource = auth.Credentials | Callable[[], auth.Credentials] | None
+CredentialsSource = auth.Credentials | auth.Auto | Callable[[], auth.Credentials] | None
 
 
 def _resolve(credentials: CredentialsSource) -> auth.Credentials:
@@ -34,6 +34,9 @@ def _resolve(credentials: CredentialsSource) -> auth.Credentials:
         return auth.resolve_credentials()
     if isinstance(credentials, auth.Credentials):
         return credentials
+    if isinstance(credentials, auth.Auto):  # no hint here: found as dog finds keys
+        return auth.resolve_credentials(credentials.keyring, credentials.name,
+                                        credentials.prefer_node)
     return credentials()
 
 
@@ -126,12 +129,19 @@ class Connection:
         if sock is not None:  # a simulated network has none
             detect_dead_peer(sock)
         try:
-            credentials = _resolve(credentials)
-            connection.credentials = credentials
-            handshake = auth.ClientHandshake(credentials)
+            if isinstance(credentials, auth.Auto):  # the key may come from the sheep's hint
+                handshake = auth.ClientHandshake(auth.Credentials(credentials.name_to_try(), b""))
+            else:
+                handshake = auth.ClientHandshake(_resolve(credentials))
             _, data = await connection.call(Header(opcode=Op.AUTH_HELLO),
                                             proto.encode_json(handshake.hello()), timeout_ms)
-            proof = handshake.answer(proto.decode_json(data))
+            answer = proto.decode_json(data)
+            if isinstance(credentials, auth.Auto):
+                handshake.credentials = credentials.resolve(
+                    handshake.credentials.name,
+                    answer.get("keyring") if isinstance(answer, dict) else None)
+            connection.credentials = handshake.credentials
+            proof = handshake.answer(answer)
             _, data = await connection.call(Header(opcode=Op.AUTH_PROVE),
                                             proto.encode_json(proof), timeout_ms)
         except SheepError:

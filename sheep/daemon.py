@@ -69,6 +69,7 @@ class SheepConfig:
     # The cluster's node key (sheep/auth.py): this sheep's credentials towards its peers,
     # and the key it accepts from them. None: a random one (a cluster of this sheep alone).
     node_key: bytes | None = None
+    keyring_path: str | None = None  # the file it came from, named to clients on this host
 
 
 def space_state(usage: dict[str, int], object_size: int) -> str:
@@ -535,6 +536,9 @@ class Sheep:
 
     def mode(self) -> str:
         return "encrypt" if self.group.state.encrypt else "sign"
+
+    def keyring_hint(self) -> str | None:
+        return self.config.keyring_path
 
     def _authorize(self, header: Header, payload: bytes, session: Session,
                    info: proto.OpInfo) -> bool:

@@ -177,6 +177,16 @@ async def _run(sheep: Sheep, sock: socket.socket, ready_fd: int | None,
     return 0
 
 
+def _keyring_path(keyring: str | None, driver: str) -> str | None:
+    """The node keyring's file, as _node_key reads it."""
+    if keyring is not None:
+        return os.path.abspath(keyring)
+    name, _, argument = driver.partition(":")
+    if name != "local":
+        return None
+    return auth.cluster_keyring_path(os.path.abspath(argument or default_local_directory()))
+
+
 def _node_key(keyring: str | None, driver: str) -> bytes:
     """The cluster's node key: from --keyring, or, with the local driver, from its shared
     directory (made there by the first sheep)."""
@@ -264,7 +274,8 @@ def command(directory: str, port: int, address: str, driver: str, zone: int | No
     with open(os.path.join(directory, "sheep.pid"), "w") as file:
         file.write(f"{os.getpid()}\n")
     config = SheepConfig(directory=directory, address=address, port=port, zone=zone,
-                         weight=weight_bytes, io_scheduler=io_scheduler, node_key=node_key)
+                         weight=weight_bytes, io_scheduler=io_scheduler, node_key=node_key,
+                         keyring_path=_keyring_path(keyring, driver))
     sheep = Sheep(config, Store(directory, checksums=not no_checksums), cluster_driver)
     # uvloop (libuv) runs the same asyncio code with far less overhead per event.
     code = uvloop.run(_run(sheep, sock, ready_fd, metrics_port))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -89,6 +90,16 @@ _data_reply_ops = frozenset(op for op, info in proto.OPS.items()
 def _request_bytes(header: Header) -> int:
     """What serving a request holds in memory: its payload and the data it reads."""
     return header.length + (header.count if header.opcode in _data_reply_ops else 0)
+
+
+def _on_this_host(peer: Any) -> bool:
+    """Whether a connection comes over loopback (a client on the sheep's own host)."""
+    if not isinstance(peer, tuple) or not peer:
+        return False
+    try:
+        return ipaddress.ip_address(str(peer[0])).is_loopback
+    except ValueError:
+        return False
 
 
 class _RequestProtocol(asyncio.BufferedProtocol):
@@ -192,7 +203,11 @@ class _RequestProtocol(asyncio.BufferedProtocol):
                     raise BadRequest("handshake: hello sent twice")
                 self.handshake = auth.ServerHandshake(self.server.authority.lookup,
                                                       self.server.authority.mode())
-                answer = proto.encode_json(self.handshake.hello(body))
+                hello = self.handshake.hello(body)
+                hint = self.server.authority.keyring_hint()
+                if hint is not None and _on_this_host(self.session.peer):
+                    hello["keyring"] = hint  # a path: only its readers get the key
+                answer = proto.encode_json(hello)
                 self._send(header.reply(Result.SUCCESS, len(answer)), answer)
                 return
             if self.handshake is None:

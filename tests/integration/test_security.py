@@ -126,7 +126,13 @@ def test_without_a_keyring_or_with_a_wrong_key_dog_fails_in_one_line_and_changes
         cluster, admin, tmp_path):
     env = dog_env(tmp_path)
     port = cluster.sheep[0].port
-    result = dog(port, "vdi", "create", "nokey", "1G", env=env)
+    # On its own host a sheep names its node keyring (test_on_one_box_...): a user who
+    # cannot read it (here: it is gone) has no key at all.
+    os.rename(cluster.keyring, cluster.keyring + ".away")
+    try:
+        result = dog(port, "vdi", "create", "nokey", "1G", env=env)
+    finally:
+        os.rename(cluster.keyring + ".away", cluster.keyring)
     assert result.returncode == 64
     assert "no keyring" in one_line(result)
     wrong = keyring(str(tmp_path), "client.admin",
@@ -452,3 +458,30 @@ def test_names_and_owners_are_bounded_before_they_reach_the_cluster_log(cluster,
             admin.vdi_open("bounded", writable=True, owner=owner)
     handle = admin.vdi_open("bounded", writable=True, owner="a VM on host 7")["handle"]
     admin.vdi_close(handle)
+
+
+def test_on_one_box_format_needs_no_keyring_even_beside_another_clusters_key(tmp_path):
+    """The sheep names its node keyring to clients on its own host (a path: only users
+    who may read the file get the key), so 'dog cluster format' on one box works with
+    no flag, even when the default place holds another cluster's node key."""
+    env = dog_env(tmp_path)
+    from sheep.cluster.driver import default_local_directory
+
+    stale = auth.cluster_keyring_path(default_local_directory().replace(
+        os.environ["XDG_RUNTIME_DIR"], env["XDG_RUNTIME_DIR"]))
+    auth.node_keyring(stale)  # another cluster's node key, where dog looks by default
+    with LocalCluster(str(tmp_path / "c"), nodes=1) as cluster:
+        cluster.start()
+        out = str(tmp_path / "first-admin.keyring")
+        port = cluster.sheep[0].port
+        result = dog(port, "cluster", "format", "-c", "1", "--keyring", out, env=env)
+        assert result.returncode == 0, result.stderr
+        assert dog(port, "--keyring", out, "vdi", "create", "v", "1M", env=env).returncode == 0
+        # Without the file the sheep names, the stale key is tried, and fails clearly.
+        os.rename(cluster.keyring, cluster.keyring + ".away")
+        try:
+            refused = dog(port, "cluster", "info", env=env)
+        finally:
+            os.rename(cluster.keyring + ".away", cluster.keyring)
+        assert refused.returncode == EXIT_PERMISSION
+        assert "authentication as node failed" in one_line(refused)

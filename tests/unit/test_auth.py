@@ -167,12 +167,15 @@ def test_malformed_keyrings_are_refused_naming_the_problem(tmp_path, text, probl
         auth.load_keyring(str(path))
 
 
-def test_a_keyring_others_can_read_is_refused(tmp_path):
+def test_a_keyring_others_can_read_is_used_with_a_warning(tmp_path, caplog):
     path = str(tmp_path / "keyring")
-    auth.write_keyring(path, {})
+    key = auth.new_key()
+    auth.write_keyring(path, {"client.a": auth.Entry(key, auth.Caps(admin=True))})
     os.chmod(path, 0o644)
-    with pytest.raises(auth.KeyringError, match="chmod 600"):
-        auth.load_keyring(path)
+    assert auth.load_keyring(path)["client.a"].key == key
+    assert "chmod 600" in caplog.text
+    with pytest.raises(auth.KeyringError, match="cannot read"):
+        auth.load_keyring(str(tmp_path / "missing"))
     with pytest.raises(auth.KeyringError, match="cannot read"):
         auth.load_keyring(str(tmp_path / "missing"))
 
