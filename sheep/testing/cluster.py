@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sheep import auth, proto
@@ -62,15 +63,21 @@ def raw_call(port: int, header: Header, payload: bytes = b"",
                     return reply, body
 
         if credentials is not None:
-            handshake = auth.ClientHandshake(credentials)
-            reply, body = call(Header(opcode=proto.Op.AUTH_HELLO),
-                               proto.encode_json(handshake.hello()))
-            assert reply.result == 0, proto.error_message(body)
-            reply, body = call(Header(opcode=proto.Op.AUTH_PROVE), proto.encode_json(
-                handshake.answer(proto.decode_json(body))))
-            assert reply.result == 0, proto.error_message(body)
-            sealer = handshake.sealer()
+            sealer = raw_handshake(call, credentials)
         return call(header, payload)
+
+
+def raw_handshake(call: Callable[[Header, bytes], tuple[Header, bytes]],
+                  credentials: auth.Credentials) -> auth.Sealer:
+    """The handshake over a raw connection's call(header, payload) -> reply; the sealer
+    its later frames go through."""
+    handshake = auth.ClientHandshake(credentials)
+    reply, body = call(Header(opcode=proto.Op.AUTH_HELLO), proto.encode_json(handshake.hello()))
+    assert reply.result == 0, proto.error_message(body)
+    reply, body = call(Header(opcode=proto.Op.AUTH_PROVE), proto.encode_json(
+        handshake.answer(proto.decode_json(body))))
+    assert reply.result == 0, proto.error_message(body)
+    return handshake.sealer()
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 15) -> None:

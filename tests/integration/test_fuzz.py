@@ -20,10 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sheep import auth, proto
-from sheep.errors import Result
 from sheep.oid import ObjectType, make_oid
 from sheep.proto import FLAGS_KNOWN, Header, Op
-from sheep.testing.cluster import LocalCluster
+from sheep.testing.cluster import LocalCluster, raw_handshake
 
 examples = int(os.environ.get("SHEEP_FUZZ_EXAMPLES", "150"))
 MiB = 1 << 20
@@ -79,12 +78,7 @@ class Link:
         self.sealer: auth.Sealer | None = None
         self.closed = False
         if credentials is not None:
-            handshake = auth.ClientHandshake(credentials)
-            _, body = self.call(Header(opcode=Op.AUTH_HELLO), proto.encode_json(handshake.hello()))
-            reply, body = self.call(Header(opcode=Op.AUTH_PROVE), proto.encode_json(
-                handshake.answer(proto.decode_json(body))))
-            assert reply.result == Result.SUCCESS
-            self.sealer = handshake.sealer()
+            self.sealer = raw_handshake(self.call, credentials)
 
     def send(self, header: Header, payload: bytes) -> None:
         if self.sealer is None:

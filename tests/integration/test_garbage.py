@@ -25,7 +25,7 @@ from sheep.client import SyncClient
 from sheep.errors import Result
 from sheep.oid import ObjectType, make_oid
 from sheep.proto import FLAG_REPLY, HEADER_SIZE, Header, Op
-from sheep.testing.cluster import LocalCluster
+from sheep.testing.cluster import LocalCluster, raw_handshake
 
 reply_timeout_s = 5.0
 rss_growth_max_bytes = 100 << 20
@@ -44,13 +44,7 @@ class Exchange:
         self.closed = False
         self.sealer: auth.Sealer | None = None
         if credentials is not None:
-            handshake = auth.ClientHandshake(credentials)
-            reply, body = self.call(Header(opcode=Op.AUTH_HELLO),
-                                    proto.encode_json(handshake.hello()))
-            reply, body = self.call(Header(opcode=Op.AUTH_PROVE), proto.encode_json(
-                handshake.answer(proto.decode_json(body))))
-            assert reply.result == Result.SUCCESS, proto.error_message(body)
-            self.sealer = handshake.sealer()
+            self.sealer = raw_handshake(self.call, credentials)
 
     def frame(self, header: Header, payload: bytes = b"") -> bytes:
         """A frame as the client library would send it on this connection."""
