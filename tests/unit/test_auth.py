@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 
@@ -167,13 +168,26 @@ def test_malformed_keyrings_are_refused_naming_the_problem(tmp_path, text, probl
         auth.load_keyring(str(path))
 
 
-def test_a_keyring_others_can_read_is_used_with_a_warning(tmp_path, caplog):
+def test_a_keyring_others_can_read_is_used_with_a_warning(tmp_path):
     path = str(tmp_path / "keyring")
     key = auth.new_key()
     auth.write_keyring(path, {"client.a": auth.Entry(key, auth.Caps(admin=True))})
     os.chmod(path, 0o644)
-    assert auth.load_keyring(path)["client.a"].key == key
-    assert "chmod 600" in caplog.text
+    # On the module's own logger: other tests may have configured logging (a sheep run
+    # in process), so the root logger's capture is not to be relied on.
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("sheep.auth")
+    saved = logger.disabled, logger.level
+    logger.disabled, logger.level = False, logging.WARNING
+    logger.addHandler(handler)
+    try:
+        assert auth.load_keyring(path)["client.a"].key == key
+    finally:
+        logger.removeHandler(handler)
+        logger.disabled, logger.level = saved
+    assert any("chmod 600" in record.getMessage() for record in records)
     with pytest.raises(auth.KeyringError, match="cannot read"):
         auth.load_keyring(str(tmp_path / "missing"))
     with pytest.raises(auth.KeyringError, match="cannot read"):
