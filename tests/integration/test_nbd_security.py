@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from sheep.testing.cluster import LocalCluster, free_port, stop_process
-from sheep.testing.nbd import needs_tools
+from sheep.testing.cluster import LocalCluster, free_port
+from sheep.testing.nbd import NbdServer, needs_tools
 
 MiB = 1 << 20
 
@@ -46,38 +45,19 @@ def dog(*args: str) -> subprocess.CompletedProcess[str]:
     return run(sys.executable, "-m", "dog", *args)
 
 
-class Served:
-    """One ``dog nbd serve -f``: nbdkit itself once dog has exec'd it."""
+class Served(NbdServer):
+    """One ``dog nbd serve -f``: nbdkit itself once dog has exec'd it (NbdServer's wait,
+    URIs, log and stop; started by dog instead of directly)."""
 
     def __init__(self, sheep_port: int, log_path: Path, *options: str) -> None:
         self.port = free_port()
-        self.log_path = log_path
+        self.log_path = str(log_path)
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "dog", "-p", str(sheep_port), "nbd", "serve", "-f",
                  "--port", str(self.port), *options],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        self._wait_listening()
-
-    def _wait_listening(self, timeout_s: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nbdkit exited: {self.log()}")
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.05)
-        raise RuntimeError(f"nbdkit not listening within {timeout_s} s: {self.log()}")
-
-    def uri(self, export: str) -> str:
-        return f"nbd://127.0.0.1:{self.port}/{export}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        stop_process(self.process)
+        self._wait_listening(timeout_s=20.0)
 
 
 @pytest.fixture(scope="module")
