@@ -190,15 +190,14 @@ def _keyring_path(keyring: str | None, driver: str) -> str | None:
 def _node_key(keyring: str | None, driver: str) -> bytes:
     """The cluster's node key: from --keyring, or, with the local driver, from its shared
     directory (made there by the first sheep)."""
+    path = _keyring_path(keyring, driver)
+    if path is None:
+        raise UsageError(f"the {driver.partition(':')[0]} driver needs --keyring FILE with"
+                         " the cluster's [node] key ('dog auth new-keyring FILE' makes one;"
+                         " copy it to every host)")
     if keyring is None:
-        name, _, argument = driver.partition(":")
-        if name != "local":
-            raise UsageError(f"the {name} driver needs --keyring FILE with the cluster's"
-                             " [node] key ('dog auth new-keyring FILE' makes one; copy it to"
-                             " every host)")
-        directory = os.path.abspath(argument or default_local_directory())
-        return auth.node_keyring(auth.cluster_keyring_path(directory)).key
-    entries = auth.load_keyring(keyring)
+        return auth.node_keyring(path).key
+    entries = auth.load_keyring(path)
     if auth.NODE not in entries:
         raise UsageError(f"keyring {keyring} has no [node] section")
     return entries[auth.NODE].key
