@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sheep import auth, constants, proto
-from sheep.errors import BadRequest, NetworkError, SheepError, Timeout, error_for
+from sheep.errors import NetworkError, SheepError, Timeout, error_for
 from sheep.proto import Header, Op
 from sheep.world import Network
 
@@ -44,6 +44,7 @@ class _ReplyProtocol(asyncio.BufferedProtocol):
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
         self.decoder = proto.FrameDecoder()
+        connection._decoder = self.decoder  # sealed once the handshake is done
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -56,17 +57,7 @@ class _ReplyProtocol(asyncio.BufferedProtocol):
             frames = self.decoder.buffer_updated(nbytes)
         except proto.ProtocolError:
             frames = []
-        sealer = self.connection.sealer
-        for header, payload in frames:
-            if sealer is not None:
-                try:
-                    payload = sealer.open(header.opcode, header.pack(), payload)  # type: ignore[assignment]
-                except BadRequest as bad:
-                    self.connection._fail(NetworkError(
-                        f"bad reply from {self.connection.endpoint}: {bad.message}"))
-                    self.transport.close()
-                    return
-                header = header._replace(length=len(payload))
+        for header, payload in frames:  # opened by the decoder once it is sealed
             self.connection._deliver(header, payload)
         error = self.decoder.error
         if error is not None:
@@ -92,6 +83,7 @@ class Connection:
         self._sweeper: asyncio.TimerHandle | None = None
         self.credentials: auth.Credentials | None = None  # who it authenticates as
         self.sealer: auth.Sealer | None = None  # once the handshake is done
+        self._decoder: proto.FrameDecoder | None = None  # its protocol's
         self.principal = ""  # who the sheep took us for
         self.caps = ""
 
@@ -151,6 +143,12 @@ class Connection:
         return connection
 
     def _welcome(self, sealer: auth.Sealer, welcome: Any) -> None:
+        assert self._decoder is not None
+        try:
+            self._decoder.seal(sealer)
+        except proto.ProtocolError as error:
+            self.close()
+            raise NetworkError(f"bad reply from {self.endpoint}: {error.reason}") from None
         self.sealer = sealer
         if isinstance(welcome, dict):
             self.principal = str(welcome.get("principal", ""))
@@ -192,8 +190,8 @@ class Connection:
         if self._sweeper is None:
             self._sweeper = loop.call_later(_sweep_interval_s, self._sweep)
         if self.sealer is not None:
-            self._transport.writelines(self.sealer.seal(
-                header.opcode, lambda length: header.pack_request(request_id, length), payload))
+            self._transport.writelines(self.sealer.seal(header.opcode, header.pack_request(
+                request_id, len(payload) + auth.TAG_BYTES), payload))
             return future
         packed = header.pack_request(request_id, len(payload))
         if payload:
@@ -557,11 +555,12 @@ class _Waiter:
 class BlockingConnection:
     """One TCP connection shared by many threads (the NBD plugin's).
 
-    Requests are pipelined: any thread sends (under a lock, header and payload
-    in one sendmsg, never copied), and one reader thread takes the replies,
-    matching them by request id. A read's data is received straight into the
-    buffer its caller passed (nbdkit's own), so payloads are not copied in
-    Python either way.
+    Requests are pipelined: any thread sends (under a lock, a frame's parts in one
+    sendmsg), and one reader thread takes the replies, matching them by request id.
+    The reader receives through a FrameDecoder, as the sheep do: replies queued
+    behind each other come in one system call, and each is checked against its tag
+    before a byte of it reaches its caller (a read's data is then copied into the
+    buffer its caller passed, nbdkit's own).
     """
 
     def __init__(self, host: str, port: int, credentials: CredentialsSource = None,
@@ -581,6 +580,8 @@ class BlockingConnection:
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.principal = ""  # who the sheep took us for, and its caps' text
         self.caps = ""
+        # Replies, framed and opened: small ones staged and taken several per recv.
+        self._decoder = proto.FrameDecoder(constants.handshake_payload_max_bytes)
         try:
             self.sealer = self._authenticate(_resolve(credentials))
         except BaseException:
@@ -612,24 +613,27 @@ class BlockingConnection:
         try:
             answer = self._exchange(Op.AUTH_HELLO, handshake.hello())
             welcome = self._exchange(Op.AUTH_PROVE, handshake.answer(answer))
-        except OSError as error:
+            sealer = handshake.sealer()
+            self._decoder.allow(constants.payload_max_bytes + auth.TAG_BYTES)
+            self._decoder.seal(sealer)
+        except (OSError, ConnectionError) as error:
             raise NetworkError(f"authenticating to {self.endpoint}: {error}") from error
+        except proto.ProtocolError as error:
+            raise NetworkError(f"bad handshake reply from {self.endpoint}: {error.reason}"
+                               ) from None
         if isinstance(welcome, dict):
             self.principal = str(welcome.get("principal", ""))
             self.caps = str(welcome.get("caps", ""))
-        return handshake.sealer()
+        return sealer
 
     def _exchange(self, op: Op, body: Any) -> Any:
-        payload = proto.encode_json(body)
-        self._sock.sendall(proto.encode(Header(opcode=op, request_id=0), payload))
-        header_buffer = bytearray(proto.HEADER_SIZE)
-        self._recv_exactly(memoryview(header_buffer))
-        header = proto.unpack_header(header_buffer)
-        problem = proto.framing_problem(header)
-        if problem is not None or header.length > constants.handshake_payload_max_bytes:
-            raise NetworkError(f"bad handshake reply from {self.endpoint}: {problem}")
-        data = bytearray(header.length)
-        self._recv_exactly(memoryview(data))
+        self._sock.sendall(proto.encode(Header(opcode=op), proto.encode_json(body)))
+        frames: list[tuple[Header, bytes]] = []
+        while not frames:
+            frames = self._receive()
+        if len(frames) > 1:  # the sheep waits for our next step
+            raise proto.ProtocolError("more than one frame in answer")
+        header, data = frames[0]
         if header.result:
             raise error_for(header.result, proto.error_message(data) or None)
         return proto.decode_json(data)
@@ -651,66 +655,34 @@ class BlockingConnection:
             waiter.error = error
             waiter.done.release()
 
-    def _recv_parts(self, first: memoryview, second: memoryview) -> None:
-        """Fill first, then second, in as few system calls as the data allows."""
-        while first:
-            count = self._sock.recvmsg_into([first, second])[0]
-            if count == 0:
-                raise ConnectionError("closed by the sheep")
-            taken = min(count, len(first))
-            first, count = first[taken:], count - taken
-            second = second[count:]
-        self._recv_exactly(second)
-
-    def _recv_exactly(self, view: memoryview) -> None:
-        while view:
-            count = self._sock.recv_into(view)
-            if count == 0:
-                raise ConnectionError("closed by the sheep")
-            view = view[count:]
+    def _receive(self) -> list[tuple[Header, bytes]]:
+        """The frames that the next bytes received complete (often none, or several:
+        replies queued behind each other come in one system call)."""
+        count = self._sock.recv_into(self._decoder.get_buffer())
+        if count == 0:
+            raise ConnectionError("closed by the sheep")
+        frames = self._decoder.buffer_updated(count)
+        if self._decoder.error is not None:
+            raise self._decoder.error  # after the frames before the break: none are lost
+        return frames
 
     def _read_replies(self) -> None:
-        header_buffer = bytearray(proto.HEADER_SIZE)
-        header_view = memoryview(header_buffer)
-        tag_view = memoryview(bytearray(auth.TAG_BYTES))
-        waiter: _Waiter | None = None
         try:
             while True:
-                waiter = None
-                self._recv_exactly(header_view)
-                header = proto.unpack_header(header_buffer)
-                if proto.framing_problem(header) is not None:
-                    raise ConnectionError(f"bad reply: {proto.framing_problem(header)}")
-                with self._pending_lock:
-                    waiter = self._pending.pop(header.request_id, None)
-                into = waiter.into if waiter is not None else None
-                packed = bytes(header_buffer)
-                length = header.length - auth.TAG_BYTES
-                if length < 0:
-                    raise ConnectionError("bad reply: no room for its tag")
-                header = header._replace(length=length)
-                if (length and not header.result and into is not None
-                        and len(into) == length and not self.sealer.sealed(header.opcode)):
-                    self._recv_parts(into, tag_view)  # straight into the caller's buffer
-                    self.sealer.open_parts(header.opcode, packed, into, tag_view)
-                else:
-                    data = bytearray(header.length + auth.TAG_BYTES)
-                    self._recv_exactly(memoryview(data))
-                    body = self.sealer.open(header.opcode, packed, data)
-                    header = header._replace(length=len(body))
-                    if into is not None and not header.result and len(into) == len(body):
-                        into[:] = body
-                    elif waiter is not None:
-                        waiter.data = bytes(body)
-                if waiter is not None:
+                for header, payload in self._receive():
+                    with self._pending_lock:
+                        waiter = self._pending.pop(header.request_id, None)
+                    if waiter is None:  # timed out: its caller has gone
+                        continue
+                    into = waiter.into
+                    if into is not None and not header.result and len(into) == len(payload):
+                        into[:] = payload  # the caller's buffer (nbdkit's own)
+                    else:
+                        waiter.data = bytes(payload)
                     waiter.header = header
                     waiter.done.release()
-        except (OSError, ConnectionError, BadRequest) as error:
-            lost = NetworkError(f"connection to {self.endpoint} lost: {error}")
-            if waiter is not None:  # taken off the pending list, its reply cut short
-                waiter.error = lost
-                waiter.done.release()
-            self._fail(lost)
+        except (OSError, ConnectionError, proto.ProtocolError) as error:
+            self._fail(NetworkError(f"connection to {self.endpoint} lost: {error}"))
 
     def call(self, header: Header, payload: bytes | bytearray | memoryview = b"",
              into: memoryview | None = None,
@@ -724,16 +696,11 @@ class BlockingConnection:
             self._pending[request_id] = waiter
         try:
             with self._send_lock:
-                parts = [memoryview(part).cast("B") for part in self.sealer.seal(
-                    header.opcode, lambda length: header.pack_request(request_id, length),
-                    payload)]
-                while parts:
-                    sent = self._sock.sendmsg([part for part in parts if part])
-                    while parts and sent >= len(parts[0]):
-                        sent -= len(parts[0])
-                        parts.pop(0)
-                    if parts:
-                        parts[0] = parts[0][sent:]
+                parts = self.sealer.seal(header.opcode, header.pack_request(
+                    request_id, len(payload) + auth.TAG_BYTES), payload)
+                sent = self._sock.sendmsg(parts)
+                if sent < len(parts[0]) + len(parts[1]):  # the socket's buffer was full
+                    self._sock.sendall(b"".join(parts)[sent:])
         except OSError as error:
             self._fail(NetworkError(f"connection to {self.endpoint} lost: {error}"))
         if not waiter.done.acquire(timeout=timeout_ms / 1000):

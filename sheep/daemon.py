@@ -585,11 +585,17 @@ class Sheep:
         items = proto.decode_json(data)
         return proto.encode_json([item for item in items if caps.may_touch(item["name"])]), fields
 
-    async def dispatch(self, header: Header, payload: bytes, session: Session) -> Reply:
+    def dispatch(self, header: Header, payload: bytes, session: Session) -> Awaitable[Reply]:
+        """The op's handler, once the session's principal may run it (no coroutine of its
+        own: this runs for every frame)."""
         info = proto.OPS[Op(header.opcode)]
         if self._authorize(header, payload, session, info):
-            return self._visible(await self._dispatch(header, payload, session, info), session)
-        return await self._dispatch(header, payload, session, info)
+            return self._listed(header, payload, session, info)
+        return self._dispatch(header, payload, session, info)
+
+    async def _listed(self, header: Header, payload: bytes, session: Session,
+                      info: proto.OpInfo) -> Reply:
+        return self._visible(await self._dispatch(header, payload, session, info), session)
 
     async def _dispatch(self, header: Header, payload: bytes, session: Session,
                         info: proto.OpInfo) -> Reply:

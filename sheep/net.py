@@ -162,7 +162,9 @@ class _RequestProtocol(asyncio.BufferedProtocol):
         error = self.decoder.error
         if error is not None:
             # The stream is lost: requests not started yet go unanswered with the connection.
-            log.warning("closing connection %s: %s", self._peer(), error.reason)
+            principal = self.session.principal
+            log.warning("closing connection %s%s: %s", self._peer(),
+                        f" ({principal.name})" if principal is not None else "", error.reason)
             self.backlog.clear()
             if error.header is not None:  # answered in our version, which the peer can read
                 header = error.header._replace(version=constants.proto_version)
@@ -170,23 +172,20 @@ class _RequestProtocol(asyncio.BufferedProtocol):
             assert self.transport is not None
             self.transport.close()
             return
-        for header, payload in frames:
+        if self.sealer is not None:  # the decoder opened them
+            self.backlog.extend(frames)
+            self._start_ready()
+            return
+        for index, (header, payload) in enumerate(frames):
             if self.transport is None or self.transport.is_closing():
                 return
-            if self.sealer is None:
-                self._handshake_step(header, payload)
-                continue
-            try:
-                payload = self.sealer.open(header.opcode, header.pack(), payload)  # type: ignore[assignment]
-            except BadRequest as bad:
-                log.warning("closing connection %s (%s): %s", self._peer(),
-                            self.session.principal.name if self.session.principal else "?",
-                            bad.message)
-                self.backlog.clear()
+            self._handshake_step(header, payload)
+            if self.sealer is not None and index + 1 < len(frames):
+                # Sent before the welcome, so not sealed: the protocol waits for it.
+                log.warning("closing connection %s: frames sent before the handshake's"
+                            " answer", self._peer())
                 self.transport.close()
                 return
-            self.backlog.append((header._replace(length=len(payload)), payload))
-        self._start_ready()
 
     def _handshake_step(self, header: Header, payload: bytes) -> None:
         """Serve one frame of the handshake; anything else before it is done is refused
@@ -225,6 +224,12 @@ class _RequestProtocol(asyncio.BufferedProtocol):
         self.sealer = self.handshake.sealer()
         self.handshake = None
         self.decoder.allow(constants.payload_max_bytes + auth.TAG_BYTES)
+        try:
+            self.decoder.seal(self.sealer)
+        except proto.ProtocolError as error:
+            log.warning("closing connection %s: %s", self._peer(), error.reason)
+            self.transport.close()
+            return
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
@@ -307,9 +312,8 @@ class _RequestProtocol(asyncio.BufferedProtocol):
         if self.transport is None or self.transport.is_closing():
             return
         if self.sealer is not None:
-            self.transport.writelines(self.sealer.seal(
-                header.opcode, lambda length: header.pack_request(header.request_id, length),
-                data))
+            self.transport.writelines(self.sealer.seal(header.opcode, header.pack_request(
+                header.request_id, len(data) + auth.TAG_BYTES), data))
         elif data:
             self.transport.writelines([header.pack(), data])
         else:

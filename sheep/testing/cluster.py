@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sheep import auth, proto
+from sheep import auth, constants, proto
 from sheep.client import SyncClient
 from sheep.errors import SheepError
 from sheep.proto import FrameDecoder, Header
@@ -44,12 +44,7 @@ def raw_call(port: int, header: Header, payload: bytes = b"",
         sealer: auth.Sealer | None = None
 
         def call(header: Header, payload: bytes) -> tuple[Header, bytes]:
-            if sealer is None:
-                sock.sendall(proto.encode(header, payload))
-            else:
-                parts = sealer.seal(header.opcode,
-                                    lambda length: header._replace(length=length).pack(), payload)
-                sock.sendall(b"".join(bytes(part) for part in parts))
+            sock.sendall(proto.encode(header, payload, sealer))
             while True:
                 data = sock.recv(1 << 16)
                 if not data:
@@ -57,27 +52,27 @@ def raw_call(port: int, header: Header, payload: bytes = b"",
                 frames = decoder.feed(data)
                 if frames:
                     reply, body = frames[0]
-                    if sealer is not None:
-                        body = bytes(sealer.open(reply.opcode, reply.pack(), body))
-                        reply = reply._replace(length=len(body))
-                    return reply, body
+                    return reply, bytes(body)
 
         if credentials is not None:
-            sealer = raw_handshake(call, credentials)
+            sealer = raw_handshake(call, credentials, decoder)
         return call(header, payload)
 
 
 def raw_handshake(call: Callable[[Header, bytes], tuple[Header, bytes]],
-                  credentials: auth.Credentials) -> auth.Sealer:
+                  credentials: auth.Credentials, decoder: FrameDecoder) -> auth.Sealer:
     """The handshake over a raw connection's call(header, payload) -> reply; the sealer
-    its later frames go through."""
+    its later frames go through, which from then on opens the frames decoder takes."""
     handshake = auth.ClientHandshake(credentials)
     reply, body = call(Header(opcode=proto.Op.AUTH_HELLO), proto.encode_json(handshake.hello()))
     assert reply.result == 0, proto.error_message(body)
     reply, body = call(Header(opcode=proto.Op.AUTH_PROVE), proto.encode_json(
         handshake.answer(proto.decode_json(body))))
     assert reply.result == 0, proto.error_message(body)
-    return handshake.sealer()
+    sealer = handshake.sealer()
+    decoder.allow(constants.payload_max_bytes + auth.TAG_BYTES)
+    decoder.seal(sealer)
+    return sealer
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 15) -> None:

@@ -78,14 +78,10 @@ class Link:
         self.sealer: auth.Sealer | None = None
         self.closed = False
         if credentials is not None:
-            self.sealer = raw_handshake(self.call, credentials)
+            self.sealer = raw_handshake(self.call, credentials, self.decoder)
 
     def send(self, header: Header, payload: bytes) -> None:
-        if self.sealer is None:
-            data = header.pack() + payload
-        else:
-            data = b"".join(bytes(part) for part in self.sealer.seal(
-                header.opcode, lambda length: header._replace(length=length).pack(), payload))
+        data = proto.encode(header, payload, self.sealer)
         try:
             self.sock.sendall(data)
         except OSError:
@@ -105,9 +101,6 @@ class Link:
             if frames:
                 header, body = frames[0]
                 assert len(frames) == 1
-                if self.sealer is not None:
-                    body = bytes(self.sealer.open(header.opcode, header.pack(), body))
-                    header = header._replace(length=len(body))
                 return header, bytes(body)
 
     def call(self, header: Header, payload: bytes = b"") -> tuple[Header, bytes]:

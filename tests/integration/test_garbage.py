@@ -44,14 +44,11 @@ class Exchange:
         self.closed = False
         self.sealer: auth.Sealer | None = None
         if credentials is not None:
-            self.sealer = raw_handshake(self.call, credentials)
+            self.sealer = raw_handshake(self.call, credentials, self.decoder)
 
     def frame(self, header: Header, payload: bytes = b"") -> bytes:
         """A frame as the client library would send it on this connection."""
-        if self.sealer is None:
-            return proto.encode(header, payload)
-        return b"".join(bytes(part) for part in self.sealer.seal(
-            header.opcode, lambda length: header._replace(length=length).pack(), payload))
+        return proto.encode(header, payload, self.sealer)
 
     def send(self, data: bytes) -> None:
         try:
@@ -67,11 +64,7 @@ class Exchange:
         if not data:
             self.closed = True
             return
-        for header, payload in self.decoder.feed(data):
-            if self.sealer is not None:
-                payload = bytes(self.sealer.open(header.opcode, header.pack(), payload))
-                header = header._replace(length=len(payload))
-            self.replies.append((header, payload))
+        self.replies += self.decoder.feed(data)
 
     def wait_replies(self, count: int) -> list[tuple[Header, bytes]]:
         while len(self.replies) < count and not self.closed:

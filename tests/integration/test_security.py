@@ -180,6 +180,38 @@ def test_a_connection_that_never_authenticates_is_closed(cluster, monkeypatch):
         assert time.monotonic() - started < 25
 
 
+@pytest.mark.parametrize("cut", [None, proto.HEADER_SIZE + 2])
+def test_frames_sent_behind_the_proof_before_its_answer_are_never_served(cluster, admin,
+                                                                          cut):
+    """A client that sends ops in the same breath as its proof (whole, or the next
+    frame's header and a little more) gets the welcome and a closed connection: those
+    frames were framed before any key was in force, so nothing of them is run."""
+    oid = make_oid(ObjectType.RAW, 9, 2)
+    with socket.create_connection(("127.0.0.1", cluster.sheep[0].port), timeout=10) as sock:
+        decoder = proto.FrameDecoder()
+        handshake = auth.ClientHandshake(cluster.credentials)
+
+        def exchange(header: Header, body: bytes, extra: bytes = b"") -> list:
+            sock.sendall(proto.encode(header, body) + extra)
+            frames: list = []
+            while data := sock.recv(1 << 16):
+                frames += decoder.feed(data)
+                if frames:
+                    break
+            return frames
+
+        answer = exchange(Header(opcode=Op.AUTH_HELLO), proto.encode_json(handshake.hello()))
+        proof = proto.encode_json(handshake.answer(proto.decode_json(answer[0][1])))
+        sealer = handshake.sealer()  # what the client would seal its next frames with
+        write = proto.encode(Header(opcode=Op.CREATE_AND_WRITE_OBJ, oid=oid, count=4,
+                                    arg1=1), b"evil", sealer)
+        frames = exchange(Header(opcode=Op.AUTH_PROVE), proof, write[:cut])
+        while data := sock.recv(1 << 16):  # until the sheep closes the connection
+            frames += decoder.feed(data)
+    assert [reply.result for reply, _ in frames] == [Result.SUCCESS]  # the welcome only
+    assert oid not in cluster.all_oids()
+
+
 def test_bytes_recorded_from_a_real_dog_session_replayed_achieve_nothing(cluster, admin,
                                                                          tmp_path):
     env = dict(dog_env(tmp_path), DOG_KEYRING=cluster.keyring)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import stat
 
 import pytest
@@ -28,9 +29,13 @@ def pair(key_client: bytes, key_server: bytes | None = None, mode: str = "sign",
 
 def frame(sealer: auth.Sealer, header: Header, payload: bytes) -> tuple[bytes, bytes]:
     """What goes on the wire: (packed header, the rest)."""
-    parts = sealer.seal(header.opcode, lambda length: header._replace(length=length).pack(),
-                        payload)
-    return bytes(parts[0]), b"".join(bytes(part) for part in parts[1:])
+    wire = proto.encode(header, payload, sealer)
+    return wire[:proto.HEADER_SIZE], wire[proto.HEADER_SIZE:]
+
+
+def opened(sealer, opcode, packed, rest):
+    """The payload of a frame received as (packed header, the rest)."""
+    return bytes(sealer.open(opcode, memoryview(packed + rest), len(packed)))
 
 
 def test_a_handshake_gives_both_sides_sealers_that_understand_each_other():
@@ -41,10 +46,10 @@ def test_a_handshake_gives_both_sides_sealers_that_understand_each_other():
     assert rest[:5] == b"hello"  # signed, not encrypted
     assert len(rest) == 5 + auth.TAG_BYTES
     assert proto.unpack_header(packed).length == 5 + auth.TAG_BYTES
-    assert bytes(server.open(Op.VDI_WRITE, packed, rest)) == b"hello"
+    assert opened(server, Op.VDI_WRITE, packed, rest) == b"hello"
     reply = header.reply()
     packed, rest = frame(server, reply, b"")
-    assert bytes(client.open(reply.opcode, packed, rest)) == b""
+    assert opened(client, reply.opcode, packed, rest) == b""
 
 
 @pytest.mark.parametrize("unknown", [False, True])
@@ -81,12 +86,12 @@ def test_a_tampered_frame_is_refused():
     bad = bytearray(rest)
     bad[0] ^= 1
     with pytest.raises(BadRequest, match="integrity"):
-        server.open(Op.VDI_WRITE, packed, bytes(bad))
+        opened(server, Op.VDI_WRITE, packed, bytes(bad))
     client, server = pair(auth.new_key())
     packed, rest = frame(client, header, b"data")
     moved = proto.unpack_header(packed)._replace(offset=1 << 20).pack()  # the header too
     with pytest.raises(BadRequest, match="integrity"):
-        server.open(Op.VDI_WRITE, moved, rest)
+        opened(server, Op.VDI_WRITE, moved, rest)
 
 
 def test_frames_replayed_reordered_or_from_another_session_are_refused():
@@ -94,18 +99,18 @@ def test_frames_replayed_reordered_or_from_another_session_are_refused():
     client, server = pair(key)
     first = frame(client, Header(Op.PING, request_id=1), b"")
     second = frame(client, Header(Op.PING, request_id=2), b"")
-    server.open(Op.PING, *first)
+    opened(server, Op.PING, *first)
     with pytest.raises(BadRequest):  # the first again: its counter has passed
-        server.open(Op.PING, *first)
+        opened(server, Op.PING, *first)
     client, server = pair(key)
     first = frame(client, Header(Op.PING, request_id=1), b"")
     second = frame(client, Header(Op.PING, request_id=2), b"")
     with pytest.raises(BadRequest):  # out of order
-        server.open(Op.PING, *second)
+        opened(server, Op.PING, *second)
     _, other_server = pair(key)  # same key, fresh nonces: fresh session keys
     client, _ = pair(key)
     with pytest.raises(BadRequest):
-        other_server.open(Op.PING, *frame(client, Header(Op.PING, request_id=1), b""))
+        opened(other_server, Op.PING, *frame(client, Header(Op.PING, request_id=1), b""))
 
 
 def test_encrypted_sessions_and_key_carrying_ops_hide_their_payloads():
@@ -113,12 +118,71 @@ def test_encrypted_sessions_and_key_carrying_ops_hide_their_payloads():
     client, server = pair(auth.new_key(), mode="encrypt")
     packed, rest = frame(client, Header(Op.VDI_WRITE, count=len(secret)), secret)
     assert secret[:16] not in rest
-    assert bytes(server.open(Op.VDI_WRITE, packed, rest)) == secret
+    assert opened(server, Op.VDI_WRITE, packed, rest) == secret
     client, server = pair(auth.new_key(), mode="sign")  # signed only, but a key travels
     body = proto.encode_json({"key": auth.encode_key(auth.new_key())})
     packed, rest = frame(server, Header(Op.AUTH_ADD, flags=proto.FLAG_REPLY), body)
     assert body[:8] not in rest and len(rest) == len(body) + auth.TAG_BYTES
-    assert bytes(client.open(Op.AUTH_ADD, packed, rest)) == body
+    assert opened(client, Op.AUTH_ADD, packed, rest) == body
+
+
+SIZES = [0, 5, proto.FrameDecoder.direct_min_bytes - auth.TAG_BYTES,
+         proto.FrameDecoder.direct_min_bytes + 1, 1 << 20]
+
+
+@pytest.mark.parametrize("mode", ["sign", "encrypt"])
+def test_a_sealed_decoder_opens_frames_whole_or_in_pieces(mode):
+    """Staged and direct payloads, whole or cut anywhere: each frame comes out opened,
+    its header's length the payload's, and the decoder holds nothing after."""
+    rng = random.Random(5)
+    for cut in (None, 1, 1000, 70000):
+        client, server = pair(auth.new_key(), mode=mode)
+        decoder = proto.FrameDecoder(1 << 21)
+        decoder.seal(server)
+        sent = [(Header(Op.VDI_WRITE, request_id=i, count=size), rng.randbytes(size))
+                for i, size in enumerate(SIZES)]
+        wire = b"".join(proto.encode(header, payload, client) for header, payload in sent)
+        got = []
+        step = cut or len(wire)
+        for at in range(0, len(wire), step):
+            got += decoder.feed(wire[at:at + step])
+        assert [(h.request_id, h.length, bytes(p)) for h, p in got] == [
+            (h.request_id, len(p), p) for h, p in sent]
+        assert decoder.buffered_bytes == 0 and decoder.error is None
+
+
+@pytest.mark.parametrize("size", [4, proto.FrameDecoder.direct_min_bytes + 1])
+def test_a_sealed_decoder_keeps_the_frames_before_a_tampered_one_and_breaks(size):
+    client, server = pair(auth.new_key())
+    decoder = proto.FrameDecoder()
+    decoder.seal(server)
+    good = proto.encode(Header(Op.PING, request_id=1), b"", client)
+    bad = bytearray(proto.encode(Header(Op.VDI_WRITE, request_id=2, count=size),
+                                 bytes(size), client))
+    bad[-1] ^= 1
+    frames = decoder.feed(good + bytes(bad))
+    assert [h.request_id for h, _ in frames] == [1]
+    assert decoder.error is not None and "integrity" in decoder.error.reason
+    assert decoder.error.header is None  # a forged frame gets no answer
+    with pytest.raises(proto.ProtocolError):
+        decoder.feed(good)
+
+
+def test_a_sealed_frame_without_room_for_its_tag_is_refused():
+    _, server = pair(auth.new_key())
+    decoder = proto.FrameDecoder()
+    decoder.seal(server)
+    with pytest.raises(proto.ProtocolError, match="no room for its tag"):
+        decoder.feed(Header(Op.PING, length=auth.TAG_BYTES - 1).pack() + bytes(15))
+
+
+def test_sealing_a_decoder_in_the_middle_of_a_frame_breaks_it():
+    """A frame begun before the handshake's answer cannot be trusted after it."""
+    _, server = pair(auth.new_key())
+    decoder = proto.FrameDecoder()
+    assert decoder.feed(Header(Op.PING, length=10).pack() + b"12345") == []
+    with pytest.raises(proto.ProtocolError, match="before the handshake finished"):
+        decoder.seal(server)
 
 
 def test_caps_parse_and_match():
