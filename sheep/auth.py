@@ -51,6 +51,7 @@ from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -425,14 +426,21 @@ class Sealer:
     counts the tag. Signed, the tag is AES-GCM's over header and payload as associated
     data (GMAC); encrypted, the payload is sealed with the header as associated data.
     The nonce is the frame's number in its direction, never sent. This runs for every
-    frame both ways, so it does no more than the cipher needs: one copy of a signed
-    payload (GMAC takes one buffer), none on the way in."""
+    frame both ways, so it does no more than the cipher needs: a small signed frame
+    is copied once (AESGCM takes one buffer), a large one is tagged where it lies
+    (the same GMAC, its associated data fed in pieces), and nothing is copied on the
+    way in but what the decoder joins anyway."""
 
     always_sealed: frozenset[int] = frozenset()  # set by sheep.proto
+    # Above this, a signed payload is tagged in pieces: the setup costs more than a copy
+    # of a small frame, far less than a copy (and an allocation) of a large one.
+    large_bytes = 64 * 1024
 
     def __init__(self, send_key: bytes, receive_key: bytes, encrypt: bool) -> None:
         self._encrypt = AESGCM(send_key).encrypt
         self._decrypt = AESGCM(receive_key).decrypt
+        self._send_key = send_key
+        self._receive_key = receive_key
         self.encrypt = encrypt
         self._sent = 0
         self._received = 0
@@ -449,6 +457,12 @@ class Sealer:
         self._sent += 1
         if self.encrypt or opcode in self.always_sealed:
             return [header, self._encrypt(nonce, payload, header)]
+        if len(payload) > self.large_bytes:
+            gmac = Cipher(algorithms.AES(self._send_key), modes.GCM(nonce)).encryptor()
+            gmac.authenticate_additional_data(header)
+            gmac.authenticate_additional_data(payload)
+            gmac.finalize()
+            return [header, payload, gmac.tag]  # type: ignore[list-item]
         signed = header + payload
         return [signed, self._encrypt(nonce, b"", signed)]
 
@@ -467,6 +481,28 @@ class Sealer:
             raise BadRequest("frame failed its integrity check (tampered, replayed or out of"
                              " order)") from None
         return frame[header_bytes:-TAG_BYTES]
+
+    def open_pieces(self, opcode: int, header: bytes,
+                    pieces: list[bytearray]) -> bytes | memoryview:
+        """open() of a large frame received in pieces after its header (its payload and
+        tag, cut anywhere): joined only if there are several, checked in place."""
+        nonce = self._received.to_bytes(12, "little")
+        self._received += 1
+        rest = memoryview(pieces[0] if len(pieces) == 1 else bytearray().join(pieces))
+        if len(rest) < TAG_BYTES:
+            raise BadRequest("frame has no room for its tag")
+        try:
+            if self.encrypt or opcode in self.always_sealed:
+                return self._decrypt(nonce, rest, header)
+            gmac = Cipher(algorithms.AES(self._receive_key),
+                          modes.GCM(nonce, bytes(rest[-TAG_BYTES:]))).decryptor()
+            gmac.authenticate_additional_data(header)
+            gmac.authenticate_additional_data(rest[:-TAG_BYTES])
+            gmac.finalize()
+        except InvalidTag:
+            raise BadRequest("frame failed its integrity check (tampered, replayed or out of"
+                             " order)") from None
+        return rest[:-TAG_BYTES]
 
 
 # --- where dog and the client library find their key -----------------------------------

@@ -699,8 +699,14 @@ class BlockingConnection:
                 parts = self.sealer.seal(header.opcode, header.pack_request(
                     request_id, len(payload) + auth.TAG_BYTES), payload)
                 sent = self._sock.sendmsg(parts)
-                if sent < len(parts[0]) + len(parts[1]):  # the socket's buffer was full
-                    self._sock.sendall(b"".join(parts)[sent:])
+                if sent < sum(map(len, parts)):  # the socket's buffer was full: the rest
+                    views = [memoryview(part).cast("B") for part in parts]
+                    while views:
+                        while views and sent >= len(views[0]):
+                            sent -= len(views.pop(0))
+                        if views:
+                            views[0] = views[0][sent:]
+                            sent = self._sock.sendmsg(views)
         except OSError as error:
             self._fail(NetworkError(f"connection to {self.endpoint} lost: {error}"))
         if not waiter.done.acquire(timeout=timeout_ms / 1000):

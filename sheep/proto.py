@@ -475,9 +475,12 @@ class FrameDecoder:
             payload = chunks[0] if len(chunks) == 1 else bytearray().join(chunks)
             return [(header, payload)]  # type: ignore[list-item]
         assert self._header_bytes is not None
-        frame = memoryview(bytearray().join([self._header_bytes, *chunks]))
-        self._header_bytes = None
-        opened = self._open(header, frame)
+        header_bytes, self._header_bytes = self._header_bytes, None
+        try:
+            opened = self._sealer.open_pieces(header.opcode, header_bytes, chunks)
+        except BadRequest as bad:
+            self._broken = ProtocolError(bad.message)
+            raise self._broken from None
         return [(header.with_length(len(opened)), opened)]  # type: ignore[list-item]
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[Header, bytes]]:
@@ -544,8 +547,8 @@ class FrameDecoder:
         return header.with_length(len(payload)), payload
 
     def _open(self, header: Header, frame: memoryview) -> bytes | memoryview:
-        """The payload of a whole sealed frame; a wrong tag breaks the stream (nothing is
-        answered to a frame that may be forged)."""
+        """The payload of a whole staged sealed frame; a wrong tag breaks the stream
+        (nothing is answered to a frame that may be forged)."""
         assert self._sealer is not None
         try:
             return self._sealer.open(header.opcode, frame, HEADER_SIZE)
