@@ -483,26 +483,32 @@ class Sealer:
         return frame[header_bytes:-TAG_BYTES]
 
     def open_pieces(self, opcode: int, header: bytes,
-                    pieces: list[bytearray]) -> bytes | memoryview:
+                    pieces: list[bytearray | memoryview]) -> bytes | bytearray | memoryview:
         """open() of a large frame received in pieces after its header (its payload and
-        tag, cut anywhere): joined only if there are several, checked in place."""
+        tag, cut anywhere), checked where they lie. Pieces are joined only when the
+        payload is in several; a payload whole in the first piece, with the tag alone
+        in the second, comes back as that first piece itself."""
         nonce = self._received.to_bytes(12, "little")
         self._received += 1
-        rest = memoryview(pieces[0] if len(pieces) == 1 else bytearray().join(pieces))
-        if len(rest) < TAG_BYTES:
-            raise BadRequest("frame has no room for its tag")
         try:
             if self.encrypt or opcode in self.always_sealed:
-                return self._decrypt(nonce, rest, header)
-            gmac = Cipher(algorithms.AES(self._receive_key),
-                          modes.GCM(nonce, bytes(rest[-TAG_BYTES:]))).decryptor()
+                sealed = pieces[0] if len(pieces) == 1 else bytearray().join(pieces)
+                return self._decrypt(nonce, sealed, header)
+            body: bytearray | memoryview
+            if len(pieces) > 1 and len(pieces[-1]) == TAG_BYTES:
+                body = pieces[0] if len(pieces) == 2 else bytearray().join(pieces[:-1])
+                tag = bytes(pieces[-1])
+            else:
+                rest = memoryview(pieces[0] if len(pieces) == 1 else bytearray().join(pieces))
+                body, tag = rest[:-TAG_BYTES], bytes(rest[-TAG_BYTES:])
+            gmac = Cipher(algorithms.AES(self._receive_key), modes.GCM(nonce, tag)).decryptor()
             gmac.authenticate_additional_data(header)
-            gmac.authenticate_additional_data(rest[:-TAG_BYTES])
+            gmac.authenticate_additional_data(body)
             gmac.finalize()
-        except InvalidTag:
+        except (InvalidTag, ValueError):  # ValueError: a tag cut short
             raise BadRequest("frame failed its integrity check (tampered, replayed or out of"
                              " order)") from None
-        return rest[:-TAG_BYTES]
+        return body
 
 
 # --- where dog and the client library find their key -----------------------------------

@@ -581,7 +581,8 @@ class BlockingConnection:
         self.principal = ""  # who the sheep took us for, and its caps' text
         self.caps = ""
         # Replies, framed and opened: small ones staged and taken several per recv.
-        self._decoder = proto.FrameDecoder(constants.handshake_payload_max_bytes)
+        self._decoder = proto.FrameDecoder(constants.handshake_payload_max_bytes, self._place)
+        self._filling: _Waiter | None = None  # whose buffer a large reply is landing in
         try:
             self.sealer = self._authenticate(_resolve(credentials))
         except BaseException:
@@ -666,23 +667,43 @@ class BlockingConnection:
             raise self._decoder.error  # after the frames before the break: none are lost
         return frames
 
+    def _place(self, header: Header) -> memoryview | None:
+        """Where a large reply's data goes: straight into its caller's buffer (nbdkit's
+        own), which is then being filled until the frame is whole."""
+        if header.result:
+            return None
+        with self._pending_lock:
+            waiter = self._pending.get(header.request_id)
+            if waiter is None or waiter.into is None:
+                return None
+            self._filling = waiter
+        return waiter.into
+
     def _read_replies(self) -> None:
         try:
             while True:
                 for header, payload in self._receive():
                     with self._pending_lock:
-                        waiter = self._pending.pop(header.request_id, None)
+                        waiter = self._pending.pop(header.request_id, None) or self._filling
+                        self._filling = None
                     if waiter is None:  # timed out: its caller has gone
                         continue
                     into = waiter.into
                     if into is not None and not header.result and len(into) == len(payload):
-                        into[:] = payload  # the caller's buffer (nbdkit's own)
+                        if payload is not into:  # small: staged, or the frame's pieces
+                            into[:] = payload
                     else:
                         waiter.data = bytes(payload)
                     waiter.header = header
                     waiter.done.release()
         except (OSError, ConnectionError, proto.ProtocolError) as error:
-            self._fail(NetworkError(f"connection to {self.endpoint} lost: {error}"))
+            lost = NetworkError(f"connection to {self.endpoint} lost: {error}")
+            with self._pending_lock:
+                filling, self._filling = self._filling, None
+            if filling is not None:  # off the pending list, its caller waiting on it
+                filling.error = lost
+                filling.done.release()
+            self._fail(lost)
 
     def call(self, header: Header, payload: bytes | bytearray | memoryview = b"",
              into: memoryview | None = None,
@@ -712,7 +733,12 @@ class BlockingConnection:
         if not waiter.done.acquire(timeout=timeout_ms / 1000):
             with self._pending_lock:
                 self._pending.pop(request_id, None)
-            raise Timeout(f"no reply from {self.endpoint} within {timeout_ms} ms")
+                filling = self._filling is waiter
+            if not filling:
+                raise Timeout(f"no reply from {self.endpoint} within {timeout_ms} ms")
+            # Its data is landing in the caller's buffer: the caller may not reuse it
+            # until that ends, whole or with the connection.
+            waiter.done.acquire()
         if waiter.error is not None:
             raise waiter.error
         assert waiter.header is not None

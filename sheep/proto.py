@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -383,15 +383,22 @@ class FrameDecoder:
     direct_min_bytes = 64 * 1024
     staging_bytes = 128 * 1024  # a header and a payload up to direct_min_bytes fit
 
-    def __init__(self, payload_max_bytes: int = constants.payload_max_bytes) -> None:
+    def __init__(self, payload_max_bytes: int = constants.payload_max_bytes,
+                 place: Callable[[Header], memoryview | None] | None = None) -> None:
         self._staging = bytearray(self.staging_bytes)
         self._view = memoryview(self._staging)
         self._start = 0  # undecoded bytes are _staging[_start:_end]
         self._end = 0
         self._header: Header | None = None
-        # The payload being received in place: its full chunks, the chunk being filled.
-        self._direct: bytearray | None = None
-        self._chunks: list[bytearray] = []
+        # Where a large payload may go: place(header) gives a buffer of its caller's, or
+        # None. Used when it is exactly the payload's length (and the payload is not
+        # encrypted): the payload is then received into it, and comes out as it.
+        self._place = place
+        # The payload being received in place: its full chunks, the chunk being filled,
+        # the chunks decided already (a placed payload's tag).
+        self._direct: bytearray | memoryview | None = None
+        self._chunks: list[bytearray | memoryview] = []
+        self._planned: list[bytearray] = []
         self._filled = 0  # bytes of the payload received so far
         self._payload_max_bytes = payload_max_bytes
         self._broken: ProtocolError | None = None
@@ -467,7 +474,8 @@ class FrameDecoder:
             return []
         self._chunks.append(self._direct)
         if self._filled < self._header.length:
-            self._direct = bytearray(min(self._header.length - self._filled, self._filled))
+            self._direct = (self._planned.pop() if self._planned else
+                            bytearray(min(self._header.length - self._filled, self._filled)))
             return []
         chunks, self._chunks, self._direct = self._chunks, [], None
         header, self._header = self._header, None
@@ -525,13 +533,29 @@ class FrameDecoder:
         if length > self.direct_min_bytes:
             # Buffers of its own: what is staged already moves there, the rest comes
             # in place.
-            if self._sealer is not None:
+            sealed = self._sealer is not None
+            if sealed:
                 self._header_bytes = bytes(self._view[self._start:start])
             taken = min(self._end - start, length)
-            self._direct = bytearray(min(length, max(taken, self.direct_min_bytes)))
-            self._direct[:taken] = self._view[start:start + taken]
+            staged = self._view[start:start + taken]
             self._start = start + taken
             self._filled = taken
+            place = self._placed(header)
+            if place is None:
+                self._direct = bytearray(min(length, max(taken, self.direct_min_bytes)))
+                self._direct[:taken] = staged
+            elif not sealed:
+                place[:taken] = staged
+                self._direct = place
+            else:  # the payload into place, then its tag
+                body = len(place)
+                tag = bytearray(auth.TAG_BYTES)
+                place[:min(taken, body)] = staged[:body]
+                if taken >= body:
+                    tag[:taken - body] = staged[body:]
+                    self._chunks, self._direct = [place], tag
+                else:
+                    self._direct, self._planned = place, [tag]
             frames = self._direct_progress()
             return frames[0] if frames else None
         end = start + length
@@ -545,6 +569,19 @@ class FrameDecoder:
         self._start = end
         payload = bytes(self._open(header, frame))
         return header.with_length(len(payload)), payload
+
+    def _placed(self, header: Header) -> memoryview | None:
+        """The caller's buffer for this large payload, if it has one that fits."""
+        if self._place is None:
+            return None
+        place = self._place(header)
+        if place is None:
+            return None
+        if self._sealer is None:
+            return place if len(place) == header.length else None
+        if self._sealer.sealed(header.opcode) or len(place) != header.length - auth.TAG_BYTES:
+            return None  # ciphertext is opened into a buffer of the cipher's
+        return place
 
     def _open(self, header: Header, frame: memoryview) -> bytes | memoryview:
         """The payload of a whole staged sealed frame; a wrong tag breaks the stream

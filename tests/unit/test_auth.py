@@ -151,6 +151,34 @@ def test_a_sealed_decoder_opens_frames_whole_or_in_pieces(mode):
         assert decoder.buffered_bytes == 0 and decoder.error is None
 
 
+@pytest.mark.parametrize("mode", ["sign", "encrypt"])
+@pytest.mark.parametrize("cut", [None, 1000, 70000])
+def test_a_large_payload_lands_in_the_buffer_its_caller_placed(mode, cut):
+    """place(header) names a buffer (nbdkit's, for a read): a signed payload of exactly
+    its length is received into it and comes out as it; an encrypted one, or a buffer
+    of another length, is opened into the decoder's own."""
+    size = 1 << 20
+    buffers = {1: memoryview(bytearray(size)), 2: memoryview(bytearray(size - 1))}
+    client, server = pair(auth.new_key(), mode=mode)
+    decoder = proto.FrameDecoder(1 << 21, lambda header: buffers.get(header.request_id))
+    decoder.seal(server)
+    data = random.Random(3).randbytes(size)
+    wire = b"".join(proto.encode(Header(Op.VDI_READ, request_id=i, flags=proto.FLAG_REPLY),
+                                 data, client) for i in (1, 2))
+    step = cut or len(wire)
+    got = []
+    for at in range(0, len(wire), step):
+        got += decoder.feed(wire[at:at + step])
+    assert [bytes(payload) == data for _, payload in got] == [True, True]
+    assert (got[0][1] is buffers[1]) == (mode == "sign")
+    assert bytes(buffers[1]) == (data if mode == "sign" else bytes(size))
+    assert got[1][1] is not buffers[2]
+    bad = bytearray(proto.encode(Header(Op.VDI_READ, request_id=1), data, client))
+    bad[proto.HEADER_SIZE + 5] ^= 1
+    with pytest.raises(proto.ProtocolError, match="integrity"):  # its call fails
+        decoder.feed(bytes(bad))
+
+
 @pytest.mark.parametrize("size", [4, proto.FrameDecoder.direct_min_bytes + 1])
 def test_a_sealed_decoder_keeps_the_frames_before_a_tampered_one_and_breaks(size):
     client, server = pair(auth.new_key())
