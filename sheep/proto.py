@@ -686,11 +686,18 @@ def encode_json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def decode_json(payload: bytes | bytearray | memoryview) -> Any:
+    """A JSON payload's value; BadRequest, naming the problem, for anything else (bad
+    UTF-8, bad syntax, nesting too deep, an integer of more digits than Python
+    converts, NaN or Infinity, which Python's json takes and JSON has not)."""
     try:
-        return json.loads(bytes(payload))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise BadRequest(f"malformed JSON payload: {error}") from error
+        return json.loads(bytes(payload), parse_constant=_no_constant)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError too
+        raise BadRequest(f"malformed JSON payload: {str(error)[:200]}") from error
 
 
 def error_message(payload: bytes | bytearray | memoryview) -> str:

@@ -264,7 +264,9 @@ def test_json_is_canonical():
     assert encode_json({"b": 1, "a": [1, 2]}) == b'{"a":[1,2],"b":1}'
 
 
-@pytest.mark.parametrize("garbage", [b"", b"{", b"\xff\xfe\x00", b"nope", b'{"a":}', b"[1,]"])
+@pytest.mark.parametrize("garbage", [b"", b"{", b"\xff\xfe\x00", b"nope", b'{"a":}', b"[1,]",
+                                     b"NaN", b'{"copies": Infinity}', b"[-Infinity]",
+                                     b"1" * 5000])
 def test_decode_json_garbage(garbage):
     with pytest.raises(BadRequest, match="malformed JSON"):
         decode_json(garbage)
