@@ -33,6 +33,7 @@ from sheep.errors import (
 )
 from sheep.oid import ObjectType, make_oid
 from sheep.testing.cluster import free_port
+from sheep.testing.inprocess import InProcessCluster
 
 command_timeout_s = 30.0
 exit_within_s = 5.0
@@ -399,10 +400,6 @@ def test_refused_cluster_ops_never_reach_the_cluster_log(tmp_path, daemons, monk
 def test_a_stop_whose_final_sync_breaks_still_stops(tmp_path):
     """A bug in the last sync (a value that no longer packs, say) must not leave
     SIGTERM hanging: the sheep logs it, leaves and stops, and its store is closed."""
-    import struct
-
-    from sheep.testing.inprocess import InProcessCluster
-
     with InProcessCluster(str(tmp_path), nodes=1) as cluster:
         sheep = cluster.sheep[0]
 
