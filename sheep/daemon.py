@@ -290,14 +290,20 @@ class Sheep:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
             self.store.sync()
-        except SheepError:
+        except Exception:
+            # Whatever broke it (a SheepError, or a bug such as a value that no longer
+            # packs), the sheep still leaves and stops: a stop that never ends keeps the
+            # node a member that serves nothing. The next start recovers from intents.
             log.exception("final sync failed")
         if leave:
             await self.driver.leave()
         else:
             await self.driver.close()
         self.pool.close()
-        self.store.close()
+        try:
+            self.store.close()
+        except Exception:
+            log.exception("closing the store failed")
         self.stopped.set()
 
     def _stop_soon(self) -> None:

@@ -203,6 +203,9 @@ class VdiAdmin:
 
     async def list(self, body: dict[str, Any], header: Header) -> Any:
         names = body.get("names")
+        if names is not None and (not isinstance(names, list)
+                                  or not all(isinstance(name, str) for name in names)):
+            raise InvalidParameters("names must be a list of VDI names")
         usage = body.get("usage", True)
         result = []
         for vdi in list(self.group.state.vdis.vdis.values()):
@@ -260,6 +263,8 @@ class VdiAdmin:
         key = body.get("key")
         if key is None:
             return dict(vdi.attrs)
+        if not isinstance(key, str):
+            raise InvalidParameters(f"an attribute key is text, not {type(key).__name__}")
         if key not in vdi.attrs:
             raise NoObject(f"VDI {vdi.name!r} has no attribute {key!r}")
         return {"key": key, "value": vdi.attrs[key]}

@@ -40,6 +40,7 @@ attr_key_max_chars = 256
 attr_value_max_bytes = 64 * 1024
 attrs_per_vdi_max = 1024
 _name_pattern = re.compile(r"^[A-Za-z0-9._-]+$")
+snapshot_id_max_digits = 20  # ids count up from 1 in a u64 at most
 
 
 qos_iops_max = 10**9
@@ -122,7 +123,9 @@ class Vdi:
             if snap.tag == ref and ref != "":
                 return snap
         text = str(ref)
-        if text.isdigit():
+        # Only ASCII digits name an id ('²' is a digit to str.isdigit, not to int), and
+        # never more of them than an id has (int() refuses over 4300 of them).
+        if text.isascii() and text.isdigit() and len(text) <= snapshot_id_max_digits:
             for snap in self.snapshots:
                 if snap.id == int(text):
                     return snap

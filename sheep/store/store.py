@@ -355,17 +355,20 @@ class Store:
                     " their last sync recomputed from their data", len(oids))
 
     def close(self) -> None:
-        if self._env is not None:
-            self.sync()
-            if self._intent_clear:  # a clean stop leaves no intent behind
-                self.meta_executor.submit(self._write_intents, {}, self._intent_clear).result()
-                self._intent_clear.clear()
-        for fd in self._fds.values():
-            self.io.close(fd)
-        self._fds.clear()
-        if self._env is not None:
-            self._env.close()
-            self._env = None
+        try:
+            if self._env is not None:
+                self.sync()
+                if self._intent_clear:  # a clean stop leaves no intent behind
+                    self.meta_executor.submit(self._write_intents, {},
+                                              self._intent_clear).result()
+                    self._intent_clear.clear()
+        finally:  # a failed sync still closes: its intents stay, the next open recovers
+            for fd in self._fds.values():
+                self.io.close(fd)
+            self._fds.clear()
+            if self._env is not None:
+                self._env.close()
+                self._env = None
 
     @property
     def env(self) -> lmdb.Environment:

@@ -33,6 +33,7 @@ from sheep.errors import (
 )
 from sheep.oid import ObjectType, make_oid
 from sheep.testing.cluster import free_port
+from sheep.testing.inprocess import InProcessCluster
 
 command_timeout_s = 30.0
 exit_within_s = 5.0
@@ -394,3 +395,18 @@ def test_refused_cluster_ops_never_reach_the_cluster_log(tmp_path, daemons, monk
         assert len(driver_log(str(tmp_path / "cluster"))) == before
         client.vdi_create("b", 1 << 20)  # an accepted op is logged, once
         assert len(driver_log(str(tmp_path / "cluster"))) == before + 1
+
+
+def test_a_stop_whose_final_sync_breaks_still_stops(tmp_path):
+    """A bug in the last sync (a value that no longer packs, say) must not leave
+    SIGTERM hanging: the sheep logs it, leaves and stops, and its store is closed."""
+    with InProcessCluster(str(tmp_path), nodes=1) as cluster:
+        sheep = cluster.sheep[0]
+
+        def broken_sync() -> None:
+            raise struct.error("required argument is not an integer")
+
+        sheep.store.sync = broken_sync  # type: ignore[method-assign]
+        cluster.run(sheep.stop(), timeout_s=30)
+        assert sheep.stopped.is_set()
+        assert sheep.store._env is None  # closed whatever the sync did

@@ -7,6 +7,7 @@ modified or injected achieve nothing.
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -517,3 +518,26 @@ def test_on_one_box_format_needs_no_keyring_even_beside_another_clusters_key(tmp
             os.rename(cluster.keyring + ".away", cluster.keyring)
         assert refused.returncode == EXIT_PERMISSION
         assert "authentication as node failed" in one_line(refused)
+
+
+@pytest.mark.parametrize(("op", "body"), [
+    (Op.VDI_LIST, {"names": 7}),
+    (Op.VDI_LIST, {"names": [["nested"]]}),
+    (Op.VDI_GETATTR, {"name": "shapes", "key": ["k"]}),
+    (Op.VDI_GETATTR, {"name": "shapes", "key": {"k": 1}}),
+    (Op.VDI_DELETE, {"name": "shapes", "snapshot": "²"}),
+    (Op.VDI_DELETE, {"name": "shapes", "snapshot": "9" * 5000}),
+    (Op.VDI_OPEN, {"name": "shapes", "snapshot": "²"}),
+    (Op.VDI_ROLLBACK, {"name": "shapes", "snapshot": "9" * 5000}),
+    (Op.VDI_CREATE, {"name": "shapes-nan", "size": float("nan")}),
+])
+def test_values_of_the_wrong_shape_are_refused_not_internal_errors(cluster, admin, op, body):
+    if not admin.vdi_list(["shapes"], usage=False):
+        admin.vdi_create("shapes", MiB)
+        admin.vdi_snapshot("shapes", "t")  # a ref is compared with the snapshots' ids
+    reply, data = raw_call(cluster.sheep[0].port, Header(opcode=op),
+                           json.dumps(body).encode(), credentials=cluster.credentials)
+    assert reply.result in (Result.INVALID_PARMS, Result.NO_TAG, Result.BAD_REQUEST), (
+        Result(reply.result), proto.error_message(data))
+    assert all(node.alive for node in cluster.sheep)
+    assert admin.cluster_info()["status"] == "ok"

@@ -372,3 +372,11 @@ def test_a_made_root_is_recorded_for_its_generation_and_tree_only(r):
     assert r.vdi("base").root == Root(2, 1, node(1), made=False)
     assert Root.from_json({"generation": 2, "depth": 1, "base": 0}).made is None  # old state
     assert Root.from_json(r.vdi("base").root.to_json()) == r.vdi("base").root
+
+
+@pytest.mark.parametrize("ref", ["²", "9" * 5000, "1" * 21, "١"])
+def test_a_snapshot_ref_that_is_no_id_finds_nothing_and_raises_nothing(r, ref):
+    assert r.snapshot("base", "t").result == Result.SUCCESS
+    assert r.vdi("base").snapshot(ref) is None
+    outcome = r("vdi_delete", name="base", snapshot=ref)
+    assert outcome.result == Result.NO_TAG
