@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import sys
 import threading
 import time
@@ -123,7 +124,7 @@ class Gateways:
         self.connection: Any = None
         self.generation = 0  # bumped on every reconnect
         self.exports: dict[tuple[str, str | None, bool], dict[str, Any]] = {}
-        self.owner = _config.get("owner") or f"nbdkit pid {os.getpid()}"
+        self.owner = _config.get("owner")  # else: this nbdkit, named at each open
         # What another member (or this one, a moment later) may serve: a dead or
         # fenced gateway, one still joining or shutting down.
         self.retryable = (self.errors.NetworkError, self.errors.ShuttingDown,
@@ -131,6 +132,9 @@ class Gateways:
         # What no other member will take either (they share the principals): failing
         # at once says why, where retrying would say "no sheep served" a minute later.
         self.refused = (self.errors.AuthFailed, self.errors.PermissionDenied)
+        # The ops that take a VDI's lock (the sheep takes it at the first of them).
+        self.changes = {self.proto.Op.VDI_WRITE, self.proto.Op.VDI_DISCARD,
+                        self.proto.Op.FLUSH}
 
     def deadline(self) -> float:
         return time.monotonic() + self.retry_s
@@ -213,16 +217,10 @@ class Gateways:
 
     def _open_on(self, connection: Any, name: str, tag: str | None, writable: bool,
                  deadline: float) -> Any:
-        while True:
-            try:
-                return connection.json(self.proto.Op.VDI_OPEN, {
-                    "name": name, "snapshot": tag, "writable": writable, "owner": self.owner})
-            except self.errors.VdiLocked:
-                # After a failover the old gateway's lock goes once its death is logged
-                # (a fenced one's, once its session expired): up to the retry budget.
-                if not self.exports.get((name, tag, writable)) or time.monotonic() > deadline:
-                    raise
-                time.sleep(retry_pause_s)
+        """Open never locks: the sheep takes the VDI's lock at the first change."""
+        return connection.json(self.proto.Op.VDI_OPEN, {
+            "name": name, "snapshot": tag, "writable": writable, "owner": self.owner
+            or f"nbdkit pid {os.getpid()} on {socket.gethostname()}"})
 
     def _reopen(self, connection: Any, deadline: float) -> None:
         for (name, tag, writable), export in self.exports.items():
@@ -303,7 +301,7 @@ class Gateways:
             header = self.proto.Header(opcode=op, arg0=export["info"]["handle"], offset=offset,
                                        count=count, flags=flags)
             try:
-                return connection.call(header, payload, into=into)
+                result = connection.call(header, payload, into=into)
             except self.retryable as error:
                 if deadline is None:
                     deadline = self.deadline()
@@ -313,6 +311,23 @@ class Gateways:
                     if self.generation == generation and self.connection is not None:
                         self.connection.close()
                 time.sleep(0.05)
+                continue
+            except self.errors.VdiLocked:
+                # After a failover the export's lock is still its old session's, until
+                # that gateway's death (or lost session) is logged: wait for it, within
+                # the retry budget. Anyone else's lock is refused at once.
+                changed_on = export.get("changed_on")
+                if changed_on is None or changed_on == generation:
+                    raise
+                if deadline is None:
+                    deadline = self.deadline()
+                elif time.monotonic() > deadline:
+                    raise
+                time.sleep(retry_pause_s)
+                continue
+            if op in self.changes:
+                export["changed_on"] = generation  # this session holds the lock now
+            return result
 
 
 def _gateways() -> Gateways:
@@ -330,7 +345,7 @@ def _errno_for(gateways: Gateways, error: Exception) -> int:
     errors = gateways.errors
     table = [(errors.PermissionDenied, errno.EACCES), (errors.AuthFailed, errno.EACCES),
              (errors.NoSpace, errno.ENOSPC), (errors.ReadOnly, errno.EROFS),
-             (errors.VdiLocked, errno.EBUSY), (errors.InvalidParameters, errno.EINVAL),
+             (errors.VdiLocked, errno.EPERM), (errors.InvalidParameters, errno.EINVAL),
              (errors.NoVdi, errno.ENOENT), (errors.NoTag, errno.ENOENT)]
     for cls, code in table:
         if isinstance(error, cls):

@@ -646,6 +646,8 @@ class Sheep:
             if info.kind is Kind.VDI:
                 return await self.vdis.serve_io(header, payload, session)
             return await self.gateway.serve(header, payload)
+        if header.opcode == Op.FLUSH and handle.writable:
+            await self.vdis.locked(header, session)  # a flush is a change: it locks
         # A VDI's I/O waits its turn in its own client queue (its QoS, its share).
         queue = "client:" + handle.name
         nbytes = header.count if measured in ("read", "write") else 0

@@ -2,10 +2,11 @@
 collection are delegated (sheep/vdi_admin.py, sheep/vdi_gc.py).
 
 A client opens a VDI (or a snapshot, read-only) on its connection and gets a
-handle; reads and writes name the handle and a byte offset. Opening read-write
-takes the VDI's cluster-wide lock (an ordered cluster op); the lock goes when
-the connection ends, or when its sheep dies (the state machine drops a dead
-node's locks).
+handle; reads and writes name the handle and a byte offset. Opening never locks:
+a read-write handle takes the VDI's cluster-wide lock (an ordered cluster op) at
+its first change (a write, a trim or a flush naming it); the lock goes when the
+connection ends, or when its sheep dies (the state machine drops a dead node's
+locks).
 
 Writes to a VDI pass its write gate (WriteGate), which a snapshot or resize on
 the lock holder's sheep closes while it runs (VdiService.paused), so the
@@ -127,7 +128,8 @@ class Handle:
     name: str
     vdi_id: int
     snapshot_id: int | None
-    writable: bool
+    writable: bool  # may write: the lock is taken at its first change, never at open
+    owner: str = ""  # who the lock will name (dog vdi lock list)
 
 
 def _holds_lock(handle: Handle, vdi: Vdi, session: Session) -> bool:
@@ -252,19 +254,14 @@ class VdiService:
                 raise InvalidParameters(f"owner must be printable text of at most"
                                         f" {owner_max_chars} characters")
             owner = f"{named or 'client ' + client} (via sheep {self.node_id})"
-            await self.broadcast({"type": "vdi_lock", "name": vdi.name, "node_id": self.node_id,
-                                  "session": session.id, "owner": owner})
         handle_id = next(self._handles)
         handles = session.values.setdefault("vdis", {})
-        handles[handle_id] = Handle(vdi.name, vdi.id, snap.id if snap else None, writable)
+        handles[handle_id] = Handle(vdi.name, vdi.id, snap.id if snap else None, writable,
+                                    owner if writable else "")
         if writable and not session.values.get("unlock_on_close"):
             session.values["unlock_on_close"] = True
             session.on_close(lambda: self._release(session))
-        if writable:
-            vdi = vdi_named(self.group, vdi.name)
-            if vdi.unsettled:
-                await self._settle(vdi, session)
-        elif snap is None and vdi.unsettled:
+        if snap is None and vdi.unsettled:  # a writer settles it again when it locks
             await self._settle_for_reader(vdi)
         size = snap.size if snap else vdi.size
         value = {"handle": handle_id, "name": vdi.name, "id": vdi.id, "size": size,
@@ -352,6 +349,8 @@ class VdiService:
         del session.values["vdis"][header.arg0]
         if handle.writable and not any(
                 h.writable and h.name == handle.name for h in session.values["vdis"].values()):
+            # Let go of by its holder, not taken away: a later open may lock it again.
+            session.values.get("held", set()).discard(handle.name)
             await self._unlock_quietly(handle.name, session.id)
         return b"", {}
 
@@ -371,10 +370,41 @@ class VdiService:
             raise VdiLocked(f"this connection no longer holds the lock on {vdi.name!r}")
         return handle, vdi
 
+    async def locked(self, header: Header, session: Session) -> tuple[Handle, Vdi]:
+        """The handle's VDI under this session's lock, taken now if this is its first
+        change (a write, a trim, a flush). Attaching never locks: readers, and a
+        migration's destination until it writes, sit beside the writer. A session
+        that held the lock and lost it (forced away) does not take it back: its
+        writes fail from then on, where silently locking again would interleave
+        them with the new holder's."""
+        handle = self._handle(header, session)
+        if not handle.writable:
+            raise ReadOnly(f"{handle.name!r} is open read-only")
+        vdi, _, _ = self._target(handle)
+        if vdi.lock is not None and vdi.lock.get("session") == session.id:
+            return handle, vdi
+        held: set[str] = session.values.setdefault("held", set())
+        if handle.name in held:
+            raise VdiLocked(f"this connection no longer holds the lock on {vdi.name!r}")
+        locking: dict[str, asyncio.Lock] = session.values.setdefault("locking", {})
+        async with locking.setdefault(handle.name, asyncio.Lock()):
+            vdi, _, _ = self._target(handle)
+            if vdi.lock is None or vdi.lock.get("session") != session.id:
+                if handle.name in held:
+                    raise VdiLocked(f"this connection no longer holds the lock on {vdi.name!r}")
+                await self.broadcast({"type": "vdi_lock", "name": vdi.name,
+                                      "node_id": self.node_id, "session": session.id,
+                                      "owner": handle.owner})
+                held.add(handle.name)
+                vdi, _, _ = self._target(handle)
+                if vdi.unsettled:
+                    await self._settle(vdi, session)
+        return self._writable(header, session)
+
     async def _gated(self, header: Header, session: Session,
                      work: Callable[[Root, int], Awaitable[None]]) -> Reply:
         """A change to the VDI: through its write gate, under its lock, then reap."""
-        handle, vdi = self._writable(header, session)
+        handle, vdi = await self.locked(header, session)
         check_range(vdi.size, header.offset, header.count)
         gate = self._gate(handle.name)
         await gate.enter()

@@ -210,6 +210,44 @@ def test_missing_nbdkit_names_the_package_to_install(tmp_path):
 
 
 @needs_nbdkit
+def test_a_background_nbdkit_is_named_in_the_lock_by_its_real_pid(cluster, pidfiles,
+                                                                   tmp_path):
+    """The lock names the nbdkit that serves (its pid after it went to the
+    background, and its host), from the first write: attaching took no lock."""
+    sheep_port = str(cluster.sheep[0].port)
+    port = free_port()
+    pidfiles.append(tmp_path / "lock.pid")
+    dog("-p", sheep_port, "nbd", "serve", "--port", str(port), "--pidfile", str(pidfiles[-1]))
+    pid = int(pidfiles[-1].read_text())
+
+    def owner() -> str | None:
+        locks = json.loads(dog("-p", sheep_port, "vdi", "lock", "list", "--json").stdout)
+        return next((lock["owner"] for lock in locks if lock["name"] == "bob"), None)
+
+    holder = subprocess.Popen(["qemu-io", "-f", "raw", f"nbd://127.0.0.1:{port}/bob"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        assert holder.stdin is not None and holder.stdout is not None
+        holder.stdin.write("read 0 4096\n")
+        holder.stdin.flush()
+        assert "read 4096/4096" in holder.stdout.readline()
+        holder.stdout.readline()  # its timing
+        assert owner() is None  # attached and read: no lock
+        holder.stdin.write("write -P 0x5 0 4096\n")
+        holder.stdin.flush()
+        assert "wrote 4096/4096" in holder.stdout.readline()
+        named = owner()
+        assert named is not None and named.startswith(
+            f"nbdkit pid {pid} on {socket.gethostname()} (via sheep "), named
+    finally:
+        if holder.stdin is not None:
+            holder.stdin.write("quit\n")
+            holder.stdin.flush()
+        holder.wait(timeout=30)
+
+
+@needs_nbdkit
 def test_background_serve_lists_every_vdi_and_snapshot(cluster, pidfiles, tmp_path):
     sheep_port = str(cluster.sheep[0].port)
     port = free_port()

@@ -319,10 +319,12 @@ def test_a_dead_gateway_releases_its_locks(four):
     victim, observer = alive[-1], alive[0]
     holder = four.client(victim)
     holder.vdi_create("orphan", 8 * MiB)
-    holder.vdi_open("orphan", writable=True, owner="doomed")
+    handle = holder.vdi_open("orphan", writable=True, owner="doomed")["handle"]
+    holder.vdi_write(handle, 0, b"locks")  # the first change takes the lock
     with four.client(observer) as client:
+        other = client.vdi_open("orphan", writable=True)["handle"]  # attaching never locks
         with pytest.raises(VdiLocked, match="doomed"):
-            client.vdi_open("orphan", writable=True)
+            client.vdi_write(other, 0, b"refused")
         four.kill(victim)
         holder.close()
         four.wait_epoch(observer, len(alive) - 1)
@@ -352,7 +354,7 @@ def test_a_write_half_applied_by_a_dead_writer_is_settled_before_the_next_writer
     writer = next(node.index for node in cluster.sheep if node.index not in holders)
     first, second = holders
     with cluster.client(writer) as client:
-        client.vdi_open("halfway", writable=True, owner="doomed")
+        client.flush(client.vdi_open("halfway", writable=True, owner="doomed")["handle"])
         epoch = client.node_info()["epoch"]
         version = max(replica["version"] for replica in client.stat(oid)["replicas"])
 
@@ -409,7 +411,7 @@ def test_readers_through_different_sheep_agree_on_a_write_its_dead_writer_half_a
         writer = next(index for index in range(3) if index not in holders)
         version = max(replica["version"] for replica in stat["replicas"])
         with cluster.client(writer) as client:
-            client.vdi_open("halfway", writable=True, owner="doomed")
+            client.flush(client.vdi_open("halfway", writable=True, owner="doomed")["handle"])
 
             async def half_write() -> None:  # what the writer sent before it died
                 connection = await Connection.open("127.0.0.1", cluster.ports[holders[0]],
@@ -488,6 +490,32 @@ def test_a_deleted_snapshots_data_keeps_its_vdis_copies_through_recovery(tmp_pat
 # --- locks -----------------------------------------------------------------------------------
 
 
+def test_a_connection_that_lets_go_of_a_lock_may_lock_again_one_that_lost_it_may_not(
+        cluster):
+    """The lock comes with the first change and goes with the last writable handle.
+    Closed by its holder, a later handle on the same connection locks again (the
+    plugin reuses its connection for every client); taken away by a forced unlock,
+    the connection's changes fail from then on, and are never applied."""
+    with cluster.client(0) as client:
+        client.vdi_create("again", 8 * MiB)
+        handle = client.vdi_open("again", writable=True)["handle"]
+        assert client.vdi_list(["again"], usage=False)[0]["lock"] is None  # attached only
+        client.vdi_write(handle, 0, b"one")
+        assert client.vdi_list(["again"], usage=False)[0]["lock"] is not None
+        client.vdi_close(handle)
+        assert client.vdi_list(["again"], usage=False)[0]["lock"] is None
+        handle = client.vdi_open("again", writable=True)["handle"]
+        client.vdi_write(handle, 0, b"two")
+        with cluster.client(1) as admin:
+            admin.vdi_unlock("again")
+        for change, args in [(client.vdi_write, (handle, 0, b"three")),
+                             (client.vdi_discard, (handle, 0, 4096)), (client.flush, (handle,))]:
+            with pytest.raises(VdiLocked, match="no longer holds the lock"):
+                change(*args)  # type: ignore[operator]
+        assert client.vdi_list(["again"], usage=False)[0]["lock"] is None
+        assert client.vdi_read(handle, 0, 3) == b"two"
+
+
 def test_one_writer_at_a_time(cluster):
     with cluster.client(0) as first:
         disk = Disk.create(first, "single", 16 * MiB)
@@ -496,9 +524,18 @@ def test_one_writer_at_a_time(cluster):
         same_sheep = cluster.client(0)
         other_sheep = cluster.client(1)
         try:
+            handles = {}
             for contender in (same_sheep, other_sheep):
-                with pytest.raises(VdiLocked, match=r"in use by test single \(via sheep"):
-                    contender.vdi_open("single", writable=True, owner="second")
+                # Attaching is allowed, and reading through it; the first change is not.
+                handle = contender.vdi_open("single", writable=True, owner="second")["handle"]
+                assert contender.vdi_read(handle, MiB, 7) == b"first's"
+                changes = [(contender.vdi_write, (handle, 0, b"no")),
+                           (contender.vdi_discard, (handle, 0, 4096)),
+                           (contender.flush, (handle,))]
+                for change, args in changes:
+                    with pytest.raises(VdiLocked, match=r"in use by test single \(via sheep"):
+                        change(*args)  # type: ignore[operator]
+                handles[contender] = handle
             # Readers and snapshots are welcome meanwhile, and see the writer's data.
             reader = other_sheep.vdi_open("single")
             assert not reader["writable"]
@@ -517,14 +554,14 @@ def test_one_writer_at_a_time(cluster):
 
             def takes_over() -> bool:
                 try:
-                    other_sheep.vdi_open("single", writable=True, owner="second")
+                    other_sheep.vdi_write(handles[other_sheep], 0, b"second")
                 except VdiLocked:
                     return False
                 return True
 
             wait_for(takes_over, lock_release_max_s, "the lock released on close")
             with pytest.raises(VdiLocked, match="in use by second"):
-                same_sheep.vdi_open("single", writable=True)
+                same_sheep.vdi_write(handles[same_sheep], 0, b"third")
         finally:
             same_sheep.close()
             other_sheep.close()
@@ -786,19 +823,19 @@ def test_a_write_in_flight_when_its_connection_closes_cannot_overwrite_the_next_
     try:
         asyncio.run(old_writer())
         with cluster.client(other) as client, pytest.raises(VdiLocked):
-            client.vdi_open("handover", writable=True)
+            client.vdi_write(client.vdi_open("handover", writable=True)["handle"], 0, b"NEW!!")
     finally:
         process.send_signal(signal.SIGCONT)
     with cluster.client(other) as client:
+        handle = client.vdi_open("handover", writable=True)["handle"]
         deadline = time.monotonic() + 30
         while True:
             try:
-                handle = client.vdi_open("handover", writable=True)["handle"]
+                client.vdi_write(handle, 0, b"NEW!!")  # the first change takes the lock
                 break
             except VdiLocked:
                 assert time.monotonic() < deadline, "the lock never came free"
                 time.sleep(0.1)
-        client.vdi_write(handle, 0, b"NEW!!")
         assert client.vdi_read(handle, 0, 5) == b"NEW!!"
         time.sleep(0.5)
         assert client.vdi_read(handle, 0, 5) == b"NEW!!"
