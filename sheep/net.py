@@ -212,6 +212,14 @@ class _RequestProtocol(asyncio.BufferedProtocol):
             if self.handshake is None:
                 raise BadRequest("handshake: proof before hello")
             principal = self.handshake.prove(body)
+            if self.handshake.mode != self.server.authority.mode():
+                # A format changed the cluster's mode between hello and proof: this
+                # connection would go on in the old one, which cut_mode has already
+                # swept. Closed unanswered, as a lost connection: its peer connects again.
+                log.warning("closing connection %s: the cluster's mode changed during its"
+                            " handshake", self._peer())
+                self.transport.close()
+                return
         except SheepError as error:
             log.warning("closing connection %s: %s", self._peer(), error.message)
             self._send_error(header, error.result, error.message)

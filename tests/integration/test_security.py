@@ -438,8 +438,29 @@ def test_with_encrypt_a_capture_of_a_vdi_write_holds_none_of_its_bytes(tmp_path)
         cluster.format(copies=3)
         signed = _capture(ports, write("signed"), str(tmp_path / "signed.pcap"))
         assert motif in signed  # signed frames carry the data in clear: the capture works
+        # A handshake begun in the old mode and finished in the new one gets no welcome.
+        halfway = socket.create_connection(("127.0.0.1", ports[1]), timeout=10)
+        handshake = auth.ClientHandshake(cluster.credentials)
+        halfway.sendall(proto.encode(Header(opcode=Op.AUTH_HELLO),
+                                     proto.encode_json(handshake.hello())))
+        decoder = proto.FrameDecoder()
+        frames: list = []
+        while not frames:
+            frames += decoder.feed(halfway.recv(1 << 16))
+        assert proto.decode_json(frames[0][1])["mode"] == "sign"
         with cluster.client(0) as client:  # connections made before are closed after it
             client.format(3, 4 * MiB, force=True, encrypt=True)
+        deadline = time.monotonic() + 10
+        while True:  # sheep 1 applies the format from the log, a moment later
+            with cluster.client(1) as client:
+                if client.cluster_info()["encrypt"]:
+                    break
+            assert time.monotonic() < deadline, "sheep 1 never applied the format"
+            time.sleep(0.05)
+        with halfway:
+            proof = handshake.answer(proto.decode_json(frames[0][1]))
+            halfway.sendall(proto.encode(Header(opcode=Op.AUTH_PROVE), proto.encode_json(proof)))
+            assert halfway.recv(1 << 16) == b""  # closed, unanswered: it connects again
         with cluster.client(0) as client:
             assert client.cluster_info()["encrypt"] is True
         sealed = _capture(ports, write("sealed"), str(tmp_path / "sealed.pcap"))
