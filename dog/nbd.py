@@ -50,7 +50,7 @@ def check_nbdkit() -> str:
 def nbdkit_command(nbdkit: str, target: Target, port: int | None, unix: str | None,
                    bind: str, readonly: bool, foreground: bool, threads: int,
                    pidfile: str | None, retry: float | None = None,
-                   tls_psk: str | None = None) -> list[str]:
+                   tls_psk: str | None = None, lock_scope: str = "client") -> list[str]:
     command = [nbdkit]
     if foreground:
         command.append("-f")
@@ -68,6 +68,8 @@ def nbdkit_command(nbdkit: str, target: Target, port: int | None, unix: str | No
                 f"sheep={target.address}:{target.port}"]
     if retry is not None:
         command.append(f"retry={retry:g}")
+    if lock_scope != "client":
+        command.append(f"lock={lock_scope}")
     if target.keyring is not None:  # else the plugin looks where dog looks (DOG_KEYRING...)
         command.append(f"keyring={os.path.abspath(target.keyring)}")
     if target.name is not None:
@@ -116,11 +118,17 @@ def check_psk_file(path: str) -> None:
 @click.option("--tls-psk", "tls_psk", type=click.Path(dir_okay=False), default=None,
               help="Require TLS from every NBD client, with the pre-shared keys of this"
                    " file (made by 'psktool -u USER -p FILE').")
+@click.option("--lock-scope", type=click.Choice(["client", "nbdkit"]), default="client",
+              show_default=True,
+              help="Who contends for a VDI's write lock: each NBD client (a process over"
+                   " --unix, a connection over TCP), or this whole nbdkit (one nbdkit per VM:"
+                   " multi-conn for writers over TCP, no protection between its clients).")
 @click.option("--print-command", is_flag=True, help="Print the nbdkit command and exit.")
 @lambda function: connection_options(function, ("-p", "--sheep-port"))
 def serve(nbd_port: int | None, unix: str | None, bind: str, readonly: bool, foreground: bool,
           threads: int, pidfile: str | None, retry: float | None, keyring: str | None,
-          principal: str | None, tls_psk: str | None, print_command: bool) -> None:
+          principal: str | None, tls_psk: str | None, lock_scope: str,
+          print_command: bool) -> None:
     """Serve every VDI as export NAME (read-write) and NAME@TAG (read-only).
 
     Clients attach with nbd://HOST:PORT/NAME, e.g.
@@ -139,7 +147,7 @@ def serve(nbd_port: int | None, unix: str | None, bind: str, readonly: bool, for
             check_psk_file(tls_psk)
         nbdkit = check_nbdkit()
     command = nbdkit_command(nbdkit, target, nbd_port, unix, bind, readonly, foreground,
-                             threads, pidfile, retry, tls_psk)
+                             threads, pidfile, retry, tls_psk, lock_scope)
     if print_command:
         click.echo(shlex.join(command))
         return

@@ -20,7 +20,7 @@ from dog.common import RATE, SIZE, connection_options, json_option, run
 from dog.output import Progress, format_time, print_json, print_table
 from sheep import constants
 from sheep.client import Client
-from sheep.errors import InvalidParameters, ReadOnly, SystemFailure
+from sheep.errors import InvalidParameters, ReadOnly, SheepError, SystemFailure
 from sheep.size import format_size
 
 io_chunk_bytes = 4 << 20  # one object at the default size
@@ -753,16 +753,50 @@ def lock() -> None:
 @json_option
 @connection_options
 def lock_list(as_json: bool) -> None:
-    """VDIs attached read-write, and who holds them."""
-    items = run(lambda client: client.vdi_list(usage=False))
-    locked = [{"name": i["name"], "id": i["id"], **i["lock"]}
-              for i in items if not i["snapshot"] and i.get("lock")]
+    """VDI write locks and who holds them, then every attachment (read-only or not).
+
+    Mode "lock" is the lock holder (since when it took the lock); "rw" an attachment
+    that may write but does not hold the lock (it takes it at its first write, by a
+    handoff if someone holds it); "ro" a reader. Attachments are asked of every sheep.
+    """
+
+    async def gather(client: Client) -> tuple[list[dict[str, Any]], list[str]]:
+        items = await client.vdi_list(usage=False)
+        ids = {i["name"]: i["id"] for i in items if not i["snapshot"]}
+        rows = [{"mode": "lock", "name": i["name"], "id": i["id"], **i["lock"],
+                 "since": float(i["lock"].get("time") or 0)}
+                for i in items if not i["snapshot"] and i.get("lock")]
+        missed = []
+        for node in await client.node_list():
+            try:
+                peer = await Client.connect(node["address"], node["port"],
+                                            credentials=client.connection.credentials)
+            except SheepError as error:
+                missed.append(f"{node['node_id']}: {error}")
+                continue
+            try:
+                for item in await peer.vdi_attachments():
+                    if not item.pop("holds_lock"):
+                        rows.append({**item, "id": ids.get(item["name"])})
+            except SheepError as error:
+                missed.append(f"{node['node_id']}: {error}")
+            finally:
+                peer.close()
+        return rows, missed
+
+    rows, missed = run(gather)
+    for line in missed:
+        click.echo(f"dog: warning: attachments not listed for node {line}", err=True)
     if as_json:
-        print_json(locked)
+        print_json(rows)
         return
-    print_table(["Name", "Id", "Holder", "Since"],
-                [[i["name"], i["id"], i.get("owner") or i["node_id"],
-                  format_time(float(i.get("time") or 0))] for i in locked], right=["Id"])
+    order = {"lock": 0, "rw": 1, "ro": 2}
+    rows.sort(key=lambda r: (r["name"], order.get(r["mode"], 3), r.get("since") or 0))
+    print_table(["Name", "Id", "Mode", "Who", "Since"],
+                [[r["name"] + (f"@{r['snapshot']}" if r.get("snapshot") else ""),
+                  r.get("id") if r.get("id") is not None else "-", r["mode"],
+                  r.get("owner") or r.get("node_id"), format_time(float(r.get("since") or 0))]
+                 for r in rows], right=["Id"])
 
 
 @lock.command(name="unlock")

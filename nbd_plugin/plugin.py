@@ -2,9 +2,19 @@
 
     nbdkit python /path/to/nbd_plugin/plugin.py sheep=127.0.0.1:7000[,HOST:PORT...]
 
-Export ``NAME`` is VDI NAME, read-write (the VDI's cluster-wide lock is taken
-on the first read-write connection and released after the last); ``NAME@TAG``
-is a snapshot, read-only. ``nbdinfo --list`` shows them all.
+Export ``NAME`` is VDI NAME, read-write; ``NAME@TAG`` is a snapshot, read-only.
+``nbdinfo --list`` shows them all.
+
+Attaching never locks. The VDI's cluster-wide write lock is taken at a client's
+first write, trim or flush, and each NBD client is its own contender for it
+(lock=client, the default): the client's process over a unix socket (nbdkit
+tells its pid, so a multi-conn client's connections are one contender), each
+connection over TCP (nbdkit 1.32 tells the plugin nothing else about a TCP
+client, so writable TCP exports do not advertise multi-conn). lock=nbdkit makes
+every client of this nbdkit one contender, with multi-conn: for one nbdkit per
+VM. A writer whose lock moved to another (a live migration's destination, or
+``dog vdi lock unlock``) gets EPERM for every later change, and nbdkit's log
+says the lock moved.
 
 Thin by design: each callback is one request to a gateway sheep over one
 pipelined connection shared by all of nbdkit's threads (the parallel thread
@@ -12,8 +22,9 @@ model), with reads received straight into nbdkit's buffer. When the gateway
 dies, the plugin connects to another member, opens its exports again and
 retries what was in flight: the NBD client sees latency, not an error.
 
-Flush semantics make multi-conn safe: a FLUSH makes every write acknowledged
-before it durable on every replica, whichever connection sent the write.
+Flush semantics make multi-conn safe where it is advertised: a FLUSH makes every
+write acknowledged before it durable on every replica, whichever connection of
+the client sent it.
 
 The plugin authenticates as one principal (keyring=FILE name=NAME, else as dog
 does): a principal limited to some VDIs lists and opens only those, and a
@@ -24,6 +35,7 @@ at once and nbdkit's log names the principal and the VDI.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import socket
@@ -41,6 +53,59 @@ _state: dict[str, Any] = {}
 
 retry_total_s = 60.0  # the default retry budget: retry=SECONDS overrides it
 retry_pause_s = 0.2  # between two attempts of an open, or two passes over the sheep
+lock_scopes = ("client", "nbdkit")  # lock=: who contends for a VDI's write lock
+
+
+class Peer:
+    """The NBD client of the calling nbdkit thread, as nbdkit itself knows it.
+
+    nbdkit 1.32's python plugin has no binding for nbdkit_peer_name and
+    nbdkit_peer_pid, but nbdkit exports both C functions to its plugins: they are
+    called through ctypes on the connection's own thread (in open)."""
+
+    def __init__(self) -> None:
+        program = ctypes.CDLL(None)
+        self._name = program.nbdkit_peer_name
+        self._name.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+        self._name.restype = ctypes.c_int
+        self._pid = program.nbdkit_peer_pid
+        self._pid.argtypes = []
+        self._pid.restype = ctypes.c_int64
+
+    def describe(self) -> tuple[str, str]:
+        """(address, contender key): a unix socket's client is its process, a TCP
+        client its connection (address and port)."""
+        buffer = ctypes.create_string_buffer(128)
+        length = ctypes.c_uint32(len(buffer))
+        if self._name(buffer, ctypes.byref(length)) != 0:
+            return "unknown client", ""
+        raw = buffer.raw[:length.value]
+        family = int.from_bytes(raw[:2], sys.byteorder)
+        if family == socket.AF_UNIX:
+            pid = self._pid()
+            path = raw[2:].split(b"\0", 1)[0].decode(errors="replace") or "a unix socket"
+            if pid > 0:
+                return f"pid {pid} on {path}", f"pid {pid}"
+            return f"unix socket {path}", ""
+        port = int.from_bytes(raw[2:4], "big")
+        if family == socket.AF_INET:
+            address = f"{socket.inet_ntop(socket.AF_INET, raw[4:8])}:{port}"
+        elif family == socket.AF_INET6:
+            address = f"[{socket.inet_ntop(socket.AF_INET6, raw[8:24])}]:{port}"
+        else:
+            return f"address family {family}", ""
+        return address, address
+
+
+def _client() -> tuple[str, str]:
+    """(who the NBD client is, its contender key for the write lock: "" is the whole
+    nbdkit, lock=nbdkit or a client nbdkit cannot name)."""
+    try:
+        peer = _state.get("peer") or _state.setdefault("peer", Peer())
+        described, key = peer.describe()
+    except (OSError, AttributeError):  # an nbdkit that does not export the functions
+        return "unknown client", ""
+    return described, "" if _config.get("lock") == "nbdkit" else key
 
 
 def _import_client() -> Any:
@@ -66,9 +131,12 @@ def _import_client() -> Any:
 
 
 def config(key: str, value: str) -> None:
-    known = ("sheep", "root", "owner", "retry", "keyring", "name")
+    known = ("sheep", "root", "owner", "retry", "keyring", "name", "lock")
     if key not in known:
         raise RuntimeError(f"unknown parameter {key!r} (known: {', '.join(known)})")
+    if key == "lock" and value not in lock_scopes:
+        raise RuntimeError(f"lock={value!r}: who contends for a VDI's write lock is each"
+                           f" NBD client (lock=client) or this whole nbdkit (lock=nbdkit)")
     if key == "retry":
         try:
             seconds = float(value)
@@ -123,7 +191,9 @@ class Gateways:
         self.lock = threading.Lock()
         self.connection: Any = None
         self.generation = 0  # bumped on every reconnect
-        self.exports: dict[tuple[str, str | None, bool], dict[str, Any]] = {}
+        # Open exports, shared by the NBD connections of one contender (the client key:
+        # "" for read-only exports, which never lock, and for lock=nbdkit).
+        self.exports: dict[tuple[str, str | None, bool, str], dict[str, Any]] = {}
         self.owner = _config.get("owner")  # else: this nbdkit, named at each open
         # What another member (or this one, a moment later) may serve: a dead or
         # fenced gateway, one still joining or shutting down.
@@ -216,23 +286,27 @@ class Gateways:
                     self.addresses.append(address)
 
     def _open_on(self, connection: Any, name: str, tag: str | None, writable: bool,
-                 deadline: float) -> Any:
-        """Open never locks: the sheep takes the VDI's lock at the first change."""
+                 client: str, who: str) -> Any:
+        """Open never locks: the sheep takes the VDI's lock at the first change, for
+        the contender the client key names within this connection."""
+        owner = self.owner or f"nbdkit pid {os.getpid()} on {socket.gethostname()}"
         return connection.json(self.proto.Op.VDI_OPEN, {
-            "name": name, "snapshot": tag, "writable": writable, "owner": self.owner
-            or f"nbdkit pid {os.getpid()} on {socket.gethostname()}"})
+            "name": name, "snapshot": tag, "writable": writable,
+            "owner": f"{owner}, NBD client {who}"[:256], "client": client or None})
 
     def _reopen(self, connection: Any, deadline: float) -> None:
-        for (name, tag, writable), export in self.exports.items():
-            export["info"] = self._open_on(connection, name, tag, writable, deadline)
+        for (name, tag, writable, client), export in self.exports.items():
+            export["info"] = self._open_on(connection, name, tag, writable, client,
+                                           export["who"])
 
     # --- exports -----------------------------------------------------------------------
 
-    def acquire(self, name: str, tag: str | None, writable: bool) -> dict[str, Any]:
-        """Open an export (or share one open already): on the current gateway or, while
-        it cannot serve, on another. The lock is not held between attempts, so other
-        exports' I/O goes on meanwhile."""
-        key = (name, tag, writable)
+    def acquire(self, name: str, tag: str | None, writable: bool, client: str = "",
+                who: str = "") -> dict[str, Any]:
+        """Open an export (or share one its contender has open already): on the current
+        gateway or, while it cannot serve, on another. The lock is not held between
+        attempts, so other exports' I/O goes on meanwhile."""
+        key = (name, tag, writable, client if writable else "")
         deadline = self.deadline()
         while True:
             with self.lock:
@@ -244,7 +318,7 @@ class Gateways:
                     self._connect(deadline)
                 connection = self.connection
                 try:
-                    info = self._open_on(connection, name, tag, writable, deadline)
+                    info = self._open_on(connection, name, tag, writable, key[3], who)
                 except self.retryable as error:
                     last: Exception = error
                     if not isinstance(error, self.errors.Timeout) and not connection.closed:
@@ -252,7 +326,8 @@ class Gateways:
                         # moves on with this open (the failed gateway is tried last).
                         connection.close()
                 else:
-                    export = self.exports[key] = {"info": info, "users": 1}
+                    export = self.exports[key] = {"info": info, "users": 1, "key": key,
+                                                  "who": who}
                     return export
             if time.monotonic() >= deadline:
                 raise self._gave_up(last)
@@ -273,8 +348,8 @@ class Gateways:
                         self.connection.close()
                 time.sleep(retry_pause_s)
 
-    def release(self, name: str, tag: str | None, writable: bool) -> None:
-        key = (name, tag, writable)
+    def release(self, export: dict[str, Any]) -> None:
+        key = export["key"]
         with self.lock:
             export = self.exports.get(key)
             if export is None:
@@ -388,11 +463,12 @@ def list_exports(readonly: bool, is_tls: bool) -> list[tuple[str, str]]:
 
 class Handle:
     def __init__(self, name: str, tag: str | None, writable: bool,
-                 export: dict[str, Any]) -> None:
+                 export: dict[str, Any], shared: bool) -> None:
         self.name = name
         self.tag = tag
         self.writable = writable
         self.export = export
+        self.shared = shared  # its client's other connections share its lock
 
 
 @_guard
@@ -404,17 +480,21 @@ def open(readonly: bool) -> Handle:  # noqa: A001 - nbdkit's name
     base, _, tag = name.partition("@")
     gateways = _gateways()
     writable = not readonly and not tag and not gateways.read_only()
+    who, client = _client()
     try:
-        export = gateways.acquire(base, tag or None, writable)
+        export = gateways.acquire(base, tag or None, writable, client, who)
     except gateways.errors.PermissionDenied as error:
         nbdkit.set_error(errno.EACCES)
         raise RuntimeError(f"export {name!r} refused to principal"
                            f" {gateways.credentials.name}: {error}") from None
-    return Handle(base, tag or None, writable, export)
+    # A contender key names one connection over TCP: its client's other connections
+    # would be other contenders, so multi-conn is not offered to a writer.
+    shared = not client or client.startswith("pid ")
+    return Handle(base, tag or None, writable, export, shared)
 
 
 def close(h: Handle) -> None:
-    _gateways().release(h.name, h.tag, h.writable)
+    _gateways().release(h.export)
 
 
 def get_size(h: Handle) -> int:
@@ -446,7 +526,7 @@ def can_fua(h: Handle) -> int:
 
 
 def can_multi_conn(h: Handle) -> bool:
-    return True
+    return h.shared or not h.writable
 
 
 def can_extents(h: Handle) -> bool:

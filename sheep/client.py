@@ -460,11 +460,19 @@ class Client:
     # --- VDIs: I/O on an open handle ------------------------------------------------------
 
     async def vdi_open(self, name: str, snapshot: str | int | None = None,
-                       writable: bool = False, owner: str = "") -> dict[str, Any]:
-        """Open a VDI (or a snapshot, read-only); writable takes the VDI's lock."""
+                       writable: bool = False, owner: str = "",
+                       client: str | None = None) -> dict[str, Any]:
+        """Open a VDI (or a snapshot, read-only). A writable handle takes the VDI's lock
+        at its first change, for this connection, or for the client named: handles
+        naming different clients contend for the lock like different connections."""
         result: dict[str, Any] = await self._json(
             Op.VDI_OPEN, {"name": name, "snapshot": snapshot, "writable": writable,
-                          "owner": owner})
+                          "owner": owner, "client": client})
+        return result
+
+    async def vdi_attachments(self) -> list[dict[str, Any]]:
+        """The VDIs open on this sheep (the one connected to), read-only or not."""
+        result: list[dict[str, Any]] = await self._json(Op.VDI_ATTACHMENTS, {})
         return result
 
     async def vdi_close(self, handle: int) -> None:

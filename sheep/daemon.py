@@ -70,6 +70,9 @@ class SheepConfig:
     # and the key it accepts from them. None: a random one (a cluster of this sheep alone).
     node_key: bytes | None = None
     keyring_path: str | None = None  # the file it came from, named to clients on this host
+    # How long a client's first write waits for a busy lock holder to hand the VDI's
+    # lock over (sheep/vdi_service.py), before it is refused.
+    handoff_wait_s: float = 3.0
 
 
 def space_state(usage: dict[str, int], object_size: int) -> str:
@@ -165,7 +168,7 @@ class Sheep:
         self.peer.scheduler.fifo = self.config.io_scheduler == "fifo"
         self.gateway = Gateway(self.group, self.peer, self.node.node_id, self.pool, self.world)
         self.vdis = VdiService(self.group, self.gateway, self.node.node_id, self.broadcast,
-                               self._member_connection)
+                               self._member_connection, self.config.handoff_wait_s)
         self.peer.on_suspect = self._start_verifier
         if self.group.state.status is not Status.WAIT_FOR_FORMAT:
             # What this store holds may have changed elsewhere while it was away: since
@@ -566,7 +569,7 @@ class Sheep:
         if info.kind is Kind.GATEWAY and op is not Op.FLUSH:
             raise PermissionDenied(f"{info.name} (raw object I/O) needs admin caps;"
                                    f" {principal.name} has '{caps.text()}'")
-        if op is Op.VDI_LIST:
+        if op is Op.VDI_LIST or op is Op.VDI_ATTACHMENTS:
             return True
         if info.kind is Kind.VDI_ADMIN or op is Op.VDI_OPEN:
             body = proto.decode_json(payload)
@@ -646,8 +649,9 @@ class Sheep:
             if info.kind is Kind.VDI:
                 return await self.vdis.serve_io(header, payload, session)
             return await self.gateway.serve(header, payload)
+        flushed = None
         if header.opcode == Op.FLUSH and handle.writable:
-            await self.vdis.locked(header, session)  # a flush is a change: it locks
+            flushed = await self.vdis.flushing(header, session)  # a change: it locks
         # A VDI's I/O waits its turn in its own client queue (its QoS, its share).
         queue = "client:" + handle.name
         nbytes = header.count if measured in ("read", "write") else 0
@@ -661,6 +665,8 @@ class Sheep:
                 reply = await self.gateway.serve(header, payload)
         finally:
             scheduler.done(queue, request)
+        if flushed is not None:
+            flushed()
         self.metrics.observe(handle.name, measured, header.count if measured != "flush"
                              else 0, self.clock.precise() - started)
         return reply

@@ -233,10 +233,17 @@ def _node_key(keyring: str | None, driver: str) -> bytes:
 @click.option("--no-checksums", is_flag=True,
               help="Keep no per-block checksums (damage goes unnoticed). For measuring their"
                    " cost only; a store keeps the setting it was created with.")
+@click.option("--lock-handoff-wait", "handoff_wait_s", type=click.FloatRange(0.5, 600),
+              default=3.0, show_default=True,
+              help="Seconds a client's first write to a VDI whose lock another client holds"
+                   " waits for that writer to flush and go idle (then the lock is handed"
+                   " over, as in a live migration) before it is refused. A holder whose sheep"
+                   " does not answer is waited for until the cluster declares it dead.")
 @click.version_option(package_name="sheepdog")
 def command(directory: str, port: int, address: str, driver: str, zone: int | None,
             weight: str | None, foreground: bool, log_level: str, metrics_port: int | None,
-            io_scheduler: str, keyring: str | None, no_checksums: bool) -> None:
+            io_scheduler: str, keyring: str | None, no_checksums: bool,
+            handoff_wait_s: float) -> None:
     """Run a sheep: a storage daemon of the cluster, keeping its objects in DIRECTORY."""
     directory = os.path.abspath(directory)
     weight_bytes = None
@@ -274,7 +281,8 @@ def command(directory: str, port: int, address: str, driver: str, zone: int | No
         file.write(f"{os.getpid()}\n")
     config = SheepConfig(directory=directory, address=address, port=port, zone=zone,
                          weight=weight_bytes, io_scheduler=io_scheduler, node_key=node_key,
-                         keyring_path=_keyring_path(keyring, driver))
+                         keyring_path=_keyring_path(keyring, driver),
+                         handoff_wait_s=handoff_wait_s)
     sheep = Sheep(config, Store(directory, checksums=not no_checksums), cluster_driver)
     # uvloop (libuv) runs the same asyncio code with far less overhead per event.
     code = uvloop.run(_run(sheep, sock, ready_fd, metrics_port))

@@ -126,6 +126,10 @@ class Op(enum.IntEnum):
     VDI_OBJECT = 0x4A
     VDI_UNLOCK = 0x4B
     VDI_QOS = 0x4C  # JSON {"name", "iops"?, "bps"?, "burst"?, "clear"?}: a VDI's I/O limits
+    # JSON {"name", "from_session", "node_id", "session", "owner"} -> {"granted", "why"?}:
+    # sent to the lock holder's sheep by a contender's (VdiService.handoff)
+    VDI_HANDOFF = 0x4D
+    VDI_ATTACHMENTS = 0x4E  # JSON {} -> [{"name", "mode", "holds_lock", "owner", ...}]
 
     AUTH_HELLO = 0x51  # JSON {"name", "nonce"} -> {"nonce", "mode", "proof"} (sheep/auth.py)
     AUTH_PROVE = 0x52  # JSON {"proof"} -> {"principal", "caps"}; sealed frames from then on
@@ -183,6 +187,10 @@ OPS: dict[Op, OpInfo] = {
     Op.VDI_UNLOCK: OpInfo("vdi_unlock", Kind.VDI_ADMIN, _JSON, _JSON, Caller.ADMIN),
     # Limits on a VDI's I/O: the operator's call, as taking a lock away is.
     Op.VDI_QOS: OpInfo("vdi_qos", Kind.VDI_ADMIN, _JSON, _JSON, Caller.ADMIN),
+    # Moves a lock between sessions: asked by sheep (the node key) for their clients.
+    Op.VDI_HANDOFF: OpInfo("vdi_handoff", Kind.VDI_ADMIN, _JSON, _JSON, Caller.ADMIN),
+    # Who has which VDI open on this sheep (dog vdi lock list): cut to the caller's VDIs.
+    Op.VDI_ATTACHMENTS: OpInfo("vdi_attachments", Kind.VDI_ADMIN, _JSON, _JSON, Caller.CLIENT),
     Op.AUTH_HELLO: OpInfo("auth_hello", Kind.AUTH, _JSON, _JSON, Caller.CLIENT),
     Op.AUTH_PROVE: OpInfo("auth_prove", Kind.AUTH, _JSON, _JSON, Caller.CLIENT),
     Op.AUTH_ADD: OpInfo("auth_add", Kind.ADMIN, _JSON, _JSON, Caller.ADMIN),

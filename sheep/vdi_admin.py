@@ -34,6 +34,7 @@ from sheep.vdi_gc import Collector
 from sheep.vdi_registry import Snapshot, Vdi, vdi_size_max
 
 Broadcast = Callable[[dict[str, Any]], Awaitable[ApplyResult]]
+Handler = Callable[[dict[str, Any], Header], Awaitable[Any]]
 # Runs work with the VDI's new writes held and those in flight done (VdiService.paused).
 Paused = Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]]
 
@@ -68,7 +69,8 @@ def _is_text(value: Any) -> bool:
 class VdiAdmin:
     def __init__(self, group: Group, gateway: Gateway, node_id: str, broadcast: Broadcast,
                  peer_connection: Callable[[str], Awaitable[Connection]], objects: Objects,
-                 engine: Callable[[], VdiEngine], gc: Collector, paused: Paused) -> None:
+                 engine: Callable[[], VdiEngine], gc: Collector, paused: Paused,
+                 handoff: Handler, attachments: Handler) -> None:
         self.group = group
         self.gateway = gateway
         self.node_id = node_id
@@ -78,7 +80,7 @@ class VdiAdmin:
         self.engine = engine  # the engine of the current object size (VdiService.engine)
         self.gc = gc
         self.paused = paused
-        self.handlers: dict[Op, Callable[[dict[str, Any], Header], Awaitable[Any]]] = {
+        self.handlers: dict[Op, Handler] = {
             Op.VDI_CREATE: self.create,
             Op.VDI_DELETE: self.delete,
             Op.VDI_SNAPSHOT: self.snapshot,
@@ -91,6 +93,8 @@ class VdiAdmin:
             Op.VDI_OBJECT: self.locate,
             Op.VDI_UNLOCK: self.unlock,
             Op.VDI_QOS: self.qos,
+            Op.VDI_HANDOFF: handoff,  # the lock holder's activity is VdiService's
+            Op.VDI_ATTACHMENTS: attachments,  # and so are the opens
         }
         proto.check_handlers(self.handlers, {Kind.VDI_ADMIN}, "VdiAdmin.handlers")
 

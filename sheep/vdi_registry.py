@@ -95,7 +95,9 @@ class Vdi:
     snapshots: list[Snapshot] = field(default_factory=list)
     parent: dict[str, Any] | None = None  # clones: {"vdi": name, "vdi_id", "snapshot": id}
     attrs: dict[str, str] = field(default_factory=dict)
-    lock: dict[str, str] | None = None  # {"node_id", "session"}
+    # Its writer: {"node_id", "session" (the contender: a connection, or one client
+    # of it), "owner" (who, for dog vdi lock list), "time" (since when)}.
+    lock: dict[str, str] | None = None
     # Its lock went with a node that left: writes of that holder may have reached some
     # replicas and not others. The next open, writable or not, settles every object of
     # the VDI's writable generation (newest copy everywhere) first; see VdiService.
@@ -429,9 +431,13 @@ class VdiRegistry:
         vdi = self._get(body)
         if isinstance(vdi, Outcome):
             return vdi
-        locked = self._locked_by_other(vdi, {"session": body.get("session")})
-        if locked:
-            return locked
+        # A handoff (VdiService.handoff) names the session it takes the lock from: it
+        # applies only while that session still holds it.
+        moved_from = body.get("from_session")
+        if not (moved_from and vdi.lock is not None and vdi.lock.get("session") == moved_from):
+            locked = self._locked_by_other(vdi, {"session": body.get("session")})
+            if locked:
+                return locked
         vdi.lock = {"node_id": str(body.get("node_id")), "session": str(body.get("session")),
                     "owner": str(body.get("owner", "")), "time": str(time)}
         return Outcome(value=vdi.to_json())

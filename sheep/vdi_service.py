@@ -6,7 +6,15 @@ handle; reads and writes name the handle and a byte offset. Opening never locks:
 a read-write handle takes the VDI's cluster-wide lock (an ordered cluster op) at
 its first change (a write, a trim or a flush naming it); the lock goes when the
 connection ends, or when its sheep dies (the state machine drops a dead node's
-locks).
+locks). Who contends for a lock is a connection, or one client of it when its
+opens name one (the NBD plugin names each NBD client): Handle.contender.
+
+A contender whose lock someone else holds asks the holder's sheep to hand it
+over (VdiService.handoff): granted once the holder has flushed everything it
+wrote and been idle for handoff_idle_s, which is what a live migration's source
+does at the switchover. The old holder is fenced from then on: its writes fail,
+saying the lock moved. While the holder keeps writing, the contender asks again
+until handoff_wait_s has passed, then is refused (VDI_LOCKED).
 
 Writes to a VDI pass its write gate (WriteGate), which a snapshot or resize on
 the lock holder's sheep closes while it runs (VdiService.paused), so the
@@ -54,6 +62,16 @@ log = logging.getLogger(__name__)
 settle_concurrency = 16  # objects checked at once when a VDI is settled (Vdi.unsettled)
 unlock_retry_first_s = 0.2  # a lock release the cluster log refused is retried after this,
 unlock_retry_max_s = 5.0  # doubling up to this
+handoff_idle_s = 0.5  # a holder flushed and idle this long hands its lock over
+handoff_wait_s = 3.0  # a contender asks that long, then is refused (sheep --lock-handoff-wait)
+# A holder whose sheep does not answer is waited for this long besides: if that sheep
+# is cut off, the cluster declares it dead meanwhile, which releases its locks.
+handoff_unreachable_wait_s = 25.0  # under a client call's 30 s timeout (peer_timeout_ms)
+handoff_poll_s = 0.1  # between two asks
+# An ask the holder's sheep does not answer by then is asked again (a silent cut would
+# hold it for the whole request timeout); an answer granted too late is seen in the log.
+handoff_ask_ms = 5_000
+client_max_chars = 128  # the client an open names (its contender within the connection)
 
 
 class GatewayObjects:
@@ -129,26 +147,86 @@ class Handle:
     vdi_id: int
     snapshot_id: int | None
     writable: bool  # may write: the lock is taken at its first change, never at open
-    owner: str = ""  # who the lock will name (dog vdi lock list)
+    owner: str = ""  # who opened it: the lock names it (dog vdi lock list)
+    contender: str = ""  # who contends for the lock: the session, or "SESSION/CLIENT"
+    client: str = ""  # the client the open named, if any
+    peer: str = ""  # the connection's address
+    since: float = 0.0  # when it was opened (wall clock)
+
+    def attachment(self, node_id: str, vdi: Vdi | None) -> dict[str, Any]:
+        """What dog vdi lock list shows of it."""
+        holds = vdi is not None and _holds_lock(self, vdi)
+        return {"name": self.name, "snapshot": self.snapshot_id,
+                "mode": "rw" if self.writable else "ro", "holds_lock": holds,
+                "owner": self.owner, "client": self.client, "peer": self.peer,
+                "node_id": node_id, "since": self.since}
 
 
-def _holds_lock(handle: Handle, vdi: Vdi, session: Session) -> bool:
-    """I/O on the VDI itself through the session holding its lock: no other sheep can
+def _holds_lock(handle: Handle, vdi: Vdi) -> bool:
+    """I/O on the VDI itself by the contender holding its lock: no other sheep can
     change its tree meanwhile, so the engine may use its cached entries."""
     return (handle.writable and handle.snapshot_id is None and vdi.lock is not None
-            and vdi.lock.get("session") == session.id)
+            and vdi.lock.get("session") == handle.contender)
+
+
+@dataclass
+class Writer:
+    """What a lock holder's sheep knows of its activity: what a handoff asks about."""
+
+    name: str
+    changes: int = 0  # writes and trims begun
+    flushed: int = 0  # of those, how many a flush (or their own FUA) made durable
+    in_flight: int = 0
+    taking: int = 0  # changes waiting for the lock to be logged as theirs
+    last_change: float = float("-inf")  # monotonic: when the latest change began or ended
+
+    def begin(self, now: float) -> tuple[int, bool]:
+        self.changes += 1
+        self.in_flight += 1
+        self.last_change = now
+        return self.changes, self.flushed == self.changes - 1
+
+    def end(self, now: float, change: tuple[int, bool], durable: bool) -> None:
+        self.in_flight -= 1
+        self.last_change = now
+        number, clean_before = change
+        if durable and clean_before:  # a FUA write to a clean VDI leaves it clean
+            self.flushed = max(self.flushed, number)
+
+    def busy(self, now: float) -> str | None:
+        """Why its lock cannot be handed over now, or None."""
+        if self.in_flight or self.taking:
+            return f"{self.in_flight + self.taking} of its writes are in flight"
+        if self.flushed < self.changes:
+            return "it has not flushed its latest writes"
+        quiet = now - self.last_change
+        if quiet < handoff_idle_s:
+            return f"it wrote {quiet:.2f} s ago (a handoff needs {handoff_idle_s:g} s idle)"
+        return None
 
 
 owner_max_chars = 256  # who a lock names (dog vdi lock list): it goes into the cluster log
 
 
+def _text(body: dict[str, Any], key: str, limit: int) -> str:
+    value = body.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value) > limit or not value.isprintable():
+        raise InvalidParameters(f"{key} must be printable text of at most {limit} characters")
+    return value
+
+
 class VdiService:
     def __init__(self, group: Group, gateway: Gateway, node_id: str, broadcast: Broadcast,
-                 peer_connection: Callable[[str], Awaitable[Connection]]) -> None:
+                 peer_connection: Callable[[str], Awaitable[Connection]],
+                 handoff_wait: float = handoff_wait_s) -> None:
         self.group = group
+        self.handoff_wait_s = handoff_wait
         self.gateway = gateway
         self.node_id = node_id
         self.broadcast = broadcast
+        self.peer_connection = peer_connection
         self.objects = GatewayObjects(gateway)
         self._engine: VdiEngine | None = None
         self._gates: dict[str, WriteGate] = {}
@@ -157,6 +235,9 @@ class VdiService:
         self._settling: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._handles = itertools.count(1)
         self._unlocking: set[asyncio.Task[None]] = set()  # releases retried (_unlock_quietly)
+        self._attached: dict[int, Handle] = {}  # every handle open here, by id
+        # Lock holders here (or would-be ones), by (contender, VDI name).
+        self._writers: dict[tuple[str, str], Writer] = {}
         self.io: dict[Op, Callable[[Header, bytes, Session], Awaitable[Reply]]] = {
             Op.VDI_OPEN: self.open,
             Op.VDI_CLOSE: self.close,
@@ -168,7 +249,8 @@ class VdiService:
         proto.check_handlers(self.io, {Kind.VDI}, "VdiService.io")
         self.gc = Collector(group, lambda: self.engine, self.objects, gateway)
         self.admin = VdiAdmin(group, gateway, node_id, broadcast, peer_connection,
-                              self.objects, lambda: self.engine, self.gc, self.paused)
+                              self.objects, lambda: self.engine, self.gc, self.paused,
+                              self.handoff, self.attachments)
 
     @property
     def engine(self) -> VdiEngine:
@@ -245,21 +327,19 @@ class VdiService:
         snapshot = body.get("snapshot")
         writable = bool(body.get("writable")) and snapshot is None
         snap = snapshot_named(vdi, snapshot) if snapshot is not None else None
-        if writable:
-            peer = session.peer
-            client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-            named = body.get("owner")
-            if named is not None and (not isinstance(named, str) or len(named) > owner_max_chars
-                                      or not named.isprintable()):
-                raise InvalidParameters(f"owner must be printable text of at most"
-                                        f" {owner_max_chars} characters")
-            owner = f"{named or 'client ' + client} (via sheep {self.node_id})"
+        peer = session.peer
+        address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        named = _text(body, "owner", owner_max_chars)
+        client = _text(body, "client", client_max_chars)
+        owner = f"{named or 'client ' + address} (via sheep {self.node_id})"
         handle_id = next(self._handles)
-        handles = session.values.setdefault("vdis", {})
-        handles[handle_id] = Handle(vdi.name, vdi.id, snap.id if snap else None, writable,
-                                    owner if writable else "")
-        if writable and not session.values.get("unlock_on_close"):
-            session.values["unlock_on_close"] = True
+        handle = Handle(vdi.name, vdi.id, snap.id if snap else None, writable, owner,
+                        f"{session.id}/{client}" if client else session.id, client, address,
+                        self.gateway.clock.wall())
+        session.values.setdefault("vdis", {})[handle_id] = handle
+        self._attached[handle_id] = handle
+        if not session.values.get("release_on_close"):
+            session.values["release_on_close"] = True
             session.on_close(lambda: self._release(session))
         if snap is None and vdi.unsettled:  # a writer settles it again when it locks
             await self._settle_for_reader(vdi)
@@ -268,6 +348,12 @@ class VdiService:
                  "snapshot": snap.id if snap else None, "writable": writable,
                  "object_size": self.group.state.object_size}
         return proto.encode_json(value), {}
+
+    async def attachments(self, body: dict[str, Any], header: Header) -> Any:
+        """Every VDI open on this sheep, read-only or not, and who holds which lock."""
+        vdis = self.group.state.vdis.vdis
+        return [handle.attachment(self.node_id, vdis.get(handle.name))
+                for handle in self._attached.values()]
 
     async def _settle_for_reader(self, vdi: Vdi) -> None:
         """A read-only open of an unsettled VDI settles it too: reads are served from
@@ -282,12 +368,12 @@ class VdiService:
             settling.add_done_callback(lambda _: self._settling.pop(key, None))
         await asyncio.shield(settling)
 
-    async def _settle(self, vdi: Vdi, session: Session | None) -> None:
+    async def _settle(self, vdi: Vdi, contender: str | None) -> None:
         """The previous writer's sheep left holding the lock: a write it had in flight
-        may have reached some replicas only. Before this session writes (a new write
+        may have reached some replicas only. Before this contender writes (a new write
         would give every replica the same version and hide the difference for good),
-        or reads (session None: see _settle_for_reader), each object of the writable
-        generation gets its newest copy everywhere."""
+        or anyone reads (contender None: see _settle_for_reader), each object of the
+        writable generation gets its newest copy everywhere."""
         root_node = await self.engine.root_node(vdi.root)
         oids = [oid for oid in await self.engine.walk(root_node)
                 if radix.generation_of(oid) == vdi.root.generation]
@@ -301,57 +387,61 @@ class VdiService:
         reports = await asyncio.gather(*(check(oid) for oid in oids))
         repaired = sum(1 for report in reports if report.get("repaired"))
         await self.broadcast({"type": "vdi_settled", "name": vdi.name,
-                              "session": session.id if session else None,
-                              "releases": vdi.releases})
+                              "session": contender, "releases": vdi.releases})
         log.warning("VDI %s: its previous writer's sheep left holding the lock; %d objects "
                     "checked, %d made to agree, in %.1f s", vdi.name, len(oids), repaired,
                     self.gateway.clock.monotonic() - started)
 
     async def _release(self, session: Session) -> None:
-        for handle in session.values.get("vdis", {}).values():
+        for handle_id, handle in session.values.get("vdis", {}).items():
+            self._attached.pop(handle_id, None)
+            self._writers.pop((handle.contender, handle.name), None)
             if handle.writable:
-                await self._unlock_quietly(handle.name, session.id)
+                await self._unlock_quietly(handle.name, handle.contender)
 
-    async def _unlock_quietly(self, name: str, session_id: str) -> None:
-        """Release the session's lock on name. If the cluster log cannot take the
+    async def _unlock_quietly(self, name: str, contender: str) -> None:
+        """Release the contender's lock on name. If the cluster log cannot take the
         release now (its coordination service is electing, say), it is retried in the
-        background until it is logged or the lock is no longer the session's (its
+        background until it is logged or the lock is no longer the contender's (its
         sheep was declared dead): a closed session must never keep a VDI locked."""
-        if not await self._unlock_once(name, session_id):
-            self._unlock_soon(name, session_id)
+        if not await self._unlock_once(name, contender):
+            self._unlock_soon(name, contender)
 
-    def _unlock_soon(self, name: str, session_id: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._unlock_later(name, session_id))
+    def _unlock_soon(self, name: str, contender: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._unlock_later(name, contender))
         self._unlocking.add(task)
         task.add_done_callback(self._unlocking.discard)
 
-    async def _unlock_once(self, name: str, session_id: str) -> bool:
+    async def _unlock_once(self, name: str, contender: str) -> bool:
         vdi = self.group.state.vdis.vdis.get(name)
-        if vdi is None or vdi.lock is None or vdi.lock.get("session") != session_id:
+        if vdi is None or vdi.lock is None or vdi.lock.get("session") != contender:
             return True
         try:
-            await self.broadcast({"type": "vdi_unlock", "name": name, "session": session_id})
+            await self.broadcast({"type": "vdi_unlock", "name": name, "session": contender})
         except SheepError as error:
             log.warning("could not release the lock on %s: %s; retrying", name, error)
             return False
         return True
 
-    async def _unlock_later(self, name: str, session_id: str) -> None:
+    async def _unlock_later(self, name: str, contender: str) -> None:
         delay = unlock_retry_first_s
         while True:
             await self.gateway.clock.sleep(delay)
-            if await self._unlock_once(name, session_id):
+            if await self._unlock_once(name, contender):
                 return
             delay = min(delay * 2, unlock_retry_max_s)
 
     async def close(self, header: Header, payload: bytes, session: Session) -> Reply:
         handle = self._handle(header, session)
         del session.values["vdis"][header.arg0]
+        self._attached.pop(header.arg0, None)
         if handle.writable and not any(
-                h.writable and h.name == handle.name for h in session.values["vdis"].values()):
+                h.writable and h.name == handle.name and h.contender == handle.contender
+                for h in session.values["vdis"].values()):
             # Let go of by its holder, not taken away: a later open may lock it again.
-            session.values.get("held", set()).discard(handle.name)
-            await self._unlock_quietly(handle.name, session.id)
+            session.values.get("held", set()).discard((handle.contender, handle.name))
+            self._writers.pop((handle.contender, handle.name), None)
+            await self._unlock_quietly(handle.name, handle.contender)
         return b"", {}
 
     async def read(self, header: Header, payload: bytes, session: Session) -> Reply:
@@ -359,83 +449,212 @@ class VdiService:
         vdi, root, size = self._target(handle)
         check_range(size, header.offset, header.count)
         return await self.engine.read(root, header.offset, header.count,
-                                      cached=_holds_lock(handle, vdi, session)), {}
+                                      cached=_holds_lock(handle, vdi)), {}
+
+    def _lost(self, vdi: Vdi) -> SheepError:
+        """The error a fenced holder's changes get: it held the lock and lost it."""
+        lock = vdi.lock
+        if lock is None:
+            return VdiLocked(f"the lock on VDI {vdi.name!r} was taken from this client (a"
+                             " forced unlock): its writes are refused until it opens the"
+                             " VDI again")
+        return VdiLocked(f"the lock on VDI {vdi.name!r} moved to {lock.get('owner') or 'another'}"
+                         " writer: this client's writes are refused from now on")
 
     def _writable(self, header: Header, session: Session) -> tuple[Handle, Vdi]:
         handle = self._handle(header, session)
         if not handle.writable:
             raise ReadOnly(f"{handle.name!r} is open read-only")
         vdi, _, _ = self._target(handle)
-        if vdi.lock is None or vdi.lock.get("session") != session.id:
-            raise VdiLocked(f"this connection no longer holds the lock on {vdi.name!r}")
+        if not _holds_lock(handle, vdi):
+            raise self._lost(vdi)
         return handle, vdi
 
-    async def locked(self, header: Header, session: Session) -> tuple[Handle, Vdi]:
-        """The handle's VDI under this session's lock, taken now if this is its first
-        change (a write, a trim, a flush). Attaching never locks: readers, and a
-        migration's destination until it writes, sit beside the writer. A session
-        that held the lock and lost it (forced away) does not take it back: its
-        writes fail from then on, where silently locking again would interleave
-        them with the new holder's."""
+    async def locked(self, header: Header, session: Session) -> tuple[Handle, Vdi, Writer]:
+        """The handle's VDI under its contender's lock, taken now if this is its first
+        change (a write, a trim, a flush); and what the holder's sheep tracks of its
+        activity. Attaching never locks: readers, and a migration's destination until
+        it writes, sit beside the writer. A contender that held the lock and lost it
+        (handed over, or forced away) does not take it back: its writes fail from then
+        on, where silently locking again would interleave them with the new holder's."""
         handle = self._handle(header, session)
         if not handle.writable:
             raise ReadOnly(f"{handle.name!r} is open read-only")
         vdi, _, _ = self._target(handle)
-        if vdi.lock is not None and vdi.lock.get("session") == session.id:
-            return handle, vdi
-        held: set[str] = session.values.setdefault("held", set())
-        if handle.name in held:
-            raise VdiLocked(f"this connection no longer holds the lock on {vdi.name!r}")
-        locking: dict[str, asyncio.Lock] = session.values.setdefault("locking", {})
-        async with locking.setdefault(handle.name, asyncio.Lock()):
-            vdi, _, _ = self._target(handle)
-            if vdi.lock is None or vdi.lock.get("session") != session.id:
-                if handle.name in held:
-                    raise VdiLocked(f"this connection no longer holds the lock on {vdi.name!r}")
-                await self.broadcast({"type": "vdi_lock", "name": vdi.name,
-                                      "node_id": self.node_id, "session": session.id,
-                                      "owner": handle.owner})
-                held.add(handle.name)
+        key = (handle.contender, handle.name)
+        writer = self._writers.get(key)
+        if writer is None:
+            writer = self._writers[key] = Writer(handle.name)
+        if not _holds_lock(handle, vdi):
+            held: set[tuple[str, str]] = session.values.setdefault("held", set())
+            if key in held:
+                raise self._lost(vdi)
+            locking: dict[tuple[str, str], asyncio.Lock] = session.values.setdefault(
+                "locking", {})
+            async with locking.setdefault(key, asyncio.Lock()):
                 vdi, _, _ = self._target(handle)
-                if vdi.unsettled:
-                    await self._settle(vdi, session)
-        return self._writable(header, session)
+                if not _holds_lock(handle, vdi):
+                    if key in held:
+                        raise self._lost(vdi)
+                    # Busy from before the lock is logged as ours: a handoff asked for
+                    # meanwhile must not take it from under the change that took it.
+                    writer.taking += 1
+                    try:
+                        await self._take(handle)
+                        held.add(key)
+                        vdi, _, _ = self._target(handle)
+                        if vdi.unsettled:
+                            await self._settle(vdi, handle.contender)
+                    finally:
+                        writer.taking -= 1
+        handle, vdi = self._writable(header, session)
+        return handle, vdi, writer
 
-    async def _gated(self, header: Header, session: Session,
+    async def _take(self, handle: Handle) -> None:
+        """Take the VDI's lock for the handle's contender: at once if nobody holds it,
+        else by a handoff from its holder (handoff), asked for until handoff_wait_s."""
+        clock = self.gateway.clock
+        started = clock.monotonic()
+        deadline = started + self.handoff_wait_s
+        why = ""
+        while True:
+            vdi, _, _ = self._target(handle)
+            lock = vdi.lock
+            if _holds_lock(handle, vdi):  # granted by an answer that came too late
+                return
+            try:
+                if lock is None:
+                    await self.broadcast({"type": "vdi_lock", "name": vdi.name,
+                                          "node_id": self.node_id,
+                                          "session": handle.contender, "owner": handle.owner})
+                    return
+                answer = await self._ask_handoff(vdi.name, lock, handle)
+                if answer.get("granted"):
+                    return
+                why = str(answer.get("why", ""))
+            except VdiLocked as error:  # taken meanwhile: ask its new holder
+                why = error.message
+            except (SheepError, OSError) as error:  # the holder's sheep did not answer
+                why = f"its sheep did not answer ({error})"
+                # Until it is declared dead (its locks go with it), or answers again.
+                deadline = max(deadline, started + handoff_unreachable_wait_s)
+            if clock.monotonic() >= deadline:
+                holder = (lock or {}).get("owner") or "another writer"
+                raise VdiLocked(f"VDI {vdi.name!r} is in use by {holder}: it did not hand the"
+                                f" lock over within {self.handoff_wait_s:g} s ({why}); a writer"
+                                f" hands over after a flush and {handoff_idle_s:g} s idle")
+            await clock.sleep(handoff_poll_s)
+
+    async def _ask_handoff(self, name: str, lock: dict[str, str], handle: Handle) -> Any:
+        body = {"name": name, "from_session": lock.get("session"), "node_id": self.node_id,
+                "session": handle.contender, "owner": handle.owner}
+        if lock.get("node_id") == self.node_id:
+            return await self.handoff(body, Header(opcode=Op.VDI_HANDOFF))
+        connection = await self.peer_connection(str(lock.get("node_id")))
+        _, data = await connection.call(Header(opcode=Op.VDI_HANDOFF),
+                                        proto.encode_json(body), timeout_ms=handoff_ask_ms)
+        return proto.decode_json(data)
+
+    async def handoff(self, body: dict[str, Any], header: Header) -> Any:
+        """On the lock holder's sheep: hand the VDI's lock from its holder to the
+        contender named, if the holder has flushed and been idle for handoff_idle_s
+        (or its connection is gone). {"granted": bool, "why": text}. The holder is
+        fenced from then on: it may not take the lock back (locked)."""
+        vdi = vdi_named(self.group, body.get("name"))
+        holder = body.get("from_session")
+        contender = _text(body, "session", 2 * client_max_chars)
+        owner = _text(body, "owner", owner_max_chars + 64)
+        node_id = _text(body, "node_id", 64)
+        if not (holder and contender and node_id):
+            raise InvalidParameters("a handoff names the holder (from_session), and the"
+                                    " contender (session, node_id)")
+        clock = self.gateway.clock
+
+        def refusal() -> str | None:
+            current = vdi_named(self.group, vdi.name)
+            if current.lock is None or current.lock.get("session") != holder:
+                return "the lock changed hands meanwhile"
+            if current.lock.get("node_id") != self.node_id:
+                return "its holder is on another sheep"
+            writer = self._writers.get((str(holder), vdi.name))
+            return writer.busy(clock.monotonic()) if writer is not None else None
+
+        why = refusal()
+        if why is not None:
+            return {"granted": False, "why": why}
+
+        async def hand_over() -> Any:
+            why = refusal()  # a write may have come while the gate closed
+            if why is not None:
+                return {"granted": False, "why": why}
+            before = vdi_named(self.group, vdi.name).lock or {}
+            await self.broadcast({"type": "vdi_lock", "name": vdi.name, "node_id": node_id,
+                                  "session": contender, "owner": owner,
+                                  "from_session": holder})
+            self._writers.pop((str(holder), vdi.name), None)
+            log.warning("VDI %s: lock handed over from %s to %s (the old holder had flushed"
+                        " and gone idle); its further writes are refused", vdi.name,
+                        before.get("owner") or holder, owner or contender)
+            return {"granted": True}
+
+        return await self.paused(vdi.name, hand_over)
+
+    async def _gated(self, header: Header, session: Session, durable: bool,
                      work: Callable[[Root, int], Awaitable[None]]) -> Reply:
         """A change to the VDI: through its write gate, under its lock, then reap."""
-        handle, vdi = await self.locked(header, session)
+        handle, vdi, writer = await self.locked(header, session)
         check_range(vdi.size, header.offset, header.count)
         gate = self._gate(handle.name)
         await gate.enter()
+        clock = self.gateway.clock
+        change = writer.begin(clock.monotonic())
+        done = False
         try:
             self._writable(header, session)  # still ours after waiting at the gate?
             _, root, size = self._target(handle)  # the root after any snapshot we waited for
             await work(root, size)
             await self.gc.reap_released()
+            done = True
         finally:
+            writer.end(clock.monotonic(), change, durable and done)
             gate.leave()
         return b"", {}
 
+    async def flushing(self, header: Header, session: Session) -> Callable[[], None]:
+        """A flush naming a writable handle is a change: it locks. What it returns
+        records, once the flush is done, that the writes begun before it are durable
+        (what a handoff waits for)."""
+        _, _, writer = await self.locked(header, session)
+        # Writes still in flight may land after the flush passes: it covers them only
+        # when there are none (a migration's source drains its I/O before it flushes).
+        covered = writer.changes if not writer.in_flight else writer.flushed
+
+        def done() -> None:
+            writer.flushed = max(writer.flushed, covered)
+
+        return done
+
     async def write(self, header: Header, payload: bytes, session: Session) -> Reply:
+        fua = bool(header.flags & FLAG_FUA)
+
         async def work(root: Root, size: int) -> None:
             await self.engine.write(root, header.offset, payload)
-            if header.flags & FLAG_FUA:
+            if fua:
                 await self.objects.flush()
 
-        return await self._gated(header, session, work)
+        return await self._gated(header, session, fua, work)
 
     async def discard(self, header: Header, payload: bytes, session: Session) -> Reply:
         async def work(root: Root, size: int) -> None:
             await self.engine.discard(root, header.offset, header.count, size)
 
-        return await self._gated(header, session, work)
+        return await self._gated(header, session, False, work)
 
     async def extents(self, header: Header, payload: bytes, session: Session) -> Reply:
         handle = self._handle(header, session)
         vdi, root, size = self._target(handle)
         check_range(size, header.offset, header.count)
         extents = await self.engine.extents(root, header.offset, header.count,
-                                            cached=_holds_lock(handle, vdi, session))
+                                            cached=_holds_lock(handle, vdi))
         value = [[e.offset, e.length, e.allocated] for e in extents]
         return proto.encode_json(value), {}

@@ -33,6 +33,7 @@ SYSTEM_PACKAGES=(
     "nbdkit:nbdkit"
     "nbdkit-plugin-python:/usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-python-plugin.so"
     "qemu-utils:qemu-img"
+    "qemu-system-x86:qemu-system-x86_64"
     "libnbd-bin:nbdinfo"
     "fio:fio"
     "zookeeper:/usr/share/zookeeper/bin/zkServer.sh"

@@ -17,23 +17,32 @@ PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 
 
 class NbdServer:
+    unix: str | None = None  # a unix socket served instead of a TCP port
+
     def __init__(self, sheep_ports: list[int], log_path: str, threads: int = 8,
-                 readonly: bool = False) -> None:
+                 readonly: bool = False, unix: str | None = None,
+                 params: tuple[str, ...] = ()) -> None:
+        """Serve on a free 127.0.0.1 port, or on the unix socket path given; params
+        are more plugin parameters (lock=nbdkit)."""
         self.port = free_port()
+        self.unix = unix
         self.log_path = log_path
         sheep = ",".join(f"127.0.0.1:{port}" for port in sheep_ports)
         command = ["nbdkit", "-f", "-v" if os.environ.get("NBD_DEBUG") else "-s",
-                   "-p", str(self.port), "-i", "127.0.0.1", "-t", str(threads)]
+                   *(["-U", unix] if unix else ["-p", str(self.port), "-i", "127.0.0.1"]),
+                   "-t", str(threads)]
         command = [part for part in command if part != "-s"]
         if readonly:
             command.append("-r")
-        command += ["python", PLUGIN, f"sheep={sheep}"]
+        command += ["python", PLUGIN, f"sheep={sheep}", *params]
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=log,
                                             stdin=subprocess.DEVNULL)
         self._wait_listening()
 
     def uri(self, export: str) -> str:
+        if self.unix:
+            return f"nbd+unix:///{export}?socket={self.unix}"
         return f"nbd://127.0.0.1:{self.port}/{export}"
 
     def _wait_listening(self, timeout_s: float = 15.0) -> None:
@@ -41,9 +50,13 @@ class NbdServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"nbdkit exited: {self.log()}")
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+            if self.unix:
+                if os.path.exists(self.unix):
                     return
+            else:
+                with socket.socket() as probe:
+                    if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                        return
             time.sleep(0.05)
         raise RuntimeError(f"nbdkit not listening within {timeout_s} s: {self.log()}")
 

@@ -322,7 +322,8 @@ class SimClient:
 
     # --- operations ---------------------------------------------------------------------
 
-    async def write(self) -> None:
+    async def write(self) -> bool:
+        """One write of random bytes; whether it was acknowledged."""
         assert self.vdi is not None
         rng = self.sim.rng
         length = rng.choice([512, 4096, rng.randint(1, write_bytes_max)])
@@ -344,11 +345,49 @@ class SimClient:
             self.sim.trace(f"{self.name} write {vdi.name} {offset}+{length} failed: "
                            f"{type(error).__name__}")
             vdi.image.forget(offset, length)
-            return
+            return False
         vdi.image.write(number, offset, data)
         if fua:
             vdi.image.unflushed = [e for e in vdi.image.unflushed if e[0] != number]
         self.sim.trace(f"{self.name} write {vdi.name} {offset}+{length}{' fua' if fua else ''} ok")
+        return True
+
+    async def migrate(self) -> None:
+        """The VM moves to a gateway chosen anew, as a live migration does: the
+        destination opens the VDI beside the source (attaching takes no lock); the
+        source flushes, naming its handle, and goes quiet; the destination's first
+        write takes the lock by a handoff. The source is fenced from then on: a write
+        through its handle must fail, and one acknowledged is a failure of the run."""
+        if self.client is None or self.handle is None or self.vdi is None:
+            return
+        source, handle, vdi = self.client, self.handle, self.vdi
+        number = self.sim.next_write()
+        try:
+            await source.flush(handle)
+        except (SheepError, ConnectionError) as error:
+            self.sim.trace(f"{self.name} migrate: the source's flush failed: "
+                           f"{type(error).__name__}")
+            return
+        self.sim.flushed(number)
+        self.client, self.handle = None, None  # the destination connects anew
+        try:
+            if not await self.write():
+                self.sim.trace(f"{self.name} migrate: the destination did not write")
+                return
+            probe = bytes(512)
+            try:
+                await source.vdi_write(handle, 0, probe)
+            except VdiLocked:
+                self.sim.trace(f"{self.name} migrate: the source is fenced")
+                return
+            except (SheepError, ConnectionError) as error:
+                self.sim.trace(f"{self.name} migrate: the source's write failed: "
+                               f"{type(error).__name__}")
+                return
+            self.sim.fail(f"{self.name}: a write through the source's handle was acknowledged"
+                          f" after the destination took {vdi.name}'s lock")
+        finally:
+            source.close()
 
     async def read(self) -> None:
         assert self.vdi is not None
@@ -582,6 +621,8 @@ class SimClient:
             (55, self.write), (18, self.read), (6, self.flush), (5, self.snapshot),
             (6, self.read_snapshot), (3, self.delete_snapshot), (2, self.clone),
             (2, self.rollback), (1, self.delete_vdi)]
+        if self.sim.migrations:
+            operations.append((4, self.migrate))
         weights = [weight for weight, _ in operations]
         for _ in range(steps):
             _, operation = self.sim.rng.choices(operations, weights)[0]
@@ -611,8 +652,10 @@ class Result:
 
 class Simulation:
     def __init__(self, seed: int, nodes: int = 4, steps: int = 60, plant: str | None = None,
-                 clients: int = clients_default, base: str | None = None) -> None:
+                 clients: int = clients_default, base: str | None = None,
+                 migrations: bool = False) -> None:
         self.seed = seed
+        self.migrations = migrations  # clients also live-migrate (SimClient.migrate)
         self.rng = random.Random(seed)
         self.nodes = nodes
         self.steps = steps

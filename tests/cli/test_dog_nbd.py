@@ -131,6 +131,14 @@ def test_the_retry_budget_reaches_the_plugin_and_a_bad_one_is_refused():
         assert "--retry" in result.stderr, result.stderr
 
 
+def test_the_lock_scope_reaches_the_plugin_and_a_bad_one_is_refused():
+    line = dog("nbd", "serve", "--lock-scope", "nbdkit", "--print-command").stdout.strip()
+    assert shlex.split(line)[-1] == "lock=nbdkit", line
+    assert "lock=" not in dog("nbd", "serve", "--print-command").stdout  # per client
+    result = dog("nbd", "serve", "--lock-scope", "vm", "--print-command", check=EXIT_USAGE)
+    assert "--lock-scope" in result.stderr, result.stderr
+
+
 def test_tls_psk_reaches_nbdkit_and_a_bad_file_is_refused(tmp_path):
     keys = tmp_path / "keys.psk"
     keys.write_text("alice:" + "ab" * 32 + "\n")
@@ -222,7 +230,8 @@ def test_a_background_nbdkit_is_named_in_the_lock_by_its_real_pid(cluster, pidfi
 
     def owner() -> str | None:
         locks = json.loads(dog("-p", sheep_port, "vdi", "lock", "list", "--json").stdout)
-        return next((lock["owner"] for lock in locks if lock["name"] == "bob"), None)
+        return next((lock["owner"] for lock in locks
+                     if lock["name"] == "bob" and lock["mode"] == "lock"), None)
 
     holder = subprocess.Popen(["qemu-io", "-f", "raw", f"nbd://127.0.0.1:{port}/bob"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -234,12 +243,17 @@ def test_a_background_nbdkit_is_named_in_the_lock_by_its_real_pid(cluster, pidfi
         assert "read 4096/4096" in holder.stdout.readline()
         holder.stdout.readline()  # its timing
         assert owner() is None  # attached and read: no lock
+        listed = json.loads(dog("-p", sheep_port, "vdi", "lock", "list", "--json").stdout)
+        attached = [row for row in listed if row["name"] == "bob"]
+        assert [row["mode"] for row in attached] == ["rw"], attached  # listed all the same
+        assert attached[0]["owner"].startswith(f"nbdkit pid {pid} on ")
         holder.stdin.write("write -P 0x5 0 4096\n")
         holder.stdin.flush()
         assert "wrote 4096/4096" in holder.stdout.readline()
         named = owner()
         assert named is not None and named.startswith(
-            f"nbdkit pid {pid} on {socket.gethostname()} (via sheep "), named
+            f"nbdkit pid {pid} on {socket.gethostname()}, NBD client 127.0.0.1:"), named
+        assert " (via sheep 127.0.0.1:" in named
     finally:
         if holder.stdin is not None:
             holder.stdin.write("quit\n")

@@ -728,12 +728,16 @@ def test_lock_list_and_unlock(port, api, cluster):
         handle = holder.vdi_open("held", writable=True, owner="test-holder")["handle"]
         holder.vdi_write(handle, 0, b"mine")
 
+        reader = SyncClient("127.0.0.1", cluster.sheep[2].port, cluster.credentials)
+        reader.vdi_open("held", owner="test-reader")
         lines = out(port, "vdi", "lock", "list").splitlines()
-        assert lines[0].split() == ["Name", "Id", "Holder", "Since"]
-        row = next(line for line in lines[1:] if line.split()[0] == "held")
-        assert "test-holder (via sheep 127.0.0.1:" in row
+        assert lines[0].split() == ["Name", "Id", "Mode", "Who", "Since"]
+        rows = [line for line in lines[1:] if line.split()[0] == "held"]
+        assert rows[0].split()[2] == "lock" and "test-holder (via sheep 127.0.0.1:" in rows[0]
+        assert rows[1].split()[2] == "ro" and "test-reader (via sheep 127.0.0.1:" in rows[1]
+        assert len(rows) == 2  # the holder's own attachment is its lock's row
         locks = json.loads(dog(port, "vdi", "lock", "list", "--json").stdout)
-        held = next(lock for lock in locks if lock["name"] == "held")
+        held = next(lock for lock in locks if lock["name"] == "held" and lock["mode"] == "lock")
         assert held["node_id"].startswith(f"127.0.0.1:{cluster.sheep[1].port}/")
         assert held["owner"].startswith("test-holder")
         assert "locked" in next(line for line in out(port, "vdi", "list", "held").splitlines()
@@ -747,8 +751,9 @@ def test_lock_list_and_unlock(port, api, cluster):
 
         assert out(port, "vdi", "lock", "unlock", "held") == "unlocked 'held'\n"
         locks = json.loads(dog(port, "vdi", "lock", "list", "--json").stdout)
-        assert not any(lock["name"] == "held" for lock in locks)
-        with pytest.raises(VdiLocked, match="no longer holds the lock"):
+        assert sorted(lock["mode"] for lock in locks if lock["name"] == "held") == ["ro", "rw"]
+        reader.close()
+        with pytest.raises(VdiLocked, match="was taken from this client"):
             holder.vdi_write(handle, 0, b"late")
         write(api, "held", 0, b"next")
         assert read(api, "held", 0, 4) == b"next"

@@ -386,16 +386,26 @@ def fio(uri: str, *extra: str, aux_path: str) -> list[dict[str, Any]]:
     return jobs
 
 
-def test_fio_randwrite_two_jobs_over_multi_conn_verifies(cluster, nbd, tmp_path):
+def test_fio_randwrite_two_jobs_over_multi_conn_verifies(cluster, nbd, make_nbd, tmp_path):
+    """Over a unix socket nbdkit names each client's process: a multi-conn writer's
+    connections are one contender for the lock, and multi-conn is offered. Over TCP
+    nbdkit 1.32 cannot tell whose a connection is: a writable export offers it only
+    with lock=nbdkit (every client of that nbdkit one contender)."""
     with cluster.client(0) as client:
         client.vdi_create("fio", 64 * MiB)
-    assert nbdinfo_json(nbd.uri("fio"))["can_multi_conn"] is True
+    ports = [node.port for node in cluster.sheep]
+    local = make_nbd(ports, unix=str(tmp_path / "nbd.sock"))
+    assert nbdinfo_json(local.uri("fio"))["can_multi_conn"] is True
+    assert nbdinfo_json(nbd.uri("fio"))["can_multi_conn"] is False
+    assert nbdinfo_json(nbd.uri("fio"))["is_read_only"] is False
+    shared = make_nbd(ports, params=("lock=nbdkit",))
+    assert nbdinfo_json(shared.uri("fio"))["can_multi_conn"] is True
     # randwrite, then fio's own verify phase reading every block back (do_verify=1).
-    jobs = fio(nbd.uri("fio"), "--do_verify=1", aux_path=str(tmp_path))
+    jobs = fio(local.uri("fio"), "--do_verify=1", aux_path=str(tmp_path))
     assert [job["write"]["io_bytes"] for job in jobs] == [32 * MiB, 32 * MiB]
     assert [job["read"]["io_bytes"] for job in jobs] == [32 * MiB, 32 * MiB]
     # A separate verify pass on new connections: what was written stayed written.
-    jobs = fio(nbd.uri("fio"), "--verify_only=1", aux_path=str(tmp_path))
+    jobs = fio(shared.uri("fio"), "--verify_only=1", aux_path=str(tmp_path))
     assert [job["read"]["io_bytes"] for job in jobs] == [32 * MiB, 32 * MiB]
     assert used(cluster, "fio") == 64 * MiB
 
@@ -452,7 +462,10 @@ def test_a_second_attach_reads_but_cannot_write_until_the_first_detaches(cluster
     other = make_nbd(ports[::-1])  # another nbdkit, on another gateway sheep
     readonly = make_nbd(ports[1:], readonly=True)
 
-    holder = subprocess.Popen(["qemu-io", "-f", "raw", nbd.uri("locked")], stdin=subprocess.PIPE,
+    # Cache mode unsafe: qemu-io's flushes are dropped, so the holder keeps unflushed
+    # writes and never hands the lock over (an idle, flushed one would).
+    holder = subprocess.Popen(["qemu-io", "-t", "unsafe", "-f", "raw", nbd.uri("locked")],
+                              stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert holder.stdin is not None and holder.stdout is not None
@@ -490,6 +503,50 @@ def test_a_second_attach_reads_but_cannot_write_until_the_first_detaches(cluster
         assert time.monotonic() < deadline, result.stderr
         time.sleep(0.1)
     assert "failed" not in result.stdout
+
+
+def test_two_writers_through_one_nbdkit_never_both_write(cluster, nbd):
+    """Each NBD client of one nbdkit is its own contender for the lock: a second
+    writer beside an active one is refused, the holder and its client are named (the
+    real nbdkit pid), and a forced unlock fences the holder with a clear error."""
+    with cluster.client(0) as client:
+        client.vdi_create("pair", 8 * MiB)
+    holder = subprocess.Popen(["qemu-io", "-t", "unsafe", "-f", "raw", nbd.uri("pair")],
+                              stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def holder_says(command: str) -> str:
+        """The command's outcome line (qemu-io prints a line of figures after a write)."""
+        assert holder.stdin is not None and holder.stdout is not None
+        holder.stdin.write(command + "\n")
+        holder.stdin.flush()
+        while True:
+            line = holder.stdout.readline()
+            if not line or "wrote " in line or "failed" in line:
+                return line
+
+    try:
+        assert "wrote 4096/4096" in holder_says("write -P 0x11 0 4096")
+        refused = qemu_io(nbd.uri("pair"), "write -P 0x22 0 512", check=False)
+        output = refused.stdout + refused.stderr
+        assert "Operation not permitted" in output and "wrote" not in output, output
+        assert f"'pair' is in use by nbdkit pid {nbd.process.pid} on" in nbd.log()
+        assert ", NBD client 127.0.0.1:" in nbd.log()
+        qemu_io(nbd.uri("pair"), "read -P 0x11 0 4096", read_only=True)  # readers are fine
+
+        with cluster.client(1) as client:
+            lock = client.vdi_list(["pair"], usage=False)[0]["lock"]
+            assert lock["owner"].startswith(f"nbdkit pid {nbd.process.pid} on ")
+            client.vdi_unlock("pair")
+        # Fenced: its write fails with EPERM, and nbdkit's log says why.
+        assert "Operation not permitted" in holder_says("write -P 0x33 0 4096")
+        assert "was taken from this client (a forced unlock)" in nbd.log()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    qemu_io(nbd.uri("pair"), "read -P 0x11 0 4096", "write -P 0x44 0 512",
+            "read -P 0x44 0 512")
 
 
 def test_live_snapshots_hold_a_prefix_of_the_acknowledged_writes(cluster, nbd):
@@ -623,7 +680,7 @@ def test_sigkill_of_the_gateway_sheep_during_writes(make_cluster, make_nbd):
         with cluster.client(survivor) as client:  # the plugin holds the lock again
             lock = client.vdi_list(["failover"], usage=False)[0]["lock"]
         assert lock["owner"].startswith(
-            f"nbdkit pid {server.process.pid} on {socket.gethostname()} (via sheep "), lock
+            f"nbdkit pid {server.process.pid} on {socket.gethostname()}, NBD client "), lock
         assert not lock["node_id"].startswith(f"127.0.0.1:{victim}/"), lock
     finally:
         connection.close()

@@ -19,6 +19,7 @@ from sheep.errors import SheepError, Unavailable
 from sheep.testing import netns
 from sheep.testing.cluster import stop_process
 from sheep.testing.nbd import PLUGIN, fio_command, fio_jobs, needs_tools
+from sheep.testing.qemu import Qemu, read_ok, wrote
 from sheep.testing.zookeeper import ZooKeeperServer, missing
 
 MiB = 1 << 20
@@ -274,6 +275,51 @@ def test_the_nbd_gateways_host_cut_off_during_writes_the_client_fails_over(
         == 32 * MiB
     print(f"\nnamespaces, NBD gateway cut off during writes: VDI reopened through another "
           f"gateway {to_failover:.2f} s after the cut; fio's longest write {stall_s:.2f} s")
+
+
+@needs_tools("nbdkit", "qemu-system-x86_64", packages="nbdkit, nbdkit-plugin-python,"
+            " qemu-system-x86")
+def test_a_vm_migrates_between_hosts_and_its_old_host_is_cut_off_after_the_switchover(
+        network, zookeeper, tmp_path):
+    """QEMU on host a (its nbdkit's gateway: a's sheep) live-migrates to host b (b's
+    nbdkit and sheep). Right after the switchover, a is cut off: the VDI's lock is
+    still its source's, on a's sheep, which no longer answers. The destination's
+    first write waits for the cluster to declare a dead (that releases the lock),
+    then goes on; every write acknowledged to the source is there, read through the
+    destination and through a third host's sheep."""
+    start_sheep(network, zookeeper, tmp_path, copies=2, prefix="migration")
+    a, b, c = network.hosts
+    start_nbdkit(a, [a, c], str(tmp_path / "nbdkit-a.log"))
+    start_nbdkit(b, [b, c], str(tmp_path / "nbdkit-b.log"))
+    disk = f"nbd://127.0.0.1:{NBD_PORT}/disk"
+    port = 4444
+    source = Qemu(str(tmp_path), "source", disk, wrap=("ip", "netns", "exec", a.namespace))
+    destination = Qemu(str(tmp_path), "destination", disk, incoming=f"{b.address}:{port}",
+                       wrap=("ip", "netns", "exec", b.namespace))
+    try:
+        for index in range(8):
+            assert wrote(source.qemu_io(f"write -P {index + 1} {index}M 1M"), MiB,
+                         index * MiB), source.log()
+        source.qmp.command("migrate", uri=f"tcp:{b.address}:{port}")
+        assert source.migrated() == "completed"
+        network.cut(a)
+        started = time.monotonic()
+        assert wrote(destination.qemu_io("write -P 0x77 10M 1M", timeout_s=90), MiB,
+                     10 * MiB), destination.log()
+        takeover_s = time.monotonic() - started
+        for index in range(8):
+            assert read_ok(destination.qemu_io(f"read -P {index + 1} {index}M 1M"), MiB,
+                           index * MiB)
+        assert wrote(destination.qemu_io("write -P 0x78 11M 1M"), MiB, 11 * MiB)
+    finally:
+        source.stop()
+        destination.stop()
+    for index in range(8):
+        assert vdi_io(c, index * MiB, count=MiB) == bytes([index + 1]) * MiB
+    assert vdi_io(c, 10 * MiB, count=MiB) == b"\x77" * MiB
+    assert vdi_io(c, 11 * MiB, count=MiB) == b"\x78" * MiB
+    print(f"\nnamespaces, live migration then the source host cut off: the destination's"
+          f" first write waited {takeover_s:.2f} s (the source's death)")
 
 
 # --- a 2 vs 1 partition ---------------------------------------------------------------------

@@ -8,6 +8,7 @@ they really are: the object files in each sheep's store directory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import subprocess
@@ -33,12 +34,15 @@ PiB = 1 << 50
 object_size = 4 * MiB
 vdi_types = {ObjectType.DATA, ObjectType.TREE, ObjectType.INODE, ObjectType.ATTR}
 lock_release_max_s = 10.0  # a closed connection's or dead gateway's lock is gone by then
+handoff_wait_s = 1.0  # the module cluster's --lock-handoff-wait (the default 3 s is for VMs)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[LocalCluster]:
     """Three sheep in three zones, two copies: shared by the tests that kill nothing."""
     with LocalCluster(str(tmp_path_factory.mktemp("vdi")), nodes=3) as local:
+        for node in local.sheep:
+            node.extra_args = [*node.extra_args, "--lock-handoff-wait", str(handoff_wait_s)]
         local.start()
         local.format(copies=2, object_size=object_size)
         yield local
@@ -510,7 +514,7 @@ def test_a_connection_that_lets_go_of_a_lock_may_lock_again_one_that_lost_it_may
             admin.vdi_unlock("again")
         for change, args in [(client.vdi_write, (handle, 0, b"three")),
                              (client.vdi_discard, (handle, 0, 4096)), (client.flush, (handle,))]:
-            with pytest.raises(VdiLocked, match="no longer holds the lock"):
+            with pytest.raises(VdiLocked, match="was taken from this client"):
                 change(*args)  # type: ignore[operator]
         assert client.vdi_list(["again"], usage=False)[0]["lock"] is None
         assert client.vdi_read(handle, 0, 3) == b"two"
@@ -565,6 +569,80 @@ def test_one_writer_at_a_time(cluster):
         finally:
             same_sheep.close()
             other_sheep.close()
+
+
+def test_a_flushed_idle_writer_hands_its_lock_over_and_is_fenced(cluster):
+    """What a live migration does: the source writes, flushes and goes quiet at the
+    switchover; the destination, attached all along through another sheep, writes.
+    While the source has unflushed writes, or keeps writing, the destination waits
+    --lock-handoff-wait and is refused; once it is flushed and idle, the lock moves,
+    and every later change of the source fails saying so."""
+    with cluster.client(0) as source, cluster.client(1) as destination:
+        source.vdi_create("handoff", 8 * MiB)
+        src = source.vdi_open("handoff", writable=True, owner="source")["handle"]
+        dst = destination.vdi_open("handoff", writable=True, owner="destination")["handle"]
+        source.vdi_write(src, 0, b"A" * 4096)
+        time.sleep(0.6)  # idle long enough, but not flushed
+        started = time.monotonic()
+        with pytest.raises(VdiLocked, match="in use by source .*not flushed its latest"):
+            destination.vdi_write(dst, 4096, b"B" * 4096)
+        assert time.monotonic() - started >= handoff_wait_s
+
+        stop = threading.Event()
+
+        def keep_writing() -> None:  # flushed after every write, but never idle
+            while not stop.is_set():
+                source.vdi_write(src, 8192, b"C" * 4096)
+                source.flush(src)
+                time.sleep(0.05)
+
+        busy = threading.Thread(target=keep_writing, daemon=True)
+        busy.start()
+        try:
+            with pytest.raises(VdiLocked, match=r"in use by source .*wrote 0\.\d+ s ago"):
+                destination.vdi_write(dst, 4096, b"B" * 4096)
+        finally:
+            stop.set()
+            busy.join()
+        assert destination.vdi_list(["handoff"], usage=False)[0]["lock"]["owner"].startswith(
+            "source")
+
+        source.flush(src)
+        destination.vdi_write(dst, 4096, b"B" * 4096)  # granted within half a second
+        lock = destination.vdi_list(["handoff"], usage=False)[0]["lock"]
+        assert lock["owner"].startswith("destination (via sheep")
+        for change, args in [(source.vdi_write, (src, 0, b"late")),
+                             (source.vdi_discard, (src, 0, 4096)), (source.flush, (src,))]:
+            with pytest.raises(VdiLocked, match="moved to destination"):
+                change(*args)  # type: ignore[operator]
+        destination.vdi_write(dst, 12288, b"D" * 4096)
+        assert destination.vdi_read(dst, 0, 16384) == b"A" * 4096 + b"B" * 4096 + (
+            b"C" * 4096 + b"D" * 4096)
+        assert source.vdi_read(src, 0, 4096) == b"A" * 4096  # a fenced writer still reads
+
+
+def test_clients_named_on_one_connection_contend_like_connections(cluster):
+    """The NBD plugin serves every NBD client over one connection to its sheep, naming
+    each client at open: two clients are two contenders, one client's handles one."""
+    with cluster.client(0) as client:
+        client.vdi_create("clients", 8 * MiB)
+        first = client.vdi_open("clients", writable=True, owner="first", client="a")["handle"]
+        again = client.vdi_open("clients", writable=True, owner="first", client="a")["handle"]
+        second = client.vdi_open("clients", writable=True, owner="second", client="b")["handle"]
+        client.vdi_write(first, 0, b"one")
+        client.vdi_write(again, 3, b"two")  # the same client: the same lock
+        with pytest.raises(VdiLocked, match="in use by first"):
+            client.vdi_write(second, 6, b"no")
+        client.flush(first)
+        time.sleep(0.5)
+        client.vdi_write(second, 6, b"three")
+        with pytest.raises(VdiLocked, match="moved to second"):
+            client.vdi_write(again, 0, b"late")
+        assert client.vdi_read(second, 0, 11) == b"onetwothree"
+        attached = client.vdi_attachments()
+        mine = sorted((a["client"], a["mode"], a["holds_lock"]) for a in attached
+                      if a["name"] == "clients")
+        assert mine == [("a", "rw", False), ("a", "rw", False), ("b", "rw", True)]
 
 
 # --- fencing ------------------------------------------------------------------------------------
@@ -822,7 +900,10 @@ def test_a_write_in_flight_when_its_connection_closes_cannot_overwrite_the_next_
 
     try:
         asyncio.run(old_writer())
-        with cluster.client(other) as client, pytest.raises(VdiLocked):
+        # Its handoff is refused while the old write is in flight (VdiLocked after
+        # handoff_wait_s), or, if the stopped replica is declared dead meanwhile,
+        # granted once that write is done: either way the reads below see NEW!!.
+        with cluster.client(other) as client, contextlib.suppress(VdiLocked):
             client.vdi_write(client.vdi_open("handover", writable=True)["handle"], 0, b"NEW!!")
     finally:
         process.send_signal(signal.SIGCONT)
