@@ -621,6 +621,79 @@ def test_a_flushed_idle_writer_hands_its_lock_over_and_is_fenced(cluster):
         assert source.vdi_read(src, 0, 4096) == b"A" * 4096  # a fenced writer still reads
 
 
+def test_snapshots_across_a_handoff_hold_a_prefix_of_the_acknowledged_writes(cluster):
+    """Crash consistency is unchanged by a handoff: a source writes blocks in order
+    (block i holds i), flushes and goes quiet; a destination through another sheep
+    takes the lock over and writes on; snapshots are taken through a third sheep
+    all along (each goes to whichever sheep holds the lock then). Each holds blocks
+    0..n-1 exactly and nothing after, n past every block acknowledged before it was
+    asked for and not past any block sent after it returned."""
+    block, total, switch = 4096, 160, 80
+
+    def content(i: int) -> bytes:
+        return i.to_bytes(4, "little") * (block // 4)
+
+    sent: dict[int, float] = {}
+    acked: dict[int, float] = {}
+    with cluster.client(0) as setup:
+        setup.vdi_create("prefix", 4 * MiB)
+    snapshots: list[tuple[str, float, float]] = []
+    stop = threading.Event()
+
+    def snapshotter() -> None:
+        with cluster.client(2) as client:
+            while not stop.is_set():
+                tag = f"p{len(snapshots)}"
+                asked = time.monotonic()
+                try:
+                    client.vdi_snapshot("prefix", tag)
+                except VdiLocked:  # the lock moved while it was forwarded: again
+                    continue
+                snapshots.append((tag, asked, time.monotonic()))
+                time.sleep(0.3)
+
+    thread = threading.Thread(target=snapshotter, daemon=True)
+    with cluster.client(0) as source, cluster.client(1) as destination:
+        src = source.vdi_open("prefix", writable=True, owner="source")["handle"]
+        dst = destination.vdi_open("prefix", writable=True, owner="destination")["handle"]
+        thread.start()
+        try:
+            def snapshot_after(moment: float) -> None:  # one more snapshot, asked after
+                deadline = time.monotonic() + 30
+                while not any(asked > moment for _, asked, _ in snapshots):
+                    assert time.monotonic() < deadline and thread.is_alive()
+                    time.sleep(0.01)
+
+            for i in range(total):
+                if i in (switch // 2, switch + 10):
+                    snapshot_after(acked[i - 1])
+                writer, handle = (source, src) if i < switch else (destination, dst)
+                sent[i] = time.monotonic()
+                writer.vdi_write(handle, i * block, content(i))
+                acked[i] = time.monotonic()
+                if i == switch - 1:
+                    source.flush(src)  # the switchover: flushed, then quiet
+        finally:
+            stop.set()
+            thread.join(timeout=60)
+        with pytest.raises(VdiLocked, match="moved to destination"):
+            source.vdi_write(src, 0, b"late")
+    # Snapshots on both sides of the handoff (through the source's sheep, then the
+    # destination's), and more around it as the timing falls.
+    assert any(done < acked[switch - 1] for _, _, done in snapshots), snapshots
+    assert any(asked > acked[switch] for _, asked, _ in snapshots), snapshots
+    with cluster.client(2) as reader:
+        for tag, asked, done in snapshots:
+            handle = reader.vdi_open("prefix", snapshot=tag)["handle"]
+            data = reader.vdi_read(handle, 0, total * block)
+            n = 0
+            while n < total and data[n * block:(n + 1) * block] == content(n):
+                n += 1
+            assert data[n * block:] == bytes((total - n) * block), (tag, n)
+            assert all(n > i for i, at in acked.items() if at < asked), (tag, n)
+            assert all(n <= i for i, at in sent.items() if at > done), (tag, n)
+
+
 def test_clients_named_on_one_connection_contend_like_connections(cluster):
     """The NBD plugin serves every NBD client over one connection to its sheep, naming
     each client at open: two clients are two contenders, one client's handles one."""
