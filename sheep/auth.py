@@ -455,7 +455,7 @@ class Sealer:
         tag (len(payload) + TAG_BYTES)."""
         nonce = self._sent.to_bytes(12, "little")
         self._sent += 1
-        if self.encrypt or opcode in self.always_sealed:
+        if self.sealed(opcode):
             return [header, self._encrypt(nonce, payload, header)]
         if len(payload) > self.large_bytes:
             gmac = Cipher(algorithms.AES(self._send_key), modes.GCM(nonce)).encryptor()
@@ -474,7 +474,7 @@ class Sealer:
         nonce = self._received.to_bytes(12, "little")
         self._received += 1
         try:
-            if self.encrypt or opcode in self.always_sealed:
+            if self.sealed(opcode):
                 return self._decrypt(nonce, frame[header_bytes:], frame[:header_bytes])
             self._decrypt(nonce, frame[-TAG_BYTES:], frame[:-TAG_BYTES])
         except InvalidTag:
@@ -491,7 +491,7 @@ class Sealer:
         nonce = self._received.to_bytes(12, "little")
         self._received += 1
         try:
-            if self.encrypt or opcode in self.always_sealed:
+            if self.sealed(opcode):
                 sealed = pieces[0] if len(pieces) == 1 else bytearray().join(pieces)
                 return self._decrypt(nonce, sealed, header)
             body: bytearray | memoryview

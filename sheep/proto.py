@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from sheep import auth, constants
-from sheep.errors import BadRequest, Result
+from sheep.errors import BadRequest, Result, SheepError
 
 HEADER = struct.Struct("<HBBHHIIQQIIQQ")
 HEADER_SIZE = HEADER.size
@@ -495,8 +495,7 @@ class FrameDecoder:
         try:
             opened = self._sealer.open_pieces(header.opcode, header_bytes, chunks)
         except BadRequest as bad:
-            self._broken = ProtocolError(bad.message)
-            raise self._broken from None
+            raise self._break(bad) from None
         return [(header.with_length(len(opened)), opened)]  # type: ignore[list-item]
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[Header, bytes]]:
@@ -598,8 +597,13 @@ class FrameDecoder:
         try:
             return self._sealer.open(header.opcode, frame, HEADER_SIZE)
         except BadRequest as bad:
-            self._broken = ProtocolError(bad.message)
-            raise self._broken from None
+            raise self._break(bad) from None
+
+    def _break(self, bad: SheepError) -> ProtocolError:
+        """A frame failed its tag: the stream is broken for good (every later feed
+        raises the same)."""
+        self._broken = ProtocolError(bad.message)
+        return self._broken
 
 
 def encode(header: Header, payload: bytes | bytearray | memoryview = b"",

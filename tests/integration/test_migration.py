@@ -106,31 +106,36 @@ def test_live_migration_between_two_gateways(cluster, hosts, qemus, tmp_path):
     assert read_ok(destination.qemu_io("read -P 0xab 1M 1M"), MiB, MiB)
     assert handoff_s < 3.0, handoff_s  # well within --lock-handoff-wait
 
-    # Readers beside the writer, through either nbdkit.
-    for server in (a, b):
-        result = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0xbb 2M 4k",
-                                 server.uri("mig")], capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0 and "read 4096/4096" in result.stdout, result.stderr
-    info = subprocess.run(["nbdinfo", "--json", a.uri("mig")], capture_output=True, text=True,
-                          timeout=60)
-    assert info.returncode == 0 and json.loads(info.stdout)["exports"][0]["export-size"] == (
-        64 * MiB)
-
-    # An unrelated writer beside the active one never lands.
+    # While the destination writes without pause: readers through either nbdkit, and
+    # nbdinfo, attach and read; an unrelated writer never lands.
     stop = threading.Event()
+
+    busy_errors: list[str] = []
 
     def keep_writing() -> None:
         while not stop.is_set():
-            assert wrote(destination.qemu_io("write -P 0xbc 3M 64k"), 64 * 1024, 3 * MiB)
+            output = destination.qemu_io("write -P 0xbc 3M 64k")
+            if not wrote(output, 64 * 1024, 3 * MiB):
+                busy_errors.append(output)
 
     busy = threading.Thread(target=keep_writing, daemon=True)
     busy.start()
     try:
+        for server in (a, b):
+            result = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0xbb 2M 4k",
+                                     server.uri("mig")], capture_output=True, text=True,
+                                    timeout=60)
+            assert result.returncode == 0 and "read 4096/4096" in result.stdout, result.stderr
+        info = subprocess.run(["nbdinfo", "--json", a.uri("mig")], capture_output=True,
+                              text=True, timeout=60)
+        assert info.returncode == 0, info.stderr
+        assert json.loads(info.stdout)["exports"][0]["export-size"] == 64 * MiB
         intruder = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0xcc 4M 4k",
                                    a.uri("mig")], capture_output=True, text=True, timeout=60)
     finally:
         stop.set()
         busy.join(timeout=30)
+    assert busy_errors == [], busy_errors
     assert intruder.returncode != 0 and "Operation not permitted" in (
         intruder.stdout + intruder.stderr), intruder.stdout
     assert "did not hand the lock over" in a.log()
