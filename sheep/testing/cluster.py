@@ -174,7 +174,15 @@ class LocalCluster:
         return SyncClient("127.0.0.1", self.sheep[index].port, self.credentials)
 
     def format(self, copies: int, object_size: int = 4 << 20) -> None:
+        """Format through the first live sheep, once it has applied every live sheep's
+        join (each one's own ping says only that it joined; a format sent before the
+        last join reached this sheep would count one zone short)."""
+        alive = sum(1 for node in self.sheep if node.alive)
         with self.client(self.first_alive()) as client:
+            deadline = time.monotonic() + 10
+            while (len(client.cluster_info()["members"]) < alive
+                   and time.monotonic() < deadline):
+                time.sleep(0.05)
             client.format(copies, object_size)
 
     def first_alive(self) -> int:
