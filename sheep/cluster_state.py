@@ -108,6 +108,12 @@ def _error(result: Result, message: str) -> ApplyResult:
     return ApplyResult(result=result, message=message)
 
 
+def _some(names: list[str], shown: int = 5) -> str:
+    """A few names for a message: each quoted and cut short, and how many more."""
+    text = ", ".join(repr(name[:80]) for name in names[:shown])
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 class ClusterState:
     def __init__(self) -> None:
         self.seq = 0
@@ -298,15 +304,17 @@ class ClusterState:
         known = {node.node_id for entry in self.epochs for node in entry.nodes}
         if named is None:
             lost = self.missing()
-        elif not isinstance(named, list) or not all(isinstance(node_id, str) for node_id in named):
-            return _error(Result.INVALID_PARMS, "nodes must be a list of node ids")
+        elif (not isinstance(named, list) or len(named) > constants.node_ids_per_cluster_max
+              or not all(isinstance(node_id, str) for node_id in named)):
+            return _error(Result.INVALID_PARMS, f"nodes must be a list of at most"
+                                                f" {constants.node_ids_per_cluster_max} node ids")
         else:
             unknown = [node_id for node_id in named if node_id not in known]
             members = [node_id for node_id in named if node_id in self.members]
             if unknown or members:
                 return _error(Result.INVALID_PARMS, (
-                    f"not a node of the epoch log: {', '.join(unknown)}" if unknown else
-                    f"a member, not missing: {', '.join(members)}"))
+                    f"not a node of the epoch log: {_some(unknown)}" if unknown else
+                    f"a member, not missing: {_some(members)}"))
             lost = sorted(set(named) - self.lost)
         if not lost and self.status is not Status.SHUTDOWN:
             return _error(Result.INVALID_PARMS, "no node is missing: there is nothing to give up")

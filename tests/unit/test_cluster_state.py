@@ -570,6 +570,18 @@ def test_force_recover_declares_missing_nodes_lost_until_they_join_again() -> No
     assert feeder.state.lost == {nodes[2].node_id} and feeder.state.missing() == []
 
 
+def test_force_recover_takes_a_bounded_list_and_names_a_few_unknown_ids() -> None:
+    feeder = cluster_of(2)
+    feeder.format(copies=2)
+    feeder.leave(feeder.state.nodes[1].node_id, "dead")
+    too_many = [f"node{number}" for number in range(constants.node_ids_per_cluster_max + 1)]
+    result = feeder.op({"type": "force_recover", "nodes": too_many})
+    assert result.result is Result.INVALID_PARMS and "at most 1024" in result.message
+    result = feeder.op({"type": "force_recover", "nodes": ["x" * 10_000] * 9})
+    assert result.result is Result.INVALID_PARMS and "and 4 more" in result.message
+    assert len(result.message) < 600 and not feeder.state.lost
+
+
 def test_when_every_sheep_dies_the_restart_waits_for_the_last_members() -> None:
     feeder = cluster_of(3)
     feeder.format(copies=2)
