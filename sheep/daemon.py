@@ -32,6 +32,7 @@ from sheep.errors import (
     ShuttingDown,
     Timeout,
     Unavailable,
+    VdiLocked,
     error_for,
 )
 from sheep.gateway import Gateway, PeerPool
@@ -39,6 +40,7 @@ from sheep.group import Group
 from sheep.metrics import Metrics
 from sheep.net import Reply, Server, Session
 from sheep.node import NodeInfo, from_member
+from sheep.oid import ObjectType, oid_generation, oid_type
 from sheep.peer import Peer
 from sheep.proto import Header, Kind, Op
 from sheep.recovery import Recoverer, Verifier
@@ -88,6 +90,8 @@ def space_state(usage: dict[str, int], object_size: int) -> str:
 # VDI operations counted for metrics (sheep/metrics.py), by their label.
 _measured_ops = {Op.VDI_READ: "read", Op.VDI_WRITE: "write", Op.VDI_DISCARD: "discard",
                  Op.FLUSH: "flush"}
+# Raw object changes (Daemon._check_raw_change).
+_raw_changes = frozenset({Op.WRITE_OBJ, Op.CREATE_AND_WRITE_OBJ, Op.DISCARD_OBJ, Op.REMOVE_OBJ})
 
 
 class Sheep:
@@ -648,6 +652,8 @@ class Sheep:
         if handle is None or measured is None:
             if info.kind is Kind.VDI:
                 return await self.vdis.serve_io(header, payload, session)
+            if header.opcode in _raw_changes:
+                self._check_raw_change(header)
             return await self.gateway.serve(header, payload)
         flushed = None
         if header.opcode == Op.FLUSH and handle.writable:
@@ -670,6 +676,19 @@ class Sheep:
         self.metrics.observe(handle.name, measured, header.count if measured != "flush"
                              else 0, self.clock.precise() - started)
         return reply
+
+    def _check_raw_change(self, header: Header) -> None:
+        """Raw object changes (dog object put, admin only) to an object of a VDI's
+        writable tree while someone holds its lock would race that writer, behind
+        the lock's back: refused, naming the holder."""
+        if oid_type(header.oid) not in (ObjectType.DATA, ObjectType.TREE):
+            return
+        generation = oid_generation(header.oid)
+        vdi = self.group.state.vdis.by_generation(generation)
+        if vdi is not None and vdi.root.generation == generation and vdi.lock is not None:
+            raise VdiLocked(f"object {header.oid:x} belongs to VDI {vdi.name!r}, whose lock"
+                            f" {vdi.lock.get('owner') or vdi.lock.get('node_id')} holds: a raw"
+                            " change would race its writer (dog vdi lock unlock it first)")
 
     async def _check_member(self, header: Header, session: Session) -> None:
         """Refuse a peer op from a connection that is not from a member (from_member).

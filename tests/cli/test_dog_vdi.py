@@ -743,6 +743,13 @@ def test_lock_list_and_unlock(port, api, cluster):
         assert "locked" in next(line for line in out(port, "vdi", "list", "held").splitlines()
                                 if "held" in line)
 
+        # A raw object change behind the lock's back (dog refuses VDI objects itself;
+        # another admin client) is refused by the sheep, naming the holder.
+        data_oid = holder.vdi_object("held", 0)["oid"]
+        for change in (lambda: api.write(data_oid, b"raw"), lambda: api.remove(data_oid)):
+            with pytest.raises(VdiLocked, match="belongs to VDI 'held', whose lock test-holder"):
+                change()
+
         # Others are refused, naming the holder; reading is fine.
         line = fails(port, EXIT_FAILURE, "vdi", "write", "held", stdin=b"theirs")
         assert "VDI 'held' is in use by test-holder" in line
