@@ -202,7 +202,7 @@ def _objects(vdi: str | None) -> list[int]:
     (the VDI's own and its snapshots'; data shared from a clone's source is the
     source's)."""
     from sheep.client import Client
-    from sheep.oid import ObjectType, oid_generation, oid_type
+    from sheep.oid import VDI_TYPES, oid_generation, oid_type
 
     async def gather(client: Client) -> list[int]:
         generations: set[int] | None = None
@@ -222,7 +222,7 @@ def _objects(vdi: str | None) -> list[int]:
             finally:
                 peer.close()
         if generations is not None:
-            oids = {oid for oid in oids if oid_type(oid) in (ObjectType.DATA, ObjectType.TREE)
+            oids = {oid for oid in oids if oid_type(oid) in VDI_TYPES
                     and oid_generation(oid) in generations}
         return sorted(oids)
 

@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from dog import backup as _backup  # noqa: F401  (its commands join dog vdi)
 from dog.auth import auth
 from dog.cluster import cluster
 from dog.common import Target, connection_options

@@ -359,11 +359,18 @@ class _Sink:
         self.zero_start = self.zero_end = 0
 
     async def data(self, start: int, data: bytes) -> None:
-        if data == bytes(len(data)):
-            await self.zeros(start, len(data))
-            return
-        await self._flush_zeros()
-        await self._submit(self.client.vdi_write(self.handle, start, data))
+        """Write data's blocks that hold anything but zeros; its zero blocks are
+        zeros (so a chunk with 64 KiB of data allocates 64 KiB, not the object)."""
+        at = 0
+        view = memoryview(data)
+        for begin, end in _data_blocks(data):
+            if begin > at:
+                await self.zeros(start + at, begin - at)
+            await self._flush_zeros()
+            await self._submit(self.client.vdi_write(self.handle, start + begin, view[begin:end]))
+            at = end
+        if at < len(data):
+            await self.zeros(start + at, len(data) - at)
 
     async def close(self) -> None:
         await self._flush_zeros()

@@ -475,6 +475,15 @@ class Client:
         result: list[dict[str, Any]] = await self._json(Op.VDI_ATTACHMENTS, {})
         return result
 
+    async def vdi_diff(self, name: str, snapshot: str | int | None, since: str | int | None,
+                       offset: int, length: int) -> dict[str, Any]:
+        """What changed in [offset, offset + length) of NAME@SNAPSHOT (None: the VDI
+        itself, idle) since snapshot SINCE (None: everything it holds): {"size",
+        "object_size", "ranges": [[offset, length, "data" | "zero"], ...]}."""
+        result: dict[str, Any] = await self._vdi(Op.VDI_DIFF, name=name, snapshot=snapshot,
+                                                 **{"from": since}, offset=offset, length=length)
+        return result
+
     async def vdi_close(self, handle: int) -> None:
         await self.connection.call(Header(opcode=Op.VDI_CLOSE, arg0=handle))
 

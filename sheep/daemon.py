@@ -40,7 +40,7 @@ from sheep.group import Group
 from sheep.metrics import Metrics
 from sheep.net import Reply, Server, Session
 from sheep.node import NodeInfo, from_member
-from sheep.oid import ObjectType, oid_generation, oid_type
+from sheep.oid import VDI_TYPES, oid_generation, oid_type
 from sheep.peer import Peer
 from sheep.proto import Header, Kind, Op
 from sheep.recovery import Recoverer, Verifier
@@ -584,7 +584,7 @@ class Sheep:
                 if not isinstance(name, str) or not caps.may_touch(name):
                     raise PermissionDenied(f"{principal.name} may not touch VDI"
                                            f" {str(name)[:128]!r} (caps '{caps.text()}')")
-            writes = op not in (Op.VDI_GETATTR, Op.VDI_OBJECT, Op.VDI_OPEN) or (
+            writes = op not in (Op.VDI_GETATTR, Op.VDI_OBJECT, Op.VDI_OPEN, Op.VDI_DIFF) or (
                 op is Op.VDI_OPEN and body.get("writable"))
             if writes and caps.read_only:
                 raise PermissionDenied(f"{principal.name} is read-only: {info.name} refused")
@@ -681,7 +681,7 @@ class Sheep:
         """Raw object changes (dog object put, admin only) to an object of a VDI's
         writable tree while someone holds its lock would race that writer, behind
         the lock's back: refused, naming the holder."""
-        if oid_type(header.oid) not in (ObjectType.DATA, ObjectType.TREE):
+        if oid_type(header.oid) not in VDI_TYPES:
             return
         generation = oid_generation(header.oid)
         vdi = self.group.state.vdis.by_generation(generation)

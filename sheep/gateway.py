@@ -185,7 +185,7 @@ class Gateway:
             opcode=_peer_op.get(Op(header.opcode), header.opcode), epoch=epoch, oid=header.oid,
             offset=header.offset, count=header.count,
             flags=header.flags & (proto.FLAG_FUA | proto.FLAG_DIRECT | proto.FLAG_SCRUB
-                                  | proto.FLAG_SPARSE),
+                                  | proto.FLAG_SPARSE | proto.FLAG_MAP),
             arg0=header.arg0 if header.opcode in _versioned_ops else 0)
 
     async def call(self, node: NodeInfo, header: Header, payload: bytes, epoch: int) -> Reply:

@@ -14,11 +14,11 @@ import functools
 from sheep.cluster_state import ClusterState
 from sheep.errors import NewNodeVersion, OldNodeVersion
 from sheep.node import NodeInfo
-from sheep.oid import ObjectType, oid_generation, oid_type
+from sheep.oid import VDI_TYPES, oid_generation, oid_type
 from sheep.ring import Ring
 from sheep.world import Clock
 
-_vdi_types = (ObjectType.DATA, ObjectType.TREE)
+_vdi_types = VDI_TYPES
 
 
 class Group:

@@ -24,6 +24,12 @@ class ObjectType(enum.IntEnum):
     TREE = 2
     INODE = 3
     ATTR = 4
+    CHANGES = 5  # a generation's change pages (sheep/changes.py)
+
+
+# The objects of a VDI's generations: their copies follow the VDI's, and stores
+# refuse changes to them once their generation is frozen.
+VDI_TYPES = frozenset({ObjectType.DATA, ObjectType.TREE, ObjectType.CHANGES})
 
 
 def make_oid(kind: ObjectType, generation: int, index: int) -> int:

@@ -329,6 +329,8 @@ class Peer:
         if header.flags & proto.FLAG_SCRUB:
             self.scrub(header.oid)
         value = self.store.stat(header.oid)
+        if header.flags & proto.FLAG_MAP and not value.get("deleted") and not value.get("missing"):
+            value["map"] = format(self.store.data_map(header.oid), "x")
         if self.health.is_unverified(header.oid):
             value["unverified"] = True
             value["since"] = self.health.since(header.oid)

@@ -39,7 +39,10 @@ FLAG_SCRUB = 0x0008  # STAT: verify every block of the copy first (a scrub)
 # READ, CREATE_AND_WRITE of a whole object: its data travels as extents (see
 # encode_extents), so a copy of a sparse object moves and allocates only its data.
 FLAG_SPARSE = 0x0010
-FLAGS_KNOWN = FLAG_REPLY | FLAG_FUA | FLAG_DIRECT | FLAG_SCRUB | FLAG_SPARSE
+# STAT: the reply's "map" is the copy's allocation, a hex mask of 4 KiB blocks
+# (sheep/changes.py): block status, diffs and du at that granularity.
+FLAG_MAP = 0x0020
+FLAGS_KNOWN = FLAG_REPLY | FLAG_FUA | FLAG_DIRECT | FLAG_SCRUB | FLAG_SPARSE | FLAG_MAP
 
 
 class Payload(enum.Enum):
@@ -130,6 +133,9 @@ class Op(enum.IntEnum):
     # sent to the lock holder's sheep by a contender's (VdiService.handoff)
     VDI_HANDOFF = 0x4D
     VDI_ATTACHMENTS = 0x4E  # JSON {} -> [{"name", "mode", "holds_lock", "owner", ...}]
+    # JSON {"name", "snapshot"?, "from"?, "offset", "length"} -> {"size", "ranges":
+    # [[offset, length, "data" | "zero"], ...]}: what changed (sheep/vdi_diff.py)
+    VDI_DIFF = 0x4F
 
     AUTH_HELLO = 0x51  # JSON {"name", "nonce"} -> {"nonce", "mode", "proof"} (sheep/auth.py)
     AUTH_PROVE = 0x52  # JSON {"proof"} -> {"principal", "caps"}; sealed frames from then on
@@ -191,6 +197,7 @@ OPS: dict[Op, OpInfo] = {
     Op.VDI_HANDOFF: OpInfo("vdi_handoff", Kind.VDI_ADMIN, _JSON, _JSON, Caller.ADMIN),
     # Who has which VDI open on this sheep (dog vdi lock list): cut to the caller's VDIs.
     Op.VDI_ATTACHMENTS: OpInfo("vdi_attachments", Kind.VDI_ADMIN, _JSON, _JSON, Caller.CLIENT),
+    Op.VDI_DIFF: OpInfo("vdi_diff", Kind.VDI_ADMIN, _JSON, _JSON, Caller.CLIENT),
     Op.AUTH_HELLO: OpInfo("auth_hello", Kind.AUTH, _JSON, _JSON, Caller.CLIENT),
     Op.AUTH_PROVE: OpInfo("auth_prove", Kind.AUTH, _JSON, _JSON, Caller.CLIENT),
     Op.AUTH_ADD: OpInfo("auth_add", Kind.ADMIN, _JSON, _JSON, Caller.ADMIN),

@@ -48,7 +48,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from sheep import radix
+from sheep import changes, radix
 from sheep.errors import InvalidParameters, NoObject
 from sheep.oid import oid_index
 from sheep.radix import Root
@@ -56,6 +56,7 @@ from sheep.radix import Root
 node_cache_max = 2048  # frozen tree nodes kept in memory (8 KiB each)
 entry_nodes_max = 4096  # writable tree nodes whose entries are cached (a dict each)
 read_retries_max = 3  # lookups redone when a concurrent copy-up freed what a read found
+map_cache_max = 1 << 16  # allocation masks of frozen data objects kept in memory
 released_max = 1 << 16  # frozen objects replaced since the last garbage(); past it, forgotten
 
 
@@ -66,6 +67,10 @@ class Objects(Protocol):
 
     async def create(self, oid: int, data: bytes | memoryview, offset: int = 0) -> None: ...
 
+    async def create_sparse(self, oid: int, extents: list[tuple[int, bytes]]) -> None:
+        """Create a whole object holding these (offset, bytes) extents (whole 4 KiB
+        blocks, in order, apart) and zeros elsewhere, which take no space."""
+
     async def write(self, oid: int, offset: int, data: bytes | memoryview) -> None: ...
 
     async def discard(self, oid: int, offset: int, count: int) -> None: ...
@@ -75,6 +80,8 @@ class Objects(Protocol):
     async def exists(self, oid: int) -> bool: ...
 
     async def flush(self) -> None: ...
+
+    async def data_map(self, oid: int) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,7 @@ class VdiEngine:
         self.object_size = object_size
         self.is_frozen = is_frozen
         self._nodes: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._maps: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._roots_made: set[int] = set()
         self._allocation: dict[int, asyncio.Lock] = {}
         self._released: set[int] = set()
@@ -207,15 +215,58 @@ class VdiEngine:
                       cached: bool = False) -> list[Extent]:
         """Allocated and unallocated ranges, merged, covering [offset, offset+length)."""
         result: list[Extent] = []
-        for index, inner, count in self._pieces(offset, length):
-            allocated = await self.lookup(root, index, cached) != 0
-            start = index * self.object_size + inner
+
+        def add(start: int, count: int, allocated: bool) -> None:
             if result and result[-1].allocated == allocated:
                 last = result[-1]
                 result[-1] = Extent(last.offset, last.length + count, allocated)
             else:
                 result.append(Extent(start, count, allocated))
+
+        for index, inner, count in self._pieces(offset, length):
+            base = index * self.object_size
+            at = inner
+            for low, high in await self.data_ranges(root, index, inner, count, cached):
+                if low > at:
+                    add(base + at, low - at, False)
+                add(base + low, high - low, True)
+                at = high
+            if at < inner + count:
+                add(base + at, inner + count - at, False)
         return result
+
+    async def data_ranges(self, root: Root, index: int, inner: int, count: int,
+                          cached: bool = False) -> list[tuple[int, int]]:
+        """The [start, end) byte ranges inside object ``index``, within [inner, inner +
+        count), that may hold data, at 4 KiB granularity (sheep/changes.py): the
+        rest reads as zeros. No data is read."""
+        for attempt in range(read_retries_max):
+            oid = await self.lookup(root, index, cached and attempt == 0)
+            if oid == 0:
+                return []
+            try:
+                value = await self.data_map(oid)
+                break
+            except NoObject:
+                if attempt == read_retries_max - 1:
+                    raise
+        value &= changes.mask(inner, count)
+        return [(max(inner, first * changes.BLOCK),
+                 min(inner + count, (first + blocks) * changes.BLOCK))
+                for first, blocks in changes.runs(value)]
+
+    async def data_map(self, oid: int) -> int:
+        """An object's allocation mask; a frozen object's is cached (it never changes)."""
+        value = self._maps.get(oid)
+        if value is not None:
+            self._maps.move_to_end(oid)
+            return value
+        value = await self.objects.data_map(oid)
+        if self.is_frozen(radix.generation_of(oid)):
+            self._maps[oid] = value
+            if len(self._maps) > map_cache_max:
+                self._maps.popitem(last=False)
+        return value
 
     # --- writes --------------------------------------------------------------
 
@@ -256,11 +307,28 @@ class VdiEngine:
             if current == 0 or len(data) == self.object_size:
                 await self.objects.create(want, data, inner)
             else:
-                whole = bytearray(await self.objects.read(current, 0, self.object_size))
-                whole[inner:inner + len(data)] = data
-                await self.objects.create(want, bytes(whole))
+                await self._copy_up(current, want, inner, data)
             await self._set_entry(leaf, index, 1, want)
             self._release(current)
+
+    async def _copy_up(self, current: int, want: int, inner: int, data: memoryview) -> None:
+        """Make ``want`` a copy of frozen ``current`` with data written at inner:
+        only the blocks current allocates, and those the write touches, are read and
+        copied, so a copy-up keeps the holes of what it copies."""
+        keep = await self.data_map(current) | changes.mask(inner, len(data))
+        runs = [(first * changes.BLOCK, count * changes.BLOCK)
+                for first, count in changes.runs(keep)]
+        parts = await asyncio.gather(*(self.objects.read(current, start, length)
+                                       for start, length in runs))
+        extents: list[tuple[int, bytes]] = []
+        for (start, length), part in zip(runs, parts, strict=True):
+            low, high = max(start, inner), min(start + length, inner + len(data))
+            if low < high:  # the write lands in this run
+                buffer = bytearray(part)
+                buffer[low - start:high - start] = data[low - inner:high - inner]
+                part = bytes(buffer)
+            extents.append((start, part))
+        await self.objects.create_sparse(want, extents)
 
     @property
     def released(self) -> frozenset[int]:
@@ -378,6 +446,65 @@ class VdiEngine:
         self._roots_made.add(below)
         return Root(root.generation, depth, 0, made=True)  # its own root made just now
 
+    # --- diffs ---------------------------------------------------------------
+
+    async def _node_entries(self, node: int) -> list[int]:
+        if self.is_frozen(radix.generation_of(node)):
+            return radix.decode_node(await self._node(node))
+        return radix.decode_node(await self.objects.read(node, 0, radix.NODE_BYTES))
+
+    async def _leaf(self, root: Root, position: int) -> list[int] | None:
+        """The entries of the root's level-1 node at ``position`` (None: none there)."""
+        node = await self.root_node(root)
+        index = position << radix.FANOUT_BITS
+        if node == 0 or index >= radix.capacity(radix.node_level(node)):
+            return None
+        for level in range(radix.node_level(node), 1, -1):
+            node = await self._entry(node, index, level)
+            if node == 0:
+                return None
+        return await self._node_entries(node)
+
+    async def changed(self, root: Root, generations: set[int] | None, since: Root | None,
+                      first: int, end: int) -> list[tuple[int, int, int]]:
+        """(index, entry now, entry in ``since``) for every object index in [first,
+        end) whose entry differs between ``since`` and ``root``, in index order.
+
+        ``root`` descends from ``since`` through ``generations`` (the generations
+        newer than since's): a node of any other generation was not touched since
+        and is skipped whole, so this costs the changed part of the tree. Without
+        ``generations`` (and ``since``), every allocated index."""
+        found: list[tuple[int, int, int]] = []
+        node = await self.root_node(root)
+        if node:
+            await self._changed(node, generations, since, first, end, found)
+        return found
+
+    async def _changed(self, node: int, generations: set[int] | None, since: Root | None,
+                       first: int, end: int, found: list[tuple[int, int, int]]) -> None:
+        if generations is not None and radix.generation_of(node) not in generations:
+            return
+        level, position = radix.node_level(node), radix.node_position(node)
+        entries = await self._node_entries(node)
+        if level > 1:
+            span = 1 << (radix.FANOUT_BITS * (level - 1))
+            for slot_, child in enumerate(entries):
+                low = radix.child_position(position, slot_) * span
+                if child and low < end and low + span > first:
+                    await self._changed(child, generations, since, first, end, found)
+            return
+        before = await self._leaf(since, position) if since is not None else None
+        for slot_, entry in enumerate(entries):
+            index = radix.child_position(position, slot_)
+            if not first <= index < end:
+                continue
+            old = before[slot_] if before is not None else 0
+            if generations is None:
+                if entry:
+                    found.append((index, entry, 0))
+            elif entry != old:
+                found.append((index, entry, old))
+
     # --- whole trees ---------------------------------------------------------
 
     async def walk(self, node: int, positions: set[tuple[int, int]] | None = None,
@@ -443,6 +570,7 @@ class VdiEngine:
     def forget(self, oids: set[int]) -> None:
         for oid in oids:
             self._nodes.pop(oid, None)
+            self._maps.pop(oid, None)
             self._roots_made.discard(oid)
             self._entries_changed(oid)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sheep import constants, proto, radix
+from sheep import constants, proto, radix, vdi_diff
 from sheep.client import Connection
 from sheep.cluster_state import ApplyResult
 from sheep.errors import InvalidParameters, NoObject, NoTag, NoVdi, SheepError, VdiLocked
@@ -70,7 +70,8 @@ class VdiAdmin:
     def __init__(self, group: Group, gateway: Gateway, node_id: str, broadcast: Broadcast,
                  peer_connection: Callable[[str], Awaitable[Connection]], objects: Objects,
                  engine: Callable[[], VdiEngine], gc: Collector, paused: Paused,
-                 handoff: Handler, attachments: Handler) -> None:
+                 handoff: Handler, attachments: Handler,
+                 save_changes: Callable[[int], Awaitable[None]]) -> None:
         self.group = group
         self.gateway = gateway
         self.node_id = node_id
@@ -80,6 +81,7 @@ class VdiAdmin:
         self.engine = engine  # the engine of the current object size (VdiService.engine)
         self.gc = gc
         self.paused = paused
+        self.save_changes = save_changes  # VdiService.changes.save
         self.handlers: dict[Op, Handler] = {
             Op.VDI_CREATE: self.create,
             Op.VDI_DELETE: self.delete,
@@ -95,6 +97,7 @@ class VdiAdmin:
             Op.VDI_QOS: self.qos,
             Op.VDI_HANDOFF: handoff,  # the lock holder's activity is VdiService's
             Op.VDI_ATTACHMENTS: attachments,  # and so are the opens
+            Op.VDI_DIFF: self.diff,
         }
         proto.check_handlers(self.handlers, {Kind.VDI_ADMIN}, "VdiAdmin.handlers")
 
@@ -134,6 +137,9 @@ class VdiAdmin:
 
         async def work(session: str | None) -> Any:
             current = vdi_named(self.group, vdi.name)
+            # Writes are paused: every change of the generation is noted, and its
+            # masks must be in its pages before it is frozen (a diff reads them).
+            await self.save_changes(current.root.generation)
             base = await self.engine().root_node(current.root)
             result = await self.broadcast({
                 "type": "vdi_snapshot", "name": current.name, "tag": body.get("tag", ""),
@@ -226,7 +232,10 @@ class VdiAdmin:
                     "parent": vdi.parent, "generation": root.generation,
                     "lock": None if snap else vdi.lock, "vdi_id": vdi.id,
                     "unsettled": False if snap else vdi.unsettled, "attrs": len(vdi.attrs),
-                    "qos": None if snap else vdi.qos}
+                    "qos": None if snap else vdi.qos,
+                    # Changed since its latest snapshot (or its creation): its own root
+                    # node was made (None in states from before the flag).
+                    "written": False if snap else vdi.root.made}
                 if usage:
                     used, shared = await self._usage(root)
                     item["used"] = used
@@ -291,6 +300,31 @@ class VdiAdmin:
             data, _ = await self.gateway.request(Op.STAT_OBJ, oid)
             value.update(proto.decode_json(data))
         return value
+
+    async def diff(self, body: dict[str, Any], header: Header) -> Any:
+        """What changed in a window of a snapshot (or of an idle VDI) since an earlier
+        snapshot, or everything it holds (sheep/vdi_diff.py)."""
+        vdi = vdi_named(self.group, body.get("name"))
+        to = body.get("snapshot")
+        if to is None:
+            if vdi.lock is not None:
+                raise VdiLocked(f"VDI {vdi.name!r} is being written"
+                                f" ({vdi.lock.get('owner') or 'locked'}): diff a snapshot of it")
+            root, lineage, size = vdi.root, vdi.lineage, vdi.size
+        else:
+            snap = snapshot_named(vdi, to)
+            root, lineage, size = snap.root, snap.lineage, snap.size
+        since = body.get("from")
+        since_root = snapshot_named(vdi, since).root if since is not None else None
+        offset, length = body.get("offset"), body.get("length")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                   for v in (offset, length)):
+            raise InvalidParameters("a diff takes a window: offset and length in bytes")
+        assert isinstance(offset, int) and isinstance(length, int)
+        state = self.group.state
+        ranges = await vdi_diff.diff(self.engine(), self.objects, state.vdis, state.object_size,
+                                     root, lineage, size, since_root, offset, length)
+        return {"size": size, "object_size": state.object_size, "ranges": ranges}
 
     async def qos(self, body: dict[str, Any], header: Header) -> Any:
         """Set or clear a VDI's I/O limits (through the log: every sheep that serves

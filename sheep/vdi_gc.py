@@ -24,6 +24,7 @@ from sheep import proto, radix
 from sheep.errors import NoObject
 from sheep.gateway import Gateway
 from sheep.group import Group
+from sheep.oid import ObjectType, oid_type
 from sheep.proto import Header, Op
 from sheep.vdi import Objects, Root, VdiEngine
 
@@ -121,7 +122,12 @@ class Collector:
             held.update(int(oid) for oid in proto.decode_json(data))
         candidates = {oid for oid in held if (radix.is_tree(oid) or radix.is_data(oid))
                       and radix.generation_of(oid) not in writable}
-        if not candidates:
+        # Change pages (sheep/changes.py) live as long as some live tree's lineage
+        # names their generation: a diff across it reads them.
+        lineages = set(state.vdis.copies_by_generation()) | writable
+        pages = {oid for oid in held if oid_type(oid) == ObjectType.CHANGES
+                 and radix.generation_of(oid) not in lineages}
+        if not candidates and not pages:
             return 0
         engine = self.engine()
         reachable: set[int] = set()
@@ -130,7 +136,7 @@ class Collector:
                 node_oid = await engine.root_node(root)
                 if node_oid:
                     await engine.walk(node_oid, found=reachable)
-        garbage = sorted(candidates - reachable, key=lambda oid: (
+        garbage = sorted((candidates - reachable) | pages, key=lambda oid: (
             radix.is_tree(oid), radix.node_level(oid) if radix.is_tree(oid) else 0))
         if garbage:
             await self._durable_before_free()

@@ -167,6 +167,11 @@ class VdiRegistry:
         self.vdis: dict[str, Vdi] = {}
         self.next_id = 1
         self.next_generation = 1
+        # Change maps (sheep/changes.py): generations from tracked_from on have them,
+        # except the untracked ones, whose writer may have gone before saving them (its
+        # node left holding the lock, or the lock was taken away by force).
+        self.tracked_from = 1
+        self.untracked: set[int] = set()
         self.ops: dict[str, Callable[[dict[str, Any], float, int, int, int], Outcome]] = {
             "vdi_create": self._create,
             "vdi_delete": self._delete,
@@ -197,6 +202,10 @@ class VdiRegistry:
                 copies[generation] = max(copies.get(generation, 0), vdi.copies)
         return copies
 
+    def tracked(self, generation: int) -> bool:
+        """Whether the generation's change pages hold every change made in it."""
+        return generation >= self.tracked_from and generation not in self.untracked
+
     def by_generation(self, generation: int) -> Vdi | None:
         for vdi in self.vdis.values():
             if vdi.root.generation == generation:
@@ -212,6 +221,7 @@ class VdiRegistry:
             if vdi.lock is not None and vdi.lock.get("node_id") == node_id:
                 vdi.lock = None
                 vdi.unsettled = True
+                self.untracked.add(vdi.root.generation)
                 vdi.releases += 1
                 released.append(vdi.name)
         return released
@@ -306,6 +316,7 @@ class VdiRegistry:
         if locked:
             return locked
         del self.vdis[vdi.name]
+        self.untracked &= set(self.copies_by_generation())
         dead = [vdi.root.to_json(), *(s.root.to_json() for s in vdi.snapshots)]
         return Outcome(value={"dead": dead, "vdi": vdi.to_json()})
 
@@ -449,6 +460,10 @@ class VdiRegistry:
             return vdi
         session = body.get("session")
         if vdi.lock is not None and (session is None or vdi.lock.get("session") == session):
+            if session is None or body.get("untracked"):
+                # Forced (the holder's unsaved change masks are lost), or the holder
+                # could not save them.
+                self.untracked.add(vdi.root.generation)
             vdi.lock = None
         return Outcome(value=vdi.to_json())
 
@@ -545,13 +560,17 @@ class VdiRegistry:
 
     def to_json(self) -> dict[str, Any]:
         return {"next_id": self.next_id, "next_generation": self.next_generation,
-                "vdis": [vdi.to_json() for vdi in self.vdis.values()]}
+                "vdis": [vdi.to_json() for vdi in self.vdis.values()],
+                "tracked_from": self.tracked_from, "untracked": sorted(self.untracked)}
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> VdiRegistry:
         registry = cls()
         registry.next_id = int(value["next_id"])
         registry.next_generation = int(value["next_generation"])
+        # A state from before change maps: none of its generations has them.
+        registry.tracked_from = int(value.get("tracked_from", registry.next_generation))
+        registry.untracked = {int(g) for g in value.get("untracked", [])}
         for item in value["vdis"]:
             vdi = Vdi.from_json(item)
             registry.vdis[vdi.name] = vdi

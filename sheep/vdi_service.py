@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sheep import constants, proto, radix
+from sheep import changes, constants, proto, radix
 from sheep.client import Connection
 from sheep.errors import (
     InvalidParameters,
@@ -51,9 +51,10 @@ from sheep.errors import (
 from sheep.gateway import Gateway
 from sheep.group import Group
 from sheep.net import Reply, Session
-from sheep.proto import FLAG_FUA, Header, Kind, Op
+from sheep.proto import FLAG_FUA, FLAG_MAP, FLAG_SPARSE, Header, Kind, Op
 from sheep.vdi import Root, VdiEngine, check_range
 from sheep.vdi_admin import Broadcast, VdiAdmin, snapshot_named, vdi_named
+from sheep.vdi_changes import ChangeLog
 from sheep.vdi_gc import Collector
 from sheep.vdi_registry import Vdi
 
@@ -89,6 +90,12 @@ class GatewayObjects:
         # a power loss an entry must never point at a copy that did not survive.
         await self.gateway.request(Op.CREATE_AND_WRITE_OBJ, oid, offset, data, flags=FLAG_FUA)
 
+    async def create_sparse(self, oid: int, extents: list[tuple[int, bytes]]) -> None:
+        object_size = self.gateway.group.state.object_size
+        await self.gateway.request(Op.CREATE_AND_WRITE_OBJ, oid, 0,
+                                   proto.encode_extents(extents),  # type: ignore[arg-type]
+                                   count=object_size, flags=FLAG_FUA | FLAG_SPARSE)
+
     async def write(self, oid: int, offset: int, data: bytes | memoryview) -> None:
         await self.gateway.request(Op.WRITE_OBJ, oid, offset, data)
 
@@ -107,6 +114,21 @@ class GatewayObjects:
 
     async def flush(self) -> None:
         await self.gateway.request(Op.FLUSH, 0)
+
+    async def data_map(self, oid: int) -> int:
+        """The object's allocation (sheep/changes.py mask) as a verified copy reports
+        it: every copy holds the same bytes, so a hole in one is zeros in all. Without
+        such a copy, the whole object (it may hold data anywhere)."""
+        data, _ = await self.gateway.request(Op.STAT_OBJ, oid, flags=FLAG_MAP)
+        for replica in proto.decode_json(data).get("replicas", []):
+            if ("map" in replica and not replica.get("unverified")
+                    and not replica.get("damaged") and not replica.get("doubtful")):
+                try:
+                    return int(str(replica["map"]), 16) & changes.whole(
+                        self.gateway.group.state.object_size)
+                except ValueError:
+                    continue
+        return changes.whole(self.gateway.group.state.object_size)
 
 
 class WriteGate:
@@ -228,6 +250,7 @@ class VdiService:
         self.broadcast = broadcast
         self.peer_connection = peer_connection
         self.objects = GatewayObjects(gateway)
+        self.changes = ChangeLog(self.objects, lambda: self.group.state.object_size)
         self._engine: VdiEngine | None = None
         self._gates: dict[str, WriteGate] = {}
         # Settles for read-only opens, shared by the opens that wait for the same one:
@@ -250,7 +273,7 @@ class VdiService:
         self.gc = Collector(group, lambda: self.engine, self.objects, gateway)
         self.admin = VdiAdmin(group, gateway, node_id, broadcast, peer_connection,
                               self.objects, lambda: self.engine, self.gc, self.paused,
-                              self.handoff, self.attachments)
+                              self.handoff, self.attachments, self.changes.save)
 
     @property
     def engine(self) -> VdiEngine:
@@ -397,37 +420,55 @@ class VdiService:
             self._attached.pop(handle_id, None)
             self._writers.pop((handle.contender, handle.name), None)
             if handle.writable:
-                await self._unlock_quietly(handle.name, handle.contender)
+                await self._let_go(handle)
 
-    async def _unlock_quietly(self, name: str, contender: str) -> None:
+    async def _let_go(self, handle: Handle) -> None:
+        """A writable handle's last close: save the change masks of what it wrote
+        (sheep/changes.py), then release its lock. Masks that cannot be saved make
+        the release mark the generation untracked: diffs across it then take each
+        changed object whole, rather than miss a change."""
+        vdi = self.group.state.vdis.vdis.get(handle.name)
+        untracked = False
+        if vdi is not None and vdi.lock is not None and vdi.lock.get("session") == handle.contender:
+            try:
+                await self.changes.save(vdi.root.generation)
+            except SheepError as error:
+                log.warning("VDI %s: could not save its change masks (%s); its generation"
+                            " is marked untracked", handle.name, error)
+                untracked = True
+        await self._unlock_quietly(handle.name, handle.contender, untracked)
+
+    async def _unlock_quietly(self, name: str, contender: str, untracked: bool = False) -> None:
         """Release the contender's lock on name. If the cluster log cannot take the
         release now (its coordination service is electing, say), it is retried in the
         background until it is logged or the lock is no longer the contender's (its
         sheep was declared dead): a closed session must never keep a VDI locked."""
-        if not await self._unlock_once(name, contender):
-            self._unlock_soon(name, contender)
+        if not await self._unlock_once(name, contender, untracked):
+            self._unlock_soon(name, contender, untracked)
 
-    def _unlock_soon(self, name: str, contender: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._unlock_later(name, contender))
+    def _unlock_soon(self, name: str, contender: str, untracked: bool) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._unlock_later(name, contender, untracked))
         self._unlocking.add(task)
         task.add_done_callback(self._unlocking.discard)
 
-    async def _unlock_once(self, name: str, contender: str) -> bool:
+    async def _unlock_once(self, name: str, contender: str, untracked: bool) -> bool:
         vdi = self.group.state.vdis.vdis.get(name)
         if vdi is None or vdi.lock is None or vdi.lock.get("session") != contender:
             return True
         try:
-            await self.broadcast({"type": "vdi_unlock", "name": name, "session": contender})
+            await self.broadcast({"type": "vdi_unlock", "name": name, "session": contender,
+                                  "untracked": untracked})
         except SheepError as error:
             log.warning("could not release the lock on %s: %s; retrying", name, error)
             return False
         return True
 
-    async def _unlock_later(self, name: str, contender: str) -> None:
+    async def _unlock_later(self, name: str, contender: str, untracked: bool) -> None:
         delay = unlock_retry_first_s
         while True:
             await self.gateway.clock.sleep(delay)
-            if await self._unlock_once(name, contender):
+            if await self._unlock_once(name, contender, untracked):
                 return
             delay = min(delay * 2, unlock_retry_max_s)
 
@@ -441,7 +482,7 @@ class VdiService:
             # Let go of by its holder, not taken away: a later open may lock it again.
             session.values.get("held", set()).discard((handle.contender, handle.name))
             self._writers.pop((handle.contender, handle.name), None)
-            await self._unlock_quietly(handle.name, handle.contender)
+            await self._let_go(handle)
         return b"", {}
 
     async def read(self, header: Header, payload: bytes, session: Session) -> Reply:
@@ -587,7 +628,12 @@ class VdiService:
             why = refusal()  # a write may have come while the gate closed
             if why is not None:
                 return {"granted": False, "why": why}
-            before = vdi_named(self.group, vdi.name).lock or {}
+            current = vdi_named(self.group, vdi.name)
+            before = current.lock or {}
+            try:  # the next holder's diffs must see what this one wrote
+                await self.changes.save(current.root.generation)
+            except SheepError as error:
+                return {"granted": False, "why": f"its change masks could not be saved: {error}"}
             await self.broadcast({"type": "vdi_lock", "name": vdi.name, "node_id": node_id,
                                   "session": contender, "owner": owner,
                                   "from_session": holder})
@@ -612,6 +658,7 @@ class VdiService:
         try:
             self._writable(header, session)  # still ours after waiting at the gate?
             _, root, size = self._target(handle)  # the root after any snapshot we waited for
+            self.changes.note(root.generation, header.offset, header.count)
             await work(root, size)
             await self.gc.reap_released()
             done = True

@@ -40,6 +40,7 @@ SYSTEM_PACKAGES=(
     "tcpdump:tcpdump"
     "gnutls-bin:psktool"
     "python3-cryptography:/usr/lib/python3/dist-packages/cryptography"
+    "ceph-common:rbd"
 )
 
 _present() {

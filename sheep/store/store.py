@@ -57,7 +57,7 @@ from typing import Any
 
 import lmdb
 
-from sheep import constants
+from sheep import changes, constants
 from sheep.errors import (
     InvalidParameters,
     IOErrorResult,
@@ -895,6 +895,18 @@ class Store:
         if bad:
             raise self._damage(oid, bad)
         return found, buffer
+
+    def data_map(self, oid: int) -> int:
+        """The copy's allocation as a mask of 4 KiB blocks (sheep/changes.py): the
+        blocks its file allocates may hold data; every other block is a hole and reads
+        as zeros. No data is read (lseek SEEK_DATA/SEEK_HOLE)."""
+        with _translated(f"map object {oid:016x}"):
+            fd = self._fd_to_read(oid)
+            ranges = _whole_blocks(self.io.extents(fd, self.object_size), self.object_size)
+        value = 0
+        for start, end in ranges:
+            value |= changes.mask(start, end - start)
+        return value
 
     def _check_extents(self, extents: list[tuple[int, memoryview]]) -> None:
         """Extents as read_extents gives them: whole blocks, in order, apart, inside

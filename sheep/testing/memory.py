@@ -6,8 +6,9 @@ import asyncio
 import random
 from collections.abc import Callable
 
-from sheep import radix
+from sheep import changes, radix
 from sheep.errors import InvalidParameters, NoObject
+from sheep.oid import VDI_TYPES, oid_type
 
 
 class MemoryObjects:
@@ -17,6 +18,7 @@ class MemoryObjects:
         self.object_size = object_size
         self.data: dict[int, bytearray] = {}
         self.frozen_writes = 0
+        self.sparse_creates = 0
 
     def _check(self, offset: int, count: int) -> None:
         if offset < 0 or count < 0 or offset + count > self.object_size:
@@ -33,6 +35,14 @@ class MemoryObjects:
         buffer = bytearray(self.object_size)
         buffer[offset:offset + len(data)] = data
         self.data[oid] = buffer
+
+    async def create_sparse(self, oid: int, extents: list[tuple[int, bytes]]) -> None:
+        buffer = bytearray(self.object_size)
+        for offset, data in extents:
+            self._check(offset, len(data))
+            buffer[offset:offset + len(data)] = data
+        self.data[oid] = buffer
+        self.sparse_creates += 1
 
     async def write(self, oid: int, offset: int, data: bytes | memoryview) -> None:
         self._check(offset, len(data))
@@ -53,6 +63,17 @@ class MemoryObjects:
     async def flush(self) -> None:
         return None
 
+    async def data_map(self, oid: int) -> int:
+        """Blocks holding anything but zeros (a dict has no holes to ask about)."""
+        if oid not in self.data:
+            raise NoObject(f"object {oid:016x}")
+        data = self.data[oid]
+        value = 0
+        for block in range(len(data) // changes.BLOCK):
+            if any(data[block * changes.BLOCK:(block + 1) * changes.BLOCK]):
+                value |= 1 << block
+        return value
+
 
 class FencedObjects(MemoryObjects):
     """MemoryObjects that fail any change to an object of a frozen generation, as
@@ -70,7 +91,7 @@ class FencedObjects(MemoryObjects):
 
     def _fence(self, oid: int) -> None:
         generation = radix.generation_of(oid)
-        assert radix.is_tree(oid) or radix.is_data(oid), f"{oid:016x}"
+        assert oid_type(oid) in VDI_TYPES, f"{oid:016x}"
         assert self.writable(generation), f"write to {oid:016x} of frozen generation {generation}"
 
     async def read(self, oid: int, offset: int, count: int) -> bytes:
@@ -81,6 +102,11 @@ class FencedObjects(MemoryObjects):
         self._fence(oid)
         await self._pause()
         await super().create(oid, data, offset)
+
+    async def create_sparse(self, oid: int, extents: list[tuple[int, bytes]]) -> None:
+        self._fence(oid)
+        await self._pause()
+        await super().create_sparse(oid, extents)
 
     async def write(self, oid: int, offset: int, data: bytes | memoryview) -> None:
         self._fence(oid)

@@ -166,13 +166,33 @@ async def test_extents_report_holes():
     await h.engine.write(root, object_size + 3, b"x")
     await h.engine.write(root, 3 * object_size, b"y")
     extents = await h.engine.extents(root, 100, 4 * object_size)
+    # At 4 KiB: each written byte's block is data, the rest of its object a hole.
     assert extents == [
         Extent(100, object_size - 100, False),
-        Extent(object_size, object_size, True),
-        Extent(2 * object_size, object_size, False),
-        Extent(3 * object_size, object_size, True),
-        Extent(4 * object_size, 100, False),
+        Extent(object_size, 4096, True),
+        Extent(object_size + 4096, 2 * object_size - 4096, False),
+        Extent(3 * object_size, 4096, True),
+        Extent(3 * object_size + 4096, object_size - 4096 + 100, False),
     ]
+
+
+async def test_copy_up_copies_only_allocated_blocks():
+    h = Harness()
+    root = h.create(1 * MiB)
+    await h.engine.write(root, 0, b"a" * 4096)
+    await h.engine.write(root, 8 * 4096 + 10, b"b" * 5000)
+    snap, root = await h.snapshot(root)
+    await h.engine.write(root, 12 * 4096 - 1, b"c" * 2)  # crosses into a hole block
+    copy = h.objects.data[radix.data_oid(root.generation, 0)]
+    expect = bytearray(object_size)
+    expect[:4096] = b"a" * 4096
+    expect[8 * 4096 + 10:8 * 4096 + 5010] = b"b" * 5000
+    expect[12 * 4096 - 1:12 * 4096 + 1] = b"cc"
+    assert copy == expect
+    assert h.objects.sparse_creates == 1
+    extents = await h.engine.extents(root, 0, object_size)
+    assert [(e.offset, e.length) for e in extents if e.allocated] == [
+        (0, 4096), (8 * 4096, 2 * 4096), (11 * 4096, 2 * 4096)]
 
 
 async def test_one_pib_vdi_written_at_its_last_byte_uses_depth_plus_one_objects():

@@ -1,0 +1,324 @@
+"""dog vdi export-diff / import-diff (Ceph's names and format) and backup / restore.
+
+A diff holds what changed between two snapshots, at 4 KiB, in Ceph's "rbd diff v1"
+format (dog/rbd_diff.py): the sheep say which ranges changed without reading any
+data (sheep/vdi_diff.py), and only those are read and written.
+
+export-diff writes FILE.partial and renames it at the end: FILE is whole or absent.
+import-diff checks everything it can before it writes (the from-snapshot, the
+to-snapshot, the size; a regular file is read through once first), and if the
+VDI has the diff's from-snapshot, a failure halfway rolls it back to it: the VDI
+ends with all of the diff or none of it. A diff without a from-snapshot (a full
+one) read from stdin has nothing to roll back to and may be left half applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from typing import Any, BinaryIO
+
+import click
+
+from dog import rbd_diff
+from dog.common import connection_options, run
+from dog.output import Progress
+from dog.vdi import (
+    _data_blocks,
+    _file_errors,
+    _open,
+    _stdio,
+    io_chunk_bytes,
+    io_depth,
+    split_name,
+    vdi,
+)
+from sheep.client import Client
+from sheep.errors import Exists, InvalidParameters, NoTag, NoVdi, SheepError
+from sheep.size import format_size
+
+window_objects = 256  # object indexes asked per diff request
+
+
+async def write_diff(client: Client, name: str, tag: str | None, since: str | None,
+                     out: BinaryIO, label: str) -> rbd_diff.Writer:
+    """The diff of NAME@TAG since snapshot SINCE (None: everything) onto out."""
+    first = await client.vdi_diff(name, tag, since, 0, 0)
+    size, object_size = int(first["size"]), int(first["object_size"])
+    writer = rbd_diff.Writer(out)
+    writer.header(rbd_diff.Header(since, tag, size))
+    info = await _open(client, name, tag, writable=False)
+    progress = Progress(size, label)
+    window = window_objects * object_size
+    try:
+        for offset in range(0, size, window):
+            answer = await client.vdi_diff(name, tag, since, offset, window)
+            reads: list[tuple[int, asyncio.Task[bytes]]] = []
+            for start, length, kind in answer["ranges"]:
+                if kind == "zero":
+                    await _drain(reads, writer, 0)
+                    writer.zeros(int(start), int(length))
+                    continue
+                for at in range(int(start), int(start) + int(length), io_chunk_bytes):
+                    count = min(io_chunk_bytes - at % io_chunk_bytes,
+                                int(start) + int(length) - at)
+                    reads.append((at, asyncio.ensure_future(
+                        client.vdi_read(info["handle"], at, count))))
+                    await _drain(reads, writer, io_depth)
+            await _drain(reads, writer, 0)
+            progress.update(min(window, size - offset))
+        writer.end()
+    finally:
+        progress.close()
+        await client.vdi_close(info["handle"])
+    return writer
+
+
+async def _drain(reads: list[tuple[int, asyncio.Task[bytes]]], writer: rbd_diff.Writer,
+                 keep: int) -> None:
+    """Write the reads under way, in order, until at most ``keep`` remain: a block
+    of zeros goes as a zero record (a changed block may have been zeroed)."""
+    try:
+        while len(reads) > keep:
+            at, task = reads.pop(0)
+            data = await task
+            done = 0
+            view = memoryview(data)
+            for begin, end in _data_blocks(data):
+                if begin > done:
+                    writer.zeros(at + done, begin - done)
+                writer.data(at + begin, view[begin:end])
+                done = end
+            if done < len(data):
+                writer.zeros(at + done, len(data) - done)
+    except BaseException:
+        for _, task in reads:
+            task.cancel()
+        raise
+
+
+def _export_diff(name: str, file: str, since: str | None, tag: str | None) -> None:
+    name, tag = split_name(name, tag)
+    label = f"{name}@{tag}" if tag else name
+
+    async def call(client: Client) -> rbd_diff.Writer:
+        if file == "-":
+            return await write_diff(client, name, tag, since, _stdio("stdout").buffer,
+                                    f"diffing {label}")
+        partial = f"{file}.partial"
+        try:
+            with open(partial, "wb") as out:
+                writer = await write_diff(client, name, tag, since, out, f"diffing {label}")
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(partial, file)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+            raise
+        return writer
+
+    with _file_errors(file):
+        writer = run(call)
+    click.echo(f"exported the diff of {label} since {since or 'its creation'}:"
+               f" {format_size(writer.data_bytes)} of data in {writer.records} records,"
+               f" {format_size(writer.written)} written", err=True)
+
+
+@vdi.command(name="export-diff")
+@click.argument("name")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--from-snap", "since", default=None,
+              help="Snapshot of NAME the diff starts from (default: the whole VDI).")
+@click.option("-s", "--snapshot", "tag", default=None, help="Snapshot the diff leads to.")
+@connection_options
+def export_diff(name: str, file: str, since: str | None, tag: str | None) -> None:
+    """Write what changed in NAME[@SNAP] since --from-snap to FILE (- for stdout), in
+    Ceph's rbd diff v1 format. Without --from-snap, all of its data."""
+    _export_diff(name, file, since, tag)
+
+
+@vdi.command()
+@click.argument("name")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("-F", "--from", "since", default=None,
+              help="Snapshot the backup starts from (an incremental backup).")
+@click.option("-s", "--snapshot", "tag", default=None, help="Snapshot to back up.")
+@connection_options
+def backup(name: str, file: str, since: str | None, tag: str | None) -> None:
+    """Back up NAME@SNAP to FILE: Sheepdog's name for export-diff (same format)."""
+    _export_diff(name, file, since, tag)
+
+
+# --- import ----------------------------------------------------------------------
+
+
+def _check_file(file: str) -> None:
+    """Read a diff file through once: a damaged or cut short one is refused before
+    anything is written."""
+    with open(file, "rb") as source:
+        reader = rbd_diff.Reader(source, file)
+        reader.header()
+        for _ in reader.records():
+            pass
+
+
+def _snapshot_tags(items: list[dict[str, Any]]) -> list[str]:
+    """The VDI's snapshots' tags (ids for untagged ones), oldest first."""
+    return [str(i["tag"] or i["id"]) for i in sorted(items, key=lambda i: i["id"])
+            if i["snapshot"]]
+
+
+async def _check_target(client: Client, name: str, header: rbd_diff.Header,
+                        force: bool) -> dict[str, Any]:
+    items = await client.vdi_list([name], usage=False)
+    if not items:
+        raise NoVdi(f"VDI {name!r} does not exist")
+    item = next(i for i in items if not i["snapshot"])
+    tags = _snapshot_tags(items)
+    if header.from_snap is not None:
+        if header.from_snap not in tags:
+            raise NoTag(f"VDI {name!r} has no snapshot {header.from_snap!r}, which the diff"
+                        " starts from: it is not the diff's base (apply the diffs before it"
+                        " first)")
+        if not force:
+            if tags[-1] != header.from_snap:
+                raise InvalidParameters(
+                    f"{header.from_snap!r} is not the latest snapshot of VDI {name!r}"
+                    f" ({tags[-1]!r} is): roll back to it first (dog vdi rollback -s"
+                    f" {header.from_snap} {name}), or give --force")
+            if item.get("written"):
+                raise InvalidParameters(
+                    f"VDI {name!r} was written since snapshot {header.from_snap!r}: the"
+                    " diff would not give its to-snapshot; roll back to it first (dog vdi"
+                    f" rollback -s {header.from_snap} {name}), or give --force")
+    if header.to_snap is not None and header.to_snap in tags:
+        raise Exists(f"VDI {name!r} already has snapshot {header.to_snap!r}, which the diff"
+                     " leads to")
+    assert header.size is not None
+    if header.size < int(item["size"]):
+        raise InvalidParameters(
+            f"the diff's image is {header.size} bytes, smaller than VDI {name!r}"
+            f" ({item['size']} bytes): shrinking is not supported")
+    return item
+
+
+async def apply_diff(client: Client, reader: rbd_diff.Reader, name: str, force: bool,
+                     create: bool, label: str) -> tuple[rbd_diff.Header, int]:
+    header = reader.header()
+    assert header.size is not None
+    if create and not await client.vdi_list([name], usage=False):
+        if header.from_snap is not None:
+            raise NoTag(f"the diff starts from snapshot {header.from_snap!r}: it cannot"
+                        f" create VDI {name!r} (restore the full backup first)")
+        await client.vdi_create(name, header.size)
+    item = await _check_target(client, name, header, force)
+    if header.size > int(item["size"]):
+        await client.vdi_resize(name, header.size)
+    info = await _open(client, name, None, writable=True)
+    progress = Progress(header.size, label)
+    applied = 0
+    pending: set[asyncio.Task[None]] = set()
+
+    async def submit(job: Any) -> None:
+        nonlocal pending
+        if len(pending) >= io_depth:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+        pending.add(asyncio.ensure_future(job))
+
+    try:
+        try:
+            for record in reader.records():
+                if record.offset + record.length > header.size:
+                    raise InvalidParameters(
+                        f"{reader.label}: the record at byte {record.at} ends past the"
+                        f" image's size ({record.offset}+{record.length} > {header.size})")
+                if record.kind == "z":
+                    await submit(client.vdi_discard(info["handle"], record.offset,
+                                                    record.length))
+                else:
+                    at = record.offset
+                    while at < record.offset + record.length:
+                        count = min(io_chunk_bytes - at % io_chunk_bytes,
+                                    record.offset + record.length - at)
+                        await submit(client.vdi_write(info["handle"], at,
+                                                      reader.read_data(count)))
+                        at += count
+                applied += record.length
+                progress.update(record.length)
+            while pending:
+                done, pending = await asyncio.wait(pending)
+                for task in done:
+                    task.result()
+            await client.flush()
+        finally:
+            for task in pending:
+                task.cancel()
+            progress.close()
+            await client.vdi_close(info["handle"])
+    except (SheepError, OSError) as failure:
+        if header.from_snap is None:
+            raise
+        try:
+            await client.vdi_rollback(name, header.from_snap)
+        except SheepError as error:
+            raise SheepError(f"{failure}; and rolling VDI {name!r} back to"
+                             f" {header.from_snap!r} failed too: {error}") from failure
+        raise type(failure)(f"{failure} (VDI {name!r} was rolled back to snapshot"
+                            f" {header.from_snap!r}: nothing of the diff was kept)") from failure
+    if header.to_snap is not None:
+        await client.vdi_snapshot(name, header.to_snap)
+    return header, applied
+
+
+def _import_diff(file: str, name: str, force: bool, create: bool) -> None:
+    if "@" in name:
+        raise InvalidParameters(f"cannot apply a diff to {name!r}: snapshots are read-only")
+    if file != "-":
+        if not os.path.exists(file):
+            raise click.BadParameter(f"{file} does not exist", param_hint="'FILE'")
+        with _file_errors(file):
+            _check_file(file)
+
+    async def call(client: Client) -> tuple[rbd_diff.Header, int]:
+        source = _stdio("stdin").buffer if file == "-" else open(file, "rb")  # noqa: SIM115
+        try:
+            reader = rbd_diff.Reader(source, "stdin" if file == "-" else file)
+            return await apply_diff(client, reader, name, force, create,
+                                    f"applying {os.path.basename(file)}")
+        finally:
+            if source is not sys.stdin.buffer:
+                source.close()
+
+    with _file_errors(file):
+        header, applied = run(call)
+    click.echo(f"applied the diff {header.from_snap or '(full)'} -> {header.to_snap or name}"
+               f" to {name!r}: {format_size(applied)} changed", err=True)
+
+
+@vdi.command(name="import-diff")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.argument("name")
+@click.option("--force", is_flag=True,
+              help="Apply it even if NAME changed since the diff's from-snapshot.")
+@connection_options
+def import_diff(file: str, name: str, force: bool) -> None:
+    """Apply an rbd diff v1 FILE (- for stdin) to VDI NAME, then take the diff's
+    to-snapshot. NAME must have the diff's from-snapshot, unchanged since."""
+    _import_diff(file, name, force, create=False)
+
+
+@vdi.command()
+@click.argument("name")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--force", is_flag=True,
+              help="Apply it even if NAME changed since the backup's from-snapshot.")
+@connection_options
+def restore(name: str, file: str, force: bool) -> None:
+    """Restore a backup FILE into NAME: a full backup creates NAME if it does not
+    exist; an incremental one is applied on top of its from-snapshot."""
+    _import_diff(file, name, force, create=True)

@@ -1,0 +1,115 @@
+"""The lock holder's change masks: collected per write, saved in change pages.
+
+The format and the rules are in sheep/changes.py. Here: the writable generations'
+masks kept in memory by the sheep where the VDI's writer is, and saved (ORed into
+the pages already there, then flushed) when something is about to depend on them:
+a snapshot freezing the generation, a handoff, a close; and in the background once
+a generation has many unsaved masks, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from sheep import changes
+from sheep.errors import NoObject
+from sheep.vdi import Objects
+
+log = logging.getLogger(__name__)
+
+pending_max = 4096  # unsaved object masks of one generation before a background save
+
+
+class ChangeLog:
+    def __init__(self, objects: Objects, object_size: Callable[[], int]) -> None:
+        self.objects = objects
+        self.object_size = object_size
+        self._pending: dict[int, dict[int, int]] = {}  # generation -> {index: mask}
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._background: set[int] = set()  # generations being saved in the background
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def note(self, generation: int, offset: int, count: int) -> None:
+        """Bytes [offset, offset + count) of the VDI change in ``generation``: noted
+        before the change is made, so no change is ever acknowledged unnoted."""
+        masks = self._pending.setdefault(generation, {})
+        for index, value in changes.masks_of_range(offset, count, self.object_size()).items():
+            masks[index] = masks.get(index, 0) | value
+        if len(masks) >= pending_max and generation not in self._background:
+            self._background.add(generation)
+            task = asyncio.get_running_loop().create_task(self._save_quietly(generation))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def pending(self, generation: int) -> int:
+        return len(self._pending.get(generation, {}))
+
+    async def _save_quietly(self, generation: int) -> None:
+        try:
+            await self.save(generation)
+        except Exception as error:  # kept in memory: the next save tries again
+            log.warning("could not save the change masks of generation %d: %s",
+                        generation, error)
+        finally:
+            self._background.discard(generation)
+
+    async def save(self, generation: int) -> None:
+        """Make the generation's noted masks durable in its change pages. On failure
+        they stay noted (the caller refuses what needed them, or marks the
+        generation untracked)."""
+        lock = self._locks.setdefault(generation, asyncio.Lock())
+        async with lock:
+            masks = self._pending.pop(generation, None)
+            if not masks:
+                return
+            try:
+                await self._write(generation, masks)
+            except BaseException:
+                kept = self._pending.setdefault(generation, {})
+                for index, value in masks.items():
+                    kept[index] = kept.get(index, 0) | value
+                raise
+        if not self._pending.get(generation):
+            self._locks.pop(generation, None)
+
+    def forget(self, generation: int) -> None:
+        """The generation's masks are no longer wanted (it was marked untracked)."""
+        self._pending.pop(generation, None)
+
+    async def _write(self, generation: int, masks: dict[int, int]) -> None:
+        object_size = self.object_size()
+        size = changes.page_bytes(object_size)
+        pages: dict[int, dict[int, int]] = {}
+        for index, value in masks.items():
+            pages.setdefault(index // changes.PAGE_OBJECTS, {})[
+                index % changes.PAGE_OBJECTS] = value
+        for page, slots in sorted(pages.items()):
+            oid = changes.page_oid(generation, page * changes.PAGE_OBJECTS)
+            try:
+                saved = changes.decode_page(await self.objects.read(oid, 0, size), object_size)
+            except NoObject:
+                await self.objects.create(oid, changes.encode_page(slots, object_size))
+                continue
+            for slot, value in slots.items():
+                saved[slot] = saved.get(slot, 0) | value
+            await self.objects.write(oid, 0, changes.encode_page(saved, object_size))
+        await self.objects.flush()
+
+
+async def read_masks(objects: Objects, object_size: int, generation: int,
+                     index: int, cache: dict[tuple[int, int], dict[int, int]]) -> int:
+    """Object ``index``'s saved mask in ``generation`` (0: no change saved). Pages
+    read are kept in ``cache``, by (generation, page)."""
+    page = index // changes.PAGE_OBJECTS
+    slots = cache.get((generation, page))
+    if slots is None:
+        try:
+            data = await objects.read(changes.page_oid(generation, index), 0,
+                                      changes.page_bytes(object_size))
+            slots = changes.decode_page(data, object_size)
+        except NoObject:
+            slots = {}
+        cache[(generation, page)] = slots
+    return slots.get(index % changes.PAGE_OBJECTS, 0)
