@@ -26,11 +26,11 @@ from dog import rbd_diff
 from dog.common import connection_options, run
 from dog.output import Progress
 from dog.vdi import (
+    _chunks,
     _data_blocks,
     _file_errors,
     _open,
     _stdio,
-    io_chunk_bytes,
     io_depth,
     split_name,
     vdi,
@@ -61,9 +61,7 @@ async def write_diff(client: Client, name: str, tag: str | None, since: str | No
                     await _drain(reads, writer, 0)
                     writer.zeros(int(start), int(length))
                     continue
-                for at in range(int(start), int(start) + int(length), io_chunk_bytes):
-                    count = min(io_chunk_bytes - at % io_chunk_bytes,
-                                int(start) + int(length) - at)
+                for at, count in _chunks(int(start), int(length)):
                     reads.append((at, asyncio.ensure_future(
                         client.vdi_read(info["handle"], at, count))))
                     await _drain(reads, writer, io_depth)
@@ -241,13 +239,9 @@ async def apply_diff(client: Client, reader: rbd_diff.Reader, name: str, force: 
                     await submit(client.vdi_discard(info["handle"], record.offset,
                                                     record.length))
                 else:
-                    at = record.offset
-                    while at < record.offset + record.length:
-                        count = min(io_chunk_bytes - at % io_chunk_bytes,
-                                    record.offset + record.length - at)
+                    for at, count in _chunks(record.offset, record.length):
                         await submit(client.vdi_write(info["handle"], at,
                                                       reader.read_data(count)))
-                        at += count
                 applied += record.length
                 progress.update(record.length)
             while pending:

@@ -1,0 +1,234 @@
+"""Backups: dog vdi export-diff / import-diff in Ceph's rbd diff v1 format, checked
+against Ceph's own rbd (merge-diff needs no cluster), and thin data at 4 KiB:
+import, block status and clone copy-up. One real 3-sheep cluster (copies 2)."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dog import rbd_diff
+from sheep.client import SyncClient
+from sheep.errors import EXIT_EXISTS, EXIT_MISSING, EXIT_USAGE
+from sheep.testing.cluster import LocalCluster
+
+KiB = 1 << 10
+MiB = 1 << 20
+size = 64 * MiB
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[LocalCluster]:
+    with LocalCluster(str(tmp_path_factory.mktemp("dog-backup")), nodes=3) as local:
+        local.start()
+        local.format(copies=2)
+        yield local
+
+
+@pytest.fixture(scope="module")
+def api(cluster: LocalCluster) -> Iterator[SyncClient]:
+    with cluster.client(0) as client:
+        yield client
+
+
+def dog(cluster: LocalCluster, *args: str, stdin: bytes | None = None,
+        check: int | None = 0) -> subprocess.CompletedProcess[bytes]:
+    command = [sys.executable, "-m", "dog", "-p", str(cluster.sheep[0].port), *args]
+    result = subprocess.run(command, input=stdin, capture_output=True, timeout=120)
+    if check is not None:
+        assert result.returncode == check, (args, result.returncode, result.stderr)
+    return result
+
+
+def read_all(cluster: LocalCluster, name: str) -> bytes:
+    return dog(cluster, "vdi", "read", name).stdout
+
+
+def change(api: SyncClient, name: str, writes: list[tuple[int, bytes]],
+           discards: list[tuple[int, int]] | None = None) -> int:
+    """Writes and discards through one open; the bytes they change."""
+    handle = api.vdi_open(name, writable=True)["handle"]
+    for offset, data in writes:
+        api.vdi_write(handle, offset, data)
+    for offset, count in discards or []:
+        api.vdi_discard(handle, offset, count)
+    api.flush()
+    api.vdi_close(handle)
+    return sum(len(d) for _, d in writes) + sum(c for _, c in discards or [])
+
+
+def history(api: SyncClient, cluster: LocalCluster, name: str, rng: random.Random) -> list[int]:
+    """NAME with data, then s1; every kind of change, s2; more, s3. The bytes changed
+    between each pair of snapshots."""
+    dog(cluster, "vdi", "create", name, str(size))
+    change(api, name, [(0, rng.randbytes(8 * MiB)), (30 * MiB, rng.randbytes(3 * MiB))])
+    dog(cluster, "vdi", "snapshot", "-s", "s1", name)
+    changed = [change(api, name, [
+        (0, rng.randbytes(MiB)),  # aligned
+        (40 * MiB + 123, rng.randbytes(4097)),  # unaligned
+        (20 * MiB - 5000, rng.randbytes(10000)),  # across objects
+        (31 * MiB, bytes(64 * KiB)),  # zeroes written
+    ], discards=[(4 * MiB, 4 * MiB), (30 * MiB + 8192, 8192)])]  # a whole object, a part
+    dog(cluster, "vdi", "snapshot", "-s", "s2", name)
+    changed.append(change(api, name, [(50 * MiB, rng.randbytes(MiB)), (123, b"x")]))
+    dog(cluster, "vdi", "snapshot", "-s", "s3", name)
+    return changed
+
+
+def restore_base(cluster: LocalCluster, tmp_path: Path, source: str, target: str) -> None:
+    """TARGET holding SOURCE@s1 from a full raw export, with its own snapshot s1."""
+    raw = tmp_path / f"{target}.raw"
+    dog(cluster, "vdi", "export", f"{source}@s1", str(raw))
+    dog(cluster, "vdi", "create", target, str(size))
+    dog(cluster, "vdi", "import", target, str(raw))
+    dog(cluster, "vdi", "snapshot", "-s", "s1", target)
+
+
+def test_an_incremental_diff_rebuilds_the_snapshot(cluster, api, tmp_path):
+    changed = history(api, cluster, "inc", random.Random(1))
+    d12 = tmp_path / "d12"
+    result = dog(cluster, "vdi", "export-diff", "--from-snap", "s1", "inc@s2", str(d12))
+    assert b"exported the diff of inc@s2 since s1" in result.stderr
+    assert not (tmp_path / "d12.partial").exists()
+    assert d12.read_bytes().startswith(b"rbd diff v1\nf\x02\x00\x00\x00s1t\x02\x00\x00\x00s2s")
+    assert d12.stat().st_size <= changed[0] * 1.1 + 64 * KiB, (d12.stat().st_size, changed)
+    restore_base(cluster, tmp_path, "inc", "inc-copy")
+    dog(cluster, "vdi", "import-diff", str(d12), "inc-copy")
+    assert read_all(cluster, "inc-copy") == read_all(cluster, "inc@s2")
+    assert read_all(cluster, "inc-copy@s2") == read_all(cluster, "inc@s2")  # the to-snapshot
+    # Records: data only where data changed, zeros for the discards and zeroes.
+    with open(d12, "rb") as source:
+        reader = rbd_diff.Reader(source)
+        assert reader.header() == rbd_diff.Header("s1", "s2", size)
+        records = [(r.kind, r.offset, r.length) for r in reader.records()]
+    assert ("z", 4 * MiB, 4 * MiB) in records
+    assert sum(length for kind, _, length in records if kind == "w") <= MiB + 3 * 4096 + 16 * KiB
+
+
+def test_a_diff_on_the_wrong_base_is_refused_and_changes_nothing(cluster, api, tmp_path):
+    history(api, cluster, "wrong", random.Random(2))
+    d12, d23 = tmp_path / "d12", tmp_path / "d23"
+    dog(cluster, "vdi", "export-diff", "--from-snap", "s1", "wrong@s2", str(d12))
+    dog(cluster, "vdi", "export-diff", "--from-snap", "s2", "wrong@s3", str(d23))
+    # No snapshot s1 at all.
+    dog(cluster, "vdi", "create", "bare", str(size))
+    change(api, "bare", [(0, b"keep me")])
+    result = dog(cluster, "vdi", "import-diff", str(d12), "bare", check=EXIT_MISSING)
+    assert b"has no snapshot 's1', which the diff starts from" in result.stderr
+    assert read_all(cluster, "bare")[:7] == b"keep me"
+    assert b"s2" not in dog(cluster, "vdi", "list", "bare").stdout
+    # s1, but written since: the result would not be s2.
+    restore_base(cluster, tmp_path, "wrong", "written")
+    change(api, "written", [(5, b"later")])
+    before = read_all(cluster, "written")
+    result = dog(cluster, "vdi", "import-diff", str(d12), "written", check=EXIT_USAGE)
+    assert b"was written since snapshot 's1'" in result.stderr
+    assert read_all(cluster, "written") == before
+    # Out of order: the chain's next diff needs s2.
+    restore_base(cluster, tmp_path, "wrong", "order")
+    result = dog(cluster, "vdi", "import-diff", str(d23), "order", check=EXIT_MISSING)
+    assert b"no snapshot 's2'" in result.stderr
+    assert read_all(cluster, "order") == read_all(cluster, "wrong@s1")
+    # Applied twice: its to-snapshot exists already.
+    dog(cluster, "vdi", "import-diff", str(d12), "order")
+    dog(cluster, "vdi", "rollback", "-s", "s1", "order")
+    result = dog(cluster, "vdi", "import-diff", "--force", str(d12), "order", check=EXIT_EXISTS)
+    assert b"already has snapshot 's2'" in result.stderr
+
+
+def test_a_broken_diff_changes_nothing(cluster, api, tmp_path):
+    history(api, cluster, "broken", random.Random(3))
+    d12 = tmp_path / "d12"
+    dog(cluster, "vdi", "export-diff", "--from-snap", "s1", "broken@s2", str(d12))
+    restore_base(cluster, tmp_path, "broken", "target")
+    base = read_all(cluster, "target")
+    data = d12.read_bytes()
+    cut = tmp_path / "cut"
+    cut.write_bytes(data[:len(data) // 2])
+    # A file is read through before anything is written.
+    result = dog(cluster, "vdi", "import-diff", str(cut), "target", check=EXIT_USAGE)
+    assert b"is cut short" in result.stderr
+    assert read_all(cluster, "target") == base
+    # A stream is applied as it comes, then rolled back to s1 when it breaks.
+    result = dog(cluster, "vdi", "import-diff", "-", "target", stdin=data[:len(data) // 2],
+                 check=EXIT_USAGE)
+    assert b"rolled back to snapshot 's1'" in result.stderr
+    assert read_all(cluster, "target") == base
+    assert b"s2" not in dog(cluster, "vdi", "list", "target").stdout
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"rbd image v2\n" + bytes(100))
+    result = dog(cluster, "vdi", "import-diff", str(garbage), "target", check=EXIT_USAGE)
+    assert b"is not an rbd diff v1 stream" in result.stderr
+
+
+def test_a_chain_of_diffs_and_ceph_merge_diff(cluster, api, tmp_path):
+    history(api, cluster, "chain", random.Random(4))
+    full, d12, d23 = tmp_path / "full", tmp_path / "d12", tmp_path / "d23"
+    dog(cluster, "vdi", "backup", "-s", "s1", "chain", str(full))  # Sheepdog's name
+    dog(cluster, "vdi", "export-diff", "--from-snap", "s1", "chain@s2", str(d12))
+    d23.write_bytes(dog(cluster, "vdi", "export-diff", "--from-snap", "s2", "chain@s3",
+                        "-").stdout)
+    # Restored in order from the full backup: equals s3, with every snapshot.
+    dog(cluster, "vdi", "restore", "chain-r", str(full))  # creates it
+    dog(cluster, "vdi", "restore", "chain-r", str(d12))
+    dog(cluster, "vdi", "import-diff", "-", "chain-r", stdin=d23.read_bytes())
+    assert read_all(cluster, "chain-r") == read_all(cluster, "chain@s3")
+    for tag in ("s1", "s2", "s3"):
+        assert read_all(cluster, f"chain-r@{tag}") == read_all(cluster, f"chain@{tag}")
+    # Ceph's rbd reads ours and merges two of them; we apply what it wrote.
+    rbd = shutil.which("rbd")
+    assert rbd, "Ceph's rbd (Debian's ceph-common) is needed: scripts/test installs it"
+    d13 = tmp_path / "d13"
+    merged = subprocess.run([rbd, "merge-diff", str(d12), str(d23), str(d13), "--no-progress"],
+                            capture_output=True, timeout=60)
+    assert merged.returncode == 0, merged.stderr
+    restore_base(cluster, tmp_path, "chain", "chain-m")
+    dog(cluster, "vdi", "import-diff", str(d13), "chain-m")
+    assert read_all(cluster, "chain-m") == read_all(cluster, "chain@s3")
+
+
+def test_thin_import_block_status_and_copy_up(cluster, api, tmp_path):
+    image = tmp_path / "thin.raw"
+    rng = random.Random(5)
+    with open(image, "wb") as f:
+        f.truncate(32 * 4 * MiB)
+        for k in range(32):
+            f.seek(k * 4 * MiB + 4096 * (k % 7))
+            f.write(rng.randbytes(64 * KiB))
+    before = store_bytes(cluster)
+    dog(cluster, "vdi", "import", "--create", "thin", str(image))
+    grown = store_bytes(cluster) - before
+    written = 32 * 64 * KiB * 2  # on each of 2 copies
+    assert grown <= 2 * written, f"{grown} bytes allocated for {written} written"
+    assert read_all(cluster, "thin") == image.read_bytes()
+    # Block status reports the holes inside objects.
+    handle = api.vdi_open("thin")["handle"]
+    allocated = [(o, n) for o, n, a in api.vdi_extents(handle, 0, 8 * MiB) if a]
+    api.vdi_close(handle)
+    assert allocated == [(0, 64 * KiB), (4 * MiB + 4096, 64 * KiB)]
+    # A clone's first write copies only the allocated blocks of the object.
+    dog(cluster, "vdi", "snapshot", "-s", "base", "thin")
+    dog(cluster, "vdi", "clone", "thin@base", "thin-clone")
+    before = store_bytes(cluster)
+    change(api, "thin-clone", [(4 * MiB + 2 * MiB, b"y" * 100)])
+    grown = store_bytes(cluster) - before
+    assert grown <= 2 * (64 * KiB + 4096) + 2 * 64 * KiB, grown  # the copy, its tree nodes
+    expect = bytearray(image.read_bytes()[4 * MiB:8 * MiB])
+    expect[2 * MiB:2 * MiB + 100] = b"y" * 100
+    assert dog(cluster, "vdi", "read", "thin-clone", str(4 * MiB), str(4 * MiB)).stdout == expect
+
+
+def store_bytes(cluster: LocalCluster) -> int:
+    total = 0
+    for node in cluster.sheep:
+        for root, _, files in os.walk(os.path.join(node.directory, "obj")):
+            for name in files:
+                total += os.stat(os.path.join(root, name)).st_blocks * 512
+    return total
