@@ -11,6 +11,7 @@ import sys
 import click
 
 from dog import backup as _backup  # noqa: F401  (its commands join dog vdi)
+from dog import lifecycle as _lifecycle  # noqa: F401  (and these)
 from dog.auth import auth
 from dog.cluster import cluster
 from dog.common import Target, connection_options

@@ -484,6 +484,11 @@ class Client:
                                                  **{"from": since}, offset=offset, length=length)
         return result
 
+    async def vdi_du(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Space used by NAME's images (or every VDI's), and what each holds alone."""
+        result: list[dict[str, Any]] = await self._vdi(Op.VDI_DU, name=name)
+        return result
+
     async def vdi_close(self, handle: int) -> None:
         await self.connection.call(Header(opcode=Op.VDI_CLOSE, arg0=handle))
 

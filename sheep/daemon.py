@@ -584,7 +584,8 @@ class Sheep:
                 if not isinstance(name, str) or not caps.may_touch(name):
                     raise PermissionDenied(f"{principal.name} may not touch VDI"
                                            f" {str(name)[:128]!r} (caps '{caps.text()}')")
-            writes = op not in (Op.VDI_GETATTR, Op.VDI_OBJECT, Op.VDI_OPEN, Op.VDI_DIFF) or (
+            writes = op not in (Op.VDI_GETATTR, Op.VDI_OBJECT, Op.VDI_OPEN, Op.VDI_DIFF,
+                                Op.VDI_DU) or (
                 op is Op.VDI_OPEN and body.get("writable"))
             if writes and caps.read_only:
                 raise PermissionDenied(f"{principal.name} is read-only: {info.name} refused")

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sheep import constants, proto, radix, vdi_diff
+from sheep import constants, proto, radix, vdi_diff, vdi_du
 from sheep.client import Connection
 from sheep.cluster_state import ApplyResult
 from sheep.errors import InvalidParameters, NoObject, NoTag, NoVdi, SheepError, VdiLocked
@@ -98,6 +98,7 @@ class VdiAdmin:
             Op.VDI_HANDOFF: handoff,  # the lock holder's activity is VdiService's
             Op.VDI_ATTACHMENTS: attachments,  # and so are the opens
             Op.VDI_DIFF: self.diff,
+            Op.VDI_DU: self.du,
         }
         proto.check_handlers(self.handlers, {Kind.VDI_ADMIN}, "VdiAdmin.handlers")
 
@@ -325,6 +326,13 @@ class VdiAdmin:
         ranges = await vdi_diff.diff(self.engine(), self.objects, state.vdis, state.object_size,
                                      root, lineage, size, since_root, offset, length)
         return {"size": size, "object_size": state.object_size, "ranges": ranges}
+
+    async def du(self, body: dict[str, Any], header: Header) -> Any:
+        """Provisioned, used and exclusive bytes of a VDI's images (or of all VDIs)."""
+        name = body.get("name")
+        if name is not None:
+            vdi_named(self.group, name)
+        return await vdi_du.usage(self.engine(), self.group, None if name is None else [name])
 
     async def qos(self, body: dict[str, Any], header: Header) -> Any:
         """Set or clear a VDI's I/O limits (through the log: every sheep that serves
