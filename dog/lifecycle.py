@@ -1,13 +1,14 @@
-"""dog vdi du (Ceph's rbd du): space per VDI and per snapshot."""
+"""dog vdi du (Ceph's rbd du), dog vdi trash (rbd trash) and alter-copy (Sheepdog's)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import click
 
-from dog.common import connection_options, json_option, run
-from dog.output import print_json, print_table
+from dog.common import DURATION, connection_options, json_option, run
+from dog.output import format_time, print_json, print_table
 from dog.vdi import vdi
 from sheep.size import format_size
 
@@ -42,3 +43,84 @@ def du(name: str | None, as_json: bool) -> None:
                          format_size(item["exclusive_stored"])])
     print_table(["Name", "Provisioned", "Used", "Exclusive", "Stored"], rows,
                 right=["Provisioned", "Used", "Exclusive", "Stored"])
+
+
+# --- the trash (Ceph's rbd trash) ------------------------------------------------
+
+@vdi.group()
+def trash() -> None:
+    """Move VDIs to the trash and back: hidden, not freed, until purged."""
+
+
+@trash.command(name="mv")
+@click.argument("name")
+@click.option("--expires-in", type=DURATION, default=None,
+              help="Purge it automatically after this long (e.g. 7d; default: never).")
+@connection_options
+def trash_mv(name: str, expires_in: float | None) -> None:
+    """Move VDI NAME, with its snapshots, into the trash. Its name stays taken."""
+    run(lambda client: client.vdi_trash(name, expires_in))
+    when = f", purged after {format_duration(expires_in)}" if expires_in is not None else ""
+    click.echo(f"moved VDI {name!r} to the trash{when}")
+
+
+@trash.command(name="list")
+@json_option
+@connection_options
+def trash_list(as_json: bool) -> None:
+    """List the VDIs in the trash."""
+    items = [i for i in run(lambda client: client.vdi_trash_list()) if not i["snapshot"]]
+    if as_json:
+        print_json([{"name": i["name"], "id": i["id"], "size": i["size"],
+                     "deleted": i["trash"]["time"], "expires": i["trash"].get("expires")}
+                    for i in items])
+        return
+    rows = [[i["name"], i["id"], format_size(i["size"]), format_time(i["trash"]["time"]),
+             format_time(i["trash"]["expires"]) if i["trash"].get("expires") else "never"]
+            for i in sorted(items, key=lambda i: i["name"])]
+    print_table(["Name", "Id", "Size", "Deleted", "Expires"], rows, right=["Id", "Size"])
+
+
+@trash.command(name="restore")
+@click.argument("name")
+@connection_options
+def trash_restore(name: str) -> None:
+    """Bring VDI NAME back from the trash, as it was."""
+    run(lambda client: client.vdi_trash_restore(name))
+    click.echo(f"restored VDI {name!r} from the trash")
+
+
+@trash.command(name="purge")
+@click.argument("name", required=False)
+@click.option("--expired", is_flag=True, help="Purge the VDIs whose time ran out (the default).")
+@click.option("--all", "everything", is_flag=True, help="Purge every VDI in the trash.")
+@connection_options
+def trash_purge(name: str | None, expired: bool, everything: bool) -> None:
+    """Delete NAME (or the expired VDIs, or --all) from the trash for good."""
+    if name and everything:
+        raise click.UsageError("give NAME or --all, not both")
+
+    async def call(client: Any) -> list[str]:
+        if name:
+            await client.vdi_purge(name)
+            return [name]
+        now = time.time()
+        purged = []
+        for item in await client.vdi_trash_list():
+            expires = item["trash"].get("expires")
+            if item["snapshot"] or not (everything or (expires is not None and expires <= now)):
+                continue
+            await client.vdi_purge(item["name"], None if everything else expires)
+            purged.append(item["name"])
+        return purged
+
+    purged = run(call)
+    click.echo(f"purged {len(purged)} VDI(s) from the trash" +
+               (f": {', '.join(purged)}" if purged else ""))
+
+
+def format_duration(seconds: float) -> str:
+    for unit, size in (("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"

@@ -484,6 +484,30 @@ class Client:
                                                  **{"from": since}, offset=offset, length=length)
         return result
 
+    async def vdi_trash(self, name: str, expires_in: float | None = None) -> dict[str, Any]:
+        """Move NAME into the trash: hidden, its name and objects kept; purgeable once
+        expires_in seconds passed (None: only by hand)."""
+        result: dict[str, Any] = await self._vdi(Op.VDI_TRASH, name=name, action="mv",
+                                                 expires_in=expires_in)
+        return result
+
+    async def vdi_trash_restore(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._vdi(Op.VDI_TRASH, name=name, action="restore")
+        return result
+
+    async def vdi_trash_list(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._vdi(Op.VDI_LIST, usage=False, trash=True)
+        return result
+
+    async def vdi_purge(self, name: str, expires: float | None = None) -> dict[str, Any]:
+        """Delete NAME from the trash, with its snapshots (with expires: only if it
+        is still in the trash with that expiry)."""
+        body: dict[str, Any] = {"name": name, "purge": True}
+        if expires is not None:
+            body["expires"] = expires
+        result: dict[str, Any] = await self._json(Op.VDI_DELETE, body)
+        return result
+
     async def vdi_du(self, name: str | None = None) -> list[dict[str, Any]]:
         """Space used by NAME's images (or every VDI's), and what each holds alone."""
         result: list[dict[str, Any]] = await self._vdi(Op.VDI_DU, name=name)

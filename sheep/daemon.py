@@ -55,6 +55,7 @@ _empty: Reply = (b"", {})
 shutdown_grace_s = 1.0  # how long a request waits for the last node of a restart
 writeback_interval_s = 30.0
 sweep_interval_s = 600.0  # how often the first member sweeps unreachable objects
+trash_check_interval_s = 5.0  # how often the first member purges expired VDIs in the trash
 fence_poll_s = 0.05
 snapshot_epochs = 64  # epochs a snapshot carries: placement looks back 16 at most
 space_nearly_full_ratio = 0.10
@@ -185,6 +186,7 @@ class Sheep:
         self._tasks.append(asyncio.get_running_loop().create_task(self._apply_events()))
         self._tasks.append(asyncio.get_running_loop().create_task(self._writeback()))
         self._tasks.append(asyncio.get_running_loop().create_task(self._sweep()))
+        self._tasks.append(asyncio.get_running_loop().create_task(self._purge_expired()))
         if self.driver.can_fence:
             self.gateway.fenced = asyncio.Event()
             self.gateway.fence_check = self.peer.fence_check = self._fenced_now
@@ -261,6 +263,29 @@ class Sheep:
                 await self.vdis.gc.sweep()
             except SheepError as error:
                 log.warning("sweep of unreachable objects failed: %s", error)
+
+    async def _purge_expired(self) -> None:
+        """Every trash_check_interval_s the first member purges the VDIs whose time in
+        the trash ran out (dog vdi trash mv --expires-in): each as dog vdi trash purge
+        does, its objects freed by the collector at the background-work rate."""
+        while True:
+            await self.clock.sleep(trash_check_interval_s)
+            state = self.group.state
+            if (self.vdis is None or self.node is None or state.status is not Status.OK
+                    or not state.members or min(state.members) != self.node.node_id):
+                continue
+            now = self.clock.wall()
+            for vdi in list(state.vdis.vdis.values()):
+                expires = (vdi.trash or {}).get("expires")
+                if expires is None or expires > now:
+                    continue
+                try:
+                    await self.vdis.admin.delete({"name": vdi.name, "purge": True,
+                                                  "expires": expires},
+                                                 Header(opcode=Op.VDI_DELETE))
+                    log.info("purged VDI %s from the trash: its time there ran out", vdi.name)
+                except SheepError as error:
+                    log.warning("could not purge VDI %s from the trash: %s", vdi.name, error)
 
     def _make_node(self) -> NodeInfo:
         from sheep.node import vnodes_for_weight, zone_for_address

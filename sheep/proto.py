@@ -139,6 +139,8 @@ class Op(enum.IntEnum):
     # JSON {"name"?} -> [{"name", "provisioned", "used", "exclusive", ..., "images":
     # [{"tag", "id", "snapshot", "used", "exclusive", ...}]}] (sheep/vdi_du.py)
     VDI_DU = 0x50
+    # JSON {"name", "action": "mv" | "restore", "expires_in"?}: dog vdi trash
+    VDI_TRASH = 0x59
 
     AUTH_HELLO = 0x51  # JSON {"name", "nonce"} -> {"nonce", "mode", "proof"} (sheep/auth.py)
     AUTH_PROVE = 0x52  # JSON {"proof"} -> {"principal", "caps"}; sealed frames from then on
@@ -202,6 +204,7 @@ OPS: dict[Op, OpInfo] = {
     Op.VDI_ATTACHMENTS: OpInfo("vdi_attachments", Kind.VDI_ADMIN, _JSON, _JSON, Caller.CLIENT),
     Op.VDI_DIFF: OpInfo("vdi_diff", Kind.VDI_ADMIN, _JSON, _JSON, Caller.CLIENT),
     Op.VDI_DU: OpInfo("vdi_du", Kind.VDI_ADMIN, _JSON, _JSON, Caller.CLIENT),
+    Op.VDI_TRASH: OpInfo("vdi_trash", Kind.VDI_ADMIN, _JSON, _JSON, Caller.CLIENT),
     Op.AUTH_HELLO: OpInfo("auth_hello", Kind.AUTH, _JSON, _JSON, Caller.CLIENT),
     Op.AUTH_PROVE: OpInfo("auth_prove", Kind.AUTH, _JSON, _JSON, Caller.CLIENT),
     Op.AUTH_ADD: OpInfo("auth_add", Kind.ADMIN, _JSON, _JSON, Caller.ADMIN),

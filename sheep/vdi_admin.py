@@ -41,10 +41,13 @@ Paused = Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]]
 FLAG_FORWARDED = 1  # arg1 of a management op: already forwarded once, do not forward again
 
 
-def vdi_named(group: Group, name: Any) -> Vdi:
+def vdi_named(group: Group, name: Any, trashed: bool = False) -> Vdi:
+    """The VDI of that name; one in the trash only when ``trashed``."""
     vdi = group.state.vdis.vdis.get(name) if isinstance(name, str) else None
     if vdi is None:
         raise NoVdi(f"no VDI named {name!r}")
+    if vdi.trash is not None and not trashed:
+        raise NoVdi(f"VDI {name!r} is in the trash (dog vdi trash restore, or purge)")
     return vdi
 
 
@@ -99,6 +102,7 @@ class VdiAdmin:
             Op.VDI_ATTACHMENTS: attachments,  # and so are the opens
             Op.VDI_DIFF: self.diff,
             Op.VDI_DU: self.du,
+            Op.VDI_TRASH: self.trash,
         }
         proto.check_handlers(self.handlers, {Kind.VDI_ADMIN}, "VdiAdmin.handlers")
 
@@ -203,10 +207,13 @@ class VdiAdmin:
         return {**result.value["vdi"], "freed_objects": freed}
 
     async def delete(self, body: dict[str, Any], header: Header) -> Any:
-        vdi = vdi_named(self.group, body.get("name"))
+        purge = bool(body.get("purge"))
+        vdi = vdi_named(self.group, body.get("name"), trashed=purge)
         op: dict[str, Any] = {"type": "vdi_delete", "name": vdi.name,
-                              "force": bool(body.get("force"))}
-        if body.get("snapshot") is not None:
+                              "force": bool(body.get("force")), "purge": purge}
+        if purge and "expires" in body:
+            op["expires"] = body["expires"]
+        if body.get("snapshot") is not None and not purge:
             op["snapshot"] = snapshot_named(vdi, body["snapshot"]).id
         result = await self.broadcast(op)
         freed = await self.gc.collect([Root.from_json(r) for r in result.value["dead"]])
@@ -218,9 +225,10 @@ class VdiAdmin:
                                   or not all(isinstance(name, str) for name in names)):
             raise InvalidParameters("names must be a list of VDI names")
         usage = body.get("usage", True)
+        trash = bool(body.get("trash"))  # the VDIs in the trash, and only them
         result = []
         for vdi in list(self.group.state.vdis.vdis.values()):
-            if names and vdi.name not in names:
+            if names and vdi.name not in names or (vdi.trash is not None) != trash:
                 continue
             entries: list[tuple[Snapshot | None, Root, int, float]] = [
                 (None, vdi.root, vdi.size, vdi.ctime)]
@@ -236,7 +244,7 @@ class VdiAdmin:
                     "qos": None if snap else vdi.qos,
                     # Changed since its latest snapshot (or its creation): its own root
                     # node was made (None in states from before the flag).
-                    "written": False if snap else vdi.root.made}
+                    "written": False if snap else vdi.root.made, "trash": vdi.trash}
                 if usage:
                     used, shared = await self._usage(root)
                     item["used"] = used
@@ -326,6 +334,21 @@ class VdiAdmin:
         ranges = await vdi_diff.diff(self.engine(), self.objects, state.vdis, state.object_size,
                                      root, lineage, size, since_root, offset, length)
         return {"size": size, "object_size": state.object_size, "ranges": ranges}
+
+    async def trash(self, body: dict[str, Any], header: Header) -> Any:
+        """Move a VDI into the trash ({"action": "mv", "expires_in": seconds or
+        null}) or back out of it ({"action": "restore"})."""
+        action = body.get("action")
+        if action == "mv":
+            vdi = vdi_named(self.group, body.get("name"))
+            result = await self.broadcast({"type": "vdi_trash", "name": vdi.name,
+                                           "expires_in": body.get("expires_in")})
+        elif action == "restore":
+            vdi = vdi_named(self.group, body.get("name"), trashed=True)
+            result = await self.broadcast({"type": "vdi_untrash", "name": vdi.name})
+        else:
+            raise InvalidParameters(f"trash action is 'mv' or 'restore', not {action!r}")
+        return result.value
 
     async def du(self, body: dict[str, Any], header: Header) -> Any:
         """Provisioned, used and exclusive bytes of a VDI's images (or of all VDIs)."""

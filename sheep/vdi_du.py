@@ -48,7 +48,8 @@ async def usage(engine: VdiEngine, group: Group, names: list[str] | None) -> lis
         roots.update(found)
         for oid in found:
             owners[oid].add(name)
-    asked = [i for i, (name, _, _) in enumerate(images) if names is None or name in names]
+    asked = [i for i, (name, _, _) in enumerate(images) if name in names] if names else [
+        i for i, (name, _, _) in enumerate(images) if state.vdis.vdis[name].trash is None]
     wanted = set().union(*(reached[i] for i in asked)) if asked else set()
     allocated = await _allocation(engine, wanted)
 

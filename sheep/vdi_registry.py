@@ -110,6 +110,9 @@ class Vdi:
     lineage: list[int] = field(default_factory=list)
     # Its I/O limits (dog vdi qos): {"iops", "bps", "burst"}; None: unlimited.
     qos: dict[str, Any] | None = None
+    # In the trash (dog vdi trash): {"time": when, "expires": when it may be purged,
+    # or None}. Hidden and untouchable, its name taken, its objects kept.
+    trash: dict[str, Any] | None = None
 
     def generations(self) -> set[int]:
         """Every generation this VDI's trees (current and snapshots) may reach."""
@@ -138,7 +141,8 @@ class Vdi:
                 "copies": self.copies, "root": self.root.to_json(),
                 "snapshots": [s.to_json() for s in self.snapshots], "parent": self.parent,
                 "attrs": dict(self.attrs), "lock": self.lock, "unsettled": self.unsettled,
-                "lineage": list(self.lineage), "releases": self.releases, "qos": self.qos}
+                "lineage": list(self.lineage), "releases": self.releases, "qos": self.qos,
+                "trash": self.trash}
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> Vdi:
@@ -148,7 +152,7 @@ class Vdi:
                    dict(value["attrs"]), value["lock"], bool(value.get("unsettled", False)),
                    releases=int(value.get("releases", 0)),
                    lineage=[int(g) for g in value.get("lineage", [])],
-                   qos=value.get("qos"))
+                   qos=value.get("qos"), trash=value.get("trash"))
 
 
 @dataclass
@@ -185,6 +189,8 @@ class VdiRegistry:
             "vdi_root_made": self._root_made,
             "vdi_setattr": self._setattr,
             "vdi_qos": self._qos,
+            "vdi_trash": self._trash,
+            "vdi_untrash": self._untrash,
         }
 
     # --- queries ---------------------------------------------------------------
@@ -247,12 +253,26 @@ class VdiRegistry:
         self.next_generation += 1
         return value
 
-    def _get(self, body: dict[str, Any], key: str = "name") -> Vdi | Outcome:
+    def _get(self, body: dict[str, Any], key: str = "name",
+             trashed: bool = False) -> Vdi | Outcome:
+        """The VDI the body names; one in the trash only when ``trashed``."""
         name = body.get(key)
         vdi = self.vdis.get(name) if isinstance(name, str) else None
         if vdi is None:
             return _fail(Result.NO_VDI, f"no VDI named {name!r}")
+        if vdi.trash is not None and not trashed:
+            return _fail(Result.NO_VDI, f"VDI {name!r} is in the trash (dog vdi trash"
+                                        " restore, or purge)")
         return vdi
+
+    def _taken(self, name: str) -> Outcome | None:
+        vdi = self.vdis.get(name)
+        if vdi is None:
+            return None
+        if vdi.trash is not None:
+            return _fail(Result.EXISTS, f"VDI {name!r} is in the trash: restore or purge it"
+                                        " before its name is used again")
+        return _fail(Result.EXISTS, f"VDI {name!r} already exists")
 
     def _size_problem(self, size: Any, object_size: int) -> str | None:
         limit = vdi_size_max(object_size)
@@ -283,8 +303,9 @@ class VdiRegistry:
         if problem:
             return _fail(Result.INVALID_PARMS, problem)
         assert isinstance(name, str)
-        if name in self.vdis:
-            return _fail(Result.EXISTS, f"VDI {name!r} already exists")
+        taken = self._taken(name)
+        if taken:
+            return taken
         vdi_copies = body.get("copies") or copies
         if not isinstance(vdi_copies, int) or not 1 <= vdi_copies <= max(copies, zones):
             return _fail(Result.INVALID_PARMS, f"copies must be 1 to {zones}, not {vdi_copies!r}")
@@ -302,10 +323,17 @@ class VdiRegistry:
 
     def _delete(self, body: dict[str, Any], time: float, copies: int, object_size: int,
                 zones: int) -> Outcome:
-        vdi = self._get(body)
+        purge = bool(body.get("purge"))
+        vdi = self._get(body, trashed=purge)
         if isinstance(vdi, Outcome):
             return vdi
-        tag = body.get("snapshot")
+        if purge:  # dog vdi trash purge: the VDI must still be in the trash, as it was
+            if vdi.trash is None:
+                return _fail(Result.INVALID_PARMS, f"VDI {vdi.name!r} is not in the trash")
+            if "expires" in body and body["expires"] != vdi.trash.get("expires"):
+                return _fail(Result.INVALID_PARMS,
+                             f"VDI {vdi.name!r} went back into the trash meanwhile")
+        tag = None if purge else body.get("snapshot")
         if tag is not None:
             snap = vdi.snapshot(tag)
             if snap is None:
@@ -373,8 +401,9 @@ class VdiRegistry:
         if problem:
             return _fail(Result.INVALID_PARMS, problem)
         assert isinstance(name, str)
-        if name in self.vdis:
-            return _fail(Result.EXISTS, f"VDI {name!r} already exists")
+        taken = self._taken(name)
+        if taken:
+            return taken
         base = self._base(body)
         if base is None:
             return _fail(Result.INVALID_PARMS, "clone needs the resolved root node")
@@ -465,6 +494,32 @@ class VdiRegistry:
                 # could not save them.
                 self.untracked.add(vdi.root.generation)
             vdi.lock = None
+        return Outcome(value=vdi.to_json())
+
+    def _trash(self, body: dict[str, Any], time: float, copies: int, object_size: int,
+               zones: int) -> Outcome:
+        vdi = self._get(body)
+        if isinstance(vdi, Outcome):
+            return vdi
+        if vdi.lock is not None:
+            return _fail(Result.VDI_LOCKED, f"VDI {vdi.name!r} is being written by"
+                                            f" {vdi.lock.get('owner') or 'a client'}")
+        expires_in = body.get("expires_in")
+        if expires_in is not None and (not isinstance(expires_in, (int, float))
+                                       or isinstance(expires_in, bool) or expires_in < 0):
+            return _fail(Result.INVALID_PARMS, "expires_in is a number of seconds")
+        vdi.trash = {"time": time,
+                     "expires": None if expires_in is None else time + float(expires_in)}
+        return Outcome(value=vdi.to_json())
+
+    def _untrash(self, body: dict[str, Any], time: float, copies: int, object_size: int,
+                 zones: int) -> Outcome:
+        vdi = self._get(body, trashed=True)
+        if isinstance(vdi, Outcome):
+            return vdi
+        if vdi.trash is None:
+            return _fail(Result.INVALID_PARMS, f"VDI {vdi.name!r} is not in the trash")
+        vdi.trash = None
         return Outcome(value=vdi.to_json())
 
     def _settled(self, body: dict[str, Any], time: float, copies: int, object_size: int,
