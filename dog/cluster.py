@@ -323,3 +323,17 @@ def _duration(seconds: int) -> str:
         if seconds >= size and seconds % size == 0:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+@cluster.command(name="alter-copy")
+@click.option("-c", "--copies", type=click.IntRange(1, constants.copies_max), required=True,
+              help="The cluster's default copies from now on.")
+@connection_options
+def alter_copy(copies: int) -> None:
+    """Change the cluster's default copies: objects of VDIs created without --copies
+    (and not given their own by 'dog vdi alter-copy') follow; recovery adds or drops
+    copies in the background ('dog node recovery' shows it)."""
+    value = run(lambda client: client.alter_copy(copies))
+    followed = value.get("vdis") or []
+    click.echo(f"the cluster keeps {value['copies']} copies (was {value['before']});"
+               f" {len(followed)} VDI(s) follow; recovery is adjusting their objects")

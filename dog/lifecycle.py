@@ -124,3 +124,19 @@ def format_duration(seconds: float) -> str:
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
     return f"{seconds:g}s"
+
+
+# --- copies (Sheepdog's alter-copy) -------------------------------------------------
+
+
+@vdi.command(name="alter-copy")
+@click.argument("name")
+@click.option("-c", "--copies", type=click.IntRange(1, 8), required=True,
+              help="Copies its objects keep from now on.")
+@connection_options
+def alter_copy(name: str, copies: int) -> None:
+    """Change how many copies VDI NAME's objects keep; recovery adds or drops them
+    in the background ('dog node recovery' shows it)."""
+    value = run(lambda client: client.vdi_alter_copy(name, copies))
+    click.echo(f"VDI {value['name']!r} keeps {value['copies']} copies; recovery is adjusting"
+               " its objects ('dog node recovery')")

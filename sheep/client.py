@@ -508,6 +508,15 @@ class Client:
         result: dict[str, Any] = await self._json(Op.VDI_DELETE, body)
         return result
 
+    async def vdi_alter_copy(self, name: str, copies: int) -> dict[str, Any]:
+        result: dict[str, Any] = await self._vdi(Op.VDI_ALTER_COPY, name=name, copies=copies)
+        return result
+
+    async def alter_copy(self, copies: int) -> dict[str, Any]:
+        """The cluster's default copies (and of every VDI without its own)."""
+        result: dict[str, Any] = await self._json(Op.ALTER_COPY, {"copies": copies})
+        return result
+
     async def vdi_du(self, name: str | None = None) -> list[dict[str, Any]]:
         """Space used by NAME's images (or every VDI's), and what each holds alone."""
         result: list[dict[str, Any]] = await self._vdi(Op.VDI_DU, name=name)

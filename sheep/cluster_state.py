@@ -24,7 +24,7 @@ from typing import Any
 from sheep import auth, constants
 from sheep.errors import Result
 from sheep.node import NodeInfo
-from sheep.vdi_registry import VdiRegistry
+from sheep.vdi_registry import VdiRegistry, copies_problem
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,7 @@ class ClusterState:
             "recovery": self._apply_recovery,
             "scrub": self._apply_scrub,
             "reweight": self._apply_reweight,
+            "copies": self._apply_copies,
             "auth_add": self._apply_auth,
             "auth_rm": self._apply_auth,
             "auth_rotate": self._apply_auth,
@@ -335,6 +336,21 @@ class ClusterState:
                           f"max_rate must be a number of bytes per second >= 0, not {rate!r}")
         self.recovery_max_rate = rate
         return ApplyResult(value={"max_rate": rate})
+
+    def _apply_copies(self, event: Event) -> ApplyResult:
+        """dog cluster alter-copy: the default copies, for the cluster's own objects and
+        every VDI that has no number of its own (recovery adds or drops copies)."""
+        if self.status is not Status.OK:
+            return _error(Result.NOT_FORMATTED if self.status is Status.WAIT_FOR_FORMAT
+                          else Result.UNAVAILABLE, "the cluster is not serving")
+        copies = event.body.get("copies")
+        problem = copies_problem(copies, self.zones)
+        if problem:
+            return _error(*problem)
+        assert isinstance(copies, int)
+        before, self.copies = self.copies, copies
+        changed = self.vdis.follow_cluster_copies(before, copies)
+        return ApplyResult(value={"copies": copies, "before": before, "vdis": changed})
 
     def _apply_scrub(self, event: Event) -> ApplyResult:
         """Background scrub settings: max_rate in bytes/s (0: off), interval in seconds

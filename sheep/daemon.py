@@ -138,6 +138,7 @@ class Sheep:
             Op.KILL_NODE: self.kill_node,
             Op.FORCE_RECOVER: self.force_recover,
             Op.SET_RECOVERY: self.set_recovery,
+            Op.ALTER_COPY: self.alter_copy,
             Op.REWEIGHT: self.reweight,
             Op.SET_SCRUB: self.set_scrub,
             Op.AUTH_ADD: self.auth_add,
@@ -394,6 +395,9 @@ class Sheep:
         epochs_before = len(state.epochs)
         epoch_before = state.epoch
         status_before = state.status
+        copies_before = ((state.copies, state.vdis.copies_by_generation())
+                         if event.kind is EventKind.OP
+                         and event.body.get("type") in ("copies", "vdi_alter_copy") else None)
         result = state.apply(event)
         self.store.save_cluster_state(
             state.to_json(), [entry.to_json() for entry in state.epochs[epochs_before:]])
@@ -419,8 +423,13 @@ class Sheep:
             # Before recovery is triggered: a sheep joining again after it was declared
             # dead recovers for its new epoch like any member (found by the simulator).
             self.joined.set()
+        copies_changed = copies_before is not None and result.result is Result.SUCCESS
+        if copies_changed and self.joined.is_set() and not self.stopping:
+            assert copies_before is not None
+            self._suspect_copies_placed_here(*copies_before)
         serving_again = state.status is Status.OK and status_before is not Status.OK
-        if ((result.epoch_changed or serving_again) and self.recoverer is not None
+        if ((result.epoch_changed or serving_again or copies_changed)
+                and self.recoverer is not None
                 and self.joined.is_set() and not self.stopping):
             self.recoverer.trigger()
         if (event.kind is EventKind.LEAVE and event.node_id == self.node.node_id
@@ -468,6 +477,34 @@ class Sheep:
             log.info("%d copies kept outside the placement are back in it: verifying them",
                      len(returning))
             self.peer.health.suspect(returning, before)
+            self._save_unverified_since()
+            self._start_verifier()
+
+    def _suspect_copies_placed_here(self, cluster_before: int,
+                                    generations_before: dict[int, int]) -> None:
+        """Copies changed (alter-copy): the placement of an object with more copies
+        than before may now name this sheep, whose copy of it (a surplus one, kept from
+        when it had more copies still) missed the writes since. As when an epoch brings
+        the placement back to a copy, it is suspect until compared with the others."""
+        assert self.peer is not None and self.node is not None
+        me, epoch = self.node.node_id, self.group.epoch
+        returning = []
+        for oid in self.store.list_oids():
+            if self.peer.health.is_unverified(oid):
+                continue
+            before = generations_before.get(oid_generation(oid)) if oid_type(
+                oid) in VDI_TYPES else None
+            before = before or cluster_before
+            if before >= self.group.copies_for(oid):
+                continue  # no more copies than before: the placement only shrank
+            if (any(node.node_id == me for node in self.group.placement(oid, epoch))
+                    and not any(node.node_id == me
+                                for node in self.group.placement(oid, epoch, before))):
+                returning.append(oid)
+        if returning:
+            log.info("%d copies kept here are in the placement again (more copies): verifying"
+                     " them", len(returning))
+            self.peer.health.suspect(returning, epoch)
             self._save_unverified_since()
             self._start_verifier()
 
@@ -906,6 +943,13 @@ class Sheep:
         if not isinstance(body, dict):
             raise error_for(Result.INVALID_PARMS, "set_recovery takes a JSON object")
         result = await self.broadcast({"type": "recovery", "max_rate": body.get("max_rate")})
+        return proto.encode_json(result.value), {}
+
+    async def alter_copy(self, header: Header, payload: bytes) -> Reply:
+        body = proto.decode_json(payload)
+        if not isinstance(body, dict):
+            raise error_for(Result.INVALID_PARMS, "alter_copy takes a JSON object")
+        result = await self.broadcast({"type": "copies", "copies": body.get("copies")})
         return proto.encode_json(result.value), {}
 
     async def set_scrub(self, header: Header, payload: bytes) -> Reply:

@@ -109,6 +109,7 @@ class Op(enum.IntEnum):
     SET_RECOVERY = 0x29  # JSON {"max_rate": bytes/s}, for every sheep, through the log
     REWEIGHT = 0x2A  # JSON {"node_id": ..., "vnodes": n}; 0 drains the node
     SET_SCRUB = 0x2B  # JSON {"max_rate": bytes/s, "interval": s}: the background scrub
+    ALTER_COPY = 0x2C  # JSON {"copies": n}: the cluster's default copies (dog cluster alter-copy)
 
     VDI_OPEN = 0x31
     VDI_CLOSE = 0x32
@@ -141,6 +142,7 @@ class Op(enum.IntEnum):
     VDI_DU = 0x50
     # JSON {"name", "action": "mv" | "restore", "expires_in"?}: dog vdi trash
     VDI_TRASH = 0x59
+    VDI_ALTER_COPY = 0x5A  # JSON {"name", "copies"}: the VDI's own copies (dog vdi alter-copy)
 
     AUTH_HELLO = 0x51  # JSON {"name", "nonce"} -> {"nonce", "mode", "proof"} (sheep/auth.py)
     AUTH_PROVE = 0x52  # JSON {"proof"} -> {"principal", "caps"}; sealed frames from then on
@@ -183,6 +185,7 @@ OPS: dict[Op, OpInfo] = {
     Op.KILL_NODE: OpInfo("kill_node", Kind.ADMIN, _NONE, _NONE, Caller.ADMIN),
     Op.FORCE_RECOVER: OpInfo("force_recover", Kind.ADMIN, _JSON, _JSON, Caller.ADMIN),
     Op.SET_RECOVERY: OpInfo("set_recovery", Kind.ADMIN, _JSON, _JSON, Caller.ADMIN),
+    Op.ALTER_COPY: OpInfo("alter_copy", Kind.ADMIN, _JSON, _JSON, Caller.ADMIN),
     Op.REWEIGHT: OpInfo("reweight", Kind.ADMIN, _JSON, _JSON, Caller.ADMIN),
     Op.SET_SCRUB: OpInfo("set_scrub", Kind.ADMIN, _JSON, _JSON, Caller.ADMIN),
     Op.VDI_OPEN: OpInfo("vdi_open", Kind.VDI, _JSON, _JSON, Caller.CLIENT),
@@ -205,6 +208,7 @@ OPS: dict[Op, OpInfo] = {
     Op.VDI_DIFF: OpInfo("vdi_diff", Kind.VDI_ADMIN, _JSON, _JSON, Caller.CLIENT),
     Op.VDI_DU: OpInfo("vdi_du", Kind.VDI_ADMIN, _JSON, _JSON, Caller.CLIENT),
     Op.VDI_TRASH: OpInfo("vdi_trash", Kind.VDI_ADMIN, _JSON, _JSON, Caller.CLIENT),
+    Op.VDI_ALTER_COPY: OpInfo("vdi_alter_copy", Kind.VDI_ADMIN, _JSON, _JSON, Caller.ADMIN),
     Op.AUTH_HELLO: OpInfo("auth_hello", Kind.AUTH, _JSON, _JSON, Caller.CLIENT),
     Op.AUTH_PROVE: OpInfo("auth_prove", Kind.AUTH, _JSON, _JSON, Caller.CLIENT),
     Op.AUTH_ADD: OpInfo("auth_add", Kind.ADMIN, _JSON, _JSON, Caller.ADMIN),

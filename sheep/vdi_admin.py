@@ -103,6 +103,7 @@ class VdiAdmin:
             Op.VDI_DIFF: self.diff,
             Op.VDI_DU: self.du,
             Op.VDI_TRASH: self.trash,
+            Op.VDI_ALTER_COPY: self.alter_copy,
         }
         proto.check_handlers(self.handlers, {Kind.VDI_ADMIN}, "VdiAdmin.handlers")
 
@@ -334,6 +335,14 @@ class VdiAdmin:
         ranges = await vdi_diff.diff(self.engine(), self.objects, state.vdis, state.object_size,
                                      root, lineage, size, since_root, offset, length)
         return {"size": size, "object_size": state.object_size, "ranges": ranges}
+
+    async def alter_copy(self, body: dict[str, Any], header: Header) -> Any:
+        """The VDI's objects keep this many copies from now on; every sheep's recovery
+        adds or drops copies (Sheep._apply triggers it)."""
+        vdi = vdi_named(self.group, body.get("name"))
+        result = await self.broadcast({"type": "vdi_alter_copy", "name": vdi.name,
+                                       "copies": body.get("copies")})
+        return result.value
 
     async def trash(self, body: dict[str, Any], header: Header) -> Any:
         """Move a VDI into the trash ({"action": "mv", "expires_in": seconds or

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sheep import radix
+from sheep import constants, radix
 from sheep.errors import Result
 from sheep.mclock import Qos, burst_default_s
 from sheep.oid import GENERATION_MAX
@@ -57,6 +57,16 @@ def name_problem(name: Any, what: str = "VDI name") -> str | None:
     if not _name_pattern.match(name) or ".." in name:
         return (f"{what} {name!r} may hold only letters, digits, '-', '_' and '.' (not"
                 " '..')")
+    return None
+
+
+def copies_problem(copies: Any, zones: int) -> tuple[Result, str] | None:
+    """Why objects cannot keep this many copies in a cluster of these zones."""
+    if (not isinstance(copies, int) or isinstance(copies, bool)
+            or not 1 <= copies <= constants.copies_max):
+        return Result.INVALID_PARMS, f"copies must be 1 to {constants.copies_max}, not {copies!r}"
+    if copies > zones:
+        return Result.TOO_FEW_ZONES, f"cannot keep {copies} copies in {zones} zone(s)"
     return None
 
 
@@ -113,6 +123,10 @@ class Vdi:
     # In the trash (dog vdi trash): {"time": when, "expires": when it may be purged,
     # or None}. Hidden and untouchable, its name taken, its objects kept.
     trash: dict[str, Any] | None = None
+    # Whether copies is the VDI's own (create --copies, alter-copy) rather than the
+    # cluster's default, which dog cluster alter-copy changes. None: a state from
+    # before the flag (it follows the cluster while its copies equal the cluster's).
+    own_copies: bool | None = None
 
     def generations(self) -> set[int]:
         """Every generation this VDI's trees (current and snapshots) may reach."""
@@ -142,7 +156,7 @@ class Vdi:
                 "snapshots": [s.to_json() for s in self.snapshots], "parent": self.parent,
                 "attrs": dict(self.attrs), "lock": self.lock, "unsettled": self.unsettled,
                 "lineage": list(self.lineage), "releases": self.releases, "qos": self.qos,
-                "trash": self.trash}
+                "trash": self.trash, "own_copies": self.own_copies}
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> Vdi:
@@ -152,7 +166,8 @@ class Vdi:
                    dict(value["attrs"]), value["lock"], bool(value.get("unsettled", False)),
                    releases=int(value.get("releases", 0)),
                    lineage=[int(g) for g in value.get("lineage", [])],
-                   qos=value.get("qos"), trash=value.get("trash"))
+                   qos=value.get("qos"), trash=value.get("trash"),
+                   own_copies=value.get("own_copies"))
 
 
 @dataclass
@@ -191,6 +206,7 @@ class VdiRegistry:
             "vdi_qos": self._qos,
             "vdi_trash": self._trash,
             "vdi_untrash": self._untrash,
+            "vdi_alter_copy": self._alter_copy,
         }
 
     # --- queries ---------------------------------------------------------------
@@ -317,7 +333,8 @@ class VdiRegistry:
             return _fail(Result.NO_SPACE, "no generation numbers left")
         size = int(body["size"])
         vdi = Vdi(self._new_id(), name, size, time, vdi_copies,
-                  Root(generation, self._depth(size, object_size), 0))
+                  Root(generation, self._depth(size, object_size), 0),
+                  own_copies=body.get("copies") is not None)
         self.vdis[name] = vdi
         return Outcome(value=vdi.to_json())
 
@@ -414,7 +431,7 @@ class VdiRegistry:
                   Root(generation, snap.root.depth, base),
                   parent={"vdi": source.name, "vdi_id": source.id, "snapshot": snap.id,
                           "tag": snap.tag},
-                  lineage=[snap.root.generation, *snap.lineage])
+                  lineage=[snap.root.generation, *snap.lineage], own_copies=source.own_copies)
         self.vdis[name] = vdi
         return Outcome(value=vdi.to_json())
 
@@ -495,6 +512,33 @@ class VdiRegistry:
                 self.untracked.add(vdi.root.generation)
             vdi.lock = None
         return Outcome(value=vdi.to_json())
+
+    def _alter_copy(self, body: dict[str, Any], time: float, copies: int, object_size: int,
+                    zones: int) -> Outcome:
+        """The VDI's objects keep this many copies from now on (recovery adds or drops
+        them); its own number, no longer the cluster's default."""
+        vdi = self._get(body)
+        if isinstance(vdi, Outcome):
+            return vdi
+        wanted = body.get("copies")
+        problem = copies_problem(wanted, zones)
+        if problem:
+            return _fail(*problem)
+        assert isinstance(wanted, int)
+        vdi.copies = wanted
+        vdi.own_copies = True
+        return Outcome(value=vdi.to_json())
+
+    def follow_cluster_copies(self, before: int, after: int) -> list[str]:
+        """The cluster's default copies changed: the VDIs without their own follow."""
+        changed = []
+        for vdi in self.vdis.values():
+            follows = vdi.own_copies is False or (vdi.own_copies is None
+                                                  and vdi.copies == before)
+            if follows and vdi.copies != after:
+                vdi.copies = after
+                changed.append(vdi.name)
+        return changed
 
     def _trash(self, body: dict[str, Any], time: float, copies: int, object_size: int,
                zones: int) -> Outcome:
