@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from sheep import proto, radix
+from sheep import changes, proto, radix
 from sheep.errors import NoObject
 from sheep.gateway import Gateway
 from sheep.group import Group
@@ -82,7 +82,7 @@ class Collector:
         # Data first, then the nodes that pointed at it, leaves before their parents.
         order = sorted(garbage, key=lambda oid: (radix.is_tree(oid), radix.node_level(oid)
                                                  if radix.is_tree(oid) else 0))
-        for oid in order:
+        for oid in order + self._dead_pages(garbage):
             try:
                 async with self.gateway.local.scheduler.running("gc", 0):
                     await self.objects.remove(oid)
@@ -90,6 +90,23 @@ class Collector:
                 pass
         engine.forget(garbage)
         return len(garbage)
+
+    def _dead_pages(self, garbage: set[int]) -> list[int]:
+        """The change pages (sheep/changes.py) of generations no live tree's lineage
+        names any more: a mask of generation g for index i exists only if g path-copied
+        the level-1 node above i, so the freed level-1 nodes of g say which pages may
+        exist. (The sweep finds any left behind.)"""
+        state = self.group.state
+        alive = set(state.vdis.copies_by_generation()) | state.vdis.writable_generations()
+        pages: list[int] = []
+        per_node = radix.FANOUT // changes.PAGE_OBJECTS
+        for oid in garbage:
+            generation = radix.generation_of(oid)
+            if radix.is_tree(oid) and radix.node_level(oid) == 1 and generation not in alive:
+                first = radix.node_position(oid) * radix.FANOUT
+                pages += [changes.page_oid(generation, first + k * changes.PAGE_OBJECTS)
+                          for k in range(per_node)]
+        return pages
 
     async def _durable_before_free(self) -> None:
         """Flush every store before freeing objects found unreachable. A tree entry

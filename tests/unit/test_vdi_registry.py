@@ -380,3 +380,63 @@ def test_a_snapshot_ref_that_is_no_id_finds_nothing_and_raises_nothing(r, ref):
     assert r.vdi("base").snapshot(ref) is None
     outcome = r("vdi_delete", name="base", snapshot=ref)
     assert outcome.result == Result.NO_TAG
+
+
+
+def test_change_maps_are_untracked_when_a_writer_could_not_save_them():
+    r = Registry()
+    registry = r.registry
+    r("vdi_create", name="v", size=GiB)
+    generation = r.vdi("v").root.generation
+    assert registry.tracked(generation)
+    r("vdi_lock", name="v", node_id="n1", session="s1")
+    registry.release_node("n1")  # the holder's sheep died before it saved them
+    assert not registry.tracked(generation)
+    assert r.snapshot("v", "a").result == Result.SUCCESS
+    fresh = r.vdi("v").root.generation
+    assert registry.tracked(fresh)
+    r("vdi_lock", name="v", node_id="n2", session="s2")
+    r("vdi_unlock", name="v")  # forced: the holder's unsaved masks are lost
+    assert not registry.tracked(fresh)
+    r.snapshot("v", "b")
+    third = r.vdi("v").root.generation
+    r("vdi_lock", name="v", node_id="n2", session="s3")
+    r("vdi_unlock", name="v", session="s3", untracked=True)  # its save failed
+    assert not registry.tracked(third)
+    r.snapshot("v", "c")
+    fourth = r.vdi("v").root.generation
+    r("vdi_lock", name="v", node_id="n2", session="s4")
+    r("vdi_unlock", name="v", session="s4")  # a clean close saved them
+    assert registry.tracked(fourth)
+    # A state from before change maps: none of its generations has them.
+    old = registry.to_json()
+    del old["tracked_from"], old["untracked"]
+    loaded = VdiRegistry.from_json(old)
+    assert not any(loaded.tracked(g) for g in range(1, loaded.next_generation))
+    loaded.apply("vdi_create", {"name": "w", "size": GiB}, 2000.0, 3, object_size, 3)
+    assert loaded.tracked(loaded.vdis["w"].root.generation)
+
+
+def test_trash_and_alter_copy():
+    r = Registry()
+    r("vdi_create", name="v", size=GiB)
+    r("vdi_trash", name="v", expires_in=60)
+    trash = r.vdi("v").trash
+    assert trash is not None and trash["expires"] == trash["time"] + 60
+    assert r.snapshot("v", "a").result == Result.NO_VDI
+    assert r("vdi_create", name="v", size=MiB).result == Result.EXISTS
+    assert r("vdi_delete", name="v").result == Result.NO_VDI
+    # Purged only as it was trashed: not after it went back in with another expiry.
+    assert r("vdi_delete", name="v", purge=True, expires=1.0).result == Result.INVALID_PARMS
+    r("vdi_untrash", name="v")
+    assert r("vdi_delete", name="v", purge=True).result == Result.INVALID_PARMS
+    assert r("vdi_alter_copy", name="v", copies=4).result == Result.TOO_FEW_ZONES
+    assert r("vdi_alter_copy", name="v", copies=0).result == Result.INVALID_PARMS
+    r("vdi_alter_copy", name="v", copies=2)
+    assert r.vdi("v").copies == 2 and r.vdi("v").own_copies
+    r("vdi_create", name="w", size=GiB)
+    r("vdi_create", name="x", size=GiB, copies=3)
+    assert r.registry.follow_cluster_copies(3, 1) == ["w"]  # v and x have their own
+    r("vdi_trash", name="v")
+    assert r("vdi_delete", name="v", purge=True).result == Result.SUCCESS
+    assert "v" not in r.registry.vdis

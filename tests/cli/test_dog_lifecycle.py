@@ -1,14 +1,17 @@
-"""Backups: dog vdi export-diff / import-diff in Ceph's rbd diff v1 format, checked
-against Ceph's own rbd (merge-diff needs no cluster), and thin data at 4 KiB:
-import, block status and clone copy-up. One real 3-sheep cluster (copies 2)."""
+"""The life of a VDI, against one real 3-sheep cluster (copies 2): backups with dog vdi
+export-diff / import-diff in Ceph's rbd diff v1 format, checked against Ceph's own
+rbd (merge-diff needs no cluster); thin data at 4 KiB (import, block status, clone
+copy-up); du; the trash; alter-copy."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +19,8 @@ import pytest
 
 from dog import rbd_diff
 from sheep.client import SyncClient
-from sheep.errors import EXIT_EXISTS, EXIT_MISSING, EXIT_USAGE
+from sheep.errors import EXIT_EXISTS, EXIT_FAILURE, EXIT_MISSING, EXIT_USAGE
+from sheep.oid import VDI_TYPES, oid_generation, oid_type
 from sheep.testing.cluster import LocalCluster
 
 KiB = 1 << 10
@@ -232,3 +236,125 @@ def store_bytes(cluster: LocalCluster) -> int:
             for name in files:
                 total += os.stat(os.path.join(root, name)).st_blocks * 512
     return total
+
+
+def settle(check, timeout_s: float = 60.0, what: str = ""):
+    """Wait until check() is truthy; its last value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            assert value, f"not reached in {timeout_s} s: {what}"
+            return value
+        time.sleep(0.25)
+
+
+def test_du_says_what_deleting_a_snapshot_frees(cluster, api):
+    rng = random.Random(6)
+    dog(cluster, "vdi", "create", "space", str(size))
+    change(api, "space", [(0, rng.randbytes(6 * MiB)), (20 * MiB + 4096, rng.randbytes(8192))])
+    dog(cluster, "vdi", "snapshot", "-s", "old", "space")
+    change(api, "space", [(100, rng.randbytes(5000)), (5 * MiB, rng.randbytes(MiB))])
+    dog(cluster, "vdi", "snapshot", "-s", "new", "space")
+    items = json.loads(dog(cluster, "vdi", "du", "space", "--json").stdout)
+    assert [item["name"] for item in items] == ["space"]
+    images = {image["tag"]: image for image in items[0]["images"]}
+    old, head = images["old"], images[""]
+    assert old["provisioned"] == size
+    assert old["used"] == 6 * MiB + 8192  # every allocated 4 KiB block it reaches
+    # Alone: its copies of objects 0 and 1, which the writes after it replaced.
+    assert old["exclusive"] == 4 * MiB + 2 * MiB
+    assert old["exclusive_stored"] == 2 * old["exclusive"]
+    assert head["exclusive"] == 0  # it has written nothing since "new"
+    table = dog(cluster, "vdi", "du", "space").stdout.decode()
+    assert "space@old" in table and "<TOTAL>" in table
+    before = store_bytes(cluster)
+    dog(cluster, "vdi", "delete", "-s", "old", "space")
+    freed = old["exclusive_stored"] + old["exclusive_metadata_stored"]
+    settle(lambda: before - store_bytes(cluster) == freed,
+           what=f"deleting freed {before - store_bytes(cluster)}, du said {freed}")
+
+
+def vdi_oids(cluster: LocalCluster, generations: set[int]) -> set[int]:
+    return {oid for oid in cluster.all_oids()
+            if oid_type(oid) in VDI_TYPES and oid_generation(oid) in generations}
+
+
+def generations(api: SyncClient, name: str) -> set[int]:
+    return {item["generation"] for item in api.vdi_list([name], usage=False)}
+
+
+def test_the_trash(cluster, api):
+    data = random.Random(7).randbytes(3 * MiB)
+    dog(cluster, "vdi", "create", "binned", str(size))
+    change(api, "binned", [(MiB, data)])
+    dog(cluster, "vdi", "snapshot", "-s", "snap", "binned")
+    gens = generations(api, "binned")
+    dog(cluster, "vdi", "trash", "mv", "binned")
+    assert "binned" not in dog(cluster, "vdi", "list").stdout.decode()
+    listed = json.loads(dog(cluster, "vdi", "trash", "list", "--json").stdout)
+    assert [(i["name"], i["size"], i["expires"]) for i in listed] == [("binned", size, None)]
+    result = dog(cluster, "vdi", "read", "binned", "0", "1", check=EXIT_MISSING)
+    assert b"is in the trash" in result.stderr
+    result = dog(cluster, "vdi", "create", "binned", "1M", check=EXIT_EXISTS)
+    assert b"is in the trash: restore or purge it" in result.stderr
+    dog(cluster, "vdi", "trash", "restore", "binned")
+    assert dog(cluster, "vdi", "read", "binned", str(MiB), str(len(data))).stdout == data
+    assert dog(cluster, "vdi", "read", "binned@snap", str(MiB), str(len(data))).stdout == data
+    # Purged: every object of its generations is gone from every store.
+    assert vdi_oids(cluster, gens)
+    dog(cluster, "vdi", "trash", "mv", "binned")
+    dog(cluster, "vdi", "trash", "purge", "binned")
+    assert not vdi_oids(cluster, gens)
+    assert json.loads(dog(cluster, "vdi", "trash", "list", "--json").stdout) == []
+    dog(cluster, "vdi", "create", "binned", "1M")  # the name is free again
+
+
+def test_expired_vdis_are_purged_in_the_background(cluster, api):
+    dog(cluster, "vdi", "create", "brief", "8M")
+    change(api, "brief", [(0, b"x" * 4096)])
+    gens = generations(api, "brief")
+    dog(cluster, "vdi", "create", "kept", "8M")
+    dog(cluster, "vdi", "trash", "mv", "--expires-in", "1s", "brief")
+    dog(cluster, "vdi", "trash", "mv", "--expires-in", "1d", "kept")
+    settle(lambda: [i["name"] for i in json.loads(
+        dog(cluster, "vdi", "trash", "list", "--json").stdout)] == ["kept"], 30,
+        "the expired VDI purged")
+    assert not vdi_oids(cluster, gens)
+    dog(cluster, "vdi", "trash", "purge", check=0)  # nothing expired: kept stays
+    assert b"kept" in dog(cluster, "vdi", "trash", "list").stdout
+    dog(cluster, "vdi", "trash", "purge", "--all")
+    assert b"kept" not in dog(cluster, "vdi", "trash", "list").stdout
+
+
+def copies_of(cluster: LocalCluster, oids: set[int]) -> set[int]:
+    return {len(cluster.object_files(oid)) for oid in oids}
+
+
+def test_alter_copy_up_and_down(cluster, api):
+    rng = random.Random(8)
+    data = rng.randbytes(9 * MiB)
+    dog(cluster, "vdi", "create", "copies", str(size))
+    change(api, "copies", [(0, data)])
+    oids = vdi_oids(cluster, generations(api, "copies"))  # its change pages too
+    assert copies_of(cluster, oids) == {2}
+    result = dog(cluster, "vdi", "alter-copy", "copies", "-c", "4", check=EXIT_FAILURE)
+    assert b"cannot keep 4 copies in 3 zone(s)" in result.stderr
+    dog(cluster, "vdi", "alter-copy", "copies", "--copies", "3")
+    settle(lambda: copies_of(cluster, oids) == {3}, what="3 copies of every object")
+    assert b"recover" in dog(cluster, "node", "recovery").stdout.lower()
+    assert dog(cluster, "vdi", "read", "copies", "0", str(len(data))).stdout == data
+    dog(cluster, "vdi", "alter-copy", "copies", "-c", "1")
+    settle(lambda: copies_of(cluster, oids) == {1}, what="1 copy of every object")
+    assert dog(cluster, "vdi", "read", "copies", "0", str(len(data))).stdout == data
+    dog(cluster, "cluster", "check")
+    # The cluster's default: VDIs without copies of their own follow it.
+    dog(cluster, "vdi", "create", "follows", "8M")
+    change(api, "follows", [(0, b"f" * 4096)])
+    follows = vdi_oids(cluster, generations(api, "follows"))
+    dog(cluster, "cluster", "alter-copy", "-c", "3")
+    try:
+        settle(lambda: copies_of(cluster, follows) == {3}, what="the default followed")
+        assert copies_of(cluster, oids) == {1}  # its own number stays
+    finally:
+        dog(cluster, "cluster", "alter-copy", "-c", "2")
