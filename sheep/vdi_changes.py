@@ -30,6 +30,7 @@ class ChangeLog:
         self._locks: dict[int, asyncio.Lock] = {}
         self._background: set[int] = set()  # generations being saved in the background
         self._tasks: set[asyncio.Task[None]] = set()
+        self.saving = 0  # saves under way (the simulator waits for them before it checks)
 
     def note(self, generation: int, offset: int, count: int) -> None:
         """Bytes [offset, offset + count) of the VDI change in ``generation``: noted
@@ -60,6 +61,13 @@ class ChangeLog:
         they stay noted (the caller refuses what needed them, or marks the
         generation untracked)."""
         lock = self._locks.setdefault(generation, asyncio.Lock())
+        self.saving += 1
+        try:
+            await self._save(generation, lock)
+        finally:
+            self.saving -= 1
+
+    async def _save(self, generation: int, lock: asyncio.Lock) -> None:
         async with lock:
             masks = self._pending.pop(generation, None)
             if not masks:

@@ -293,6 +293,16 @@ class VdiService:
         await self.broadcast({"type": "vdi_root_made", "name": vdi.name,
                               "generation": root.generation, "depth": root.depth})
 
+    @property
+    def busy(self) -> str:
+        """Why this sheep's VDI layer is not idle ("" when it is): VDIs still attached,
+        or change masks being saved (what the simulator waits out before it checks)."""
+        if self._attached:
+            return f"{len(self._attached)} VDI handles open"
+        if self.changes.saving:
+            return "change masks being saved"
+        return ""
+
     def reset(self) -> None:
         """Forget every cached node (the cluster was formatted anew)."""
         self._engine = None

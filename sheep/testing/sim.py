@@ -485,6 +485,66 @@ class SimClient:
                                               f"{offset}+{length}")
         self.sim.trace(f"{self.name} read {vdi.name}@{tag} {offset}+{length} ok")
 
+    async def check_diff(self) -> None:
+        """What VDI_DIFF says changed between two snapshots (or since nothing), applied
+        to the older one's bytes, must give the newer one's, as both read now: a change
+        the masks missed (a writer that died before saving them, a handoff) fails the
+        run. A diff across a rollback is refused, which is right."""
+        assert self.vdi is not None
+        vdi = self.vdi
+        tags = sorted(vdi.snapshots, key=lambda tag: int(tag[1:]))
+        if not tags:
+            return
+        rng = self.sim.rng
+        newer = rng.choice(tags)
+        older = rng.choice([None, *tags[:tags.index(newer)]])
+
+        async def image(client: Client, tag: str) -> bytes:
+            opened = await client.vdi_open(vdi.name, snapshot=tag)
+            try:
+                return bytes(await client.vdi_read(int(opened["handle"]), 0, vdi_size_bytes))
+            finally:
+                with contextlib.suppress(SheepError):
+                    await client.vdi_close(int(opened["handle"]))
+
+        async def work(client: Client) -> tuple[bytes, bytes, list[list[Any]]]:
+            base = await image(client, older) if older else bytes(vdi_size_bytes)
+            answer = await client.vdi_diff(vdi.name, newer, older, 0, vdi_size_bytes)
+            return base, await image(client, newer), answer["ranges"]
+
+        what = f"diff {vdi.name}@{older}..{newer}"
+        try:
+            base, target, ranges = await self._call(what, work)
+        except (SheepError, NoTag) as error:
+            self.sim.trace(f"{self.name} {what} failed: {type(error).__name__}")
+            return
+        rebuilt = bytearray(base)
+        for offset, length, kind in ranges:
+            rebuilt[offset:offset + length] = (target[offset:offset + length]
+                                               if kind == "data" else bytes(length))
+        if rebuilt != target:
+            raise SimFailure(f"{self.name} {what}: the diff misses changes"
+                             f" ({_first_difference(bytes(rebuilt), target, 0)})")
+        self.sim.trace(f"{self.name} {what} ok: {len(ranges)} ranges")
+
+    async def alter_copy(self) -> None:
+        """Give the VDI one copy more or fewer (never below 2: a lone copy would not
+        survive the nemesis), for recovery to add or drop under faults."""
+        assert self.vdi is not None
+        vdi = self.vdi
+        copies = self.sim.rng.choice([2, 3])
+
+        async def work(client: Client) -> None:
+            await client.vdi_alter_copy(vdi.name, copies)
+
+        try:
+            await self._call(f"alter-copy {vdi.name} {copies}", work, reopen=False)
+        except SheepError as error:
+            self.sim.trace(f"{self.name} alter-copy {vdi.name} {copies} failed:"
+                           f" {type(error).__name__}")
+            return
+        self.sim.trace(f"{self.name} alter-copy {vdi.name} {copies} ok")
+
     async def delete_snapshot(self) -> None:
         assert self.vdi is not None
         if not self.vdi.snapshots:
@@ -623,6 +683,8 @@ class SimClient:
             (2, self.rollback), (1, self.delete_vdi)]
         if self.sim.migrations:
             operations.append((4, self.migrate))
+        if self.sim.lifecycle:
+            operations += [(4, self.check_diff), (2, self.alter_copy)]
         weights = [weight for weight, _ in operations]
         for _ in range(steps):
             _, operation = self.sim.rng.choices(operations, weights)[0]
@@ -653,9 +715,12 @@ class Result:
 class Simulation:
     def __init__(self, seed: int, nodes: int = 4, steps: int = 60, plant: str | None = None,
                  clients: int = clients_default, base: str | None = None,
-                 migrations: bool = False) -> None:
+                 migrations: bool = False, lifecycle: bool = False) -> None:
         self.seed = seed
         self.migrations = migrations  # clients also live-migrate (SimClient.migrate)
+        # Clients also check snapshot diffs and change their VDI's copies
+        # (SimClient.check_diff, SimClient.alter_copy).
+        self.lifecycle = lifecycle
         self.rng = random.Random(seed)
         self.nodes = nodes
         self.steps = steps
@@ -858,7 +923,10 @@ class Simulation:
 
     async def _kill(self, power_loss: bool = False) -> None:
         candidates = [s for s in self.up() if not s.starting]
-        if self._down() >= self.copies - 1 or not candidates:
+        # A sheep cut off by a partition counts as down too: its session may expire and
+        # the others go on without it (at copies 2, a kill then left no holder).
+        cut_off = 1 if self.network.blocked else 0
+        if self._down() + cut_off >= self.copies - 1 or not candidates:
             return
         victim = self.rng.choice(candidates)
         victim.kill(power_loss)
@@ -1107,6 +1175,8 @@ class Simulation:
             if sheep.peer.health.unverified_count:
                 return (f"sheep{sim_sheep.index} has {sheep.peer.health.unverified_count}"
                         f" unverified copies")
+            if sheep.vdis is not None and sheep.vdis.busy and self.stage == "healing":
+                return f"sheep{sim_sheep.index}: {sheep.vdis.busy}"
             recovery = sheep.recoverer.status() if sheep.recoverer else {"running": True}
             if recovery.get("running") or recovery.get("surplus"):
                 return f"sheep{sim_sheep.index} is recovering ({recovery})"

@@ -35,9 +35,12 @@ from sheep.testing.sim import PLANTS, Simulation
 @click.option("--migrations", is_flag=True,
               help="Clients also live-migrate: a new gateway, a handoff of the lock, and"
                    " the old handle fenced.")
+@click.option("--lifecycle", is_flag=True,
+              help="Clients also check snapshot diffs and change their VDIs' copies.")
 @click.option("-v", "--verbose", is_flag=True, help="Print the trace and the sheep's logs.")
 def main(count: int, first: int, seed: int | None, nodes: int | None, steps: int,
-         plant: str | None, stop_on_failure: bool, migrations: bool, verbose: bool) -> None:
+         plant: str | None, stop_on_failure: bool, migrations: bool, lifecycle: bool,
+         verbose: bool) -> None:
     """Run the deterministic simulated cluster over seeds; print failures with the
     command that replays them."""
     seeds = [seed] if seed is not None else list(range(first, first + count))
@@ -49,7 +52,7 @@ def main(count: int, first: int, seed: int | None, nodes: int | None, steps: int
     for one in seeds:
         node_count = nodes if nodes is not None else 3 + one % 3
         simulation = Simulation(one, nodes=node_count, steps=steps, plant=plant,
-                                migrations=migrations)
+                                migrations=migrations, lifecycle=lifecycle)
         simulation.verbose = verbose
         result = simulation.run()
         combined.update(f"{one} {result.trace_hash}\n".encode())
@@ -59,6 +62,8 @@ def main(count: int, first: int, seed: int | None, nodes: int | None, steps: int
             replay = f"scripts/simulate --seed {one} --nodes {node_count} --steps {steps}"
             if migrations:
                 replay += " --migrations"
+            if lifecycle:
+                replay += " --lifecycle"
             if plant:
                 replay += f" --plant {plant}"
             click.echo(f"seed {one} FAILED: {result.failure}")

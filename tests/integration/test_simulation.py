@@ -54,11 +54,13 @@ def test_a_budget_of_seeds_passes() -> None:
     assert "seeds per minute" in done.stdout
 
 
-def test_seeds_with_live_migrations_pass() -> None:
+def test_seeds_with_live_migrations_and_lifecycle_pass() -> None:
     """Clients also migrate (SimClient.migrate): a handoff to a new gateway under
     faults, and a write through the old handle must be refused (the run fails if
-    one is acknowledged). 60 seeds passed when this was written."""
-    done = simulate("--seeds", "3", "--first", "1", "--migrations")
+    one is acknowledged). 60 seeds passed when this was written. And they check
+    snapshot diffs against the snapshots' bytes and change their VDIs' copies
+    (--lifecycle: SimClient.check_diff, alter_copy; 40 seeds of 80 steps passed)."""
+    done = simulate("--seeds", "3", "--first", "1", "--migrations", "--lifecycle")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1].startswith("3 seeds, 0 failures")
 
