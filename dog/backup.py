@@ -121,7 +121,8 @@ def _export_diff(name: str, file: str, since: str | None, tag: str | None) -> No
     with _file_errors(file):
         writer = run(call)
     click.echo(f"exported the diff of {label} since {since or 'its creation'}:"
-               f" {format_size(writer.data_bytes)} of data in {writer.records} records,"
+               f" {format_size(writer.data_bytes)} of data in {writer.records}"
+               f" record{'' if writer.records == 1 else 's'},"
                f" {format_size(writer.written)} written", err=True)
 
 
