@@ -286,18 +286,25 @@ class Gateways:
                     self.addresses.append(address)
 
     def _open_on(self, connection: Any, name: str, tag: str | None, writable: bool,
-                 client: str, who: str) -> Any:
+                 client: str, who: str, resume: str | None = None) -> Any:
         """Open never locks: the sheep takes the VDI's lock at the first change, for
-        the contender the client key names within this connection."""
+        the contender the client key names within this connection. ``resume``: the
+        contender this export was on another sheep when it last changed the VDI."""
         owner = self.owner or f"nbdkit pid {os.getpid()} on {socket.gethostname()}"
         return connection.json(self.proto.Op.VDI_OPEN, {
             "name": name, "snapshot": tag, "writable": writable,
-            "owner": f"{owner}, NBD client {who}"[:256], "client": client or None})
+            "owner": f"{owner}, NBD client {who}"[:256], "client": client or None,
+            "resume": resume})
 
     def _reopen(self, connection: Any, deadline: float) -> None:
+        """Open every export again on a new gateway. An export that changed the VDI
+        names the contender it did so as (``holder``): the sheep then takes the lock
+        for it only once that contender's lock is gone, never by a handoff, and fences
+        it if the lock went to another writer meanwhile (it would otherwise take the
+        lock back from a new holder as a fresh contender, and overwrite its data)."""
         for (name, tag, writable, client), export in self.exports.items():
             export["info"] = self._open_on(connection, name, tag, writable, client,
-                                           export["who"])
+                                           export["who"], export.get("holder"))
 
     # --- exports -----------------------------------------------------------------------
 
@@ -387,21 +394,9 @@ class Gateways:
                         self.connection.close()
                 time.sleep(0.05)
                 continue
-            except self.errors.VdiLocked:
-                # After a failover the export's lock is still its old session's, until
-                # that gateway's death (or lost session) is logged: wait for it, within
-                # the retry budget. Anyone else's lock is refused at once.
-                changed_on = export.get("changed_on")
-                if changed_on is None or changed_on == generation:
-                    raise
-                if deadline is None:
-                    deadline = self.deadline()
-                elif time.monotonic() > deadline:
-                    raise
-                time.sleep(retry_pause_s)
-                continue
             if op in self.changes:
-                export["changed_on"] = generation  # this session holds the lock now
+                # The contender that holds the VDI's lock now: a failover resumes it.
+                export["holder"] = export["info"].get("contender")
             return result
 
 

@@ -651,6 +651,10 @@ class Sheep:
                 op is Op.VDI_OPEN and body.get("writable"))
             if writes and caps.read_only:
                 raise PermissionDenied(f"{principal.name} is read-only: {info.name} refused")
+            if body.get("force") and op in (Op.VDI_ROLLBACK, Op.VDI_DELETE):
+                # Forcing past another writer's lock takes it away, as VDI_UNLOCK does.
+                raise PermissionDenied(f"{info.name} with force needs admin caps;"
+                                       f" {principal.name} has '{caps.text()}'")
         return False
 
     def _visible(self, reply: Reply, session: Session) -> Reply:
@@ -741,14 +745,16 @@ class Sheep:
         return reply
 
     def _check_raw_change(self, header: Header) -> None:
-        """Raw object changes (dog object put, admin only) to an object of a VDI's
-        writable tree while someone holds its lock would race that writer, behind
-        the lock's back: refused, naming the holder."""
+        """Raw object changes (dog object put, admin only) to an object a locked VDI's
+        tree may reach (its writable generation's, or a frozen one it still shares)
+        would race its writer, behind the lock's back, or pull data from under it:
+        refused, naming the holder."""
         if oid_type(header.oid) not in VDI_TYPES:
             return
         generation = oid_generation(header.oid)
-        vdi = self.group.state.vdis.by_generation(generation)
-        if vdi is not None and vdi.root.generation == generation and vdi.lock is not None:
+        for vdi in self.group.state.vdis.vdis.values():
+            if vdi.lock is None or generation not in (vdi.root.generation, *vdi.lineage):
+                continue
             raise VdiLocked(f"object {header.oid:x} belongs to VDI {vdi.name!r}, whose lock"
                             f" {vdi.lock.get('owner') or vdi.lock.get('node_id')} holds: a raw"
                             " change would race its writer (dog vdi lock unlock it first)")

@@ -39,11 +39,14 @@ from sheep import changes, constants, proto, radix
 from sheep.client import Connection
 from sheep.errors import (
     InvalidParameters,
+    NetworkError,
     NoObject,
     NoTag,
     NoVdi,
     ReadOnly,
     SheepError,
+    ShuttingDown,
+    Timeout,
     Unavailable,
     VdiLocked,
     fenced_message,
@@ -174,6 +177,10 @@ class Handle:
     client: str = ""  # the client the open named, if any
     peer: str = ""  # the connection's address
     since: float = 0.0  # when it was opened (wall clock)
+    # The contender this open continues (the NBD plugin failing over to this sheep):
+    # it takes the lock only if that one's lock is gone, never by a handoff.
+    resumed: str = ""
+    fenced: bool = False  # resumed, and the lock had moved to someone else meanwhile
 
     def attachment(self, node_id: str, vdi: Vdi | None) -> dict[str, Any]:
         """What dog vdi lock list shows of it."""
@@ -227,7 +234,16 @@ class Writer:
         return None
 
 
+# A handoff's ask that got no answer (the holder's sheep dead, cut off or stopping),
+# as opposed to one it answered with a refusal.
+_unanswered = (NetworkError, Timeout, Unavailable, ShuttingDown)
+
 owner_max_chars = 256  # who a lock names (dog vdi lock list): it goes into the cluster log
+node_id_max_chars = 320  # address:port/RANDOM, the address a host name of up to 253
+# A contender: the session id (16 hex digits), then "/CLIENT".
+contender_max_chars = 32 + client_max_chars
+# A lock's owner: what the open named, " (via sheep NODE_ID)".
+lock_owner_max_chars = owner_max_chars + len(" (via sheep )") + node_id_max_chars
 
 
 def _text(body: dict[str, Any], key: str, limit: int) -> str:
@@ -364,11 +380,12 @@ class VdiService:
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         named = _text(body, "owner", owner_max_chars)
         client = _text(body, "client", client_max_chars)
+        resumed = _text(body, "resume", contender_max_chars)
         owner = f"{named or 'client ' + address} (via sheep {self.node_id})"
         handle_id = next(self._handles)
         handle = Handle(vdi.name, vdi.id, snap.id if snap else None, writable, owner,
                         f"{session.id}/{client}" if client else session.id, client, address,
-                        self.gateway.clock.wall())
+                        self.gateway.clock.wall(), resumed if writable else "")
         session.values.setdefault("vdis", {})[handle_id] = handle
         self._attached[handle_id] = handle
         if not session.values.get("release_on_close"):
@@ -379,7 +396,7 @@ class VdiService:
         size = snap.size if snap else vdi.size
         value = {"handle": handle_id, "name": vdi.name, "id": vdi.id, "size": size,
                  "snapshot": snap.id if snap else None, "writable": writable,
-                 "object_size": self.group.state.object_size}
+                 "object_size": self.group.state.object_size, "contender": handle.contender}
         return proto.encode_json(value), {}
 
     async def attachments(self, body: dict[str, Any], header: Header) -> Any:
@@ -538,7 +555,7 @@ class VdiService:
             writer = self._writers[key] = Writer(handle.name)
         if not _holds_lock(handle, vdi):
             held: set[tuple[str, str]] = session.values.setdefault("held", set())
-            if key in held:
+            if key in held or handle.fenced:
                 raise self._lost(vdi)
             locking: dict[tuple[str, str], asyncio.Lock] = session.values.setdefault(
                 "locking", {})
@@ -566,6 +583,9 @@ class VdiService:
         else by a handoff from its holder (handoff), asked for until handoff_wait_s."""
         clock = self.gateway.clock
         started = clock.monotonic()
+        if handle.resumed:
+            await self._take_resumed(handle)
+            return
         deadline = started + self.handoff_wait_s
         why = ""
         while True:
@@ -585,15 +605,49 @@ class VdiService:
                 why = str(answer.get("why", ""))
             except VdiLocked as error:  # taken meanwhile: ask its new holder
                 why = error.message
-            except (SheepError, OSError) as error:  # the holder's sheep did not answer
+            except (*_unanswered, OSError) as error:  # the holder's sheep did not answer
                 why = f"its sheep did not answer ({error})"
                 # Until it is declared dead (its locks go with it), or answers again.
                 deadline = max(deadline, started + handoff_unreachable_wait_s)
+            except SheepError as error:  # it answered, and refused the request
+                why = f"its sheep refused the handoff ({error})"
             if clock.monotonic() >= deadline:
                 holder = (lock or {}).get("owner") or "another writer"
                 raise VdiLocked(f"VDI {vdi.name!r} is in use by {holder}: it did not hand the"
                                 f" lock over within {self.handoff_wait_s:g} s ({why}); a writer"
                                 f" hands over after a flush and {handoff_idle_s:g} s idle")
+            await clock.sleep(handoff_poll_s)
+
+    async def _take_resumed(self, handle: Handle) -> None:
+        """The lock for an open that continues a contender that held it (a client
+        failing over from another sheep): taken only once that contender's lock is
+        gone (its sheep's death, or its connection's end, releases it), never by a
+        handoff. Held by anyone else, it moved while the client was away: the client
+        is fenced, as if it had seen the lock move."""
+        clock = self.gateway.clock
+        deadline = clock.monotonic() + handoff_unreachable_wait_s
+        while True:
+            vdi, _, _ = self._target(handle)
+            lock = vdi.lock
+            if _holds_lock(handle, vdi):
+                return
+            if lock is None:
+                try:
+                    await self.broadcast({"type": "vdi_lock", "name": vdi.name,
+                                          "node_id": self.node_id,
+                                          "session": handle.contender, "owner": handle.owner})
+                    return
+                except VdiLocked:
+                    continue  # taken meanwhile: by whom decides
+            elif lock.get("session") != handle.resumed:
+                handle.fenced = True
+                raise VdiLocked(f"the lock on VDI {vdi.name!r} moved to"
+                                f" {lock.get('owner') or 'another writer'} while this client"
+                                " failed over: its writes are refused from now on")
+            elif clock.monotonic() >= deadline:
+                raise VdiLocked(f"VDI {vdi.name!r} is still locked by this client's earlier"
+                                f" session (via {lock.get('node_id')}) after"
+                                f" {handoff_unreachable_wait_s:g} s; try again")
             await clock.sleep(handoff_poll_s)
 
     async def _ask_handoff(self, name: str, lock: dict[str, str], handle: Handle) -> Any:
@@ -613,12 +667,16 @@ class VdiService:
         fenced from then on: it may not take the lock back (locked)."""
         vdi = vdi_named(self.group, body.get("name"))
         holder = body.get("from_session")
-        contender = _text(body, "session", 2 * client_max_chars)
-        owner = _text(body, "owner", owner_max_chars + 64)
-        node_id = _text(body, "node_id", 64)
+        contender = _text(body, "session", contender_max_chars)
+        owner = _text(body, "owner", lock_owner_max_chars)
+        node_id = _text(body, "node_id", node_id_max_chars)
         if not (holder and contender and node_id):
             raise InvalidParameters("a handoff names the holder (from_session), and the"
                                     " contender (session, node_id)")
+        if contender == holder:
+            raise InvalidParameters("a handoff is from one contender to another")
+        if node_id not in self.group.state.members:
+            raise InvalidParameters(f"a handoff's contender is on a member, not {node_id!r}")
         clock = self.gateway.clock
 
         def refusal() -> str | None:

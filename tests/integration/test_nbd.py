@@ -224,16 +224,23 @@ def nbdinfo_map(uri: str) -> list[tuple[int, int, str]]:
     return merged
 
 
-def object_runs(size: int, data_objects: set[int]) -> list[tuple[int, int, bool]]:
-    """(offset, length, is_data) runs of whole objects: what block status must report."""
+def block_runs(size: int, regions: list[tuple[int, int]]) -> list[tuple[int, int, bool]]:
+    """(offset, length, is_data) runs of 4 KiB blocks: data where a region touches."""
+    data = sorted({block for offset, length in regions
+                   for block in range(offset // 4096, -(-(offset + length) // 4096))})
     runs: list[tuple[int, int, bool]] = []
-    for index in range(-(-size // object_size)):
-        start, is_data = index * object_size, index in data_objects
-        length = min(object_size, size - start)
-        if runs and runs[-1][2] == is_data:
-            runs[-1] = (runs[-1][0], runs[-1][1] + length, is_data)
+    at = 0
+    for block in data:
+        start = block * 4096
+        if start > at:
+            runs.append((at, start - at, False))
+        if runs and runs[-1][2] and sum(runs[-1][:2]) == start:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 4096, True)
         else:
-            runs.append((start, length, is_data))
+            runs.append((start, 4096, True))
+        at = start + 4096
+    if at < size:
+        runs.append((at, size - at, False))
     return runs
 
 
@@ -273,8 +280,9 @@ def test_qemu_img_convert_round_trip_keeps_holes(cluster, nbd, tmp_path):
     run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(image), nbd.uri("sparse"))
     assert used(cluster, "sparse") == len(data_objects) * object_size
 
-    # Block status: written objects are data, the rest holes that read as zeros.
-    expected = object_runs(size, data_objects)
+    # Block status, at 4 KiB: the written blocks are data, the rest (inside the written
+    # objects too) holes that read as zeros.
+    expected = block_runs(size, regions)
     mapped = json.loads(run("qemu-img", "map", "--output=json", "-f", "raw",
                             nbd.uri("sparse")).stdout)
     merged: list[tuple[int, int, bool, bool]] = []
@@ -358,13 +366,15 @@ def test_discard_and_write_zeroes_read_zeros_and_free_space(cluster, nbd):
             f"read -P 0x5a {3 * object_size} {object_size}",
             f"read -P 0x5a {5 * object_size} 5",
             f"read -P 0x5a {5 * object_size + 70005} {object_size - 70005}")
-    # Whole objects are freed (both copies); partial ranges stay allocated, zeroed.
+    # Whole objects are freed (both copies); inside the others, the whole 4 KiB blocks
+    # a range covers are holes, and a block it covers in part stays data, zeroed.
     assert used(cluster, "zeros") == 3 * object_size
     assert stored_objects(cluster) == objects_before - 3 * 2
     assert nbdinfo_map(nbd.uri("zeros")) == [
         (0, object_size, "data"), (object_size, 2 * object_size, "hole,zero"),
         (3 * object_size, object_size, "data"), (4 * object_size, object_size, "hole,zero"),
-        (5 * object_size, object_size, "data")]
+        (5 * object_size, 4096, "data"), (5 * object_size + 4096, 16 * 4096, "hole,zero"),
+        (5 * object_size + 17 * 4096, object_size - 17 * 4096, "data")]
 
 
 # --- fio over multi-conn ----------------------------------------------------------------------
@@ -788,3 +798,41 @@ def test_write_zeroes_without_trim_allocates_zeros(cluster, nbd):
             f"read -P 0x33 0 {object_size}")
     assert used(cluster, "nohole") == 2 * object_size
     assert nbdinfo_map(nbd.uri("nohole"))[0] == (0, 2 * object_size, "data")
+
+
+def test_a_writer_fenced_while_idle_stays_fenced_when_its_plugin_fails_over(make_cluster,
+                                                                             make_nbd):
+    """A writes and flushes through gateway sheep 0 and stays attached; B writes through
+    another nbdkit on sheep 1 and takes the lock by handoff (A is fenced, though it
+    has not written since). Sheep 0 is SIGKILLed: A's plugin fails over and opens its
+    export again on another sheep. A's next write must be refused, and B's data stay:
+    the reopened export continues A's contender (VDI_OPEN "resume"), which takes the
+    lock only if A's own lock is gone, never by a handoff (found by an attack on #16:
+    as a fresh contender it took the lock back from the idle B and overwrote it)."""
+    cluster = make_cluster(3)
+    cluster.format(copies=2, object_size=object_size)
+    ports = [node.port for node in cluster.sheep]
+    with cluster.client(1) as client:
+        client.vdi_create("fenced", 16 * MiB)
+    first = make_nbd(ports, unix=str(cluster.base) + "/a.sock", params=("retry=20",))
+    second = make_nbd(ports[1:], unix=str(cluster.base) + "/b.sock")
+    a = subprocess.Popen(["qemu-io", "-f", "raw", first.uri("fenced")], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert a.stdin is not None and a.stdout is not None
+        a.stdin.write("write -P 0x41 0 64k\nflush\n")
+        a.stdin.flush()
+        assert "wrote 65536/65536" in a.stdout.readline()
+        time.sleep(1.0)  # idle and flushed: it hands over
+        qemu_io(second.uri("fenced"), "write -P 0x42 0 64k", "flush")
+        cluster.kill(0)
+        a.stdin.write("write -P 0x43 0 64k\nquit\n")
+        a.stdin.flush()
+        output = a.communicate(timeout=120)[0]
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.wait()
+    assert "Operation not permitted" in output and "wrote 65536/65536" not in output, output
+    assert "while this client failed over" in first.log()
+    qemu_io(second.uri("fenced"), "read -P 0x42 0 64k")  # B's write stands

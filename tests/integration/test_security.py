@@ -285,10 +285,21 @@ def test_a_client_limited_to_web_star_touches_only_those_vdis(cluster, admin, pr
             lambda: web.list_objects(),
             lambda: web.auth_add("client.mine", "admin"),
             lambda: web.kill_node(),
+            # Forcing past a lock takes it away, as unlock does: admin caps only.
+            lambda: web.vdi_rollback("web1", "s1", force=True),
+            lambda: web.vdi_delete("web2", force=True),
+            lambda: web.vdi_alter_copy("web1", 1),
+            lambda: web.alter_copy(1),
+            lambda: web.vdi_du("db"),
+            lambda: web.vdi_du(),  # every VDI: not only its own
+            lambda: web.vdi_diff("db", None, None, 0, MiB),
+            lambda: web.vdi_trash("db"),
         ]
         for refused in refusals:
             with pytest.raises(PermissionDenied):
                 refused()
+        assert [item["name"] for item in web.vdi_du("web1")] == ["web1"]
+        assert web.vdi_diff("web1", "s1", None, 0, MiB)["ranges"] == [[0, 4096, "data"]]
         assert web.ping()["joined"]  # still connected, still a client
     reply, message = raw_call(port, Header(opcode=Op.WRITE_PEER, oid=make_oid(ObjectType.RAW,
                                                                            9, 3), count=4),

@@ -22,7 +22,7 @@ import pytest
 
 from sheep import auth, radix
 from sheep.client import Client, Connection, SyncClient
-from sheep.errors import ReadOnly, VdiLocked
+from sheep.errors import InvalidParameters, ReadOnly, VdiLocked
 from sheep.oid import ObjectType, oid_generation, oid_index, oid_type
 from sheep.proto import Header, Op
 from sheep.testing.cluster import LocalCluster
@@ -996,3 +996,55 @@ def test_a_write_in_flight_when_its_connection_closes_cannot_overwrite_the_next_
     with cluster.client(writer_index) as client:
         opened = client.vdi_open("handover")
         assert client.vdi_read(opened["handle"], 0, 5) == b"NEW!!"
+
+
+def test_handoffs_that_name_no_member_or_no_other_contender_are_refused(cluster):
+    """VDI_HANDOFF (admin caps; the sheep send it to each other) is checked: the
+    contender must be another contender on a member (a lock handed to a node that does
+    not exist would block every writer until a forced unlock), and limits fit what a
+    sheep itself sends (an owner naming a long node id)."""
+    with cluster.client(0) as holder, cluster.client(0) as admin:
+        holder.vdi_create("asked", 8 * MiB)
+        opened = holder.vdi_open("asked", writable=True, owner="holder")
+        holder.vdi_write(opened["handle"], 0, b"h" * 4096)
+        holder.flush(opened["handle"])
+        time.sleep(0.6)  # flushed and idle: a real contender would get it
+        contender = opened["contender"]
+        members = [node["node_id"] for node in admin.node_list()]
+        base = {"name": "asked", "from_session": contender, "owner": "x" * 300}
+        for body, problem in [
+                ({**base, "session": "other", "node_id": "10.9.9.9:1/" + "g" * 90},
+                 "is on a member"),
+                ({**base, "session": contender, "node_id": members[1]},
+                 "from one contender to another")]:
+            with pytest.raises(InvalidParameters, match=problem):
+                admin._json(Op.VDI_HANDOFF, body)
+        assert admin.vdi_list(["asked"], usage=False)[0]["lock"]["session"] == contender
+        holder.vdi_write(opened["handle"], 4096, b"still mine")
+        # A long owner (what a sheep with a long node id sends) is taken.
+        time.sleep(0.6)
+        holder.flush(opened["handle"])
+        time.sleep(0.6)
+        granted = admin._json(Op.VDI_HANDOFF, {**base, "session": "other",
+                                                "node_id": members[1]})
+        assert granted == {"granted": True}
+        with pytest.raises(VdiLocked, match="moved to"):
+            holder.vdi_write(opened["handle"], 0, b"fenced")
+
+
+def test_a_raw_removal_of_an_object_a_locked_vdi_shares_is_refused(cluster):
+    """A frozen object a locked VDI still reads (shared with its snapshot) cannot be
+    removed behind its writer's back (dog object rm is admin's raw tool)."""
+    with cluster.client(0) as client:
+        client.vdi_create("shares", 8 * MiB)
+        handle = client.vdi_open("shares", writable=True)["handle"]
+        client.vdi_write(handle, 4 * MiB, b"s" * 4096)
+        client.vdi_close(handle)
+        client.vdi_snapshot("shares", "frozen")
+        shared = radix.data_oid(generation(client, "shares", "frozen"), 1)
+        handle = client.vdi_open("shares", writable=True)["handle"]
+        client.vdi_write(handle, 0, b"w" * 4096)  # locked now; object 1 still shared
+        with pytest.raises(VdiLocked, match="whose lock"):
+            client.remove(shared)
+        assert client.vdi_read(handle, 4 * MiB, 4096) == b"s" * 4096
+        client.vdi_close(handle)
