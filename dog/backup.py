@@ -40,6 +40,9 @@ from sheep.errors import Exists, InvalidParameters, NoTag, NoVdi, SheepError
 from sheep.size import format_size
 
 window_objects = 256  # object indexes asked per diff request
+# Reads of changed ranges in flight: they are mostly single 4 KiB blocks, each a
+# round trip, so more of them than a bulk copy keeps (io_depth) pay off.
+diff_reads_in_flight = 32
 
 
 async def write_diff(client: Client, name: str, tag: str | None, since: str | None,
@@ -64,7 +67,7 @@ async def write_diff(client: Client, name: str, tag: str | None, since: str | No
                 for at, count in _chunks(int(start), int(length)):
                     reads.append((at, asyncio.ensure_future(
                         client.vdi_read(info["handle"], at, count))))
-                    await _drain(reads, writer, io_depth)
+                    await _drain(reads, writer, diff_reads_in_flight)
             await _drain(reads, writer, 0)
             progress.update(min(window, size - offset))
         writer.end()

@@ -18,7 +18,9 @@ generation newer than the older snapshot); this says which 4 KiB blocks inside e
 
 from __future__ import annotations
 
-from sheep.oid import ObjectType, make_oid
+import array
+
+from sheep.oid import INDEX_MAX, ObjectType, make_oid
 
 BLOCK = 4096  # the granularity of change maps, allocation maps and diffs
 PAGE_OBJECTS = 64  # object indexes whose masks one change page holds
@@ -35,6 +37,32 @@ def record_bytes(object_size: int) -> int:
 
 def page_bytes(object_size: int) -> int:
     return PAGE_OBJECTS * record_bytes(object_size)
+
+
+def directory_oid(generation: int) -> int:
+    """The generation's page directory: the numbers of the pages it has, so that they
+    can be found and freed when the generation dies (no page number reaches it)."""
+    return make_oid(ObjectType.CHANGES, generation, INDEX_MAX)
+
+
+def encode_directory(pages: set[int]) -> bytes:
+    return array.array("I", sorted(pages)).tobytes()
+
+
+def decode_directory(data: bytes | bytearray | memoryview) -> set[int]:
+    """Page numbers; the zeros past the end of the written part are not pages (page 0
+    is listed first when present, and numbers are kept sorted)."""
+    raw = bytes(data)
+    values = array.array("I")
+    values.frombytes(raw[:len(raw) // 4 * 4])
+    found: set[int] = set()
+    last = -1
+    for value in values:
+        if value <= last:
+            break  # sorted and unique: what follows is the zeros past the end
+        found.add(value)
+        last = value
+    return found
 
 
 def page_oid(generation: int, index: int) -> int:

@@ -204,7 +204,9 @@ class VdiAdmin:
         result = await self.broadcast({"type": "vdi_rollback", "name": vdi.name,
                                        "snapshot": snap.id, "base": base,
                                        "force": bool(body.get("force"))})
-        freed = await self.gc.collect([Root.from_json(r) for r in result.value["dead"]])
+        dead = [Root.from_json(r) for r in result.value["dead"]]
+        freed = await self.gc.collect(dead)
+        await self.gc.forget_generations({root.generation for root in dead})
         return {**result.value["vdi"], "freed_objects": freed}
 
     async def delete(self, body: dict[str, Any], header: Header) -> Any:
@@ -217,7 +219,11 @@ class VdiAdmin:
         if body.get("snapshot") is not None and not purge:
             op["snapshot"] = snapshot_named(vdi, body["snapshot"]).id
         result = await self.broadcast(op)
-        freed = await self.gc.collect([Root.from_json(r) for r in result.value["dead"]])
+        dead = [Root.from_json(r) for r in result.value["dead"]]
+        freed = await self.gc.collect(dead)
+        # Its lineage too: a generation every live tree has left has no use for masks.
+        await self.gc.forget_generations({root.generation for root in dead}
+                                         | Vdi.from_json(result.value["vdi"]).generations())
         return {"name": vdi.name, "snapshot": body.get("snapshot"), "freed_objects": freed}
 
     async def list(self, body: dict[str, Any], header: Header) -> Any:

@@ -93,17 +93,62 @@ class ChangeLog:
         for index, value in masks.items():
             pages.setdefault(index // changes.PAGE_OBJECTS, {})[
                 index % changes.PAGE_OBJECTS] = value
-        for page, slots in sorted(pages.items()):
+        saved: dict[int, dict[int, int] | None] = {}
+        for page in sorted(pages):
             oid = changes.page_oid(generation, page * changes.PAGE_OBJECTS)
             try:
-                saved = changes.decode_page(await self.objects.read(oid, 0, size), object_size)
+                saved[page] = changes.decode_page(await self.objects.read(oid, 0, size),
+                                                  object_size)
             except NoObject:
+                saved[page] = None
+        new = {page for page, slots in saved.items() if slots is None}
+        if new:  # listed before they are made: a page never exists unlisted
+            await self._list_pages(generation, new, object_size)
+        for page, slots in sorted(pages.items()):
+            oid = changes.page_oid(generation, page * changes.PAGE_OBJECTS)
+            before = saved[page]
+            if before is None:
                 await self.objects.create(oid, changes.encode_page(slots, object_size))
                 continue
             for slot, value in slots.items():
-                saved[slot] = saved.get(slot, 0) | value
-            await self.objects.write(oid, 0, changes.encode_page(saved, object_size))
+                before[slot] = before.get(slot, 0) | value
+            await self.objects.write(oid, 0, changes.encode_page(before, object_size))
         await self.objects.flush()
+
+    async def _list_pages(self, generation: int, pages: set[int], object_size: int) -> None:
+        oid = changes.directory_oid(generation)
+        try:
+            listed = changes.decode_directory(await self.objects.read(oid, 0, object_size))
+        except NoObject:
+            listed = set()
+        if pages <= listed:
+            return
+        data = changes.encode_directory(listed | pages)
+        if len(data) > object_size:
+            # A generation that wrote more than the directory holds (256 TiB with 4 MiB
+            # objects): the pages not listed are freed by the sweep instead.
+            log.warning("generation %d: its change page directory is full", generation)
+            return
+        if listed:
+            await self.objects.write(oid, 0, data)
+        else:
+            await self.objects.create(oid, data)
+
+
+async def remove_pages(objects: Objects, object_size: int, generation: int) -> int:
+    """Free a dead generation's change pages, and its directory last; how many."""
+    oid = changes.directory_oid(generation)
+    try:
+        listed = changes.decode_directory(await objects.read(oid, 0, object_size))
+    except NoObject:
+        return 0
+    for page in sorted(listed):
+        try:
+            await objects.remove(changes.page_oid(generation, page * changes.PAGE_OBJECTS))
+        except NoObject:
+            pass
+    await objects.remove(oid)
+    return len(listed)
 
 
 async def read_masks(objects: Objects, object_size: int, generation: int,

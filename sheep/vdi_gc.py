@@ -20,13 +20,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from sheep import changes, proto, radix
+from sheep import proto, radix
 from sheep.errors import NoObject
 from sheep.gateway import Gateway
 from sheep.group import Group
 from sheep.oid import ObjectType, oid_type
 from sheep.proto import Header, Op
 from sheep.vdi import Objects, Root, VdiEngine
+from sheep.vdi_changes import remove_pages
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class Collector:
         # Data first, then the nodes that pointed at it, leaves before their parents.
         order = sorted(garbage, key=lambda oid: (radix.is_tree(oid), radix.node_level(oid)
                                                  if radix.is_tree(oid) else 0))
-        for oid in order + self._dead_pages(garbage):
+        for oid in order:
             try:
                 async with self.gateway.local.scheduler.running("gc", 0):
                     await self.objects.remove(oid)
@@ -91,22 +92,15 @@ class Collector:
         engine.forget(garbage)
         return len(garbage)
 
-    def _dead_pages(self, garbage: set[int]) -> list[int]:
-        """The change pages (sheep/changes.py) of generations no live tree's lineage
-        names any more: a mask of generation g for index i exists only if g path-copied
-        the level-1 node above i, so the freed level-1 nodes of g say which pages may
-        exist. (The sweep finds any left behind.)"""
+    async def forget_generations(self, generations: set[int]) -> None:
+        """Free the change pages (sheep/changes.py) of those of these generations that no
+        live tree's lineage names any more (a delete or rollback just ended them). The
+        sweep frees any a failure here leaves behind."""
         state = self.group.state
         alive = set(state.vdis.copies_by_generation()) | state.vdis.writable_generations()
-        pages: list[int] = []
-        per_node = radix.FANOUT // changes.PAGE_OBJECTS
-        for oid in garbage:
-            generation = radix.generation_of(oid)
-            if radix.is_tree(oid) and radix.node_level(oid) == 1 and generation not in alive:
-                first = radix.node_position(oid) * radix.FANOUT
-                pages += [changes.page_oid(generation, first + k * changes.PAGE_OBJECTS)
-                          for k in range(per_node)]
-        return pages
+        for generation in sorted(generations - alive):
+            async with self.gateway.local.scheduler.running("gc", 0):
+                await remove_pages(self.objects, state.object_size, generation)
 
     async def _durable_before_free(self) -> None:
         """Flush every store before freeing objects found unreachable. A tree entry

@@ -399,9 +399,11 @@ def test_delete_with_snapshots_and_clones(port, api):
     text = out(port, "vdi", "delete", "tree-base")
     match = re.fullmatch(r"deleted VDI 'tree-base'; freed (\d+) objects\n", text)
     assert match, text
-    # Gone: the head's object 0 and root, s1's object 2 (the clone has its own) and root.
+    # Gone: the head's object 0 and root, s1's object 2 (the clone has its own) and root;
+    # and the change pages (a page and its directory) of the two generations no tree
+    # reaches any more, the head's and s2's (s1's stay: the clone descends from it).
     assert int(match[1]) == 4
-    assert node_objects(api) == objects - 6 * cluster_copies
+    assert node_objects(api) == objects - 6 * cluster_copies - 4 * cluster_copies
     assert read(api, "tree-clone", 0, 12 * MiB) == clone_expected
     remaining = listing(api)
     assert not any(i["name"] == "tree-base" for i in remaining)
@@ -410,8 +412,8 @@ def test_delete_with_snapshots_and_clones(port, api):
     tree = out(port, "vdi", "tree")
     assert "tree-clone (32 MiB) (clone of deleted tree-base@s1)" in tree
 
-    dog(port, "vdi", "delete", "tree-clone")
-    assert node_objects(api) == objects - 10 * cluster_copies
+    dog(port, "vdi", "delete", "tree-clone")  # and the pages of s1's and its generation
+    assert node_objects(api) == objects - 10 * cluster_copies - 8 * cluster_copies
     assert "no VDI named 'tree-clone'" in fails(port, EXIT_MISSING, "vdi", "read", "tree-clone")
 
 
