@@ -13,6 +13,7 @@ answer grows with the VDI's size.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from sheep import changes
@@ -23,6 +24,7 @@ from sheep.vdi_changes import read_masks
 from sheep.vdi_registry import VdiRegistry
 
 window_objects_max = 1024  # object indexes one diff request may cover
+concurrency = 32  # objects' allocation maps asked at once
 
 
 def generations_between(to_root: Root, to_lineage: list[int], since: Root) -> list[int]:
@@ -66,7 +68,10 @@ async def diff(engine: VdiEngine, objects: Objects, registry: VdiRegistry, objec
         else:
             found.append([start, count, kind])
 
-    for index, now, before in await engine.changed(to_root, generations, since, first, end):
+    entries = await engine.changed(to_root, generations, since, first, end)
+    limit = asyncio.Semaphore(concurrency)
+
+    async def spans(index: int, now: int, before: int) -> list[tuple[int, int, str]]:
         if whole or generations is None:
             blocks = every
         else:
@@ -75,16 +80,25 @@ async def diff(engine: VdiEngine, objects: Objects, registry: VdiRegistry, objec
                 blocks |= await read_masks(objects, object_size, generation, index, pages)
             # An entry changed with no block noted: trust nothing, take it whole.
             blocks = blocks or every
-        allocated = await engine.data_map(now) if now else 0
+        async with limit:  # a STAT of the object's copies each
+            allocated = await engine.data_map(now) if now else 0
+            zeros = blocks & ~allocated
+            if zeros and since is not None and before:  # zeros matter where there was data
+                zeros &= await engine.data_map(before)
+            elif since is None or not before:
+                zeros = 0
         data = blocks & allocated
-        zeros = blocks & ~allocated
-        if zeros and since is not None:  # zeros matter only where there was data
-            zeros &= await engine.data_map(before) if before else 0
-        else:
-            zeros = 0
+        return sorted([(b, n, "data") for b, n in changes.runs(data)]
+                      + [(b, n, "zero") for b, n in changes.runs(zeros)])
+
+    # The pages first, one read each (cached): the objects' maps then all at once.
+    for index, _, _ in entries:
+        if not whole and generations is not None:
+            for generation in generations:
+                await read_masks(objects, object_size, generation, index, pages)
+    answers = await asyncio.gather(*(spans(*entry) for entry in entries))
+    for (index, _, _), found_spans in zip(entries, answers, strict=True):
         base = index * object_size
-        spans = [(b, n, "data") for b, n in changes.runs(data)]
-        spans += [(b, n, "zero") for b, n in changes.runs(zeros)]
-        for block, count, kind in sorted(spans):
+        for block, count, kind in found_spans:
             add(base + block * changes.BLOCK, count * changes.BLOCK, kind)
     return found
