@@ -344,8 +344,8 @@ def test_alter_copy_up_and_down(cluster, api):
     settle(lambda: copies_of(cluster, oids) == {3}, what="3 copies of every object")
     assert b"recover" in dog(cluster, "node", "recovery").stdout.lower()
     assert dog(cluster, "vdi", "read", "copies", "0", str(len(data))).stdout == data
-    dog(cluster, "vdi", "alter-copy", "copies", "-c", "1")
-    settle(lambda: copies_of(cluster, oids) == {1}, what="1 copy of every object")
+    dog(cluster, "vdi", "alter-copy", "copies", "-c", "2")
+    settle(lambda: copies_of(cluster, oids) == {2}, what="2 copies of every object again")
     assert dog(cluster, "vdi", "read", "copies", "0", str(len(data))).stdout == data
     dog(cluster, "cluster", "check")
     # The cluster's default: VDIs without copies of their own follow it.
@@ -355,6 +355,6 @@ def test_alter_copy_up_and_down(cluster, api):
     dog(cluster, "cluster", "alter-copy", "-c", "3")
     try:
         settle(lambda: copies_of(cluster, follows) == {3}, what="the default followed")
-        assert copies_of(cluster, oids) == {1}  # its own number stays
+        assert copies_of(cluster, oids) == {2}  # its own number stays
     finally:
         dog(cluster, "cluster", "alter-copy", "-c", "2")
