@@ -263,10 +263,13 @@ def may_drop_surplus(mine_version: int, placement: Sequence[Answer]) -> bool:
 
 def behind(mine_version: int, placement: Sequence[Answer]) -> bool:
     """Whether some holder of the placement has a verified copy (or removal) older than
-    a surplus copy at mine_version: one that neither recovery nor verification would
-    bring up to date (see Recoverer._held_elsewhere)."""
-    return any(isinstance(answer, CopyStatus) and not answer.unverified
-               and not answer.missing and answer.version < mine_version
+    a surplus copy at mine_version, or no copy at all: one that neither recovery nor
+    verification would bring up to date (see Recoverer._held_elsewhere). No copy: the
+    object was made by a write of the epoch before, which reached its replicas only
+    after the new holder's recovery pass had listed them (the simulator found a
+    surplus copy waiting for ever)."""
+    return any(answer is None or (isinstance(answer, CopyStatus) and not answer.unverified
+                                  and not answer.missing and answer.version < mine_version)
                for answer in placement)
 
 

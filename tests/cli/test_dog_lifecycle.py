@@ -25,7 +25,7 @@ from sheep.testing.cluster import LocalCluster
 
 KiB = 1 << 10
 MiB = 1 << 20
-size = 64 * MiB
+size = 32 * MiB
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,16 @@ def dog(cluster: LocalCluster, *args: str, stdin: bytes | None = None,
 
 
 def read_all(cluster: LocalCluster, name: str) -> bytes:
-    return dog(cluster, "vdi", "read", name).stdout
+    """NAME or NAME@TAG, whole (through the library: a dog per read costs a second)."""
+    base, _, tag = name.partition("@")
+    with cluster.client(0) as client:
+        opened = client.vdi_open(base, snapshot=tag or None)
+        try:
+            return b"".join(client.vdi_read(opened["handle"], offset, min(4 * MiB,
+                                            opened["size"] - offset))
+                            for offset in range(0, opened["size"], 4 * MiB))
+        finally:
+            client.vdi_close(opened["handle"])
 
 
 def change(api: SyncClient, name: str, writes: list[tuple[int, bytes]],
@@ -72,16 +81,16 @@ def history(api: SyncClient, cluster: LocalCluster, name: str, rng: random.Rando
     """NAME with data, then s1; every kind of change, s2; more, s3. The bytes changed
     between each pair of snapshots."""
     dog(cluster, "vdi", "create", name, str(size))
-    change(api, name, [(0, rng.randbytes(8 * MiB)), (30 * MiB, rng.randbytes(3 * MiB))])
+    change(api, name, [(0, rng.randbytes(6 * MiB)), (20 * MiB, rng.randbytes(3 * MiB))])
     dog(cluster, "vdi", "snapshot", "-s", "s1", name)
     changed = [change(api, name, [
         (0, rng.randbytes(MiB)),  # aligned
-        (40 * MiB + 123, rng.randbytes(4097)),  # unaligned
-        (20 * MiB - 5000, rng.randbytes(10000)),  # across objects
-        (31 * MiB, bytes(64 * KiB)),  # zeroes written
-    ], discards=[(4 * MiB, 4 * MiB), (30 * MiB + 8192, 8192)])]  # a whole object, a part
+        (24 * MiB + 123, rng.randbytes(4097)),  # unaligned
+        (12 * MiB - 5000, rng.randbytes(10000)),  # across objects
+        (21 * MiB, bytes(64 * KiB)),  # zeroes written
+    ], discards=[(4 * MiB, 4 * MiB), (20 * MiB + 8192, 8192)])]  # a whole object, a part
     dog(cluster, "vdi", "snapshot", "-s", "s2", name)
-    changed.append(change(api, name, [(50 * MiB, rng.randbytes(MiB)), (123, b"x")]))
+    changed.append(change(api, name, [(28 * MiB, rng.randbytes(MiB)), (123, b"x")]))
     dog(cluster, "vdi", "snapshot", "-s", "s3", name)
     return changed
 
@@ -112,7 +121,7 @@ def test_an_incremental_diff_rebuilds_the_snapshot(cluster, api, tmp_path):
         reader = rbd_diff.Reader(source)
         assert reader.header() == rbd_diff.Header("s1", "s2", size)
         records = [(r.kind, r.offset, r.length) for r in reader.records()]
-    assert ("z", 4 * MiB, 4 * MiB) in records
+    assert ("z", 4 * MiB, 2 * MiB) in records  # the object discarded, where s1 had data
     assert sum(length for kind, _, length in records if kind == "w") <= MiB + 3 * 4096 + 16 * KiB
 
 

@@ -194,6 +194,17 @@ def used(cluster: LocalCluster, name: str) -> int:
                         if not item["snapshot"]))
 
 
+def closed(cluster: LocalCluster, name: str, timeout_s: float = 10.0) -> None:
+    """Wait until the VDI's writer has let go of it: nbdkit closes an export after
+    its NBD client is gone, and the close saves the change masks (new objects, a
+    change page and its directory, the first time) before it releases the lock."""
+    deadline = time.monotonic() + timeout_s
+    with cluster.client(0) as client:
+        while client.vdi_list([name], usage=False)[0]["lock"] is not None:
+            assert time.monotonic() < deadline, f"{name} is still locked"
+            time.sleep(0.05)
+
+
 def stored_objects(cluster: LocalCluster) -> int:
     with cluster.client(0) as client:
         return sum(node["objects"] for node in client.node_list())
@@ -352,6 +363,7 @@ def test_discard_and_write_zeroes_read_zeros_and_free_space(cluster, nbd):
         client.vdi_create("zeros", size)
     qemu_io(nbd.uri("zeros"), f"write -P 0x5a 0 {size}")
     assert used(cluster, "zeros") == 6 * object_size
+    closed(cluster, "zeros")
     objects_before = stored_objects(cluster)
 
     qemu_io(nbd.uri("zeros"),
@@ -369,6 +381,7 @@ def test_discard_and_write_zeroes_read_zeros_and_free_space(cluster, nbd):
     # Whole objects are freed (both copies); inside the others, the whole 4 KiB blocks
     # a range covers are holes, and a block it covers in part stays data, zeroed.
     assert used(cluster, "zeros") == 3 * object_size
+    closed(cluster, "zeros")
     assert stored_objects(cluster) == objects_before - 3 * 2
     assert nbdinfo_map(nbd.uri("zeros")) == [
         (0, object_size, "data"), (object_size, 2 * object_size, "hole,zero"),

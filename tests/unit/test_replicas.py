@@ -494,9 +494,12 @@ def test_behind_names_only_verified_holders_older_than_the_surplus_copy():
     assert behind(5, [CopyStatus(version=4), CopyStatus(version=5)])
     assert behind(5, [CopyStatus(version=3, deleted=True)])  # an older removal
     assert not behind(5, [CopyStatus(version=5), CopyStatus(version=6)])
-    # Recovery fetches an absent copy, verification settles an unverified one.
-    assert not behind(5, [None, CopyStatus(version=4, unverified=True),
+    # Verification settles an unverified copy, and a lost file is damage, repaired apart.
+    assert not behind(5, [CopyStatus(version=4, unverified=True),
                           CopyStatus(version=4, missing=True), NetworkError("no answer")])
+    # No copy at all: its recovery pass may have listed the others before a write of the
+    # epoch before made the object there; nothing else would bring it one.
+    assert behind(5, [None, CopyStatus(version=5)])
 
 
 def test_recovery_waits_only_for_copies_that_may_yet_be_verified() -> None:
