@@ -31,6 +31,7 @@ from dog.vdi import (
     _file_errors,
     _open,
     _stdio,
+    extents_step_bytes,
     io_depth,
     split_name,
     vdi,
@@ -38,6 +39,7 @@ from dog.vdi import (
 from sheep.client import Client
 from sheep.errors import Exists, InvalidParameters, NoTag, NoVdi, SheepError
 from sheep.size import format_size
+from sheep.vdi_registry import name_problem
 
 window_objects = 256  # object indexes asked per diff request
 # Reads of changed ranges in flight: they are mostly single 4 KiB blocks, each a
@@ -45,11 +47,34 @@ window_objects = 256  # object indexes asked per diff request
 diff_reads_in_flight = 32
 
 
+async def _tag_of(client: Client, name: str, ref: str | None) -> str | None:
+    """The tag of snapshot ref (a tag or an id) of NAME: a diff names snapshots by
+    tag, as Ceph's format does, so an untagged one cannot be a diff's end."""
+    if ref is None:
+        return None
+    for item in await client.vdi_list([name], usage=False):
+        if item["snapshot"] and (item["tag"] == ref or str(item["id"]) == ref):
+            if not item["tag"]:
+                raise InvalidParameters(f"snapshot {ref} of VDI {name!r} has no tag: a diff"
+                                        " names its snapshots by tag (take a tagged one)")
+            return str(item["tag"])
+    raise NoTag(f"VDI {name!r} has no snapshot {ref!r}")
+
+
 async def write_diff(client: Client, name: str, tag: str | None, since: str | None,
                      out: BinaryIO, label: str) -> rbd_diff.Writer:
     """The diff of NAME@TAG since snapshot SINCE (None: everything) onto out."""
+    tag, since = await _tag_of(client, name, tag), await _tag_of(client, name, since)
     first = await client.vdi_diff(name, tag, since, 0, 0)
     size, object_size = int(first["size"]), int(first["object_size"])
+
+    def same(answer: dict[str, Any]) -> None:
+        # The VDI itself (no @SNAP) is diffed as it stands: a writer that came and went
+        # meanwhile would tear the diff (a snapshot never changes).
+        if answer.get("state") != first.get("state"):
+            raise SheepError(f"VDI {name!r} was written or replaced during the export:"
+                             " export a snapshot of it (NAME@SNAP)")
+
     writer = rbd_diff.Writer(out)
     writer.header(rbd_diff.Header(since, tag, size))
     info = await _open(client, name, tag, writable=False)
@@ -58,6 +83,7 @@ async def write_diff(client: Client, name: str, tag: str | None, since: str | No
     try:
         for offset in range(0, size, window):
             answer = await client.vdi_diff(name, tag, since, offset, window)
+            same(answer)
             reads: list[tuple[int, asyncio.Task[bytes]]] = []
             for start, length, kind in answer["ranges"]:
                 if kind == "zero":
@@ -70,6 +96,7 @@ async def write_diff(client: Client, name: str, tag: str | None, since: str | No
                     await _drain(reads, writer, diff_reads_in_flight)
             await _drain(reads, writer, 0)
             progress.update(min(window, size - offset))
+        same(await client.vdi_diff(name, tag, since, 0, 0))  # nobody wrote while we read
         writer.end()
     finally:
         progress.close()
@@ -162,8 +189,8 @@ def _check_file(file: str) -> None:
     anything is written."""
     with open(file, "rb") as source:
         reader = rbd_diff.Reader(source, file)
-        reader.header()
-        for _ in reader.records():
+        header = reader.header()
+        for _ in reader.records(header.size):
             pass
 
 
@@ -173,8 +200,17 @@ def _snapshot_tags(items: list[dict[str, Any]]) -> list[str]:
             if i["snapshot"]]
 
 
+def _tag_problem(tag: str) -> str | None:
+    """Why a diff's snapshot name cannot be a tag here (Ceph allows more)."""
+    problem = name_problem(tag, "snapshot tag")
+    if problem is None and tag.isdigit():
+        problem = "a snapshot tag must not be all digits"
+    return problem
+
+
 async def _check_target(client: Client, name: str, header: rbd_diff.Header,
                         force: bool) -> dict[str, Any]:
+    """Everything that can be checked before a byte is written."""
     items = await client.vdi_list([name], usage=False)
     if not items:
         raise NoVdi(f"VDI {name!r} does not exist")
@@ -191,14 +227,20 @@ async def _check_target(client: Client, name: str, header: rbd_diff.Header,
                     f"{header.from_snap!r} is not the latest snapshot of VDI {name!r}"
                     f" ({tags[-1]!r} is): roll back to it first (dog vdi rollback -s"
                     f" {header.from_snap} {name}), or give --force")
-            if item.get("written"):
+            if item.get("written") is not False:  # None: a VDI from before the flag
                 raise InvalidParameters(
-                    f"VDI {name!r} was written since snapshot {header.from_snap!r}: the"
-                    " diff would not give its to-snapshot; roll back to it first (dog vdi"
-                    f" rollback -s {header.from_snap} {name}), or give --force")
-    if header.to_snap is not None and header.to_snap in tags:
-        raise Exists(f"VDI {name!r} already has snapshot {header.to_snap!r}, which the diff"
-                     " leads to")
+                    f"VDI {name!r} was written since snapshot {header.from_snap!r} (or"
+                    " may have been): the diff would not give its to-snapshot; roll back to"
+                    f" it first (dog vdi rollback -s {header.from_snap} {name}), or give"
+                    " --force")
+    if header.to_snap is not None:
+        problem = _tag_problem(header.to_snap)
+        if problem:
+            raise InvalidParameters(f"the diff's to-snapshot {header.to_snap!r} cannot be"
+                                    f" taken here: {problem}")
+        if header.to_snap in tags:
+            raise Exists(f"VDI {name!r} already has snapshot {header.to_snap!r}, which the"
+                         " diff leads to")
     assert header.size is not None
     if header.size < int(item["size"]):
         raise InvalidParameters(
@@ -209,14 +251,42 @@ async def _check_target(client: Client, name: str, header: rbd_diff.Header,
 
 async def apply_diff(client: Client, reader: rbd_diff.Reader, name: str, force: bool,
                      create: bool, label: str) -> tuple[rbd_diff.Header, int]:
+    """Apply the diff and take its to-snapshot. All or nothing where it can be: a
+    failure after the first write rolls NAME back to the from-snapshot (which the
+    checks made its latest, unwritten state), or deletes NAME if this made it. With
+    --force there is no such state to return to: a failure leaves part of the diff."""
     header = reader.header()
     assert header.size is not None
+    made = False
     if create and not await client.vdi_list([name], usage=False):
         if header.from_snap is not None:
             raise NoTag(f"the diff starts from snapshot {header.from_snap!r}: it cannot"
                         f" create VDI {name!r} (restore the full backup first)")
+        problem = _tag_problem(header.to_snap) if header.to_snap is not None else None
+        if problem:
+            raise InvalidParameters(f"the diff's to-snapshot {header.to_snap!r} cannot be"
+                                    f" taken here: {problem}")
         await client.vdi_create(name, header.size)
-    item = await _check_target(client, name, header, force)
+        made = True
+    try:
+        item = await _check_target(client, name, header, force)
+    except BaseException:
+        if made:
+            await client.vdi_delete(name)
+        raise
+    try:
+        applied = await _write_records(client, reader, name, header, item, label)
+        if header.to_snap is not None:
+            await client.vdi_snapshot(name, header.to_snap)
+    except BaseException as failure:
+        await _undo(client, name, header, force, made, failure)
+        raise
+    return header, applied
+
+
+async def _write_records(client: Client, reader: rbd_diff.Reader, name: str,
+                         header: rbd_diff.Header, item: dict[str, Any], label: str) -> int:
+    assert header.size is not None
     if header.size > int(item["size"]):
         await client.vdi_resize(name, header.size)
     info = await _open(client, name, None, writable=True)
@@ -233,44 +303,50 @@ async def apply_diff(client: Client, reader: rbd_diff.Reader, name: str, force: 
         pending.add(asyncio.ensure_future(job))
 
     try:
-        try:
-            for record in reader.records():
-                if record.offset + record.length > header.size:
-                    raise InvalidParameters(
-                        f"{reader.label}: the record at byte {record.at} ends past the"
-                        f" image's size ({record.offset}+{record.length} > {header.size})")
-                if record.kind == "z":
-                    await submit(client.vdi_discard(info["handle"], record.offset,
-                                                    record.length))
-                else:
-                    for at, count in _chunks(record.offset, record.length):
-                        await submit(client.vdi_write(info["handle"], at,
-                                                      reader.read_data(count)))
-                applied += record.length
-                progress.update(record.length)
-            while pending:
-                done, pending = await asyncio.wait(pending)
-                for task in done:
-                    task.result()
-            await client.flush()
-        finally:
-            for task in pending:
-                task.cancel()
-            progress.close()
+        for record in reader.records(header.size):
+            if record.kind == "z":  # in steps: a request's count is 32 bits
+                for at, count in _chunks(record.offset, record.length, extents_step_bytes):
+                    await submit(client.vdi_discard(info["handle"], at, count))
+            else:
+                for at, count in _chunks(record.offset, record.length):
+                    await submit(client.vdi_write(info["handle"], at, reader.read_data(count)))
+            applied += record.length
+            progress.update(record.length)
+        while pending:
+            done, pending = await asyncio.wait(pending)
+            for task in done:
+                task.result()
+        await client.flush()
+    finally:
+        for task in pending:
+            task.cancel()
+        progress.close()
+        with contextlib.suppress(SheepError, OSError):
             await client.vdi_close(info["handle"])
-    except (SheepError, OSError) as failure:
-        if header.from_snap is None:
-            raise
-        try:
-            await client.vdi_rollback(name, header.from_snap)
-        except SheepError as error:
-            raise SheepError(f"{failure}; and rolling VDI {name!r} back to"
-                             f" {header.from_snap!r} failed too: {error}") from failure
-        raise type(failure)(f"{failure} (VDI {name!r} was rolled back to snapshot"
-                            f" {header.from_snap!r}: nothing of the diff was kept)") from failure
-    if header.to_snap is not None:
-        await client.vdi_snapshot(name, header.to_snap)
-    return header, applied
+    return applied
+
+
+async def _undo(client: Client, name: str, header: rbd_diff.Header, force: bool,
+                made: bool, failure: BaseException) -> None:
+    """After a failure: back to the state before the diff, and say so in the error."""
+    if made:
+        what = f"VDI {name!r}, which it had created, was deleted"
+        action = client.vdi_delete(name)
+    elif header.from_snap is not None and not force:
+        what = f"VDI {name!r} was rolled back to snapshot {header.from_snap!r}"
+        action = client.vdi_rollback(name, header.from_snap)
+    else:
+        reason = "--force" if force else "a full diff has no from-snapshot"
+        failure.args = (f"{failure} (VDI {name!r} holds part of the diff: nothing to roll"
+                        f" back to with {reason})",)
+        return
+    try:
+        await action
+    except SheepError as error:
+        failure.args = (f"{failure}; and undoing it failed too ({what.split(',')[0]}):"
+                        f" {error}",)
+        return
+    failure.args = (f"{failure} ({what}: nothing of the diff was kept)",)
 
 
 def _import_diff(file: str, name: str, force: bool, create: bool) -> None:

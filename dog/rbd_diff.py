@@ -171,9 +171,9 @@ class Reader:
             raise InvalidParameters(f"{self.label} does not give the image's size ('s')")
         return header
 
-    def records(self) -> Iterator[Record]:
-        """Each 'w' and 'z' record, checked to go forward and to fit the image; ends at
-        'e' (after which nothing may follow)."""
+    def records(self, size: int | None = None) -> Iterator[Record]:
+        """Each 'w' and 'z' record, checked to go forward and to fit an image of size
+        bytes; ends at 'e' (after which nothing may follow)."""
         end = 0
         while True:
             self._skip_data()
@@ -190,6 +190,9 @@ class Reader:
                 raise InvalidParameters(f"{self.label}: the record at byte {at} goes back"
                                         f" to offset {offset} (after {end})")
             end = offset + length
+            if size is not None and end > size:
+                raise InvalidParameters(f"{self.label}: the record at byte {at} ends past"
+                                        f" the image's size ({offset}+{length} > {size})")
             if tag == "w":
                 self._unread = length
             yield Record(tag, offset, length, at)

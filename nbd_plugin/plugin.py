@@ -286,10 +286,10 @@ class Gateways:
                     self.addresses.append(address)
 
     def _open_on(self, connection: Any, name: str, tag: str | None, writable: bool,
-                 client: str, who: str, resume: str | None = None) -> Any:
+                 client: str, who: str, resume: list[str] | None = None) -> Any:
         """Open never locks: the sheep takes the VDI's lock at the first change, for
         the contender the client key names within this connection. ``resume``: the
-        contender this export was on another sheep when it last changed the VDI."""
+        contenders this export was on other sheep when it changed the VDI."""
         owner = self.owner or f"nbdkit pid {os.getpid()} on {socket.gethostname()}"
         return connection.json(self.proto.Op.VDI_OPEN, {
             "name": name, "snapshot": tag, "writable": writable,
@@ -298,13 +298,13 @@ class Gateways:
 
     def _reopen(self, connection: Any, deadline: float) -> None:
         """Open every export again on a new gateway. An export that changed the VDI
-        names the contender it did so as (``holder``): the sheep then takes the lock
+        names the contenders it did so as (``contenders``): the sheep then takes the lock
         for it only once that contender's lock is gone, never by a handoff, and fences
         it if the lock went to another writer meanwhile (it would otherwise take the
         lock back from a new holder as a fresh contender, and overwrite its data)."""
         for (name, tag, writable, client), export in self.exports.items():
             export["info"] = self._open_on(connection, name, tag, writable, client,
-                                           export["who"], export.get("holder"))
+                                           export["who"], export.get("contenders"))
 
     # --- exports -----------------------------------------------------------------------
 
@@ -380,8 +380,15 @@ class Gateways:
         deadline = None
         while True:
             connection, generation = self.current(deadline)
-            header = self.proto.Header(opcode=op, arg0=export["info"]["handle"], offset=offset,
+            info = export["info"]
+            header = self.proto.Header(opcode=op, arg0=info["handle"], offset=offset,
                                        count=count, flags=flags)
+            if op in self.changes and info.get("contender"):
+                # Before it is sent: its answer may be lost, its lock taken all the same.
+                seen = export.setdefault("contenders", [])
+                if info["contender"] not in seen:
+                    seen.append(info["contender"])
+                    del seen[:-8]
             try:
                 result = connection.call(header, payload, into=into)
             except self.retryable as error:
@@ -394,9 +401,6 @@ class Gateways:
                         self.connection.close()
                 time.sleep(0.05)
                 continue
-            if op in self.changes:
-                # The contender that holds the VDI's lock now: a failover resumes it.
-                export["holder"] = export["info"].get("contender")
             return result
 
 

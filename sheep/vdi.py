@@ -71,7 +71,8 @@ class Objects(Protocol):
         """Create a whole object holding these (offset, bytes) extents (whole 4 KiB
         blocks, in order, apart) and zeros elsewhere, which take no space."""
 
-    async def write(self, oid: int, offset: int, data: bytes | memoryview) -> None: ...
+    async def write(self, oid: int, offset: int, data: bytes | memoryview,
+                    fua: bool = False) -> None: ...
 
     async def discard(self, oid: int, offset: int, count: int) -> None: ...
 

@@ -152,6 +152,10 @@ class VdiAdmin:
                 "generation": current.root.generation, "base": base, "session": session})
             return result.value
 
+        if vdi.lock is not None and vdi.lock.get("node_id") == self.node_id:
+            # Most of the masks saved while writes go on: only what comes meanwhile is
+            # saved with them paused.
+            await self.save_changes(vdi.root.generation)
         return await self._on_holder(vdi, header, body, work)
 
     async def resize(self, body: dict[str, Any], header: Header) -> Any:
@@ -201,12 +205,13 @@ class VdiAdmin:
         vdi = vdi_named(self.group, body.get("name"))
         snap = snapshot_named(vdi, body.get("snapshot"))
         base = await self.engine().root_node(snap.root)
+        ended = {vdi.root.generation, *vdi.lineage}  # the head's, which may end now
         result = await self.broadcast({"type": "vdi_rollback", "name": vdi.name,
                                        "snapshot": snap.id, "base": base,
                                        "force": bool(body.get("force"))})
         dead = [Root.from_json(r) for r in result.value["dead"]]
         freed = await self.gc.collect(dead)
-        await self.gc.forget_generations({root.generation for root in dead})
+        await self.gc.forget_generations(ended | {root.generation for root in dead})
         return {**result.value["vdi"], "freed_objects": freed}
 
     async def delete(self, body: dict[str, Any], header: Header) -> Any:
@@ -216,13 +221,16 @@ class VdiAdmin:
                               "force": bool(body.get("force")), "purge": purge}
         if purge and "expires" in body:
             op["expires"] = body["expires"]
+        ended: set[int] = set()  # generations that may end with it
         if body.get("snapshot") is not None and not purge:
-            op["snapshot"] = snapshot_named(vdi, body["snapshot"]).id
+            snap = snapshot_named(vdi, body["snapshot"])
+            op["snapshot"] = snap.id
+            ended = {snap.root.generation, *snap.lineage}
         result = await self.broadcast(op)
         dead = [Root.from_json(r) for r in result.value["dead"]]
         freed = await self.gc.collect(dead)
         # Its lineage too: a generation every live tree has left has no use for masks.
-        await self.gc.forget_generations({root.generation for root in dead}
+        await self.gc.forget_generations(ended | {root.generation for root in dead}
                                          | Vdi.from_json(result.value["vdi"]).generations())
         return {"name": vdi.name, "snapshot": body.get("snapshot"), "freed_objects": freed}
 
@@ -327,9 +335,11 @@ class VdiAdmin:
                 raise VdiLocked(f"VDI {vdi.name!r} is being written"
                                 f" ({vdi.lock.get('owner') or 'locked'}): diff a snapshot of it")
             root, lineage, size = vdi.root, vdi.lineage, vdi.size
+            state: list[Any] = [vdi.id, vdi.root.generation, vdi.locks]
         else:
             snap = snapshot_named(vdi, to)
             root, lineage, size = snap.root, snap.lineage, snap.size
+            state = [vdi.id, snap.id]
         since = body.get("from")
         since_root = snapshot_named(vdi, since).root if since is not None else None
         offset, length = body.get("offset"), body.get("length")
@@ -337,10 +347,12 @@ class VdiAdmin:
                    for v in (offset, length)):
             raise InvalidParameters("a diff takes a window: offset and length in bytes")
         assert isinstance(offset, int) and isinstance(length, int)
-        state = self.group.state
-        ranges = await vdi_diff.diff(self.engine(), self.objects, state.vdis, state.object_size,
-                                     root, lineage, size, since_root, offset, length)
-        return {"size": size, "object_size": state.object_size, "ranges": ranges}
+        cluster = self.group.state
+        ranges = await vdi_diff.diff(self.engine(), self.objects, cluster.vdis,
+                                     cluster.object_size, root, lineage, size, since_root,
+                                     offset, length)
+        return {"size": size, "object_size": cluster.object_size, "ranges": ranges,
+                "state": state}
 
     async def alter_copy(self, body: dict[str, Any], header: Header) -> Any:
         """The VDI's objects keep this many copies from now on; every sheep's recovery

@@ -2,7 +2,7 @@
 
 The format and the rules are in sheep/changes.py. Here: the writable generations'
 masks kept in memory by the sheep where the VDI's writer is, and saved (ORed into
-the pages already there, then flushed) when something is about to depend on them:
+the pages already there, each page durable: FUA) when something is about to depend on them:
 a snapshot freezing the generation, a handoff, a close; and in the background once
 a generation has many unsaved masks, so memory stays bounded.
 """
@@ -20,6 +20,8 @@ from sheep.vdi import Objects
 log = logging.getLogger(__name__)
 
 pending_max = 4096  # unsaved object masks of one generation before a background save
+page_concurrency = 16  # change pages read or written at once by a save
+directory_read_bytes = 64 << 10  # a directory is read this far first (16,384 pages)
 
 
 class ChangeLog:
@@ -79,12 +81,20 @@ class ChangeLog:
                 for index, value in masks.items():
                     kept[index] = kept.get(index, 0) | value
                 raise
-        if not self._pending.get(generation):
-            self._locks.pop(generation, None)
 
     def forget(self, generation: int) -> None:
-        """The generation's masks are no longer wanted (it was marked untracked)."""
+        """The generation's masks are no longer wanted (it was marked untracked, or it
+        died). Its lock goes only when nobody holds or waits for it: two saves of one
+        generation must never run at once (each ORs into the page it read, and the
+        later write would drop the other's masks)."""
         self._pending.pop(generation, None)
+        lock = self._locks.get(generation)
+        if lock is not None and not lock.locked():
+            del self._locks[generation]
+
+    def generations(self) -> list[int]:
+        """The generations with masks noted and not saved yet."""
+        return [g for g, masks in self._pending.items() if masks]
 
     async def _write(self, generation: int, masks: dict[int, int]) -> None:
         object_size = self.object_size()
@@ -94,33 +104,43 @@ class ChangeLog:
             pages.setdefault(index // changes.PAGE_OBJECTS, {})[
                 index % changes.PAGE_OBJECTS] = value
         saved: dict[int, dict[int, int] | None] = {}
-        for page in sorted(pages):
+        limit = asyncio.Semaphore(page_concurrency)
+
+        async def read(page: int) -> None:
             oid = changes.page_oid(generation, page * changes.PAGE_OBJECTS)
-            try:
-                saved[page] = changes.decode_page(await self.objects.read(oid, 0, size),
-                                                  object_size)
-            except NoObject:
-                saved[page] = None
+            async with limit:
+                try:
+                    saved[page] = changes.decode_page(await self.objects.read(oid, 0, size),
+                                                      object_size)
+                except NoObject:
+                    saved[page] = None
+
+        async def write(page: int, slots: dict[int, int]) -> None:
+            oid = changes.page_oid(generation, page * changes.PAGE_OBJECTS)
+            before = saved[page]
+            async with limit:
+                if before is None:
+                    await self.objects.create(oid, changes.encode_page(slots, object_size))
+                    return
+                for slot, value in slots.items():
+                    before[slot] = before.get(slot, 0) | value
+                # FUA, as creates are: durable when the save is done, with no flush of
+                # everything else the cluster has dirty (a close would pay for it).
+                await self.objects.write(oid, 0, changes.encode_page(before, object_size),
+                                         fua=True)
+
+        await asyncio.gather(*(read(page) for page in pages))
         new = {page for page, slots in saved.items() if slots is None}
         if new:  # listed before they are made: a page never exists unlisted
             await self._list_pages(generation, new, object_size)
-        for page, slots in sorted(pages.items()):
-            oid = changes.page_oid(generation, page * changes.PAGE_OBJECTS)
-            before = saved[page]
-            if before is None:
-                await self.objects.create(oid, changes.encode_page(slots, object_size))
-                continue
-            for slot, value in slots.items():
-                before[slot] = before.get(slot, 0) | value
-            await self.objects.write(oid, 0, changes.encode_page(before, object_size))
-        await self.objects.flush()
+        await asyncio.gather(*(write(page, slots) for page, slots in pages.items()))
 
     async def _list_pages(self, generation: int, pages: set[int], object_size: int) -> None:
-        oid = changes.directory_oid(generation)
         try:
-            listed = changes.decode_directory(await self.objects.read(oid, 0, object_size))
+            listed = await read_directory(self.objects, object_size, generation)
         except NoObject:
             listed = set()
+        oid = changes.directory_oid(generation)
         if pages <= listed:
             return
         data = changes.encode_directory(listed | pages)
@@ -130,16 +150,26 @@ class ChangeLog:
             log.warning("generation %d: its change page directory is full", generation)
             return
         if listed:
-            await self.objects.write(oid, 0, data)
+            await self.objects.write(oid, 0, data, fua=True)
         else:
             await self.objects.create(oid, data)
+
+
+async def read_directory(objects: Objects, object_size: int, generation: int) -> set[int]:
+    """The pages a generation's directory lists: its first 64 KiB, and the rest only
+    if those are full."""
+    oid = changes.directory_oid(generation)
+    first = bytes(await objects.read(oid, 0, min(directory_read_bytes, object_size)))
+    if object_size > len(first) and first[-4:] != bytes(4):
+        first = bytes(await objects.read(oid, 0, object_size))
+    return changes.decode_directory(first)
 
 
 async def remove_pages(objects: Objects, object_size: int, generation: int) -> int:
     """Free a dead generation's change pages, and its directory last; how many."""
     oid = changes.directory_oid(generation)
     try:
-        listed = changes.decode_directory(await objects.read(oid, 0, object_size))
+        listed = await read_directory(objects, object_size, generation)
     except NoObject:
         return 0
     for page in sorted(listed):

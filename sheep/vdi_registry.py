@@ -127,6 +127,12 @@ class Vdi:
     # cluster's default, which dog cluster alter-copy changes. None: a state from
     # before the flag (it follows the cluster while its copies equal the cluster's).
     own_copies: bool | None = None
+    # How many times its lock was taken: a reader that sees it unchanged (and no lock)
+    # knows nobody wrote meanwhile (a diff of the VDI itself, VDI_DIFF).
+    locks: int = 0
+    # The contender that took its lock last, kept after the lock is released: a client
+    # failing over may take a free lock back only if nobody took it since (VdiService).
+    last_holder: str = ""
 
     def generations(self) -> set[int]:
         """Every generation this VDI's trees (current and snapshots) may reach."""
@@ -156,7 +162,8 @@ class Vdi:
                 "snapshots": [s.to_json() for s in self.snapshots], "parent": self.parent,
                 "attrs": dict(self.attrs), "lock": self.lock, "unsettled": self.unsettled,
                 "lineage": list(self.lineage), "releases": self.releases, "qos": self.qos,
-                "trash": self.trash, "own_copies": self.own_copies}
+                "trash": self.trash, "own_copies": self.own_copies, "locks": self.locks,
+                "last_holder": self.last_holder}
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> Vdi:
@@ -167,7 +174,8 @@ class Vdi:
                    releases=int(value.get("releases", 0)),
                    lineage=[int(g) for g in value.get("lineage", [])],
                    qos=value.get("qos"), trash=value.get("trash"),
-                   own_copies=value.get("own_copies"))
+                   own_copies=value.get("own_copies"), locks=int(value.get("locks", 0)),
+                   last_holder=str(value.get("last_holder", "")))
 
 
 @dataclass
@@ -497,6 +505,8 @@ class VdiRegistry:
                 return locked
         vdi.lock = {"node_id": str(body.get("node_id")), "session": str(body.get("session")),
                     "owner": str(body.get("owner", "")), "time": str(time)}
+        vdi.locks += 1
+        vdi.last_holder = vdi.lock["session"]
         return Outcome(value=vdi.to_json())
 
     def _unlock(self, body: dict[str, Any], time: float, copies: int, object_size: int,

@@ -99,8 +99,10 @@ class GatewayObjects:
                                    proto.encode_extents(extents),  # type: ignore[arg-type]
                                    count=object_size, flags=FLAG_FUA | FLAG_SPARSE)
 
-    async def write(self, oid: int, offset: int, data: bytes | memoryview) -> None:
-        await self.gateway.request(Op.WRITE_OBJ, oid, offset, data)
+    async def write(self, oid: int, offset: int, data: bytes | memoryview,
+                    fua: bool = False) -> None:
+        await self.gateway.request(Op.WRITE_OBJ, oid, offset, data,
+                                   flags=FLAG_FUA if fua else 0)
 
     async def discard(self, oid: int, offset: int, count: int) -> None:
         await self.gateway.request(Op.DISCARD_OBJ, oid, offset, count=count)
@@ -179,7 +181,7 @@ class Handle:
     since: float = 0.0  # when it was opened (wall clock)
     # The contender this open continues (the NBD plugin failing over to this sheep):
     # it takes the lock only if that one's lock is gone, never by a handoff.
-    resumed: str = ""
+    resumed: tuple[str, ...] = ()
     fenced: bool = False  # resumed, and the lock had moved to someone else meanwhile
 
     def attachment(self, node_id: str, vdi: Vdi | None) -> dict[str, Any]:
@@ -244,6 +246,23 @@ node_id_max_chars = 320  # address:port/RANDOM, the address a host name of up to
 contender_max_chars = 32 + client_max_chars
 # A lock's owner: what the open named, " (via sheep NODE_ID)".
 lock_owner_max_chars = owner_max_chars + len(" (via sheep )") + node_id_max_chars
+
+
+resumed_max = 8  # earlier contenders one open may resume
+
+
+def _contenders(value: Any) -> tuple[str, ...]:
+    """VDI_OPEN's "resume": the contenders (one, or a list) a failing-over client
+    was, any of which may still hold the lock."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if (not isinstance(items, list) or len(items) > resumed_max
+            or not all(isinstance(item, str) and 0 < len(item) <= contender_max_chars
+                       and item.isprintable() for item in items)):
+        raise InvalidParameters(f"resume names at most {resumed_max} earlier contenders, each"
+                                f" printable text of at most {contender_max_chars} characters")
+    return tuple(items)
 
 
 def _text(body: dict[str, Any], key: str, limit: int) -> str:
@@ -380,12 +399,12 @@ class VdiService:
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         named = _text(body, "owner", owner_max_chars)
         client = _text(body, "client", client_max_chars)
-        resumed = _text(body, "resume", contender_max_chars)
+        resumed = _contenders(body.get("resume"))
         owner = f"{named or 'client ' + address} (via sheep {self.node_id})"
         handle_id = next(self._handles)
         handle = Handle(vdi.name, vdi.id, snap.id if snap else None, writable, owner,
                         f"{session.id}/{client}" if client else session.id, client, address,
-                        self.gateway.clock.wall(), resumed if writable else "")
+                        self.gateway.clock.wall(), resumed if writable else ())
         session.values.setdefault("vdis", {})[handle_id] = handle
         self._attached[handle_id] = handle
         if not session.values.get("release_on_close"):
@@ -463,6 +482,7 @@ class VdiService:
                 log.warning("VDI %s: could not save its change masks (%s); its generation"
                             " is marked untracked", handle.name, error)
                 untracked = True
+                self.changes.forget(vdi.root.generation)
         await self._unlock_quietly(handle.name, handle.contender, untracked)
 
     async def _unlock_quietly(self, name: str, contender: str, untracked: bool = False) -> None:
@@ -631,6 +651,12 @@ class VdiService:
             lock = vdi.lock
             if _holds_lock(handle, vdi):
                 return
+            if lock is None and vdi.last_holder and vdi.last_holder not in handle.resumed:
+                # Free, but another writer took it (and let it go) since this client's
+                # contender held it: its data is newer than what this client knows.
+                handle.fenced = True
+                raise VdiLocked(f"another writer locked VDI {vdi.name!r} while this client"
+                                " failed over: its writes are refused from now on")
             if lock is None:
                 try:
                     await self.broadcast({"type": "vdi_lock", "name": vdi.name,
@@ -639,15 +665,16 @@ class VdiService:
                     return
                 except VdiLocked:
                     continue  # taken meanwhile: by whom decides
-            elif lock.get("session") != handle.resumed:
+            elif lock.get("session") not in handle.resumed:
                 handle.fenced = True
                 raise VdiLocked(f"the lock on VDI {vdi.name!r} moved to"
                                 f" {lock.get('owner') or 'another writer'} while this client"
                                 " failed over: its writes are refused from now on")
             elif clock.monotonic() >= deadline:
-                raise VdiLocked(f"VDI {vdi.name!r} is still locked by this client's earlier"
-                                f" session (via {lock.get('node_id')}) after"
-                                f" {handoff_unreachable_wait_s:g} s; try again")
+                # Unavailable, which clients retry (the NBD plugin within its budget).
+                raise Unavailable(f"VDI {vdi.name!r} is still locked by this client's"
+                                  f" earlier session (via {lock.get('node_id')}) after"
+                                  f" {handoff_unreachable_wait_s:g} s; try again")
             await clock.sleep(handoff_poll_s)
 
     async def _ask_handoff(self, name: str, lock: dict[str, str], handle: Handle) -> Any:
@@ -691,6 +718,10 @@ class VdiService:
         why = refusal()
         if why is not None:
             return {"granted": False, "why": why}
+        try:  # while writes go on: under the gate, only what came meanwhile is saved
+            await self.changes.save(vdi.root.generation)
+        except SheepError as error:
+            return {"granted": False, "why": f"its change masks could not be saved: {error}"}
 
         async def hand_over() -> Any:
             why = refusal()  # a write may have come while the gate closed

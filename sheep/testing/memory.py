@@ -44,7 +44,8 @@ class MemoryObjects:
         self.data[oid] = buffer
         self.sparse_creates += 1
 
-    async def write(self, oid: int, offset: int, data: bytes | memoryview) -> None:
+    async def write(self, oid: int, offset: int, data: bytes | memoryview,
+                    fua: bool = False) -> None:
         self._check(offset, len(data))
         if oid not in self.data:
             raise NoObject(f"object {oid:016x}")
@@ -108,10 +109,11 @@ class FencedObjects(MemoryObjects):
         await self._pause()
         await super().create_sparse(oid, extents)
 
-    async def write(self, oid: int, offset: int, data: bytes | memoryview) -> None:
+    async def write(self, oid: int, offset: int, data: bytes | memoryview,
+                    fua: bool = False) -> None:
         self._fence(oid)
         await self._pause()
-        await super().write(oid, offset, data)
+        await super().write(oid, offset, data, fua)
 
     async def discard(self, oid: int, offset: int, count: int) -> None:
         self._fence(oid)

@@ -329,7 +329,7 @@ def test_expired_vdis_are_purged_in_the_background(cluster, api):
     settle(lambda: [i["name"] for i in json.loads(
         dog(cluster, "vdi", "trash", "list", "--json").stdout)] == ["kept"], 30,
         "the expired VDI purged")
-    assert not vdi_oids(cluster, gens)
+    settle(lambda: not vdi_oids(cluster, gens), 30, "its objects freed")
     dog(cluster, "vdi", "trash", "purge", check=0)  # nothing expired: kept stays
     assert b"kept" in dog(cluster, "vdi", "trash", "list").stdout
     dog(cluster, "vdi", "trash", "purge", "--all")
@@ -367,3 +367,51 @@ def test_alter_copy_up_and_down(cluster, api):
         assert copies_of(cluster, oids) == {2}  # its own number stays
     finally:
         dog(cluster, "cluster", "alter-copy", "-c", "2")
+
+
+def test_diffs_with_big_zero_records_odd_names_and_force(cluster, api, tmp_path):
+    """A zero record past 4 GiB (Ceph's merge-diff writes a resize's growth as one) is
+    applied in steps; a to-snapshot name this cluster cannot take is refused before
+    anything is written; an untagged snapshot cannot end a diff; with --force a broken
+    diff is not rolled back (there is no state to return to) and the error says so."""
+    GiB = 1 << 30
+    dog(cluster, "vdi", "create", "big", str(8 * GiB))
+    change(api, "big", [(5 * GiB + 100, b"tail"), (0, b"head")])
+    dog(cluster, "vdi", "snapshot", "-s", "s1", "big")
+    diff = tmp_path / "big.diff"
+    with open(diff, "wb") as out:
+        writer = rbd_diff.Writer(out)
+        writer.header(rbd_diff.Header("s1", "s2", 8 * GiB))
+        writer.zeros(0, 6 * GiB)  # one record: more than a request's 32-bit count
+        writer.data(7 * GiB, b"new data")
+        writer.end()
+    dog(cluster, "vdi", "import-diff", str(diff), "big")
+    assert dog(cluster, "vdi", "read", "big", str(5 * GiB + 100), "4").stdout == bytes(4)
+    assert dog(cluster, "vdi", "read", "big@s2", str(7 * GiB), "8").stdout == b"new data"
+
+    for bad in ("12", "a b"):
+        odd = tmp_path / "odd.diff"
+        with open(odd, "wb") as out:
+            writer = rbd_diff.Writer(out)
+            writer.header(rbd_diff.Header("s2", bad, 8 * GiB))
+            writer.data(0, b"never")
+            writer.end()
+        result = dog(cluster, "vdi", "import-diff", str(odd), "big", check=EXIT_USAGE)
+        assert b"cannot be taken here" in result.stderr
+        assert dog(cluster, "vdi", "read", "big", "0", "5").stdout == bytes(5)  # not "never"
+    dog(cluster, "vdi", "snapshot", "big")  # untagged
+    untagged = max(i["id"] for i in api.vdi_list(["big"], usage=False) if i["snapshot"])
+    result = dog(cluster, "vdi", "export-diff", "--from-snap", "s2", f"big@{untagged}",
+                 str(tmp_path / "x"), check=EXIT_USAGE)
+    assert b"has no tag" in result.stderr and not (tmp_path / "x").exists()
+
+    # --force past a write since s2: a stream that breaks leaves what it applied.
+    change(api, "big", [(4096, b"since")])
+    with open(diff, "rb") as source:
+        data = source.read()
+    stream = data.replace(b"t\x02\x00\x00\x00s2", b"t\x02\x00\x00\x00s9").replace(
+        b"f\x02\x00\x00\x00s1", b"f\x02\x00\x00\x00s2")
+    result = dog(cluster, "vdi", "import-diff", "--force", "-", "big",
+                 stdin=stream[:-3], check=EXIT_USAGE)
+    assert b"holds part of the diff" in result.stderr
+    assert dog(cluster, "vdi", "read", "big", "4096", "5").stdout == b"since"

@@ -194,12 +194,12 @@ def used(cluster: LocalCluster, name: str) -> int:
                         if not item["snapshot"]))
 
 
-def closed(cluster: LocalCluster, name: str, timeout_s: float = 10.0) -> None:
+def closed(cluster: LocalCluster, name: str, timeout_s: float = 10.0, index: int = 0) -> None:
     """Wait until the VDI's writer has let go of it: nbdkit closes an export after
     its NBD client is gone, and the close saves the change masks (new objects, a
     change page and its directory, the first time) before it releases the lock."""
     deadline = time.monotonic() + timeout_s
-    with cluster.client(0) as client:
+    with cluster.client(index) as client:
         while client.vdi_list([name], usage=False)[0]["lock"] is not None:
             assert time.monotonic() < deadline, f"{name} is still locked"
             time.sleep(0.05)
@@ -838,6 +838,7 @@ def test_a_writer_fenced_while_idle_stays_fenced_when_its_plugin_fails_over(make
         assert "wrote 65536/65536" in a.stdout.readline()
         time.sleep(1.0)  # idle and flushed: it hands over
         qemu_io(second.uri("fenced"), "write -P 0x42 0 64k", "flush")
+        closed(cluster, "fenced", index=1)  # B is gone too: the lock is free, yet not A's
         cluster.kill(0)
         a.stdin.write("write -P 0x43 0 64k\nquit\n")
         a.stdin.flush()
@@ -847,5 +848,5 @@ def test_a_writer_fenced_while_idle_stays_fenced_when_its_plugin_fails_over(make
             a.kill()
             a.wait()
     assert "Operation not permitted" in output and "wrote 65536/65536" not in output, output
-    assert "while this client failed over" in first.log()
+    assert "another writer locked VDI 'fenced' while this client failed over" in first.log()
     qemu_io(second.uri("fenced"), "read -P 0x42 0 64k")  # B's write stands

@@ -430,7 +430,7 @@ class VdiMachine(RuleBasedStateMachine):
         assert not unknown, f"leaked: {sorted(unknown)}"
 
 VdiMachine.TestCase.settings = settings(
-    max_examples=300, stateful_step_count=40, deadline=None,
+    max_examples=150, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                            HealthCheck.filter_too_much])
 TestVdiModel = VdiMachine.TestCase
