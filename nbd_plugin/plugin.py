@@ -10,7 +10,8 @@ first write, trim or flush, and each NBD client is its own contender for it
 (lock=client, the default): the client's process over a unix socket (nbdkit
 tells its pid, so a multi-conn client's connections are one contender), each
 connection over TCP (nbdkit 1.32 tells the plugin nothing else about a TCP
-client, so writable TCP exports do not advertise multi-conn). lock=nbdkit makes
+client, so writable TCP exports do not advertise multi-conn); a client nbdkit
+cannot name (no pid, a vsock peer) is a contender per connection. lock=nbdkit makes
 every client of this nbdkit one contender, with multi-conn: for one nbdkit per
 VM. A writer whose lock moved to another (a live migration's destination, or
 ``dog vdi lock unlock``) gets EPERM for every later change, and nbdkit's log
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import os
 import socket
 import sys
@@ -97,15 +99,25 @@ class Peer:
         return address, address
 
 
+_connections = itertools.count(1)
+
+
 def _client() -> tuple[str, str]:
     """(who the NBD client is, its contender key for the write lock: "" is the whole
-    nbdkit, lock=nbdkit or a client nbdkit cannot name)."""
+    nbdkit, with lock=nbdkit). A client nbdkit cannot name (no peer pid in a
+    container, a vsock peer, an nbdkit without the functions) is a contender of its
+    own for each connection: sharing one key would let two unrelated clients write
+    under one lock, unfenced."""
     try:
         peer = _state.get("peer") or _state.setdefault("peer", Peer())
         described, key = peer.describe()
-    except (OSError, AttributeError):  # an nbdkit that does not export the functions
-        return "unknown client", ""
-    return described, "" if _config.get("lock") == "nbdkit" else key
+    except (OSError, AttributeError, ValueError):  # no such functions, or a bad address
+        described, key = "unknown client", ""
+    if _config.get("lock") == "nbdkit":
+        return described, ""
+    if not key:
+        key = f"connection {next(_connections)}"
+    return described, key
 
 
 def _import_client() -> Any:

@@ -46,7 +46,7 @@ from sheep.proto import Header, Kind, Op
 from sheep.recovery import Recoverer, Verifier
 from sheep.scrub import Scrubber
 from sheep.store import Store
-from sheep.vdi_service import VdiService
+from sheep.vdi_service import Handle, VdiService
 from sheep.world import REAL, World
 
 log = logging.getLogger(__name__)
@@ -722,17 +722,27 @@ class Sheep:
             if header.opcode in _raw_changes:
                 self._check_raw_change(header)
             return await self.gateway.serve(header, payload)
+        if measured == "read":
+            return await self._scheduled(header, payload, session, handle, measured,
+                                         info.kind)
+        with self.vdis.arriving(handle):  # a holder with changes queued is busy
+            return await self._scheduled(header, payload, session, handle, measured,
+                                         info.kind)
+
+    async def _scheduled(self, header: Header, payload: bytes, session: Session,
+                         handle: Handle, measured: str, kind: Kind) -> Reply:
+        """A VDI's I/O: it waits its turn in its own client queue (its QoS, its share)."""
+        assert self.vdis is not None and self.peer is not None and self.gateway is not None
         flushed = None
         if header.opcode == Op.FLUSH and handle.writable:
             flushed = await self.vdis.flushing(header, session)  # a change: it locks
-        # A VDI's I/O waits its turn in its own client queue (its QoS, its share).
         queue = "client:" + handle.name
         nbytes = header.count if measured in ("read", "write") else 0
         scheduler = self.peer.scheduler
         request = await scheduler.start(queue, nbytes)
         started = self.clock.precise()
         try:
-            if info.kind is Kind.VDI:
+            if kind is Kind.VDI:
                 reply = await self.vdis.serve_io(header, payload, session)
             else:
                 reply = await self.gateway.serve(header, payload)

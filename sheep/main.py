@@ -233,12 +233,13 @@ def _node_key(keyring: str | None, driver: str) -> bytes:
 @click.option("--no-checksums", is_flag=True,
               help="Keep no per-block checksums (damage goes unnoticed). For measuring their"
                    " cost only; a store keeps the setting it was created with.")
-@click.option("--lock-handoff-wait", "handoff_wait_s", type=click.FloatRange(0.5, 600),
+@click.option("--lock-handoff-wait", "handoff_wait_s", type=click.FloatRange(0.5, 20),
               default=3.0, show_default=True,
               help="Seconds a client's first write to a VDI whose lock another client holds"
                    " waits for that writer to flush and go idle (then the lock is handed"
-                   " over, as in a live migration) before it is refused. A holder whose sheep"
-                   " does not answer is waited for until the cluster declares it dead.")
+                   " over, as in a live migration) before it is refused. At most 20, so the"
+                   " answer comes within a client's 30 s request timeout. A holder whose"
+                   " sheep does not answer is waited for until the cluster declares it dead.")
 @click.version_option(package_name="sheepdog")
 def command(directory: str, port: int, address: str, driver: str, zone: int | None,
             weight: str | None, foreground: bool, log_level: str, metrics_port: int | None,

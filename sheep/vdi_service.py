@@ -29,9 +29,10 @@ tree entries) and the write gates; it builds the VdiAdmin and the Collector.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,7 +149,10 @@ class WriteGate:
         self._exclusive = asyncio.Lock()
 
     async def enter(self) -> None:
-        await self._open.wait()
+        # Woken by a reopening, a write may find the gate closed again by the time it
+        # runs (a snapshot or handoff that was queued behind the last one): it waits on.
+        while not self._open.is_set():
+            await self._open.wait()
         self.in_flight += 1
         self._idle.clear()
 
@@ -209,6 +213,9 @@ class Writer:
     flushed: int = 0  # of those, how many a flush (or their own FUA) made durable
     in_flight: int = 0
     taking: int = 0  # changes waiting for the lock to be logged as theirs
+    # Changes and flushes arrived and not yet answered: waiting in the I/O scheduler,
+    # for the lock or at the write gate, or running (VdiService.arriving).
+    queued: int = 0
     last_change: float = float("-inf")  # monotonic: when the latest change began or ended
 
     def begin(self, now: float) -> tuple[int, bool]:
@@ -226,8 +233,9 @@ class Writer:
 
     def busy(self, now: float) -> str | None:
         """Why its lock cannot be handed over now, or None."""
-        if self.in_flight or self.taking:
-            return f"{self.in_flight + self.taking} of its writes are in flight"
+        if self.in_flight or self.taking or self.queued:
+            count = max(self.in_flight, self.queued) + self.taking
+            return f"{count} of its writes are in flight"
         if self.flushed < self.changes:
             return "it has not flushed its latest writes"
         quiet = now - self.last_change
@@ -296,6 +304,9 @@ class VdiService:
         self._attached: dict[int, Handle] = {}  # every handle open here, by id
         # Lock holders here (or would-be ones), by (contender, VDI name).
         self._writers: dict[tuple[str, str], Writer] = {}
+        # (contender, VDI) whose lock this sheep sent away, the outcome maybe unknown:
+        # fenced as if it had moved (until the contender's handles close).
+        self._handing: set[tuple[str, str]] = set()
         self.io: dict[Op, Callable[[Header, bytes, Session], Awaitable[Reply]]] = {
             Op.VDI_OPEN: self.open,
             Op.VDI_CLOSE: self.close,
@@ -465,8 +476,18 @@ class VdiService:
         for handle_id, handle in session.values.get("vdis", {}).items():
             self._attached.pop(handle_id, None)
             self._writers.pop((handle.contender, handle.name), None)
+            self._handing.discard((handle.contender, handle.name))
             if handle.writable:
-                await self._let_go(handle)
+                await self._let_go_paused(handle)
+
+    async def _let_go_paused(self, handle: Handle) -> None:
+        """_let_go once the handle's writes in flight are done: the next holder must
+        never see one of them land on top of its own."""
+        vdi = self.group.state.vdis.vdis.get(handle.name)
+        if vdi is None or vdi.lock is None or vdi.lock.get("session") != handle.contender:
+            await self._let_go(handle)  # not its lock: nothing to wait for
+        else:
+            await self.paused(handle.name, lambda: self._let_go(handle))
 
     async def _let_go(self, handle: Handle) -> None:
         """A writable handle's last close: save the change masks of what it wrote
@@ -529,7 +550,8 @@ class VdiService:
             # Let go of by its holder, not taken away: a later open may lock it again.
             session.values.get("held", set()).discard((handle.contender, handle.name))
             self._writers.pop((handle.contender, handle.name), None)
-            await self._let_go(handle)
+            self._handing.discard((handle.contender, handle.name))
+            await self._let_go_paused(handle)
         return b"", {}
 
     async def read(self, header: Header, payload: bytes, session: Session) -> Reply:
@@ -539,24 +561,50 @@ class VdiService:
         return await self.engine.read(root, header.offset, header.count,
                                       cached=_holds_lock(handle, vdi)), {}
 
-    def _lost(self, vdi: Vdi) -> SheepError:
+    def _lost(self, vdi: Vdi, handle: Handle | None = None) -> SheepError:
         """The error a fenced holder's changes get: it held the lock and lost it."""
         lock = vdi.lock
+        if handle is not None and lock is not None and lock.get("session") == handle.contender:
+            return VdiLocked(f"the lock on VDI {vdi.name!r} is being handed to another"
+                             " writer: this client's writes are refused from now on")
         if lock is None:
             return VdiLocked(f"the lock on VDI {vdi.name!r} was taken from this client (a"
                              " forced unlock): its writes are refused until it opens the"
                              " VDI again")
-        return VdiLocked(f"the lock on VDI {vdi.name!r} moved to {lock.get('owner') or 'another'}"
-                         " writer: this client's writes are refused from now on")
+        return VdiLocked(f"the lock on VDI {vdi.name!r} moved to"
+                         f" {lock.get('owner') or 'another writer'}: this client's writes"
+                         " are refused from now on")
 
     def _writable(self, header: Header, session: Session) -> tuple[Handle, Vdi]:
         handle = self._handle(header, session)
         if not handle.writable:
             raise ReadOnly(f"{handle.name!r} is open read-only")
         vdi, _, _ = self._target(handle)
-        if not _holds_lock(handle, vdi):
-            raise self._lost(vdi)
+        if not _holds_lock(handle, vdi) or (handle.contender, handle.name) in self._handing:
+            raise self._lost(vdi, handle)
         return handle, vdi
+
+    def _writer(self, handle: Handle) -> Writer:
+        key = (handle.contender, handle.name)
+        writer = self._writers.get(key)
+        if writer is None:
+            writer = self._writers[key] = Writer(handle.name)
+        return writer
+
+    @contextlib.contextmanager
+    def arriving(self, handle: Handle) -> Iterator[None]:
+        """A change or flush through the handle, from its arrival (before the I/O
+        scheduler) to its answer: its writer is busy all that time, so a handoff does
+        not take the lock from under a write that is still queued."""
+        if not handle.writable:
+            yield
+            return
+        writer = self._writer(handle)
+        writer.queued += 1
+        try:
+            yield
+        finally:
+            writer.queued -= 1
 
     async def locked(self, header: Header, session: Session) -> tuple[Handle, Vdi, Writer]:
         """The handle's VDI under its contender's lock, taken now if this is its first
@@ -570,13 +618,15 @@ class VdiService:
             raise ReadOnly(f"{handle.name!r} is open read-only")
         vdi, _, _ = self._target(handle)
         key = (handle.contender, handle.name)
-        writer = self._writers.get(key)
-        if writer is None:
-            writer = self._writers[key] = Writer(handle.name)
-        if not _holds_lock(handle, vdi):
-            held: set[tuple[str, str]] = session.values.setdefault("held", set())
-            if key in held or handle.fenced:
-                raise self._lost(vdi)
+        writer = self._writer(handle)
+        held: set[tuple[str, str]] = session.values.setdefault("held", set())
+        if _holds_lock(handle, vdi):
+            # Seen holding it (taken here, or by the contender through another handle
+            # or sheep): should it move, this contender never takes it back.
+            held.add(key)
+        else:
+            if key in held or handle.fenced or key in self._handing:
+                raise self._lost(vdi, handle)
             locking: dict[tuple[str, str], asyncio.Lock] = session.values.setdefault(
                 "locking", {})
             async with locking.setdefault(key, asyncio.Lock()):
@@ -589,6 +639,7 @@ class VdiService:
                     writer.taking += 1
                     try:
                         await self._take(handle)
+                        await self._until_held(handle)
                         held.add(key)
                         vdi, _, _ = self._target(handle)
                         if vdi.unsettled:
@@ -597,6 +648,20 @@ class VdiService:
                         writer.taking -= 1
         handle, vdi = self._writable(header, session)
         return handle, vdi, writer
+
+    async def _until_held(self, handle: Handle) -> None:
+        """After a grant: until this sheep has applied it (a member that did not confirm
+        the op's barrier may lag), else the change would be refused as fenced."""
+        clock = self.gateway.clock
+        deadline = clock.monotonic() + handoff_unreachable_wait_s
+        while True:
+            vdi, _, _ = self._target(handle)
+            if _holds_lock(handle, vdi):
+                return
+            if clock.monotonic() >= deadline:
+                raise Unavailable(f"the lock on VDI {vdi.name!r} was granted, but this sheep"
+                                  " has not applied the grant yet; try again")
+            await clock.sleep(handoff_poll_s)
 
     async def _take(self, handle: Handle) -> None:
         """Take the VDI's lock for the handle's contender: at once if nobody holds it,
@@ -733,10 +798,20 @@ class VdiService:
                 await self.changes.save(current.root.generation)
             except SheepError as error:
                 return {"granted": False, "why": f"its change masks could not be saved: {error}"}
-            await self.broadcast({"type": "vdi_lock", "name": vdi.name, "node_id": node_id,
-                                  "session": contender, "owner": owner,
-                                  "from_session": holder})
-            self._writers.pop((str(holder), vdi.name), None)
+            # Fenced from the moment the move is sent: should the op time out, it may
+            # still apply, and a write let through meanwhile would race the new holder.
+            # Only a refusal (the log applied it, and said no) lifts the fence.
+            key = (str(holder), vdi.name)
+            self._handing.add(key)
+            try:
+                await self.broadcast({"type": "vdi_lock", "name": vdi.name,
+                                      "node_id": node_id, "session": contender,
+                                      "owner": owner, "from_session": holder})
+            except SheepError as error:
+                if not isinstance(error, _unanswered):
+                    self._handing.discard(key)
+                raise
+            self._writers.pop(key, None)
             log.warning("VDI %s: lock handed over from %s to %s (the old holder had flushed"
                         " and gone idle); its further writes are refused", vdi.name,
                         before.get("owner") or holder, owner or contender)

@@ -22,7 +22,7 @@ import pytest
 
 from sheep import auth, radix
 from sheep.client import Client, Connection, SyncClient
-from sheep.errors import InvalidParameters, ReadOnly, VdiLocked
+from sheep.errors import InvalidParameters, ReadOnly, Timeout, VdiLocked
 from sheep.oid import ObjectType, oid_generation, oid_index, oid_type
 from sheep.proto import Header, Op
 from sheep.testing.cluster import LocalCluster
@@ -1032,6 +1032,91 @@ def test_handoffs_that_name_no_member_or_no_other_contender_are_refused(cluster)
         assert granted == {"granted": True}
         with pytest.raises(VdiLocked, match="moved to"):
             holder.vdi_write(opened["handle"], 0, b"fenced")
+
+
+def test_a_holder_whose_write_waits_in_the_scheduler_keeps_its_lock(cluster):
+    """A handoff asks whether the holder is busy: a write of its that waits for its
+    turn in the I/O scheduler (its QoS limit) counts, so the handoff is refused and
+    the write lands, rather than the lock moving and the write failing as fenced."""
+    with cluster.client(0) as holder, cluster.client(0) as admin:
+        holder.vdi_create("queued", 8 * MiB)
+        admin.vdi_qos("queued", bps=2048, burst=0.01)  # a 4 KiB write: 2 s of debt
+        opened = holder.vdi_open("queued", writable=True, owner="holder")
+        holder.vdi_write(opened["handle"], 0, b"a" * 4096, fua=True)  # flushed
+        time.sleep(0.6)  # flushed and idle: with nothing queued it could be handed over
+        outcome: list[BaseException | None] = []
+
+        def write() -> None:
+            try:
+                holder.vdi_write(opened["handle"], 4096, b"b" * 4096, fua=True)
+                outcome.append(None)
+            except BaseException as error:  # noqa: BLE001 - reported below
+                outcome.append(error)
+
+        thread = threading.Thread(target=write)
+        thread.start()
+        time.sleep(0.3)
+        assert not outcome, "the write should still wait for the QoS limit"
+        members = [node["node_id"] for node in admin.node_list()]
+        answer = admin._json(Op.VDI_HANDOFF, {"name": "queued", "owner": "other",
+                                              "from_session": opened["contender"],
+                                              "session": "other", "node_id": members[1]})
+        thread.join(10)
+        assert answer["granted"] is False and "in flight" in answer["why"], answer
+        assert outcome == [None]
+        assert holder.vdi_read(opened["handle"], 4096, 4096) == b"b" * 4096
+        admin.vdi_qos("queued", clear=True)
+        holder.vdi_close(opened["handle"])
+
+
+def test_a_handoff_whose_move_timed_out_fences_the_holder(tmp_path):
+    """The holder's sheep sends the lock's move; the op times out (a slow or electing
+    log), yet may still apply. Until the outcome is known the holder is fenced: a
+    write let through the reopened gate would race the new holder's."""
+    with InProcessCluster(str(tmp_path), nodes=1) as cluster:
+        sheep = cluster.sheep[0]
+        assert sheep.vdis is not None
+        real = sheep.vdis.broadcast
+        timed_out = threading.Event()
+        go_on = threading.Event()
+
+        async def slow_log(body: dict) -> object:
+            if body.get("type") == "vdi_lock" and body.get("from_session"):
+                if not timed_out.is_set():
+                    timed_out.set()
+                    raise Timeout("cluster operation vdi_lock was not applied in time")
+                while not go_on.is_set():
+                    await asyncio.sleep(0.01)
+            return await real(body)
+
+        sheep.vdis.broadcast = slow_log
+        with cluster.client(0) as holder, cluster.client(0) as contender:
+            holder.format(1, object_size)
+            holder.vdi_create("moving", 8 * MiB)
+            first = holder.vdi_open("moving", writable=True, owner="holder")
+            holder.vdi_write(first["handle"], 0, b"old" * 1000, fua=True)
+            time.sleep(0.6)
+            second = contender.vdi_open("moving", writable=True, owner="contender")
+            taken: list[BaseException | None] = []
+
+            def take() -> None:
+                try:
+                    contender.vdi_write(second["handle"], 0, b"new" * 1000)
+                    taken.append(None)
+                except BaseException as error:  # noqa: BLE001 - reported below
+                    taken.append(error)
+
+            thread = threading.Thread(target=take)
+            thread.start()
+            assert timed_out.wait(10)
+            with pytest.raises(VdiLocked, match="being handed"):
+                holder.vdi_write(first["handle"], 0, b"late" * 1000)
+            go_on.set()  # the contender's next ask is granted
+            thread.join(30)
+            assert taken == [None]
+            with pytest.raises(VdiLocked, match="moved to"):
+                holder.vdi_write(first["handle"], 0, b"late" * 1000)
+            assert contender.vdi_read(second["handle"], 0, 3000) == b"new" * 1000
 
 
 def test_a_raw_removal_of_an_object_a_locked_vdi_shares_is_refused(cluster):
