@@ -8,9 +8,10 @@ from typing import Any
 import click
 
 from dog.common import DURATION, RATE, SIZE, Target, connection_options, json_option, run
-from dog.output import Progress, format_time, print_json, print_table
+from dog.output import Progress, StatusLine, format_time, print_json, print_table
 from sheep import auth, constants
-from sheep.errors import EXIT_FAILURE, NoObject, Unavailable
+from sheep.errors import EXIT_FAILURE, NoObject, Timeout, Unavailable
+from sheep.health import cluster_health, health_text
 from sheep.size import format_size
 
 
@@ -70,23 +71,6 @@ def _status_text(info: dict[str, Any]) -> str:
     return "running"
 
 
-def _health_text(value: dict[str, Any]) -> str:
-    health = value["health"]
-    if health["state"] == "healthy":
-        return "healthy: every node is reachable and done recovering"
-    problems = []
-    if health["running"] or health["unverified"]:
-        problems.append(f"{health['running']} node(s) recovering "
-                        f"({health['recovered']}/{health['to_recover']} objects fetched, "
-                        f"{health['surplus']} surplus copies to remove, "
-                        f"{health['unverified']} copies to verify)")
-    if health["unreachable"]:
-        problems.append(f"{health['unreachable']} node(s) unreachable")
-    if value["zones"] < value["copies"]:
-        problems.append(f"only {value['zones']} zone(s) for {value['copies']} copies")
-    return f"{health['state']}: " + "; ".join(problems)
-
-
 def _sessions(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each member's coordination session, for drivers that have one (ZooKeeper): the
     server it is connected to, the negotiated timeout, and its state: connected,
@@ -109,18 +93,12 @@ def _sessions(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @json_option
 @connection_options
 def info(as_json: bool) -> None:
-    """Show the cluster's status, parameters and epoch history."""
-    from dog.node import summarize
-
+    """Show the cluster's status, health, parameters and epoch history."""
     value = run(lambda client: client.cluster_info())
     nodes: list[dict[str, Any]] = []
     if value["status"] == "ok" or value["driver"].get("driver") == "zookeeper":
         nodes = run(lambda client: client.node_list())
-    if value["status"] == "ok":
-        summary = summarize(nodes)
-        if value["zones"] < value["copies"] and summary["state"] == "healthy":
-            summary["state"] = "degraded"
-        value["health"] = summary
+    value["health"] = cluster_health(value, nodes)
     sessions = _sessions(nodes)
     if sessions:
         value["sessions"] = sessions
@@ -128,8 +106,7 @@ def info(as_json: bool) -> None:
         print_json(value)
         return
     click.echo(f"Cluster status: {_status_text(value)}")
-    if "health" in value:
-        click.echo(f"Cluster health: {_health_text(value)}")
+    click.echo(f"Cluster health: {health_text(value['health'])}")
     if value["status"] in ("ok", "shutdown"):
         click.echo(f"Cluster created at {format_time(value['format_time'])}")
         click.echo(f"Copies: {value['copies']}, object size: {format_size(value['object_size'])}")
@@ -165,12 +142,85 @@ def info(as_json: bool) -> None:
     print_table(["Epoch", "Time", "Nodes"], rows, right=["Epoch"])
 
 
+shutdown_poll_s = 0.1
+
+
+def _is_local(address: str) -> bool:
+    """Whether address is one of this host's (a socket can be bound to it)."""
+    import socket
+
+    try:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((address, 0))
+        return True
+    except OSError:
+        return False
+
+
+def _process_gone(pid: int) -> bool:
+    """The process has exited (a zombie its parent has not reaped yet counts)."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rpartition(")")[2].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _port_closed(address: str, port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((address, port), timeout=1.0):
+            return False
+    except OSError:
+        return True
+
+
+def _sheep_gone(node: dict[str, Any]) -> bool:
+    """A sheep on this host is gone once its process is; one elsewhere once its port
+    no longer accepts connections (it closes the port first, then syncs its store)."""
+    address, port, pid = str(node["address"]), int(node["port"]), node.get("pid")
+    if isinstance(pid, int) and _is_local(address):
+        return _process_gone(pid)
+    return _port_closed(address, port)
+
+
 @cluster.command()
+@click.option("--no-wait", is_flag=True,
+              help="Return once the shutdown is logged, not when every sheep has exited.")
+@click.option("--timeout", type=DURATION, default=120, show_default=True,
+              help="How long to wait for every sheep to exit, like 2m.")
 @connection_options
-def shutdown() -> None:
-    """Stop every sheep of the cluster cleanly (their data stays)."""
+def shutdown(no_wait: bool, timeout: int) -> None:
+    """Stop every sheep of the cluster cleanly (their data stays), and wait until
+    each has exited: a sheep on this host until its process is gone, one on
+    another host until its port is closed."""
+    import time
+
+    nodes = [node for node in run(lambda client: client.node_list())
+             if node.get("status") != "unreachable"]
     run(lambda client: client.shutdown())
-    click.echo("cluster shutting down")
+    if no_wait:
+        click.echo(f"cluster shutting down ({len(nodes)} sheep)")
+        return
+    line = StatusLine()
+    deadline = time.monotonic() + timeout
+    left = nodes
+    while left:
+        left = [node for node in left if not _sheep_gone(node)]
+        if not left:
+            break
+        if time.monotonic() >= deadline:
+            line.clear()
+            names = ", ".join(f"{node['address']}:{node['port']}" for node in left)
+            raise Timeout(f"{len(left)} of {len(nodes)} sheep still running after {timeout} s:"
+                          f" {names}")
+        line.show(f"waiting for {len(left)} of {len(nodes)} sheep to exit",
+                  1 - len(left) / len(nodes))
+        time.sleep(shutdown_poll_s)
+    line.clear()
+    click.echo(f"cluster shut down: {len(nodes)} sheep stopped")
 
 
 @cluster.group()
@@ -248,7 +298,8 @@ def _walk(oids: list[int], scrub: bool, label: str) -> list[dict[str, Any]]:
     return results
 
 
-def _report(results: list[dict[str, Any]], verb: str, as_json: bool) -> None:
+def _report(results: list[dict[str, Any]], verb: str, as_json: bool,
+            health: dict[str, Any] | None = None) -> None:
     """Print what a check or scrub found; exit 1 if an object is left short or lost."""
     counts = {state: 0 for state in ("ok", "repaired", "degraded", "lost", "removed", "error")}
     for result in results:
@@ -258,7 +309,8 @@ def _report(results: list[dict[str, Any]], verb: str, as_json: bool) -> None:
     bad = [result for result in results if result["state"] in ("degraded", "lost", "error")]
     if as_json:
         print_json({"objects": len(results), "copies_made": copies_made,
-                    "damaged_copies": damaged, **counts, "problems": bad})
+                    "damaged_copies": damaged, **counts, "problems": bad,
+                    **({"health": health} if health is not None else {})})
     else:
         click.echo(f"{len(results)} objects {verb}: {counts['ok']} fine, {counts['repaired']}"
                    f" repaired ({copies_made} copies made"
@@ -275,16 +327,38 @@ def _report(results: list[dict[str, Any]], verb: str, as_json: bool) -> None:
         raise SystemExit(EXIT_FAILURE)
 
 
+def _settled(no_wait: bool, as_json: bool) -> dict[str, Any]:
+    """The cluster's health once recovery (or a restart's verification) is done:
+    what a check finds meanwhile is recovery's work in progress, not a fault."""
+    from dog.node import _watch, health
+
+    summary, _ = health()
+    if summary["phase"] and not no_wait:
+        if not as_json:
+            click.echo(f"Cluster health: {health_text(summary)}; waiting for it to finish"
+                       " (--no-wait checks now)", err=True)
+        summary = _watch()
+    if not as_json:
+        click.echo(f"Cluster health: {health_text(summary)}")
+    return summary
+
+
 @cluster.command()
+@click.option("--no-wait", is_flag=True,
+              help="Check at once, even while recovery is running (what it has not"
+                   " fetched yet shows as repaired or degraded).")
 @json_option
 @connection_options
-def check(as_json: bool) -> None:
+def check(no_wait: bool, as_json: bool) -> None:
     """Check every object of the cluster and repair those with fewer than N good copies.
 
     Every node's objects are listed; for each, the newest copy is copied to the
-    holders that lack it or hold an older or unverified one. Exit status 0 when
-    every object has its copies, 1 when some could not be repaired."""
-    _report(_walk(_objects(None), False, "checking objects"), "checked", as_json)
+    holders that lack it or hold an older or unverified one. A recovery under way
+    (after a node left, joined or restarted) is waited for first. Exit status 0
+    when every object has its copies, 1 when some could not be repaired (the
+    cluster is degraded: its health line says why)."""
+    summary = _settled(no_wait, as_json)
+    _report(_walk(_objects(None), False, "checking objects"), "checked", as_json, summary)
 
 
 @cluster.command()

@@ -9,6 +9,7 @@ import click
 from dog.common import RATE, connection_options, json_option, run
 from dog.output import StatusLine, print_json, print_table
 from sheep.errors import InvalidParameters
+from sheep.health import cluster_health, health_text
 from sheep.size import format_size
 
 
@@ -82,52 +83,75 @@ def info(as_json: bool) -> None:
                        "Scrubbed"])
 
 
-@node.command()
-@click.argument("index", type=click.IntRange(0))
+def find_node(nodes: list[dict[str, Any]], spec: str) -> tuple[int, dict[str, Any]]:
+    """(index, node) for what names a node on the command line: its index in 'dog
+    node list' (which shifts when a node leaves), its node id, or HOST:PORT (a host
+    name is resolved). InvalidParameters naming what there is, when none matches."""
+    import socket
+
+    spec = spec.strip()
+    for index, node in enumerate(nodes):
+        if spec == node["node_id"]:
+            return index, node
+    if spec.isdigit():
+        index = int(spec)
+        if index < len(nodes):
+            return index, nodes[index]
+        raise InvalidParameters(f"no node with index {index} (the cluster has {len(nodes)})")
+    host, _, port = spec.rpartition(":")
+    host = host.strip("[]")
+    if host and port.isdigit():
+        addresses = {host}
+        try:
+            addresses |= {str(info[4][0]) for info in socket.getaddrinfo(host, int(port))}
+        except (OSError, UnicodeError):
+            pass
+        for index, node in enumerate(nodes):
+            if str(node["address"]) in addresses and int(node["port"]) == int(port):
+                return index, node
+    known = ", ".join(f"{node['address']}:{node['port']}" for node in nodes)
+    raise InvalidParameters(f"no node {spec!r}: name one by its index, its node id or"
+                            f" HOST:PORT ({known})")
+
+
+_node_help = "NODE: its index in 'dog node list', its node id, or HOST:PORT."
+
+
+def _node_spec(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Checked before any connection: an index, or something with a port in it."""
+    host, _, port = value.rpartition(":")
+    if value.isdigit() or (host and port.partition("/")[0].isdigit()):
+        return value
+    raise click.BadParameter(f"{value!r} is not a node index, node id or HOST:PORT")
+
+
+@node.command(epilog=_node_help)
+@click.argument("target_node", metavar="NODE", callback=_node_spec)
 @connection_options
-def kill(index: int) -> None:
-    """Stop the node with this index (as shown by 'dog node list')."""
+def kill(target_node: str) -> None:
+    """Stop a node (it leaves the cluster; its copies are recovered elsewhere)."""
     from sheep.client import Client
 
-    async def call(client: Client) -> str:
-        nodes = await client.node_list()
-        if index >= len(nodes):
-            raise InvalidParameters(f"no node with index {index} (the cluster has {len(nodes)})")
-        target = nodes[index]
+    async def call(client: Client) -> tuple[int, str]:
+        index, target = find_node(await client.node_list(), target_node)
         victim = await Client.connect(target["address"], target["port"],
                                           credentials=client.connection.credentials)
         try:
             await victim.kill_node()
         finally:
             victim.close()
-        return str(target["node_id"])
+        return index, str(target["node_id"])
 
-    node_id = run(call)
+    index, node_id = run(call)
     click.echo(f"node {index} ({node_id}) is stopping")
 
 
-def summarize(nodes: list[dict[str, Any]]) -> dict[str, Any]:
-    """The cluster's recovery, added up over the nodes: 'recovering' while any node
-    fetches copies, removes surplus ones or verifies what it brought back;
-    'degraded' when a member cannot be reached; 'healthy' otherwise."""
-    totals = {key: 0 for key in ("to_recover", "recovered", "failed", "bytes", "surplus",
-                                 "removed", "unverified")}
-    rate = 0.0
-    running = unreachable = 0
-    for info in nodes:
-        if info.get("status") == "unreachable":
-            unreachable += 1
-            continue
-        recovery = info.get("recovery") or {}
-        for key in totals:
-            totals[key] += int(recovery.get(key, 0))
-        if recovery.get("running"):
-            running += 1
-            rate += float(recovery.get("rate", 0.0))
-    state = ("recovering" if running or totals["unverified"] else
-             "degraded" if unreachable else "healthy")
-    return {"state": state, "running": running, "unreachable": unreachable, "rate": rate,
-            **totals}
+def health() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The cluster's health (sheep/health.py, as every command shows it), and the
+    members as NODE_LIST answered."""
+    info = run(lambda client: client.cluster_info())
+    nodes = run(lambda client: client.node_list())
+    return cluster_health(info, nodes), nodes
 
 
 def _summary_text(summary: dict[str, Any]) -> str:
@@ -138,7 +162,7 @@ def _summary_text(summary: dict[str, Any]) -> str:
         parts.append(f"{summary['surplus']} surplus copies to remove")
     if summary["unverified"]:
         parts.append(f"{summary['unverified']} copies to verify")
-    return f"{summary['state']}: " + ", ".join(parts)
+    return f"{health_text(summary)} ({', '.join(parts)})"
 
 
 watch_interval_s = 0.5
@@ -149,12 +173,12 @@ def _watch() -> dict[str, Any]:
     import time
 
     line = StatusLine()
-    summary = summarize(run(lambda client: client.node_list()))
-    while summary["state"] == "recovering":
+    summary, _ = health()
+    while summary["phase"]:  # recovering or verifying, whatever else is wrong
         done = (summary["recovered"] / summary["to_recover"]) if summary["to_recover"] else None
         line.show(_summary_text(summary), done)
         time.sleep(watch_interval_s)
-        summary = summarize(run(lambda client: client.node_list()))
+        summary, _ = health()
     line.close(_summary_text(summary))
     return summary
 
@@ -180,7 +204,7 @@ def recovery(max_rate: int | None, watch: bool, as_json: bool) -> None:
         if as_json:
             print_json(summary)
         return
-    nodes = run(lambda client: client.node_list())
+    summary, nodes = health()
     items = [{"index": index, "node_id": info["node_id"], **(info.get("recovery") or {})}
              for index, info in enumerate(nodes)]
     if as_json:
@@ -197,7 +221,7 @@ def recovery(max_rate: int | None, watch: bool, as_json: bool) -> None:
                 right=["Id", "Epoch", "To recover", "Recovered", "Failed", "Rate", "Allowed",
                        "Surplus", "Unverified"])
     limit = next((item["max_rate"] for item in items if "max_rate" in item), 0)
-    click.echo(f"\n{_summary_text(summarize(nodes))}; rate limit: "
+    click.echo(f"\n{_summary_text(summary)}; rate limit: "
                f"{format_size(limit) + '/s' if limit else 'none'}")
     waiting = sum(item.get("waiting", 0) for item in items)
     if waiting:
@@ -300,12 +324,12 @@ def _limit(item: dict[str, Any]) -> str:
     return f"{format_size(int(rate))}/s" if rate else "any"
 
 
-@node.command()
-@click.argument("index", type=click.IntRange(0))
+@node.command(epilog=_node_help)
+@click.argument("target_node", metavar="NODE", callback=_node_spec)
 @click.option("--no-wait", is_flag=True,
               help="Only start the drain; the node stays until you stop it.")
 @connection_options
-def drain(index: int, no_wait: bool) -> None:
+def drain(target_node: str, no_wait: bool) -> None:
     """Move every copy off the node with this index, then stop it.
 
     The node gets no vnodes, so placement gives it nothing; the others fetch its
@@ -314,10 +338,7 @@ def drain(index: int, no_wait: bool) -> None:
     cannot hold the copies objects keep."""
     import time
 
-    nodes = run(lambda client: client.node_list())
-    if index >= len(nodes):
-        raise InvalidParameters(f"no node with index {index} (the cluster has {len(nodes)})")
-    target = nodes[index]
+    index, target = find_node(run(lambda client: client.node_list()), target_node)
     run(lambda client: client.reweight(target["node_id"], 0))
     click.echo(f"node {index} ({target['node_id']}) is draining")
     if no_wait:

@@ -15,6 +15,7 @@ from dog.common import OID, connection_options, json_option, run
 from dog.output import print_json, print_table
 from sheep.client import Client
 from sheep.errors import InvalidParameters, NoObject
+from sheep.health import health_text, object_health
 from sheep.oid import ObjectType, oid_type
 
 
@@ -76,14 +77,21 @@ def get(oid: int, offset: int, length: int | None) -> None:
 @connection_options
 def stat(oid: int, as_json: bool) -> None:
     """Which nodes hold object OID under the current epoch, and their versions."""
+    from dog.node import health
+
     value = run(lambda client: client.stat(oid))
+    cluster, _ = health()
+    value["health"] = object_health(value, cluster)
     if as_json:
         print_json(value)
     if not any("error" not in replica for replica in value["replicas"]):
         raise NoObject(f"object {oid:016x} is on none of its {len(value['replicas'])} nodes")
     if as_json:
         return
-    click.echo(f"object {oid:016x}: {value['copies']} copies at epoch {value['epoch']}")
+    own = value["health"]
+    click.echo(f"object {oid:016x}: {own['state']}: {own['held']} of {own['copies']} copies"
+               f" at epoch {value['epoch']}")
+    click.echo(f"Cluster health: {health_text(cluster)}")
     rows = [[r["node_id"], r["endpoint"], r["zone"], r.get("version", "-"),
              r.get("error", "ok")] for r in value["replicas"]]
     print_table(["Node id", "Address", "Zone", "Version", "Status"], rows,

@@ -96,7 +96,11 @@ class StatusLine:
             click.echo(text, err=True)
             self._last_text, self._last_time = text, now
 
-    def close(self, text: str) -> None:
+    def clear(self) -> None:
+        """Take the line away (a terminal's), for what is printed next."""
         if self.terminal:
             click.echo("\r\x1b[K", nl=False, err=True)
+
+    def close(self, text: str) -> None:
+        self.clear()
         click.echo(text, err=True)

@@ -57,6 +57,8 @@ writeback_interval_s = 30.0
 sweep_interval_s = 600.0  # how often the first member sweeps unreachable objects
 trash_check_interval_s = 5.0  # how often the first member purges expired VDIs in the trash
 fence_poll_s = 0.05
+stop_start_grace_s = 1.0  # a stop during start lets a join under way finish this long
+leave_timeout_s = 3.0  # a stop logs its leave within this, else ends as a death
 snapshot_epochs = 64  # epochs a snapshot carries: placement looks back 16 at most
 space_nearly_full_ratio = 0.10
 
@@ -115,6 +117,7 @@ class Sheep:
         self.stopping = False
         self.started_at = self.clock.wall()
         self._start_begun = False
+        self._start_task: asyncio.Task[None] | None = None
         self._start_finished = asyncio.Event()  # start returned or failed
         self._op_ids = itertools.count(1)
         self._op_waiters: dict[str, asyncio.Future[ApplyResult]] = {}
@@ -155,8 +158,13 @@ class Sheep:
         """Open the store, join the cluster, serve (on a bound socket, or what a simulated
         network listens on). Returns once this sheep is a member."""
         self._start_begun = True
+        self._start_task = asyncio.get_running_loop().create_task(self._start(listener))
         try:
-            await self._start(listener)
+            await self._start_task
+        except asyncio.CancelledError:
+            if not self.stopping:
+                raise
+            raise ShuttingDown("stopped while starting") from None
         finally:
             self._start_finished.set()
 
@@ -309,10 +317,19 @@ class Sheep:
             return
         self.stopping = True
         log.info("stopping (leave=%s)", leave)
-        if self._start_begun:
-            # A stop (SIGTERM) during start waits for the join: closing the store under
-            # it would kill the event stream and leave start waiting forever.
-            await self._start_finished.wait()
+        if self._start_begun and not self._start_finished.is_set():
+            # A stop (SIGTERM) during start lets a join that is under way finish, for a
+            # moment: closing the store under it would kill the event stream. A start
+            # that cannot reach its cluster driver (ZooKeeper down) is given up.
+            try:
+                await self.clock.wait_for(asyncio.shield(self._start_finished.wait()),
+                                          stop_start_grace_s)
+            except TimeoutError:
+                log.warning("stopping while still starting: giving up the join")
+                await self.driver.close()
+                if self._start_task is not None:
+                    self._start_task.cancel()
+                await self._start_finished.wait()
         await self.server.stop()
         if self.recoverer is not None:
             await self.recoverer.stop()
@@ -329,7 +346,12 @@ class Sheep:
             # node a member that serves nothing. The next start recovers from intents.
             log.exception("final sync failed")
         if leave:
-            await self.driver.leave()
+            try:  # a service that cannot be reached must not hold the stop up
+                await self.clock.wait_for(self.driver.leave(), leave_timeout_s)
+            except TimeoutError:
+                log.warning("could not log a graceful leave within %g s: the others will"
+                            " see this sheep die instead", leave_timeout_s)
+                await self.driver.close()
         else:
             await self.driver.close()
         self.pool.close()
@@ -801,7 +823,7 @@ class Sheep:
         state = self.group.state
         value = {
             **{key: value for key, value in state.to_json().items() if key != "principals"},
-            "zones": state.zones,
+            "zones": state.zones, "copies_max": state.copies_max,
             "epochs": [entry.to_json() for entry in state.epochs],
             "driver": self.driver.info(),
             "node_id": self.node.node_id if self.node else None,

@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from typing import IO
 
 import click
@@ -32,6 +33,7 @@ from sheep.store import Store
 log = logging.getLogger("sheep")
 
 ready_timeout_s = 60.0
+note_prefix = "note: "  # a line the daemon sends its waiting parent before its verdict
 
 
 class StartError(Exception):
@@ -118,16 +120,28 @@ def _wait_ready(read_end: int, pid: int, directory: str) -> int:
 
     os.waitpid(pid, 0)  # the first child exits at once; the daemon is its child
     message = b""
-    readable, _, _ = select.select([read_end], [], [], ready_timeout_s)
-    if readable:
-        while chunk := os.read(read_end, 4096):
-            message += chunk
+    deadline = time.monotonic() + ready_timeout_s
+    notes: list[str] = []
+    while (left := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select([read_end], [], [], left)
+        if not readable:
+            break
+        chunk = os.read(read_end, 4096)
+        if not chunk:
+            break
+        message += chunk
+        while b"\n" in message and message.startswith(note_prefix.encode()):
+            line, _, message = message.partition(b"\n")
+            notes.append(line[len(note_prefix):].decode(errors="replace"))
+            click.echo(f"sheep: {notes[-1]}", err=True)  # said at once, while it waits
     text = message.decode(errors="replace").strip()
     if text == "ok":
         return 0
     if not text:
-        text = (f"the sheep did not report ready within {ready_timeout_s:.0f} s;"
-                f" see {os.path.join(directory, 'sheep.log')}")
+        waiting = f" ({notes[-1]})" if notes else ""
+        text = (f"the sheep did not report ready within {ready_timeout_s:.0f} s{waiting};"
+                f" it goes on trying in the background: see"
+                f" {os.path.join(directory, 'sheep.log')}")
     click.echo(f"sheep: {text}", err=True)
     return EXIT_FAILURE
 
@@ -138,6 +152,15 @@ def _report(fd: int | None, message: str) -> None:
     try:
         os.write(fd, message.encode())
         os.close(fd)
+    except OSError:
+        pass
+
+
+def _note(fd: int, message: str) -> None:
+    """A line for the waiting parent's terminal while the daemon starts (a cluster
+    driver that cannot reach its service yet)."""
+    try:
+        os.write(fd, f"{note_prefix}{message}\n".encode())
     except OSError:
         pass
 
@@ -165,12 +188,21 @@ async def _run(sheep: Sheep, sock: socket.socket, ready_fd: int | None,
             _report(ready_fd, str(error))
             log.error("cannot start: %s", error)
             return EXIT_FAILURE
+    if ready_fd is not None:  # the foreground's log on stderr says it already
+        sheep.driver.notice = lambda text: _note(ready_fd, text)
     try:
         await sheep.start(sock)
     except SheepError as error:
+        sheep.driver.notice = lambda text: None  # the pipe closes with the verdict
+        if sheep.stopping:  # SIGTERM while starting (its cluster driver unreachable)
+            await sheep.stopped.wait()
+            _report(ready_fd, "stopped before it joined the cluster")
+            log.info("sheep stopped before it joined the cluster")
+            return 0
         _report(ready_fd, error.message)
         log.error("cannot start: %s", error.message)
         return EXIT_FAILURE
+    sheep.driver.notice = lambda text: None
     _report(ready_fd, "ok")
     await sheep.stopped.wait()
     log.info("sheep stopped")

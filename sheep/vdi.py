@@ -57,6 +57,15 @@ node_cache_max = 2048  # frozen tree nodes kept in memory (8 KiB each)
 entry_nodes_max = 4096  # writable tree nodes whose entries are cached (a dict each)
 read_retries_max = 3  # lookups redone when a concurrent copy-up freed what a read found
 map_cache_max = 1 << 16  # allocation masks of frozen data objects kept in memory
+maps_in_flight = 32  # allocation masks block status asks for at once
+
+
+def _runs(value: int, inner: int, count: int) -> list[tuple[int, int]]:
+    """The [start, end) byte ranges of an allocation mask within [inner, inner+count)."""
+    value &= changes.mask(inner, count)
+    return [(max(inner, first * changes.BLOCK),
+             min(inner + count, (first + blocks) * changes.BLOCK))
+            for first, blocks in changes.runs(value)]
 released_max = 1 << 16  # frozen objects replaced since the last garbage(); past it, forgotten
 
 
@@ -214,26 +223,49 @@ class VdiEngine:
 
     async def extents(self, root: Root, offset: int, length: int,
                       cached: bool = False) -> list[Extent]:
-        """Allocated and unallocated ranges, merged, covering [offset, offset+length)."""
+        """Allocated and unallocated ranges, merged, covering [offset, offset+length).
+
+        It walks only the allocated part of the tree (VdiEngine.changed), then asks
+        the allocated objects' maps, maps_in_flight at a time: the cost follows the
+        data, never the VDI's size, however deep its snapshots and clones."""
         result: list[Extent] = []
+        if length <= 0:
+            return result
 
         def add(start: int, count: int, allocated: bool) -> None:
+            if count <= 0:
+                return
             if result and result[-1].allocated == allocated:
                 last = result[-1]
                 result[-1] = Extent(last.offset, last.length + count, allocated)
             else:
                 result.append(Extent(start, count, allocated))
 
-        for index, inner, count in self._pieces(offset, length):
-            base = index * self.object_size
-            at = inner
-            for low, high in await self.data_ranges(root, index, inner, count, cached):
-                if low > at:
-                    add(base + at, low - at, False)
-                add(base + low, high - low, True)
+        end = offset + length
+        size = self.object_size
+        found = await self.changed(root, None, None, offset // size, (end - 1) // size + 1)
+        slots = asyncio.Semaphore(maps_in_flight)
+
+        async def ranges(index: int, oid: int) -> list[tuple[int, int]]:
+            base = index * size
+            inner = max(offset, base) - base
+            count = min(end, base + size) - base - inner
+            async with slots:
+                try:
+                    value = await self.data_map(oid)
+                except NoObject:  # copied away and freed since the walk: look it up again
+                    return [(base + low, base + high) for low, high in
+                            await self.data_ranges(root, index, inner, count, cached)]
+            return [(base + low, base + high) for low, high in _runs(value, inner, count)]
+
+        at = offset
+        for found_ranges in await asyncio.gather(*(ranges(index, oid)
+                                                   for index, oid, _ in found)):
+            for low, high in found_ranges:
+                add(at, low - at, False)
+                add(low, high - low, True)
                 at = high
-            if at < inner + count:
-                add(base + at, inner + count - at, False)
+        add(at, end - at, False)
         return result
 
     async def data_ranges(self, root: Root, index: int, inner: int, count: int,
@@ -251,10 +283,7 @@ class VdiEngine:
             except NoObject:
                 if attempt == read_retries_max - 1:
                     raise
-        value &= changes.mask(inner, count)
-        return [(max(inner, first * changes.BLOCK),
-                 min(inner + count, (first + blocks) * changes.BLOCK))
-                for first, blocks in changes.runs(value)]
+        return _runs(value, inner, count)
 
     async def data_map(self, oid: int) -> int:
         """An object's allocation mask; a frozen object's is cached (it never changes)."""

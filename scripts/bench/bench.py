@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 import backup_bench  # noqa: E402
+import blockstatus_bench  # noqa: E402
 import checksum_bench  # noqa: E402
 import io_bench  # noqa: E402
 import memory_bench  # noqa: E402
@@ -26,7 +27,8 @@ from sheep.size import parse_size  # noqa: E402
 BENCHMARKS = {"io": io_bench.run, "vdi": vdi_bench.run, "sparse": sparse_bench.run,
               "recovery": recovery_bench.run, "recovery-timeline": recovery_timeline_bench.run,
               "checksums": checksum_bench.run,
-              "memory": memory_bench.run, "backup": backup_bench.run}
+              "memory": memory_bench.run, "backup": backup_bench.run,
+              "blockstatus": blockstatus_bench.run}
 
 
 def machine() -> dict[str, object]:

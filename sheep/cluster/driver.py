@@ -44,6 +44,9 @@ class ClusterDriver(abc.ABC):
         # Set by the sheep: its applied log position, and its state for snapshots.
         self.applied_seq: Callable[[], int] = lambda: 0
         self.snapshot_source: Callable[[], Snapshot] | None = None
+        # Set by sheep's main: what a driver that cannot reach its service yet says
+        # to the operator's terminal (a daemon's parent prints it), from any thread.
+        self.notice: Callable[[str], None] = lambda text: None
 
     @abc.abstractmethod
     async def join(self, node: NodeInfo, from_seq: int) -> None:

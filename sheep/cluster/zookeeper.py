@@ -74,6 +74,8 @@ trim_batch = 1000  # log entries everyone has applied, trimmed once there are th
 publish_interval_s = 1.0  # how often a member publishes its applied log position
 poll_interval_s = 0.5  # the log and members are re-read at least this often (watches wake earlier)
 connect_retry_s = 2.0
+connect_step_s = 0.1  # how often a connect that is not answered checks for a stop
+connect_notice_s = 1.0  # a start still not connected by then says so on the terminal
 # Reconnect attempts (a pass over every server) back off from 50 ms to at most this:
 # a refused connect (a server in an election, a dead one) costs nothing, so a sheep
 # finds the new leader's ensemble within this of it serving.
@@ -298,7 +300,6 @@ class ZooKeeperDriver(ClusterDriver):
 
     def _connect(self) -> None:
         from kazoo.client import KazooClient, KazooState
-        from kazoo.handlers.threading import KazooTimeoutError
         from kazoo.retry import KazooRetry
 
         # Reconnect attempts back off to at most reconnect_delay_max_s (kazoo's default
@@ -337,14 +338,32 @@ class ZooKeeperDriver(ClusterDriver):
             self._wake.set()
 
         self._client.add_listener(listener)
+        started = time.monotonic()
+        told = False
         while True:
-            try:
-                self._client.start(timeout=connect_retry_s * 2)
+            # kazoo's start(), but waited for in short steps: a stop (SIGTERM) while
+            # the ensemble cannot be reached ends the wait at once, and the operator
+            # hears of it within connect_notice_s, not only in sheep.log.
+            event = self._client.start_async()
+            deadline = time.monotonic() + connect_retry_s * 2
+            while not self._closed and time.monotonic() < deadline:
+                if event.wait(connect_step_s):
+                    break
+                if not told and time.monotonic() - started >= connect_notice_s:
+                    told = True
+                    text = (f"cannot reach ZooKeeper at {self.hosts} yet; retrying in the"
+                            " background (SIGTERM stops it)")
+                    log.warning("%s", text)
+                    self.notice(text)
+            if self._client.connected:
                 break
-            except KazooTimeoutError:
-                log.warning("cannot reach ZooKeeper at %s; retrying", self.hosts)
-                if self._closed:
-                    raise SystemFailure(f"cannot reach ZooKeeper at {self.hosts}") from None
+            self._client.stop()  # as kazoo's start() does on a timeout
+            self._client.close()
+            if self._closed:
+                raise SystemFailure(f"cannot reach ZooKeeper at {self.hosts}") from None
+            log.warning("cannot reach ZooKeeper at %s; retrying", self.hosts)
+        if told:
+            self.notice(f"connected to ZooKeeper at {self.server or self.hosts}")
         self._state = "connected"
         self._prepare_prefix()
 

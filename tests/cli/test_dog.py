@@ -145,8 +145,10 @@ def test_node_kill_and_cluster_shutdown(cluster):
     dog("cluster", "format", "--copies", "2", port=port)
     nodes = json.loads(dog("node", "list", "--json", port=port).stdout)
     victim = next(node for node in nodes if node["port"] != port)
-    result = dog("node", "kill", str(victim["index"]), port=port)
+    # By HOST:PORT: an index shifts when a node leaves.
+    result = dog("node", "kill", f"{victim['address']}:{victim['port']}", port=port)
     assert victim["node_id"] in result.stdout.decode()
+    assert f"node {victim['index']} " in result.stdout.decode()
     process = next(s for s in cluster.sheep if s.port == victim["port"]).process
     assert process.wait(timeout=15) == 0
     deadline = time.monotonic() + 5
@@ -155,11 +157,15 @@ def test_node_kill_and_cluster_shutdown(cluster):
         time.sleep(0.1)
     line = one_line_error(dog("node", "kill", "9", port=port, check=EXIT_USAGE))
     assert "no node with index 9" in line
+    line = one_line_error(dog("node", "kill", f"127.0.0.1:{victim['port']}", port=port,
+                              check=EXIT_USAGE))
+    assert f"no node '127.0.0.1:{victim['port']}'" in line and f":{port}" in line
 
-    dog("cluster", "shutdown", port=port)
+    result = dog("cluster", "shutdown", port=port)
+    assert "cluster shut down: 2 sheep stopped" in result.stdout.decode()
+    # It returned once every sheep had exited (a zombie not reaped yet counts).
     for sheep in cluster.sheep:
-        if sheep.process is not None and sheep.process.poll() is None:
-            assert sheep.process.wait(timeout=15) == 0
+        assert sheep.process is not None and sheep.process.poll() == 0
 
 
 def test_an_explicit_port_beats_dog_port_before_or_after_the_command(cluster):

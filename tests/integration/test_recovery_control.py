@@ -101,7 +101,10 @@ def test_drain_moves_every_copy_off_then_stops_the_node(make_cluster):
     data = write_disk(cluster)
     oids = all_oids(cluster)
     assert any(3 in cluster.object_files(oid) for oid in oids)
-    result = dog(cluster.sheep[0].port, "node", "drain", dog_index(cluster, 3))
+    with cluster.client(0) as client:  # by node id (an index shifts as nodes leave)
+        node_id = next(node["node_id"] for node in client.node_list()
+                       if node["port"] == cluster.sheep[3].port)
+    result = dog(cluster.sheep[0].port, "node", "drain", node_id)
     assert result.returncode == 0, result.stderr
     assert "holds no copies" in result.stderr and "is stopping" in result.stdout
     assert cluster.sheep[3].process is not None
@@ -159,7 +162,11 @@ def test_watch_follows_recovery_to_the_end_and_info_shows_health(make_cluster):
     time.sleep(0.5)
     info = json.loads(dog(port, "cluster", "info", "--json").stdout)
     assert info["health"]["state"] == "recovering"
-    assert "recovering" in dog(port, "cluster", "info").stdout
+    oid = next(iter(all_oids(cluster)))
+    # One notion of health (sheep/health.py), the same in every command.
+    assert "Cluster health: recovering: " in dog(port, "cluster", "info").stdout
+    assert "\nrecovering: " in dog(port, "node", "recovery").stdout
+    assert "Cluster health: recovering: " in dog(port, "object", "stat", hex(oid)).stdout
     watch = dog(port, "node", "recovery", "--watch", "--max-rate", "0", timeout=60)
     assert watch.returncode == 0
     assert watch.stderr.strip().splitlines()[-1].startswith("healthy")
@@ -167,6 +174,20 @@ def test_watch_follows_recovery_to_the_end_and_info_shows_health(make_cluster):
     assert all(node["recovery"]["failed"] == 0 for node in settled.values())
     text = dog(port, "cluster", "info").stdout
     assert "Cluster health: healthy" in text
+    check = dog(port, "cluster", "check")
+    assert check.returncode == 0 and "Cluster health: healthy" in check.stdout
+    stat = dog(port, "object", "stat", hex(oid)).stdout
+    assert stat.startswith(f"object {oid:016x}: healthy: 3 of 3 copies")
+
+    cluster.kill(2)  # two zones left for three copies: degraded, whatever recovery does
+    cluster.wait_epoch(0, 2)
+    for command in (["cluster", "info"], ["cluster", "check"], ["object", "stat", hex(oid)]):
+        result = dog(port, *command, timeout=60)
+        assert "Cluster health: degraded: only 2 zone(s) for 3 copies" in result.stdout, command
+    assert "\ndegraded: only 2 zone(s) for 3 copies" in dog(port, "node", "recovery").stdout
+    assert dog(port, "cluster", "check", timeout=60).returncode == 1  # objects short
+    stat = dog(port, "object", "stat", hex(oid)).stdout
+    assert stat.startswith(f"object {oid:016x}: degraded: 2 of 3 copies"), stat
 
 
 def test_check_restores_copies_lost_from_a_store(make_cluster):

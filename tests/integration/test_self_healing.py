@@ -439,6 +439,12 @@ def test_a_shut_down_cluster_restarted_in_reverse_order_reads_everything_back(ma
         assert node.process is not None and node.process.wait(timeout=30) == 0
     for index in reversed(range(4)):
         cluster.start(index)
+    # Right after the restart, copies are still being verified: a check waits for
+    # that (it reads as verifying, not as repairs or errors), then finds all fine.
+    check = dog(cluster.sheep[0].port, "cluster", "check")
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert " 0 repaired" in check.stdout and "0 unchecked" in check.stdout, check.stdout
+    assert "Cluster health: healthy" in check.stdout
 
     for index in range(4):  # through every sheep, at once
         assert read_vdi(cluster, index, "kept", len(first)) == bytes(second), index

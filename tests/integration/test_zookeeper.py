@@ -408,6 +408,7 @@ def test_sheep_with_the_cluster_key_share_the_log_across_reconnects_and_expiry(
                                     and not second.fenced, 20, "the second joined again")
             await second.broadcast("three", {"n": 3})
             await seen_first.until(lambda a: "three" in a.ops(), 10, "op three at the first")
+            await seen_second.until(lambda a: "three" in a.ops(), 10, "op three at the second")
             assert seen_first.ops() == seen_second.ops() == ["one", "two", "three"]
             leaves = [event for event in seen_first.events
                       if isinstance(event, Event) and event.kind is EventKind.LEAVE]
@@ -529,3 +530,44 @@ def test_an_open_prefix_left_by_a_keyless_version_is_guarded_at_start(zookeeper_
         for client in (owner, anonymous):
             client.stop()
             client.close()
+
+
+@pytest.mark.parametrize("foreground", [True, False])
+def test_a_sheep_that_cannot_reach_zookeeper_says_so_and_stops_on_sigterm(tmp_path, foreground):
+    """Nothing listens where ZooKeeper should be: within 5 s the terminal hears of it
+    (the foreground's log on stderr; a daemon's waiting parent prints what the daemon
+    sends it), the sheep goes on retrying, and SIGTERM stops it within 5 s. (It
+    speaks at 1 s and stops in about 2; the test allows for a loaded machine.)"""
+    from sheep import auth
+    from sheep.testing.cluster import free_port
+
+    keyring = str(tmp_path / "keyring")
+    auth.node_keyring(keyring)
+    store = str(tmp_path / "store")
+    command = [sys.executable, "-m", "sheep", store, "-p", str(free_port()),
+               "-c", f"zookeeper:127.0.0.1:{free_port()}/nowhere", "--keyring", keyring,
+               *(["-f"] if foreground else [])]
+    output = open(tmp_path / "terminal", "w+")  # noqa: SIM115 - read while it runs
+    process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "cannot reach ZooKeeper" in (tmp_path / "terminal").read_text(), 8.0,
+                 "a word on the terminal")
+        time.sleep(0.5)
+        if foreground:
+            pid = process.pid
+        else:
+            assert process.poll() is None, "the parent waits for the daemon's verdict"
+            with open(os.path.join(store, "sheep.pid")) as file:
+                pid = int(file.read())
+        os.kill(pid, 15)
+        if foreground:
+            assert process.wait(8) == 0
+        else:
+            process.wait(8)  # the parent ends with its daemon's verdict
+            wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 8.0, "the daemon's exit")
+            assert "stopped before it joined the cluster" in (tmp_path / "terminal").read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        output.close()

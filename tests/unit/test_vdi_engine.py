@@ -176,6 +176,45 @@ async def test_extents_report_holes():
     ]
 
 
+class Counting:
+    """Counts the store calls an engine makes (reads, existence checks, maps)."""
+
+    def __init__(self, objects: object) -> None:
+        self.objects = objects
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> object:
+        method = getattr(self.objects, name)
+        if name not in ("read", "exists", "data_map"):
+            return method
+
+        async def counted(*args: object) -> object:
+            self.calls += 1
+            return await method(*args)
+
+        return counted
+
+
+@pytest.mark.parametrize("chain", [1, 100])
+async def test_block_status_costs_the_data_not_the_size(chain):
+    """A VDI with 3 bytes written, a snapshot and a clone (or 100 of each, one on
+    top of another): block status asks the stores as often at 64 GiB as at 4 TiB
+    (the same depth; issue #18: it used to look up every object of the range)."""
+    calls = []
+    for size in (64 << 30, 4 << 40):
+        h = Harness(4 * MiB)
+        root = h.create(size)
+        await h.engine.write(root, 0, b"abc")
+        for _ in range(chain):
+            snap, root = await h.snapshot(root)
+            root = await h.branch(snap)
+        engine = VdiEngine(Counting(h.objects), 4 * MiB, h.engine.is_frozen)
+        extents = await engine.extents(root, 0, size)
+        assert extents == [Extent(0, 4096, True), Extent(4096, size - 4096, False)]
+        calls.append(engine.objects.calls)
+    assert calls[0] == calls[1] <= 8, calls
+
+
 async def test_copy_up_copies_only_allocated_blocks():
     h = Harness()
     root = h.create(1 * MiB)
