@@ -14,7 +14,7 @@ import sheep
 
 pure_modules = ["sheep.constants", "sheep.errors", "sheep.proto", "sheep.oid", "sheep.ring",
                 "sheep.radix", "sheep.cluster_state", "sheep.vdi_registry", "sheep.node",
-                "sheep.size", "sheep.replicas", "sheep.mclock", "sheep.changes"]
+                "sheep.size", "sheep.replicas", "sheep.mclock", "sheep.changes", "sheep.health"]
 forbidden = ["asyncio", "socket", "selectors", "lmdb", "concurrent.futures"]
 
 

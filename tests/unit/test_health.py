@@ -1,0 +1,65 @@
+"""One notion of health (sheep/health.py): each situation, and the worst state wins."""
+
+from __future__ import annotations
+
+from sheep.health import cluster_health, health_text, object_health
+
+
+def member(**recovery: object) -> dict:
+    return {"status": "ok", "recovery": {"running": False, **recovery}}
+
+
+def info(status: str = "ok", copies: int = 3, zones: int = 3, copies_max: int = 0) -> dict:
+    return {"status": status, "copies": copies, "zones": zones, "copies_max": copies_max}
+
+
+def test_healthy():
+    health = cluster_health(info(), [member(), member(), member()])
+    assert health["state"] == "healthy" and health["phase"] == "" and health["reasons"] == []
+    assert health_text(health).startswith("healthy: ")
+
+
+def test_a_node_killed_leaves_the_cluster_recovering_while_zones_suffice():
+    health = cluster_health(info(zones=3), [member(running=True, to_recover=10, recovered=4),
+                                            member(), member()])
+    assert (health["state"], health["phase"]) == ("recovering", "recovering")
+    assert health_text(health) == "recovering: 1 node(s) recovering: 4/10 objects fetched"
+
+
+def test_too_few_zones_is_degraded_even_while_recovering():
+    health = cluster_health(info(zones=2), [member(running=True), member()])
+    assert (health["state"], health["phase"]) == ("degraded", "recovering")
+    assert health["reasons"][0] == "only 2 zone(s) for 3 copies"
+
+
+def test_a_vdi_with_more_copies_than_zones_degrades_the_cluster():
+    assert cluster_health(info(copies=2, zones=2, copies_max=3),
+                          [member(), member()])["state"] == "degraded"
+
+
+def test_an_unreachable_member_is_degraded():
+    health = cluster_health(info(), [member(), member(), {"status": "unreachable"}])
+    assert health["state"] == "degraded" and health["unreachable"] == 1
+
+
+def test_after_a_restart_copies_being_verified_read_as_verifying():
+    health = cluster_health(info(), [member(unverified=5), member(), member()])
+    assert (health["state"], health["phase"]) == ("recovering", "verifying")
+    assert "5 copies to verify after a restart" in health_text(health)
+
+
+def test_waiting_after_a_shutdown_or_for_a_format_is_unavailable():
+    for status in ("shutdown", "wait_for_format"):
+        assert cluster_health(info(status=status), [])["state"] == "unavailable"
+
+
+def test_an_object_short_of_copies_follows_the_cluster():
+    stat = {"copies": 3, "replicas": [{"version": 1}, {"version": 1}]}
+    recovering = cluster_health(info(), [member(running=True)])
+    degraded = cluster_health(info(zones=2), [member(), member()])
+    assert object_health(stat, recovering) == {"state": "recovering", "copies": 3, "held": 2}
+    assert object_health(stat, degraded)["state"] == "degraded"
+    stat["replicas"].append({"version": 1})
+    assert object_health(stat, degraded)["state"] == "healthy"
+    assert object_health({"copies": 2, "replicas": [{"error": "x"}, {"error": "y"}]},
+                         degraded)["state"] == "unavailable"
