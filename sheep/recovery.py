@@ -30,6 +30,7 @@ from sheep.errors import NoObject, SheepError, Timeout
 from sheep.gateway import RETRYABLE, Gateway
 from sheep.group import Group
 from sheep.mclock import RecoveryTuner
+from sheep.node import NodeInfo
 from sheep.peer import Peer
 from sheep.proto import Header, Op
 from sheep.replicas import CopyStatus
@@ -497,6 +498,7 @@ class Recoverer(_Worker):
         """Drop the surplus copies whose holders all have them; True if some must wait."""
         surplus = [oid for oid in self.store.list_oids() if not self._mine(oid, epoch)]
         self.surplus = len(surplus)
+        self._syncs: dict[str, asyncio.Future[Any]] = {}
         waiting = 0
         semaphore = asyncio.Semaphore(purge_concurrency)
 
@@ -529,6 +531,15 @@ class Recoverer(_Worker):
                      len(surplus) - waiting, waiting)
         return waiting > 0 and self.group.epoch == epoch
 
+    async def _sync(self, node: NodeInfo, epoch: int) -> None:
+        """Have a holder sync its store (FLUSH_PEER), once per purge pass however many
+        surplus copies wait for it."""
+        task = self._syncs.get(node.node_id)
+        if task is None:
+            task = self._syncs[node.node_id] = asyncio.ensure_future(
+                self.gateway.call(node, Header(opcode=Op.FLUSH), b"", epoch))
+        await asyncio.shield(task)
+
     async def _held_elsewhere(self, oid: int, epoch: int) -> bool:
         """Every holder of the placement has a verified, durable copy at least as new as
         ours, or a removal (sheep/replicas.py: may_drop_surplus).
@@ -546,6 +557,11 @@ class Recoverer(_Worker):
         stats = await self.gateway.stats(oid, placement, epoch)
         if replicas.may_drop_surplus(mine, stats):
             return True
+        unsynced = replicas.waits_for_sync(mine, stats)
+        if unsynced:
+            await asyncio.gather(*(self._sync(placement[index], epoch) for index in unsynced))
+            return replicas.may_drop_surplus(mine, await self.gateway.stats(oid, placement,
+                                                                            epoch))
         if replicas.behind(mine, stats):
             me = [node for node in self.group.state.nodes if node.node_id == self.node_id]
             result = await self.gateway.repairer.check_object(oid, also=me)

@@ -261,6 +261,22 @@ def may_drop_surplus(mine_version: int, placement: Sequence[Answer]) -> bool:
         for answer in placement)
 
 
+def waits_for_sync(mine_version: int, placement: Sequence[Answer]) -> list[int]:
+    """The holders (indexes in placement) whose copy is all a surplus drop needs but
+    durable: verified, at least as new, only not synced since it was made (recovery
+    or verification just brought it). Syncing them lets the drop go now, rather than
+    at their next writeback (30 s)."""
+    def ready(answer: Answer) -> bool:
+        return (isinstance(answer, CopyStatus) and not answer.unverified
+                and not answer.missing and not answer.doubtful
+                and answer.version >= mine_version)
+
+    if not placement or not all(ready(answer) for answer in placement):
+        return []
+    return [index for index, answer in enumerate(placement)
+            if isinstance(answer, CopyStatus) and not (answer.durable or answer.deleted)]
+
+
 def behind(mine_version: int, placement: Sequence[Answer]) -> bool:
     """Whether some holder of the placement has a verified copy (or removal) older than
     a surplus copy at mine_version, or no copy at all: one that neither recovery nor

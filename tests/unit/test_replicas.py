@@ -21,6 +21,7 @@ from sheep.replicas import (
     Verdict,
     keeps_own,
     may_drop_surplus,
+    waits_for_sync,
     newest,
     rank,
     stale,
@@ -512,3 +513,17 @@ def test_recovery_waits_only_for_copies_that_may_yet_be_verified() -> None:
     assert not verifiable([None, NetworkError("no answer"), CopyStatus(version=3)])
     assert not verifiable([CopyStatus(version=3, unverified=True, damaged=True),
                            CopyStatus(version=3, unverified=True, missing=True)])
+
+
+def test_a_surplus_drop_waiting_only_for_a_sync_names_the_holders_to_sync():
+    """Recovery or verification just made the holders' copies: verified and as new, but
+    not durable until their next writeback. Those are synced at once (a surplus copy
+    waited 30 s for the writeback before)."""
+    fresh = CopyStatus(version=7, durable=False)
+    assert not may_drop_surplus(7, [CopyStatus(version=7), fresh])
+    assert waits_for_sync(7, [CopyStatus(version=7), fresh]) == [1]
+    assert waits_for_sync(7, [CopyStatus(version=7), CopyStatus(version=8)]) == []
+    # Anything else wrong with a holder: a sync would not make the drop safe.
+    for other in (CopyStatus(version=6, durable=False), CopyStatus(version=7, unverified=True),
+                  CopyStatus(version=7, doubtful=True), None):
+        assert waits_for_sync(7, [other, fresh]) == []
