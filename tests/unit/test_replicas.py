@@ -21,7 +21,6 @@ from sheep.replicas import (
     Verdict,
     keeps_own,
     may_drop_surplus,
-    waits_for_sync,
     newest,
     rank,
     stale,
@@ -29,6 +28,7 @@ from sheep.replicas import (
     superseded,
     verdict,
     vouches,
+    waits_for_sync,
 )
 
 # Few distinct versions and digests, so that ties (the interesting cases) are common.
