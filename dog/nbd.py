@@ -1,4 +1,9 @@
-"""dog nbd serve: export every VDI over NBD through nbdkit and our plugin.
+"""dog nbd serve, list, stop: export every VDI over NBD through nbdkit and our plugin.
+
+As everywhere in dog, -a/-p name the sheep; the NBD side is --listen HOST:PORT
+(127.0.0.1:10809 unless another address is chosen) or --unix PATH. serve leaves
+nbdkit in the background (or becomes it with -f) and records it in a per-user
+state directory (dog/nbd_servers.py), which list and stop read.
 
 With --tls-psk FILE nbdkit requires TLS with pre-shared keys (a psktool file of
 USER:KEY lines) from every client, so the NBD hop is encrypted and only holders of
@@ -7,19 +12,24 @@ by the sheep protocol whatever this says (docs/security.md, NBD)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
 import subprocess
 import sys
-from typing import NoReturn
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from typing import Any, NoReturn
 
 import click
 
-from dog.common import Target, connection_options
-from sheep.errors import EXIT_SYSTEM
-
-nbd_port_default = 10809
+from dog import nbd_servers
+from dog.common import Target, connection_options, json_option
+from dog.nbd_servers import Server, ServerError, format_listen, nbd_port_default
+from dog.output import error, format_time, print_json, print_table
+from sheep.errors import EXIT_EXISTS, EXIT_MISSING, EXIT_SYSTEM
 
 
 def plugin_path() -> str:
@@ -28,9 +38,9 @@ def plugin_path() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(nbd_plugin.__file__)), "plugin.py")
 
 
-def _fail(message: str) -> NoReturn:
-    click.echo(f"dog: {message}", err=True)
-    sys.exit(EXIT_SYSTEM)
+def _fail(message: str, code: int = EXIT_SYSTEM) -> NoReturn:
+    error(message)
+    sys.exit(code)
 
 
 def check_nbdkit() -> str:
@@ -47,8 +57,8 @@ def check_nbdkit() -> str:
     return nbdkit
 
 
-def nbdkit_command(nbdkit: str, target: Target, port: int | None, unix: str | None,
-                   bind: str, readonly: bool, foreground: bool, threads: int,
+def nbdkit_command(nbdkit: str, target: Target, listen: tuple[str, int], unix: str | None,
+                   readonly: bool, foreground: bool, threads: int,
                    pidfile: str | None, retry: float | None = None,
                    tls_psk: str | None = None, lock_scope: str = "client") -> list[str]:
     command = [nbdkit]
@@ -61,7 +71,7 @@ def nbdkit_command(nbdkit: str, target: Target, port: int | None, unix: str | No
     if unix:
         command += ["-U", unix]
     else:
-        command += ["-p", str(port or nbd_port_default), "-i", bind]
+        command += ["-p", str(listen[1]), "-i", listen[0]]
     if pidfile:
         command += ["-P", pidfile]
     command += ["-t", str(threads), "python", plugin_path(),
@@ -77,6 +87,36 @@ def nbdkit_command(nbdkit: str, target: Target, port: int | None, unix: str | No
     return command
 
 
+class ListenType(click.ParamType):
+    """HOST:PORT, [IPV6]:PORT, HOST or :PORT, as (host, port)."""
+
+    name = "host:port"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> tuple[str, int]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return nbd_servers.parse_listen(str(value))
+        except ValueError as reason:
+            self.fail(str(reason), param, ctx)
+
+
+state_dir_option = click.option(
+    "--state-dir", type=click.Path(file_okay=False), default=None, envvar="DOG_NBD_STATE_DIR",
+    help="Where the records of running servers are kept (env DOG_NBD_STATE_DIR; default"
+         " $XDG_RUNTIME_DIR/sheepdog-nbd, else /tmp/sheepdog-nbd-UID).")
+
+
+def _state_dir(state_dir: str | None, create: bool) -> str:
+    path = os.path.abspath(state_dir or nbd_servers.default_state_dir())
+    try:
+        nbd_servers.open_state_dir(path, create)
+    except ServerError as reason:
+        _fail(str(reason))
+    return path
+
+
 @click.group()
 def nbd() -> None:
     """Export VDIs over NBD (for QEMU, qemu-img, nbdcopy, fio)."""
@@ -88,26 +128,31 @@ def check_psk_file(path: str) -> None:
     try:
         with open(path, "rb") as file:
             first = file.readline(4096)
-    except OSError as error:
-        _fail(f"cannot read the TLS PSK file {path}: {error.strerror}")
+    except OSError as reason:
+        _fail(f"cannot read the TLS PSK file {path}: {reason.strerror}")
     if b":" not in first:
         _fail(f"{path} is not a PSK file (USER:HEXKEY lines): make one with"
               f" 'psktool -u USER -p {path}'")
 
 
+def _url(listen: str | None, unix: str | None, tls: bool) -> str:
+    scheme = "nbds" if tls else "nbd"
+    return f"{scheme}+unix:///NAME?socket={unix}" if unix else f"{scheme}://{listen}/NAME"
+
+
 @nbd.command()
-@click.option("--port", "nbd_port", type=click.IntRange(1, 65535), default=None,
-              help=f"TCP port for NBD clients (default {nbd_port_default}).")
+@click.option("--listen", type=ListenType(), default=None,
+              help=f"Serve NBD on HOST:PORT (default 127.0.0.1:{nbd_port_default}; :PORT for"
+                   " loopback; 0.0.0.0:PORT for every interface, with --tls-psk).")
 @click.option("--unix", "unix", type=click.Path(dir_okay=False), default=None,
               help="Serve on a unix socket instead of TCP.")
-@click.option("--bind", default="127.0.0.1", show_default=True,
-              help="Address to serve NBD on (0.0.0.0 for every interface).")
 @click.option("--readonly", is_flag=True, help="Export everything read-only.")
-@click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground.")
+@click.option("-f", "--foreground", is_flag=True,
+              help="Stay in the foreground (become nbdkit: for systemd, or to watch it).")
 @click.option("-t", "--threads", type=click.IntRange(1, 64), default=8, show_default=True,
               help="nbdkit threads per connection.")
 @click.option("--pidfile", type=click.Path(dir_okay=False), default=None,
-              help="Write nbdkit's pid here (background mode).")
+              help="Have nbdkit write its pid here (default: in the state directory).")
 @click.option("--retry", "retry", type=click.FloatRange(0, 86400, min_open=True), default=None,
               help="Seconds a client's request waits and retries while no sheep can serve it"
                    " (dead, fenced, shutting down) before it fails with EIO (default 60).")
@@ -124,46 +169,176 @@ def check_psk_file(path: str) -> None:
                    " --unix, a connection over TCP), or this whole nbdkit (one nbdkit per VM:"
                    " multi-conn for writers over TCP, no protection between its clients).")
 @click.option("--print-command", is_flag=True, help="Print the nbdkit command and exit.")
+@state_dir_option
+@click.option("--port", "old_port", type=click.IntRange(1, 65535), default=None, hidden=True)
+@click.option("--bind", "old_bind", default=None, hidden=True)
 @lambda function: connection_options(function, ("-p", "--sheep-port"))
-def serve(nbd_port: int | None, unix: str | None, bind: str, readonly: bool, foreground: bool,
+def serve(listen: tuple[str, int] | None, unix: str | None, readonly: bool, foreground: bool,
           threads: int, pidfile: str | None, retry: float | None, keyring: str | None,
           principal: str | None, tls_psk: str | None, lock_scope: str,
-          print_command: bool) -> None:
+          print_command: bool, state_dir: str | None, old_port: int | None,
+          old_bind: str | None) -> None:
     """Serve every VDI as export NAME (read-write) and NAME@TAG (read-only).
 
-    Clients attach with nbd://HOST:PORT/NAME, e.g.
+    -a/-p name the sheep the plugin talks to; --listen or --unix say where NBD
+    clients connect. nbdkit goes to the background, 'dog nbd list' shows it and
+    'dog nbd stop ADDRESS' stops it. Clients attach with nbd://HOST:PORT/NAME (with
+    --tls-psk: nbds://USER@HOST:PORT/NAME?tls-psk-file=FILE for nbdinfo, and QEMU's
+    tls-creds-psk object; see the README):
+
+    \b
     qemu-system-x86_64 -drive file=nbd://127.0.0.1:10809/alice,format=raw,if=virtio
-    (with --tls-psk: nbds://USER@HOST:PORT/NAME?tls-psk-file=FILE for nbdinfo, and
-    QEMU's tls-creds-psk object; see the README).
     """
-    if unix and nbd_port:
-        raise click.UsageError("--port and --unix exclude each other")
+    if old_port is not None or old_bind is not None:
+        listen = _old_listen(listen, unix, old_port, old_bind)
+    if unix and listen:
+        raise click.UsageError("--listen and --unix exclude each other")
+    listen = listen or (nbd_servers.listen_host_default, nbd_port_default)
+    unix = os.path.abspath(unix) if unix else None
+    address = None if unix else format_listen(*listen)
     target = click.get_current_context().ensure_object(Target)
     target.keyring = keyring or target.keyring
     target.name = principal or target.name
-    nbdkit = shutil.which("nbdkit") or "nbdkit"
-    if not print_command:
-        if tls_psk:
-            check_psk_file(tls_psk)
-        nbdkit = check_nbdkit()
-    command = nbdkit_command(nbdkit, target, nbd_port, unix, bind, readonly, foreground,
-                             threads, pidfile, retry, tls_psk, lock_scope)
     if print_command:
+        command = nbdkit_command(shutil.which("nbdkit") or "nbdkit", target, listen, unix,
+                                 readonly, foreground, threads, pidfile, retry, tls_psk,
+                                 lock_scope)
         click.echo(shlex.join(command))
         return
+    if tls_psk:
+        check_psk_file(tls_psk)
+    nbdkit = check_nbdkit()
+    state = _state_dir(state_dir, create=True)
+    path = nbd_servers.record_path(state, address, unix)
+    old = nbd_servers.read(path)
+    if old is not None and old.alive():
+        _fail(f"{old.address} is served already, by nbdkit pid {old.pid}"
+              f" ('dog nbd stop {old.address}' stops it)", EXIT_EXISTS)
+    if old is not None:
+        nbd_servers.remove(old)
+    pidfile = os.path.abspath(pidfile or nbd_servers.pidfile_path(state, address, unix))
+    command = nbdkit_command(nbdkit, target, listen, unix, readonly, foreground, threads,
+                             pidfile, retry, tls_psk, lock_scope)
+    server = Server(pid=os.getpid(), listen=address, unix=unix,
+                    url=_url(address, unix, bool(tls_psk)),
+                    sheep=format_listen(target.address, target.port), started=time.time(),
+                    command=["dog", *sys.argv[1:]], nbdkit_command=command, pidfile=pidfile,
+                    readonly=readonly, tls_psk=os.path.abspath(tls_psk) if tls_psk else None,
+                    path=path)
     if sys.prefix != sys.base_prefix:  # the plugin takes its libraries from dog's virtualenv
         os.environ.setdefault("VIRTUAL_ENV", sys.prefix)
-    scheme = "nbds" if tls_psk else "nbd"
-    where = f"{scheme}+unix:///NAME?socket={unix}" if unix else \
-        f"{scheme}://{bind}:{nbd_port or nbd_port_default}/NAME"
-    if tls_psk:
-        where += f" (TLS required, keys in {os.path.abspath(tls_psk)})"
-    if foreground:
-        click.echo(f"serving VDIs of {target.address}:{target.port} at {where}", err=True)
+    if foreground:  # exec keeps the pid: the record names nbdkit
+        nbd_servers.write(server)
+        click.echo(f"serving {_serving(server)}", err=True)
         sys.stderr.flush()
         os.execv(command[0], command)
-    result = subprocess.run(command, capture_output=True, text=True)
+    _start_background(server)
+    click.echo(f"serving {_serving(server)}")
+
+
+def _old_listen(listen: tuple[str, int] | None, unix: str | None, port: int | None,
+                host: str | None) -> tuple[str, int]:
+    """The hidden --port/--bind of old scripts, as --listen; -p is the sheep's port."""
+    if listen or unix:
+        raise click.UsageError(f"--port and --bind exclude {'--unix' if unix else '--listen'}")
+    error("--port/--bind are deprecated here: use --listen HOST:PORT (-p is the sheep's"
+          " port, as in every dog command)")
+    return host or nbd_servers.listen_host_default, port or nbd_port_default
+
+
+def _serving(server: Server) -> str:
+    where = f"VDIs of {server.sheep} at {server.url} (nbdkit pid {server.pid})"
+    if server.tls_psk:
+        where += f", TLS required, keys in {server.tls_psk}"
+    return where
+
+
+def _start_background(server: Server) -> None:
+    """Run nbdkit, which forks away once it listens; record it under the pid it writes
+    (its background half writes it after the foreground half has exited)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(server.pidfile)  # an old pid is no answer
+    result = subprocess.run(server.nbdkit_command, capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL)
     if result.returncode != 0:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         _fail(f"nbdkit failed to start: {lines[-1] if lines else 'exit ' + str(result.returncode)}")
-    click.echo(f"serving VDIs of {target.address}:{target.port} at {where}")
+    deadline = time.monotonic() + nbd_servers.pidfile_wait_s
+    while (pid := nbd_servers.read_pid(server.pidfile)) is None:
+        if time.monotonic() > deadline:
+            _fail(f"nbdkit started but wrote no pid to {server.pidfile} within"
+                  f" {nbd_servers.pidfile_wait_s:g} s")
+        time.sleep(0.01)
+    assert pid is not None
+    server.pid = pid
+    nbd_servers.write(server)
+
+
+@nbd.command("list")
+@json_option
+@state_dir_option
+def list_(as_json: bool, state_dir: str | None) -> None:
+    """Show the running NBD servers, with their exports.
+
+    The servers are those 'dog nbd serve' recorded in the state directory; the
+    records of servers that have exited are dropped. Exports come from
+    'nbdinfo --list' against each server; nbdkit does not report its clients
+    ('dog vdi lock list' shows which VDIs are attached, and by whom)."""
+    state = _state_dir(state_dir, create=False)
+    found = nbd_servers.servers(state)
+    listed = []
+    with ThreadPoolExecutor(max_workers=min(len(found), 16) or 1) as pool:
+        answers = list(pool.map(nbd_servers.exports, found))  # nbdinfo waits in parallel
+    for server, (names, why) in zip(found, answers, strict=True):
+        record = asdict(server)
+        del record["path"]
+        record.update(exports=names, exports_error=why, clients=None,
+                      clients_error=nbd_servers.clients_unknown)
+        listed.append(record)
+    if as_json:
+        print_json(listed)
+        return
+    if not found:
+        click.echo(f"no NBD servers running (records in {state})")
+        return
+    print_table(["PID", "ADDRESS", "SHEEP", "STARTED", "MODE", "EXPORTS", "CLIENTS"],
+                [[server.pid, server.address, server.sheep, format_time(server.started),
+                  ("ro" if server.readonly else "rw") + (" tls" if server.tls_psk else ""),
+                  "?" if record["exports"] is None else len(record["exports"]), "?"]
+                 for server, record in zip(found, listed, strict=True)],
+                right=["PID", "EXPORTS"])
+    for server, record in zip(found, listed, strict=True):
+        if record["exports"] is None:
+            click.echo(f"exports of {server.address}: unknown, {record['exports_error']}")
+    click.echo(f"clients: {nbd_servers.clients_unknown}")
+
+
+@nbd.command()
+@click.argument("target", required=False)
+@click.option("--all", "stop_all", is_flag=True, help="Stop every server listed.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(0, 3600),
+              default=nbd_servers.stop_timeout_s_default, show_default=True,
+              help="Seconds to wait after SIGTERM before SIGKILL.")
+@state_dir_option
+def stop(target: str | None, stop_all: bool, timeout_s: float, state_dir: str | None) -> None:
+    """Stop an NBD server by its ADDRESS or PID, or all of them.
+
+    TARGET is an address as 'dog nbd list' shows it (HOST:PORT, or :PORT on
+    loopback; a socket's path) or a pid. nbdkit gets SIGTERM, and SIGKILL if it
+    still runs after --timeout; its record goes. Exits 5 when no server matches."""
+    if (target is None) == (not stop_all):
+        raise click.UsageError("name one server (ADDRESS or PID) or give --all")
+    state = _state_dir(state_dir, create=False)
+    found = nbd_servers.servers(state)
+    chosen = found if stop_all else nbd_servers.match(found, target or "")
+    if not chosen and not stop_all:
+        _fail(f"no NBD server {target} is running ('dog nbd list' shows them; records in"
+              f" {state})", EXIT_MISSING)
+    for server in chosen:
+        try:
+            nbd_servers.stop(server, timeout_s, say=error)
+        except ServerError as reason:
+            _fail(str(reason))
+        click.echo(f"stopped nbdkit pid {server.pid} at {server.address}")
+    if not chosen:
+        click.echo("no NBD servers running")

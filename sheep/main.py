@@ -10,9 +10,11 @@ leaves a working cluster behind it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import logging
+import logging.handlers
 import os
 import signal
 import socket
@@ -89,11 +91,20 @@ def _setup_logging(level: str, stream: IO[str] | None, path: str | None) -> None
     handlers: list[logging.Handler] = []
     if stream is not None:
         handlers.append(logging.StreamHandler(stream))
-    if path is not None:
-        handlers.append(logging.FileHandler(path))
+    if path is not None:  # reopened once renamed (logrotate), at the next line logged
+        handlers.append(logging.handlers.WatchedFileHandler(path))
     logging.basicConfig(
         level=level.upper(), handlers=handlers, force=True,
         format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+
+
+def _reopen_log() -> None:
+    """SIGHUP, from logrotate: sheep.log is the file now at its path, at once."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.handlers.WatchedFileHandler):
+            with handler.lock or contextlib.nullcontext():
+                handler.reopenIfNeeded()
+    log.info("SIGHUP: log file reopened")
 
 
 def _daemonize(directory: str) -> int:
@@ -181,6 +192,7 @@ async def _run(sheep: Sheep, sock: socket.socket, ready_fd: int | None,
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, lambda: asyncio.ensure_future(sheep.stop()))
+    loop.add_signal_handler(signal.SIGHUP, _reopen_log)
     if metrics_port is not None:
         try:
             _serve_metrics(sheep, metrics_port)

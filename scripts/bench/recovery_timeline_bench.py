@@ -248,7 +248,8 @@ def timeline_once(work: str, configuration: Configuration, runtime_s: int) -> di
                 nbd_port = free_port()
                 with open(os.path.join(base, "nbd.log"), "wb") as log:
                     nbd = subprocess.Popen(
-                        dog_command(port, "nbd", "serve", "--port", str(nbd_port), "-f"),
+                        dog_command(port, "nbd", "serve", "--listen", f":{nbd_port}", "-f",
+                                    "--state-dir", os.path.join(base, "nbd-state")),
                         stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=_environment(),
                         cwd=ROOT)
                 _wait_port(nbd_port, nbd)

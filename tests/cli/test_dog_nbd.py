@@ -1,8 +1,11 @@
-"""dog nbd serve: the nbdkit command it runs, serving in the background and the
-foreground, and its errors. nbdkit is stopped by the PID it reports, never by name."""
+"""dog nbd serve, list and stop: the nbdkit command serve runs, serving in the
+background and the foreground, the records list and stop read, and their errors.
+Every test keeps its records in its own state directory (DOG_NBD_STATE_DIR); nbdkit
+is stopped by the PID it reports, never by name."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -16,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from sheep.errors import EXIT_SYSTEM, EXIT_USAGE
+from dog.nbd_servers import parse_listen, runs
+from sheep.errors import EXIT_EXISTS, EXIT_MISSING, EXIT_SYSTEM, EXIT_USAGE
 from sheep.testing.cluster import LocalCluster, free_port
 from sheep.testing.nbd import needs_tools
 
@@ -44,19 +48,21 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+def process_state(pid: int) -> str | None:
+    """The process's state letter (R, S, Z...), None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
 def stop_pid(pid: int) -> None:
     """SIGTERM one process by PID; wait until it is gone (or a zombie nobody reaps)."""
-    def state() -> str | None:
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError):
-            return None
-
-    if state() in (None, "Z"):
+    if process_state(pid) in (None, "Z"):
         return
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
-    while state() not in (None, "Z"):
+    while process_state(pid) not in (None, "Z"):
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + 10
@@ -92,6 +98,23 @@ def cluster(make_cluster) -> LocalCluster:
     return local
 
 
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path, monkeypatch) -> Iterator[Path]:
+    """This test's records of running servers; whatever nbdkit they or its pid files
+    there still name is stopped by its PID at teardown."""
+    path = tmp_path / "nbd-state"
+    monkeypatch.setenv("DOG_NBD_STATE_DIR", str(path))
+    yield path
+    for record in map(json.loads, map(Path.read_text, path.glob("*.json"))):
+        if runs(record["pid"], record["nbdkit_command"]):  # not a pid handed on since
+            stop_pid(record["pid"])
+    for pidfile in path.glob("*.pid"):  # an nbdkit whose serve failed before its record
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pidfile.read_text())
+            if str(pidfile).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                stop_pid(pid)
+
+
 @pytest.fixture
 def pidfiles(tmp_path) -> Iterator[list[Path]]:
     """Pid files of background nbdkits: each one is stopped by its PID at teardown."""
@@ -120,6 +143,46 @@ def test_print_command_shows_the_raw_nbdkit_command():
     assert command[-3:] == ["python", str(PLUGIN), "sheep=10.1.2.3:7000"], line
     assert {"-f", "-r"} <= set(command) and command[command.index("-U") + 1] == "/run/x.sock"
     assert "-p" not in command
+
+    command = shlex.split(dog("nbd", "serve", "--listen", "0.0.0.0:10900",
+                              "--print-command").stdout)
+    assert command[command.index("-p"): command.index("-i") + 2] == [
+        "-p", "10900", "-i", "0.0.0.0"]
+    line = one_line_error(dog("nbd", "serve", "--listen", "10809", "--print-command",
+                              check=EXIT_USAGE))
+    assert "--listen" in line and "write :10809 (loopback) or HOST:10809" in line, line
+
+    # Old scripts' --port and --bind (the NBD side) still work, deprecated.
+    result = dog("nbd", "serve", "-p", "7001", "--port", "10903", "--bind", "0.0.0.0",
+                 "--print-command")
+    command = shlex.split(result.stdout)
+    assert command[command.index("-p"): command.index("-i") + 2] == [
+        "-p", "10903", "-i", "0.0.0.0"] and command[-1] == "sheep=127.0.0.1:7001"
+    assert "deprecated here: use --listen HOST:PORT" in one_line_error(result)
+    line = one_line_error(dog("nbd", "serve", "--port", "10903", "--listen", ":10904",
+                              "--print-command", check=EXIT_USAGE))
+    assert "--port and --bind exclude --listen" in line, line
+
+
+@pytest.mark.parametrize("text, listen", [
+    (":10901", ("127.0.0.1", 10901)), ("10.0.0.5", ("10.0.0.5", 10809)),
+    ("[::1]:10902", ("::1", 10902)), ("[::]", ("::", 10809)), ("host.example:1", ("host.example", 1)),
+    ("10809", None), ("::1:10809", None), ("host:0", None), ("host:port", None), ("a/b:1", None),
+])
+def test_listen_addresses(text, listen):
+    if listen is None:
+        with pytest.raises(ValueError):
+            parse_listen(text)
+    else:
+        assert parse_listen(text) == listen
+
+
+def test_help_on_every_nbd_command():
+    for command in ([], ["serve"], ["list"], ["stop"]):
+        assert " dog nbd" in dog("nbd", *command, "--help").stdout.splitlines()[0]
+    text = dog("nbd", "serve", "--help").stdout
+    assert "--listen HOST:PORT" in text and "Port of the sheep" in text
+    assert "--bind" not in text and "--port" not in text.replace("HOST:PORT", "")  # hidden
 
 
 def test_the_retry_budget_reaches_the_plugin_and_a_bad_one_is_refused():
@@ -177,22 +240,22 @@ def test_without_a_usable_keyring_nbdkit_fails_at_start_in_one_line(tmp_path):
         f" (looked in {tmp_path}/config/sheepdog/keyring and"
         f" {tmp_path}/sheepdog-{os.getuid()}/cluster/keyring)"], result.stderr
 
-    line = one_line_error(dog("nbd", "serve", "--port", str(port), "--keyring",
+    line = one_line_error(dog("nbd", "serve", "--listen", f":{port}", "--keyring",
                               str(tmp_path / "missing"), check=EXIT_SYSTEM))
     assert line == (f"dog: nbdkit failed to start: nbdkit: error: sheepdog plugin: cannot read"
                     f" keyring {tmp_path / 'missing'}: No such file or directory"), line
     keyring = tmp_path / "keyring"
     keyring.touch(mode=0o600)
     keyring.write_text("[client.web]\n\tkey = " + "A" * 43 + "=\n\tcaps = rw vdi=web*\n")
-    line = one_line_error(dog("nbd", "serve", "--port", str(port), "--keyring", str(keyring),
+    line = one_line_error(dog("nbd", "serve", "--listen", f":{port}", "--keyring", str(keyring),
                               "--name", "client.nobody", check=EXIT_SYSTEM))
     assert f"sheepdog plugin: no [client.nobody] key in {keyring}" in line, line
 
 
-def test_port_and_unix_together_are_a_usage_error(tmp_path):
-    result = dog("nbd", "serve", "--port", "10810", "--unix", str(tmp_path / "s"),
+def test_listen_and_unix_together_are_a_usage_error(tmp_path):
+    result = dog("nbd", "serve", "--listen", ":10810", "--unix", str(tmp_path / "s"),
                  check=EXIT_USAGE)
-    assert "--port and --unix" in result.stderr
+    assert "--listen and --unix" in result.stderr
     assert not (tmp_path / "s").exists()
 
 
@@ -225,7 +288,7 @@ def test_a_background_nbdkit_is_named_in_the_lock_by_its_real_pid(cluster, pidfi
     sheep_port = str(cluster.sheep[0].port)
     port = free_port()
     pidfiles.append(tmp_path / "lock.pid")
-    dog("-p", sheep_port, "nbd", "serve", "--port", str(port), "--pidfile", str(pidfiles[-1]))
+    dog("-p", sheep_port, "nbd", "serve", "--listen", f":{port}", "--pidfile", str(pidfiles[-1]))
     pid = int(pidfiles[-1].read_text())
 
     def owner() -> str | None:
@@ -266,11 +329,11 @@ def test_background_serve_lists_every_vdi_and_snapshot(cluster, pidfiles, tmp_pa
     sheep_port = str(cluster.sheep[0].port)
     port = free_port()
     pidfiles.append(tmp_path / "tcp.pid")
-    result = dog("-p", sheep_port, "nbd", "serve", "--port", str(port),
+    result = dog("-p", sheep_port, "nbd", "serve", "--listen", f":{port}",
                  "--pidfile", str(pidfiles[-1]))
-    assert result.stdout.strip() == (
-        f"serving VDIs of 127.0.0.1:{sheep_port} at nbd://127.0.0.1:{port}/NAME")
     pid = int(pidfiles[-1].read_text())
+    assert result.stdout.strip() == (f"serving VDIs of 127.0.0.1:{sheep_port} at"
+                                     f" nbd://127.0.0.1:{port}/NAME (nbdkit pid {pid})")
     assert pid != os.getpid() and Path(f"/proc/{pid}").exists()
 
     listed = exports(f"nbd://127.0.0.1:{port}")
@@ -293,9 +356,16 @@ def test_background_serve_lists_every_vdi_and_snapshot(cluster, pidfiles, tmp_pa
     assert set(listed) == {"alice", "alice@t1", "bob"}
     assert all(item["is_read_only"] for item in listed.values())
 
-    # A port already taken: nbdkit's own reason, in one line.
-    line = one_line_error(dog("nbd", "serve", "-p", sheep_port, "--port", str(port),
-                              check=EXIT_SYSTEM))
+    # An address served already, and a port another program took: one line each.
+    line = one_line_error(dog("nbd", "serve", "-p", sheep_port, "--listen", f":{port}",
+                              check=EXIT_EXISTS))
+    assert line == (f"dog: 127.0.0.1:{port} is served already, by nbdkit pid {pid}"
+                    f" ('dog nbd stop 127.0.0.1:{port}' stops it)"), line
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        line = one_line_error(dog("nbd", "serve", "-p", sheep_port, "--listen",
+                                  f":{taken.getsockname()[1]}", check=EXIT_SYSTEM))
     assert "nbdkit failed to start" in line, line
 
 
@@ -304,11 +374,14 @@ def test_foreground_serve_becomes_nbdkit(cluster):
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "dog", "nbd", "serve", "-p", str(cluster.sheep[0].port),
-         "--port", str(port), "-f"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--listen", f":{port}", "-f"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_listening(port)
         assert set(exports(f"nbd://127.0.0.1:{port}")) == {"alice", "alice@t1", "bob"}
         assert os.readlink(f"/proc/{process.pid}/exe").endswith("nbdkit")  # dog exec'd it
+        listed = json.loads(dog("nbd", "list", "--json").stdout)  # as systemd runs it
+        assert [(server["pid"], server["listen"]) for server in listed] == [
+            (process.pid, f"127.0.0.1:{port}")]
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -318,3 +391,77 @@ def test_foreground_serve_becomes_nbdkit(cluster):
             process.wait()
     assert process.stderr is not None
     assert f"at nbd://127.0.0.1:{port}/NAME" in process.stderr.read()
+
+
+@needs_nbdkit
+def test_serve_list_and_stop_a_background_server(cluster, state_dir, tmp_path):
+    sheep_port = str(cluster.sheep[0].port)
+    port = free_port()
+    dog("-p", sheep_port, "nbd", "serve", "--listen", f":{port}")
+    socket_path = tmp_path / "nbd.sock"
+    dog("-p", sheep_port, "nbd", "serve", "--unix", str(socket_path), "--readonly")
+
+    listed = json.loads(dog("nbd", "list", "--json").stdout)
+    assert [(server["listen"], server["unix"], server["readonly"]) for server in listed] == [
+        (f"127.0.0.1:{port}", None, False), (None, str(socket_path), True)]
+    tcp, unix = listed
+    assert tcp["sheep"] == f"127.0.0.1:{sheep_port}"
+    assert tcp["url"] == f"nbd://127.0.0.1:{port}/NAME"
+    assert tcp["command"] == ["dog", "-p", sheep_port, "nbd", "serve", "--listen", f":{port}"]
+    assert time.time() - 60 < tcp["started"] <= time.time()
+    assert Path(tcp["pidfile"]).parent == state_dir
+    assert int(Path(tcp["pidfile"]).read_text()) == tcp["pid"]
+    for server in listed:
+        assert sorted(server["exports"]) == ["alice", "alice@t1", "bob"], server
+        assert server["clients"] is None and "does not report" in server["clients_error"]
+    table = dog("nbd", "list").stdout.splitlines()
+    assert table[0].split() == ["PID", "ADDRESS", "SHEEP", "STARTED", "MODE", "EXPORTS",
+                                "CLIENTS"]
+    assert table[1].split()[:3] == [str(tcp["pid"]), f"127.0.0.1:{port}",
+                                    f"127.0.0.1:{sheep_port}"]
+    assert table[1].split()[-3:] == ["rw", "3", "?"] and table[2].split()[-3:] == ["ro", "3", "?"]
+    assert table[3].startswith("clients: nbdkit does not report its clients")
+
+    # Stopped by address: the process is gone, and so is its record.
+    result = dog("nbd", "stop", f"127.0.0.1:{port}")
+    assert result.stdout.strip() == f"stopped nbdkit pid {tcp['pid']} at 127.0.0.1:{port}"
+    assert result.stderr == ""  # no SIGKILL was needed
+    assert process_state(tcp["pid"]) in (None, "Z")  # gone, or a zombie nobody reaps
+    assert not Path(tcp["pidfile"]).exists()
+    # One that died behind dog's back is dropped from the list.
+    os.kill(unix["pid"], signal.SIGKILL)
+    stop_pid(unix["pid"])
+    assert json.loads(dog("nbd", "list", "--json").stdout) == []
+    assert list(state_dir.iterdir()) == []
+    assert dog("nbd", "list").stdout.strip() == f"no NBD servers running (records in {state_dir})"
+
+    line = one_line_error(dog("nbd", "stop", str(unix["pid"]), check=EXIT_MISSING))
+    assert line == (f"dog: no NBD server {unix['pid']} is running ('dog nbd list' shows them;"
+                    f" records in {state_dir})"), line
+    assert dog("nbd", "stop", "--all").stdout.strip() == "no NBD servers running"
+
+
+def test_stop_kills_a_server_that_ignores_sigterm_and_needs_a_target(state_dir, tmp_path):
+    """A process recorded as nbdkit (argv[0] says so) that ignores SIGTERM: stop says
+    it sends SIGKILL. No nbdkit needed."""
+    stubborn = subprocess.Popen([str(tmp_path / "nbdkit"), "60"], executable="/bin/sleep",
+                                preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))
+    try:
+        state_dir.mkdir(mode=0o700)
+        (state_dir / "tcp-127.0.0.1-10999.json").write_text(json.dumps({
+            "pid": stubborn.pid, "listen": "127.0.0.1:10999", "unix": None,
+            "url": "nbd://127.0.0.1:10999/NAME", "sheep": "127.0.0.1:7000",
+            "started": time.time(), "command": ["dog", "nbd", "serve"],
+            "nbdkit_command": [str(tmp_path / "nbdkit"), "60"],
+            "pidfile": str(state_dir / "tcp-127.0.0.1-10999.pid")}))
+        line = one_line_error(dog("nbd", "stop", check=EXIT_USAGE))
+        assert "name one server (ADDRESS or PID) or give --all" in line, line
+        result = dog("nbd", "stop", "--timeout", "0.3", ":10999")
+        assert result.stderr.strip() == (f"dog: nbdkit pid {stubborn.pid} did not exit within"
+                                         f" 0.3 s of SIGTERM: killing it (SIGKILL)")
+        assert result.stdout.strip() == f"stopped nbdkit pid {stubborn.pid} at 127.0.0.1:10999"
+        assert stubborn.wait(timeout=5) == -signal.SIGKILL
+        assert list(state_dir.iterdir()) == []
+    finally:
+        stubborn.kill()
+        stubborn.wait()

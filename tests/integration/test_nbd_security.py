@@ -55,7 +55,8 @@ class Served(NbdServer):
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "dog", "-p", str(sheep_port), "nbd", "serve", "-f",
-                 "--port", str(self.port), *options],
+                 "--listen", f":{self.port}", "--state-dir", str(log_path.parent / "nbd-state"),
+                 *options],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         self._wait_listening(timeout_s=20.0)
 
@@ -127,6 +128,11 @@ def test_tls_psk_lets_in_only_clients_with_the_key(cluster, serve, tmp_path):
     assert json.loads(info.stdout)["exports"][0]["export-size"] == 16 * MiB
     assert {"web1", "web2", "db"} <= set(listed(
         f"nbds://alice@127.0.0.1:{server.port}/?tls-psk-file={keys / 'keys.psk'}"))
+    # dog nbd list gets the exports over TLS too, as the PSK file's first user.
+    [record] = json.loads(dog("nbd", "list", "--json", "--state-dir",
+                              str(tmp_path / "nbd-state")).stdout)
+    assert record["url"] == f"nbds://127.0.0.1:{server.port}/NAME"
+    assert {"web1", "web2", "db"} <= set(record["exports"]), record
 
     image = tmp_path / "in.raw"
     image.write_bytes(os.urandom(MiB) + bytes(3 * MiB) + os.urandom(MiB))
