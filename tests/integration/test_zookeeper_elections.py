@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import json
+import os
 import random
 import subprocess
 import sys
@@ -48,7 +49,9 @@ lease_s = session_timeout_s / 2
 tick_ms = 500
 vdi_name = "disk"
 vdi_size = 128 * MiB
-leader_kills = 20
+# 20 for the elections issue's soak (SHEEPDOG_LEADER_KILLS=20); 8 in the suite, whose
+# time is budgeted: every round runs the same path (kill, elect, fio verifies).
+leader_kills = int(os.environ.get("SHEEPDOG_LEADER_KILLS", "8"))
 fio_region_bytes = 4 * MiB  # a fresh region (a fresh object) each round
 fio_rate = "2m"  # 4 MiB of writes last about 2 s: fio is mid-run at the kill
 kill_after_first_write_s = 0.5
@@ -261,7 +264,7 @@ def kill_the_leader_under_fio(ensemble: ZooKeeperEnsemble, cluster: LocalCluster
 
 
 @needs_nbd_tools
-def test_20_sigkills_of_the_zookeeper_leader_under_fio_cost_no_io_error(
+def test_sigkills_of_the_zookeeper_leader_under_fio_cost_no_io_error(
         ensemble, cluster, nbd, tmp_path):
     """Each round: fio writes a fresh region, the ZooKeeper leader is SIGKILLed
     mid-run, fio must finish and verify with no error; the killed server is back and
