@@ -204,13 +204,16 @@ async def _run(sheep: Sheep, sock: socket.socket, ready_fd: int | None,
         sheep.driver.notice = lambda text: _note(ready_fd, text)
     try:
         await sheep.start(sock)
-    except SheepError as error:
+    except Exception as error:  # noqa: BLE001 - a stop during start ends it any way it can
         sheep.driver.notice = lambda text: None  # the pipe closes with the verdict
         if sheep.stopping:  # SIGTERM while starting (its cluster driver unreachable)
-            await sheep.stopped.wait()
+            log.info("start ended by the stop: %r", error)
             _report(ready_fd, "stopped before it joined the cluster")
+            await sheep.stopped.wait()
             log.info("sheep stopped before it joined the cluster")
             return 0
+        if not isinstance(error, SheepError):
+            raise
         _report(ready_fd, error.message)
         log.error("cannot start: %s", error.message)
         return EXIT_FAILURE
