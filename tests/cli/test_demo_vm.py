@@ -6,7 +6,6 @@ cloned, and a second guest booted from the clone must read the file back."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,14 +13,13 @@ from pathlib import Path
 import pytest
 
 from sheep.testing.cluster import LocalCluster
+from sheep.testing.nbd import needs_tools
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_UNAVAILABLE = 69  # scripts/guest: apt or the packages cannot be had
 
 
-@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None
-                    or shutil.which("nbdkit") is None,
-                    reason="needs qemu-system-x86_64 and nbdkit (scripts/test installs them)")
+@needs_tools("qemu-system-x86_64", "nbdkit", packages="qemu-system-x86 nbdkit")
 def test_a_clone_of_a_vms_disk_snapshotted_while_it_ran_boots_and_sees_its_file(
         tmp_path, make_nbd):
     guest = tmp_path / "guest"
