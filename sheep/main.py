@@ -257,7 +257,10 @@ def _node_key(keyring: str | None, driver: str) -> bytes:
 @click.option("-b", "--bind", "address", default=constants.address_default, show_default=True,
               help="Address to listen on; peers and clients reach the sheep there.")
 @click.option("-c", "--cluster", "driver", default="local", show_default=True,
-              help="Cluster driver: local or local:PATH (the shared directory).")
+              help="Cluster driver. local or local:PATH: the sheep of this host, through a"
+                   " shared directory. zookeeper:HOSTS[/PREFIX][?timeout=SECONDS], HOSTS"
+                   " being HOST:PORT[,HOST:PORT...]: sheep on several hosts, through a"
+                   " ZooKeeper ensemble (needs --keyring; PREFIX /sheepdog by default).")
 @click.option("-z", "--zone", type=click.IntRange(0, constants.zones_max), default=None,
               help="Failure domain; copies go to distinct zones. Default: the node itself.")
 @click.option("-w", "--weight", default=None,

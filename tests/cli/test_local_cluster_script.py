@@ -1,14 +1,18 @@
-"""scripts/local-cluster: start, status and stop a cluster by PID."""
+"""scripts/local-cluster: start, status and stop a cluster by PID, on the local
+driver and on a private ZooKeeper (--zookeeper)."""
 
 from __future__ import annotations
 
 import os
 import socket
 import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import _require_zookeeper
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "scripts", "local-cluster")
@@ -78,6 +82,46 @@ def test_start_status_stop(tmp_path):
     assert not any(alive(pid) for pid in pids)
     status = script("status", "--dir", directory, "--port", str(base))
     assert status.returncode == 1 and "0 sheep running" in status.stdout
+
+
+def test_zookeeper(tmp_path):
+    """--zookeeper: a private ZooKeeper in DIR/zookeeper, the sheep on it, and both
+    stopped by PID. Two sheep keep it quick (the ZooKeeper JVM starts in about 1 s)."""
+    _require_zookeeper()
+    base, metrics = free_base_port(2), free_base_port(2)
+    directory = tmp_path / "lc"
+    started = script("start", "-n", "2", "--copies", "2", "--dir", str(directory),
+                     "--port", str(base), "--metrics", str(metrics), "--zookeeper")
+    pids: list[int] = []
+    zookeeper_pid = None
+    try:
+        assert started.returncode == 0, started.stderr
+        pid_path = directory / "zookeeper" / "zookeeper.pid"
+        zookeeper_pid = int(pid_path.read_text())
+        pids = [int((directory / str(i) / "sheep.pid").read_text()) for i in range(2)]
+        assert alive(zookeeper_pid) and all(alive(pid) for pid in pids)
+        assert "formatted: 2 copies" in started.stdout
+        info = subprocess.run(
+            [sys.executable, "-m", "dog", "--keyring",
+             str(directory / "cluster" / "keyring"), "-p", str(base), "cluster", "info"],
+            capture_output=True, text=True, timeout=30)
+        assert info.returncode == 0, info.stderr
+        assert "Cluster driver: zookeeper 127.0.0.1:" in info.stdout
+        status = script("status", "--dir", str(directory), "--port", str(base))
+        assert status.returncode == 0 and "zookeeper running" in status.stdout
+    finally:
+        stopped = script("stop", "--dir", str(directory))
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert zookeeper_pid is not None and not alive(zookeeper_pid)
+    assert not any(alive(pid) for pid in pids)
+
+
+def test_zookeeper_refuses_a_local_cluster(tmp_path):
+    """A DIR whose stores were made on the local driver is not moved onto ZooKeeper."""
+    (tmp_path / "lc" / "0").mkdir(parents=True)
+    result = script("start", "--dir", str(tmp_path / "lc"), "--zookeeper")
+    assert result.returncode == 1 and "holds a cluster on the local driver" in result.stderr
+    assert not (tmp_path / "lc" / "zookeeper").exists()
 
 
 def test_bad_usage():
