@@ -1,4 +1,5 @@
-"""dog vdi du (Ceph's rbd du), dog vdi trash (rbd trash) and alter-copy (Sheepdog's)."""
+"""dog vdi du (Ceph's rbd du), dog vdi trash (rbd trash), alter-copy (Sheepdog's),
+rename and info (rbd's)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from typing import Any
 import click
 
 from dog.common import DURATION, connection_options, json_option, run
-from dog.output import format_time, print_json, print_table
-from dog.vdi import vdi
+from dog.output import format_time, print_json, print_table, table
+from dog.vdi import qos_text, vdi
 from sheep.size import format_size
 
 
@@ -140,3 +141,91 @@ def alter_copy(name: str, copies: int) -> None:
     value = run(lambda client: client.vdi_alter_copy(name, copies))
     click.echo(f"VDI {value['name']!r} keeps {value['copies']} copies; recovery is adjusting"
                " its objects ('dog node recovery')")
+
+
+# --- rename and info (rbd's) ------------------------------------------------------
+
+
+@vdi.command()
+@click.argument("name")
+@click.argument("new_name")
+@connection_options
+def rename(name: str, new_name: str) -> None:
+    """Rename VDI NAME to NEW_NAME, with its snapshots (clones follow it).
+
+    Refused while the VDI is being written (its lock is held): stop its writer first.
+    Names in the trash stay taken.
+    """
+    if "@" in name:
+        raise click.UsageError("rename takes a VDI: its snapshots go with it")
+    run(lambda client: client.vdi_rename(name, new_name))
+    click.echo(f"renamed VDI {name!r} to {new_name!r}")
+
+
+@vdi.command()
+@click.argument("name")
+@json_option
+@connection_options
+def info(name: str, as_json: bool) -> None:
+    """Show VDI NAME: size, copies, lock, QoS, trash, parent, snapshots and space.
+
+    Space is counted as dog vdi du counts it: USED the allocated bytes its tree
+    reaches, EXCLUSIVE what no other image reaches, STORED that with every copy;
+    "with snapshots", what deleting the VDI frees.
+    """
+    value: dict[str, Any] = run(lambda client: client.vdi_info(name))
+    if as_json:
+        print_json(value)
+        return
+    click.echo(render_info(value))
+
+
+def _space(figures: dict[str, int]) -> str:
+    """As dog vdi du's columns: USED, EXCLUSIVE, STORED (EXCLUSIVE, every copy)."""
+    return (f"used {format_size(figures['used'])}, exclusive"
+            f" {format_size(figures['exclusive'])}, stored"
+            f" {format_size(figures['exclusive_stored'])}")
+
+
+def render_info(value: dict[str, Any]) -> str:
+    """dog vdi info's text: one "Key: value" line each, then the snapshots' table."""
+    lines: list[tuple[str, str]] = [("Name", f"{value['name']} (id {value['id']})"),
+                                    ("Size", format_size(value["size"])),
+                                    ("Created", format_time(value["ctime"]))]
+    default = value["cluster_copies"]
+    lines.append(("Copies", f"{value['copies']} (the cluster's default)"
+                  if value["copies_from"] == "cluster"
+                  else f"{value['copies']} (its own; the cluster's default is {default})"))
+    parent = value.get("parent")
+    if parent:
+        gone = ", since deleted" if parent.get("deleted") else ""
+        snapshot = parent.get("tag") or parent["snapshot"]
+        lines.append(("Parent", f"clone of {parent['vdi']}@{snapshot}{gone}"))
+    lock = value.get("lock")
+    lines.append(("Lock", f"held by {lock['owner'] or lock['node_id']} since"
+                          f" {format_time(lock['since'])}" if lock else "none"))
+    if value.get("unsettled"):
+        lines.append(("Unsettled", "its writer's sheep left mid-write; the next open settles it"))
+    if value.get("qos"):
+        lines.append(("QoS", qos_text(value["qos"])))
+    trash = value.get("trash")
+    if trash:
+        until = (f"purged from {format_time(trash['expires'])}" if trash.get("expires")
+                 else "until purged by hand")
+        lines.append(("Trash", f"in it since {format_time(trash['time'])}, {until}"))
+    if value.get("attrs"):
+        lines.append(("Attributes", str(value["attrs"])))
+    snaps = value["snapshots"]
+    lines.append(("Space", _space(value["usage"])))
+    if snaps:
+        lines.append(("With snapshots", _space(value["total"])))
+    lines.append(("Snapshots", str(len(snaps))))
+    width = max(len(key) for key, _ in lines) + 1
+    text = "\n".join(f"{key + ':':<{width}} {item}" for key, item in lines)
+    if snaps:
+        rows = [[snap["id"], snap["tag"] or "-", format_size(snap["size"]),
+                 format_time(snap["ctime"]), format_size(snap["used"]),
+                 format_size(snap["exclusive"])] for snap in snaps]
+        text += "\n\n" + table(["Id", "Tag", "Size", "Created", "Used", "Exclusive"], rows,
+                                right=["Id", "Size", "Used", "Exclusive"])
+    return text

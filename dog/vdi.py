@@ -55,7 +55,7 @@ snapshot_option = click.option("-s", "--snapshot", "tag", default=None,
               help="Copies of this VDI's objects (default: the cluster's).")
 @connection_options
 def create(name: str, size: int, copies: int | None) -> None:
-    """Create a thin VDI of SIZE (e.g. 256G): it uses no space until written."""
+    """Create a thin VDI of SIZE, such as 256G or 1T: it uses no space until written."""
     value = run(lambda client: client.vdi_create(name, size, copies))
     click.echo(f"created VDI {value['name']!r} ({format_size(value['size'])}, id {value['id']})")
 
@@ -205,12 +205,20 @@ def delete(name: str, tag: str | None, force: bool) -> None:
 @vdi.command()
 @click.argument("name")
 @click.argument("size", type=SIZE)
+@click.option("--allow-shrink", is_flag=True,
+              help="Allow a smaller SIZE: the data past it is discarded and freed.")
 @connection_options
-def resize(name: str, size: int) -> None:
-    """Grow VDI NAME to SIZE."""
+def resize(name: str, size: int, allow_shrink: bool) -> None:
+    """Grow VDI NAME to SIZE; with --allow-shrink, also shrink it.
+
+    A shrink frees the data past SIZE (a later grow reads zeros there); snapshots
+    keep their own size and data. It runs where the VDI's writer is, between its
+    writes.
+    """
     _refuse_snapshot(name, "resize")
-    value = run(lambda client: client.vdi_resize(name, size))
-    click.echo(f"resized {name!r} to {format_size(value['size'])}")
+    value = run(lambda client: client.vdi_resize(name, size, allow_shrink))
+    freed = f"; freed {value['freed_objects']} objects" if "freed_objects" in value else ""
+    click.echo(f"resized {name!r} to {format_size(value['size'])}{freed}")
 
 
 # --- byte I/O -------------------------------------------------------------------

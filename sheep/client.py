@@ -424,8 +424,22 @@ class Client:
             Op.VDI_ROLLBACK, name=name, snapshot=snapshot, force=force)
         return result
 
-    async def vdi_resize(self, name: str, size: int) -> dict[str, Any]:
-        result: dict[str, Any] = await self._vdi(Op.VDI_RESIZE, name=name, size=size)
+    async def vdi_resize(self, name: str, size: int, allow_shrink: bool = False) -> dict[str, Any]:
+        """Grow NAME to SIZE; with allow_shrink, also shrink it (what lies past SIZE is
+        freed; snapshots keep theirs). A shrink answers "freed_objects" too."""
+        result: dict[str, Any] = await self._vdi(Op.VDI_RESIZE, name=name, size=size,
+                                                 allow_shrink=allow_shrink or None)
+        return result
+
+    async def vdi_rename(self, name: str, new_name: str) -> dict[str, Any]:
+        """Rename a VDI (not while it is being written); its snapshots go with it."""
+        result: dict[str, Any] = await self._vdi(Op.VDI_RENAME, name=name, new_name=new_name)
+        return result
+
+    async def vdi_info(self, name: str) -> dict[str, Any]:
+        """One VDI (in the trash too): size, copies, lock, QoS, trash, parent, snapshots
+        and space (as dog vdi du counts it)."""
+        result: dict[str, Any] = await self._vdi(Op.VDI_INFO, name=name)
         return result
 
     async def vdi_list(self, names: list[str] | None = None,

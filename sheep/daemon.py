@@ -664,12 +664,14 @@ class Sheep:
             if not isinstance(body, dict):
                 return False  # the handler refuses it
             names = [body.get("name")] + ([body.get("source")] if op is Op.VDI_CLONE else [])
+            if op is Op.VDI_RENAME:  # both names: a rename must not carry a VDI out of reach
+                names.append(body.get("new_name"))
             for name in names:
                 if not isinstance(name, str) or not caps.may_touch(name):
                     raise PermissionDenied(f"{principal.name} may not touch VDI"
                                            f" {str(name)[:128]!r} (caps '{caps.text()}')")
             writes = op not in (Op.VDI_GETATTR, Op.VDI_OBJECT, Op.VDI_OPEN, Op.VDI_DIFF,
-                                Op.VDI_DU) or (
+                                Op.VDI_DU, Op.VDI_INFO) or (
                 op is Op.VDI_OPEN and body.get("writable"))
             if writes and caps.read_only:
                 raise PermissionDenied(f"{principal.name} is read-only: {info.name} refused")

@@ -143,6 +143,9 @@ class Op(enum.IntEnum):
     # JSON {"name", "action": "mv" | "restore", "expires_in"?}: dog vdi trash
     VDI_TRASH = 0x59
     VDI_ALTER_COPY = 0x5A  # JSON {"name", "copies"}: the VDI's own copies (dog vdi alter-copy)
+    VDI_RENAME = 0x5B  # JSON {"name", "new_name"}: snapshots and clones' parent follow
+    # JSON {"name"} -> {"name", "id", "size", "copies", "lock", "snapshots", "usage", ...}
+    VDI_INFO = 0x5C
 
     AUTH_HELLO = 0x51  # JSON {"name", "nonce"} -> {"nonce", "mode", "proof"} (sheep/auth.py)
     AUTH_PROVE = 0x52  # JSON {"proof"} -> {"principal", "caps"}; sealed frames from then on
@@ -209,6 +212,8 @@ OPS: dict[Op, OpInfo] = {
     Op.VDI_DU: OpInfo("vdi_du", Kind.VDI_ADMIN, _JSON, _JSON, Caller.CLIENT),
     Op.VDI_TRASH: OpInfo("vdi_trash", Kind.VDI_ADMIN, _JSON, _JSON, Caller.CLIENT),
     Op.VDI_ALTER_COPY: OpInfo("vdi_alter_copy", Kind.VDI_ADMIN, _JSON, _JSON, Caller.ADMIN),
+    Op.VDI_RENAME: OpInfo("vdi_rename", Kind.VDI_ADMIN, _JSON, _JSON, Caller.CLIENT),
+    Op.VDI_INFO: OpInfo("vdi_info", Kind.VDI_ADMIN, _JSON, _JSON, Caller.CLIENT),
     Op.AUTH_HELLO: OpInfo("auth_hello", Kind.AUTH, _JSON, _JSON, Caller.CLIENT),
     Op.AUTH_PROVE: OpInfo("auth_prove", Kind.AUTH, _JSON, _JSON, Caller.CLIENT),
     Op.AUTH_ADD: OpInfo("auth_add", Kind.ADMIN, _JSON, _JSON, Caller.ADMIN),

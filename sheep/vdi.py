@@ -476,6 +476,97 @@ class VdiEngine:
         self._roots_made.add(below)
         return Root(root.generation, depth, 0, made=True)  # its own root made just now
 
+    async def truncate(self, root: Root, size: int) -> list[int]:
+        """Make everything from byte ``size`` on read as zeros (a VDI shrunk to
+        ``size``): the object that straddles it loses its tail, and every entry past
+        it is cut from the writable tree, as high up as it can be (a subtree wholly
+        past the end goes with its one entry). Returns what was cut off: tree nodes,
+        with all below them, and data objects; the collector frees those no live tree
+        (a snapshot, a clone) reaches. Its caller is the VDI's writer, writes paused;
+        done again, it does nothing more."""
+        await self._cut_tail(root, size)
+        keep = -(-size // self.object_size)  # objects [0, keep) stay
+        if keep >= radix.capacity(root.depth):
+            return []
+        # First, reading only: along the path to index keep, from which slot on each
+        # node's entries lie past the end, and whether any is set.
+        path: list[tuple[int, int, bool]] = []  # (level, first slot past the end, any)
+        node, level = await self.root_node(root), root.depth
+        while node:
+            entries = await self._node_entries(node)
+            at = radix.slot(keep, level)
+            straddles = keep % radix.capacity(level - 1) != 0  # the child at `at` does
+            first = at + 1 if straddles else at
+            path.append((level, first, any(entries[first:])))
+            if not straddles:
+                break
+            node, level = entries[at], level - 1
+        deepest = min((level for level, _, cuts in path if cuts), default=None)
+        if deepest is None:
+            return []
+        cut: list[int] = []
+        async with self._lock(root.generation):
+            node = await self._own_root(root)
+            for level, first, cuts in path:
+                if cuts:
+                    entries = await self._node_entries(node)
+                    cut += [entry for entry in entries[first:] if entry]
+                    self._entries_changed(node)
+                    await self.objects.write(node, first * radix.ENTRY_BYTES,
+                                             bytes((radix.FANOUT - first) * radix.ENTRY_BYTES))
+                    self._entries_changed(node)
+                if level == deepest:
+                    break
+                node = await self._own_child(root, node, keep, level)
+        return cut
+
+    async def _own_child(self, root: Root, node: int, index: int, level: int) -> int:
+        """The generation's own copy of the child of its ``node`` on the path to
+        ``index`` (a path copy, as a write makes). Caller holds the allocation lock."""
+        want = radix.node_oid(root.generation, level - 1, radix.position(index, level - 1))
+        child = await self._entry(node, index, level, cached=True)
+        assert child, "a node on the path to entries past the end exists"
+        if child != want:
+            self._entries_changed(want)
+            await self.objects.create(want, await self._node(child))
+            self._entries_changed(want)
+            await self._set_entry(node, index, level, want)
+            self._release(child)
+        return want
+
+    async def _cut_tail(self, root: Root, size: int) -> None:
+        """The bytes of the object straddling ``size`` past it become a hole: punched in
+        the generation's own object; a frozen one is copied up without them."""
+        index, inner = divmod(size, self.object_size)
+        if not inner or await self.lookup(root, index, cached=True) == 0:
+            return
+        own = radix.data_oid(root.generation, index)
+        async with self._lock(root.generation):
+            leaf = await self._owned_path(root, index)
+            current = await self._entry(leaf, index, 1, cached=True)
+            if current == own:
+                try:
+                    await self.objects.discard(own, inner, self.object_size - inner)
+                except NoObject:
+                    pass  # freed whole meanwhile: reads as zeros already
+                return
+            if current == 0:
+                return
+            head = await self.data_map(current) & changes.mask(0, inner)
+            if head:
+                runs = [(first * changes.BLOCK, count * changes.BLOCK)
+                        for first, count in changes.runs(head)]
+                parts = await asyncio.gather(*(self.objects.read(current, start, length)
+                                               for start, length in runs))
+                extents = []
+                for (start, length), part in zip(runs, parts, strict=True):
+                    if start + length > inner:  # the block with the end in it: zeros after
+                        part = part[:inner - start] + bytes(start + length - inner)
+                    extents.append((start, part))
+                await self.objects.create_sparse(own, extents)
+            await self._set_entry(leaf, index, 1, own if head else 0)
+            self._release(current)
+
     # --- diffs ---------------------------------------------------------------
 
     async def _node_entries(self, node: int) -> list[int]:
@@ -548,6 +639,8 @@ class VdiEngine:
         if node == 0 or node in found:
             return found
         found.add(node)
+        if radix.is_data(node):  # what a shrink cut off may be a data object
+            return found
         level = radix.node_level(node)
         if self.is_frozen(radix.generation_of(node)):
             entries = radix.decode_node(await self._node(node))

@@ -1,5 +1,5 @@
 """The VDI management ops: create, delete, snapshot, clone, rollback, resize,
-list, attributes, object lookup and unlock.
+rename, list, info, attributes, object lookup and unlock.
 
 Each becomes a cluster op (VdiRegistry applies it everywhere in the same order);
 what this module adds is the work around it that needs the objects: resolving
@@ -13,7 +13,10 @@ writes acknowledged before it. The state machine refuses such an op from a
 sheep that is not the holder, so a lock taken meanwhile cannot slip past it.
 
 Deleting a VDI or snapshot, and rolling back, frees every object that no live
-root reaches any more (VdiEngine.garbage), before the op is answered.
+root reaches any more (VdiEngine.garbage), before the op is answered. So does a
+shrink, with what it cut off the tree past the new end; it changes the tree,
+so it runs as the VDI's writer: on the holder's sheep, or, nobody holding the
+lock, under a lock of its own (VdiService.as_writer).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sheep import constants, proto, radix, vdi_diff, vdi_du
+from sheep import changes, constants, proto, radix, vdi_diff, vdi_du
 from sheep.client import Connection
 from sheep.cluster_state import ApplyResult
 from sheep.errors import InvalidParameters, NoObject, NoTag, NoVdi, SheepError, VdiLocked
@@ -29,6 +32,7 @@ from sheep.gateway import Gateway
 from sheep.group import Group
 from sheep.net import Reply
 from sheep.proto import Header, Kind, Op
+from sheep.size import format_size
 from sheep.vdi import Objects, Root, VdiEngine
 from sheep.vdi_gc import Collector
 from sheep.vdi_registry import Snapshot, Vdi, vdi_size_max
@@ -37,6 +41,8 @@ Broadcast = Callable[[dict[str, Any]], Awaitable[ApplyResult]]
 Handler = Callable[[dict[str, Any], Header], Awaitable[Any]]
 # Runs work with the VDI's new writes held and those in flight done (VdiService.paused).
 Paused = Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]]
+# Runs work(contender) as the writer of a VDI nobody holds the lock of (VdiService.as_writer).
+AsWriter = Callable[[str, str, Callable[[str], Awaitable[Any]]], Awaitable[Any]]
 
 FLAG_FORWARDED = 1  # arg1 of a management op: already forwarded once, do not forward again
 
@@ -74,7 +80,8 @@ class VdiAdmin:
                  peer_connection: Callable[[str], Awaitable[Connection]], objects: Objects,
                  engine: Callable[[], VdiEngine], gc: Collector, paused: Paused,
                  handoff: Handler, attachments: Handler,
-                 save_changes: Callable[[int], Awaitable[None]]) -> None:
+                 save_changes: Callable[[int], Awaitable[None]],
+                 note_changes: Callable[[int, int, int], None], as_writer: AsWriter) -> None:
         self.group = group
         self.gateway = gateway
         self.node_id = node_id
@@ -85,6 +92,8 @@ class VdiAdmin:
         self.gc = gc
         self.paused = paused
         self.save_changes = save_changes  # VdiService.changes.save
+        self.note_changes = note_changes  # VdiService.changes.note
+        self.as_writer = as_writer
         self.handlers: dict[Op, Handler] = {
             Op.VDI_CREATE: self.create,
             Op.VDI_DELETE: self.delete,
@@ -104,6 +113,8 @@ class VdiAdmin:
             Op.VDI_DU: self.du,
             Op.VDI_TRASH: self.trash,
             Op.VDI_ALTER_COPY: self.alter_copy,
+            Op.VDI_RENAME: self.rename,
+            Op.VDI_INFO: self.info,
         }
         proto.check_handlers(self.handlers, {Kind.VDI_ADMIN}, "VdiAdmin.handlers")
 
@@ -159,21 +170,37 @@ class VdiAdmin:
         return await self._on_holder(vdi, header, body, work)
 
     async def resize(self, body: dict[str, Any], header: Header) -> Any:
+        """Grow a VDI; or, with allow_shrink, shrink it (the same size again finishes a
+        shrink that was cut off halfway)."""
         vdi = vdi_named(self.group, body.get("name"))
         size = body.get("size")
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
             raise InvalidParameters(f"size must be a positive number of bytes, not {size!r}")
+        allow_shrink = bool(body.get("allow_shrink"))
         object_size = self.group.state.object_size
 
         async def work(session: str | None) -> Any:
             current = vdi_named(self.group, vdi.name)
-            if size < current.size:
-                raise InvalidParameters(
-                    f"VDI {current.name!r} can only grow ({size} < {current.size} bytes)")
+            if size < current.size or (allow_shrink and size == current.size):
+                if not allow_shrink:
+                    raise InvalidParameters(
+                        f"VDI {current.name!r} can only grow unless --allow-shrink is given:"
+                        f" shrinking it from {format_size(current.size)} to"
+                        f" {format_size(size)} discards its data past that")
+                if session is None:
+                    return await self.as_writer(
+                        current.name, "dog vdi resize --allow-shrink",
+                        lambda contender: self._shrink(current.name, size, contender))
+                return await self._shrink(current.name, size, session)
             limit = vdi_size_max(object_size)
             if size > limit:
                 raise InvalidParameters(f"size {size} exceeds the largest VDI ({limit} bytes)")
-            depth = radix.depth_for(-(-size // object_size))
+            if await self._past_the_end(current):
+                raise InvalidParameters(
+                    f"VDI {current.name!r} still holds data past its end (a shrink was cut"
+                    f" off halfway): run 'dog vdi resize --allow-shrink {current.name}"
+                    f" {current.size}' to finish it, then grow it")
+            depth = max(current.root.depth, radix.depth_for(-(-size // object_size)))
             root = await self.engine().grow(current.root, depth)
             try:
                 result = await self.broadcast({"type": "vdi_resize", "name": current.name,
@@ -191,6 +218,92 @@ class VdiAdmin:
             return result.value
 
         return await self._on_holder(vdi, header, body, work)
+
+    async def _shrink(self, name: str, size: int, session: str) -> Any:
+        """As the VDI's writer (session), writes paused: the new size is logged first
+        (from then on nothing past it is read or written), then the tree is cut past
+        it (VdiEngine.truncate) and what no live tree reaches any more is freed. Cut
+        off halfway, what is left past the end is never read; the same resize run
+        again finishes the cut, and a grow refuses until then (_past_the_end)."""
+        current = vdi_named(self.group, name)
+        result = await self.broadcast({"type": "vdi_resize", "name": name, "size": size,
+                                       "root": current.root.to_json(), "session": session,
+                                       "shrink": True})
+        root = vdi_named(self.group, name).root
+        object_size = self.group.state.object_size
+        engine = self.engine()
+        keep = -(-size // object_size)
+        # Noted before the cut, as a write is: a diff across this generation (after a
+        # later grow) must see the cut objects and the discarded tail as zeros.
+        if keep < radix.capacity(root.depth):
+            for index, _, _ in await engine.changed(root, None, None, keep,
+                                                    radix.capacity(root.depth)):
+                self.note_changes(root.generation, index * object_size, object_size)
+        if size % object_size:
+            self.note_changes(root.generation, size, object_size - size % object_size)
+        cut = await engine.truncate(root, size)
+        freed = await self.gc.collect([], cut)
+        return {**result.value, "freed_objects": freed}
+
+    async def _past_the_end(self, vdi: Vdi) -> bool:
+        """Whether the VDI's tree still holds data past its end (a shrink cut off
+        before it finished cutting): a grow would bring it back into view."""
+        engine = self.engine()
+        root, object_size = vdi.root, self.group.state.object_size
+        keep = -(-vdi.size // object_size)
+        capacity = radix.capacity(root.depth)
+        if keep < capacity and await engine.changed(root, None, None, keep, capacity):
+            return True
+        index, inner = divmod(vdi.size, object_size)
+        start = -(-inner // changes.BLOCK) * changes.BLOCK  # whole blocks past the end
+        if not inner or start >= object_size:
+            return False
+        return bool(await engine.data_ranges(root, index, start, object_size - start))
+
+    async def rename(self, body: dict[str, Any], header: Header) -> Any:
+        """Give a VDI, with its snapshots, another name (its clones name it anew);
+        refused while it is being written (sheep/vdi_registry.py, _rename)."""
+        vdi = vdi_named(self.group, body.get("name"))
+        result = await self.broadcast({"type": "vdi_rename", "name": vdi.name,
+                                       "new_name": body.get("new_name")})
+        return result.value
+
+    async def info(self, body: dict[str, Any], header: Header) -> Any:
+        """One VDI, in the trash or not: its size, copies (its own, or the cluster's
+        default), lock, QoS, trash state, parent, snapshots, and the space of each
+        image (sheep/vdi_du.py)."""
+        vdi = vdi_named(self.group, body.get("name"), trashed=True)
+        state = self.group.state
+        follows = vdi.own_copies is False or (vdi.own_copies is None
+                                              and vdi.copies == state.copies)
+        usage = (await vdi_du.usage(self.engine(), self.group, [vdi.name]))[0]
+        images = {(image["snapshot"], image["id"]): image for image in usage.pop("images")}
+        figures = ("used", "used_stored", "exclusive", "exclusive_stored")
+        parent = None
+        if vdi.parent is not None:
+            source = next((v for v in state.vdis.vdis.values()
+                           if v.id == vdi.parent.get("vdi_id")), None)
+            alive = source is not None and source.snapshot(vdi.parent.get("snapshot")) is not None
+            parent = {**vdi.parent, "deleted": not alive}
+        lock = None
+        if vdi.lock is not None:
+            lock = {"owner": vdi.lock.get("owner", ""), "node_id": vdi.lock.get("node_id"),
+                    "since": float(vdi.lock.get("time") or 0)}
+        return {
+            "name": vdi.name, "id": vdi.id, "size": vdi.size, "ctime": vdi.ctime,
+            "copies": vdi.copies, "copies_from": "cluster" if follows else "vdi",
+            "cluster_copies": state.copies, "object_size": state.object_size,
+            "parent": parent, "lock": lock, "unsettled": vdi.unsettled, "qos": vdi.qos,
+            "trash": vdi.trash, "attrs": len(vdi.attrs),
+            # The VDI's current state, and with its snapshots: what deleting it frees.
+            "usage": {"provisioned": vdi.size,
+                      **{key: images[False, vdi.id][key] for key in figures}},
+            "total": {key: usage[key] for key in figures},
+            "snapshots": [{"id": snap.id, "tag": snap.tag, "ctime": snap.time,
+                           "size": snap.size,
+                           **{key: images[True, snap.id][key] for key in figures}}
+                          for snap in vdi.snapshots],
+        }
 
     async def clone(self, body: dict[str, Any], header: Header) -> Any:
         source = vdi_named(self.group, body.get("source"))

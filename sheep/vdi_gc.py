@@ -1,10 +1,12 @@
 """Garbage collection of VDI objects: what no live VDI or snapshot reaches is removed.
 
-Three ways an object becomes garbage, and who finds it:
+Four ways an object becomes garbage, and who finds it:
 
 - a delete or a rollback leaves roots that no VDI or snapshot holds any more:
   collect walks them and frees what no live root reaches, before the op is
   answered (VdiEngine.garbage);
+- a shrink cuts subtrees and objects past the new end off the writable tree
+  (VdiEngine.truncate): collect takes them as it takes dead roots;
 - a write copies an object away from a generation whose snapshot was deleted:
   reap_released frees the original on the writer's sheep, before the write is
   answered;
@@ -69,10 +71,12 @@ class Collector:
             generations.update(snap.root.generation for snap in vdi.snapshots)
         return generations
 
-    async def collect(self, dead_roots: list[Root]) -> int:
-        """Remove every object the dead roots reached that no live root reaches."""
+    async def collect(self, dead_roots: list[Root], cut: list[int] | None = None) -> int:
+        """Remove every object the dead roots reached that no live root reaches; and
+        of what a shrink cut off (tree nodes, with what is below them, and data
+        objects), the same."""
         engine = self.engine()
-        dead = [await engine.root_node(root) for root in dead_roots]
+        dead = [await engine.root_node(root) for root in dead_roots] + (cut or [])
         live = []
         for vdi in list(self.group.state.vdis.vdis.values()):
             for root in [vdi.root, *(s.root for s in vdi.snapshots)]:

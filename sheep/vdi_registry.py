@@ -215,6 +215,7 @@ class VdiRegistry:
             "vdi_trash": self._trash,
             "vdi_untrash": self._untrash,
             "vdi_alter_copy": self._alter_copy,
+            "vdi_rename": self._rename,
         }
 
     # --- queries ---------------------------------------------------------------
@@ -477,18 +478,55 @@ class VdiRegistry:
         if problem:
             return _fail(Result.INVALID_PARMS, problem)
         assert isinstance(size, int)
-        if size < vdi.size:
+        if size < vdi.size and not body.get("shrink"):
             return _fail(Result.INVALID_PARMS,
                          f"VDI {vdi.name!r} can only grow ({size} < {vdi.size} bytes)")
         locked = self._locked_by_other(vdi, {"session": body.get("session")})
         if locked:
             return locked
+        if size < vdi.size and (vdi.lock is None or not body.get("session")):
+            # Its writer cuts the tree past the new end after this applies: nobody else
+            # may change the tree meanwhile (VdiAdmin.resize).
+            return _fail(Result.UNAVAILABLE, f"VDI {vdi.name!r} is shrunk by its writer:"
+                                             " the holder of its lock")
         root = Root.from_json(body["root"]) if isinstance(body.get("root"), dict) else None
-        if (root is None or root.generation != vdi.root.generation
-                or root.depth != self._depth(size, object_size)):
+        # A shrink keeps the tree's depth (a later grow reuses it), so a tree may be
+        # deeper than its size needs.
+        depth = max(vdi.root.depth, self._depth(size, object_size))
+        if root is None or root.generation != vdi.root.generation or root.depth != depth:
             return _fail(Result.UNAVAILABLE, "the VDI changed while the resize was prepared")
         vdi.size = size
-        vdi.root = root
+        if root.depth != vdi.root.depth:  # grown: new levels above the old root
+            vdi.root = root
+        return Outcome(value=vdi.to_json())
+
+    def _rename(self, body: dict[str, Any], time: float, copies: int, object_size: int,
+                zones: int) -> Outcome:
+        """A VDI takes another name, with its snapshots (they are part of it); clones
+        name their parent anew. Refused while its lock is held: a writer's sheep keys
+        what it tracks of the writer (write gate, handoff state, I/O queue) by name."""
+        vdi = self._get(body)
+        if isinstance(vdi, Outcome):
+            return vdi
+        new_name = body.get("new_name")
+        problem = name_problem(new_name, "new VDI name")
+        if problem:
+            return _fail(Result.INVALID_PARMS, problem)
+        assert isinstance(new_name, str)
+        taken = self._taken(new_name)
+        if taken:
+            return taken
+        if vdi.lock is not None:
+            holder = vdi.lock.get("owner") or vdi.lock.get("node_id")
+            return _fail(Result.VDI_LOCKED,
+                         f"VDI {vdi.name!r} is in use by {holder}: a VDI being written is not"
+                         " renamed (stop its writer, or 'dog vdi lock unlock' it, first)")
+        del self.vdis[vdi.name]
+        vdi.name = new_name
+        self.vdis[new_name] = vdi
+        for other in self.vdis.values():
+            if other.parent is not None and other.parent.get("vdi_id") == vdi.id:
+                other.parent = {**other.parent, "vdi": new_name}
         return Outcome(value=vdi.to_json())
 
     def _lock(self, body: dict[str, Any], time: float, copies: int, object_size: int,

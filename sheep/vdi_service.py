@@ -319,7 +319,8 @@ class VdiService:
         self.gc = Collector(group, lambda: self.engine, self.objects, gateway)
         self.admin = VdiAdmin(group, gateway, node_id, broadcast, peer_connection,
                               self.objects, lambda: self.engine, self.gc, self.paused,
-                              self.handoff, self.attachments, self.changes.save)
+                              self.handoff, self.attachments, self.changes.save,
+                              self.changes.note, self.as_writer)
 
     @property
     def engine(self) -> VdiEngine:
@@ -376,8 +377,13 @@ class VdiService:
         return handle
 
     def _target(self, handle: Handle) -> tuple[Vdi, Root, int]:
-        vdi = self.group.state.vdis.vdis.get(handle.name)
+        vdis = self.group.state.vdis.vdis
+        vdi = vdis.get(handle.name)
         if vdi is None or vdi.id != handle.vdi_id:
+            renamed = next((v.name for v in vdis.values() if v.id == handle.vdi_id), None)
+            if renamed is not None:  # handles, gates and queues go by name: open it anew
+                raise NoVdi(f"VDI {handle.name!r} was renamed to {renamed!r}: open it by"
+                            " its new name")
             raise NoVdi(f"VDI {handle.name!r} was deleted")
         if handle.snapshot_id is None:
             return vdi, vdi.root, vdi.size
@@ -395,6 +401,32 @@ class VdiService:
     async def paused(self, name: str, work: Callable[[], Awaitable[Any]]) -> Any:
         """Run work with new writes to the VDI held and those in flight done."""
         return await self._gate(name).closed(work)
+
+    async def as_writer(self, name: str, owner: str,
+                        work: Callable[[str], Awaitable[Any]]) -> Any:
+        """Run work(contender) as the writer of a VDI whose lock nobody holds (a shrink
+        changes its tree): under a lock of its own, taken now and let go after, with
+        its write gate closed, so a contender that comes meanwhile waits for the
+        handoff it asks for (which needs the gate). A VDI whose last writer's sheep
+        left mid-write is settled first, as a writer's first change does."""
+        vdi = vdi_named(self.group, name)
+        contender = f"{self.gateway.world.token(8)}/admin"  # as an open's SESSION/CLIENT
+        await self.broadcast({"type": "vdi_lock", "name": vdi.name, "node_id": self.node_id,
+                              "session": contender,
+                              "owner": f"{owner} (via sheep {self.node_id})"})
+        handle = Handle(vdi.name, vdi.id, None, True, owner, contender)
+
+        async def run() -> Any:
+            current, _, _ = self._target(handle)
+            if current.unsettled:
+                await self._settle(current, contender)
+            return await work(contender)
+
+        try:
+            return await self.paused(vdi.name, run)
+        finally:
+            self._handing.discard((contender, vdi.name))
+            await self._let_go(handle)
 
     # --- sessions and I/O ------------------------------------------------------------
 

@@ -24,6 +24,7 @@ import pytest
 from click.testing import CliRunner
 
 from dog.main import dog as dog_command
+from sheep import auth
 from sheep.client import SyncClient
 from sheep.errors import (
     EXIT_EXISTS,
@@ -31,8 +32,12 @@ from sheep.errors import (
     EXIT_MISSING,
     EXIT_SYSTEM,
     EXIT_USAGE,
+    InvalidParameters,
+    NoVdi,
+    PermissionDenied,
     VdiLocked,
 )
+from sheep.oid import ObjectType, oid_generation, oid_type
 from sheep.testing.cluster import LocalCluster
 
 KiB = 1 << 10
@@ -779,7 +784,7 @@ def test_help():
     for command in [
         [], ["create"], ["list"], ["snapshot"], ["clone"], ["rollback"], ["delete"], ["resize"],
         ["read"], ["write"], ["import"], ["export"], ["tree"], ["object"], ["setattr"],
-        ["getattr"], ["lock"], ["lock", "list"], ["lock", "unlock"],
+        ["getattr"], ["lock"], ["lock", "list"], ["lock", "unlock"], ["rename"], ["info"],
     ]:
         result = runner.invoke(dog_command, ["vdi", *command, "--help"])
         assert result.exit_code == 0, (command, result.output)
@@ -840,3 +845,173 @@ def test_dog_object_refuses_vdi_objects(port, api):
         assert "belongs to a VDI" in line
     assert read(api, "guarded", 0, 8) == b"precious"
     assert "on none of its" in fails(port, EXIT_MISSING, "object", "stat", "0x77777")
+
+
+# --- rename, info, shrink -------------------------------------------------------------
+
+
+def test_rename_takes_data_snapshots_and_clones_along(port, api, cluster):
+    data = random.Random(11).randbytes(MiB)
+    dog(port, "vdi", "create", "rn-a", "8M")
+    write(api, "rn-a", 3 * MiB, data)
+    dog(port, "vdi", "snapshot", "-s", "s1", "rn-a")
+    dog(port, "vdi", "clone", "rn-a@s1", "rn-clone")
+    reader = api.vdi_open("rn-a")["handle"]
+    assert out(port, "vdi", "rename", "rn-a", "rn-b") == "renamed VDI 'rn-a' to 'rn-b'\n"
+    assert listing(api, "rn-a") == []
+    assert read(api, "rn-b", 3 * MiB, MiB) == data
+    assert read(api, "rn-b@s1", 3 * MiB, MiB) == data
+    assert current(api, "rn-clone")["parent"]["vdi"] == "rn-b"
+    with pytest.raises(NoVdi, match="was renamed to 'rn-b': open it by its new name"):
+        api.vdi_read(reader, 0, 1)  # an open handle goes by the old name
+    api.vdi_close(reader)
+
+    dog(port, "vdi", "create", "rn-binned", "1M")
+    dog(port, "vdi", "trash", "mv", "rn-binned")
+    refusals = [(["rn-b", "rn-clone"], EXIT_EXISTS, "VDI 'rn-clone' already exists"),
+                (["rn-b", "rn-binned"], EXIT_EXISTS, "'rn-binned' is in the trash"),
+                (["rn-b", "rn b"], EXIT_USAGE, "new VDI name 'rn b' may hold only"),
+                (["rn-nope", "rn-c"], EXIT_MISSING, "no VDI named 'rn-nope'"),
+                (["rn-b@s1", "rn-c"], EXIT_USAGE, "its snapshots go with it")]
+    results = dog_table(port, [["vdi", "rename", *args] for args, _, _ in refusals])
+    for (args, code, words), result in zip(refusals, results, strict=True):
+        assert result.returncode == code, (args, result.stderr)
+        assert words in one_line_error(result), (args, result.stderr)
+
+    holder = SyncClient("127.0.0.1", cluster.sheep[1].port, cluster.credentials)
+    try:
+        handle = holder.vdi_open("rn-b", writable=True, owner="rn-writer")["handle"]
+        holder.vdi_write(handle, 0, b"busy")
+        line = fails(port, EXIT_FAILURE, "vdi", "rename", "rn-b", "rn-c")
+        assert "VDI 'rn-b' is in use by rn-writer (via sheep 127.0.0.1:" in line
+    finally:
+        holder.close()
+    assert {i["name"] for i in listing(api) if i["name"].startswith("rn-")} == {
+        "rn-b", "rn-clone"}
+
+
+def test_rename_stays_within_a_principals_caps(port, api, cluster):
+    section = api.auth_add("client.renamer", "rw vdi=caps-*")
+    credentials = auth.Credentials("client.renamer", auth.decode_key(section["key"]))
+    api.vdi_create("caps-mine", MiB)
+    api.vdi_create("theirs", MiB)
+    with SyncClient("127.0.0.1", port, credentials) as limited:
+        with pytest.raises(PermissionDenied, match="may not touch VDI 'escaped'"):
+            limited.vdi_rename("caps-mine", "escaped")  # out of its own reach
+        with pytest.raises(PermissionDenied, match="may not touch VDI 'theirs'"):
+            limited.vdi_rename("theirs", "caps-theirs")  # another's into its reach
+        limited.vdi_rename("caps-mine", "caps-renamed")
+    assert listing(api, "caps-renamed") and listing(api, "theirs")
+    assert not listing(api, "escaped") and not listing(api, "caps-theirs")
+
+
+def test_info_human_and_json(port, api, cluster):
+    dog(port, "vdi", "create", "info-a", "64M", "--copies", "1")
+    write(api, "info-a", 0, random.Random(12).randbytes(2 * object_size))
+    dog(port, "vdi", "snapshot", "-s", "first", "info-a")
+    write(api, "info-a", 0, b"changed")
+    dog(port, "vdi", "clone", "info-a@first", "info-clone")
+    api.vdi_qos("info-a", iops=300)
+    holder = SyncClient("127.0.0.1", cluster.sheep[1].port, cluster.credentials)
+    try:
+        handle = holder.vdi_open("info-a", writable=True, owner="info-holder")["handle"]
+        holder.vdi_write(handle, MiB, b"held")
+        value = json.loads(dog(port, "vdi", "info", "info-a", "--json").stdout)
+        text = out(port, "vdi", "info", "info-a")
+    finally:
+        holder.close()
+    assert value["name"] == "info-a" and value["size"] == 64 * MiB
+    assert (value["copies"], value["copies_from"], value["cluster_copies"]) == (1, "vdi", 2)
+    assert value["lock"]["owner"].startswith("info-holder (via sheep 127.0.0.1:")
+    assert value["lock"]["since"] > 0 and value["qos"]["iops"] == 300
+    assert value["trash"] is None and value["parent"] is None
+    # Its own copy of object 0; object 1 it shares with the snapshot.
+    assert value["usage"] == {"provisioned": 64 * MiB, "used": 2 * object_size,
+                              "used_stored": 2 * object_size,
+                              "exclusive": object_size, "exclusive_stored": object_size}
+    assert value["total"]["exclusive"] == object_size, "the clone keeps what first holds"
+    [snap] = value["snapshots"]
+    assert (snap["tag"], snap["size"], snap["used"]) == ("first", 64 * MiB, 2 * object_size)
+    assert snap["exclusive"] == 0, "the clone shares all of it"
+    fields = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines())
+    fields = {key: item.strip() for key, item in fields.items()}
+    assert fields["Name"] == f"info-a (id {value['id']})" and fields["Size"] == "64 MiB"
+    assert fields["Copies"] == "1 (its own; the cluster's default is 2)"
+    assert fields["Lock"].startswith("held by info-holder (via sheep 127.0.0.1:")
+    assert fields["QoS"] == "300 IOPS, burst 0.25s"
+    assert fields["Space"] == "used 8 MiB, exclusive 4 MiB, stored 4 MiB"
+    assert fields["With snapshots"] == "used 12 MiB, exclusive 4 MiB, stored 4 MiB"
+    assert fields["Snapshots"] == "1" and "Trash" not in fields and "Parent" not in fields
+    assert text.split("\n\n")[1].splitlines()[0].split() == [
+        "Id", "Tag", "Size", "Created", "Used", "Exclusive"]
+
+    dog(port, "vdi", "trash", "mv", "info-clone", "--expires-in", "7d")
+    clone = out(port, "vdi", "info", "info-clone")
+    assert "Parent:" in clone and "clone of info-a@first" in clone
+    assert "Copies:" in clone and "Lock:" in clone and "none" in clone
+    assert re.search(r"Trash: +in it since .*, purged from ", clone)
+    value = json.loads(dog(port, "vdi", "info", "info-clone", "--json").stdout)
+    assert value["parent"]["vdi"] == "info-a" and not value["parent"]["deleted"]
+    assert value["trash"]["expires"] - value["trash"]["time"] == 7 * 86400
+    assert value["usage"]["exclusive"] == 0 and value["snapshots"] == []
+    assert "no VDI named 'info-nope'" in fails(port, EXIT_MISSING, "vdi", "info", "info-nope")
+
+
+def stored(cluster: LocalCluster, generation: int) -> tuple[int, int]:
+    """Data object files of a generation on every sheep (each copy), and their
+    allocated bytes."""
+    files = allocated_bytes = 0
+    for node in cluster.sheep:
+        top = os.path.join(node.directory, "obj")
+        for fanout in os.listdir(top):
+            for name in os.listdir(os.path.join(top, fanout)):
+                oid = int(name, 16) if len(name) == 16 else 0
+                if oid_type(oid) == ObjectType.DATA and oid_generation(oid) == generation:
+                    files += 1
+                    allocated_bytes += allocated(os.path.join(top, fanout, name))
+    return files, allocated_bytes
+
+
+def test_shrink(port, api, cluster):
+    """Refused without --allow-shrink; with it, what lies past the end is freed on the
+    stores, reads past it fail, the snapshot before keeps all of its data, and a grow
+    reads zeros where the data was. Without a lock (the sheep takes one for it), and
+    with a writer on another sheep (forwarded there, between its writes)."""
+    data = random.Random(13).randbytes(10 * object_size)
+    dog(port, "vdi", "create", "shrink", "40M")
+    write(api, "shrink", 0, data)
+    dog(port, "vdi", "snapshot", "-s", "before", "shrink")
+    newer = random.Random(14).randbytes(4 * object_size)
+    write(api, "shrink", 6 * object_size, newer)  # objects 6-9 its own, 0-5 shared
+    now = current(api, "shrink")["generation"]
+    assert stored(cluster, now)[0] == 4 * cluster_copies
+
+    line = fails(port, EXIT_USAGE, "vdi", "resize", "shrink", "9M")
+    assert "can only grow unless --allow-shrink is given" in line
+    size = 2 * object_size + MiB + 12345  # inside object 2, which the snapshot shares
+    assert out(port, "vdi", "resize", "shrink", str(size), "--allow-shrink") == (
+        "resized 'shrink' to 9 MiB; freed 4 objects\n")
+    assert current(api, "shrink")["size"] == size and current(api, "shrink")["lock"] is None
+    files, allocated_bytes = stored(cluster, now)  # object 2 copied up, without its tail
+    head = -(-(size - 2 * object_size) // 4096) * 4096
+    assert files == cluster_copies and allocated_bytes <= cluster_copies * (head + 64 * KiB)
+    with pytest.raises(InvalidParameters, match="past the end"):
+        read(api, "shrink", size, 1)
+    assert read(api, "shrink", 0, size) == data[:size]
+    assert read(api, "shrink@before", 0, 40 * MiB) == data
+
+    holder = SyncClient("127.0.0.1", cluster.sheep[1].port, cluster.credentials)
+    try:
+        handle = holder.vdi_open("shrink", writable=True, owner="shrink-writer")["handle"]
+        holder.vdi_write(handle, 0, b"live")
+        assert out(port, "vdi", "resize", "shrink", "1M", "--allow-shrink") == (
+            "resized 'shrink' to 1 MiB; freed 1 objects\n")  # its copy of 2; 1 is the snapshot's
+        with pytest.raises(InvalidParameters, match="past the end"):
+            holder.vdi_write(handle, MiB, b"x")
+        holder.vdi_write(handle, MiB - 4, b"last")
+    finally:
+        holder.close()
+    dog(port, "vdi", "resize", "shrink", "40M")
+    expected = b"live" + data[4:MiB - 4] + b"last" + bytes(39 * MiB)
+    assert read(api, "shrink", 0, 40 * MiB) == expected
+    assert read(api, "shrink@before", 0, 40 * MiB) == data

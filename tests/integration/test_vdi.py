@@ -22,11 +22,12 @@ import pytest
 
 from sheep import auth, radix
 from sheep.client import Client, Connection, SyncClient
-from sheep.errors import InvalidParameters, ReadOnly, Timeout, VdiLocked
+from sheep.errors import InvalidParameters, ReadOnly, SystemFailure, Timeout, VdiLocked
 from sheep.oid import ObjectType, oid_generation, oid_index, oid_type
 from sheep.proto import Header, Op
 from sheep.testing.cluster import LocalCluster
 from sheep.testing.inprocess import InProcessCluster
+from sheep.vdi import VdiEngine
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -1135,3 +1136,34 @@ def test_a_raw_removal_of_an_object_a_locked_vdi_shares_is_refused(cluster):
             client.remove(shared)
         assert client.vdi_read(handle, 4 * MiB, 4096) == b"s" * 4096
         client.vdi_close(handle)
+
+
+def test_a_shrink_cut_off_halfway_is_finished_by_running_it_again(tmp_path, monkeypatch):
+    """The new size is logged before the tree is cut: if the cut fails, nothing past
+    the end is read, a grow refuses (it would bring the old data back into view), and
+    the same resize again finishes the cut."""
+    real = VdiEngine.truncate
+    failures = [SystemFailure("the store failed mid-cut")]
+
+    async def failing(self: VdiEngine, root: radix.Root, size: int) -> list[int]:
+        if failures:
+            raise failures.pop()
+        return await real(self, root, size)
+
+    monkeypatch.setattr(VdiEngine, "truncate", failing)
+    with InProcessCluster(str(tmp_path), nodes=1) as cluster, cluster.client(0) as client:
+        client.format(1, object_size)
+        client.vdi_create("halfway", 4 * object_size)
+        handle = client.vdi_open("halfway", writable=True, owner="test")["handle"]
+        client.vdi_write(handle, 3 * object_size, b"tail data")
+        client.vdi_close(handle)
+        with pytest.raises(SystemFailure, match="mid-cut"):
+            client.vdi_resize("halfway", object_size, allow_shrink=True)
+        assert client.vdi_list(["halfway"], usage=False)[0]["size"] == object_size
+        assert client.vdi_list(["halfway"], usage=False)[0]["lock"] is None
+        with pytest.raises(InvalidParameters, match="resize --allow-shrink halfway 4194304"):
+            client.vdi_resize("halfway", 4 * object_size)
+        assert client.vdi_resize("halfway", object_size, allow_shrink=True)["freed_objects"] == 1
+        client.vdi_resize("halfway", 4 * object_size)
+        handle = client.vdi_open("halfway")["handle"]
+        assert client.vdi_read(handle, 3 * object_size, 9) == bytes(9)

@@ -428,3 +428,31 @@ async def test_an_unanswered_own_root_is_never_made_again_from_base():
     other.objects.exists = Silent().exists  # type: ignore[method-assign]
     unrecorded = Root(root.generation, root.depth, 0, made=False)
     assert await other.root_node(unrecorded) == 0  # base (an empty tree), stores not asked
+
+
+async def test_truncate_cuts_whole_subtrees_by_one_entry_and_copies_a_frozen_tail_up_short():
+    """A shrink of a depth-2 tree: the leaf wholly past the end goes with its one entry;
+    in the leaf that straddles the end, the objects past it are cut, and the object
+    with the end in it keeps only its head (a frozen one is copied up without its tail,
+    taking no space there). The snapshot before keeps all of its data."""
+    h = Harness()
+    root = h.create(2000 * object_size)  # depth 2: leaves 0 and 1
+    old = pattern(4 * object_size, 9)
+    await h.engine.write(root, 0, old)
+    await h.engine.write(root, 1500 * object_size, b"far")  # in leaf 1
+    snap, root = await h.snapshot(root)
+    await h.engine.write(root, 3 * object_size, b"mine")  # its own copy of object 3
+    size = object_size + 5000  # the end falls inside object 1, in its second block
+    cut = await h.engine.truncate(root, size)
+    leaf_1 = radix.node_oid(snap.generation, 1, 1)
+    own = radix.data_oid(root.generation, 3)
+    assert set(cut) == {radix.data_oid(snap.generation, 2), own, leaf_1}
+    live = [await h.engine.root_node(snap), await h.engine.root_node(root)]
+    assert await h.engine.garbage(cut, live) == {own}, "the snapshot keeps the rest"
+    assert await h.engine.read(root, 0, size) == old[:size]
+    tail = radix.data_oid(root.generation, 1)
+    assert bytes(h.objects.data[tail][5000:]) == bytes(object_size - 5000)
+    assert await h.objects.data_map(tail) == 0b11, "its head's two blocks, no more"
+    assert await h.engine.read(snap, 0, len(old)) == old
+    assert await h.engine.read(snap, 1500 * object_size, 3) == b"far"
+    assert await h.engine.truncate(root, size) == [], "done again, nothing more to cut"

@@ -1,7 +1,7 @@
 """VDIs against a model: the registry and the engine driven as the gateway drives them.
 
 A hypothesis state machine creates, writes, discards, snapshots, clones, rolls
-back, grows and deletes VDIs and snapshots in a VdiRegistry and a VdiEngine
+back, grows, shrinks and deletes VDIs and snapshots in a VdiRegistry and a VdiEngine
 over in-memory objects, and mirrors each step in a model where a disk is a
 size and a dict of object index -> contents (an index is present exactly when
 the engine should hold a data object for it: written, and not since discarded
@@ -11,8 +11,8 @@ whole). After every step:
   every written object plus the ends when large);
 - the data objects reachable from each root are exactly the model's indexes;
 - nothing dangles: every object a live root reaches is stored;
-- after every GC (which follows each delete and rollback, and also runs on its
-  own now and then), the store holds exactly the objects the live roots reach.
+- after every GC (which follows each delete, rollback and shrink, and also runs on
+  its own now and then), the store holds exactly the objects the live roots reach.
   Between GCs an object can be unreachable only if the engine knows it released
   it (a write copied it away from a tree that was its last reader).
 - the registry checks itself and survives a JSON round trip.
@@ -194,16 +194,21 @@ class VdiMachine(RuleBasedStateMachine):
                 found.append((snap.root, self.snapshots[name, snap.tag]))
         return found
 
-    def collect(self, dead: list[dict[str, Any]]) -> None:
-        """The gateway's GC after a delete or a rollback, then a check that it left
-        exactly what the live roots reach."""
+    def collect(self, dead: list[dict[str, Any]], cut: list[int] | None = None) -> None:
+        """The gateway's GC after a delete, a rollback or a shrink (what it cut), then
+        a check that it left exactly what the live roots reach."""
         async def job() -> set[int]:
             dead_nodes = [await self.engine.root_node(Root.from_json(r)) for r in dead]
+            dead_nodes += cut or []
             live = [await self.engine.root_node(root) for root, _ in self.roots()]
             garbage = await self.engine.garbage(dead_nodes, live)
             writable = self.registry.writable_generations()
+            cut_off: set[int] = set()  # a writable tree's own objects a shrink cut off
+            for node in cut or []:
+                await self.engine.walk(node, found=cut_off)
             for oid in garbage:
-                assert radix.generation_of(oid) not in writable, f"GC of live {oid:016x}"
+                assert radix.generation_of(oid) not in writable or oid in cut_off, (
+                    f"GC of live {oid:016x}")
                 await self.objects.remove(oid)
             self.engine.forget(garbage)
             return garbage
@@ -324,7 +329,7 @@ class VdiMachine(RuleBasedStateMachine):
             st.integers(max(vdi.size, depth3_size + 1), max(vdi.size, depth3_size) * 2),
             st.integers(max(vdi.size, depth4_size + 1), size_max),
         )))
-        depth = radix.depth_for(-(-size // object_size))
+        depth = max(vdi.root.depth, radix.depth_for(-(-size // object_size)))
         root = self.run(self.engine.grow(vdi.root, depth))
         outcome = self.apply("vdi_resize", name=name, size=size, root=root.to_json())
         assert outcome.result == Result.SUCCESS, outcome.message
@@ -334,6 +339,37 @@ class VdiMachine(RuleBasedStateMachine):
         if size > vdi.size:
             shrink = self.apply("vdi_resize", name=name, size=size - 1, root=root.to_json())
             assert shrink.result == Result.INVALID_PARMS
+
+    @precondition(lambda self: self.vdis)
+    @rule(data=st.data(), again=st.booleans())
+    def shrink(self, data: st.DataObject, again: bool) -> None:
+        """As the VDI's writer does it: the smaller size logged under its lock, then
+        the tree cut past it and what nothing live reaches freed (the same size again
+        finishes a cut). Snapshots keep their size and data."""
+        name = self.pick_vdi(data)
+        vdi = self.registry.vdis[name]
+        disk = self.vdis[name]
+        size = disk.size if again else max(1, draw_offset(data, disk.size))
+        index, inner = divmod(size, object_size)
+        tail = self.run(self.engine.lookup(vdi.root, index)) if inner else 0
+        self.apply("vdi_lock", name=name, node_id="n1", session="shrinker")
+        outcome = self.apply("vdi_resize", name=name, size=size, root=vdi.root.to_json(),
+                             session="shrinker", shrink=True)
+        assert outcome.result == Result.SUCCESS, outcome.message
+        cut = self.run(self.engine.truncate(self.registry.vdis[name].root, size))
+        self.apply("vdi_unlock", name=name, session="shrinker")
+        disk.size = size
+        keep = -(-size // object_size)
+        for gone in [i for i in disk.blocks if i >= keep]:
+            del disk.blocks[gone]
+        if tail:
+            old = disk.blocks[index]
+            head_blocks = -(-inner // 4096) * 4096  # a frozen one is copied up if these hold data
+            if radix.generation_of(tail) == vdi.root.generation or any(old[:head_blocks]):
+                disk.blocks[index] = old[:inner] + bytes(object_size - inner)
+            else:
+                del disk.blocks[index]
+        self.collect([], cut)
 
     @precondition(lambda self: self.snapshots)
     @rule(data=st.data())
@@ -386,7 +422,8 @@ class VdiMachine(RuleBasedStateMachine):
             assert {(name, s.tag) for s in vdi.snapshots} == {
                 key for key in self.snapshots if key[0] == name}
             for root, size in [(vdi.root, vdi.size), *((s.root, s.size) for s in vdi.snapshots)]:
-                assert root.depth == radix.depth_for(-(-size // object_size))
+                # A shrink keeps the depth: a tree may be deeper than its size needs.
+                assert root.depth >= radix.depth_for(-(-size // object_size))
 
     @invariant()
     def every_disk_reads_as_the_model(self) -> None:

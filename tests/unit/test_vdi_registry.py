@@ -440,3 +440,67 @@ def test_trash_and_alter_copy():
     r("vdi_trash", name="v")
     assert r("vdi_delete", name="v", purge=True).result == Result.SUCCESS
     assert "v" not in r.registry.vdis
+
+
+def test_rename_takes_the_snapshots_along_and_clones_follow(r):
+    r.snapshot("base", "s1", base=node(1))
+    r("vdi_clone", source="base", snapshot="s1", name="c", base=node(1))
+    before = r.vdi("base")
+    outcome = r("vdi_rename", name="base", new_name="renamed")
+    assert outcome.result == Result.SUCCESS, outcome.message
+    assert "base" not in r.registry.vdis
+    vdi = r.vdi("renamed")
+    assert vdi is before and vdi.name == "renamed" and [s.tag for s in vdi.snapshots] == ["s1"]
+    assert r.vdi("c").parent == {"vdi": "renamed", "vdi_id": vdi.id,
+                                 "snapshot": vdi.snapshot("s1").id, "tag": "s1"}
+    assert r("vdi_create", name="base", size=MiB).result == Result.SUCCESS, "the old name is free"
+    again = VdiRegistry.from_json(r.registry.to_json())
+    assert again.to_json() == r.registry.to_json()
+
+
+def test_rename_refusals(r):
+    r("vdi_create", name="other", size=MiB)
+    r("vdi_create", name="binned", size=MiB)
+    r("vdi_trash", name="binned")
+    cases = [({"name": "base", "new_name": "other"}, Result.EXISTS, "already exists"),
+             ({"name": "base", "new_name": "binned"}, Result.EXISTS, "in the trash"),
+             ({"name": "base", "new_name": "base"}, Result.EXISTS, "already exists"),
+             ({"name": "base", "new_name": "a b"}, Result.INVALID_PARMS, "new VDI name"),
+             ({"name": "base", "new_name": "x" * (name_max_chars + 1)}, Result.INVALID_PARMS,
+              "longer than"),
+             ({"name": "base", "new_name": None}, Result.INVALID_PARMS, "must not be empty"),
+             ({"name": "base", "new_name": "base@s"}, Result.INVALID_PARMS, "may hold only"),
+             ({"name": "nope", "new_name": "new"}, Result.NO_VDI, "no VDI named"),
+             ({"name": "binned", "new_name": "new"}, Result.NO_VDI, "in the trash")]
+    for body, result, words in cases:
+        outcome = r("vdi_rename", **body)
+        assert outcome.result == result and words in outcome.message, (body, outcome)
+    r("vdi_lock", name="base", node_id="n1", session="s1", owner="qemu on host1")
+    locked = r("vdi_rename", name="base", new_name="new")
+    assert locked.result == Result.VDI_LOCKED and "in use by qemu on host1" in locked.message
+    assert set(r.registry.vdis) == {"base", "other", "binned"}
+
+
+def test_shrink_takes_the_flag_and_the_lock_and_keeps_the_depth(r):
+    big = 2000 * object_size
+    r("vdi_resize", name="base", size=big, root=Root(1, 2, 0).to_json())
+    r.snapshot("base", "s1", base=node(1, 2))
+    root = r.vdi("base").root
+    assert r("vdi_resize", name="base", size=GiB, root=root.to_json(),
+             session="s1").result == Result.INVALID_PARMS, "no shrink without asking"
+    unlocked = r("vdi_resize", name="base", size=GiB, root=root.to_json(), shrink=True)
+    assert unlocked.result == Result.UNAVAILABLE and "writer" in unlocked.message
+    r("vdi_lock", name="base", node_id="n1", session="s1")
+    assert r("vdi_resize", name="base", size=GiB, root=root.to_json(), shrink=True,
+             session="s2").result == Result.VDI_LOCKED
+    outcome = r("vdi_resize", name="base", size=GiB, root=root.to_json(), shrink=True,
+                session="s1")
+    assert outcome.result == Result.SUCCESS, outcome.message
+    vdi = r.vdi("base")
+    assert vdi.size == GiB and vdi.root == root and vdi.root.depth == 2, "the depth stays"
+    assert vdi.snapshot("s1").size == big, "a snapshot keeps its size"
+    # Growing again reuses the depth: a tree of depth 1 is no longer what it needs.
+    assert r("vdi_resize", name="base", size=2 * GiB, root=Root(root.generation, 1,
+             0).to_json(), session="s1").result == Result.UNAVAILABLE
+    assert r("vdi_resize", name="base", size=2 * GiB, root=root.to_json(),
+             session="s1").result == Result.SUCCESS
