@@ -71,6 +71,15 @@ from sheep.store.fileio import FileIO
 
 log = logging.getLogger(__name__)
 
+# The store's on-disk format. 1: object files under obj/XX/, one LMDB environment
+# (meta/) with the objects, sums, intents, doubt, config and epochs databases: the
+# layout of every store made before versions were kept, which are stamped 1.
+format_version = 1
+# Upgrades, by the version they start from: each brings an open store (its
+# databases open, before anything else reads them) to the next version, and must
+# be safe to run again after a crash in its middle.
+upgrades: dict[int, Callable[[Store], None]] = {}
+
 _meta_value = struct.Struct("<QQ")  # version, flags (the format before digests)
 # version, flags, digest of the checksum table: a STAT (every copy is compared at
 # start-up and in recovery) then never reads the 4 KiB table, which would map the
@@ -274,6 +283,7 @@ class Store:
             self._doubt_db = self._env.open_db(b"doubt")
             self._config = self._env.open_db(b"config")
             self._epochs = self._env.open_db(b"epochs")
+            self._check_format()
             size = self.config_get("object_size")
             if size:
                 self.object_size = int(size)
@@ -290,6 +300,37 @@ class Store:
                 # A doubt of the older form (no epoch) may date from any epoch.
                 self._doubtful = {int.from_bytes(key, "big"): int.from_bytes(value or b"", "big")
                                   for key, value in txn.cursor()}
+
+    def _check_format(self) -> None:
+        """The store's format version (config "format_version"): stamped on a new
+        store, and on one made before versions were kept (its layout is version 1);
+        an older one is upgraded step by step, each step's version written once it
+        is done (a crash in a step runs it again at the next start: steps must be
+        idempotent); a newer one, or one no step leads from, is refused."""
+        version = self.config_get("format_version")
+        if version is None:
+            self.config_put("format_version", format_version)
+            return
+        if not isinstance(version, int) or version < 1:
+            raise SystemFailure(f"the store {self.path} has a bad format version {version!r}")
+        if version > format_version:
+            raise SystemFailure(
+                f"the store {self.path} is of format version {version}, newer than this"
+                f" sheep's ({format_version}): run the sheep release that made it, or a"
+                " newer one")
+        while version < format_version:
+            step = upgrades.get(version)
+            if step is None:
+                raise SystemFailure(
+                    f"the store {self.path} is of format version {version} and this sheep"
+                    f" cannot upgrade it to {format_version}: upgrade it with a release"
+                    " that can, or move it aside and start on an empty directory (the"
+                    " cluster copies its objects back)")
+            log.warning("store %s: upgrading its format from version %d to %d", self.path,
+                        version, version + 1)
+            step(self)
+            version += 1
+            self.config_put("format_version", version)
 
     def _remove_unadopted(self) -> None:
         """Copies a crash caught while adopt_extents wrote them: never named as

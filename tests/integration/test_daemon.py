@@ -410,3 +410,22 @@ def test_a_stop_whose_final_sync_breaks_still_stops(tmp_path):
         cluster.run(sheep.stop(), timeout_s=30)
         assert sheep.stopped.is_set()
         assert sheep.store._env is None  # closed whatever the sync did
+
+
+def test_a_store_of_a_newer_format_is_refused_at_start(tmp_path):
+    """The operator hears why on the terminal, and the sheep does not run."""
+    from sheep.errors import EXIT_FAILURE
+    from sheep.store import Store
+    from sheep.store import store as store_module
+
+    path = str(tmp_path / "store")
+    made = Store(path)
+    made.open()
+    made.config_put("format_version", store_module.format_version + 1)
+    made.close()
+    result = subprocess.run([sys.executable, "-m", "sheep", path, "-p", str(free_port()),
+                             "-c", f"local:{tmp_path / 'cluster'}"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == EXIT_FAILURE, result
+    assert (f"is of format version {store_module.format_version + 1}, newer than this"
+            " sheep's") in result.stderr, result.stderr

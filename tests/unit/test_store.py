@@ -8,6 +8,7 @@ monkeypatching os.pwrite, os.fdatasync and the fallocate binding.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import os
@@ -1166,3 +1167,70 @@ def test_extents_are_packed_in_one_buffer_after_the_room_asked_for(store: Store)
         (0, bytes(data[:block])), (3 * block, bytes(data[3 * block:]))]
     assert bytes(buffer[100:100 + 4 * block]) == bytes(data[:block] + data[3 * block:])
     assert all(view.obj is buffer for _, view in extents)
+
+
+# --- the format version -----------------------------------------------------------------
+
+_opened = contextlib.contextmanager(opened)
+
+
+def test_a_new_store_is_stamped_with_the_format_version(tmp_path: Path) -> None:
+    from sheep.store import store as store_module
+
+    with _opened(tmp_path / "s") as fresh:
+        assert fresh.config_get("format_version") == store_module.format_version
+
+
+def test_a_store_from_before_versions_is_stamped_and_a_newer_one_refused(tmp_path: Path) -> None:
+    from sheep.errors import SystemFailure
+    from sheep.store import store as store_module
+
+    with _opened(tmp_path / "s") as old:
+        old.create_and_write(0x10, 0, b"kept")
+        with old.env.begin(db=old._config, write=True) as txn:
+            txn.delete(b"format_version")  # as a store made before versions were kept
+    with _opened(tmp_path / "s") as again:
+        assert again.config_get("format_version") == store_module.format_version
+        assert again.read(0x10, 0, 4) == b"kept"
+        again.config_put("format_version", store_module.format_version + 1)
+    newer = Store(str(tmp_path / "s"))
+    with pytest.raises(SystemFailure, match=f"format version {store_module.format_version + 1},"
+                                            " newer than this sheep's"):
+        newer.open()
+
+
+def test_an_older_store_is_upgraded_step_by_step_and_a_crash_in_a_step_resumes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sheep.errors import SystemFailure
+    from sheep.store import store as store_module
+
+    current = store_module.format_version
+    monkeypatch.setattr(store_module, "format_version", current + 2)
+    with _opened(tmp_path / "s") as made:
+        made.config_put("format_version", current)
+    ran: list[int] = []
+    crash = [True]
+
+    def first(store: Store) -> None:
+        ran.append(current)
+        store.config_put("upgraded", "once")  # idempotent
+
+    def second(store: Store) -> None:
+        ran.append(current + 1)
+        if crash:
+            crash.pop()
+            raise OSError("power loss in the middle of the step")
+
+    monkeypatch.setattr(store_module, "upgrades", {current: first})
+    blocked = Store(str(tmp_path / "s"))
+    with pytest.raises(SystemFailure, match=f"cannot upgrade it to {current + 2}"):
+        blocked.open()  # version current+1 has no step: refused, after the first step
+    blocked.close()
+    monkeypatch.setattr(store_module, "upgrades", {current: first, current + 1: second})
+    crashed = Store(str(tmp_path / "s"))
+    with pytest.raises(SystemFailure, match="power loss"):
+        crashed.open()
+    crashed.close()
+    with _opened(tmp_path / "s") as done:  # the crashed step runs again, then it opens
+        assert done.config_get("format_version") == current + 2
+    assert ran == [current, current + 1, current + 1]
