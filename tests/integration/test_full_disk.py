@@ -18,7 +18,7 @@ from sheep.constants import MiB
 from sheep.errors import NoSpace
 from sheep.testing.cluster import LocalCluster
 
-small_fs_bytes = 80 * MiB
+small_fs_bytes = 96 * MiB  # the reserve (32 MiB), ext4 and 32 MiB of filler leave room for several writes
 
 
 @contextlib.contextmanager
