@@ -290,6 +290,13 @@ class VdiRegistry:
                                         " restore, or purge)")
         return vdi
 
+    def _unusable(self, name: Any, what: str = "VDI name") -> Outcome | None:
+        """Why a new VDI may not take this name (bad, or taken live or in the trash)."""
+        problem = name_problem(name, what)
+        if problem:
+            return _fail(Result.INVALID_PARMS, problem)
+        return self._taken(name)
+
     def _taken(self, name: str) -> Outcome | None:
         vdi = self.vdis.get(name)
         if vdi is None:
@@ -423,13 +430,10 @@ class VdiRegistry:
             return _fail(Result.NO_TAG,
                          f"VDI {source.name!r} has no snapshot {body.get('snapshot')!r}")
         name = body.get("name")
-        problem = name_problem(name)
-        if problem:
-            return _fail(Result.INVALID_PARMS, problem)
+        refused = self._unusable(name)
+        if refused:
+            return refused
         assert isinstance(name, str)
-        taken = self._taken(name)
-        if taken:
-            return taken
         base = self._base(body)
         if base is None:
             return _fail(Result.INVALID_PARMS, "clone needs the resolved root node")
@@ -509,13 +513,10 @@ class VdiRegistry:
         if isinstance(vdi, Outcome):
             return vdi
         new_name = body.get("new_name")
-        problem = name_problem(new_name, "new VDI name")
-        if problem:
-            return _fail(Result.INVALID_PARMS, problem)
+        refused = self._unusable(new_name, "new VDI name")
+        if refused:
+            return refused
         assert isinstance(new_name, str)
-        taken = self._taken(new_name)
-        if taken:
-            return taken
         if vdi.lock is not None:
             holder = vdi.lock.get("owner") or vdi.lock.get("node_id")
             return _fail(Result.VDI_LOCKED,
