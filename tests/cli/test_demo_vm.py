@@ -25,8 +25,8 @@ def test_a_clone_of_a_vms_disk_snapshotted_while_it_ran_boots_and_sees_its_file(
     guest = tmp_path / "guest"
     built = subprocess.run([str(ROOT / "scripts" / "guest"), str(guest)], capture_output=True,
                            text=True, timeout=300)
-    if built.returncode == BUILD_UNAVAILABLE:
-        pytest.skip(f"scripts/guest: {built.stderr.strip()}")
+    if built.returncode == BUILD_UNAVAILABLE and os.environ.get("CI") != "true":
+        pytest.skip(f"scripts/guest: {built.stderr.strip()}")  # in CI, a failure below
     assert built.returncode == 0, built.stderr
     with LocalCluster(str(tmp_path / "cluster"), 3) as cluster:
         cluster.start()
