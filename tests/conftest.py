@@ -90,6 +90,31 @@ def make_zookeeper_ensemble(tmp_path):
         ensemble.stop()
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the item, so a fixture's teardown knows whether the
+    test failed."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"report_{report.when}", report)
+
+
+def _log_tails(clusters, lines: int = 40) -> None:
+    """After a failed test, print the end of each sheep's log: pytest shows it with the
+    failure, so a CI run explains itself."""
+    for cluster in clusters:
+        for index, node in enumerate(cluster.sheep):
+            path = os.path.join(node.directory, "stderr.log")
+            try:
+                with open(path, errors="replace") as file:
+                    text = file.read().splitlines()
+            except OSError:
+                continue
+            code = node.process.poll() if node.process is not None else None
+            print(f"--- sheep {index} (exit code {code}): the end of {path}")
+            print("\n".join(text[-lines:]))
+
+
 @pytest.fixture
 def make_cluster(tmp_path, request, cluster_driver):
     """Build clusters of real sheep processes; every one is killed at teardown."""
@@ -109,6 +134,9 @@ def make_cluster(tmp_path, request, cluster_driver):
         return cluster
 
     yield make
+    call = getattr(request.node, "report_call", None)
+    if call is not None and call.failed:
+        _log_tails(clusters)
     for cluster in clusters:
         cluster.close()
 
