@@ -93,7 +93,8 @@ def _sessions(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @json_option
 @connection_options
 def info(as_json: bool) -> None:
-    """Show the cluster's status, health, parameters and epoch history."""
+    """Show the cluster's status, health, parameters, what limits its usable space, and
+    its epoch history."""
     value = run(lambda client: client.cluster_info())
     nodes: list[dict[str, Any]] = []
     if value["status"] == "ok" or value["driver"].get("driver") == "zookeeper":
@@ -397,6 +398,26 @@ def _duration(seconds: int) -> str:
         if seconds >= size and seconds % size == 0:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+@cluster.command()
+@connection_options
+def reweight() -> None:
+    """Set every node's placement weight back to its capacity (the free space it
+    started with, or its sheep -w), undoing 'dog node weight'; recovery moves the
+    copies that must move ('dog node recovery' shows progress)."""
+    nodes = run(lambda client: client.node_list())
+    changed = 0
+    for index, node in enumerate(nodes):
+        node_id = str(node["node_id"])
+        result = run(lambda client: client.reweight(node_id, None))  # noqa: B023 - run now
+        if result["weight"] != result["before"]:
+            changed += 1
+            click.echo(f"node {index}: weight {format_size(result['before'])} ->"
+                       f" {format_size(result['weight'])}")
+    click.echo(f"{changed} of {len(nodes)} node(s) reweighted"
+               + ("; recovery moves the copies ('dog node recovery' shows it)" if changed
+                  else ""))
 
 
 @cluster.command(name="alter-copy")

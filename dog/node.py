@@ -1,4 +1,4 @@
-"""dog node: list, info, kill, recovery, stat, drain."""
+"""dog node: list, info, weight, kill, recovery, stat, drain."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from dog.common import RATE, connection_options, json_option, run
+from dog.common import RATE, SIZE, connection_options, json_option, run
 from dog.output import StatusLine, print_json, print_table
 from sheep.errors import InvalidParameters
 from sheep.health import cluster_health, health_text
@@ -23,30 +23,46 @@ def _use(info: dict[str, Any]) -> str:
     return f"{100 * info['used'] / capacity:.0f}%" if capacity else "-"
 
 
+def _domain(info: dict[str, Any]) -> str:
+    """RACK/HOST, or HOST when the host is its own rack."""
+    rack = info.get("rack")
+    return f"{rack}/{info['zone']}" if rack is not None else str(info["zone"])
+
+
+def _share(info: dict[str, Any], nodes: list[dict[str, Any]]) -> str:
+    """The node's share of the cluster's weight: what placement gives it of the copies."""
+    total = sum(int(node.get("weight", 0)) for node in nodes)
+    return f"{100 * int(info.get('weight', 0)) / total:.1f}%" if total else "-"
+
+
 @node.command(name="list")
 @json_option
 @connection_options
 def list_(as_json: bool) -> None:
-    """List the nodes: index, id, address, zone, vnodes, objects, space."""
+    """List the nodes: index, id, address, rack/host, weight and its share of the
+    cluster's, objects, space, and whether the node is (nearly) full."""
     nodes = run(lambda client: client.node_list())
     if as_json:
         print_json([{"index": index, **info} for index, info in enumerate(nodes)])
         return
     rows = []
     for index, info in enumerate(nodes):
+        weight = format_size(int(info.get("weight", 0)))
         if info.get("status") == "unreachable":
             rows.append([index, info["node_id"], f"{info['address']}:{info['port']}",
-                         info["zone"], info["vnodes"], "-", "-", "-", "-", "unreachable"])
+                         _domain(info), weight, _share(info, nodes), "-", "-", "-", "-",
+                         "unreachable"])
             continue
         status = info["status"]
         if info.get("space", "ok") != "ok":
             status = f"{status}, {info['space']}"
-        rows.append([index, info["node_id"], f"{info['address']}:{info['port']}", info["zone"],
-                     info["vnodes"], info["objects"], format_size(info["used"]),
-                     format_size(info["capacity"]), _use(info), status])
-    print_table(["Id", "Node id", "Address", "Zone", "Vnodes", "Objects", "Used", "Capacity",
-                 "Use%", "Status"], rows,
-                right=["Id", "Zone", "Vnodes", "Objects", "Used", "Capacity", "Use%"])
+        rows.append([index, info["node_id"], f"{info['address']}:{info['port']}",
+                     _domain(info), weight, _share(info, nodes), info["objects"],
+                     format_size(info["used"]), format_size(info["capacity"]), _use(info),
+                     status])
+    print_table(["Id", "Node id", "Address", "Rack/Host", "Weight", "Share", "Objects", "Used",
+                 "Capacity", "Use%", "Status"], rows,
+                right=["Id", "Weight", "Share", "Objects", "Used", "Capacity", "Use%"])
 
 
 @node.command()
@@ -123,6 +139,26 @@ def _node_spec(ctx: click.Context, param: click.Parameter, value: str) -> str:
     if value.isdigit() or (host and port.partition("/")[0].isdigit()):
         return value
     raise click.BadParameter(f"{value!r} is not a node index, node id or HOST:PORT")
+
+
+@node.command(epilog=_node_help + " SIZE: like 4T or 500G; 0 drains the node.")
+@click.argument("target_node", metavar="NODE", callback=_node_spec)
+@click.argument("size", metavar="SIZE", type=SIZE)
+@connection_options
+def weight(target_node: str, size: int) -> None:
+    """Set a node's placement weight: it gets copies in proportion to it, and
+    recovery moves the copies that must move ('dog node recovery' shows progress).
+    The weight outlives the node's restarts; 'dog cluster reweight' sets every node
+    back to its capacity (or its sheep -w)."""
+    index, target = find_node(run(lambda client: client.node_list()), target_node)
+    result = run(lambda client: client.reweight(target["node_id"], size))
+    if result["weight"] == result["before"]:
+        click.echo(f"node {index} ({target['node_id']}) already weighs"
+                   f" {format_size(result['weight'])}")
+        return
+    click.echo(f"node {index} ({target['node_id']}): weight {format_size(result['before'])}"
+               f" -> {format_size(result['weight'])}; recovery moves the copies"
+               " ('dog node recovery' shows it)")
 
 
 @node.command(epilog=_node_help)
@@ -332,9 +368,9 @@ def _limit(item: dict[str, Any]) -> str:
 def drain(target_node: str, no_wait: bool) -> None:
     """Move every copy off the node with this index, then stop it.
 
-    The node gets no vnodes, so placement gives it nothing; the others fetch its
+    The node gets weight 0, so placement gives it nothing; the others fetch its
     copies, and it drops each one only once all the new holders have it, so no
-    object ever has fewer copies than before. Refused when the remaining zones
+    object ever has fewer copies than before. Refused when the remaining hosts
     cannot hold the copies objects keep."""
     import time
 

@@ -355,10 +355,11 @@ class Client:
         result: dict[str, Any] = await self._json(Op.SET_RECOVERY, {"max_rate": max_rate})
         return result
 
-    async def reweight(self, node_id: str, vnodes: int) -> dict[str, Any]:
-        """Set a member's vnodes; 0 drains it (its copies move to the others)."""
+    async def reweight(self, node_id: str, weight: int | None) -> dict[str, Any]:
+        """Set a member's weight in bytes (None: back to its capacity); 0 drains it (its
+        copies move to the others). Returns node_id, weight and the weight before."""
         result: dict[str, Any] = await self._json(Op.REWEIGHT,
-                                                  {"node_id": node_id, "vnodes": vnodes})
+                                                  {"node_id": node_id, "weight": weight})
         return result
 
     async def check_objects(self, oids: list[int], scrub: bool = False) -> list[dict[str, Any]]:

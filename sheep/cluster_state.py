@@ -140,6 +140,9 @@ class ClusterState:
         # Principals other than the node (sheep/auth.py): made by format and 'dog auth'.
         self.principals: dict[str, auth.Entry] = {}
         self.encrypt = False  # frames are encrypted, not only signed ('format --encrypt')
+        # Weights set by 'dog node weight' (node id -> bytes): they outlive the node's
+        # restarts; 'dog cluster reweight' clears them (back to each node's capacity).
+        self.weights: dict[str, int] = {}
         self._ops: dict[str, Callable[[Event], ApplyResult]] = {
             "format": self._apply_format,
             "shutdown": self._apply_shutdown,
@@ -164,8 +167,14 @@ class ClusterState:
 
     @property
     def zones(self) -> int:
-        """Zones that can hold copies: those of members with vnodes (as in the ring)."""
+        """Hosts (zones) that can hold copies: those of members with weight (as in the
+        ring). Copies of an object are on distinct hosts."""
         return _zones(self.members.values())
+
+    @property
+    def racks(self) -> int:
+        """Racks that can hold copies (a host without a rack is its own)."""
+        return _racks(self.members.values())
 
     @property
     def copies_max(self) -> int:
@@ -211,9 +220,12 @@ class ClusterState:
 
     def _apply_join(self, event: Event) -> ApplyResult:
         assert event.node is not None
-        if event.node.node_id in self.members and self.members[event.node.node_id] == event.node:
+        node = event.node
+        if node.node_id in self.weights:  # set by 'dog node weight': it stays
+            node = dataclasses.replace(node, weight=self.weights[node.node_id])
+        if node.node_id in self.members and self.members[node.node_id] == node:
             return ApplyResult()  # a duplicate join changes nothing
-        self.members[event.node.node_id] = event.node
+        self.members[node.node_id] = node
         self.lost.discard(event.node.node_id)  # back: what it holds counts again
         self._new_epoch(event)
         if self.status is Status.SHUTDOWN and set(self.waiting_for) <= set(self.members):
@@ -241,7 +253,7 @@ class ClusterState:
         body = event.body
         copies = body.get("copies")
         object_size = body.get("object_size")
-        problem = format_problem(copies, object_size, self.zones)
+        problem = format_problem(copies, object_size, self.zones, self.racks)
         if problem is not None:
             return _error(*problem)
         if self.status is not Status.WAIT_FOR_FORMAT and not body.get("force"):
@@ -344,7 +356,7 @@ class ClusterState:
             return _error(Result.NOT_FORMATTED if self.status is Status.WAIT_FOR_FORMAT
                           else Result.UNAVAILABLE, "the cluster is not serving")
         copies = event.body.get("copies")
-        problem = copies_problem(copies, self.zones)
+        problem = copies_problem(copies, self.zones, self.racks)
         if problem:
             return _error(*problem)
         assert isinstance(copies, int)
@@ -365,30 +377,38 @@ class ClusterState:
         return ApplyResult(value={"max_rate": rate, "interval": interval})
 
     def _apply_reweight(self, event: Event) -> ApplyResult:
-        """Give a member another number of vnodes. Zero drains it: the ring places
-        nothing on it, recovery moves its copies to the others, and it keeps serving
-        as a gateway (and as a source for recovery) until it leaves."""
-        node_id, vnodes = event.body.get("node_id"), event.body.get("vnodes")
+        """Give a member another weight (bytes), or with "weight" None its capacity back.
+        Zero drains it: placement gives it nothing, recovery moves its copies to the
+        others, and it keeps serving as a gateway (and as a source for recovery) until
+        it leaves. A weight set here outlives the node's restarts."""
+        node_id, weight = event.body.get("node_id"), event.body.get("weight")
         node = self.members.get(str(node_id))
         if node is None:
             return _error(Result.INVALID_PARMS, f"node {node_id} is not a member")
-        if (not isinstance(vnodes, int) or isinstance(vnodes, bool)
-                or not 0 <= vnodes <= constants.vnodes_max):
+        if weight is not None and (not isinstance(weight, int) or isinstance(weight, bool)
+                                   or not 0 <= weight <= constants.weight_max_bytes):
             return _error(Result.INVALID_PARMS,
-                          f"vnodes must be 0 to {constants.vnodes_max}, not {vnodes!r}")
-        if node.vnodes == vnodes:
-            return ApplyResult(value={"node_id": node.node_id, "vnodes": vnodes})
-        changed = dataclasses.replace(node, vnodes=vnodes)
-        if self.status is not Status.WAIT_FOR_FORMAT:
-            zones = _zones([changed if n.node_id == node.node_id else n
+                          f"weight must be 0 to {constants.weight_max_bytes} bytes,"
+                          f" not {weight!r}")
+        new_weight = (node.base_weight or node.weight) if weight is None else weight
+        value = {"node_id": node.node_id, "weight": new_weight, "before": node.weight}
+        changed = dataclasses.replace(node, weight=new_weight)
+        if self.status is not Status.WAIT_FOR_FORMAT and changed.weight == 0:
+            hosts = _zones([changed if n.node_id == node.node_id else n
                             for n in self.members.values()])
-            if zones < self.copies_max:
+            if hosts < self.copies_max:
                 return _error(Result.TOO_FEW_ZONES, (
-                    f"without node {node.node_id} only {zones} zone(s) could hold copies,"
+                    f"without node {node.node_id} only {hosts} host(s) could hold copies,"
                     f" fewer than the {self.copies_max} copies objects keep"))
+        if weight is None:
+            self.weights.pop(node.node_id, None)
+        else:
+            self.weights[node.node_id] = weight
+        if changed == node:
+            return ApplyResult(value=value)
         self.members[node.node_id] = changed
         self._new_epoch(event)
-        return ApplyResult(epoch_changed=True, value={"node_id": node.node_id, "vnodes": vnodes})
+        return ApplyResult(epoch_changed=True, value=value)
 
     def _apply_vdi_op(self, event: Event) -> ApplyResult:
         if self.status is Status.SHUTDOWN:
@@ -420,6 +440,7 @@ class ClusterState:
             "recovery_max_rate": self.recovery_max_rate,
             "scrub_max_rate": self.scrub_max_rate, "scrub_interval": self.scrub_interval,
             "encrypt": self.encrypt,
+            "weights": dict(sorted(self.weights.items())),
             "principals": [{"name": name, "key": auth.encode_key(entry.key),
                             "caps": entry.caps.text()}
                            for name, entry in sorted(self.principals.items())],
@@ -446,6 +467,8 @@ class ClusterState:
         state.scrub_interval = int(value.get("scrub_interval",
                                              constants.scrub_interval_default_s))
         state.encrypt = value.get("encrypt") is True
+        state.weights = {str(node_id): int(weight)
+                         for node_id, weight in (value.get("weights") or {}).items()}
         state.principals = _principals(value.get("principals"))
         state.epochs = sorted((EpochEntry.from_json(e) for e in epochs), key=lambda e: e.epoch)
         state._check()
@@ -480,10 +503,17 @@ def _principals(value: Any) -> dict[str, auth.Entry]:
 
 
 def _zones(nodes: Iterable[NodeInfo]) -> int:
-    return len({node.zone for node in nodes if node.vnodes > 0})
+    return len({node.zone for node in nodes if node.weight > 0})
 
 
-def format_problem(copies: Any, object_size: Any, zones: int) -> tuple[Result, str] | None:
+def _racks(nodes: Iterable[NodeInfo]) -> int:
+    from sheep.ring import rack_key
+
+    return len({rack_key(node) for node in nodes if node.weight > 0})
+
+
+def format_problem(copies: Any, object_size: Any, zones: int,
+                   racks: int | None = None) -> tuple[Result, str] | None:
     """Why a format with these parameters must be refused, or None."""
     if (not isinstance(copies, int) or isinstance(copies, bool)
             or not 1 <= copies <= constants.copies_max):
@@ -495,8 +525,4 @@ def format_problem(copies: Any, object_size: Any, zones: int) -> tuple[Result, s
         return Result.INVALID_PARMS, (
             f"object size must be a power of two from {constants.object_size_min_bytes >> 20} MiB"
             f" to {constants.object_size_max_bytes >> 20} MiB, not {object_size!r}")
-    if copies > zones:
-        return Result.TOO_FEW_ZONES, (
-            f"cannot keep {copies} copies in {zones} zone{'s' if zones != 1 else ''}:"
-            " copies must not exceed the number of zones")
-    return None
+    return copies_problem(copies, zones, racks)

@@ -41,11 +41,9 @@ payload_max_bytes = max(payload_data_max_bytes + extent_table_max_bytes,
 requests_in_flight_max = 256  # per connection; the server stops reading past it
 request_bytes_in_flight_max = 32 * MiB  # payloads, reads and unsent replies, per connection
 
-# --- ring ----------------------------------------------------------------
-vnode_weight_bytes = 256 * MiB  # one vnode per this much weight
-vnodes_min = 16
-vnodes_max = 2048
-zones_max = 2**32 - 1
+# --- placement -------------------------------------------------------------
+weight_max_bytes = 2**60  # a node's weight (1 EiB); 0 stores nothing
+zones_max = 2**32 - 1  # hosts and racks are numbered 0 to this
 
 # --- cluster -------------------------------------------------------------
 driver_poll_interval_ms = 50  # how often the local driver tails its log
@@ -53,7 +51,7 @@ member_check_interval_ms = 500  # how often it probes members' locks
 member_death_detect_ms_max = 2000
 op_timeout_ms = 30_000  # a cluster op not applied by then is reported failed
 epoch_wait_ms = 5_000  # how long a request waits for the epochs to agree
-node_ids_per_cluster_max = 1024
+node_ids_per_cluster_max = 16_384
 
 # --- peers and gateway ---------------------------------------------------
 peer_connect_timeout_ms = 2_000
@@ -87,7 +85,6 @@ assert payload_data_max_bytes <= payload_max_bytes
 assert payload_max_bytes < 2**32, "payload length travels in a u32"
 assert object_size_max_bytes < 2**32, "extent offsets and lengths travel in a u32"
 assert 1 <= copies_default <= copies_max
-assert vnodes_min <= vnodes_max
 assert driver_poll_interval_ms * 4 <= member_death_detect_ms_max
 assert member_check_interval_ms * 2 <= member_death_detect_ms_max
 assert generation_bits + index_bits + 4 == 64

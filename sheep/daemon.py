@@ -69,6 +69,7 @@ class SheepConfig:
     address: str = constants.address_default
     port: int = constants.port_default
     zone: int | None = None
+    rack: int | None = None
     weight: int | None = None  # bytes; default: the free space of the store's filesystem
     io_scheduler: str = "mclock"  # or "fifo": no scheduling (sheep/mclock.py: Core.fifo)
     # The cluster's node key (sheep/auth.py): this sheep's credentials towards its peers,
@@ -297,7 +298,7 @@ class Sheep:
                     log.warning("could not purge VDI %s from the trash: %s", vdi.name, error)
 
     def _make_node(self) -> NodeInfo:
-        from sheep.node import vnodes_for_weight, zone_for_address
+        from sheep.node import zone_for_address
 
         config = self.config
         weight = config.weight
@@ -307,8 +308,9 @@ class Sheep:
         zone = config.zone if config.zone is not None else zone_for_address(
             config.address, config.port)
         node_id = f"{config.address}:{config.port}/{self.store.node_secret()}"
+        weight = min(weight, constants.weight_max_bytes)
         return NodeInfo(node_id=node_id, address=config.address, port=config.port, zone=zone,
-                        vnodes=vnodes_for_weight(weight))
+                        weight=weight, rack=config.rack, base_weight=weight)
 
     async def stop(self, leave: bool = True) -> None:
         """Finish in-flight requests, sync the store, leave the cluster, close."""
@@ -825,7 +827,7 @@ class Sheep:
         state = self.group.state
         value = {
             **{key: value for key, value in state.to_json().items() if key != "principals"},
-            "zones": state.zones, "copies_max": state.copies_max,
+            "zones": state.zones, "racks": state.racks, "copies_max": state.copies_max,
             "epochs": [entry.to_json() for entry in state.epochs],
             "driver": self.driver.info(),
             "node_id": self.node.node_id if self.node else None,
@@ -838,7 +840,8 @@ class Sheep:
             raise error_for(Result.INVALID_PARMS, "format takes a JSON object")
         copies = body.get("copies", constants.copies_default)
         object_size = body.get("object_size", constants.object_size_default_bytes)
-        problem = format_problem(copies, object_size, self.group.state.zones)
+        problem = format_problem(copies, object_size, self.group.state.zones,
+                                 self.group.state.racks)
         if problem is not None:
             raise error_for(*problem)
         encrypt = body.get("encrypt", False)
@@ -916,8 +919,10 @@ class Sheep:
     def local_node_info(self) -> dict[str, Any]:
         assert self.node is not None
         usage = self.store.usage()
+        # The member record: its weight is the cluster's ('dog node weight'), not -w.
+        node = self.group.state.members.get(self.node.node_id, self.node)
         return {
-            **self.node.to_json(), **usage, "space": space_state(usage, self.store.object_size),
+            **node.to_json(), **usage, "space": space_state(usage, self.store.object_size),
             "epoch": self.group.epoch,
             "status": "stopping" if self.stopping else (
                 "ok" if self.joined.is_set() else "joining"),
@@ -1005,7 +1010,7 @@ class Sheep:
         if not isinstance(body, dict):
             raise error_for(Result.INVALID_PARMS, "reweight takes a JSON object")
         result = await self.broadcast({"type": "reweight", "node_id": body.get("node_id"),
-                                       "vnodes": body.get("vnodes")})
+                                       "weight": body.get("weight")})
         return proto.encode_json(result.value), {}
 
     async def kill_node(self, header: Header, payload: bytes) -> Reply:

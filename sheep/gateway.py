@@ -555,7 +555,7 @@ class Gateway:
         replicas: list[dict[str, Any]] = []
         for node, result in zip(nodes, results, strict=True):
             entry: dict[str, Any] = {"node_id": node.node_id, "endpoint": node.endpoint,
-                                     "zone": node.zone}
+                                     "zone": node.zone, "rack": node.rack}
             if isinstance(result, BaseException):
                 entry["error"] = str(result)
             else:

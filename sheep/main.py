@@ -29,6 +29,7 @@ from sheep import auth, constants, world
 from sheep.cluster.driver import default_local_directory, make_driver
 from sheep.daemon import Sheep, SheepConfig
 from sheep.errors import EXIT_FAILURE, EXIT_USAGE, SheepError, UsageError
+from sheep.node import parse_domain
 from sheep.size import parse_size
 from sheep.store import Store
 
@@ -261,10 +262,15 @@ def _node_key(keyring: str | None, driver: str) -> bytes:
                    " shared directory. zookeeper:HOSTS[/PREFIX][?timeout=SECONDS], HOSTS"
                    " being HOST:PORT[,HOST:PORT...]: sheep on several hosts, through a"
                    " ZooKeeper ensemble (needs --keyring; PREFIX /sheepdog by default).")
-@click.option("-z", "--zone", type=click.IntRange(0, constants.zones_max), default=None,
-              help="Failure domain; copies go to distinct zones. Default: the node itself.")
+@click.option("-z", "--zone", default=None, metavar="[RACK/]HOST",
+              help="Failure domains, as whole numbers: the host (zone), and the rack above it."
+                   " The copies of an object go to distinct racks when there are as many"
+                   " racks as copies, else to distinct hosts spread over every rack. Sheep"
+                   " of one machine share a HOST. Default: the sheep is its own host.")
 @click.option("-w", "--weight", default=None,
-              help="Placement weight as a size (e.g. 100G). Default: free space of DIRECTORY.")
+              help="Placement weight as a size (e.g. 4T): the node gets copies in proportion to"
+                   " it, at any size (0: it stores nothing). Default: the free space of"
+                   " DIRECTORY. 'dog node weight' changes it on a running cluster.")
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground, log to stderr.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
@@ -291,18 +297,27 @@ def _node_key(keyring: str | None, driver: str) -> bytes:
                    " answer comes within a client's 30 s request timeout. A holder whose"
                    " sheep does not answer is waited for until the cluster declares it dead.")
 @click.version_option(package_name="sheepdog")
-def command(directory: str, port: int, address: str, driver: str, zone: int | None,
+def command(directory: str, port: int, address: str, driver: str, zone: str | None,
             weight: str | None, foreground: bool, log_level: str, metrics_port: int | None,
             io_scheduler: str, keyring: str | None, no_checksums: bool,
             handoff_wait_s: float) -> None:
     """Run a sheep: a storage daemon of the cluster, keeping its objects in DIRECTORY."""
     directory = os.path.abspath(directory)
+    rack = host = None
+    if zone is not None:
+        try:
+            rack, host = parse_domain(zone)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="'-z/--zone'") from None
     weight_bytes = None
     if weight is not None:
         try:
             weight_bytes = parse_size(weight)
         except ValueError as error:
             raise click.BadParameter(str(error), param_hint="'-w/--weight'") from None
+        if weight_bytes > constants.weight_max_bytes:
+            raise click.BadParameter(f"{weight} is above the largest weight, 1E",
+                                     param_hint="'-w/--weight'")
     try:
         make_driver(driver)  # a bad -c is told first
     except SheepError as error:
@@ -330,7 +345,7 @@ def command(directory: str, port: int, address: str, driver: str, zone: int | No
     _setup_logging(log_level, sys.stderr if foreground else None, log_path)
     with open(os.path.join(directory, "sheep.pid"), "w") as file:
         file.write(f"{os.getpid()}\n")
-    config = SheepConfig(directory=directory, address=address, port=port, zone=zone,
+    config = SheepConfig(directory=directory, address=address, port=port, zone=host, rack=rack,
                          weight=weight_bytes, io_scheduler=io_scheduler, node_key=node_key,
                          keyring_path=_keyring_path(keyring, driver),
                          handoff_wait_s=handoff_wait_s)

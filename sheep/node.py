@@ -1,4 +1,4 @@
-"""A node's identity as the cluster sees it: id, address, zone and vnodes.
+"""A node's identity as the cluster sees it: id, address, failure domains and weight.
 
 The node id is "host:port/<random>" where the random part is made at the
 store's first start and kept in the store, so a sheep restarted on the same
@@ -20,27 +20,50 @@ class NodeInfo:
     node_id: str
     address: str
     port: int
-    zone: int
-    vnodes: int
+    zone: int  # the host: copies of an object are on distinct hosts
+    weight: int  # bytes; placement gives the node copies in proportion; 0: none
+    rack: int | None = None  # the rack above the host; None: the host is its own rack
+    base_weight: int = 0  # the weight the sheep started with (-w, or its free space)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> NodeInfo:
+        if "weight" in value:
+            weight = int(value["weight"])
+        else:  # an epoch log from before weights: a vnode stood for 256 MiB
+            weight = int(value["vnodes"]) * legacy_vnode_bytes
+        rack = value.get("rack")
         return cls(
             node_id=str(value["node_id"]), address=str(value["address"]),
-            port=int(value["port"]), zone=int(value["zone"]), vnodes=int(value["vnodes"]))
+            port=int(value["port"]), zone=int(value["zone"]), weight=weight,
+            rack=None if rack is None else int(rack),
+            base_weight=int(value.get("base_weight", weight)))
+
+    @property
+    def domain(self) -> str:
+        """RACK/HOST, or HOST for a host that is its own rack."""
+        return f"{self.rack}/{self.zone}" if self.rack is not None else str(self.zone)
 
     @property
     def endpoint(self) -> str:
         return f"{self.address}:{self.port}"
 
 
-def vnodes_for_weight(weight_bytes: int) -> int:
-    """Vnodes in proportion to weight, one per vnode_weight_bytes, within bounds."""
-    vnodes = weight_bytes // constants.vnode_weight_bytes
-    return max(constants.vnodes_min, min(constants.vnodes_max, vnodes))
+legacy_vnode_bytes = 256 * constants.MiB
+
+
+def parse_domain(text: str) -> tuple[int | None, int]:
+    """(rack, host) from sheep -z: HOST, or RACK/HOST; each 0 to zones_max."""
+    parts = text.strip().split("/")
+    if len(parts) > 2 or not all(part.strip().isdigit() for part in parts):
+        raise ValueError(f"{text!r} is not HOST or RACK/HOST (whole numbers)")
+    numbers = [int(part) for part in parts]
+    for number in numbers:
+        if number > constants.zones_max:
+            raise ValueError(f"{number} is above {constants.zones_max}")
+    return (numbers[0], numbers[1]) if len(numbers) == 2 else (None, numbers[0])
 
 
 def zone_for_address(address: str, port: int) -> int:

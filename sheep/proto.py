@@ -107,7 +107,7 @@ class Op(enum.IntEnum):
     PING = 0x27
     FORCE_RECOVER = 0x28
     SET_RECOVERY = 0x29  # JSON {"max_rate": bytes/s}, for every sheep, through the log
-    REWEIGHT = 0x2A  # JSON {"node_id": ..., "vnodes": n}; 0 drains the node
+    REWEIGHT = 0x2A  # JSON {"node_id": ..., "weight": bytes or null (capacity)}; 0 drains
     SET_SCRUB = 0x2B  # JSON {"max_rate": bytes/s, "interval": s}: the background scrub
     ALTER_COPY = 0x2C  # JSON {"copies": n}: the cluster's default copies (dog cluster alter-copy)
 

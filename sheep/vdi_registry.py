@@ -60,13 +60,21 @@ def name_problem(name: Any, what: str = "VDI name") -> str | None:
     return None
 
 
-def copies_problem(copies: Any, zones: int) -> tuple[Result, str] | None:
-    """Why objects cannot keep this many copies in a cluster of these zones."""
+def copies_problem(copies: Any, zones: int, racks: int | None = None
+                   ) -> tuple[Result, str] | None:
+    """Why objects cannot keep this many copies in a cluster of these hosts (zones) and
+    racks. Copies go to distinct racks when there are enough, else to distinct hosts
+    over every rack: the hosts are the level that can run out."""
     if (not isinstance(copies, int) or isinstance(copies, bool)
             or not 1 <= copies <= constants.copies_max):
         return Result.INVALID_PARMS, f"copies must be 1 to {constants.copies_max}, not {copies!r}"
     if copies > zones:
-        return Result.TOO_FEW_ZONES, f"cannot keep {copies} copies in {zones} zone(s)"
+        in_racks = (f" in {racks} rack{'s' if racks != 1 else ''}"
+                    if racks is not None and racks != zones else "")
+        return Result.TOO_FEW_ZONES, (
+            f"cannot keep {copies} copies on {zones} host{'s' if zones != 1 else ''}{in_racks}:"
+            " the copies of an"
+            " object go to distinct hosts (sheep -z RACK/HOST or -z HOST)")
     return None
 
 
@@ -342,8 +350,9 @@ class VdiRegistry:
         if not isinstance(vdi_copies, int) or not 1 <= vdi_copies <= max(copies, zones):
             return _fail(Result.INVALID_PARMS, f"copies must be 1 to {zones}, not {vdi_copies!r}")
         if vdi_copies > zones:
-            return _fail(Result.TOO_FEW_ZONES,
-                         f"cannot keep {vdi_copies} copies in {zones} zones")
+            refusal = copies_problem(vdi_copies, zones)
+            assert refusal is not None
+            return _fail(*refusal)
         generation = self._new_generation()
         if generation is None:
             return _fail(Result.NO_SPACE, "no generation numbers left")

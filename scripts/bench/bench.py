@@ -17,6 +17,7 @@ import blockstatus_bench  # noqa: E402
 import checksum_bench  # noqa: E402
 import io_bench  # noqa: E402
 import memory_bench  # noqa: E402
+import placement_bench  # noqa: E402
 import recovery_bench  # noqa: E402
 import recovery_timeline_bench  # noqa: E402
 import sparse_bench  # noqa: E402
@@ -28,7 +29,7 @@ BENCHMARKS = {"io": io_bench.run, "vdi": vdi_bench.run, "sparse": sparse_bench.r
               "recovery": recovery_bench.run, "recovery-timeline": recovery_timeline_bench.run,
               "checksums": checksum_bench.run,
               "memory": memory_bench.run, "backup": backup_bench.run,
-              "blockstatus": blockstatus_bench.run}
+              "blockstatus": blockstatus_bench.run, "placement": placement_bench.run}
 
 
 def machine() -> dict[str, object]:

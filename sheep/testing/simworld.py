@@ -578,8 +578,3 @@ class SimDriver(MemoryDriver):
 
     def info(self) -> dict[str, Any]:
         return {"driver": self.name, "members": len(self.bus.members)}
-
-
-def node_info_for(address: str, port: int, zone: int, vnodes: int, secret: str) -> NodeInfo:
-    return NodeInfo(node_id=f"{address}:{port}/{secret}", address=address, port=port,
-                    zone=zone, vnodes=vnodes)

@@ -93,7 +93,7 @@ def test_copies_larger_than_zones(make_cluster):
     cluster = make_cluster(2)
     line = one_line_error(dog("cluster", "format", "--copies", "3", port=cluster.sheep[0].port,
                               check=EXIT_FAILURE))
-    assert "3 copies" in line and "2 zones" in line
+    assert "3 copies" in line and "2 hosts" in line
 
 
 def test_format_list_and_objects(cluster):

@@ -348,7 +348,7 @@ def test_alter_copy_up_and_down(cluster, api):
     oids = vdi_oids(cluster, generations(api, "copies"))  # its change pages too
     assert copies_of(cluster, oids) == {2}
     result = dog(cluster, "vdi", "alter-copy", "copies", "-c", "4", check=EXIT_FAILURE)
-    assert b"cannot keep 4 copies in 3 zone(s)" in result.stderr
+    assert b"cannot keep 4 copies on 3 hosts" in result.stderr
     dog(cluster, "vdi", "alter-copy", "copies", "--copies", "3")
     settle(lambda: copies_of(cluster, oids) == {3}, what="3 copies of every object")
     assert b"recover" in dog(cluster, "node", "recovery").stdout.lower()

@@ -157,7 +157,7 @@ def test_format_checks_zones_copies_and_refuses_a_second_format(make_cluster):
         with pytest.raises(NotFormatted):
             client.create_and_write(1, b"early")
         for copies in (3, 4):
-            with pytest.raises(TooFewZones, match="2 zones"):
+            with pytest.raises(TooFewZones, match="2 hosts"):
                 client.format(copies, object_size)
         with pytest.raises(InvalidParameters):
             client.format(9, object_size)

@@ -43,7 +43,7 @@ json_values = st.recursive(json_leaf, lambda inner: st.one_of(
     max_leaves=20)
 keys = st.sampled_from(["name", "size", "copies", "object_size", "force", "snapshot", "tag",
                         "source", "writable", "owner", "oids", "nodes", "max_rate",
-                        "node_id", "vnodes", "key", "value", "index", "iops", "bps", "burst",
+                        "node_id", "weight", "key", "value", "index", "iops", "bps", "burst",
                         "clear", "caps", "names", "usage", "interval", "exclusive", "encrypt"])
 json_objects = st.dictionaries(keys, json_values, max_size=6)
 

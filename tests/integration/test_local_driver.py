@@ -51,7 +51,7 @@ asyncio.run(main())
 
 def make_node(number: int) -> NodeInfo:
     return NodeInfo(node_id=f"127.0.0.1:{7000 + number}/{number:08x}", address="127.0.0.1",
-                    port=7000 + number, zone=number, vnodes=16)
+                    port=7000 + number, zone=number, weight=16 << 28)
 
 
 def log_records(directory: Path) -> list[dict[str, Any]]:

@@ -124,7 +124,7 @@ def test_drain_is_refused_when_the_rest_cannot_keep_the_copies(make_cluster):
     assert "fewer than the 3 copies" in result.stderr
     assert cluster.sheep[2].alive
     with cluster.client(0) as client:
-        assert all(node["vnodes"] > 0 for node in client.node_list())
+        assert all(node["weight"] > 0 for node in client.node_list())
 
 
 def test_the_rate_limit_paces_recovery_and_lifts_at_run_time(make_cluster):

@@ -313,7 +313,7 @@ def fake_node(listener: socket.socket) -> NodeInfo:
     """A node whose port answers (a joining driver waits for members that do not)."""
     port = listener.getsockname()[1]
     return NodeInfo(node_id=f"127.0.0.1:{port}", address="127.0.0.1", port=port, zone=0,
-                    vnodes=1)
+                    weight=1 << 28)
 
 
 def test_an_anonymous_client_can_neither_read_nor_change_a_keyed_cluster(

@@ -31,7 +31,8 @@ from sheep.node import NodeInfo
 
 def make_node(number: int, zone: int | None = None) -> NodeInfo:
     return NodeInfo(node_id=f"127.0.0.1:{7000 + number}/{number:08x}", address="127.0.0.1",
-                    port=7000 + number, zone=number if zone is None else zone, vnodes=16)
+                    port=7000 + number, zone=number if zone is None else zone, weight=16 << 28,
+                    base_weight=16 << 28)
 
 
 class Feeder:
@@ -142,7 +143,7 @@ def test_duplicate_join_is_a_no_op() -> None:
 def test_rejoin_with_new_details_is_a_membership_change() -> None:
     feeder = cluster_of(2)
     moved = NodeInfo(node_id=make_node(1).node_id, address="127.0.0.2", port=7001, zone=1,
-                     vnodes=32)
+                     weight=32 << 28)
     result = feeder.join(moved)
     assert result.epoch_changed
     assert feeder.state.epoch == 3
@@ -222,7 +223,7 @@ def test_format_refuses_more_copies_than_zones() -> None:
         feeder.join(make_node(number, zone=number % 2))
     result = feeder.format(copies=3)
     assert result.result is Result.TOO_FEW_ZONES
-    assert "2 zones" in result.message
+    assert "2 hosts" in result.message
     assert feeder.state.status is Status.WAIT_FOR_FORMAT
     assert feeder.format(copies=2).result is Result.SUCCESS
 
@@ -230,13 +231,13 @@ def test_format_refuses_more_copies_than_zones() -> None:
 def test_format_with_no_members_has_too_few_zones() -> None:
     result = Feeder().format(copies=1)
     assert result.result is Result.TOO_FEW_ZONES
-    assert "0 zones" in result.message
+    assert "0 hosts" in result.message
 
 
 def test_format_problem_reports_one_zone_in_the_singular() -> None:
     problem = format_problem(2, 4 * MiB, 1)
     assert problem is not None and problem[0] is Result.TOO_FEW_ZONES
-    assert "1 zone:" in problem[1]
+    assert "1 host:" in problem[1]
     assert format_problem(1, 4 * MiB, 1) is None
 
 
@@ -381,7 +382,7 @@ def test_fresh_state_round_trip() -> None:
 node_pool = [make_node(number, zone=number % 3) for number in range(6)]
 # Same ids, other details: a rejoin after a restart on another port.
 moved_pool = [NodeInfo(node_id=node.node_id, address="127.0.0.9", port=node.port + 100,
-                       zone=node.zone, vnodes=32) for node in node_pool]
+                       zone=node.zone, weight=32 << 28) for node in node_pool]
 
 op_bodies = st.one_of(
     st.fixed_dictionaries({
@@ -576,7 +577,8 @@ def test_force_recover_takes_a_bounded_list_and_names_a_few_unknown_ids() -> Non
     feeder.leave(feeder.state.nodes[1].node_id, "dead")
     too_many = [f"node{number}" for number in range(constants.node_ids_per_cluster_max + 1)]
     result = feeder.op({"type": "force_recover", "nodes": too_many})
-    assert result.result is Result.INVALID_PARMS and "at most 1024" in result.message
+    assert result.result is Result.INVALID_PARMS
+    assert f"at most {constants.node_ids_per_cluster_max}" in result.message
     result = feeder.op({"type": "force_recover", "nodes": ["x" * 10_000] * 9})
     assert result.result is Result.INVALID_PARMS and "and 4 more" in result.message
     assert len(result.message) < 600 and not feeder.state.lost
@@ -629,26 +631,46 @@ def test_reweight_to_zero_drains_a_node_in_a_new_epoch() -> None:
     feeder.format(copies=3)
     node = feeder.state.nodes[3]
     epoch = feeder.state.epoch
-    result = feeder.op({"type": "reweight", "node_id": node.node_id, "vnodes": 0})
+    result = feeder.op({"type": "reweight", "node_id": node.node_id, "weight": 0})
     assert result.result is Result.SUCCESS and result.epoch_changed
     assert feeder.state.epoch == epoch + 1
-    assert feeder.state.members[node.node_id].vnodes == 0
-    assert feeder.state.zones == 3  # a node without vnodes holds no copies
-    again = feeder.op({"type": "reweight", "node_id": node.node_id, "vnodes": 0})
+    assert feeder.state.members[node.node_id].weight == 0
+    assert feeder.state.zones == 3  # a node without weight holds no copies
+    again = feeder.op({"type": "reweight", "node_id": node.node_id, "weight": 0})
     assert again.result is Result.SUCCESS and not again.epoch_changed
     # A second drain would leave 2 zones for 3 copies: refused, nothing changes.
     other = feeder.state.nodes[0]
-    refused = feeder.op({"type": "reweight", "node_id": other.node_id, "vnodes": 0})
+    refused = feeder.op({"type": "reweight", "node_id": other.node_id, "weight": 0})
     assert refused.result is Result.TOO_FEW_ZONES and "fewer than the 3 copies" in refused.message
-    assert feeder.state.members[other.node_id].vnodes == 16
+    assert feeder.state.members[other.node_id].weight == 16 << 28
     assert feeder.state.epoch == epoch + 1
 
 
+def test_a_weight_set_by_reweight_outlives_a_restart_until_reset() -> None:
+    feeder = cluster_of(3)
+    feeder.format(copies=2)
+    node = feeder.state.nodes[1]
+    result = feeder.op({"type": "reweight", "node_id": node.node_id, "weight": 7 << 40})
+    assert result.result is Result.SUCCESS and result.epoch_changed
+    assert result.value == {"node_id": node.node_id, "weight": 7 << 40, "before": 16 << 28}
+    # The node restarts (it leaves and joins with the weight it started with): the
+    # weight set by the operator stays, in the state and in a reloaded state.
+    feeder.leave(node.node_id)
+    feeder.join(node)
+    assert feeder.state.members[node.node_id].weight == 7 << 40
+    assert reload(feeder.state).weights == {node.node_id: 7 << 40}
+    # None: back to the weight the node started with, and forgotten.
+    reset = feeder.op({"type": "reweight", "node_id": node.node_id, "weight": None})
+    assert reset.result is Result.SUCCESS and reset.value["weight"] == 16 << 28
+    assert feeder.state.members[node.node_id].weight == 16 << 28
+    assert feeder.state.weights == {}
+
+
 @pytest.mark.parametrize("body", [
-    {"node_id": "nobody", "vnodes": 0},
-    {"node_id": "127.0.0.1:7000/00000000", "vnodes": -1},
-    {"node_id": "127.0.0.1:7000/00000000", "vnodes": constants.vnodes_max + 1},
-    {"node_id": "127.0.0.1:7000/00000000", "vnodes": "0"},
+    {"node_id": "nobody", "weight": 0},
+    {"node_id": "127.0.0.1:7000/00000000", "weight": -1},
+    {"node_id": "127.0.0.1:7000/00000000", "weight": constants.weight_max_bytes + 1},
+    {"node_id": "127.0.0.1:7000/00000000", "weight": "0"},
 ])
 def test_reweight_refuses_bad_input(body: dict[str, Any]) -> None:
     feeder = cluster_of(2)
@@ -662,5 +684,5 @@ def test_vdi_copies_count_for_drains_too() -> None:
     assert feeder.op({"type": "vdi_create", "name": "a", "size": 1 << 20,
                       "copies": 3}).result is Result.SUCCESS
     node = feeder.state.nodes[0]
-    result = feeder.op({"type": "reweight", "node_id": node.node_id, "vnodes": 0})
+    result = feeder.op({"type": "reweight", "node_id": node.node_id, "weight": 0})
     assert result.result is Result.TOO_FEW_ZONES

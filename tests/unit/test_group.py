@@ -19,7 +19,7 @@ class Cluster:
         self.group = Group(self.state)
         for number in range(members):
             node = NodeInfo(node_id=f"n{number}", address="127.0.0.1", port=7000 + number,
-                            zone=number, vnodes=16)
+                            zone=number, weight=16 << 28)
             self.event(EventKind.JOIN, node=node)
         assert self.op({"type": "format", "copies": copies, "object_size": 4 * MiB}) \
             == Result.SUCCESS

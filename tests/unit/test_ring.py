@@ -1,9 +1,11 @@
-"""Ring placement: balance, movement on membership change, determinism, zones."""
+"""Placement (sheep/ring.py): shares that follow weights at any size, movement on
+membership and weight changes, two levels of failure domains, determinism."""
 
 from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import random
 import subprocess
@@ -11,112 +13,290 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sheep
 from sheep import constants, ring
 from sheep.constants import GiB
-from sheep.node import NodeInfo, vnodes_for_weight
-from sheep.ring import Ring, object_point, vnode_point
+from sheep.node import NodeInfo, parse_domain
+from sheep.ring import Ring, compensate, draw, inclusion, node_salt, object_point
 
-objects_count = 100_000
+TiB = 1024 * GiB
 repo_root = Path(sheep.__file__).resolve().parent.parent
 
 
-def make_node(number: int, zone: int | None = None, vnodes: int = 16, seed: int = 0) -> NodeInfo:
+def make_node(number: int, weight: int = 80 * GiB, zone: int | None = None,
+              rack: int | None = None, seed: int = 0) -> NodeInfo:
     # Ids shaped like real ones: host:port plus a random part.
-    random_part = random.Random(seed * 10_000 + number).getrandbits(64)
+    random_part = random.Random(seed * 100_000 + number).getrandbits(64)
     return NodeInfo(
         node_id=f"127.0.0.1:{7000 + number}/{random_part:016x}", address="127.0.0.1",
-        port=7000 + number, zone=number if zone is None else zone, vnodes=vnodes)
+        port=7000 + number, zone=number if zone is None else zone, weight=weight, rack=rack)
 
 
-def equal_nodes(count: int) -> list[NodeInfo]:
-    vnodes = vnodes_for_weight(80 * GiB)
-    return [make_node(number, vnodes=vnodes) for number in range(count)]
+def copies_per_node(r: Ring, copies: int, objects: int, start: int = 0) -> collections.Counter:
+    counts: collections.Counter[str] = collections.Counter()
+    for oid in range(start, start + objects):
+        for node in r.placement(oid, copies):
+            counts[node.node_id] += 1
+    return counts
 
 
-def primaries(r: Ring) -> collections.Counter[str]:
-    return collections.Counter(r.placement(oid, 1)[0].node_id for oid in range(objects_count))
+def target_shares(nodes: list[NodeInfo], copies: int) -> dict[str, float]:
+    """Each node's expected fraction of the objects that have a copy on it, when every
+    node is its own rack: copies * weight / total, a node too heavy for that (more
+    than 1/copies) holding every object and the rest sharing what is left."""
+    weights = {node.node_id: float(node.weight) for node in nodes}
+    always: set[str] = set()
+    while True:
+        left = copies - len(always)
+        rest = sum(w for n, w in weights.items() if n not in always)
+        grown = {n for n, w in weights.items() if n not in always and left * w >= rest}
+        if not grown:
+            break
+        always |= grown
+    left = copies - len(always)
+    rest = sum(w for n, w in weights.items() if n not in always)
+    return {n: 1.0 if n in always else left * w / rest for n, w in weights.items()}
 
 
-def replica_sets(r: Ring, copies: int) -> list[frozenset[str]]:
-    return [
-        frozenset(node.node_id for node in r.placement(oid, copies))
-        for oid in range(objects_count)]
+# --- shares follow weights ------------------------------------------------------------
 
-
-# --- balance -----------------------------------------------------------------
-
-def test_equal_weights_balance():
-    r = Ring(equal_nodes(10))
+def test_the_weights_of_the_issue_get_their_shares_with_two_copies():
+    """1, 1, 4, 4, 16 and 16 TiB: the vnode ring gave each 1/6; successive picks without
+    compensation give the 1 TiB nodes 1.23x their share."""
+    weights = [1, 1, 4, 4, 16, 16]
+    nodes = [make_node(number, weight * TiB) for number, weight in enumerate(weights)]
+    r = Ring(nodes)
     r._check()
-    counts = primaries(r)
-    assert len(counts) == 10
-    average = objects_count / 10
-    # Measured 1.106 (min 0.906) with 320 vnodes per node and these ids. Over
-    # 200 random id sets the exact arc share of the busiest node had median
-    # 1.08, p95 1.13 and exceeded 1.15 in 1.5% of them; 640 vnodes never did.
-    assert max(counts.values()) <= 1.15 * average, counts
+    objects = 60_000
+    counts = copies_per_node(r, 2, objects)
+    for node, weight in zip(nodes, weights, strict=True):
+        share = counts[node.node_id] / (2 * objects)
+        assert share / (weight / 42) == pytest.approx(1, abs=0.06), (weight, share)
 
 
-def test_weight_proportional():
-    # One node of 160 GiB among four of 80 GiB: twice the vnodes, twice the objects.
-    nodes = [make_node(number, vnodes=vnodes_for_weight(80 * GiB)) for number in range(5)]
-    nodes[0] = make_node(0, vnodes=vnodes_for_weight(160 * GiB))
-    assert nodes[0].vnodes == 2 * nodes[1].vnodes
-    counts = primaries(Ring(nodes))
-    others = [counts[node.node_id] for node in nodes[1:]]
-    ratio = counts[nodes[0].node_id] / (sum(others) / len(others))
-    # Measured 1.90. The share of a node with k vnodes varies by about
-    # 1/sqrt(k), so this ratio has a spread of about 0.1: allow 3 of it.
-    assert 1.7 <= ratio <= 2.3, (ratio, counts)
+def test_weights_far_above_the_old_512_gib_cap_are_followed():
+    weights = [600 * GiB, 2 * TiB, 8 * TiB, 30 * TiB, 100 * TiB]
+    nodes = [make_node(number, weight) for number, weight in enumerate(weights)]
+    r = Ring(nodes)
+    objects = 40_000
+    counts = copies_per_node(r, 1, objects)
+    total = sum(weights)
+    for node, weight in zip(nodes, weights, strict=True):
+        expected = objects * weight / total
+        # Binomial: within 5 standard deviations (and 10% for all but the lightest).
+        assert abs(counts[node.node_id] - expected) <= 5 * math.sqrt(expected) + 1, weight
 
 
-# --- movement when a node joins ----------------------------------------------
+weight_mixes = st.lists(st.floats(math.log(10 * GiB), math.log(100 * TiB)),
+                        min_size=4, max_size=9).filter(
+    lambda logs: max(logs) - min(logs) > math.log(1000))  # at least 3 orders of magnitude
 
-def test_adding_a_node_moves_about_one_nth_single_copy():
-    before = Ring(equal_nodes(10))
-    after = Ring(equal_nodes(11))
-    newcomer = equal_nodes(11)[10].node_id
+
+@given(logs=weight_mixes, copies=st.integers(1, 3), seed=st.integers(0, 2**16))
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_shares_are_within_10_percent_of_weights_over_four_orders_of_magnitude(
+        logs, copies, seed):
+    """Random mixes from 10 GiB to 100 TiB. Each node's share of the copies is within
+    10% of its weight's: exactly in expectation (the compensated weights give every
+    domain its target chance, checked by integration), and in a sample of objects for
+    every node that the sample can measure to better than 10%."""
+    nodes = [make_node(number, int(math.exp(log)), seed=seed)
+             for number, log in enumerate(logs)]
+    r = Ring(nodes)
+    targets = target_shares(nodes, copies)
+    table = r.table(copies)
+    # Expectation: the chances the compensated weights give, against the targets.
+    free = [i for i, node in enumerate(r._holders) if i not in table.always]
+    if len(table.always) < copies and len(free) > copies - len(table.always):
+        chances = inclusion([1 / table.inverse[i] for i in free], copies - len(table.always))
+        for i, chance in zip(free, chances, strict=True):
+            node = r._holders[i]
+            assert chance / targets[node.node_id] == pytest.approx(1, abs=1e-3), node
+    # A sample of objects: nodes expected to hold at least 1,500 copies are measured to
+    # within 10% at about 4 standard deviations.
+    objects = 12_000
+    counts = copies_per_node(r, copies, objects, start=seed * objects)
+    measured = 0
+    for node in nodes:
+        expected = targets[node.node_id] * objects
+        if expected >= 1500:
+            measured += 1
+            assert counts[node.node_id] / expected == pytest.approx(1, abs=0.1), node
+        else:
+            assert abs(counts[node.node_id] - expected) <= 5 * math.sqrt(expected) + 2
+    assert measured >= 1
+
+
+def test_compensation_gives_each_domain_its_share_by_integration():
+    weights = [1.0, 1.0, 4.0, 4.0, 16.0, 16.0, 9.0]
+    for copies in (2, 3):
+        compensation = compensate(weights, copies)
+        total = sum(weights)
+        assert not compensation.always
+        adjusted = [w * f for w, f in zip(weights, compensation.factors, strict=True)]
+        for weight, chance in zip(weights, inclusion(adjusted, copies), strict=True):
+            assert chance == pytest.approx(copies * weight / total, rel=1e-4)
+    # Uncompensated, the light ones get too much: what the compensation is for.
+    plain = inclusion(weights, 2)
+    assert plain[0] > 1.15 * 2 * weights[0] / sum(weights)
+
+
+def test_a_domain_heavier_than_one_copy_allows_gets_every_object():
+    # 10 TiB next to two 1 TiB nodes with 2 copies: the big one cannot hold more than
+    # one copy of each object, so it holds one of every object.
+    nodes = [make_node(0, 10 * TiB), make_node(1, TiB), make_node(2, TiB)]
+    r = Ring(nodes)
+    assert compensate([10.0, 1.0, 1.0], 2).always == {0}
+    counts = copies_per_node(r, 2, 5000)
+    assert counts[nodes[0].node_id] == 5000
+    assert counts[nodes[1].node_id] == pytest.approx(2500, abs=250)
+
+
+def test_inclusion_sums_to_the_picks_and_matches_a_sample():
+    weights = [5.0, 3.0, 1.0, 1.0, 0.5]
+    chances = inclusion(weights, 2)
+    assert sum(chances) == pytest.approx(2, rel=1e-6)
+    rng = random.Random(1)
+    hits = [0] * len(weights)
+    trials = 40_000
+    for _ in range(trials):
+        times = sorted((rng.expovariate(w), i) for i, w in enumerate(weights))
+        for _, i in times[:2]:
+            hits[i] += 1
+    for chance, hit in zip(chances, hits, strict=True):
+        assert hit / trials == pytest.approx(chance, abs=0.01)
+
+
+# --- movement ------------------------------------------------------------------------
+
+def movement(before: Ring, after: Ring, copies: int, objects: int) -> tuple[int, int]:
+    """(copies moved, the least any placement must move): a copy moves when a node
+    holds an object after and did not before; the least is what the nodes whose
+    count grew gained."""
     moved = 0
-    for oid in range(objects_count):
-        old, new = before.placement(oid, 1)[0], after.placement(oid, 1)[0]
-        if old != new:
-            moved += 1
-            assert new.node_id == newcomer, "objects move only to the new node"
-    # Measured 0.0865, 0.95x the ideal 1/11.
-    assert moved <= 1.3 * objects_count / 11, moved
+    gained: collections.Counter[str] = collections.Counter()
+    for oid in range(objects):
+        old = {node.node_id for node in before.placement(oid, copies)}
+        new = {node.node_id for node in after.placement(oid, copies)}
+        moved += len(new - old)
+        for node_id in new - old:
+            gained[node_id] += 1
+        for node_id in old - new:
+            gained[node_id] -= 1
+    return moved, sum(count for count in gained.values() if count > 0)
 
 
-def test_adding_a_node_moves_about_one_nth_of_replicas_three_copies():
-    copies = 3
-    nodes = equal_nodes(11)
-    newcomer = nodes[10].node_id
-    old_sets = replica_sets(Ring(nodes[:10]), copies)
-    new_sets = replica_sets(Ring(nodes), copies)
-    changed = 0
-    replicas_moved = 0
-    for old, new in zip(old_sets, new_sets, strict=True):
-        if old == new:
-            continue
-        changed += 1
-        # With one node per zone the walk clockwise is unchanged except that
-        # the newcomer may step in among the first three: it takes one slot
-        # and pushes exactly one old holder out, so one replica moves.
-        assert new - old == {newcomer}
-        assert len(old - new) == 1
-        replicas_moved += len(new - old)
-    # An object's set changes iff the newcomer is among its first 3 distinct
-    # nodes, ideally 3/11 of objects (measured 0.272, 1.00x), and each such
-    # change moves one replica of three, so 1/11 of all replicas move (measured
-    # 0.0907); the two counts are equal here. Same 1.3x slack as for one copy.
-    assert changed <= 1.3 * copies * objects_count / 11, changed
-    assert replicas_moved <= 1.3 * copies * objects_count / 11, replicas_moved
+mixed_weights = st.lists(st.integers(100, 20_000), min_size=5, max_size=10)
 
 
-# --- determinism -------------------------------------------------------------
+@given(weights=mixed_weights, copies=st.integers(1, 3), change=st.sampled_from(
+    ["join", "leave", "reweight"]), data=st.data())
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_a_join_leave_or_reweight_moves_at_most_1_3_times_the_ideal(
+        weights, copies, change, data):
+    nodes = [make_node(number, weight * GiB) for number, weight in enumerate(weights)]
+    changed = list(nodes)
+    if change == "join":
+        changed.append(make_node(99, data.draw(st.integers(100, 20_000)) * GiB))
+    elif change == "leave":
+        del changed[data.draw(st.integers(0, len(nodes) - 1))]
+    else:
+        index = data.draw(st.integers(0, len(nodes) - 1))
+        factor = data.draw(st.sampled_from([0.25, 0.5, 2.0, 4.0]))
+        changed[index] = NodeInfo(**{**nodes[index].to_json(),
+                                     "weight": int(nodes[index].weight * factor)})
+    moved, ideal = movement(Ring(nodes), Ring(changed), copies, 6000)
+    assert moved <= 1.3 * ideal + 30, (moved, ideal)
+
+
+def test_adding_one_of_ten_equal_nodes_moves_about_a_tenth_of_the_copies():
+    nodes = [make_node(number) for number in range(10)]
+    moved, ideal = movement(Ring(nodes), Ring([*nodes, make_node(10)]), 3, 20_000)
+    # Copies on the new node: 3/11 of the objects; nothing else moves.
+    assert moved == ideal
+    assert moved / 20_000 == pytest.approx(3 / 11, rel=0.05)
+
+
+# --- failure domains -----------------------------------------------------------------
+
+def test_copies_go_to_distinct_racks_when_there_are_enough():
+    # 4 racks of 3 hosts of 2 sheep each.
+    nodes = [make_node(number, zone=number // 2, rack=number // 6) for number in range(24)]
+    r = Ring(nodes)
+    r._check()
+    assert (r.racks, r.zones) == (4, 12)
+    for oid in range(3000):
+        placed = r.placement(oid, 3)
+        assert len({node.rack for node in placed}) == 3, placed
+
+
+def test_with_fewer_racks_than_copies_hosts_are_distinct_and_every_rack_is_used():
+    # 2 racks of 3 hosts each; 3 copies: both racks, on 3 distinct hosts.
+    nodes = [make_node(number, zone=number, rack=number // 3) for number in range(6)]
+    r = Ring(nodes)
+    assert (r.racks, r.zones) == (2, 6)
+    for oid in range(3000):
+        placed = r.placement(oid, 3)
+        assert len({node.zone for node in placed}) == 3
+        assert {node.rack for node in placed} == {0, 1}
+
+
+def test_hosts_without_racks_are_their_own_racks():
+    nodes = [make_node(number, zone=number // 2) for number in range(6)]  # 3 hosts
+    r = Ring(nodes)
+    assert (r.racks, r.zones) == (3, 3)
+    for oid in range(1000):
+        assert sorted(node.zone for node in r.placement(oid, 3)) == [0, 1, 2]
+
+
+def test_fewer_hosts_than_copies_gives_one_copy_per_host():
+    r = Ring([make_node(number, zone=number % 2) for number in range(5)])
+    assert r.zones == 2
+    for oid in range(1000):
+        assert sorted(node.zone for node in r.placement(oid, 3)) == [0, 1]
+
+
+rack_layouts = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5),
+                                  st.integers(1, 50)), min_size=1, max_size=12)
+
+
+@given(layout=rack_layouts, copies=st.integers(1, 4),
+       oids=st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=20))
+@settings(max_examples=150, deadline=None)
+def test_domain_rules_hold_for_any_layout(layout, copies, oids):
+    # (rack, host, weight in GiB); a host sits in the first rack it is given with.
+    rack_of_host: dict[int, int] = {}
+    nodes = []
+    for number, (rack, host, weight) in enumerate(layout):
+        rack_of_host.setdefault(host, rack)
+        nodes.append(make_node(number, weight * GiB, zone=host, rack=rack_of_host[host]))
+    r = Ring(nodes)
+    r._check()
+    racks = {node.rack for node in nodes}
+    hosts = {node.zone for node in nodes}
+    placed_count = min(copies, len(hosts))
+    for oid in oids:
+        placed = r.placement(oid, copies)
+        assert len(placed) == placed_count
+        assert len({node.zone for node in placed}) == placed_count  # distinct hosts
+        if len(racks) >= placed_count:
+            assert len({node.rack for node in placed}) == placed_count
+        else:
+            assert {node.rack for node in placed} == racks  # spread over every rack
+
+
+def test_domains_parse_as_host_or_rack_slash_host():
+    assert parse_domain("7") == (None, 7)
+    assert parse_domain("2/7") == (2, 7)
+    for bad in ("", "a", "1/2/3", "-1", "1/", f"{constants.zones_max + 1}"):
+        with pytest.raises(ValueError):
+            parse_domain(bad)
+
+
+# --- determinism ---------------------------------------------------------------------
 
 _placement_script = """
 import json, sys
@@ -138,7 +318,9 @@ def placements_in_subprocess(nodes: list[NodeInfo], oids: list[int], hash_seed: 
 
 
 def test_placement_identical_across_processes_and_node_orders():
-    nodes = [make_node(number, zone=number % 4, vnodes=64) for number in range(8)]
+    rng = random.Random(5)
+    nodes = [make_node(number, rng.randrange(10, 100_000) * GiB, zone=number % 6,
+                       rack=number % 6 // 2) for number in range(12)]
     generator = random.Random(7)
     oids = [generator.getrandbits(64) for _ in range(1000)]
     r = Ring(nodes)
@@ -152,57 +334,30 @@ def test_placement_identical_across_processes_and_node_orders():
 
 
 def test_hashes_are_pinned():
-    # Placement is part of the on-disk format: a change to these hashes would
-    # make every existing cluster look for its objects in the wrong places.
+    # Placement is part of the on-disk format: a change to these hashes would make
+    # every existing cluster look for its objects in the wrong places.
     assert object_point(0) == 0x28DF63B7CC57C3CB
     assert object_point(2**64 - 1) == 0xA0E4B27A1ABAED73
-    assert vnode_point("127.0.0.1:7000/ab", 0) == 0x5F895AC773085E36
+    assert node_salt("127.0.0.1:7000/ab").hex() == "f476e16f1cee3e12"
+    assert draw(0, node_salt("127.0.0.1:7000/ab")) == -0.09107986505631516
+    assert draw(2**64 - 1, node_salt("x")) == -0.3094343651590634
 
 
-def test_colliding_vnode_points_are_ordered_by_node_id(monkeypatch):
-    # Force every node's i-th vnode onto the same point.
-    monkeypatch.setattr(ring, "vnode_point", lambda node_id, index: index * 2**56)
-    nodes = [make_node(number, vnodes=8) for number in range(5)]
-    r = Ring(nodes)
-    r._check()
+def test_equal_keys_go_to_the_smaller_node_id(monkeypatch):
+    monkeypatch.setattr(ring, "node_salt", lambda node_id: b"\0" * 8)
+    nodes = [make_node(number) for number in range(5)]
     lowest = min(nodes, key=lambda node: node.node_id)
-    for order in (nodes, nodes[::-1], nodes[2:] + nodes[:2]):
-        other = Ring(order)
-        other._check()
-        for oid in range(200):
-            assert other.placement(oid, 3) == r.placement(oid, 3)
-            assert other.placement(oid, 1) == [lowest]
+    for order in (nodes, nodes[::-1]):
+        for oid in range(100):
+            assert Ring(order).placement(oid, 1) == [lowest]
 
 
-# --- zones -------------------------------------------------------------------
-
-def test_two_copies_in_four_zones():
-    r = Ring([make_node(number, vnodes=32) for number in range(4)])
-    assert r.zones == 4
-    for oid in range(1000):
-        placed = r.placement(oid, 2)
-        assert len(placed) == 2
-        assert placed[0].zone != placed[1].zone
-
-
-def test_three_copies_in_three_zones_of_two_nodes():
-    r = Ring([make_node(number, zone=number // 2, vnodes=32) for number in range(6)])
-    assert r.zones == 3
-    for oid in range(1000):
-        assert sorted(node.zone for node in r.placement(oid, 3)) == [0, 1, 2]
-
-
-def test_fewer_zones_than_copies_gives_one_node_per_zone():
-    r = Ring([make_node(number, zone=number % 2, vnodes=32) for number in range(5)])
-    assert r.zones == 2
-    for oid in range(1000):
-        assert sorted(node.zone for node in r.placement(oid, 3)) == [0, 1]
-
+# --- edges ---------------------------------------------------------------------------
 
 def test_empty_ring():
     r = Ring([])
     r._check()
-    assert r.zones == 0
+    assert (r.zones, r.racks) == (0, 0)
     assert r.nodes == ()
     assert r.placement(12345, 3) == []
 
@@ -212,8 +367,8 @@ def test_nodes_keep_the_given_order():
     assert Ring(nodes).nodes == tuple(nodes)
 
 
-def test_gateway_only_node_holds_nothing():
-    gateway = make_node(9, vnodes=0)
+def test_a_node_without_weight_holds_nothing():
+    gateway = make_node(9, weight=0)
     r = Ring([make_node(0), make_node(1), gateway])
     r._check()
     assert r.zones == 2
@@ -234,44 +389,15 @@ def test_placement_result_is_a_fresh_list():
     assert len(r.placement(1, 2)) == 2
 
 
-# --- properties --------------------------------------------------------------
-
-def model_placement(nodes: list[NodeInfo], oid: int, copies: int) -> list[NodeInfo]:
-    """The definition, done slowly: sort every vnode, walk one lap clockwise."""
-    points = sorted(
-        (vnode_point(node.node_id, index), node.node_id, node)
-        for node in nodes for index in range(node.vnodes))
-    point = object_point(oid)
-    start = next((i for i, entry in enumerate(points) if entry[0] >= point), 0)
-    chosen: list[NodeInfo] = []
-    for entry in points[start:] + points[:start]:
-        if entry[2].zone not in {node.zone for node in chosen}:
-            chosen.append(entry[2])
-    return chosen[:copies]
+def test_an_epoch_log_from_before_weights_reads_vnodes_as_256_mib_each():
+    node = NodeInfo.from_json({"node_id": "a:1/x", "address": "a", "port": 1, "zone": 3,
+                               "vnodes": 320})
+    assert (node.weight, node.base_weight, node.rack) == (80 * GiB, 80 * GiB, None)
+    assert NodeInfo.from_json(node.to_json()) == node
 
 
-node_sets = st.lists(
-    st.builds(
-        NodeInfo, node_id=st.text("abcdef:/0123", min_size=1, max_size=6),
-        address=st.just("127.0.0.1"), port=st.integers(1, 65535),
-        zone=st.integers(0, 5), vnodes=st.integers(1, 6)),
-    max_size=10, unique_by=lambda node: node.node_id)
-
-
-@given(nodes=node_sets, oids=st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=10),
-       copies=st.integers(1, constants.copies_max), data=st.data())
-@settings(max_examples=300, deadline=None)
-def test_placement_properties(nodes, oids, copies, data):
+def test_ten_thousand_nodes_build_and_place():
+    nodes = [make_node(number, (1 + number % 7) * TiB) for number in range(10_000)]
     r = Ring(nodes)
-    r._check()
-    zones = {node.zone for node in nodes}
-    assert r.zones == len(zones)
-    shuffled = data.draw(st.permutations(nodes))
-    other = Ring(shuffled)
-    for oid in oids:
-        placed = r.placement(oid, copies)
-        assert len(placed) == min(copies, len(zones))
-        assert len({node.zone for node in placed}) == len(placed)
-        assert all(node in nodes for node in placed)
-        assert placed == model_placement(nodes, oid, copies)
-        assert other.placement(oid, copies) == placed
+    placed = r.placement(42, 3)
+    assert len({node.zone for node in placed}) == 3

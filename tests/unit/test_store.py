@@ -315,7 +315,7 @@ def test_node_secret_is_stable(store: Store, tmp_path: Path) -> None:
 def test_cluster_state_persists(store: Store) -> None:
     assert store.load_cluster_state() == (None, [])
     node = {"node_id": "127.0.0.1:7000/00000001", "address": "127.0.0.1", "port": 7000,
-            "zone": 1, "vnodes": 16}
+            "zone": 1, "weight": 16 << 28}
     epochs = [{"epoch": epoch, "time": float(epoch), "nodes": [node]} for epoch in (1, 2, 300)]
     store.save_cluster_state({"seq": 2, "epoch": 2}, epochs[:2])
     store.save_cluster_state({"seq": 5, "epoch": 300}, epochs[2:])

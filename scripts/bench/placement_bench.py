@@ -1,0 +1,142 @@
+"""Placement (issue #19): build time, lookups per second, memory and the spread of
+shares against weights, at 100, 1,000 and 10,000 nodes; the vnode ring that came
+before (scripts/bench/reference/vnode_ring.py) measured in the same run as baseline.
+
+- build: Ring(nodes) and its table for 3 copies (the compensation of weights);
+- lookups: placements of distinct oids with 3 copies, uncached (the per-ring cache
+  is bypassed) and cached (the same oids again);
+- memory: tracemalloc's peak while building, i.e. what one ring holds;
+- spread: each node's share of the objects (one copy) over its share of the weight,
+  max and min over the nodes. The new placement is sampled (it is exact in
+  expectation by construction); the vnode ring's is its exact arc share. 1,000 objects per node at 100
+  nodes (binomial noise about 3%), 200 at 1,000 (about 7%); none at 10,000, where a
+  sample big enough would take hours of lookups. Two weight mixes: equal
+  weights, and weights log-uniform from 10 GiB to 100 TiB.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+import tracemalloc
+from typing import Any
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference"))
+
+from vnode_ring import VnodeRing  # noqa: E402
+
+from sheep.node import NodeInfo  # noqa: E402
+from sheep.ring import Ring  # noqa: E402
+
+GiB = 1 << 30
+TiB = 1 << 40
+
+
+def make_nodes(count: int, mix: str, seed: int = 1) -> list[NodeInfo]:
+    rng = random.Random(seed * 1_000_003 + count)
+    nodes = []
+    for number in range(count):
+        if mix == "equal":
+            weight = 4 * TiB
+        else:
+            weight = int(math.exp(rng.uniform(math.log(10 * GiB), math.log(100 * TiB))))
+        nodes.append(NodeInfo(node_id=f"10.{number >> 16}.{number >> 8 & 255}.{number & 255}"
+                              f":7000/{rng.getrandbits(64):016x}", address="10.0.0.1",
+                              port=7000, zone=number, weight=weight, base_weight=weight))
+    return nodes
+
+
+def _build(nodes: list[NodeInfo]) -> tuple[Ring, float, int]:
+    tracemalloc.start()
+    started = time.perf_counter()
+    ring = Ring(nodes)
+    ring.table(3)
+    elapsed = time.perf_counter() - started
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return ring, elapsed, peak
+
+
+def _old_build(nodes: list[NodeInfo]) -> tuple[VnodeRing, float, int]:
+    tracemalloc.start()
+    started = time.perf_counter()
+    ring = VnodeRing([(node.node_id, node.zone, node.weight) for node in nodes])
+    elapsed = time.perf_counter() - started
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return ring, elapsed, peak
+
+
+def _rate(place: Any, oids: range) -> float:
+    started = time.perf_counter()
+    for oid in oids:
+        place(oid, 3)
+    return len(oids) / (time.perf_counter() - started)
+
+
+def _spread(shares: dict[str, float], nodes: list[NodeInfo]) -> tuple[float, float]:
+    total = sum(node.weight for node in nodes)
+    ratios = [shares.get(node.node_id, 0.0) / (node.weight / total) for node in nodes]
+    return max(ratios), min(ratios)
+
+
+def _sampled_shares(ring: Ring, nodes: list[NodeInfo], objects: int) -> dict[str, float]:
+    counts: dict[str, int] = {}
+    for oid in range(objects):
+        node = ring._placement_uncached(oid, 1)[0]
+        counts[node.node_id] = counts.get(node.node_id, 0) + 1
+    return {node_id: count / objects for node_id, count in counts.items()}
+
+
+def run(quick: bool = False, reps: int | None = None) -> dict[str, Any]:
+    sizes = (100, 1000) if quick else (100, 1000, 10_000)
+    results: list[dict[str, Any]] = []
+    for count in sizes:
+        nodes = make_nodes(count, "equal")
+        ring, build_s, peak = _build(nodes)
+        old, old_build_s, old_peak = _old_build(nodes)
+        lookups = max(300, 200_000 // count)
+        uncached = _rate(ring._placement_uncached, range(lookups))
+        cached_oids = range(lookups)
+        _rate(ring.placement, cached_oids)  # fill the cache
+        cached = _rate(ring.placement, cached_oids)
+        old_rate = _rate(old.placement, range(20_000))
+        row: dict[str, Any] = {
+            "nodes": count, "build_s": build_s, "old_build_s": old_build_s,
+            "lookups_per_s": uncached, "cached_lookups_per_s": cached,
+            "old_lookups_per_s": old_rate, "memory_mib": peak / 2**20,
+            "old_memory_mib": old_peak / 2**20}
+        # Build with mixed weights too: the compensation works harder.
+        mixed = make_nodes(count, "mixed")
+        _, row["mixed_build_s"], _ = _build(mixed)
+        if count <= 1000 and not (quick and count > 100):
+            objects = (1000 if count <= 100 else 200) * count
+            for mix, group in (("equal", nodes), ("mixed", mixed)):
+                sampled = Ring(group)
+                high, low = _spread(_sampled_shares(sampled, group, objects), group)
+                old_high, old_low = _spread(VnodeRing(
+                    [(n.node_id, n.zone, n.weight) for n in group]).arc_shares(), group)
+                row[f"spread_{mix}"] = {"max": high, "min": low, "objects": objects,
+                                        "old_max": old_high, "old_min": old_low}
+        results.append(row)
+        print(f"  {count:>6} nodes: build {build_s:.3f} s (mixed weights"
+              f" {row['mixed_build_s']:.3f} s; vnode ring {old_build_s:.3f} s),"
+              f" {uncached:,.0f} lookups/s uncached, {cached:,.0f} cached (vnode ring"
+              f" {old_rate:,.0f}), {row['memory_mib']:.1f} MiB (vnode ring"
+              f" {row['old_memory_mib']:.1f})", flush=True)
+        for mix in ("equal", "mixed"):
+            spread = row.get(f"spread_{mix}")
+            if spread:
+                print(f"          {mix} weights: share/weight max {spread['max']:.3f} min"
+                      f" {spread['min']:.3f} ({spread['objects']:,} objects sampled);"
+                      f" vnode ring exact max {spread['old_max']:.3f} min"
+                      f" {spread['old_min']:.3f}", flush=True)
+    return {"sizes": results}
+
+
+if __name__ == "__main__":
+    run(quick="--quick" in sys.argv)
