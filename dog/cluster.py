@@ -11,7 +11,7 @@ from dog.common import DURATION, RATE, SIZE, Target, connection_options, json_op
 from dog.output import Progress, StatusLine, format_time, print_json, print_table
 from sheep import auth, constants
 from sheep.errors import EXIT_FAILURE, NoObject, Timeout, Unavailable
-from sheep.health import cluster_health, health_text
+from sheep.health import capacity_limits, capacity_text, cluster_health, health_text
 from sheep.size import format_size
 
 
@@ -100,6 +100,9 @@ def info(as_json: bool) -> None:
     if value["status"] == "ok" or value["driver"].get("driver") == "zookeeper":
         nodes = run(lambda client: client.node_list())
     value["health"] = cluster_health(value, nodes)
+    limits = capacity_limits(nodes, int(value.get("copies") or 0))
+    if limits is not None:
+        value["space"] = limits
     sessions = _sessions(nodes)
     if sessions:
         value["sessions"] = sessions
@@ -111,6 +114,9 @@ def info(as_json: bool) -> None:
     if value["status"] in ("ok", "shutdown"):
         click.echo(f"Cluster created at {format_time(value['format_time'])}")
         click.echo(f"Copies: {value['copies']}, object size: {format_size(value['object_size'])}")
+    if limits is not None:
+        for line in capacity_text(limits, format_size):
+            click.echo(line)
     driver = value["driver"]
     where = driver.get("directory") or (
         f"{driver['hosts']}{driver.get('prefix', '')}" if driver.get("hosts") else "")
@@ -125,7 +131,7 @@ def info(as_json: bool) -> None:
                                                if driver.get("server") else "") + ")"
     click.echo(f"Cluster driver: {driver['driver']} {where}".rstrip() + state)
     click.echo(f"Epoch: {value['epoch']}, nodes: {len(value['members'])}, "
-               f"zones: {value['zones']}")
+               f"hosts: {value['zones']}, racks: {value.get('racks', value['zones'])}")
     if value.get("lost"):
         click.echo(f"Declared lost: {', '.join(value['lost'])}")
     if sessions:

@@ -100,3 +100,65 @@ def object_health(stat: dict[str, Any], cluster: dict[str, Any]) -> dict[str, An
     else:
         state = DEGRADED if held else UNAVAILABLE
     return {"state": state, "copies": wanted, "held": held}
+
+
+# A node whose space would run out within this much more than the first: it limits the
+# cluster too (listed with the first).
+limit_margin = 1.05
+
+
+def capacity_limits(nodes: list[dict[str, Any]], copies: int) -> dict[str, Any] | None:
+    """What limits the cluster's usable space, from NODE_LIST's answers: placement
+    gives each node a fixed share of the copies (its weight's), so the cluster is full
+    when its first node is, whatever space the others have left.
+
+    {"raw": bytes of every reachable node, "usable": the object data the cluster holds
+    when its first node fills (each byte counted once, not per copy), "more": how much
+    more it takes from now, "stranded": raw bytes left unused then, "limiting": the
+    nodes that fill first, each with its share of the copies and of the space}. None
+    without reachable storing nodes."""
+    from sheep.node import NodeInfo
+    from sheep.ring import Ring
+
+    reachable = [node for node in nodes
+                 if node.get("status") != "unreachable" and int(node.get("weight") or 0) > 0
+                 and "capacity" in node]
+    if not reachable or copies < 1:
+        return None
+    ring = Ring([NodeInfo.from_json(node) for node in reachable])
+    placed = min(copies, ring.zones)
+    shares = ring.expected_shares(copies)
+    limits = []
+    for index, node in enumerate(nodes):
+        share = shares.get(str(node.get("node_id")), 0.0)
+        if share <= 0 or node not in reachable:
+            continue
+        limits.append((int(node["capacity"]) / share, int(node["free"]) / share, index, node,
+                       share))
+    limits.sort(key=lambda item: item[0])
+    raw = sum(int(node["capacity"]) for node in reachable)
+    usable = limits[0][0]
+    return {
+        "raw": raw, "usable": int(usable), "copies": placed,
+        "more": int(min(item[1] for item in limits)),
+        "stranded": max(0, int(raw - usable * placed)),
+        "limiting": [{"index": index, "node_id": node["node_id"],
+                      "copies_share": share / placed,
+                      "space_share": int(node["capacity"]) / raw}
+                     for full, _, index, node, share in limits
+                     if full <= usable * limit_margin]}
+
+
+def capacity_text(limits: dict[str, Any], format_size: Any) -> list[str]:
+    """Lines for dog cluster info."""
+    lines = [f"Usable space: {format_size(limits['usable'])} of data at"
+             f" {limits['copies']} copies ({format_size(limits['more'])} more can be"
+             f" written), from {format_size(limits['raw'])} raw"]
+    if limits["stranded"] > limits["raw"] * 0.05:
+        names = ", ".join(
+            f"node {item['index']} ({100 * item['copies_share']:.1f}% of the copies for"
+            f" {100 * item['space_share']:.1f}% of the space)" for item in limits["limiting"])
+        lines.append(f"Limited by {names}: {format_size(limits['stranded'])}"
+                     f" ({100 * limits['stranded'] / limits['raw']:.0f}%) of the raw space"
+                     " stays unused when it is full ('dog node weight' to follow the space)")
+    return lines

@@ -150,6 +150,30 @@ def _poisson_binomial(q: Sequence[float], terms: int) -> list[float]:
     return p
 
 
+def _always(weights: Sequence[float], copies: int) -> set[int]:
+    """The domains picked for every object: too heavy for a share in proportion (one
+    copy of each object at most), then again among the rest, and so on."""
+    always: set[int] = set()
+    while True:
+        left = copies - len(always)
+        rest = math.fsum(w for i, w in enumerate(weights) if i not in always)
+        grown = {i for i, w in enumerate(weights)
+                 if i not in always and left > 0 and left * w >= rest}
+        if not grown:
+            return always
+        always |= grown
+
+
+def targets(weights: Sequence[float], copies: int) -> list[float]:
+    """Each domain's chance to hold a copy of an object, ``copies`` going to distinct
+    domains: copies * weight / total, but at most 1 (see _always)."""
+    always = _always(weights, copies)
+    left = copies - len(always)
+    rest = math.fsum(w for i, w in enumerate(weights) if i not in always)
+    return [1.0 if i in always else (left * w / rest if rest else 0.0)
+            for i, w in enumerate(weights)]
+
+
 @dataclass(frozen=True)
 class Compensation:
     factors: tuple[float, ...]  # multiply each domain's weight by this
@@ -163,15 +187,7 @@ def compensate(weights: Sequence[float], copies: int, iterations: int = 30,
     heavier than that allows (more than 1/copies of the total) are picked always, and
     the rest share the remaining copies in proportion to their weights."""
     count = len(weights)
-    always: set[int] = set()
-    while True:  # a domain with a target of 1 or more is always picked
-        left = copies - len(always)
-        rest = math.fsum(w for i, w in enumerate(weights) if i not in always)
-        grown = {i for i, w in enumerate(weights)
-                 if i not in always and left > 0 and left * w >= rest}
-        if not grown:
-            break
-        always |= grown
+    always = _always(weights, copies)
     others = [i for i in range(count) if i not in always]
     picks = copies - len(always)
     factors = [1.0] * count
@@ -275,6 +291,27 @@ class Ring:
                         for weight, rack in zip(weights, self._rack_of, strict=True))
         return _Table(self._salts, inverse, self._rack_of, self._host_of, always, placed,
                       by_rack)
+
+    def expected_shares(self, copies: int) -> dict[str, float]:
+        """Each storing node's chance to hold a copy of an object (they add up to the
+        copies placed): its rack's target, split over the rack by weight. With fewer
+        racks than copies, approximate: a rack's copy split by weight, and the copies
+        beyond one per rack spread by weight over the cluster."""
+        placed = min(copies, self._zones)
+        weights = [float(node.weight) for node in self._holders]
+        rack_weights = [0.0] * self._racks
+        for rack, weight in zip(self._rack_of, weights, strict=True):
+            rack_weights[rack] += weight
+        total = math.fsum(weights)
+        if self._racks >= placed:
+            chances = targets(rack_weights, placed)
+            return {node.node_id: chances[rack] * weight / rack_weights[rack]
+                    for node, rack, weight in zip(self._holders, self._rack_of, weights,
+                                                  strict=True)}
+        extra = placed - self._racks
+        return {node.node_id: min(1.0, weight / rack_weights[rack] + extra * weight / total)
+                for node, rack, weight in zip(self._holders, self._rack_of, weights,
+                                              strict=True)}
 
     def placement(self, oid: int, copies: int) -> list[NodeInfo]:
         """The nodes holding the object's copies, primary first.

@@ -7,7 +7,8 @@ before (scripts/bench/reference/vnode_ring.py) measured in the same run as basel
   is bypassed) and cached (the same oids again);
 - memory: tracemalloc's peak while building, i.e. what one ring holds;
 - spread: each node's share of the objects (one copy) over its share of the weight,
-  max and min over the nodes. The new placement is sampled (it is exact in
+  max and min over the nodes (for the sample: those it can measure, 400 objects or
+  more expected). The new placement is sampled (it is exact in
   expectation by construction); the vnode ring's is its exact arc share. 1,000 objects per node at 100
   nodes (binomial noise about 3%), 200 at 1,000 (about 7%); none at 10,000, where a
   sample big enough would take hours of lookups. Two weight mixes: equal
@@ -61,6 +62,13 @@ def _build(nodes: list[NodeInfo]) -> tuple[Ring, float, int]:
     return ring, elapsed, peak
 
 
+def _timed_build(nodes: list[NodeInfo]) -> float:
+    """Seconds to build a ring and its 3-copy table, without tracemalloc's overhead."""
+    started = time.perf_counter()
+    Ring(nodes).table(3)
+    return time.perf_counter() - started
+
+
 def _old_build(nodes: list[NodeInfo]) -> tuple[VnodeRing, float, int]:
     tracemalloc.start()
     started = time.perf_counter()
@@ -78,9 +86,13 @@ def _rate(place: Any, oids: range) -> float:
     return len(oids) / (time.perf_counter() - started)
 
 
-def _spread(shares: dict[str, float], nodes: list[NodeInfo]) -> tuple[float, float]:
+def _spread(shares: dict[str, float], nodes: list[NodeInfo],
+            objects: int | None = None) -> tuple[float, float]:
+    """Max and min of share / weight share; for a sample of ``objects``, over the nodes
+    it can measure (at least 400 expected: a binomial noise of 5% or less)."""
     total = sum(node.weight for node in nodes)
-    ratios = [shares.get(node.node_id, 0.0) / (node.weight / total) for node in nodes]
+    ratios = [shares.get(node.node_id, 0.0) / (node.weight / total) for node in nodes
+              if objects is None or objects * node.weight / total >= 400]
     return max(ratios), min(ratios)
 
 
@@ -97,37 +109,39 @@ def run(quick: bool = False, reps: int | None = None) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     for count in sizes:
         nodes = make_nodes(count, "equal")
-        ring, build_s, peak = _build(nodes)
-        old, old_build_s, old_peak = _old_build(nodes)
+        build_s = _timed_build(nodes)
+        ring, _, peak = _build(nodes)
         lookups = max(300, 200_000 // count)
         uncached = _rate(ring._placement_uncached, range(lookups))
         cached_oids = range(lookups)
         _rate(ring.placement, cached_oids)  # fill the cache
         cached = _rate(ring.placement, cached_oids)
-        old_rate = _rate(old.placement, range(20_000))
         row: dict[str, Any] = {
-            "nodes": count, "build_s": build_s, "old_build_s": old_build_s,
-            "lookups_per_s": uncached, "cached_lookups_per_s": cached,
-            "old_lookups_per_s": old_rate, "memory_mib": peak / 2**20,
-            "old_memory_mib": old_peak / 2**20}
+            "nodes": count, "build_s": build_s, "lookups_per_s": uncached,
+            "cached_lookups_per_s": cached, "memory_mib": peak / 2**20}
+        if count <= 1000:  # the vnode ring took 1,024 nodes at most (3.5 GB at 10,000)
+            old, row["old_build_s"], old_peak = _old_build(nodes)
+            row["old_memory_mib"] = old_peak / 2**20
+            row["old_lookups_per_s"] = _rate(old.placement, range(20_000))
         # Build with mixed weights too: the compensation works harder.
         mixed = make_nodes(count, "mixed")
-        _, row["mixed_build_s"], _ = _build(mixed)
+        row["mixed_build_s"] = _timed_build(mixed)
         if count <= 1000 and not (quick and count > 100):
             objects = (1000 if count <= 100 else 200) * count
             for mix, group in (("equal", nodes), ("mixed", mixed)):
                 sampled = Ring(group)
-                high, low = _spread(_sampled_shares(sampled, group, objects), group)
+                high, low = _spread(_sampled_shares(sampled, group, objects), group, objects)
                 old_high, old_low = _spread(VnodeRing(
                     [(n.node_id, n.zone, n.weight) for n in group]).arc_shares(), group)
                 row[f"spread_{mix}"] = {"max": high, "min": low, "objects": objects,
                                         "old_max": old_high, "old_min": old_low}
         results.append(row)
+        old_text = (f"; vnode ring: build {row['old_build_s']:.3f} s,"
+                    f" {row['old_lookups_per_s']:,.0f} lookups/s, {row['old_memory_mib']:.1f} MiB"
+                    if "old_build_s" in row else "")
         print(f"  {count:>6} nodes: build {build_s:.3f} s (mixed weights"
-              f" {row['mixed_build_s']:.3f} s; vnode ring {old_build_s:.3f} s),"
-              f" {uncached:,.0f} lookups/s uncached, {cached:,.0f} cached (vnode ring"
-              f" {old_rate:,.0f}), {row['memory_mib']:.1f} MiB (vnode ring"
-              f" {row['old_memory_mib']:.1f})", flush=True)
+              f" {row['mixed_build_s']:.3f} s), {uncached:,.0f} lookups/s uncached,"
+              f" {cached:,.0f} cached, {row['memory_mib']:.1f} MiB{old_text}", flush=True)
         for mix in ("equal", "mixed"):
             spread = row.get(f"spread_{mix}")
             if spread:

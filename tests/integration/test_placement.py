@@ -52,6 +52,17 @@ def test_sheep_declared_1t_4t_and_16t_hold_objects_in_proportion(make_cluster):
     listing = dog(cluster.sheep[0].port, "node", "list")
     assert listing.returncode == 0, listing.stderr
     assert "16 TiB" in listing.stdout and "76.2%" in listing.stdout, listing.stdout
+    # On one disk, the 16T sheep fills first: 76% of the copies for a third of the space.
+    info = dog(cluster.sheep[0].port, "cluster", "info")
+    with cluster.client(0) as client:
+        ports = [node["port"] for node in client.node_list()]
+    heavy = ports.index(cluster.sheep[2].port)
+    assert f"Limited by node {heavy} (76.2% of the copies for 33.3% of the space)" in \
+        info.stdout, info.stdout
+    space = json.loads(dog(cluster.sheep[0].port, "cluster", "info", "--json").stdout)["space"]
+    assert [item["index"] for item in space["limiting"]] == [heavy]
+    # Full when the heavy one is: its third of the raw space holds 76.2% of the copies.
+    assert abs(space["usable"] * (16 / 21) / (space["raw"] / 3) - 1) < 0.02, space
 
 
 def test_dog_node_weight_moves_data_until_shares_follow_and_outlives_a_restart(make_cluster):

@@ -84,3 +84,43 @@ def test_holders_away_are_the_nodes_placed_since_an_epoch_that_cannot_be_asked()
     assert group.holders_away(oid, written, torn) == [] and whole not in state.lost
     cluster.event(EventKind.LEAVE, node_id=whole, reason="dead")
     assert [node.node_id for node in group.holders_away(oid, written, torn)] == [whole]
+
+
+def test_a_1000_node_cluster_in_40_racks_plans_the_recovery_of_a_lost_node() -> None:
+    """Placement and recovery planning at scale: 1,000 sheep of mixed weights (10 GiB
+    to 16 TiB) in 40 racks; one dies. Every object keeps the copies on the survivors,
+    gets one new holder where the dead node held a copy and none elsewhere, and its
+    copies stay in 3 distinct racks."""
+    import random
+
+    rng = random.Random(19)
+    state = ClusterState()
+    group = Group(state)
+    seq = 0
+    for number in range(1000):
+        seq += 1
+        weight = int(10 * 2**30 * 1600 ** rng.random())
+        node = NodeInfo(node_id=f"10.0.{number // 250}.{number % 250}:7000/{number:04x}",
+                        address="10.0.0.1", port=7000, zone=number, rack=number % 40,
+                        weight=weight, base_weight=weight)
+        state.apply(Event(seq=seq, kind=EventKind.JOIN, time=float(seq), node=node))
+    seq += 1
+    state.apply(Event(seq=seq, kind=EventKind.OP, time=float(seq), op_id="f",
+                      body={"type": "format", "copies": 3, "object_size": 4 * MiB}))
+    before = group.epoch
+    dead = state.nodes[rng.randrange(1000)]
+    seq += 1
+    state.apply(Event(seq=seq, kind=EventKind.LEAVE, time=float(seq), node_id=dead.node_id))
+    after = group.epoch
+    assert after == before + 1
+    lost = 0
+    for index in range(3000):
+        oid = make_oid(ObjectType.RAW, 0, index)
+        old = {node.node_id for node in group.placement(oid, before)}
+        placed = group.placement(oid, after)
+        new = {node.node_id for node in placed}
+        assert len({node.rack for node in placed}) == 3
+        assert old - {dead.node_id} <= new  # no survivor's copy moves
+        assert len(new - old) == (1 if dead.node_id in old else 0)
+        lost += dead.node_id in old
+    assert lost > 0, "the sample holds copies of the dead node"

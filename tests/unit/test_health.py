@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sheep.health import cluster_health, health_text, object_health
+from typing import Any
+
+from sheep.health import capacity_limits, capacity_text, cluster_health, health_text, object_health
 
 
 def member(**recovery: object) -> dict:
@@ -63,3 +65,32 @@ def test_an_object_short_of_copies_follows_the_cluster():
     assert object_health(stat, degraded)["state"] == "healthy"
     assert object_health({"copies": 2, "replicas": [{"error": "x"}, {"error": "y"}]},
                          degraded)["state"] == "unavailable"
+
+
+def _storing(index: int, weight: int, capacity: int, used: int = 0, **more: Any) -> dict:
+    return {"node_id": f"10.0.0.{index}:7000/{index:04x}", "address": f"10.0.0.{index}",
+            "port": 7000, "zone": index, "weight": weight, "capacity": capacity,
+            "used": used, "free": capacity - used, "status": "ok", **more}
+
+
+def test_capacity_limits_name_the_node_that_fills_first_and_what_is_stranded():
+    T = 1 << 40
+    # Weights 1, 1, 2 on disks of 1, 1, 1: the third has half the copies (one copy)
+    # for a third of the space, so it fills when the data is 2T.
+    nodes = [_storing(0, T, T), _storing(1, T, T), _storing(2, 2 * T, T, used=T // 2)]
+    limits = capacity_limits(nodes, 1)
+    assert limits is not None
+    assert limits["usable"] == 2 * T and limits["raw"] == 3 * T and limits["stranded"] == T
+    assert limits["more"] == T  # its free half holds half the new data
+    assert [item["index"] for item in limits["limiting"]] == [2]
+    assert limits["limiting"][0]["copies_share"] == 0.5
+    text = capacity_text(limits, lambda size: f"{size / T:g}T")
+    assert text[0] == "Usable space: 2T of data at 1 copies (1T more can be written), from 3T raw"
+    assert "Limited by node 2 (50.0% of the copies for 33.3% of the space)" in text[1]
+    # Weights that follow the space strand nothing, and say nothing more.
+    even = capacity_limits([_storing(i, T, T) for i in range(3)], 3)
+    assert even is not None and even["stranded"] == 0 and len(capacity_text(even, str)) == 1
+    assert even["usable"] == T  # 3 copies of every object, one per node
+    # Unreachable and weightless nodes count for nothing; none left: no answer.
+    assert capacity_limits([{**_storing(0, T, T), "status": "unreachable"},
+                            _storing(1, 0, T)], 1) is None
