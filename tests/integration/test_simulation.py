@@ -41,6 +41,14 @@ first_catch = {"early-ack": 100, "lost-flush": 117, "no-fence": 2, "stale-read":
 # 67: a flushed write lost when a replacement that met ENOSPC left zeros at the old
 # copy's version, not in doubt, which were kept and copied over the good copies.
 regression_seeds = [(111, 3, 40), (67, 4, 40)]
+# Seeds the simulator found failing and nobody has fixed yet: each fails until its bug
+# is (strict: a fix makes the test fail, to move the seed to regression_seeds).
+# 474: a read after a snapshot delete, with a sheep declared dead and back, returns
+# zeros where an acknowledged write went (found once placement became rendezvous,
+# issue #19, which changed every schedule; seeds 450-649 with 3 nodes failed 0 times
+# before and twice after, 650-949 once before (878) and twice after). 702: a CHANGES object keeps 2 of its 3
+# copies at the end (878 fails the same way on the vnode ring too).
+known_failing_seeds = [(474, 3, 40), (702, 3, 40)]
 
 
 def simulate(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
@@ -70,6 +78,13 @@ def test_seeds_with_live_migrations_and_lifecycle_pass() -> None:
 
 @pytest.mark.parametrize(("seed", "nodes", "steps"), regression_seeds)
 def test_a_seed_that_once_failed_passes(seed: int, nodes: int, steps: int) -> None:
+    done = simulate("--seed", str(seed), "--nodes", str(nodes), "--steps", str(steps))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.mark.xfail(strict=True, reason="open bugs the simulator found (known_failing_seeds)")
+@pytest.mark.parametrize(("seed", "nodes", "steps"), known_failing_seeds)
+def test_a_known_failing_seed_still_fails(seed: int, nodes: int, steps: int) -> None:
     done = simulate("--seed", str(seed), "--nodes", str(nodes), "--steps", str(steps))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
