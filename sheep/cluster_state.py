@@ -388,8 +388,8 @@ class ClusterState:
         if weight is not None and (not isinstance(weight, int) or isinstance(weight, bool)
                                    or not 0 <= weight <= constants.weight_max_bytes):
             return _error(Result.INVALID_PARMS,
-                          f"weight must be 0 to {constants.weight_max_bytes} bytes,"
-                          f" not {weight!r}")
+                          f"weight must be a whole number of bytes from 0 to 1 EiB"
+                          f" ({constants.weight_max_bytes}), not {weight!r}")
         new_weight = (node.base_weight or node.weight) if weight is None else weight
         value = {"node_id": node.node_id, "weight": new_weight, "before": node.weight}
         changed = dataclasses.replace(node, weight=new_weight)
