@@ -385,12 +385,15 @@ class ClusterState:
         node = self.members.get(str(node_id))
         if node is None:
             return _error(Result.INVALID_PARMS, f"node {node_id} is not a member")
+        if "weight" not in event.body:  # e.g. an older dog's {"vnodes": 0}: never a reset
+            return _error(Result.INVALID_PARMS,
+                          "reweight takes a weight in bytes, or null for the node's own")
         if weight is not None and (not isinstance(weight, int) or isinstance(weight, bool)
                                    or not 0 <= weight <= constants.weight_max_bytes):
             return _error(Result.INVALID_PARMS,
                           f"weight must be a whole number of bytes from 0 to 1 EiB"
                           f" ({constants.weight_max_bytes}), not {weight!r}")
-        new_weight = (node.base_weight or node.weight) if weight is None else weight
+        new_weight = node.base_weight if weight is None else weight
         value = {"node_id": node.node_id, "weight": new_weight, "before": node.weight}
         changed = dataclasses.replace(node, weight=new_weight)
         if self.status is not Status.WAIT_FOR_FORMAT and changed.weight == 0:

@@ -13,6 +13,7 @@ import functools
 
 from sheep.cluster_state import ClusterState
 from sheep.errors import NewNodeVersion, OldNodeVersion
+from sheep.legacy_ring import VnodeRing
 from sheep.node import NodeInfo
 from sheep.oid import VDI_TYPES, oid_generation, oid_type
 from sheep.ring import Ring
@@ -86,16 +87,20 @@ class Group:
                 raise NewNodeVersion(
                     f"request epoch {epoch} is newer than {self.state.epoch}; still waiting")
 
-    def ring(self, epoch: int | None = None) -> Ring:
+    def ring(self, epoch: int | None = None) -> Ring | VnodeRing:
         return self._ring(self.state.epoch if epoch is None else epoch)
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - one Group per sheep, epochs are few
-    def _ring(self, epoch: int) -> Ring:
+    def _ring(self, epoch: int) -> Ring | VnodeRing:
         if epoch == self.state.epoch:
             nodes = self.state.nodes
         else:
             past = self.state.epoch_nodes(epoch)
             nodes = past if past is not None else []
+        if any(node.vnodes is not None for node in nodes):
+            # Recorded before weights: placed as it was then, so the data is found
+            # where that placement put it (until every member has joined anew).
+            return VnodeRing(nodes)
         return Ring(nodes)
 
     def placement(self, oid: int, epoch: int | None = None,

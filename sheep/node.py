@@ -24,9 +24,14 @@ class NodeInfo:
     weight: int  # bytes; placement gives the node copies in proportion; 0: none
     rack: int | None = None  # the rack above the host; None: the host is its own rack
     base_weight: int = 0  # the weight the sheep started with (-w, or its free space)
+    # Set only in records from before weights (an epoch placed by sheep/legacy_ring.py).
+    vnodes: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        value = asdict(self)
+        if self.vnodes is None:
+            del value["vnodes"]
+        return value
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> NodeInfo:
@@ -34,12 +39,13 @@ class NodeInfo:
             weight = int(value["weight"])
         else:  # an epoch log from before weights: a vnode stood for 256 MiB
             weight = int(value["vnodes"]) * legacy_vnode_bytes
-        rack = value.get("rack")
+        rack, vnodes = value.get("rack"), value.get("vnodes")
         return cls(
             node_id=str(value["node_id"]), address=str(value["address"]),
             port=int(value["port"]), zone=int(value["zone"]), weight=weight,
             rack=None if rack is None else int(rack),
-            base_weight=int(value.get("base_weight", weight)))
+            base_weight=int(value.get("base_weight", weight)),
+            vnodes=None if vnodes is None else int(vnodes))
 
     @property
     def domain(self) -> str:

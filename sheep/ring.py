@@ -150,6 +150,11 @@ def _poisson_binomial(q: Sequence[float], terms: int) -> list[float]:
     return p
 
 
+_saturated = 1e-3
+_rounds = 14  # compensation rounds at most (11 was the most measured)
+_tolerance = 1e-5  # chances within this of their targets: done
+
+
 def _always(weights: Sequence[float], copies: int) -> set[int]:
     """The domains picked for every object: too heavy for a share in proportion (one
     copy of each object at most), then again among the rest, and so on."""
@@ -157,8 +162,10 @@ def _always(weights: Sequence[float], copies: int) -> set[int]:
     while True:
         left = copies - len(always)
         rest = math.fsum(w for i, w in enumerate(weights) if i not in always)
+        # Within _saturated of a copy of every object is as good as every object: the
+        # chances there cannot be solved for (a weight near infinity).
         grown = {i for i, w in enumerate(weights)
-                 if i not in always and left > 0 and left * w >= rest}
+                 if i not in always and left > 0 and left * w >= rest * (1 - _saturated)}
         if not grown:
             return always
         always |= grown
@@ -180,12 +187,13 @@ class Compensation:
     always: frozenset[int]  # domains that get a copy of every object
 
 
-def compensate(weights: Sequence[float], copies: int, iterations: int = 30,
-               tolerance: float = 1e-4) -> Compensation:
+def compensate(weights: Sequence[float], copies: int) -> Compensation:
     """Weights for ``copies`` picks of distinct domains such that each domain's chance
     to be picked is copies * weight / total (its share of the weight): the domains
-    heavier than that allows (more than 1/copies of the total) are picked always, and
-    the rest share the remaining copies in proportion to their weights."""
+    heavier than that allows (more than 1/copies of the total, or within _saturated of
+    it) are picked always, and the rest share the remaining copies in proportion to
+    their weights. Never raises: if the numbers go wrong (they should not), the
+    weights are taken as they are."""
     count = len(weights)
     always = _always(weights, copies)
     others = [i for i in range(count) if i not in always]
@@ -198,26 +206,36 @@ def compensate(weights: Sequence[float], copies: int, iterations: int = 30,
     total = math.fsum(base)
     target = [picks * w / total for w in base]
     adjusted = [w / total for w in base]
-    for _ in range(iterations):
-        got = inclusion(adjusted, picks)
-        scale = picks / math.fsum(got)  # the quadrature's own error is not the weights'
-        got = [g * scale for g in got]
-        error = max(abs(g / t - 1) for g, t in zip(got, target, strict=True))
-        if error < tolerance:
-            break
-        # By the odds, not the chances, and a shorter step the nearer the target is to
-        # 1 (the power 1 - t/2): a domain near a copy of every object needs a far
-        # larger weight for a little more, which a t / g step approaches only slowly
-        # (30 rounds still 0.3% off), and the full odds step overshoots. Measured on
-        # random mixes over four orders of magnitude: within 1e-4 in 11 rounds at most.
-        adjusted = [x * ((t * (1 - g)) / (g * (1 - t))) ** (1 - t / 2)
-                    for x, t, g in zip(adjusted, target, got, strict=True)]
-        norm = math.fsum(adjusted)
-        adjusted = [x / norm for x in adjusted]
-    for i, x, w in zip(others, adjusted, base, strict=True):
-        # Rounded to 12 digits: what every process computes alike, whatever the last
+    try:
+        for _ in range(_rounds):
+            got = inclusion(adjusted, picks)
+            scale = picks / math.fsum(got)  # the quadrature's own error is not the weights'
+            got = [min(max(g * scale, 1e-12), 1 - 1e-12) for g in got]
+            # Two processes whose exp() differ in the last bit stop at different rounds
+            # only if the error falls within that bit of the tolerance (about 1e-12 of
+            # cases); the factors then still round alike unless within 1e-5 of a
+            # 6-digit boundary.
+            if max(abs(g / t - 1) for g, t in zip(got, target, strict=True)) < _tolerance:
+                break
+            # By the odds, not the chances, and a shorter step the nearer the target is
+            # to 1 (the power 1 - t/2): a domain near a copy of every object needs a
+            # far larger weight for a little more, which a t / g step approaches only
+            # slowly (30 rounds still 0.3% off), and the full odds step overshoots.
+            # Measured on random mixes over four orders of magnitude: within 1e-4 in 11
+            # rounds at most.
+            adjusted = [x * ((t * (1 - g)) / (g * (1 - t))) ** (1 - t / 2)
+                        for x, t, g in zip(adjusted, target, got, strict=True)]
+            norm = math.fsum(adjusted)
+            adjusted = [x / norm for x in adjusted]
+        solved = [x * total / w for x, w in zip(adjusted, base, strict=True)]
+    except (ArithmeticError, ValueError, TypeError):
+        return Compensation(tuple(factors), frozenset(always))
+    if not all(isinstance(f, float) and math.isfinite(f) and f > 0 for f in solved):
+        return Compensation(tuple(factors), frozenset(always))
+    for i, factor in zip(others, solved, strict=True):
+        # Rounded to 6 digits: what every process computes alike, whatever the last
         # bits of its exp() and log() (C libraries may differ by an ulp).
-        factors[i] = float(f"{x * total / w:.12g}")
+        factors[i] = float(f"{factor:.6g}")
     return Compensation(tuple(factors), frozenset(always))
 
 
@@ -344,45 +362,54 @@ class Ring:
     def _choose(self, table: _Table, keys: list[float]) -> list[int]:
         count = len(keys)
         wanted = min(count, 2 * table.placed + 8)
-        while True:
-            order = (heapq.nlargest(wanted, range(count), key=keys.__getitem__)
-                     if wanted < count else sorted(range(count), key=keys.__getitem__,
-                                                   reverse=True))
-            chosen = self._walk(table, order)
-            if chosen is not None:
-                return chosen
-            wanted = count  # the short list was not enough: walk them all
+        order = heapq.nlargest(wanted, range(count), key=keys.__getitem__)
+        chosen = self._walk(table, order, table.by_rack)
+        if chosen is None:  # the short list was not enough: walk them all
+            order = sorted(range(count), key=keys.__getitem__, reverse=True)
+            chosen = self._walk(table, order, table.by_rack)
+        if chosen is None:
+            # The racks cannot be kept apart with distinct hosts (a host number under
+            # two racks): distinct hosts, which there always are enough of.
+            chosen = self._walk(table, order, by_rack=False, racks_first=False)
+            assert chosen is not None
+        return chosen
 
-    def _walk(self, table: _Table, order: list[int]) -> list[int] | None:
-        """The copies from the preference list ``order``, or None if it is too short."""
+    def _walk(self, table: _Table, order: list[int], by_rack: bool,
+              racks_first: bool = True) -> list[int] | None:
+        """The copies from the preference list ``order``, or None if it is too short or
+        the domains cannot be kept apart that way. Hosts are always distinct."""
         racks, hosts = table.racks, table.hosts
         chosen: list[int] = []
         used_racks: set[int] = set()
         used_hosts: set[int] = set()
-        if table.by_rack:
+        if by_rack:
             for rack in table.always:  # the best node of each rack picked always
-                best = next((index for index in order if racks[index] == rack), None)
+                best = next((index for index in order if racks[index] == rack
+                             and hosts[index] not in used_hosts), None)
                 if best is None:
                     return None
                 chosen.append(best)
                 used_racks.add(rack)
+                used_hosts.add(hosts[best])
             for index in order:
                 if len(chosen) == table.placed:
                     return chosen
-                if racks[index] not in used_racks:
+                if racks[index] not in used_racks and hosts[index] not in used_hosts:
                     used_racks.add(racks[index])
+                    used_hosts.add(hosts[index])
                     chosen.append(index)
             return chosen if len(chosen) == table.placed else None
-        # Fewer racks than copies: one copy in every rack, then distinct hosts.
-        for index in order:
-            if len(used_racks) == self._racks:
-                break
-            if racks[index] not in used_racks:
-                used_racks.add(racks[index])
-                used_hosts.add(hosts[index])
-                chosen.append(index)
-        if len(used_racks) < self._racks:
-            return None
+        if racks_first:
+            # Fewer racks than copies: one copy in every rack, then distinct hosts.
+            for index in order:
+                if len(used_racks) == self._racks:
+                    break
+                if racks[index] not in used_racks and hosts[index] not in used_hosts:
+                    used_racks.add(racks[index])
+                    used_hosts.add(hosts[index])
+                    chosen.append(index)
+            if len(used_racks) < self._racks:
+                return None
         for index in order:
             if len(chosen) == table.placed:
                 return chosen

@@ -671,6 +671,7 @@ def test_a_weight_set_by_reweight_outlives_a_restart_until_reset() -> None:
     {"node_id": "127.0.0.1:7000/00000000", "weight": -1},
     {"node_id": "127.0.0.1:7000/00000000", "weight": constants.weight_max_bytes + 1},
     {"node_id": "127.0.0.1:7000/00000000", "weight": "0"},
+    {"node_id": "127.0.0.1:7000/00000000", "vnodes": 0},  # an older dog's drain
 ])
 def test_reweight_refuses_bad_input(body: dict[str, Any]) -> None:
     feeder = cluster_of(2)

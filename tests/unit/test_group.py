@@ -124,3 +124,38 @@ def test_a_1000_node_cluster_in_40_racks_plans_the_recovery_of_a_lost_node() -> 
         assert len(new - old) == (1 if dead.node_id in old else 0)
         lost += dead.node_id in old
     assert lost > 0, "the sample holds copies of the dead node"
+
+
+def test_an_epoch_recorded_before_weights_is_placed_as_it_was_then() -> None:
+    """Epoch logs from before weights name vnodes: such an epoch is placed by the vnode
+    ring (sheep/legacy_ring.py), so recovery and reads of past epochs look where the
+    data was put; an epoch of records with weights only, by rendezvous."""
+    from sheep.legacy_ring import VnodeRing, vnode_point
+    from sheep.ring import Ring
+
+    # The old ring's pinned hash: the same points as before.
+    assert vnode_point("127.0.0.1:7000/ab", 0) == 0x5F895AC773085E36
+    old = [NodeInfo.from_json({"node_id": f"n{i}", "address": "127.0.0.1", "port": 7000 + i,
+                               "zone": i, "vnodes": 320}) for i in range(4)]
+    assert all(node.vnodes == 320 and node.weight == 320 << 28 for node in old)
+    assert NodeInfo.from_json(old[0].to_json()) == old[0]  # the mark survives the log
+    state = ClusterState()
+    group = Group(state)
+    seq = 0
+    for node in old:
+        seq += 1
+        state.apply(Event(seq=seq, kind=EventKind.JOIN, time=float(seq), node=node))
+    legacy_epoch = state.epoch
+    assert isinstance(group.ring(legacy_epoch), VnodeRing)
+    reference = VnodeRing(old)
+    for oid in range(300):
+        assert group.placement(oid, legacy_epoch, 2) == reference.placement(oid, 2)
+    # Every member joins again with the new software: rendezvous from then on.
+    for node in old:
+        fresh = NodeInfo(node_id=node.node_id, address=node.address, port=node.port,
+                         zone=node.zone, weight=node.weight, base_weight=node.weight)
+        seq += 1
+        state.apply(Event(seq=seq, kind=EventKind.JOIN, time=float(seq), node=fresh))
+    assert isinstance(group.ring(), Ring)
+    assert isinstance(group.ring(legacy_epoch), VnodeRing)  # the past stays as it was
+    assert "vnodes" not in state.nodes[0].to_json()

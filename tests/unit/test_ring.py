@@ -414,3 +414,43 @@ def test_ten_thousand_nodes_build_and_place():
     r = Ring(nodes)
     placed = r.placement(42, 3)
     assert len({node.zone for node in placed}) == 3
+
+
+def test_weights_at_the_edge_of_a_copy_of_every_object_never_break_placement():
+    """A domain just under 1/copies of the total once drove the compensation to a
+    zero chance (ZeroDivisionError) or a complex power (found in review): placement
+    would have failed on every sheep, for one weight setting."""
+    T = 10**12
+    for weights, copies in (([4 * T * (1 - 1e-6), T, T, T, T], 2),
+                            ([10**15, 5 * 10**14, 5 * 10**14 + 1], 2),
+                            ([10**15, 2 * 10**14, 2 * 10**14, 6 * 10**14 + 1], 2),
+                            ([4 * T, 2 * T, 2 * T, 1], 2), ([4 * T, 2 * T, 2 * T + 1], 2)):
+        compensation = compensate([float(w) for w in weights], copies)
+        assert all(math.isfinite(f) and f > 0 for f in compensation.factors)
+        nodes = [make_node(number, weight) for number, weight in enumerate(weights)]
+        for oid in range(200):
+            assert len({node.zone for node in Ring(nodes).placement(oid, copies)}) == copies
+
+
+@given(weights=st.lists(st.integers(1, 2**60), min_size=2, max_size=8),
+       copies=st.integers(2, 4))
+@settings(max_examples=60, deadline=None)
+def test_compensation_never_raises_and_gives_finite_factors(weights, copies):
+    compensation = compensate([float(w) for w in weights], copies)
+    assert len(compensation.factors) == len(weights)
+    assert all(math.isfinite(f) and f > 0 for f in compensation.factors)
+
+
+def test_a_host_number_under_two_racks_still_gets_one_copy():
+    # Per-rack host numbers (1/1, 2/1, 3/1) name three machines as one host: the copies
+    # stay on distinct hosts, which placement never gives up.
+    layouts = ([(1, 1), (2, 1), (3, 1), (1, 2)], [(None, 5), (1, 5), (None, 6)],
+               [(1, 1), (1, 2), (2, 1)])
+    for layout in layouts:
+        nodes = [make_node(number, zone=host, rack=rack)
+                 for number, (rack, host) in enumerate(layout)]
+        r = Ring(nodes)
+        for oid in range(2000):
+            placed = r.placement(oid, 3)
+            assert len(placed) == min(3, r.zones)
+            assert len({node.zone for node in placed}) == len(placed)
