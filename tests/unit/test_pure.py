@@ -14,7 +14,8 @@ import sheep
 
 pure_modules = ["sheep.constants", "sheep.errors", "sheep.proto", "sheep.oid", "sheep.ring",
                 "sheep.radix", "sheep.cluster_state", "sheep.vdi_registry", "sheep.node",
-                "sheep.size", "sheep.replicas", "sheep.mclock", "sheep.changes", "sheep.health"]
+                "sheep.size", "sheep.replicas", "sheep.mclock", "sheep.changes", "sheep.health",
+                "sheep.legacy_ring"]
 forbidden = ["asyncio", "socket", "selectors", "lmdb", "concurrent.futures"]
 
 
