@@ -29,9 +29,9 @@ def _domain(info: dict[str, Any]) -> str:
     return f"{rack}/{info['zone']}" if rack is not None else str(info["zone"])
 
 
-def _share(info: dict[str, Any], nodes: list[dict[str, Any]]) -> str:
-    """The node's share of the cluster's weight: what placement gives it of the copies."""
-    total = sum(int(node.get("weight", 0)) for node in nodes)
+def _share(info: dict[str, Any], total: int) -> str:
+    """The node's share of the cluster's weight (total): what placement gives it of the
+    copies."""
     return f"{100 * int(info.get('weight', 0)) / total:.1f}%" if total else "-"
 
 
@@ -46,18 +46,19 @@ def list_(as_json: bool) -> None:
         print_json([{"index": index, **info} for index, info in enumerate(nodes)])
         return
     rows = []
+    total = sum(int(node.get("weight", 0)) for node in nodes)
     for index, info in enumerate(nodes):
         weight = format_size(int(info.get("weight", 0)))
         if info.get("status") == "unreachable":
             rows.append([index, info["node_id"], f"{info['address']}:{info['port']}",
-                         _domain(info), weight, _share(info, nodes), "-", "-", "-", "-",
+                         _domain(info), weight, _share(info, total), "-", "-", "-", "-",
                          "unreachable"])
             continue
         status = info["status"]
         if info.get("space", "ok") != "ok":
             status = f"{status}, {info['space']}"
         rows.append([index, info["node_id"], f"{info['address']}:{info['port']}",
-                     _domain(info), weight, _share(info, nodes), info["objects"],
+                     _domain(info), weight, _share(info, total), info["objects"],
                      format_size(info["used"]), format_size(info["capacity"]), _use(info),
                      status])
     print_table(["Id", "Node id", "Address", "Rack/Host", "Weight", "Share", "Objects", "Used",

@@ -120,23 +120,22 @@ def capacity_limits(nodes: list[dict[str, Any]], copies: int) -> dict[str, Any] 
     from sheep.node import NodeInfo
     from sheep.ring import Ring
 
-    reachable = [node for node in nodes
-                 if node.get("status") != "unreachable" and int(node.get("weight") or 0) > 0
-                 and "capacity" in node]
-    if not reachable or copies < 1:
+    storing = [(index, node) for index, node in enumerate(nodes)
+               if node.get("status") != "unreachable" and int(node.get("weight") or 0) > 0
+               and "capacity" in node]
+    if not storing or copies < 1:
         return None
-    ring = Ring([NodeInfo.from_json(node) for node in reachable])
+    ring = Ring([NodeInfo.from_json(node) for _, node in storing])
     placed = min(copies, ring.zones)
     shares = ring.expected_shares(copies)
     limits = []
-    for index, node in enumerate(nodes):
-        share = shares.get(str(node.get("node_id")), 0.0)
-        if share <= 0 or node not in reachable:
-            continue
-        limits.append((int(node["capacity"]) / share, int(node["free"]) / share, index, node,
-                       share))
+    for index, node in storing:
+        share = shares.get(str(node["node_id"]), 0.0)
+        if share > 0:
+            limits.append((int(node["capacity"]) / share, int(node["free"]) / share, index,
+                           node, share))
     limits.sort(key=lambda item: item[0])
-    raw = sum(int(node["capacity"]) for node in reachable)
+    raw = sum(int(node["capacity"]) for _, node in storing)
     usable = limits[0][0]
     return {
         "raw": raw, "usable": int(usable), "copies": placed,

@@ -48,11 +48,6 @@ class NodeInfo:
             vnodes=None if vnodes is None else int(vnodes))
 
     @property
-    def domain(self) -> str:
-        """RACK/HOST, or HOST for a host that is its own rack."""
-        return f"{self.rack}/{self.zone}" if self.rack is not None else str(self.zone)
-
-    @property
     def endpoint(self) -> str:
         return f"{self.address}:{self.port}"
 

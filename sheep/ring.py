@@ -306,15 +306,19 @@ class Ring:
         factors = [1.0] * self._racks
         always: frozenset[int] = frozenset()
         if by_rack and placed > 1:
-            rack_weights = [0.0] * self._racks
-            for rack, weight in zip(self._rack_of, weights, strict=True):
-                rack_weights[rack] += weight
-            compensation = compensate(rack_weights, placed)
+            compensation = compensate(self._rack_weights(), placed)
             factors, always = list(compensation.factors), compensation.always
         inverse = tuple(1.0 / (weight * factors[rack])
                         for weight, rack in zip(weights, self._rack_of, strict=True))
         return _Table(self._salts, inverse, self._rack_of, self._host_of, always, placed,
                       by_rack)
+
+    def _rack_weights(self) -> list[float]:
+        """Each rack's weight: its storing nodes' together."""
+        rack_weights = [0.0] * self._racks
+        for rack, node in zip(self._rack_of, self._holders, strict=True):
+            rack_weights[rack] += node.weight
+        return rack_weights
 
     def expected_shares(self, copies: int) -> dict[str, float]:
         """Each storing node's chance to hold a copy of an object (they add up to the
@@ -323,9 +327,7 @@ class Ring:
         beyond one per rack spread by weight over the cluster."""
         placed = min(copies, self._zones)
         weights = [float(node.weight) for node in self._holders]
-        rack_weights = [0.0] * self._racks
-        for rack, weight in zip(self._rack_of, weights, strict=True):
-            rack_weights[rack] += weight
+        rack_weights = self._rack_weights()
         total = math.fsum(weights)
         if self._racks >= placed:
             chances = targets(rack_weights, placed)
