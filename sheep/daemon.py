@@ -492,7 +492,7 @@ class Sheep:
         is served here."""
         assert self.peer is not None and self.node is not None
         me = self.node.node_id
-        returning = [oid for oid in self.store.list_oids()
+        returning = [oid for oid in self.store.copies()
                      if not self.peer.health.is_unverified(oid)
                      and any(node.node_id == me for node in self.group.placement(oid, after))
                      and not any(node.node_id == me
@@ -513,7 +513,7 @@ class Sheep:
         assert self.peer is not None and self.node is not None
         me, epoch = self.node.node_id, self.group.epoch
         returning = []
-        for oid in self.store.list_oids():
+        for oid in self.store.copies():
             if self.peer.health.is_unverified(oid):
                 continue
             before = generations_before.get(oid_generation(oid)) if oid_type(
@@ -543,7 +543,7 @@ class Sheep:
         saved = self.store.config_get("unverified_since")
         if saved is not None:
             since = min(since, int(saved))
-        self.peer.health.start_unverified(self.store.list_oids(), since, self.store.doubts())
+        self.peer.health.start_unverified(self.store.copies(), since, self.store.doubts())
         self._save_unverified_since()
 
     def _save_unverified_since(self) -> None:

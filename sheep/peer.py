@@ -123,8 +123,12 @@ class Peer:
         if header.opcode != Op.LIST_PEER:
             await self.group.check_epoch(header.epoch, constants.epoch_wait_ms / 1000)
         self._refuse_if_fenced()
-        if header.opcode in _changes and not self.group.writable_object(header.oid):
+        if (header.opcode in _changes and not self.group.writable_object(header.oid)
+                and not (header.opcode == Op.CREATE_AND_WRITE_PEER
+                         and header.flags & proto.FLAG_DIRECT)):
             # Fencing: a snapshot froze this generation; whoever still writes it is stale.
+            # A repair's copy (FLAG_DIRECT, from a sheep: the newest verified copy, never
+            # over a newer one) is not a write: a snapshot's damaged copy needs one too.
             raise ReadOnly(f"object {header.oid:016x} belongs to a frozen generation")
         try:
             if header.opcode in _allocating:
@@ -209,7 +213,7 @@ class Peer:
         if header.arg0 and self.store.is_partial(header.oid) and extents is not None:
             # A copy of the whole object for a partial one: it fills in what was not
             # written here since (Store.fill_extents), never over what was.
-            version = self.store.fill_extents(header.oid, extents, header.arg0)
+            version = self.fill(header.oid, extents, header.arg0)
             if header.flags & proto.FLAG_FUA:
                 await self._sync(lambda: self.store.begin_sync_object(header.oid))
             return b"", {"arg0": version}
@@ -280,6 +284,17 @@ class Peer:
         """A copy became unverified at run time: the verifier has work."""
         if self.on_suspect is not None:
             self.on_suspect()
+
+    def fill(self, oid: int, extents: list[proto.Extent], version: int) -> int:
+        """Complete the partial copy here from a whole copy's extents (Store.fill_extents).
+        One a crash caught with changes not synced stays in doubt: unverified, compared
+        with the others before it counts."""
+        version = self.store.fill_extents(oid, extents, version)
+        doubt = self.store.doubt(oid)
+        if doubt is not None:
+            self.health.suspect([oid], doubt)
+            self._suspect()
+        return version
 
     def _refuse_damaged(self, oid: int, error: SheepError) -> SheepError:
         """A change that met damage (sheep/store: a partial block is verified before
@@ -355,6 +370,5 @@ class Peer:
         return bad
 
     async def list_objects(self, header: Header, payload: bytes) -> Reply:
-        partial = self.store.partial_oids()
-        value: list[Any] = [oid for oid in self.store.list_oids() if oid not in partial]
+        value: list[Any] = self.store.copies()
         return proto.encode_json(value), {}

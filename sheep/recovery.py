@@ -106,6 +106,8 @@ class Verifier(_Worker):
         verified copy vouches for the answer, the copy waits for it."""
         if self.gateway.world.faults.buggify("verifier.stats-fail"):
             raise Timeout(f"no answer about {oid:016x} in time (buggify)")
+        if self.store.is_partial(oid):
+            return  # not a copy until recovery fills it in: compared after that
         epoch = self.group.epoch
         others = [node for node in self.group.state.nodes if node.node_id != self.node_id]
         version = self.store.version(oid)
@@ -385,7 +387,7 @@ class Recoverer(_Worker):
             for oid in proto.decode_json(data):
                 holders.setdefault(int(oid), []).append(node)
         # A partial copy (a write made it before recovery came) is wanted first.
-        here = set(self.store.list_oids()) - self.store.partial_oids()
+        here = set(self.store.copies())
         wanted = sorted((oid for oid, nodes in holders.items()
                          if oid not in here and self._mine(oid, epoch)),
                         key=lambda oid: not self.store.is_partial(oid))
@@ -472,7 +474,7 @@ class Recoverer(_Worker):
         extents, _, version = await self.gateway.read_extents(best.node, oid, epoch)
         copied = proto.extents_bytes(extents)
         if self.store.is_partial(oid):  # what was written here since stays
-            self.store.fill_extents(oid, extents, version or best.version)
+            self.peer.fill(oid, extents, version or best.version)
             self.bytes += copied
             self.bytes_total += copied
             return True
@@ -485,7 +487,7 @@ class Recoverer(_Worker):
         # before (Store.adopt_extents).
         if not await self.store.adopt_extents(oid, extents, version):
             if self.store.is_partial(oid):
-                self.store.fill_extents(oid, extents, version)
+                self.peer.fill(oid, extents, version)
             elif self.store.exists(oid):
                 return False
             else:

@@ -73,12 +73,22 @@ log = logging.getLogger(__name__)
 
 # The store's on-disk format. 1: object files under obj/XX/, one LMDB environment
 # (meta/) with the objects, sums, intents, doubt, config and epochs databases: the
-# layout of every store made before versions were kept, which are stamped 1.
-format_version = 1
+# layout of every store made before versions were kept, which are read as 1.
+# 2: a partial database too, which keeps partial copies partial across restarts (a
+# sheep of version 1 would take them for whole copies: see write_partial).
+format_version = 2
+
+
+def _upgrade_to_partial(store: Store) -> None:
+    # Nothing to convert: a version-1 store recorded no partial copies, and the
+    # database was opened (made) with the others.
+    pass
+
+
 # Upgrades, by the version they start from: each brings an open store (its
 # databases open, before anything else reads them) to the next version, and must
 # be safe to run again after a crash in its middle.
-upgrades: dict[int, Callable[[Store], None]] = {}
+upgrades: dict[int, Callable[[Store], None]] = {1: _upgrade_to_partial}
 
 _meta_value = struct.Struct("<QQ")  # version, flags (the format before digests)
 # version, flags, digest of the checksum table: a STAT (every copy is compared at
@@ -141,6 +151,9 @@ class SyncJob:
     doubts_cleared: set[int] = field(default_factory=set)
     # Partial copies (Store.write_partial), each with the epoch it was made in.
     doubts_added: dict[int, int] = field(default_factory=dict)
+    # Partial copies whose ranges changed, as they were when the sync began (None:
+    # no longer partial, its record goes).
+    partials: dict[int, list[list[int]] | None] = field(default_factory=dict)
     wipes: int = 0  # the store's wipes when it began: after another, it has nothing to do
 
 
@@ -235,6 +248,11 @@ class Store:
         # Partial copies: only the ranges written since they were made are here
         # (write_partial), by object: sorted, merged [start, end) byte ranges.
         self._partial: dict[int, list[list[int]]] = {}
+        self._partial_changed: set[int] = set()  # their records, at the next sync
+        # Partial copies a crash caught with changes not synced: their recorded ranges
+        # may miss writes that landed (or name some that did not), so once filled
+        # they stay in doubt, for the verifier to compare (see fill_extents).
+        self._partial_unsure: set[int] = set()
         self._doubt_clear: set[int] = set()  # doubts to delete at the next commit
         self._intent_wanted: dict[int, bytes] = {}
         self._tokens = itertools.count(1)
@@ -265,6 +283,7 @@ class Store:
     def open(self) -> None:
         with _translated(f"open store {self.path}"):
             os.makedirs(self.object_dir, exist_ok=True)
+            fresh = not os.path.exists(os.path.join(self.path, "meta"))
             if not os.access(self.object_dir, os.R_OK | os.W_OK | os.X_OK):
                 raise PermissionError(errno.EACCES, f"{self.object_dir} is not writable")
             try:
@@ -281,9 +300,10 @@ class Store:
             self._sums = self._env.open_db(b"sums")
             self._intents_db = self._env.open_db(b"intents")
             self._doubt_db = self._env.open_db(b"doubt")
+            self._partial_db = self._env.open_db(b"partial")
             self._config = self._env.open_db(b"config")
             self._epochs = self._env.open_db(b"epochs")
-            self._check_format()
+            self._check_format(fresh)
             size = self.config_get("object_size")
             if size:
                 self.object_size = int(size)
@@ -294,23 +314,24 @@ class Store:
                 raise SystemFailure(
                     f"the store {self.path} was made {'with' if kept else 'without'} checksums;"
                     f" it cannot be used {'without' if kept else 'with'} them")
-            self._recover_intents()
+            crashed = self._recover_intents()
             self._remove_unadopted()
             with self.env.begin(db=self._doubt_db) as txn:
                 # A doubt of the older form (no epoch) may date from any epoch.
                 self._doubtful = {int.from_bytes(key, "big"): int.from_bytes(value or b"", "big")
                                   for key, value in txn.cursor()}
+            self._restore_partial(crashed)
 
-    def _check_format(self) -> None:
+    def _check_format(self, fresh: bool) -> None:
         """The store's format version (config "format_version"): stamped on a new
-        store, and on one made before versions were kept (its layout is version 1);
-        an older one is upgraded step by step, each step's version written once it
-        is done (a crash in a step runs it again at the next start: steps must be
+        store; one made before versions were kept is of version 1 (its layout); an
+        older one is upgraded step by step, each step's version written once it is
+        done (a crash in a step runs it again at the next start: steps must be
         idempotent); a newer one, or one no step leads from, is refused."""
         version = self.config_get("format_version")
         if version is None:
-            self.config_put("format_version", format_version)
-            return
+            version = format_version if fresh else 1
+            self.config_put("format_version", version)
         if not isinstance(version, int) or version < 1:
             raise SystemFailure(f"the store {self.path} has a bad format version {version!r}")
         if version > format_version:
@@ -343,10 +364,10 @@ class Store:
                     log.info("removing %s, a copy a crash left half made", entry.path)
                     self.io.unlink(entry.path)
 
-    def _recover_intents(self) -> None:
+    def _recover_intents(self) -> set[int]:
         """After a crash: the objects changed since their last sync get checksums from
         whatever their files now hold (any of the unsynced writes may have landed), and
-        at least the version their intent promised (ensure_intent)."""
+        at least the version their intent promised (ensure_intent). Returns them."""
         with self.env.begin(db=self._intents_db) as txn:
             values = {int.from_bytes(key, "big"): bytes(value) for key, value in txn.cursor()}
         promised = {oid: int.from_bytes(value[8:16], "big") for oid, value in values.items()}
@@ -354,7 +375,7 @@ class Store:
         made_in = {oid: int.from_bytes(value[16:24], "big") for oid, value in values.items()}
         oids = list(promised)
         if not oids:
-            return
+            return set()
         with self.env.begin(write=True) as txn:
             for oid in oids:
                 path = self.object_path(oid)
@@ -394,6 +415,27 @@ class Store:
         self.counters["recomputed_after_crash"] = len(oids)
         log.warning("the store was not closed cleanly: checksums of %d objects changed since"
                     " their last sync recomputed from their data", len(oids))
+        return set(oids)
+
+    def _restore_partial(self, crashed: set[int]) -> None:
+        """Partial copies stay partial across a restart: never read, listed or kept by
+        the verifier as whole copies (which they are not), filled by recovery as before.
+        A record whose file is gone (the crash came before the file was made, or after
+        it was removed) goes."""
+        with self.env.begin(db=self._partial_db, write=True) as txn:
+            for key, value in list(txn.cursor()):
+                oid = int.from_bytes(key, "big")
+                if not self.exists(oid):
+                    txn.delete(key)
+                    continue
+                self._partial[oid] = [list(pair) for pair in json.loads(bytes(value))]
+                if oid in crashed:
+                    self._partial_unsure.add(oid)
+                if oid not in self._doubtful:  # a partial copy is in doubt from the start
+                    self._doubtful[oid] = 0
+                    self._doubt_add.add(oid)
+        if self._partial:
+            log.info("%d partial copies are still to be filled by recovery", len(self._partial))
 
     def close(self) -> None:
         try:
@@ -697,6 +739,10 @@ class Store:
     def in_doubt(self, oid: int) -> bool:
         return oid in self._doubtful
 
+    def doubt(self, oid: int) -> int | None:
+        """The epoch of the copy's doubt, or None if it is not in doubt."""
+        return self._doubtful.get(oid)
+
     def doubts(self) -> dict[int, int]:
         """The copies in doubt, each with the epoch from which a crash may have taken
         its writes."""
@@ -709,7 +755,12 @@ class Store:
             del self._doubtful[oid]
             self._doubt_add.discard(oid)
             self._doubt_clear.add(oid)
-        self._partial.pop(oid, None)  # a whole copy now, or none
+        self._unpartial(oid)  # a whole copy now, or none
+
+    def _unpartial(self, oid: int) -> None:
+        if self._partial.pop(oid, None) is not None:
+            self._partial_changed.add(oid)
+        self._partial_unsure.discard(oid)
 
     # --- partial copies ---------------------------------------------------------
     #
@@ -721,7 +772,11 @@ class Store:
     # everyone else a partial copy is absent (the peer side answers NoObject to reads,
     # stats and listings): it is never read, never a source, never counted as held.
     # It is in doubt from the start, durably so from its first sync (an intent covers
-    # it before that), so after a crash it never outranks a whole copy.
+    # it before that), so after a crash it never outranks a whole copy. It is recorded
+    # as partial (the partial database) before its data is written, and its ranges at
+    # every sync, so a restart does not take it for a whole copy: kept as the verifier
+    # keeps a copy nothing outranks, it once became a source of zeros (simulator, seed
+    # 474).
 
     def is_partial(self, oid: int) -> bool:
         return oid in self._partial
@@ -739,11 +794,21 @@ class Store:
         offset (the rest reads as zeros, and is nobody's business until filled)."""
         if self.knows(oid):
             raise NoObject(f"object {oid:016x}: a partial copy only replaces nothing")
+        ranges = [[offset, offset + len(data)]]
+        # Recorded first: a crash must never leave the file without the record. One
+        # commit, on the metadata thread (in order with the syncs' commits), waited
+        # for here: a partial copy is rare (a write to a new holder before recovery).
+        self.meta_executor.submit(self._record_partial, oid, ranges).result()
         new = self.create_and_write(oid, offset, data, version)
         self._doubtful[oid] = self.epoch
         self._doubt_add.add(oid)
-        self._partial[oid] = [[offset, offset + len(data)]]
+        self._partial[oid] = ranges
         return new
+
+    def _record_partial(self, oid: int, ranges: list[list[int]]) -> None:
+        with _translated(f"record the partial copy of {oid:016x}"), self.env.begin(
+                db=self._partial_db, write=True) as txn:
+            txn.put(_oid_key(oid), json.dumps(ranges).encode())
 
     def _written(self, oid: int, offset: int, count: int) -> None:
         ranges = self._partial.get(oid)
@@ -759,6 +824,7 @@ class Store:
         merged.append([start, end])
         merged.sort()
         self._partial[oid] = merged
+        self._partial_changed.add(oid)
 
     def fill(self, oid: int, data: bytes | bytearray | memoryview, version: int) -> int:
         """fill_extents from the whole object's bytes."""
@@ -796,8 +862,13 @@ class Store:
                                      version=version)
         if not gaps or new < version:
             new = self._bump_version(oid, version)
-        self._partial.pop(oid, None)
-        self.clear_doubt(oid)
+        if oid in self._partial_unsure:
+            # A crash caught its changes unsynced: what it holds of them is unknown, so
+            # it stays in doubt (a copy at its version that is not outranks it) and the
+            # caller has it verified (Peer.suspect).
+            self._unpartial(oid)
+        else:
+            self.clear_doubt(oid)
         return new
 
     def exists(self, oid: int) -> bool:
@@ -1254,6 +1325,11 @@ class Store:
                         continue
         return sorted(oids)
 
+    def copies(self) -> list[int]:
+        """The objects whose whole copies are here: list_oids without the partial ones
+        (not copies yet, to anyone but recovery)."""
+        return [oid for oid in self.list_oids() if oid not in self._partial]
+
     def usage(self) -> dict[str, int]:
         """Objects, bytes allocated by them, and the filesystem's free and total bytes."""
         objects = used = 0
@@ -1291,10 +1367,13 @@ class Store:
             self._doubt_clear.clear()
             self._doubt_add.clear()
             self._partial.clear()
+            self._partial_changed.clear()
+            self._partial_unsure.clear()
 
     def _drop_objects(self) -> None:
         with self.env.begin(write=True) as txn:
-            for db in (self._objects, self._sums, self._intents_db, self._doubt_db):
+            for db in (self._objects, self._sums, self._intents_db, self._doubt_db,
+                       self._partial_db):
                 txn.drop(db, delete=False)
 
     # --- durability -------------------------------------------------------------
@@ -1339,7 +1418,14 @@ class Store:
         meta = self._meta.get(oid)
         if meta is not None:
             job.metas[oid] = self._frozen(meta)
+        if oid in self._partial_changed:
+            self._partial_changed.discard(oid)
+            job.partials[oid] = self._partial_ranges(oid)
         return job
+
+    def _partial_ranges(self, oid: int) -> list[list[int]] | None:
+        ranges = self._partial.get(oid)
+        return None if ranges is None else [list(pair) for pair in ranges]
 
     def begin_sync(self) -> SyncJob:
         """Take the changed objects as duplicated fds and their metadata as it is now,
@@ -1367,6 +1453,8 @@ class Store:
         job.doubts_added = {oid: self._doubtful[oid] for oid in self._doubt_add
                             if oid in self._doubtful}
         self._doubt_add = set()
+        job.partials = {oid: self._partial_ranges(oid) for oid in self._partial_changed}
+        self._partial_changed = set()
         return job
 
     @staticmethod
@@ -1410,7 +1498,8 @@ class Store:
         own (an object not committed yet keeps its intent), and a transaction holds
         every page it changes in memory until it ends (8 KiB per checksum table)."""
         if self._env is None or job.wipes != self._wipes or not (
-                job.metas or job.intents_cleared or job.doubts_cleared or job.doubts_added):
+                job.metas or job.intents_cleared or job.doubts_cleared or job.doubts_added
+                or job.partials):
             return
         items = list(job.metas.items())
         for start in range(0, max(len(items), 1), commit_objects_max):
@@ -1420,11 +1509,13 @@ class Store:
             self._commit_some(items[start:start + commit_objects_max],
                               job.intents_cleared if last else {},
                               job.doubts_cleared if last else set(),
-                              job.doubts_added if last else {})
+                              job.doubts_added if last else {},
+                              job.partials if last else {})
 
     def _commit_some(self, items: list[tuple[int, tuple[int, bytes | None, bool, bool, bool, int]]],
                      intents_cleared: dict[int, bytes], doubts_cleared: set[int],
-                     doubts_added: dict[int, int] | None = None) -> None:
+                     doubts_added: dict[int, int] | None = None,
+                     partials: dict[int, list[list[int]] | None] | None = None) -> None:
         with _translated("sync store"), self.env.begin(write=True) as txn:
             for oid, (version, table, removed, gone, drop_sums, _) in items:
                 key = _oid_key(oid)
@@ -1449,6 +1540,11 @@ class Store:
                     txn.put(_oid_key(oid), epoch.to_bytes(8, "big"), db=self._doubt_db)
             for oid in doubts_cleared:
                 txn.delete(_oid_key(oid), db=self._doubt_db)
+            for oid, ranges in (partials or {}).items():
+                if ranges is None:
+                    txn.delete(_oid_key(oid), db=self._partial_db)
+                else:
+                    txn.put(_oid_key(oid), json.dumps(ranges).encode(), db=self._partial_db)
 
     def sync_failed(self, job: SyncJob) -> None:
         """A sync that failed leaves its objects dirty and their intents in place: the
@@ -1462,6 +1558,7 @@ class Store:
             self._intent_clear.setdefault(oid, token)
         self._doubt_clear |= {oid for oid in job.doubts_cleared if oid not in self._doubtful}
         self._doubt_add |= {oid for oid in job.doubts_added if oid in self._doubtful}
+        self._partial_changed |= job.partials.keys()
 
     def sync_done(self, job: SyncJob) -> None:
         """After finish_sync (back in the owner's thread): what did not change since

@@ -40,20 +40,17 @@ first_catch = {"early-ack": 100, "lost-flush": 117, "no-fence": 2, "stale-read":
 # kept while the holder of the whole one was away (docs/design.md, Replica truth).
 # 67: a flushed write lost when a replacement that met ENOSPC left zeros at the old
 # copy's version, not in doubt, which were kept and copied over the good copies.
-regression_seeds = [(111, 3, 40), (67, 4, 40)]
+# 474: zeros read where an acknowledged write went: a partial copy (a write's 8 bytes
+# on a new holder) lost its partial status when its sheep was killed, the verifier
+# kept it as a whole copy, and a write's recovery copied its holes over a good copy.
+# Partial copies are now recorded in the store (Store.write_partial).
+regression_seeds = [(111, 3, 40), (67, 4, 40), (474, 3, 40)]
 # Seeds the simulator found failing and nobody has fixed yet: each fails until its bug
 # is (strict: a fix makes the test fail, to move the seed to regression_seeds).
-# 474: zeros read where an acknowledged write went. Diagnosed: a partial copy of a
-# tree node (a write's 8 bytes on a new holder, 7.69 s) lost its partial status when
-# its sheep was killed (Store._partial lives in memory only; the doubt survives, but
-# the verifier found no better verified copy and kept it, clear_doubt); at 12.34 s a
-# write recovered the unverified holder's good copy from it (one extent), so the tree
-# lost two entries and a later write created object 1 anew over its data. Fix: make
-# partial status durable (and keep it through intent recovery), or never keep a copy
-# that was partial. Found once placement became rendezvous (issue #19, which changed
-# every schedule). 702: a CHANGES object keeps 2 of its 3 copies at the end (878
-# fails the same way on the vnode ring too).
-known_failing_seeds = [(474, 3, 40), (702, 3, 40)]
+# 702: a CHANGES object keeps 2 of its 3 copies at the end (878 fails the same way on
+# the vnode ring too). 67 with 3 nodes: two copies of a data object end at different
+# versions and contents (it failed before the fix for 474 too).
+known_failing_seeds = [(702, 3, 40), (67, 3, 40)]
 
 
 def simulate(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:

@@ -827,13 +827,39 @@ def test_a_whole_copy_or_a_removal_ends_a_partial_copy(store: Store) -> None:
     assert not store.is_partial(6) and not store.in_doubt(6)
 
 
-def test_a_partial_copy_stays_in_doubt_across_a_sync_and_a_restart(store: Store) -> None:
-    store.write_partial(7, 0, b"half", version=4)
-    store.sync()  # the doubt is recorded with the object's metadata
+def test_a_partial_copy_stays_partial_across_a_restart_with_its_ranges(store: Store) -> None:
+    """A restart must not take a partial copy for a whole one: the verifier would keep
+    it (nothing outranks it) and a write's recovery copy its holes over good copies
+    (simulator, seed 474). Its ranges come back with it, so the fill after the restart
+    still keeps what was written here."""
+    store.write_partial(7, 4 * KiB, b"half", version=4)
+    store.write(7, 64 * KiB, b"more", version=5)
     again = reopen(store)
     try:
-        assert again.in_doubt(7)  # never outranks a whole copy after a crash
-        assert not again.is_partial(7)  # which ranges were written is not kept
+        assert again.is_partial(7) and again.in_doubt(7)
+        assert 7 in again.list_oids() and 7 not in again.copies()
+        source = pattern(object_size)
+        assert again.fill(7, source, 3) == 5
+        data = again.read(7, 0, object_size)
+        assert data[4 * KiB:4 * KiB + 4] == b"half" and data[64 * KiB:64 * KiB + 4] == b"more"
+        assert data[:4 * KiB] == source[:4 * KiB] and data[-KiB:] == source[-KiB:]
+        assert not again.in_doubt(7)  # a clean stop: its ranges were exact
+        third = reopen(again)  # filled and synced: its record is gone
+        assert not third.is_partial(7) and not third.in_doubt(7) and 7 in third.copies()
+        third.close()
+    finally:
+        again.close()
+
+
+def test_a_partial_record_whose_file_is_gone_is_forgotten(store: Store) -> None:
+    store.write_partial(8, 0, b"x", version=2)
+    store.sync()
+    os.unlink(store.object_path(8))  # as a crash before the file's entry was durable
+    again = reopen(store)
+    try:
+        assert not again.is_partial(8) and again.partial_oids() == set()
+        with again.env.begin(db=again._partial_db) as txn:
+            assert txn.get((8).to_bytes(8, "big")) is None  # deleted, not met again
     finally:
         again.close()
 

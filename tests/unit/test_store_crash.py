@@ -538,3 +538,30 @@ def test_a_doubt_keeps_the_epoch_its_lost_writes_were_made_from(tmp_path: Path) 
     store = reopened()
     assert store.doubts() == {0x11: 3, 0x33: 7}
     store.close()
+
+
+def test_a_partial_copy_a_crash_caught_stays_partial_and_in_doubt_once_filled(
+        tmp_path: Path) -> None:
+    """A partial copy is recorded before its file is made, so a crash before its first
+    sync leaves it partial. A crash with writes not synced leaves its recorded ranges
+    unsure (a write may have landed outside them): once filled it stays in doubt, for
+    the verifier to compare (a copy at its version not in doubt outranks it)."""
+    io = FaultyIO(random.Random(11))
+    store = new_store(tmp_path, io)
+    asyncio.run(store.ensure_intent(0x41, 5))
+    store.write_partial(0x41, 0, b"p" * 4096, version=5)
+    asyncio.run(store.ensure_intent(0x42, 5))
+    store.write_partial(0x42, 0, b"q" * 4096, version=5)
+    store.sync()
+    asyncio.run(store.ensure_intent(0x42, 6))
+    store.write(0x42, 8 * KiB, b"r" * 4096, version=6)  # not synced
+    crash(store, io)
+    store = reopened(store)
+    try:
+        assert store.partial_oids() == {0x41, 0x42}
+        assert store.in_doubt(0x41) and store.in_doubt(0x42)
+        assert 0x41 not in store.copies() and 0x42 not in store.copies()
+        store.fill(0x42, bytes(object_size), 4)
+        assert not store.is_partial(0x42) and store.in_doubt(0x42)
+    finally:
+        store.close()
