@@ -308,7 +308,8 @@ def _walk(oids: list[int], scrub: bool, label: str) -> list[dict[str, Any]]:
 def _report(results: list[dict[str, Any]], verb: str, as_json: bool,
             health: dict[str, Any] | None = None) -> None:
     """Print what a check or scrub found; exit 1 if an object is left short or lost."""
-    counts = {state: 0 for state in ("ok", "repaired", "degraded", "lost", "removed", "error")}
+    counts = {state: 0 for state in ("ok", "repaired", "verifying", "degraded", "lost",
+                                     "removed", "error")}
     for result in results:
         counts[result["state"]] = counts.get(result["state"], 0) + 1
     copies_made = sum(len(result.get("repaired", [])) for result in results)
@@ -323,7 +324,10 @@ def _report(results: list[dict[str, Any]], verb: str, as_json: bool,
                    f" repaired ({copies_made} copies made"
                    + (f", {damaged} damaged copies found" if verb == "scrubbed" else "")
                    + f"), {counts['degraded']} degraded, {counts['lost']} lost,"
-                   f" {counts['error']} unchecked")
+                   f" {counts['error']} unchecked"
+                   + (f", {counts['verifying']} being verified (no verified copy yet:"
+                      " check again once the cluster is healthy)"
+                      if counts["verifying"] else ""))
         for result in bad:
             detail = result.get("error") or (
                 f"{result['good']}/{result['copies']} good copies"

@@ -82,10 +82,13 @@ class Repairer:
         best = replicas.newest(zip(nodes + extra, stats, strict=True), verified_only=True)
         if best is None:  # not in the placement: where earlier epochs or a drain left it
             others = [node for node in self.group.state.nodes if node not in nodes]
-            best = replicas.newest(zip(others, await self.gateway.stats(oid, others, epoch, tolerant=True),
-                                       strict=True), verified_only=True)
+            more = await self.gateway.stats(oid, others, epoch, tolerant=True)
+            best = replicas.newest(zip(others, more, strict=True), verified_only=True)
+            stats = [*stats, *more]
         if best is None:
-            result["state"] = "lost"
+            # Only copies not verified yet (a restart): their verifiers decide, a repair
+            # cannot. Lost only if no copy is left to verify.
+            result["state"] = "verifying" if replicas.verifiable(stats) else "lost"
             return result
         if best.removed:
             result["state"] = "removed"

@@ -170,10 +170,18 @@ def newest(answers: Iterable[tuple[N, Answer]], verified_only: bool) -> Copy[N] 
 def stale(answer: Answer, newest_status: CopyStatus, compare_digests: bool) -> bool:
     """Whether a placement holder's copy must be replaced by the newest copy: it has
     none, could not be asked, holds a tombstone or a lost file, an unverified (or
-    damaged) copy, an older one, one in doubt where the newest is not, or, when
-    digests are compared (scrub), one whose
-    contents differ. A digest that either side does not report never differs."""
-    if not isinstance(answer, CopyStatus) or not answer.whole or answer.unverified:
+    damaged) copy other than the newest one's twin (same version and digest), an
+    older one, one in doubt where the newest is not, or, when digests are compared
+    (scrub), one whose contents differ. A digest that either side does not report
+    never differs."""
+    if not isinstance(answer, CopyStatus) or not answer.whole:
+        return True
+    if answer.unverified and not (
+            # Not verified yet (a restart), yet the newest copy as it is: its
+            # verification keeps it (superseded), so a copy over it changes nothing.
+            not answer.damaged and not answer.doubtful
+            and answer.version == newest_status.version and answer.digest is not None
+            and answer.digest == newest_status.digest):
         return True
     if answer.version < newest_status.version or (answer.doubtful and not newest_status.doubtful):
         return True

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from sheep.errors import IOErrorResult
+from sheep.oid import ObjectType, oid_type
 from sheep.testing.cluster import LocalCluster
 
 
@@ -125,6 +126,18 @@ def test_scrub_finds_and_repairs_each_kind_of_damage(make_cluster):
     assert 0 < only_disk["objects"] < report["objects"]
     missing = dog(cluster, "cluster", "scrub", "--vdi", "nope")
     assert missing.returncode == 5 and "no VDI named 'nope'" in missing.stderr
+    # A snapshot's copy is repaired too: its generation is frozen to writers, not to a
+    # repair (it was refused as "belongs to a frozen generation").
+    with cluster.client(0) as client:
+        client.vdi_snapshot("disk", "snap")
+    (frozen,) = [oid for oid in cluster.all_oids() if oid_type(oid) == ObjectType.DATA]
+    holder = cluster.object_files(frozen)[0]
+    flip(cluster.object_path(holder, frozen), 10)
+    snap = dog(cluster, "cluster", "scrub", "--vdi", "disk", "--json")
+    assert snap.returncode == 0, snap.stdout + snap.stderr
+    assert json.loads(snap.stdout)["repaired"] == 1, snap.stdout
+    with open(cluster.object_path(holder, frozen), "rb") as file:
+        assert file.read(9000) == b"disk data" * 1000
 
 
 def test_the_background_scrubber_finds_and_repairs_damage(make_cluster):

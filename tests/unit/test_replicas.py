@@ -174,8 +174,14 @@ def test_stale_and_good_split_the_placement(placement: list[tuple[str, Answer]],
     good = [node for node, _ in placement if node not in repair]
     assert sorted(repair + good) == sorted(node for node, _ in placement)
     for node, answer in placement:
-        if node in good:  # a whole verified copy, as new as the newest, same contents
-            assert isinstance(answer, CopyStatus) and answer.whole and not answer.unverified
+        if node in good:  # a whole verified copy as new as the newest, same contents,
+            # or an unverified one that is the newest's twin (its verifier keeps it)
+            assert isinstance(answer, CopyStatus) and answer.whole
+            if answer.unverified:
+                assert not answer.damaged and not answer.doubtful
+                assert (answer.version, answer.digest) == (best.version, best.status.digest)
+                assert answer.digest is not None
+                assert not superseded(answer, best)
             assert answer.version >= best.version
             if compare_digests and None not in (answer.digest, best.status.digest):
                 assert answer.digest == best.status.digest
@@ -189,6 +195,21 @@ def test_the_newest_copy_itself_is_never_stale(placement: list[tuple[str, Answer
     best = newest(placement, verified_only=True)
     if best is not None and best.status.whole:
         assert best.node not in stale_holders(placement, best.status, compare_digests)
+
+
+def test_an_unverified_twin_of_the_newest_copy_is_not_repaired() -> None:
+    """Right after a restart every copy is unverified: a check then must not copy the
+    newest copy over its own twin (same version and digest), only over copies that
+    differ, are damaged, in doubt or older."""
+    best = CopyStatus(version=7, digest=1)
+    twin = CopyStatus(version=7, digest=1, unverified=True)
+    assert not stale(twin, best, compare_digests=False)
+    for other in (CopyStatus(version=7, digest=2, unverified=True),
+                  CopyStatus(version=7, digest=None, unverified=True),
+                  CopyStatus(version=6, digest=1, unverified=True),
+                  CopyStatus(version=7, digest=1, unverified=True, damaged=True),
+                  CopyStatus(version=7, digest=1, unverified=True, doubtful=True)):
+        assert stale(other, best, compare_digests=False), other
 
 
 def test_a_copy_in_doubt_gives_way_to_one_as_new_that_is_not() -> None:
