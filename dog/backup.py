@@ -2,7 +2,9 @@
 
 A diff holds what changed between two snapshots, at 4 KiB, in Ceph's "rbd diff v1"
 format (dog/rbd_diff.py): the sheep say which ranges changed without reading any
-data (sheep/vdi_diff.py), and only those are read and written.
+data (sheep/vdi_diff.py), and only those are read and written. Applied, a diff
+stays thin whoever wrote it: zero blocks inside data records (Ceph's diffs have
+them) are treated as zero records, made zero only where the VDI may hold data.
 
 export-diff writes FILE.partial and renames it at the end: FILE is whole or absent.
 import-diff checks everything it can before it writes (the from-snapshot, the
@@ -18,6 +20,7 @@ import asyncio
 import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 import click
@@ -30,9 +33,10 @@ from dog.vdi import (
     _data_blocks,
     _file_errors,
     _open,
+    _Sink,
     _stdio,
+    export_block_bytes,
     extents_step_bytes,
-    io_depth,
     split_name,
     vdi,
 )
@@ -275,7 +279,7 @@ async def apply_diff(client: Client, reader: rbd_diff.Reader, name: str, force: 
             await client.vdi_delete(name)
         raise
     try:
-        applied = await _write_records(client, reader, name, header, item, label)
+        applied = await _write_records(client, reader, name, header, item, made, label)
         if header.to_snap is not None:
             await client.vdi_snapshot(name, header.to_snap)
     except BaseException as failure:
@@ -284,41 +288,76 @@ async def apply_diff(client: Client, reader: rbd_diff.Reader, name: str, force: 
     return header, applied
 
 
+class _DiffSink(_Sink):
+    """Applies a diff's records: data blocks are written, and zero blocks (a zero
+    record, or zero blocks inside a data record: Ceph's diffs carry them) are
+    discarded where the VDI may hold data, and skipped where it reads zeros already
+    (a VDI made for the diff, or its unallocated ranges): a data record of 4 MiB
+    with 4 KiB of data allocates 4 KiB.
+
+    The VDI's allocation is asked once per extents step, when the records reach it.
+    Records go forward and never overlap, so what this diff writes meanwhile lies
+    before the zero ranges still to come (a copy-up keeps what the object read).
+    """
+
+    def __init__(self, client: Client, handle: int, size: int, skip_zeros: bool) -> None:
+        super().__init__(client, handle, skip_zeros)
+        self.size = size
+        self._step = -1  # the extents step whose allocated ranges are held
+        self._allocated: list[tuple[int, int]] = []  # (start, end) in that step
+
+    async def zeros(self, start: int, length: int) -> None:
+        if self.skip_zeros:
+            return
+        for at, count in _chunks(start, length, extents_step_bytes):
+            for low, high in await self._allocated_in(at, at + count):
+                await super().zeros(low, high - low)
+
+    async def _allocated_in(self, start: int, end: int) -> list[tuple[int, int]]:
+        step = start // extents_step_bytes
+        if step != self._step:
+            base = step * extents_step_bytes
+            extents = await self.client.vdi_extents(
+                self.handle, base, min(extents_step_bytes, self.size - base))
+            self._step = step
+            self._allocated = [(int(offset), int(offset) + int(length))
+                               for offset, length, allocated in extents if allocated]
+        return [(max(low, start), min(high, end)) for low, high in self._allocated
+                if low < end and high > start]
+
+
+def _grid_chunks(offset: int, length: int) -> Iterator[tuple[int, int]]:
+    """_chunks, with an unaligned head cut off first: each chunk's blocks then lie on
+    the store's 4 KiB grid, where _data_blocks looks for zero blocks."""
+    head = min(-offset % export_block_bytes, length)
+    if head:
+        yield offset, head
+    yield from _chunks(offset + head, length - head)
+
+
 async def _write_records(client: Client, reader: rbd_diff.Reader, name: str,
-                         header: rbd_diff.Header, item: dict[str, Any], label: str) -> int:
+                         header: rbd_diff.Header, item: dict[str, Any], made: bool,
+                         label: str) -> int:
     assert header.size is not None
     if header.size > int(item["size"]):
         await client.vdi_resize(name, header.size)
     info = await _open(client, name, None, writable=True)
     progress = Progress(header.size, label)
+    sink = _DiffSink(client, info["handle"], header.size, skip_zeros=made)
     applied = 0
-    pending: set[asyncio.Task[None]] = set()
-
-    async def submit(job: Any) -> None:
-        nonlocal pending
-        if len(pending) >= io_depth:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()
-        pending.add(asyncio.ensure_future(job))
-
     try:
         for record in reader.records(header.size):
-            if record.kind == "z":  # in steps: a request's count is 32 bits
-                for at, count in _chunks(record.offset, record.length, extents_step_bytes):
-                    await submit(client.vdi_discard(info["handle"], at, count))
+            if record.kind == "z":
+                await sink.zeros(record.offset, record.length)
             else:
-                for at, count in _chunks(record.offset, record.length):
-                    await submit(client.vdi_write(info["handle"], at, reader.read_data(count)))
+                for at, count in _grid_chunks(record.offset, record.length):
+                    await sink.data(at, reader.read_data(count))
             applied += record.length
             progress.update(record.length)
-        while pending:
-            done, pending = await asyncio.wait(pending)
-            for task in done:
-                task.result()
+        await sink.close()
         await client.flush()
     finally:
-        for task in pending:
+        for task in sink.pending:
             task.cancel()
         progress.close()
         with contextlib.suppress(SheepError, OSError):

@@ -11,6 +11,7 @@ import click
 from dog.common import DURATION, connection_options, json_option, run
 from dog.output import format_time, print_json, print_table, table
 from dog.vdi import qos_text, vdi
+from sheep.errors import NoVdi, SheepError
 from sheep.size import format_size
 
 
@@ -93,7 +94,10 @@ def trash_restore(name: str) -> None:
 
 @trash.command(name="purge")
 @click.argument("name", required=False)
-@click.option("--expired", is_flag=True, help="Purge the VDIs whose time ran out (the default).")
+@click.option("--expired", is_flag=True,
+              help="Purge only what has expired (the default without NAME); with NAME,"
+                   " purge it only if it has expired, else fail (exit 1) saying when it"
+                   " expires.")
 @click.option("--all", "everything", is_flag=True, help="Purge every VDI in the trash.")
 @connection_options
 def trash_purge(name: str | None, expired: bool, everything: bool) -> None:
@@ -102,14 +106,17 @@ def trash_purge(name: str | None, expired: bool, everything: bool) -> None:
         raise click.UsageError("give NAME or --all, not both")
 
     async def call(client: Any) -> list[str]:
-        if name:
+        if name and not expired:
             await client.vdi_purge(name)
             return [name]
         now = time.time()
         purged = []
-        for item in await client.vdi_trash_list():
+        items = [i for i in await client.vdi_trash_list() if not i["snapshot"]]
+        if name:
+            items = [_expired_entry(items, name, now)]
+        for item in items:
             expires = item["trash"].get("expires")
-            if item["snapshot"] or not (everything or (expires is not None and expires <= now)):
+            if not (everything or (expires is not None and expires <= now)):
                 continue
             await client.vdi_purge(item["name"], None if everything else expires)
             purged.append(item["name"])
@@ -118,6 +125,22 @@ def trash_purge(name: str | None, expired: bool, everything: bool) -> None:
     purged = run(call)
     click.echo(f"purged {len(purged)} VDI(s) from the trash" +
                (f": {', '.join(purged)}" if purged else ""))
+
+
+def _expired_entry(items: list[dict[str, Any]], name: str, now: float) -> dict[str, Any]:
+    """NAME's trash entry, if its time ran out; else why it cannot be purged as expired."""
+    item = next((i for i in items if i["name"] == name), None)
+    if item is None:
+        raise NoVdi(f"VDI {name!r} is not in the trash")
+    expires = item["trash"].get("expires")
+    if expires is None:
+        raise SheepError(f"VDI {name!r} has not expired: it never expires (it was moved to"
+                         " the trash without --expires-in); purge it without --expired")
+    if expires > now:
+        raise SheepError(f"VDI {name!r} has not expired: it expires at"
+                         f" {format_time(expires)}; purge it without --expired to purge it"
+                         " now")
+    return item
 
 
 def format_duration(seconds: float) -> str:

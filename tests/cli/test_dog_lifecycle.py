@@ -20,7 +20,7 @@ import pytest
 from dog import rbd_diff
 from sheep.client import SyncClient
 from sheep.errors import EXIT_EXISTS, EXIT_FAILURE, EXIT_MISSING, EXIT_USAGE
-from sheep.oid import VDI_TYPES, oid_generation, oid_type
+from sheep.oid import VDI_TYPES, ObjectType, oid_generation, oid_type
 from sheep.testing.cluster import LocalCluster
 
 KiB = 1 << 10
@@ -238,6 +238,90 @@ def test_thin_import_block_status_and_copy_up(cluster, api, tmp_path):
     assert dog(cluster, "vdi", "read", "thin-clone", str(4 * MiB), str(4 * MiB)).stdout == expect
 
 
+def write_diff(path: Path, header: rbd_diff.Header,
+               records: list[tuple[int, bytes | int]]) -> None:
+    """A hand-built rbd diff v1: (offset, data) data records, (offset, length) zeros."""
+    with open(path, "wb") as out:
+        writer = rbd_diff.Writer(out)
+        writer.header(header)
+        for offset, item in records:
+            if isinstance(item, int):
+                writer.zeros(offset, item)
+            else:
+                writer.data(offset, item)
+        writer.end()
+
+
+def allocated(api: SyncClient, name: str) -> list[tuple[int, int]]:
+    handle = api.vdi_open(name)["handle"]
+    try:
+        return [(o, n) for o, n, a in api.vdi_extents(handle, 0, size) if a]
+    finally:
+        api.vdi_close(handle)
+
+
+def test_zero_blocks_in_data_records_stay_holes(cluster, api, tmp_path):
+    """Ceph's diffs may carry zeros as data: a 4 MiB data record with 4 KiB of data
+    allocates 4 KiB, into a VDI that exists (import-diff) or one it makes (restore)."""
+    block = random.Random(9).randbytes(4096)
+    record = bytearray(4 * MiB)
+    record[MiB + 4096:MiB + 8192] = block
+    diff = tmp_path / "zeros-as-data.diff"
+    write_diff(diff, rbd_diff.Header(None, None, size), [(8 * MiB, bytes(record))])
+    expect = bytearray(size)
+    expect[8 * MiB:12 * MiB] = record
+    dog(cluster, "vdi", "create", "sparse-diff", str(size))
+    before = store_bytes(cluster)
+    dog(cluster, "vdi", "import-diff", str(diff), "sparse-diff")
+    data = data_bytes(cluster, api, "sparse-diff")
+    assert data <= 2 * (2 * 4096), f"{data} bytes of data objects for 4 KiB on 2 copies"
+    assert store_bytes(cluster) - before <= data + 2 * 64 * KiB  # and its tree, change pages
+    assert allocated(api, "sparse-diff") == [(9 * MiB + 4096, 4096)]
+    assert read_all(cluster, "sparse-diff") == expect
+    dog(cluster, "vdi", "restore", "sparse-restored", str(diff))  # creates it
+    assert data_bytes(cluster, api, "sparse-restored") <= 2 * (2 * 4096)
+    assert allocated(api, "sparse-restored") == [(9 * MiB + 4096, 4096)]
+    assert read_all(cluster, "sparse-restored") == expect
+
+
+def test_zero_blocks_in_data_records_clear_old_data(cluster, api, tmp_path):
+    """In an incremental diff, a data record's zero blocks over data the target
+    holds make it read zeros (as a zero record does): they cannot just be skipped."""
+    rng = random.Random(10)
+    old = rng.randbytes(8 * MiB)
+    dog(cluster, "vdi", "create", "overwritten", str(size))
+    change(api, "overwritten", [(0, old)])
+    dog(cluster, "vdi", "snapshot", "-s", "s1", "overwritten")
+    first = bytearray(4 * MiB)  # object 0: 4 KiB of data among zeros
+    first[8192:12288] = rng.randbytes(4096)
+    unaligned = bytes(2 * 4096) + rng.randbytes(100) + bytes(4096)  # off the 4 KiB grid
+    fresh = bytes(4096) + rng.randbytes(4096) + bytes(MiB)  # where the target has no data
+    records: list[tuple[int, bytes | int]] = [
+        (0, bytes(first)), (5 * MiB + 512, unaligned), (6 * MiB, 8192), (16 * MiB, fresh)]
+    diff = tmp_path / "incremental.diff"
+    write_diff(diff, rbd_diff.Header("s1", "s2", size), records)
+    expect = bytearray(old + bytes(size - len(old)))
+    for offset, item in records:
+        data = bytes(item) if isinstance(item, int) else item
+        expect[offset:offset + len(data)] = data
+    dog(cluster, "vdi", "import-diff", str(diff), "overwritten")
+    assert read_all(cluster, "overwritten") == expect
+    assert read_all(cluster, "overwritten@s2") == expect
+    assert read_all(cluster, "overwritten@s1") == old + bytes(size - len(old))
+    # Where the target read zeros already, the zero blocks were left alone.
+    assert [(o, n) for o, n in allocated(api, "overwritten") if o >= 8 * MiB] == \
+        [(16 * MiB + 4096, 4096)]
+
+
+def data_bytes(cluster: LocalCluster, api: SyncClient, name: str) -> int:
+    """The space NAME's data objects take on the stores, every copy counted."""
+    oids = {oid for oid in vdi_oids(cluster, generations(api, name))
+            if oid_type(oid) == ObjectType.DATA}
+    return sum(os.stat(cluster.object_path(node.index, oid)).st_blocks * 512
+               for oid in oids for node in cluster.sheep
+               if os.path.exists(cluster.object_path(node.index, oid)))
+
+
 def store_bytes(cluster: LocalCluster) -> int:
     total = 0
     for node in cluster.sheep:
@@ -332,12 +416,38 @@ def test_expired_vdis_are_purged_in_the_background(cluster, api):
     settle(lambda: not vdi_oids(cluster, gens), 30, "its objects freed")
     dog(cluster, "vdi", "trash", "purge", check=0)  # nothing expired: kept stays
     assert b"kept" in dog(cluster, "vdi", "trash", "list").stdout
+    # --expired with a NAME: purged only if its time ran out.
+    result = dog(cluster, "vdi", "trash", "purge", "--expired", "kept", check=EXIT_FAILURE)
+    assert b"VDI 'kept' has not expired: it expires at " in result.stderr
+    assert b"kept" in dog(cluster, "vdi", "trash", "list").stdout
+    dog(cluster, "vdi", "create", "forever", "8M")
+    dog(cluster, "vdi", "trash", "mv", "forever")
+    result = dog(cluster, "vdi", "trash", "purge", "--expired", "forever", check=EXIT_FAILURE)
+    assert b"VDI 'forever' has not expired: it never expires" in result.stderr
+    result = dog(cluster, "vdi", "trash", "purge", "--expired", "nowhere", check=EXIT_MISSING)
+    assert b"VDI 'nowhere' is not in the trash" in result.stderr
+    dog(cluster, "vdi", "create", "soon", "8M")
+    dog(cluster, "vdi", "trash", "mv", "--expires-in", "1s", "soon")
+    time.sleep(1.1)  # purged here, or by the background purge first: gone either way
+    result = dog(cluster, "vdi", "trash", "purge", "--expired", "soon", check=None)
+    assert (result.returncode, result.stdout) == (0, b"purged 1 VDI(s) from the trash: soon\n") \
+        or (result.returncode, b"is not in the trash" in result.stderr) == (EXIT_MISSING, True)
+    assert b"soon" not in dog(cluster, "vdi", "trash", "list").stdout
+    dog(cluster, "vdi", "trash", "purge", "forever")  # without --expired: at once
+    assert b"forever" not in dog(cluster, "vdi", "trash", "list").stdout
     dog(cluster, "vdi", "trash", "purge", "--all")
     assert b"kept" not in dog(cluster, "vdi", "trash", "list").stdout
 
 
 def copies_of(cluster: LocalCluster, oids: set[int]) -> set[int]:
     return {len(cluster.object_files(oid)) for oid in oids}
+
+
+def recovery_totals(cluster: LocalCluster) -> dict[str, int]:
+    """Over every node, what recovery ever did: bytes copied, surplus copies removed.
+    The per-pass figures (to_recover, recovered) start again at each epoch."""
+    items = json.loads(dog(cluster, "node", "recovery", "--json").stdout)
+    return {key: sum(item[key] for item in items) for key in ("bytes_total", "removed")}
 
 
 def test_alter_copy_up_and_down(cluster, api):
@@ -349,18 +459,28 @@ def test_alter_copy_up_and_down(cluster, api):
     assert copies_of(cluster, oids) == {2}
     result = dog(cluster, "vdi", "alter-copy", "copies", "-c", "4", check=EXIT_FAILURE)
     assert b"cannot keep 4 copies on 3 hosts" in result.stderr
+    before = recovery_totals(cluster)
     dog(cluster, "vdi", "alter-copy", "copies", "--copies", "3")
     settle(lambda: copies_of(cluster, oids) == {3}, what="3 copies of every object")
-    assert b"recover" in dog(cluster, "node", "recovery").stdout.lower()
+    # dog node recovery shows the work: a third copy of each object was copied.
+    after = recovery_totals(cluster)
+    assert after["bytes_total"] - before["bytes_total"] >= len(data), (before, after)
     assert dog(cluster, "vdi", "read", "copies", "0", str(len(data))).stdout == data
     dog(cluster, "vdi", "alter-copy", "copies", "-c", "2")
     settle(lambda: copies_of(cluster, oids) == {2}, what="2 copies of every object again")
+    # ... and a surplus copy of each removed (the nodes' count of those lasts).
+    settle(lambda: recovery_totals(cluster)["removed"] - after["removed"] >= len(oids),
+           what="the surplus copies counted by dog node recovery")
     assert dog(cluster, "vdi", "read", "copies", "0", str(len(data))).stdout == data
     dog(cluster, "cluster", "check")
     # The cluster's default: VDIs without copies of their own follow it.
     dog(cluster, "vdi", "create", "follows", "8M")
     change(api, "follows", [(0, b"f" * 4096)])
     follows = vdi_oids(cluster, generations(api, "follows"))
+    result = dog(cluster, "cluster", "alter-copy", "-c", "4", check=EXIT_FAILURE)
+    assert b"cannot keep 4 copies on 3 hosts" in result.stderr
+    assert json.loads(dog(cluster, "vdi", "info", "follows", "--json").stdout)[
+        "cluster_copies"] == 2  # unchanged
     dog(cluster, "cluster", "alter-copy", "-c", "3")
     try:
         settle(lambda: copies_of(cluster, follows) == {3}, what="the default followed")
