@@ -3,7 +3,9 @@
 As everywhere in dog, -a/-p name the sheep; the NBD side is --listen HOST:PORT
 (127.0.0.1:10809 unless another address is chosen) or --unix PATH. serve leaves
 nbdkit in the background (or becomes it with -f) and records it in a per-user
-state directory (dog/nbd_servers.py), which list and stop read.
+state directory (dog/nbd_servers.py), which list and stop read; list also asks
+the cluster which clients are attached through each nbdkit. (--port is -p's long
+form, the sheep's port: the NBD port is only ever --listen.)
 
 With --tls-psk FILE nbdkit requires TLS with pre-shared keys (a psktool file of
 USER:KEY lines) from every client, so the NBD hop is encrypted and only holders of
@@ -12,10 +14,12 @@ by the sheep protocol whatever this says (docs/security.md, NBD)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -29,7 +33,9 @@ from dog import nbd_servers
 from dog.common import Target, connection_options, json_option
 from dog.nbd_servers import Server, ServerError, format_listen, nbd_port_default
 from dog.output import error, format_time, print_json, print_table
-from sheep.errors import EXIT_EXISTS, EXIT_MISSING, EXIT_SYSTEM
+from dog.vdi import cluster_attachments
+from sheep.client import Client
+from sheep.errors import EXIT_EXISTS, EXIT_MISSING, EXIT_SYSTEM, SheepError
 
 
 def plugin_path() -> str:
@@ -140,6 +146,15 @@ def _url(listen: str | None, unix: str | None, tls: bool) -> str:
     return f"{scheme}+unix:///NAME?socket={unix}" if unix else f"{scheme}://{listen}/NAME"
 
 
+def _old_sheep_port(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
+    """--sheep-port, the long -p of old scripts: -p/--port now, as in every dog command
+    (--port once was the NBD port here: that is --listen :PORT)."""
+    if value is not None:
+        target = ctx.ensure_object(Target)
+        target.port = value
+        target.explicit.add("port")
+
+
 @nbd.command()
 @click.option("--listen", type=ListenType(), default=None,
               help=f"Serve NBD on HOST:PORT (default 127.0.0.1:{nbd_port_default}; :PORT for"
@@ -170,14 +185,14 @@ def _url(listen: str | None, unix: str | None, tls: bool) -> str:
                    " multi-conn for writers over TCP, no protection between its clients).")
 @click.option("--print-command", is_flag=True, help="Print the nbdkit command and exit.")
 @state_dir_option
-@click.option("--port", "old_port", type=click.IntRange(1, 65535), default=None, hidden=True)
 @click.option("--bind", "old_bind", default=None, hidden=True)
-@lambda function: connection_options(function, ("-p", "--sheep-port"))
+@click.option("--sheep-port", type=click.IntRange(1, 65535), callback=_old_sheep_port,
+              expose_value=False, is_eager=True, hidden=True)
+@connection_options
 def serve(listen: tuple[str, int] | None, unix: str | None, readonly: bool, foreground: bool,
           threads: int, pidfile: str | None, retry: float | None, keyring: str | None,
           principal: str | None, tls_psk: str | None, lock_scope: str,
-          print_command: bool, state_dir: str | None, old_port: int | None,
-          old_bind: str | None) -> None:
+          print_command: bool, state_dir: str | None, old_bind: str | None) -> None:
     """Serve every VDI as export NAME (read-write) and NAME@TAG (read-only).
 
     -a/-p name the sheep the plugin talks to; --listen or --unix say where NBD
@@ -189,8 +204,8 @@ def serve(listen: tuple[str, int] | None, unix: str | None, readonly: bool, fore
     \b
     qemu-system-x86_64 -drive file=nbd://127.0.0.1:10809/alice,format=raw,if=virtio
     """
-    if old_port is not None or old_bind is not None:
-        listen = _old_listen(listen, unix, old_port, old_bind)
+    if old_bind is not None:
+        listen = _old_listen(listen, unix, old_bind)
     if unix and listen:
         raise click.UsageError("--listen and --unix exclude each other")
     listen = listen or (nbd_servers.listen_host_default, nbd_port_default)
@@ -236,14 +251,13 @@ def serve(listen: tuple[str, int] | None, unix: str | None, readonly: bool, fore
     click.echo(f"serving {_serving(server)}")
 
 
-def _old_listen(listen: tuple[str, int] | None, unix: str | None, port: int | None,
-                host: str | None) -> tuple[str, int]:
-    """The hidden --port/--bind of old scripts, as --listen; -p is the sheep's port."""
+def _old_listen(listen: tuple[str, int] | None, unix: str | None,
+                host: str) -> tuple[str, int]:
+    """The hidden --bind of old scripts, as --listen HOST."""
     if listen or unix:
-        raise click.UsageError(f"--port and --bind exclude {'--unix' if unix else '--listen'}")
-    error("--port/--bind are deprecated here: use --listen HOST:PORT (-p is the sheep's"
-          " port, as in every dog command)")
-    return host or nbd_servers.listen_host_default, port or nbd_port_default
+        raise click.UsageError(f"--bind excludes {'--unix' if unix else '--listen'}")
+    error("--bind is deprecated: use --listen HOST:PORT")
+    return host, nbd_port_default
 
 
 def _serving(server: Server) -> str:
@@ -278,22 +292,30 @@ def _start_background(server: Server) -> None:
 @json_option
 @state_dir_option
 def list_(as_json: bool, state_dir: str | None) -> None:
-    """Show the running NBD servers, with their exports.
+    """Show the running NBD servers, with their exports and clients.
 
     The servers are those 'dog nbd serve' recorded in the state directory; the
     records of servers that have exited are dropped. Exports come from
-    'nbdinfo --list' against each server; nbdkit does not report its clients
-    ('dog vdi lock list' shows which VDIs are attached, and by whom)."""
+    'nbdinfo --list' against each server, clients from the cluster: the VDIs
+    attached through that nbdkit ('dog vdi lock list' shows every attachment), asked
+    of the sheep the server names, with dog's own key (--keyring, --name). Without
+    the cluster the servers are still listed, their clients unknown (null in
+    --json)."""
     state = _state_dir(state_dir, create=False)
     found = nbd_servers.servers(state)
     listed = []
     with ThreadPoolExecutor(max_workers=min(len(found), 16) or 1) as pool:
         answers = list(pool.map(nbd_servers.exports, found))  # nbdinfo waits in parallel
+    attached = _attachments(sorted({server.sheep for server in found}))
+    host = socket.gethostname()
     for server, (names, why) in zip(found, answers, strict=True):
         record = asdict(server)
         del record["path"]
-        record.update(exports=names, exports_error=why, clients=None,
-                      clients_error=nbd_servers.clients_unknown)
+        attachments, vdis, clients_error = attached[server.sheep]
+        clients = (None if attachments is None
+                   else nbd_servers.clients(server, attachments, vdis, host))
+        record.update(exports=names, exports_error=why, clients=clients,
+                      clients_error=clients_error)
         listed.append(record)
     if as_json:
         print_json(listed)
@@ -301,16 +323,66 @@ def list_(as_json: bool, state_dir: str | None) -> None:
     if not found:
         click.echo(f"no NBD servers running (records in {state})")
         return
+    _print_servers(found, listed)
+
+
+def _print_servers(found: list[Server], listed: list[dict[str, Any]]) -> None:
+    """One table of the servers, then one of their clients; what is unknown, and why,
+    in a line each."""
     print_table(["PID", "ADDRESS", "SHEEP", "STARTED", "MODE", "EXPORTS", "CLIENTS"],
                 [[server.pid, server.address, server.sheep, format_time(server.started),
                   ("ro" if server.readonly else "rw") + (" tls" if server.tls_psk else ""),
-                  "?" if record["exports"] is None else len(record["exports"]), "?"]
+                  "?" if record["exports"] is None else len(record["exports"]),
+                  "?" if record["clients"] is None else len(record["clients"])]
                  for server, record in zip(found, listed, strict=True)],
-                right=["PID", "EXPORTS"])
+                right=["PID", "EXPORTS", "CLIENTS"])
+    rows = [[server.address, client["address"], client["vdi"], client["mode"],
+             client["sheep"] or "-", format_time(float(client["since"] or 0))]
+            for server, record in zip(found, listed, strict=True)
+            for client in record["clients"] or []]
+    if rows:
+        click.echo()
+        print_table(["SERVER", "CLIENT", "VDI", "MODE", "VIA SHEEP", "SINCE"], rows)
     for server, record in zip(found, listed, strict=True):
         if record["exports"] is None:
             click.echo(f"exports of {server.address}: unknown, {record['exports_error']}")
-    click.echo(f"clients: {nbd_servers.clients_unknown}")
+    for line in dict.fromkeys(  # one line for all the servers of one sheep
+            f"clients: {'unknown' if record['clients'] is None else 'maybe more'},"
+            f" {record['clients_error']}" for record in listed if record["clients_error"]):
+        click.echo(line)
+
+
+def _attachments(sheep: list[str]) -> dict[str, tuple[list[dict[str, Any]] | None,
+                                                       list[dict[str, Any]], str | None]]:
+    """For each sheep (HOST:PORT) the servers name: the attachments of its cluster (None
+    when it could not be asked), its VDIs, and what went wrong, if anything."""
+    target = click.get_current_context().ensure_object(Target)
+
+    async def ask(address: str) -> tuple[list[dict[str, Any]] | None,
+                                         list[dict[str, Any]], str | None]:
+        host, port = nbd_servers.parse_listen(address)
+        try:
+            async with asyncio.timeout(nbd_servers.attachments_timeout_s):
+                client = await Client.connect(host, port, credentials=target.credentials())
+                try:
+                    vdis = await client.vdi_list(usage=False)
+                    rows, missed = await cluster_attachments(client, vdis)
+                finally:
+                    client.close()
+        except TimeoutError:
+            return None, [], (f"sheep {address} did not answer within"
+                              f" {nbd_servers.attachments_timeout_s:g} s")
+        except (SheepError, OSError, ValueError) as reason:
+            why = str(reason)
+            return None, [], why if address in why else f"sheep {address}: {why}"
+        return rows, vdis, ("attachments not listed for node " + "; ".join(missed)
+                            if missed else None)
+
+    async def ask_all() -> list[tuple[list[dict[str, Any]] | None,
+                                      list[dict[str, Any]], str | None]]:
+        return list(await asyncio.gather(*map(ask, sheep)))
+
+    return dict(zip(sheep, asyncio.run(ask_all()) if sheep else [], strict=True))
 
 
 @nbd.command()

@@ -5,8 +5,8 @@ command lines) and DIR/NAME.pid (written by nbdkit), NAME from the address it
 serves, so one address has one record. A record is live while its pid runs the
 very nbdkit command it recorded (/proc/PID/cmdline): a server that died, or a pid
 reused by another process, is stale, and listing drops it. Nothing here asks the
-sheep; exports come from nbdinfo, and clients from nowhere, as nbdkit does not
-report them.
+sheep: exports come from nbdinfo, and dog (dog/nbd.py) asks the cluster for its
+attachments, which clients() sorts by the nbdkit they came through.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 nbd_port_default = 10809
 listen_host_default = "127.0.0.1"
@@ -31,7 +32,11 @@ kill_wait_s = 5.0
 pidfile_wait_s = 10.0
 poll_interval_s = 0.05
 nbdinfo_timeout_s = 5.0
-clients_unknown = "nbdkit does not report its clients ('dog vdi lock list' shows who has a VDI)"
+attachments_timeout_s = 10.0  # for asking the whole cluster what is attached
+
+# The owner our plugin names at each open (nbd_plugin/plugin.py, _open_on), to which
+# the sheep adds " (via sheep NODE_ID)": how an attachment names its nbdkit and client.
+_owner = re.compile(r"nbdkit pid (\d+) on (.+?), NBD client (.+?)(?: \(via sheep [^()]*\))?")
 
 
 class ServerError(Exception):
@@ -294,3 +299,33 @@ def _psk_user(path: str) -> str | None:
     except OSError:
         return None
     return user.strip() if colon else None
+
+
+def owner_nbdkit(owner: str) -> tuple[int, str, str] | None:
+    """(nbdkit's pid, its host, the NBD client) an attachment's owner names; None when
+    the open was not made by our plugin (dog vdi write, a plugin given owner=)."""
+    found = _owner.fullmatch(owner)
+    return (int(found[1]), found[2], found[3]) if found else None
+
+
+def clients(server: Server, attachments: list[dict[str, Any]], vdis: list[dict[str, Any]],
+            host: str) -> list[dict[str, Any]]:
+    """The attachments (dog.vdi.cluster_attachments) made through this server's nbdkit
+    on this host, as its clients: the client's address, the export it opened (NAME, or
+    NAME@TAG for a snapshot: NAME@ID when untagged), rw or ro, the sheep serving it.
+    The plugin shares one read-only open among the readers of an export (and one
+    writable open among all writers with --lock-scope nbdkit): such a group is one
+    client here, named by whoever opened it first."""
+    tags = {(item["name"], item["id"]): item["tag"] for item in vdis if item["snapshot"]}
+    found = []
+    for item in attachments:
+        named = owner_nbdkit(str(item.get("owner") or ""))
+        if named is None or named[:2] != (server.pid, host):
+            continue
+        snapshot = item.get("snapshot")
+        export = item["name"] if snapshot is None else (
+            f"{item['name']}@{tags.get((item['name'], snapshot)) or snapshot}")
+        found.append({"address": named[2], "vdi": export, "mode": item["mode"],
+                      "holds_lock": bool(item.get("holds_lock")), "sheep": item.get("node_id"),
+                      "since": item.get("since")})
+    return sorted(found, key=lambda client: (client["vdi"], client["address"]))

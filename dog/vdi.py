@@ -759,6 +759,32 @@ def getattr(name: str, key: str | None, as_json: bool) -> None:  # noqa: A001
         click.echo(value["value"])
 
 
+async def cluster_attachments(client: Client, vdis: list[dict[str, Any]]
+                              ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every VDI open on every sheep, read-only or not, and "NODE_ID: reason" for each
+    sheep that could not be asked. A sheep knows only the opens made through it, so
+    each node is asked for its own (Op.VDI_ATTACHMENTS); each row gets "id", its
+    VDI's id from vdis (client.vdi_list), None for a VDI deleted meanwhile."""
+    ids = {i["name"]: i["id"] for i in vdis if not i["snapshot"]}
+    rows: list[dict[str, Any]] = []
+    missed = []
+    for node in await client.node_list():
+        try:
+            peer = await Client.connect(node["address"], node["port"],
+                                        credentials=client.connection.credentials)
+        except SheepError as error:
+            missed.append(f"{node['node_id']}: {error}")
+            continue
+        try:
+            rows += [{**item, "id": ids.get(item["name"])}
+                     for item in await peer.vdi_attachments()]
+        except SheepError as error:
+            missed.append(f"{node['node_id']}: {error}")
+        finally:
+            peer.close()
+    return rows, missed
+
+
 @vdi.group()
 def lock() -> None:
     """Show and break VDI write locks."""
@@ -777,26 +803,11 @@ def lock_list(as_json: bool) -> None:
 
     async def gather(client: Client) -> tuple[list[dict[str, Any]], list[str]]:
         items = await client.vdi_list(usage=False)
-        ids = {i["name"]: i["id"] for i in items if not i["snapshot"]}
         rows = [{"mode": "lock", "name": i["name"], "id": i["id"], **i["lock"],
                  "since": float(i["lock"].get("time") or 0)}
                 for i in items if not i["snapshot"] and i.get("lock")]
-        missed = []
-        for node in await client.node_list():
-            try:
-                peer = await Client.connect(node["address"], node["port"],
-                                            credentials=client.connection.credentials)
-            except SheepError as error:
-                missed.append(f"{node['node_id']}: {error}")
-                continue
-            try:
-                for item in await peer.vdi_attachments():
-                    if not item.pop("holds_lock"):
-                        rows.append({**item, "id": ids.get(item["name"])})
-            except SheepError as error:
-                missed.append(f"{node['node_id']}: {error}")
-            finally:
-                peer.close()
+        attached, missed = await cluster_attachments(client, items)
+        rows += [item for item in attached if not item.pop("holds_lock")]
         return rows, missed
 
     rows, missed = run(gather)

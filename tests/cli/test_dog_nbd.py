@@ -152,16 +152,34 @@ def test_print_command_shows_the_raw_nbdkit_command():
                               check=EXIT_USAGE))
     assert "--listen" in line and "write :10809 (loopback) or HOST:10809" in line, line
 
-    # Old scripts' --port and --bind (the NBD side) still work, deprecated.
-    result = dog("nbd", "serve", "-p", "7001", "--port", "10903", "--bind", "0.0.0.0",
-                 "--print-command")
+    # Old scripts' --bind (the NBD side) still works, deprecated.
+    result = dog("nbd", "serve", "-p", "7001", "--bind", "0.0.0.0", "--print-command")
     command = shlex.split(result.stdout)
     assert command[command.index("-p"): command.index("-i") + 2] == [
-        "-p", "10903", "-i", "0.0.0.0"] and command[-1] == "sheep=127.0.0.1:7001"
-    assert "deprecated here: use --listen HOST:PORT" in one_line_error(result)
-    line = one_line_error(dog("nbd", "serve", "--port", "10903", "--listen", ":10904",
+        "-p", "10809", "-i", "0.0.0.0"] and command[-1] == "sheep=127.0.0.1:7001"
+    assert one_line_error(result) == "dog: --bind is deprecated: use --listen HOST:PORT"
+    line = one_line_error(dog("nbd", "serve", "--bind", "0.0.0.0", "--listen", ":10904",
                               "--print-command", check=EXIT_USAGE))
-    assert "--port and --bind exclude --listen" in line, line
+    assert "--bind excludes --listen" in line, line
+
+
+def test_port_is_the_sheeps_port_as_in_every_dog_command():
+    """--port once meant the NBD port here; now it is -p's long form, the sheep's port,
+    and the NBD side is --listen only (the old long form --sheep-port still works)."""
+    short = dog("nbd", "serve", "-p", "7003", "--print-command")
+    assert short.stderr == ""
+    for spelling in (["--port", "7003"], ["--port=7003"], ["--sheep-port", "7003"]):
+        result = dog("nbd", "serve", *spelling, "--print-command")
+        assert (result.stdout, result.stderr) == (short.stdout, ""), spelling
+    command = shlex.split(short.stdout)
+    assert command[-1] == "sheep=127.0.0.1:7003"
+    assert command[command.index("-p"): command.index("-i") + 2] == [
+        "-p", "10809", "-i", "127.0.0.1"]  # the NBD side unchanged
+    line = shlex.split(dog("nbd", "serve", "--port", "7004", "--listen", ":10905",
+                           "--print-command").stdout)
+    assert line[-1] == "sheep=127.0.0.1:7004" and line[line.index("-p") + 1] == "10905"
+    assert "port" in dog("nbd", "serve", "--port", "0", "--print-command",
+                         check=EXIT_USAGE).stderr
 
 
 @pytest.mark.parametrize("text, listen", [
@@ -182,7 +200,8 @@ def test_help_on_every_nbd_command():
         assert " dog nbd" in dog("nbd", *command, "--help").stdout.splitlines()[0]
     text = dog("nbd", "serve", "--help").stdout
     assert "--listen HOST:PORT" in text and "Port of the sheep" in text
-    assert "--bind" not in text and "--port" not in text.replace("HOST:PORT", "")  # hidden
+    assert "-p, --port INTEGER RANGE" in text  # as in every dog command
+    assert "--bind" not in text and "--sheep-port" not in text  # hidden
 
 
 def test_the_retry_budget_reaches_the_plugin_and_a_bad_one_is_refused():
@@ -413,14 +432,14 @@ def test_serve_list_and_stop_a_background_server(cluster, state_dir, tmp_path):
     assert int(Path(tcp["pidfile"]).read_text()) == tcp["pid"]
     for server in listed:
         assert sorted(server["exports"]) == ["alice", "alice@t1", "bob"], server
-        assert server["clients"] is None and "does not report" in server["clients_error"]
+        assert server["clients"] == [] and server["clients_error"] is None, server
     table = dog("nbd", "list").stdout.splitlines()
     assert table[0].split() == ["PID", "ADDRESS", "SHEEP", "STARTED", "MODE", "EXPORTS",
                                 "CLIENTS"]
     assert table[1].split()[:3] == [str(tcp["pid"]), f"127.0.0.1:{port}",
                                     f"127.0.0.1:{sheep_port}"]
-    assert table[1].split()[-3:] == ["rw", "3", "?"] and table[2].split()[-3:] == ["ro", "3", "?"]
-    assert table[3].startswith("clients: nbdkit does not report its clients")
+    assert table[1].split()[-3:] == ["rw", "3", "0"] and table[2].split()[-3:] == ["ro", "3", "0"]
+    assert len(table) == 3  # no clients, nothing unknown
 
     # Stopped by address: the process is gone, and so is its record.
     result = dog("nbd", "stop", f"127.0.0.1:{port}")
@@ -439,6 +458,98 @@ def test_serve_list_and_stop_a_background_server(cluster, state_dir, tmp_path):
     assert line == (f"dog: no NBD server {unix['pid']} is running ('dog nbd list' shows them;"
                     f" records in {state_dir})"), line
     assert dog("nbd", "stop", "--all").stdout.strip() == "no NBD servers running"
+
+
+def tcp_addresses(pid: int, remote_port: int) -> set[str]:
+    """HOST:PORT of each of pid's IPv4 TCP connections to remote_port: the address
+    nbdkit sees for that client."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:["):-1])
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        (local_ip, local_port), remote = fields[1].split(":"), fields[2].split(":")
+        if fields[9] in inodes and int(remote[1], 16) == remote_port:
+            host = socket.inet_ntoa(int(local_ip, 16).to_bytes(4, sys.byteorder))
+            found.add(f"{host}:{int(local_port, 16)}")
+    return found
+
+
+@contextlib.contextmanager
+def attached(uri: str, *options: str) -> Iterator[subprocess.Popen[str]]:
+    """A qemu-io holding uri open, once it has read from it (so nbdkit opened it)."""
+    client = subprocess.Popen(["qemu-io", *options, "-f", "raw", uri], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert client.stdin is not None and client.stdout is not None
+        client.stdin.write("read 0 4096\n")
+        client.stdin.flush()
+        assert "read 4096/4096" in client.stdout.readline()
+        client.stdout.readline()  # its timing
+        yield client
+    finally:
+        if client.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                client.stdin.write("quit\n")
+                client.stdin.flush()
+        try:
+            client.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            client.kill()
+            client.wait()
+
+
+@needs_nbdkit
+def test_list_shows_each_servers_clients_from_the_cluster(cluster):
+    """The clients come from the cluster's attachments through that nbdkit's pid: the
+    NBD client's own address, the export it opened (a snapshot by its tag), rw or ro.
+    Without the cluster the servers are still listed, their clients unknown."""
+    sheep_port = str(cluster.sheep[0].port)
+    port, other_port = free_port(), free_port()
+    # --retry 1: without the sheep, nbdinfo --list gets its error in a second.
+    dog("-p", sheep_port, "nbd", "serve", "--listen", f":{port}", "--retry", "1")
+    dog("--port", sheep_port, "nbd", "serve", "--listen", f":{other_port}", "--retry", "1")
+    with attached(f"nbd://127.0.0.1:{port}/bob") as writer, \
+            attached(f"nbd://127.0.0.1:{port}/alice@t1", "-r") as reader:
+        (writer_address,) = tcp_addresses(writer.pid, port)
+        (reader_address,) = tcp_addresses(reader.pid, port)
+        listed = json.loads(dog("nbd", "list", "--json").stdout)
+        assert [server["listen"] for server in listed] == [
+            f"127.0.0.1:{port}", f"127.0.0.1:{other_port}"]
+        served, idle = listed
+        assert served["clients_error"] is None and idle["clients"] == []
+        clients = served["clients"]
+        assert [(client["address"], client["vdi"], client["mode"]) for client in clients] == [
+            (reader_address, "alice@t1", "ro"), (writer_address, "bob", "rw")], clients
+        assert all(client["sheep"] and time.time() - 60 < client["since"] <= time.time()
+                   and client["holds_lock"] is False for client in clients), clients
+
+        table = dog("nbd", "list").stdout.splitlines()
+        assert table[1].split()[-1] == "2" and table[2].split()[-1] == "0", table
+        assert table[3] == "" and table[4].split() == [
+            "SERVER", "CLIENT", "VDI", "MODE", "VIA", "SHEEP", "SINCE"], table
+        assert [line.split()[:4] for line in table[5:]] == [
+            [f"127.0.0.1:{port}", reader_address, "alice@t1", "ro"],
+            [f"127.0.0.1:{port}", writer_address, "bob", "rw"]], table
+
+    # The cluster gone: the servers are listed all the same, their clients unknown.
+    cluster.kill(0)
+    listed = json.loads(dog("nbd", "list", "--json").stdout)
+    assert [server["listen"] for server in listed] == [
+        f"127.0.0.1:{port}", f"127.0.0.1:{other_port}"]
+    for server in listed:
+        assert server["clients"] is None, server
+        assert server["clients_error"].startswith(
+            f"cannot connect to sheep at 127.0.0.1:{sheep_port}: "), server
+    table = dog("nbd", "list").stdout.splitlines()
+    assert [line.split()[-1] for line in table[1:3]] == ["?", "?"], table
+    assert [line for line in table[3:] if line.startswith("clients")] == [
+        f"clients: unknown, {listed[0]['clients_error']}"], table  # one line for one sheep
+    assert all(line.startswith("exports of ") for line in table[3:-1]), table
 
 
 def test_stop_kills_a_server_that_ignores_sigterm_and_needs_a_target(state_dir, tmp_path):
