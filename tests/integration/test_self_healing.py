@@ -451,6 +451,15 @@ def test_a_shut_down_cluster_restarted_in_reverse_order_reads_everything_back(ma
     assert quick.returncode == 0, quick.stdout + quick.stderr
     report = json.loads(quick.stdout)
     assert report["copies_made"] == 0 and report["error"] == 0, report
+    # Meanwhile every command tells the same state: recovering (verifying), or healthy
+    # once done; never degraded or unavailable.
+    info = json.loads(dog(cluster.sheep[2].port, "cluster", "info", "--json").stdout)
+    assert info["health"]["state"] in ("recovering", "healthy"), info["health"]
+    for command in (("node", "recovery"), ("cluster", "info")):
+        shown = dog(cluster.sheep[3].port, *command)
+        assert shown.returncode == 0, shown.stderr
+        assert "degraded" not in shown.stdout and "unavailable" not in shown.stdout, shown.stdout
+        assert "recovering" in shown.stdout or "healthy" in shown.stdout, shown.stdout
     # Right after the restart, copies are still being verified: a check waits for
     # that (it reads as verifying, not as repairs or errors), then finds all fine.
     check = dog(cluster.sheep[0].port, "cluster", "check")
