@@ -149,3 +149,35 @@ def test_masks_and_pages():
     page = changes.encode_page({0: 5, 63: changes.whole(object_size)}, object_size)
     assert changes.decode_page(page, object_size) == {0: 5, 63: changes.whole(object_size)}
     assert changes.decode_page(page[:3], object_size) == {0: 5}
+
+
+async def test_a_diff_costs_the_changed_objects_not_the_written_ones():
+    """Design goal of issue #17: a diff costs O(changed objects) and never reads
+    data. Two VDIs with the same two objects changed between the snapshots, one with
+    16 objects of data and one with 256: the diff asks the stores the same number of
+    times, and never reads a data object."""
+    from sheep import radix
+    from sheep.vdi import VdiEngine
+    from tests.unit.test_vdi_engine import Counting
+
+    costs = []
+    for written in (16, 256):
+        h = Harness(object_size)
+        v = Vdi(h, 512 * object_size)
+        for index in range(written):
+            await v.write(index * object_size, b"d" * 8192)
+        await v.snapshot("s1")
+        await v.write(3 * object_size + 5, b"x")
+        await v.write(9 * object_size, b"y" * 4096)
+        await v.snapshot("s2")
+        counting = Counting(h.objects)
+        engine = VdiEngine(counting, object_size, h.engine.is_frozen)
+        root, lineage, image = v.snaps["s2"]
+        ranges = await diff(engine, counting, v.registry, object_size, root, lineage, v.size,
+                            v.snaps["s1"][0], 0, v.size)
+        assert apply(v.snaps["s1"][2], image, ranges) == image
+        assert sum(length for _, length, kind in ranges if kind == "data") == 2 * 4096
+        reads = counting.read_oids  # tree nodes only
+        assert reads and not [oid for oid in reads if radix.is_data(oid)], reads
+        costs.append(counting.calls)
+    assert costs[0] == costs[1] and costs[0] > 0, costs

@@ -182,6 +182,7 @@ class Counting:
     def __init__(self, objects: object) -> None:
         self.objects = objects
         self.calls = 0
+        self.read_oids: list[int] = []
 
     def __getattr__(self, name: str) -> object:
         method = getattr(self.objects, name)
@@ -190,6 +191,8 @@ class Counting:
 
         async def counted(*args: object) -> object:
             self.calls += 1
+            if name == "read":
+                self.read_oids.append(int(args[0]))  # type: ignore[call-overload]
             return await method(*args)
 
         return counted
