@@ -78,6 +78,13 @@ class Group:
             return self.state.epoch > epoch
         return True
 
+    async def wait_epoch_reached(self, epoch: int, timeout_s: float) -> None:
+        """Wait until the epoch is ``epoch`` or later; NewNodeVersion on timeout."""
+        while self.state.epoch < epoch:
+            if not await self.wait_epoch_after(self.state.epoch, timeout_s):
+                raise NewNodeVersion(
+                    f"request epoch {epoch} is newer than {self.state.epoch}; still waiting")
+
     async def check_epoch(self, epoch: int, timeout_s: float) -> None:
         """A peer request must carry our epoch: older is refused, newer is waited for."""
         while epoch != self.state.epoch:

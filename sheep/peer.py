@@ -26,6 +26,7 @@ from sheep.errors import (
     IOErrorResult,
     NoObject,
     NoSpace,
+    OldNodeVersion,
     ReadOnly,
     SheepError,
     SystemFailure,
@@ -122,6 +123,11 @@ class Peer:
             await self.clock.sleep(0.2)  # fault hook: a replica slow to take a request
         if header.opcode != Op.LIST_PEER:
             await self.group.check_epoch(header.epoch, constants.epoch_wait_ms / 1000)
+        elif header.epoch > self.group.epoch:
+            # A list for a newer epoch's recovery waits for that epoch here: listed
+            # before it, a copy the old epoch's placement makes next would be in no
+            # list the new holder reads (simulator, seed 702). Any epoch may list.
+            await self.group.wait_epoch_reached(header.epoch, constants.epoch_wait_ms / 1000)
         self._refuse_if_fenced()
         if (header.opcode in _changes and not self.group.writable_object(header.oid)
                 and not (header.opcode == Op.CREATE_AND_WRITE_PEER
@@ -156,6 +162,14 @@ class Peer:
                 if header.opcode in (Op.WRITE_PEER, Op.DISCARD_PEER):
                     raise NoObject(f"the copy of {header.oid:016x} here is not verified yet")
             self._refuse_if_fenced()
+            if header.opcode in _intended and header.epoch != self.group.epoch:
+                # A new epoch came while this change waited (the scheduler, its intent):
+                # a joiner may have listed the objects here already, so a copy made now
+                # for the old placement would never reach it (simulator, seed 702). The
+                # gateway sends it again to the new placement.
+                self.store.release_intents([header.oid])
+                raise OldNodeVersion(f"request epoch {header.epoch} is older than"
+                                     f" {self.group.epoch} (it changed meanwhile)")
             try:
                 reply = await self.handlers[Op(header.opcode)](header, payload)
             except (NoSpace, IOErrorResult, SystemFailure):

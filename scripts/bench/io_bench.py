@@ -70,6 +70,10 @@ WORKLOADS = [
     Workload("rand write 4K QD16 fsync=32", ["--rw=randwrite", "--bs=4k", "--iodepth=16",
                                              "--fsync=32"], "IOPS"),
     Workload("nbdcopy out", None, "MiB/s"),
+    # The latency a database in a VM feels: one request at a time (issue #20). Reported
+    # as IOPS and, below the tables, as the mean latency.
+    Workload("rand write 4K QD1", ["--rw=randwrite", "--bs=4k", "--iodepth=1"], "IOPS"),
+    Workload("rand read 4K QD1", ["--rw=randread", "--bs=4k", "--iodepth=1"], "IOPS"),
 ]
 
 
@@ -352,8 +356,8 @@ def peak_rss_kib(pid: int) -> int:
 
 
 def fio(target: Target, options: list[str], size: int,
-        runtime_s: float) -> tuple[float, int, float]:
-    """(figure, I/Os, seconds) of one fio run."""
+        runtime_s: float) -> tuple[float, int, float, float]:
+    """(figure, I/Os, seconds, mean latency in microseconds) of one fio run."""
     engine, env = target.engine()
     result = subprocess.run(
         ["fio", "--output-format=json", "--name=bench", *engine, f"--size={size}",
@@ -366,7 +370,7 @@ def fio(target: Target, options: list[str], size: int,
     seconds = side["runtime"] / 1000
     bs = 1 * MiB if "--bs=1m" in options else 4096
     figure = side["bw_bytes"] / MiB if bs == MiB else side["iops"]
-    return figure, side["total_ios"], seconds
+    return figure, side["total_ios"], seconds, side["lat_ns"]["mean"] / 1000
 
 
 def nbdcopy(uri: str, size: int) -> tuple[float, int, float]:
@@ -424,14 +428,17 @@ def run(quick: bool = False, reps: int | None = None, targets: list[str] | None 
                     cpu_before = sum(cpu_seconds(pid) for _, pid in pids)
                     if workload.fio is None and not target.uri():
                         continue  # no NBD export to copy from (ceph)
+                    latency_us = 0.0
                     if workload.fio is None:
                         figure, ios, seconds = nbdcopy(target.uri(), size)
                     else:
-                        figure, ios, seconds = fio(target, workload.fio, size, runtime_s)
+                        figure, ios, seconds, latency_us = fio(target, workload.fio, size,
+                                                               runtime_s)
                     cpu = sum(cpu_seconds(pid) for _, pid in pids) - cpu_before
                     results[workload.name][name].append(
                         {"figure": figure, "ios": ios, "seconds": seconds,
-                         "cpu_s": cpu, "cpu_us_per_io": cpu / max(ios, 1) * 1e6})
+                         "cpu_s": cpu, "cpu_us_per_io": cpu / max(ios, 1) * 1e6,
+                         "latency_us": latency_us})
                     print(f"rep {rep + 1}/{reps} {workload.name:30} {name:8} "
                           f"{figure:10.1f} {workload.unit:6} cpu {cpu / max(ios, 1) * 1e6:7.1f}"
                           f" us/io", flush=True)
@@ -458,7 +465,8 @@ def run(quick: bool = False, reps: int | None = None, targets: list[str] | None 
                 continue
             summary[workload.name][name] = {
                 "median": statistics.median(s["figure"] for s in samples),
-                "cpu_us_per_io": statistics.median(s["cpu_us_per_io"] for s in samples)}
+                "cpu_us_per_io": statistics.median(s["cpu_us_per_io"] for s in samples),
+                "latency_us": statistics.median(s.get("latency_us", 0.0) for s in samples)}
     report = {"size_bytes": size, "runtime_s": runtime_s, "reps": reps, "targets": chosen,
               "units": {w.name: w.unit for w in plan}, "summary": summary,
               "samples": results, "peak_rss_kib": rss, "notes": notes}
@@ -496,6 +504,13 @@ def print_tables(report: dict[str, Any]) -> None:
     for workload, summary in report["summary"].items():
         print(f"| {workload} | " + " | ".join(
             cell(summary, t, "cpu_us_per_io") for t in targets) + " |")
+    print("\nMean latency (microseconds, median of the reps):\n")
+    print("| workload | " + " | ".join(targets) + " |")
+    print("|" + "---|" * (len(targets) + 1))
+    for workload, summary in report["summary"].items():
+        if any(summary.get(t, {}).get("latency_us") for t in targets):
+            print(f"| {workload} | " + " | ".join(
+                cell(summary, t, "latency_us") for t in targets) + " |")
     print("\nPeak RSS (MiB):", ", ".join(
         f"{t}: " + " ".join(f"{role} {kib / 1024:.0f}" for role, kib in peaks.items())
         for t, peaks in report["peak_rss_kib"].items()))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
+
+import pytest
 
 from sheep import radix
 from sheep.cluster_state import ClusterState, Event, EventKind
 from sheep.constants import MiB
-from sheep.errors import Result
+from sheep.errors import NewNodeVersion, Result
 from sheep.group import Group
 from sheep.node import NodeInfo
 from sheep.oid import ObjectType, make_oid
@@ -159,3 +162,28 @@ def test_an_epoch_recorded_before_weights_is_placed_as_it_was_then() -> None:
     assert isinstance(group.ring(), Ring)
     assert isinstance(group.ring(legacy_epoch), VnodeRing)  # the past stays as it was
     assert "vnodes" not in state.nodes[0].to_json()
+
+
+def test_a_list_for_a_newer_epoch_waits_for_it_and_an_older_one_does_not() -> None:
+    """wait_epoch_reached: what a peer's LIST waits for (a list for a joiner's epoch,
+    served before this sheep applied it, missed the copies the old placement made
+    next: simulator seed 702)."""
+    cluster = Cluster(3, 2)
+    group = cluster.group
+    now = group.epoch
+
+    async def run() -> None:
+        await group.wait_epoch_reached(now - 1, 0.01)  # older: at once
+        await group.wait_epoch_reached(now, 0.01)
+        with pytest.raises(NewNodeVersion):
+            await group.wait_epoch_reached(now + 1, 0.05)
+        waiting = asyncio.ensure_future(group.wait_epoch_reached(now + 1, 5))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        node = NodeInfo(node_id="n9", address="127.0.0.1", port=7009, zone=9, weight=16 << 28)
+        cluster.event(EventKind.JOIN, node=node)
+        group.notify_epoch()
+        await asyncio.wait_for(waiting, 1)
+        assert group.epoch == now + 1
+
+    asyncio.run(run())
