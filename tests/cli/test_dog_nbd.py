@@ -315,20 +315,13 @@ def test_a_background_nbdkit_is_named_in_the_lock_by_its_real_pid(cluster, pidfi
         return next((lock["owner"] for lock in locks
                      if lock["name"] == "bob" and lock["mode"] == "lock"), None)
 
-    holder = subprocess.Popen(["qemu-io", "-f", "raw", f"nbd://127.0.0.1:{port}/bob"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    try:
+    with attached(f"nbd://127.0.0.1:{port}/bob") as holder:
         assert holder.stdin is not None and holder.stdout is not None
-        holder.stdin.write("read 0 4096\n")
-        holder.stdin.flush()
-        assert "read 4096/4096" in holder.stdout.readline()
-        holder.stdout.readline()  # its timing
         assert owner() is None  # attached and read: no lock
         listed = json.loads(dog("-p", sheep_port, "vdi", "lock", "list", "--json").stdout)
-        attached = [row for row in listed if row["name"] == "bob"]
-        assert [row["mode"] for row in attached] == ["rw"], attached  # listed all the same
-        assert attached[0]["owner"].startswith(f"nbdkit pid {pid} on ")
+        rows = [row for row in listed if row["name"] == "bob"]
+        assert [row["mode"] for row in rows] == ["rw"], rows  # listed all the same
+        assert rows[0]["owner"].startswith(f"nbdkit pid {pid} on ")
         holder.stdin.write("write -P 0x5 0 4096\n")
         holder.stdin.flush()
         assert "wrote 4096/4096" in holder.stdout.readline()
@@ -336,11 +329,6 @@ def test_a_background_nbdkit_is_named_in_the_lock_by_its_real_pid(cluster, pidfi
         assert named is not None and named.startswith(
             f"nbdkit pid {pid} on {socket.gethostname()}, NBD client 127.0.0.1:"), named
         assert " (via sheep 127.0.0.1:" in named
-    finally:
-        if holder.stdin is not None:
-            holder.stdin.write("quit\n")
-            holder.stdin.flush()
-        holder.wait(timeout=30)
 
 
 @needs_nbdkit
