@@ -150,6 +150,21 @@ class Verifier(_Worker):
             self._kept(oid)
         else:
             self._kept(oid)
+            self._bring_up(oid, mine.version, list(zip(others, stats, strict=True)), epoch)
+
+    def _bring_up(self, oid: int, version: int, answers: list[tuple[NodeInfo, Any]],
+                  epoch: int) -> None:
+        """Ours was kept as the newest copy: a holder of the placement with an older
+        verified copy gets ours (a repair, in the background). A write that failed
+        reached this replica only, at a newer version, while the other was verified
+        and stays so: nothing else compares them, and reads would see either
+        (simulator, seed 67 with 3 nodes)."""
+        placement = {node.node_id for node in self.group.placement(oid, epoch)}
+        if self.node_id not in placement:
+            return  # a surplus copy: the purge brings the holders up first
+        holders = [answer for node, answer in answers if node.node_id in placement]
+        if replicas.behind(version, holders):
+            self.gateway.repairer.repair_soon(oid, "copy behind the newest (kept here)")
 
     def _kept(self, oid: int) -> None:
         """Compared with every other copy and found current: verified, and no longer

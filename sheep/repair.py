@@ -122,15 +122,16 @@ class Repairer:
             result["state"] = "degraded"  # fewer zones than copies: placement is short
         return result
 
-    def repair_soon(self, oid: int) -> None:
-        """A read met a damaged copy and found a good one: copy it over, in the background."""
+    def repair_soon(self, oid: int, what: str = "damaged copy") -> None:
+        """A read met a damaged copy and found a good one (or copies that must agree
+        do not: ``what``): copy the newest over, in the background."""
 
         async def repair() -> None:
             try:
                 result = await self.check_object(oid)
-                log.warning("object %016x: damaged copy repaired on %s", oid,
+                log.warning("object %016x: %s repaired on %s", oid, what,
                             ", ".join(result["repaired"]) or "no node (it was gone)")
             except SheepError as error:
-                log.error("object %016x: cannot repair the damaged copy: %s", oid, error)
+                log.error("object %016x: cannot repair the %s: %s", oid, what, error)
 
         self._repairs.start(oid, repair)
