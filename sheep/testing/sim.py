@@ -332,7 +332,6 @@ class SimClient:
             offset -= offset % 512
         data = rng.randbytes(length)
         fua = rng.random() < 0.1
-        number = self.sim.next_write()
         vdi = self.vdi
 
         async def work(client: Client) -> None:
@@ -346,6 +345,10 @@ class SimClient:
                            f"{type(error).__name__}")
             vdi.image.forget(offset, length)
             return False
+        # Numbered when acknowledged: a flush covers the writes acknowledged before it
+        # began (its number), not one still in flight then from another client, which
+        # may reach a store after that store's sync (seed 350 with 4 nodes).
+        number = self.sim.next_write()
         vdi.image.write(number, offset, data)
         if fua:
             vdi.image.unflushed = [e for e in vdi.image.unflushed if e[0] != number]
