@@ -543,7 +543,10 @@ class Sheep:
         saved = self.store.config_get("unverified_since")
         if saved is not None:
             since = min(since, int(saved))
-        self.peer.health.start_unverified(self.store.copies(), since, self.store.doubts())
+        # Partial copies too: once filled, the ranges written here may be stale (this
+        # sheep was away), so they are compared with the others like any copy here.
+        self.store.partial_copies_unsure()
+        self.peer.health.start_unverified(self.store.list_oids(), since, self.store.doubts())
         self._save_unverified_since()
 
     def _save_unverified_since(self) -> None:

@@ -30,6 +30,7 @@ from sheep.errors import (
     NewNodeVersion,
     NoObject,
     OldNodeVersion,
+    ReadOnly,
     SheepError,
     Timeout,
     Unavailable,
@@ -154,7 +155,11 @@ class Gateway:
         proto.check_handlers(self.handlers, {proto.Kind.GATEWAY}, "Gateway.handlers")
 
     async def serve(self, header: Header, payload: bytes) -> Reply:
-        """A client's object request. arg1, when set, overrides the copies of placement."""
+        """A client's object request. arg1, when set, overrides the copies of placement.
+        A client's change never carries FLAG_DIRECT: on a change it marks a repair's
+        copy (sheep/repair.py), which may replace a snapshot's (frozen) copy."""
+        if header.flags & proto.FLAG_DIRECT and header.opcode in _versioned_ops:
+            header = header._replace(flags=header.flags & ~proto.FLAG_DIRECT)
         return await self.handlers[Op(header.opcode)](header, payload)
 
     async def request(self, op: Op, oid: int, offset: int = 0, data: bytes | memoryview = b"",
@@ -332,10 +337,12 @@ class Gateway:
                           and not isinstance(r, NoObject)]
                 for error in errors:
                     if not isinstance(error, RETRYABLE):
-                        if applied:
+                        if applied and not isinstance(error, ReadOnly):
                             # Some replicas have the change, the failed one some of it
-                            # (it marked its copy suspect): make them agree now.
-                            self.repairer.repair_soon(header.oid)
+                            # (it marked its copy suspect): make them agree now. Not a
+                            # stale writer's change that a frozen generation refused: a
+                            # repair would spread it over the snapshot's other copies.
+                            self.repairer.repair_soon(header.oid, "change applied in part")
                         raise error
                 if errors:
                     raise errors[0]

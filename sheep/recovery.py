@@ -150,21 +150,36 @@ class Verifier(_Worker):
             self._kept(oid)
         else:
             self._kept(oid)
-            self._bring_up(oid, mine.version, list(zip(others, stats, strict=True)), epoch)
+            await self._bring_up(oid, mine.version, list(zip(others, stats, strict=True)),
+                                 epoch)
 
-    def _bring_up(self, oid: int, version: int, answers: list[tuple[NodeInfo, Any]],
-                  epoch: int) -> None:
+    async def _bring_up(self, oid: int, version: int, answers: list[tuple[NodeInfo, Any]],
+                        epoch: int) -> None:
         """Ours was kept as the newest copy: a holder of the placement with an older
-        verified copy gets ours (a repair, in the background). A write that failed
-        reached this replica only, at a newer version, while the other was verified
-        and stays so: nothing else compares them, and reads would see either
-        (simulator, seed 67 with 3 nodes)."""
+        verified copy gets ours (a repair). A write that failed reached this replica
+        only, at a newer version, while the other was verified and stays so: nothing
+        else compares them, and reads would see either (simulator, seed 67 with 3
+        nodes). A repair that fails leaves ours unverified, to be compared again (a
+        holder with no copy is recovery's to fill)."""
         placement = {node.node_id for node in self.group.placement(oid, epoch)}
         if self.node_id not in placement:
             return  # a surplus copy: the purge brings the holders up first
-        holders = [answer for node, answer in answers if node.node_id in placement]
-        if replicas.behind(version, holders):
-            self.gateway.repairer.repair_soon(oid, "copy behind the newest (kept here)")
+        holders = [answer for node, answer in answers
+                   if node.node_id in placement and answer is not None]
+        if not replicas.behind(version, holders):
+            return
+        try:
+            result = await self.gateway.repairer.check_object(oid)
+        except SheepError as error:
+            log.info("cannot bring the holders of %016x up to the copy here yet: %s", oid,
+                     error)
+            self.peer.health.suspect([oid], self.group.epoch)
+            return
+        if result.get("unreachable"):
+            self.peer.health.suspect([oid], self.group.epoch)
+        elif result.get("repaired"):
+            log.info("copy of %016x kept as the newest: copied to %s, which were behind", oid,
+                     ", ".join(result["repaired"]))
 
     def _kept(self, oid: int) -> None:
         """Compared with every other copy and found current: verified, and no longer

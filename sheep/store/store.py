@@ -249,6 +249,7 @@ class Store:
         # (write_partial), by object: sorted, merged [start, end) byte ranges.
         self._partial: dict[int, list[list[int]]] = {}
         self._partial_changed: set[int] = set()  # their records, at the next sync
+        self._partial_recorded: set[int] = set()  # objects with a record in LMDB
         # Partial copies a crash caught with changes not synced: their recorded ranges
         # may miss writes that landed (or name some that did not), so once filled
         # they stay in doubt, for the verifier to compare (see fill_extents).
@@ -429,8 +430,10 @@ class Store:
                     txn.delete(key)
                     continue
                 self._partial[oid] = [list(pair) for pair in json.loads(bytes(value))]
-                if oid in crashed:
-                    self._partial_unsure.add(oid)
+                self._partial_recorded.add(oid)
+                # Restored: this sheep was away, and may have missed writes to the ranges
+                # it wrote (a crash also leaves the ranges themselves unsure).
+                self._partial_unsure.add(oid)
                 if oid not in self._doubtful:  # a partial copy is in doubt from the start
                     self._doubtful[oid] = 0
                     self._doubt_add.add(oid)
@@ -758,9 +761,14 @@ class Store:
         self._unpartial(oid)  # a whole copy now, or none
 
     def _unpartial(self, oid: int) -> None:
-        if self._partial.pop(oid, None) is not None:
-            self._partial_changed.add(oid)
+        if self._partial.pop(oid, None) is not None or oid in self._partial_recorded:
+            self._partial_changed.add(oid)  # its record goes at the next sync
         self._partial_unsure.discard(oid)
+
+    def partial_copies_unsure(self) -> None:
+        """This sheep was away (declared dead while alive): its partial copies may have
+        missed writes to their own ranges, so each stays in doubt once filled."""
+        self._partial_unsure |= self._partial.keys()
 
     # --- partial copies ---------------------------------------------------------
     #
@@ -799,7 +807,14 @@ class Store:
         # commit, on the metadata thread (in order with the syncs' commits), waited
         # for here: a partial copy is rare (a write to a new holder before recovery).
         self.meta_executor.submit(self._record_partial, oid, ranges).result()
-        new = self.create_and_write(oid, offset, data, version)
+        self._partial_recorded.add(oid)
+        try:
+            new = self.create_and_write(oid, offset, data, version)
+        except BaseException:
+            # No copy made: the record goes at the next sync (left, it would make a
+            # whole copy made here later partial again at the next start).
+            self._partial_changed.add(oid)
+            raise
         self._doubtful[oid] = self.epoch
         self._doubt_add.add(oid)
         self._partial[oid] = ranges
@@ -1369,6 +1384,7 @@ class Store:
             self._partial.clear()
             self._partial_changed.clear()
             self._partial_unsure.clear()
+            self._partial_recorded.clear()
 
     def _drop_objects(self) -> None:
         with self.env.begin(write=True) as txn:
@@ -1566,6 +1582,9 @@ class Store:
         self._syncing = False
         if job.wipes != self._wipes:
             return
+        for oid, ranges in job.partials.items():
+            if ranges is None and oid not in self._partial_changed:
+                self._partial_recorded.discard(oid)
         # Its data synced by this job, or earlier when the fd cache evicted it (so it
         # is no longer dirty, yet still fresh until its metadata is committed).
         for oid in job.synced | job.metas.keys():

@@ -12,8 +12,10 @@ import time
 
 import pytest
 
-from sheep.errors import IOErrorResult
+from sheep import proto
+from sheep.errors import IOErrorResult, ReadOnly
 from sheep.oid import ObjectType, oid_type
+from sheep.proto import Header, Op
 from sheep.testing.cluster import LocalCluster
 
 
@@ -136,6 +138,14 @@ def test_scrub_finds_and_repairs_each_kind_of_damage(make_cluster):
     snap = dog(cluster, "cluster", "scrub", "--vdi", "disk", "--json")
     assert snap.returncode == 0, snap.stdout + snap.stderr
     assert json.loads(snap.stdout)["repaired"] == 1, snap.stdout
+    with open(cluster.object_path(holder, frozen), "rb") as file:
+        assert file.read(9000) == b"disk data" * 1000
+    # Only a repair's copy may: a client's raw change asking for FLAG_DIRECT is a
+    # change like any other, refused on a frozen generation.
+    forged = Header(opcode=Op.CREATE_AND_WRITE_OBJ, oid=frozen, count=4096,
+                    flags=proto.FLAG_DIRECT)
+    with cluster.client(0) as client, pytest.raises(ReadOnly, match="frozen generation"):
+        client._loop.run_until_complete(client._client.connection.call(forged, bytes(4096)))
     with open(cluster.object_path(holder, frozen), "rb") as file:
         assert file.read(9000) == b"disk data" * 1000
 

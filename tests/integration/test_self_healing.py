@@ -660,3 +660,53 @@ def test_a_write_to_an_object_its_new_holder_lacks_makes_a_partial_copy_recovery
     with cluster.client(0) as client:
         assert sum((info.get("recovery") or {}).get("partial", 0)
                    for info in client.node_list()) == 0
+
+
+def test_a_partial_copy_restored_after_a_restart_does_not_keep_writes_it_missed(
+        make_cluster):
+    """A sheep with partial copies stops cleanly; the same ranges are written again
+    while it is down. Back, its partial copies are filled, and then compared with the
+    other copies (they were away): the newer writes win on every copy, and reads
+    through it see them. (Filled and kept as they were, they held the old bytes at the
+    newest version: found by a review of the durable partial copies.)"""
+    cluster: LocalCluster = make_cluster(5)
+    cluster.format(3)
+    image = random.Random(5).randbytes(12 * 4 * MiB)
+    oids = list(write_vdi(cluster, "disk", image))
+    assert dog(cluster.sheep[0].port, "node", "recovery", "--max-rate", "1M").returncode == 0
+    cluster.kill(4)
+    cluster.wait_epoch(0, 4)
+
+    def patch(via: int, byte: bytes) -> None:
+        with cluster.client(via) as client:
+            handle = client.vdi_open("disk", writable=True)["handle"]
+            for index in range(12):
+                client.vdi_write(handle, index * 4 * MiB + 64 * KiB, byte * (4 * KiB))
+            client.vdi_close(handle)
+
+    patch(0, b"\x11")  # new holders lack the objects yet: partial copies
+    holders = []
+    for index in range(4):
+        with cluster.client(index) as client:
+            if (client.node_info().get("recovery") or {}).get("partial"):
+                holders.append(index)
+    assert holders, "no partial copy was made"
+    target = holders[0]
+    assert cluster.stop(target) == 0
+    survivor = next(index for index in range(4) if index != target)
+    cluster.wait_epoch(survivor, 3)
+    patch(survivor, b"\x22")
+    cluster.start(target)
+    cluster.wait_epoch(survivor, 4)
+    assert dog(cluster.sheep[survivor].port, "node", "recovery", "--max-rate",
+               "0").returncode == 0
+    cluster.wait_recovered(timeout_s=recovery_bound_s)
+    for oid in oids:
+        marks = {index: file_bytes(cluster, index, oid)[64 * KiB:64 * KiB + 1]
+                 for index in cluster.object_files(oid) if cluster.sheep[index].alive}
+        assert set(marks.values()) == {b"\x22"}, (hex(oid), marks)
+    with cluster.client(target) as client:
+        handle = client.vdi_open("disk")["handle"]
+        for index in range(12):
+            assert client.vdi_read(handle, index * 4 * MiB + 64 * KiB, 1) == b"\x22", index
+        client.vdi_close(handle)
