@@ -35,9 +35,12 @@ def test_a_clone_of_a_vms_disk_snapshotted_while_it_ran_boots_and_sees_its_file(
         env = {**os.environ, "DOG_PORT": str(cluster.sheep[0].port),
                "DOG_KEYRING": cluster.keyring, "VM_ACCEL": "tcg",
                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-        walk = subprocess.run(
-            ["bash", "-c", f"source scripts/lib/vm.sh && vm_demo {tmp_path} {nbd.port}"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        try:
+            walk = subprocess.run(
+                ["bash", "-c", f"source scripts/lib/vm.sh && vm_demo {tmp_path} {nbd.port}"],
+                cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        finally:
+            nbd.stop()  # while its sheep still run: stopped after them, it waits 15 s on them
         assert walk.returncode == 0, walk.stdout + walk.stderr
         assert "the clone's guest sees the file the first guest wrote" in walk.stdout
         # The clone's console shows the marker the first guest wrote, read from the clone.
