@@ -449,8 +449,10 @@ class Recoverer(_Worker):
             await asyncio.gather(*(one(index, oid) for index, oid in enumerate(wanted)))
         finally:
             await intents.close()
-        if self.recovered:
-            # The copies made count (for the old holders' surplus removal) once durable.
+        if wanted:
+            # The copies made count (for the old holders' surplus removal) once durable,
+            # and the intents of those another path made first (a repair) go: left, a
+            # crash had the next start recompute every such object's checksums.
             await self.peer.sync_all()
         if self.failed:
             raise SheepError(f"{self.failed} objects not recovered")

@@ -1434,6 +1434,10 @@ class Store:
         meta = self._meta.get(oid)
         if meta is not None:
             job.metas[oid] = self._frozen(meta)
+        # The intents whose changes earlier syncs made durable go with this commit too:
+        # left for a full sync, a stream of FUA copies (a repair's) kept them all, and a
+        # crash then had the next start recompute every one of those objects' checksums.
+        job.intents_cleared, self._intent_clear = self._intent_clear, {}
         if oid in self._partial_changed:
             self._partial_changed.discard(oid)
             job.partials[oid] = self._partial_ranges(oid)
