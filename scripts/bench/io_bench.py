@@ -10,6 +10,8 @@ data, not holes) before any measurement:
   the scheduler off: ours-c3/ours-c3-fifo is what scheduling costs;
 - ours-c3-encrypt (only with --targets): ours-c3 formatted with --encrypt (every
   frame encrypted; ours-c3 only signs them);
+- ours-c3-before (only with --targets, and SHEEP_BENCH_BEFORE_TREE=PATH): ours-c3
+  as built by another checkout (a change's baseline), the way ours-c3-noauth is;
 - ours-c3-noauth (only with --targets, and SHEEP_BENCH_NOAUTH_TREE=PATH): ours-c3
   as built by another checkout, the one before authentication existed, set up by
   that tree's own code in a child process: ours-c3/ours-c3-noauth is what
@@ -213,11 +215,13 @@ cluster.close()
 class OursWithoutAuth(Target):
     """ours-c3 from the checkout before authentication (SHEEP_BENCH_NOAUTH_TREE)."""
 
+    variable = "SHEEP_BENCH_NOAUTH_TREE"
+    hint = "a checkout from before authentication (git worktree add PATH f4b4006~1)"
+
     def start(self) -> None:
-        tree = os.environ.get("SHEEP_BENCH_NOAUTH_TREE")
+        tree = os.environ.get(self.variable)
         if not tree or not os.path.isdir(os.path.join(tree, "sheep")):
-            raise RuntimeError("ours-c3-noauth needs SHEEP_BENCH_NOAUTH_TREE=PATH, a checkout"
-                               " from before authentication (git worktree add PATH f4b4006~1)")
+            raise RuntimeError(f"{self.name} needs {self.variable}=PATH, {self.hint}")
         env = {**os.environ, "PYTHONPATH": tree}
         env.pop("DOG_KEYRING", None)
         self.helper = subprocess.Popen(
@@ -239,6 +243,14 @@ class OursWithoutAuth(Target):
         assert self.helper.stdin is not None
         self.helper.stdin.close()
         self.helper.wait(timeout=120)
+
+
+class OursBefore(OursWithoutAuth):
+    """ours-c3 from another checkout (SHEEP_BENCH_BEFORE_TREE): a change's A/B in one
+    run, ours-c3/ours-c3-before."""
+
+    variable = "SHEEP_BENCH_BEFORE_TREE"
+    hint = "the checkout to compare with (git worktree add PATH main)"
 
 
 class Local(Target):
@@ -318,7 +330,8 @@ class Ceph(Target):
 TARGETS: dict[str, type[Target]] = {"ours-c3": Ours, "ours-c1": OursOneCopy,
                                      "ours-c3-fifo": OursFifo,
                                      "ours-c3-encrypt": OursEncrypted,
-                                     "ours-c3-noauth": OursWithoutAuth, "file": File,
+                                     "ours-c3-noauth": OursWithoutAuth,
+                                     "ours-c3-before": OursBefore, "file": File,
                                      "qcow2": Qcow2, "pyref": Reference, "ceph": Ceph}
 DEFAULT_TARGETS = ["ours-c3", "ours-c1", "file", "qcow2", "pyref"]
 

@@ -3,7 +3,8 @@ prefilled, one fio workload for a while, py-spy sampling every sheep and nbdkit
 meanwhile. Prints, per process kind, the functions with the most samples on top
 of the stack (self) and anywhere in it (inclusive), as shares of all samples.
 
-    scripts/bench/profile [--workload randread|randwrite|seqread|seqwrite|fsync]
+    scripts/bench/profile [--workload randread|randwrite|seqread|seqwrite|fsync
+                                     |randwrite1|randread1]
                           [--seconds 10] [--copies 3] [--keep DIR]
 
 py-spy needs ptrace rights (root, or kernel.yama.ptrace_scope=0).
@@ -31,6 +32,8 @@ WORKLOADS = {
     "seqread": ["--rw=read", "--bs=1m", "--iodepth=8"],
     "seqwrite": ["--rw=write", "--bs=1m", "--iodepth=8"],
     "fsync": ["--rw=randwrite", "--bs=4k", "--iodepth=16", "--fsync=32"],
+    "randwrite1": ["--rw=randwrite", "--bs=4k", "--iodepth=1"],
+    "randread1": ["--rw=randread", "--bs=4k", "--iodepth=1"],
 }
 
 
@@ -92,9 +95,10 @@ def main() -> None:
                 ["py-spy", "record", "--pid", str(pid), "--duration", str(args.seconds),
                  "--rate", "250", "--format", "raw", "--output", raw, "--nonblocking"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
-        figure, ios, seconds = io_bench.fio(target, WORKLOADS[args.workload],
-                                            target.size, args.seconds)
-        print(f"{args.workload}: {figure:.0f} ({ios} I/Os in {seconds:.1f} s) while profiled")
+        figure, ios, seconds, latency_us = io_bench.fio(target, WORKLOADS[args.workload],
+                                                        target.size, args.seconds)
+        print(f"{args.workload}: {figure:.0f} ({ios} I/Os in {seconds:.1f} s, mean latency"
+              f" {latency_us:.0f} us) while profiled")
         for role, index, raw, spy in spies:
             _, errors = spy.communicate(timeout=60)
             if not os.path.exists(raw):
