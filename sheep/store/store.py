@@ -155,6 +155,8 @@ class SyncJob:
     # no longer partial, its record goes).
     partials: dict[int, list[list[int]] | None] = field(default_factory=dict)
     wipes: int = 0  # the store's wipes when it began: after another, it has nothing to do
+    # A client's flush: the intents of the objects it syncs stay (Store.begin_sync).
+    linger: bool = False
 
 
 _zero_run_block = 64 << 10  # zero runs this size or more stay holes when filling
@@ -240,6 +242,9 @@ class Store:
         # decided, so a deletion that reaches LMDB after a new intent for the same
         # object changes nothing.
         self._intents: dict[int, bytes] = {}
+        # Synced by a client's flush, their intents kept for the writes that follow it
+        # (begin_sync(linger=True)), until a sync of another kind finds them unchanged.
+        self._lingering: set[int] = set()
         self._intent_clear: dict[int, bytes] = {}  # intents to delete at the next commit
         # Copies in doubt (see the module doc), each with the epoch from which a crash
         # may have taken its writes.
@@ -1377,6 +1382,7 @@ class Store:
             self.io.sync_directory(self.path)  # the old files stay gone
             self.meta_executor.submit(self._drop_objects).result()
             self._intents.clear()
+            self._lingering.clear()
             self._intent_clear.clear()
             self._doubtful.clear()
             self._doubt_clear.clear()
@@ -1399,10 +1405,11 @@ class Store:
         """Objects changed since their last sync."""
         return len(self._meta)
 
-    def sync(self) -> None:
+    def sync(self, linger: bool = False) -> None:
         """Make every change so far durable: fsync changed objects, commit metadata.
-        (The owner must not run another sync meanwhile: see Peer.sync.)"""
-        job = self.begin_sync()
+        (The owner must not run another sync meanwhile: see Peer.sync.) linger: as a
+        client's flush (begin_sync)."""
+        job = self.begin_sync(linger)
         self.finish_sync(job)
         self.sync_done(job)
 
@@ -1447,11 +1454,19 @@ class Store:
         ranges = self._partial.get(oid)
         return None if ranges is None else [list(pair) for pair in ranges]
 
-    def begin_sync(self) -> SyncJob:
+    def begin_sync(self, linger: bool = False) -> SyncJob:
         """Take the changed objects as duplicated fds and their metadata as it is now,
         for finish_sync in a worker thread. Duplicates keep the files open even if the
-        fd cache closes them meanwhile."""
+        fd cache closes them meanwhile.
+
+        linger (a client's flush): the synced objects keep their intents. A VM that
+        flushes every few writes writes the same objects again right after: each first
+        write since a sync commits an intent (an LMDB commit, two fdatasyncs) before it
+        may start, and its latency doubled so. Their intents go at the next sync of
+        another kind (the writeback every 30 s, recovery's) that finds them unchanged:
+        a crash leaves no more objects in doubt than a VM that never flushes does."""
         job = self._begin()
+        job.linger = linger
         try:
             with _translated("sync store"):
                 for oid in self._dirty:
@@ -1497,29 +1512,24 @@ class Store:
         thread); closes its fds."""
         try:
             with _translated("sync store"):
-                calls: list[tuple[Any, int | str]] = [
-                    *((self.io.datasync, fd) for fd in job.fds),
-                    *((self.io.sync_directory, path) for path in job.directories)]
-                if len(calls) == 1:
-                    calls[0][0](calls[0][1])
-                elif calls:
-                    futures = [self.sync_executor.submit(call, what) for call, what in calls]
-                    concurrent.futures.wait(futures)  # all of them, before any fd closes
-                    for future in futures:
-                        future.result()
+                self.io.sync_many(job.fds, job.directories, self.sync_executor)
         finally:
             for fd in job.fds:
                 self.io.close(fd)
             job.fds = []
+
+    def commit_needed(self, job: SyncJob) -> bool:
+        """Whether commit has anything to write for the job."""
+        return self._env is not None and job.wipes == self._wipes and bool(
+            job.metas or job.intents_cleared or job.doubts_cleared or job.doubts_added
+            or job.partials)
 
     def commit(self, job: SyncJob) -> None:
         """Commit the job's metadata, after its files are synced (run on meta_executor),
         commit_objects_max objects per transaction: each object's metadata stands on its
         own (an object not committed yet keeps its intent), and a transaction holds
         every page it changes in memory until it ends (8 KiB per checksum table)."""
-        if self._env is None or job.wipes != self._wipes or not (
-                job.metas or job.intents_cleared or job.doubts_cleared or job.doubts_added
-                or job.partials):
+        if not self.commit_needed(job):
             return
         items = list(job.metas.items())
         for start in range(0, max(len(items), 1), commit_objects_max):
@@ -1594,10 +1604,23 @@ class Store:
         for oid in job.synced | job.metas.keys():
             if oid not in self._dirty:
                 self._fresh.discard(oid)
+        if not job.linger:
+            idle = [oid for oid in self._lingering if oid not in self._meta
+                    and oid not in self._dirty]
+            self._lingering.clear()
+            self._clear_intents(idle)
         for oid, frozen in job.metas.items():
             meta = self._meta.get(oid)
             if meta is not None and meta.gen == frozen[5] and oid not in self._dirty:
                 del self._meta[oid]
-                token = self._intents.pop(oid, None)
-                if token is not None:
-                    self._intent_clear[oid] = token
+                if job.linger:
+                    self._lingering.add(oid)
+                else:
+                    self._clear_intents([oid])
+
+    def _clear_intents(self, oids: list[int]) -> None:
+        """Their intents go at the next commit."""
+        for oid in oids:
+            token = self._intents.pop(oid, None)
+            if token is not None:
+                self._intent_clear[oid] = token

@@ -355,7 +355,17 @@ def test_cluster_state_machine_round_trips_through_the_store(store: Store) -> No
 # --- sync ------------------------------------------------------------------------------
 
 
-def test_sync_fsyncs_dirty_objects_once(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def per_file_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each file fdatasynced on its own (no syncfs), so that the calls can be counted
+    and failed one by one."""
+    from sheep.store import fileio
+
+    monkeypatch.setattr(fileio, "_libc_syncfs", None)
+
+
+def test_sync_fsyncs_dirty_objects_once(store: Store, monkeypatch: pytest.MonkeyPatch,
+                                        per_file_sync: None) -> None:
     synced: list[int] = []
     real_fdatasync = os.fdatasync
 
@@ -412,7 +422,7 @@ def test_begin_and_finish_sync(store: Store) -> None:
 
 
 def test_finish_sync_closes_fds_even_when_it_fails(
-        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+        store: Store, monkeypatch: pytest.MonkeyPatch, per_file_sync: None) -> None:
     store.create_and_write(1, 0, b"a")
     job = store.begin_sync()
 
@@ -443,7 +453,8 @@ def test_close_twice_and_close_unopened(tmp_path: Path) -> None:
 # --- the fd cache ---------------------------------------------------------------------
 
 
-def test_fd_cache_evicts_and_fsyncs(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fd_cache_evicts_and_fsyncs(store: Store, monkeypatch: pytest.MonkeyPatch,
+                                    per_file_sync: None) -> None:
     cache_max = store_module._fd_cache_max
     count = cache_max + 50
     synced: set[int] = set()
@@ -597,7 +608,8 @@ def test_discard_errors_are_translated(store: Store, monkeypatch: pytest.MonkeyP
         store.discard(1, 0, block)
 
 
-def test_sync_errors_are_translated(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sync_errors_are_translated(store: Store, monkeypatch: pytest.MonkeyPatch,
+                                    per_file_sync: None) -> None:
     store.create_and_write(1, 0, b"a")
     monkeypatch.setattr(os, "fdatasync", failing(errno.ENOSPC))
     with pytest.raises(NoSpace):
@@ -636,7 +648,7 @@ def test_create_and_write_over_an_existing_object_replaces_it(store: Store) -> N
 
 
 def test_failed_sync_on_eviction_keeps_the_object_dirty(
-        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+        store: Store, monkeypatch: pytest.MonkeyPatch, per_file_sync: None) -> None:
     cache_max = store_module._fd_cache_max
     monkeypatch.setattr(os, "fdatasync", lambda fd: None)
     for oid in range(1, cache_max + 1):
@@ -1283,3 +1295,81 @@ def test_an_older_store_is_upgraded_step_by_step_and_a_crash_in_a_step_resumes(
     with _opened(tmp_path / "s") as done:  # the crashed step runs again, then it opens
         assert done.config_get("format_version") == current + 2
     assert ran == [current, current + 1, current + 1]
+
+
+def test_several_changed_files_are_synced_by_one_syncfs(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One syncfs of the store's filesystem for a sync of several files (one journal
+    commit and one flush of the disk's cache, not one per file); one file alone is
+    an fdatasync; a syncfs that fails fails the sync (EIO, an I/O error), and the changes stay
+    dirty for the next one."""
+    from sheep.store import fileio
+
+    calls: list[str] = []
+    real_syncfs = fileio._libc_syncfs
+    if real_syncfs is None:
+        pytest.skip("no syncfs that reports errors on this kernel")
+    failing = {"now": False}
+
+    def recording_syncfs(fd: int) -> int:
+        calls.append("syncfs")
+        if failing["now"]:
+            ctypes.set_errno(errno.EIO)
+            return -1
+        return real_syncfs(fd)
+
+    real_fdatasync = os.fdatasync
+
+    def recording_fdatasync(fd: int) -> None:
+        calls.append("fdatasync")
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(fileio, "_libc_syncfs", recording_syncfs)
+    monkeypatch.setattr(os, "fdatasync", recording_fdatasync)
+    for oid in (1, 2, 3):
+        store.create_and_write(oid, 0, b"a")
+    store.sync()
+    assert calls == ["syncfs"]
+    calls.clear()
+    store.write(2, 0, b"b")
+    store.sync()
+    assert calls == ["fdatasync"]
+    calls.clear()
+    store.write(1, 0, b"c")
+    store.write(3, 0, b"c")
+    failing["now"] = True
+    with pytest.raises(IOErrorResult):
+        store.sync()
+    failing["now"] = False
+    calls.clear()
+    store.sync()  # the failed sync's changes are dirty again
+    assert calls == ["syncfs"]
+    assert store.read(1, 0, 1) == b"c" and store.read(3, 0, 1) == b"c"
+
+
+def test_files_on_other_filesystems_are_synced_each(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """syncfs only where every file is on one filesystem: else each is fdatasynced."""
+    import concurrent.futures
+    from types import SimpleNamespace
+
+    from sheep.store import fileio
+
+    calls: list[str] = []
+    monkeypatch.setattr(fileio, "_libc_syncfs", lambda fd: calls.append("syncfs") or 0)
+    monkeypatch.setattr(os, "fdatasync", lambda fd: calls.append("fdatasync"))
+    here = os.open(tmp_path / "a", os.O_RDWR | os.O_CREAT)
+    there = os.open(tmp_path / "b", os.O_RDWR | os.O_CREAT)
+    real_fstat = os.fstat
+    monkeypatch.setattr(os, "fstat", lambda fd: SimpleNamespace(st_dev=-1) if fd == there
+                        else real_fstat(fd))  # as if b were on another filesystem
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            fileio.FileIO().sync_many([here, there], [], pool)
+            assert sorted(calls) == ["fdatasync", "fdatasync"]
+            calls.clear()
+            fileio.FileIO().sync_many([here], [str(tmp_path)], pool)
+            assert calls == ["syncfs"]
+    finally:
+        os.close(here)
+        os.close(there)
