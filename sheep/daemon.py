@@ -234,6 +234,8 @@ class Sheep:
             return fenced
         if fenced and not event.is_set():
             event.set()
+            assert self.gateway is not None
+            self.gateway.fence_in_flight()
             log.warning("fenced: refusing I/O until the cluster driver's session is sure"
                         " again and its log applied")
         elif not fenced and event.is_set():

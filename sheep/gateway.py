@@ -138,6 +138,10 @@ class Gateway:
         self._version = 0
         # Set while this sheep is fenced, for drivers that fence (see Sheep._watch_fence).
         self.fenced: asyncio.Event | None = None
+        # The tasks running work under _fenceable (how deep), and those of them that
+        # the fence has cancelled.
+        self._fenceable_tasks: dict[asyncio.Task[Any], int] = {}
+        self._fenced_out: set[asyncio.Task[Any]] = set()
         # The driver's own answer, asked again before anything is answered as done: the
         # event above follows it by a poll, a lease runs out at an exact moment.
         self.fence_check: Callable[[], bool] = lambda: False
@@ -255,29 +259,51 @@ class Gateway:
         """Run work, but give up the moment this sheep is fenced (its driver lost its
         session): the others may be moving on without it, so nothing it still has in
         flight may be answered as done. A peer across a silent cut would otherwise
-        hold the request for the full peer timeout."""
+        hold the request for the full peer timeout.
+
+        The work runs in the caller's own task, which the fence cancels when it comes
+        (fence_in_flight): racing a task of its own against one waiting for the fence
+        cost two tasks and a wait, 10 us, on every request."""
         if self.fenced is None:
             return await work
         if self.fence_check():  # and the event in line with it
             if asyncio.iscoroutine(work):
                 work.close()  # never started
             raise Unavailable(fenced_message)
-        task = asyncio.ensure_future(work)
-        fence = asyncio.ensure_future(self.fenced.wait())
+        task = asyncio.current_task()
+        assert task is not None, "gateway ops run in a task"
+        self._fenceable_tasks[task] = self._fenceable_tasks.get(task, 0) + 1
         try:
-            done, _ = await asyncio.wait({task, fence}, return_when=asyncio.FIRST_COMPLETED)
+            result = await work
+        except asyncio.CancelledError:
+            if task not in self._fenced_out:
+                raise  # cancelled by someone else: theirs to handle
+            self._fenced_out.discard(task)
+            task.uncancel()
+            raise Unavailable(fenced_message) from None
         finally:
-            fence.cancel()
-        if task not in done:
-            task.cancel()
-            raise Unavailable(fenced_message)
+            depth = self._fenceable_tasks.pop(task) - 1
+            if depth:
+                self._fenceable_tasks[task] = depth
+            elif task in self._fenced_out:  # the work caught the cancellation itself
+                self._fenced_out.discard(task)
+                task.uncancel()
         if self.fence_check():
             # Done, but the lease ran out meanwhile: the client must not take it as
             # done here (it retries through another sheep).
-            if not task.cancelled():
-                task.exception()  # retrieved: the fence is the answer
             raise Unavailable(fenced_message)
-        return task.result()
+        return result
+
+    def fence_in_flight(self) -> None:
+        """The fence has just come: what runs under _fenceable gives up at once. Not
+        the task that noticed it (a fence_check inside its work): that check's answer
+        makes it give up, and a cancellation of a running task would also hit
+        whatever it awaits while answering."""
+        current = asyncio.current_task()
+        for task in list(self._fenceable_tasks):
+            if task is not current and task not in self._fenced_out and not task.done():
+                self._fenced_out.add(task)
+                task.cancel()
 
     async def _retrying(self, attempt: Callable[[int], Awaitable[Reply]]) -> Reply:
         """Run attempt(epoch) until it succeeds, retrying retryable failures on new epochs."""
