@@ -775,8 +775,13 @@ class Sheep:
         try:
             if kind is Kind.VDI:
                 reply = await self.vdis.serve_io(header, payload, session)
+            elif header.opcode == Op.FLUSH and (handle.flushed_everywhere
+                                                or not handle.writable):
+                reply = await self.gateway.flush_changed()
             else:
                 reply = await self.gateway.serve(header, payload)
+                if header.opcode == Op.FLUSH:
+                    handle.flushed_everywhere = True
         finally:
             scheduler.done(queue, request)
         if flushed is not None:
@@ -941,6 +946,9 @@ class Sheep:
             "driver": self.driver.info(),
             "io": self.metrics.by_op(),
             "scheduler": self.peer.scheduler.status() if self.peer else None,
+            # Clients' flushes that reached this sheep, and syncs that had data to sync.
+            "flushes": {"served": self.peer.flushes if self.peer else 0,
+                        "synced": self.peer.syncs if self.peer else 0},
         }
 
     def _recovery_status(self) -> dict[str, Any] | None:
@@ -959,7 +967,8 @@ class Sheep:
                 "recovery": self.recoverer.status() if self.recoverer else None,
                 "usage": self.store.usage(),
                 "damaged_found": self.peer.health.found_count if self.peer else 0,
-                "queues": self.peer.scheduler.depths() if self.peer else {}}
+                "queues": self.peer.scheduler.depths() if self.peer else {},
+                "flushes": self.peer.flushes if self.peer else 0}
 
     async def node_list(self, header: Header, payload: bytes) -> Reply:
         nodes = sorted(self.group.state.nodes, key=lambda n: (n.address, n.port, n.node_id))

@@ -138,6 +138,9 @@ class Gateway:
         self._version = 0
         # Set while this sheep is fenced, for drivers that fence (see Sheep._watch_fence).
         self.fenced: asyncio.Event | None = None
+        # The members holding changes this sheep made and had acknowledged since the
+        # last flush_changed began: what the next one syncs.
+        self._changed_on: set[str] = set()
         # The tasks running work under _fenceable (how deep), and those of them that
         # the fence has cancelled.
         self._fenceable_tasks: dict[asyncio.Task[Any], int] = {}
@@ -357,6 +360,7 @@ class Gateway:
                 for node, result in zip(targets, results, strict=True):
                     if not isinstance(result, BaseException):
                         applied[node.node_id] = result[1].get("arg0", 0)
+                        self._changed_on.add(node.node_id)
                 missing = [node for node, result in zip(targets, results, strict=True)
                            if isinstance(result, NoObject)]
                 errors = [r for r in results if isinstance(r, BaseException)
@@ -427,6 +431,7 @@ class Gateway:
             results = await asyncio.gather(
                 *(self.call(node, header, payload, epoch) for node in nodes),
                 return_exceptions=True)
+            self._changed_on.update(node.node_id for node in nodes)
             errors = [r for r in results if isinstance(r, BaseException)]
             missing = [e for e in errors if isinstance(e, NoObject)]
             if len(missing) == len(nodes):
@@ -574,11 +579,34 @@ class Gateway:
                 " waiting for it ('dog cluster recover force' if it is gone for good)")
 
     async def flush(self, header: Header, payload: bytes) -> Reply:
+        """Every member syncs what changed on it (a flush that names no VDI, and a
+        writable handle's first: sheep/daemon.py)."""
+        return await self._flush(None)
+
+    async def flush_changed(self) -> Reply:
+        """A VDI writer's flush: only the members that this sheep made changes on, and
+        acknowledged, since the last flush began sync. Every change it acknowledged
+        before this flush began is on one of them (a change acknowledged after may not
+        be covered: no flush promises that). A flush reaching every member cost a
+        round trip to each, and waited for the slowest one's sync under way, whoever
+        it was for: in a cluster of many sheep, most had nothing of ours."""
+        return await self._flush(self._changed_on)
+
+    async def _flush(self, only: set[str] | None) -> Reply:
+        changed, self._changed_on = self._changed_on, set()
+
         async def attempt(epoch: int) -> Reply:
-            await self._all(self.group.state.nodes, header, b"", epoch)
+            nodes = [node for node in self.group.state.nodes
+                     if only is None or node.node_id in changed]
+            if nodes:  # members that left hold no copy that counts any more
+                await self._all(nodes, Header(opcode=Op.FLUSH), b"", epoch)
             return b"", {}
 
-        return await self._retrying(attempt)
+        try:
+            return await self._retrying(attempt)
+        except BaseException:
+            self._changed_on |= changed  # the next flush syncs them again
+            raise
 
     async def stat(self, header: Header, payload: bytes) -> Reply:
         epoch = self.group.epoch

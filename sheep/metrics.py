@@ -110,6 +110,9 @@ class _StateCollector(Collector):
         for name, waiting in sorted((state.get("queues") or {}).items()):
             queues.add_metric([name], float(waiting))
         yield queues
+        yield CounterMetricFamily("sheepdog_flushes", "Clients' flushes this sheep served (each"
+                                  " a sync of its store) since it started",
+                                  value=int(state.get("flushes", 0)))
         yield CounterMetricFamily("sheepdog_damaged_copies", "Copies found damaged (by a read"
                                   " or a scrub) since this sheep started",
                                   value=int(state.get("damaged_found", 0)))

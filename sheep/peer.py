@@ -86,6 +86,8 @@ class Peer:
         # past its end, when the others may be moving on without this sheep.
         self.fence_check: Callable[[], bool] = lambda: False
         self._sync_lock = asyncio.Lock()
+        self.flushes = 0  # FLUSH_PEER served: a client's flush that reached this sheep
+        self.syncs = 0  # syncs that had anything to make durable
         self._free = 0
         self._space_checked = -1e9
         self.handlers: dict[Op, PeerHandler] = {
@@ -261,6 +263,7 @@ class Peer:
                 # nothing it would do. The lock was still waited for: a sync under way
                 # may hold writes acknowledged before this flush.
                 if job.fds or job.directories:
+                    self.syncs += 1
                     await loop.run_in_executor(None, self.store.sync_files, job)
                 if self.store.commit_needed(job):
                     await loop.run_in_executor(self.store.meta_executor, self.store.commit,
@@ -358,6 +361,7 @@ class Peer:
         return b"", {"arg0": version}
 
     async def flush(self, header: Header, payload: bytes) -> Reply:
+        self.flushes += 1
         await self._sync(lambda: self.store.begin_sync(linger=True))
         return _empty
 

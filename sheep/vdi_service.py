@@ -187,6 +187,10 @@ class Handle:
     # it takes the lock only if that one's lock is gone, never by a handoff.
     resumed: tuple[str, ...] = ()
     fenced: bool = False  # resumed, and the lock had moved to someone else meanwhile
+    # A writer's first flush goes to every member: its client may have written the
+    # VDI through another sheep before (a failover), whose changes this one does not
+    # know (Gateway.flush_changed).
+    flushed_everywhere: bool = False
 
     def attachment(self, node_id: str, vdi: Vdi | None) -> dict[str, Any]:
         """What dog vdi lock list shows of it."""

@@ -417,7 +417,10 @@ class SimClient:
         number = self.sim.next_write()
 
         async def work(client: Client) -> None:
-            await client.flush()
+            # With migrations the VMs flush as the NBD plugin does, naming their handle
+            # (only the members changed since reached: Gateway.flush_changed); else
+            # every member syncs, as the seeds' schedules were made with.
+            await client.flush(self.handle or 0 if self.sim.migrations else 0)
 
         try:
             await self._call("flush", work)

@@ -34,7 +34,8 @@ from sheep.testing.sim import PLANTS, Simulation
                    " is caught by the first seed that fails).")
 @click.option("--migrations", is_flag=True,
               help="Clients also live-migrate: a new gateway, a handoff of the lock, and"
-                   " the old handle fenced.")
+                   " the old handle fenced; and they flush naming their handle, as the NBD"
+                   " plugin does.")
 @click.option("--lifecycle", is_flag=True,
               help="Clients also check snapshot diffs and change their VDIs' copies.")
 @click.option("-v", "--verbose", is_flag=True, help="Print the trace and the sheep's logs.")

@@ -212,3 +212,50 @@ def test_an_old_style_whole_read_still_returns_every_byte(cluster: InProcessClus
     assert reply.result == Result.SUCCESS
     assert [(offset, len(view)) for offset, view in proto.decode_extents(data, object_size)] == [
         (0, 2 * sums.BLOCK), (object_size // 2, sums.BLOCK)]
+
+
+def test_a_writers_flush_reaches_only_the_members_it_changed(tmp_path: Any) -> None:
+    """A VDI writer's flush syncs the members its sheep made changes on since the last
+    flush, not every member (each would cost a round trip and a wait for whatever
+    sync it had under way). A writable handle's first flush reaches every member (its
+    client may have written through another sheep before: a failover), and so does
+    a flush naming no VDI."""
+    cluster = InProcessCluster(str(tmp_path), nodes=5).start()
+
+    def flushes() -> list[int]:
+        return [sheep.peer.flushes for sheep in cluster.sheep]  # type: ignore[union-attr]
+
+    try:
+        with cluster.client(0) as client:
+            client.format(2, object_size)
+            client.vdi_create("v", 8 * object_size)
+            handle = client.vdi_open("v", writable=True)["handle"]
+            client.vdi_write(handle, 0, b"a" * 4096)  # allocates: the tree changes too
+            before = flushes()
+            client.flush(handle)
+            assert flushes() == [count + 1 for count in before]  # its first: everywhere
+            before = flushes()
+            client.vdi_write(handle, 4096, b"b" * 4096)  # the same object: nothing else
+            client.flush(handle)
+            oid = int(client.vdi_object("v", 0)["oid"])
+            holders = {replica["node_id"] for replica in client.stat(oid)["replicas"]}
+            reached = {sheep.node.node_id for sheep, was, now  # type: ignore[union-attr]
+                       in zip(cluster.sheep, before, flushes(), strict=True) if now > was}
+            assert reached == holders and len(holders) == 2
+            client.flush(handle)  # nothing changed since: nobody to sync
+            assert flushes() == [count + (sheep.node.node_id in holders)  # type: ignore[union-attr]
+                                 for sheep, count in zip(cluster.sheep, before, strict=True)]
+            before = flushes()
+            client.flush()  # names no VDI: every member
+            assert flushes() == [count + 1 for count in before]
+        # The writer moves to another sheep (as the NBD plugin fails over): the new
+        # handle's first flush reaches every member, the next only those changed since.
+        with cluster.client(1) as client:
+            handle = client.vdi_open("v", writable=True)["handle"]
+            before = flushes()
+            client.flush(handle)
+            assert flushes() == [count + 1 for count in before]
+            client.flush(handle)
+            assert flushes() == [count + 1 for count in before]
+    finally:
+        cluster.close()

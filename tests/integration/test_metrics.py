@@ -57,7 +57,7 @@ def test_the_counters_move_with_the_io_each_sheep_serves(cluster):
     assert value(before, "sheepdog_up") == 1.0
     assert value(before, "sheepdog_store_bytes", kind="capacity") > 0
     for name in ("sheepdog_recovery_objects_remaining", "sheepdog_recovery_bytes_total",
-                 "sheepdog_damaged_copies_total"):
+                 "sheepdog_damaged_copies_total", "sheepdog_flushes_total"):
         assert (name, ()) in before, name
     with cluster.client(0) as client:
         handle = client.vdi_open("alice", writable=True)["handle"]
@@ -74,6 +74,8 @@ def test_the_counters_move_with_the_io_each_sheep_serves(cluster):
     assert value(after, "sheepdog_vdi_ops_total", vdi="alice", op="read") == 3
     assert value(after, "sheepdog_vdi_bytes_total", vdi="alice", op="read") == 3 * 8192
     assert value(after, "sheepdog_vdi_ops_total", vdi="alice", op="flush") == 1
+    # The flush reached this sheep: it holds copies of what was written (2 sheep).
+    assert value(after, "sheepdog_flushes_total") - value(before, "sheepdog_flushes_total") == 1
     assert value(after, "sheepdog_vdi_latency_seconds_count", vdi="alice", op="write") == 10
     assert value(after, "sheepdog_vdi_latency_seconds_sum", vdi="alice", op="write") > 0
     assert value(after, "sheepdog_vdi_latency_seconds_bucket", vdi="alice", op="write",
