@@ -440,18 +440,25 @@ def test_a_copy_at_a_version_only_an_intent_promised_is_in_doubt_until_cleared(
     store.close()
 
 
+def synced_pair(tmp_path: Path, seed: int, size: int) -> tuple[FaultyIO, Store]:
+    """A store on a faulty disk with objects 0x11 and 0x22 (size bytes of "a", version
+    5), synced."""
+    io = FaultyIO(random.Random(seed))
+    store = new_store(tmp_path, io)
+    for oid in (0x11, 0x22):
+        store.create_and_write(oid, 0, b"a" * size, version=5)
+    store.sync()
+    return io, store
+
+
 def test_a_client_flush_keeps_intents_for_the_writes_after_it(tmp_path: Path) -> None:
     """A client's flush (linger) syncs the objects but keeps their intents: the writes
     that follow commit none before they start, and a power loss after them still
     finds those copies in doubt, their checksums recomputed from what the disk kept.
     The next sync of another kind lets go of the intents of objects not changed since,
     and keeps those of objects changed since."""
-    io = FaultyIO(random.Random(11))
-    store = new_store(tmp_path, io)
+    io, store = synced_pair(tmp_path, 11, 8192)
     path = store.path
-    for oid in (0x11, 0x22):
-        store.create_and_write(oid, 0, b"a" * 8192, version=5)
-    store.sync()
     assert store.needs_intent(0x11) and store.needs_intent(0x22)
     for oid in (0x11, 0x22):
         asyncio.run(store.ensure_intent(oid, 6))
@@ -487,12 +494,8 @@ def test_a_client_flush_keeps_intents_for_the_writes_after_it(tmp_path: Path) ->
 
 
 def test_a_replaced_or_removed_copy_is_no_longer_in_doubt(tmp_path: Path) -> None:
-    io = FaultyIO(random.Random(8))
-    store = new_store(tmp_path, io)
+    io, store = synced_pair(tmp_path, 8, 4096)
     path = store.path
-    for oid in (0x11, 0x22):
-        store.create_and_write(oid, 0, b"a" * 4096, version=5)
-    store.sync()
     for oid in (0x11, 0x22):
         asyncio.run(store.ensure_intent(oid, 6))
         store.write(oid, 0, b"lost", version=6)
