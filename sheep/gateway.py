@@ -138,9 +138,17 @@ class Gateway:
         self._version = 0
         # Set while this sheep is fenced, for drivers that fence (see Sheep._watch_fence).
         self.fenced: asyncio.Event | None = None
-        # The members holding changes this sheep made and had acknowledged since the
-        # last flush_changed began: what the next one syncs.
-        self._changed_on: set[str] = set()
+        # Flushes (flush_changed): each change this sheep has acknowledged is numbered;
+        # per member, the number of the last one made there, and the number up to which
+        # a finished flush made them durable there. A flush syncs the members where
+        # the first is past the second when it begins.
+        self._changes = 0
+        self._changed_on: dict[str, int] = {}
+        self._durable_on: dict[str, int] = {}
+        # The epoch of the last flush that reached every member: after a placement
+        # change the next one does again (recovery moved copies, unsynced, to members
+        # this sheep never changed anything on).
+        self._flushed_epoch = -1
         # The tasks running work under _fenceable (how deep), and those of them that
         # the fence has cancelled.
         self._fenceable_tasks: dict[asyncio.Task[Any], int] = {}
@@ -282,7 +290,8 @@ class Gateway:
             if task not in self._fenced_out:
                 raise  # cancelled by someone else: theirs to handle
             self._fenced_out.discard(task)
-            task.uncancel()
+            if task.uncancel() > 0:
+                raise  # someone else cancelled it too (a stop): that one stands
             raise Unavailable(fenced_message) from None
         finally:
             depth = self._fenceable_tasks.pop(task) - 1
@@ -290,7 +299,7 @@ class Gateway:
                 self._fenceable_tasks[task] = depth
             elif task in self._fenced_out:  # the work caught the cancellation itself
                 self._fenced_out.discard(task)
-                task.uncancel()
+                task.uncancel()  # (the work may answer late: it chose to go on)
         if self.fence_check():
             # Done, but the lease ran out meanwhile: the client must not take it as
             # done here (it retries through another sheep).
@@ -360,7 +369,7 @@ class Gateway:
                 for node, result in zip(targets, results, strict=True):
                     if not isinstance(result, BaseException):
                         applied[node.node_id] = result[1].get("arg0", 0)
-                        self._changed_on.add(node.node_id)
+                        self._changed(node.node_id)
                 missing = [node for node, result in zip(targets, results, strict=True)
                            if isinstance(result, NoObject)]
                 errors = [r for r in results if isinstance(r, BaseException)
@@ -431,7 +440,8 @@ class Gateway:
             results = await asyncio.gather(
                 *(self.call(node, header, payload, epoch) for node in nodes),
                 return_exceptions=True)
-            self._changed_on.update(node.node_id for node in nodes)
+            for node in nodes:
+                self._changed(node.node_id)
             errors = [r for r in results if isinstance(r, BaseException)]
             missing = [e for e in errors if isinstance(e, NoObject)]
             if len(missing) == len(nodes):
@@ -581,32 +591,44 @@ class Gateway:
     async def flush(self, header: Header, payload: bytes) -> Reply:
         """Every member syncs what changed on it (a flush that names no VDI, and a
         writable handle's first: sheep/daemon.py)."""
-        return await self._flush(None)
+        return await self._flush(everywhere=True)
 
     async def flush_changed(self) -> Reply:
         """A VDI writer's flush: only the members that this sheep made changes on, and
-        acknowledged, since the last flush began sync. Every change it acknowledged
-        before this flush began is on one of them (a change acknowledged after may not
-        be covered: no flush promises that). A flush reaching every member cost a
-        round trip to each, and waited for the slowest one's sync under way, whoever
-        it was for: in a cluster of many sheep, most had nothing of ours."""
-        return await self._flush(self._changed_on)
+        acknowledged, that no flush finished since has made durable. Every change it
+        acknowledged before this flush began is on one of them, or durable already;
+        a flush still under way covers nothing for it (it may fail, or have begun
+        before the change). A flush reaching every member cost a round trip to each,
+        and waited for the slowest one's sync under way, whoever it was for: in a
+        cluster of many sheep, most had nothing of ours."""
+        return await self._flush(everywhere=self.group.epoch != self._flushed_epoch)
 
-    async def _flush(self, only: set[str] | None) -> Reply:
-        changed, self._changed_on = self._changed_on, set()
+    def _changed(self, node_id: str) -> None:
+        self._changes += 1
+        self._changed_on[node_id] = self._changes
+
+    async def _flush(self, everywhere: bool) -> Reply:
+        marks = dict(self._changed_on)  # what this flush covers: changes acked so far
+        epoch = self.group.epoch
 
         async def attempt(epoch: int) -> Reply:
             nodes = [node for node in self.group.state.nodes
-                     if only is None or node.node_id in changed]
+                     if everywhere or marks.get(node.node_id, 0)
+                     > self._durable_on.get(node.node_id, 0)]
             if nodes:  # members that left hold no copy that counts any more
                 await self._all(nodes, Header(opcode=Op.FLUSH), b"", epoch)
             return b"", {}
 
-        try:
-            return await self._retrying(attempt)
-        except BaseException:
-            self._changed_on |= changed  # the next flush syncs them again
-            raise
+        reply = await self._retrying(attempt)
+        for node_id, mark in marks.items():
+            self._durable_on[node_id] = max(self._durable_on.get(node_id, 0), mark)
+        if everywhere:
+            self._flushed_epoch = max(self._flushed_epoch, epoch)
+        members = self.group.state.members
+        for gone in [node_id for node_id in self._changed_on if node_id not in members]:
+            del self._changed_on[gone]
+            self._durable_on.pop(gone, None)
+        return reply
 
     async def stat(self, header: Header, payload: bytes) -> Reply:
         epoch = self.group.epoch

@@ -362,7 +362,7 @@ class Peer:
 
     async def flush(self, header: Header, payload: bytes) -> Reply:
         self.flushes += 1
-        await self._sync(lambda: self.store.begin_sync(linger=True))
+        await self._sync(self.store.begin_sync)
         return _empty
 
     async def stat(self, header: Header, payload: bytes) -> Reply:

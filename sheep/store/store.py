@@ -155,8 +155,6 @@ class SyncJob:
     # no longer partial, its record goes).
     partials: dict[int, list[list[int]] | None] = field(default_factory=dict)
     wipes: int = 0  # the store's wipes when it began: after another, it has nothing to do
-    # A client's flush: the intents of the objects it syncs stay (Store.begin_sync).
-    linger: bool = False
 
 
 _zero_run_block = 64 << 10  # zero runs this size or more stay holes when filling
@@ -231,6 +229,7 @@ class Store:
         self.io = io or FileIO()
         self.checksums = checksums
         self._env: lmdb.Environment | None = None
+        self._anchor: int | None = None  # the object directory, open while the store is
         self._fds: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._dirty: set[int] = set()  # data written since the last sync
         self._fresh: set[int] = set()  # created since their last sync: not durable at all
@@ -242,9 +241,6 @@ class Store:
         # decided, so a deletion that reaches LMDB after a new intent for the same
         # object changes nothing.
         self._intents: dict[int, bytes] = {}
-        # Synced by a client's flush, their intents kept for the writes that follow it
-        # (begin_sync(linger=True)), until a sync of another kind finds them unchanged.
-        self._lingering: set[int] = set()
         self._intent_clear: dict[int, bytes] = {}  # intents to delete at the next commit
         # Copies in doubt (see the module doc), each with the epoch from which a crash
         # may have taken its writes.
@@ -292,6 +288,9 @@ class Store:
             fresh = not os.path.exists(os.path.join(self.path, "meta"))
             if not os.access(self.object_dir, os.R_OK | os.W_OK | os.X_OK):
                 raise PermissionError(errno.EACCES, f"{self.object_dir} is not writable")
+            # Opened before any write of this store's: a syncfs through it reports every
+            # writeback error of its filesystem since (FileIO.sync_many).
+            self._anchor = os.open(self.object_dir, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 self._env = lmdb.open(
                     os.path.join(self.path, "meta"), map_size=constants.lmdb_map_size_bytes,
@@ -460,6 +459,9 @@ class Store:
             if self._env is not None:
                 self._env.close()
                 self._env = None
+            if self._anchor is not None:
+                os.close(self._anchor)
+                self._anchor = None
 
     @property
     def env(self) -> lmdb.Environment:
@@ -1382,7 +1384,6 @@ class Store:
             self.io.sync_directory(self.path)  # the old files stay gone
             self.meta_executor.submit(self._drop_objects).result()
             self._intents.clear()
-            self._lingering.clear()
             self._intent_clear.clear()
             self._doubtful.clear()
             self._doubt_clear.clear()
@@ -1405,11 +1406,10 @@ class Store:
         """Objects changed since their last sync."""
         return len(self._meta)
 
-    def sync(self, linger: bool = False) -> None:
+    def sync(self) -> None:
         """Make every change so far durable: fsync changed objects, commit metadata.
-        (The owner must not run another sync meanwhile: see Peer.sync.) linger: as a
-        client's flush (begin_sync)."""
-        job = self.begin_sync(linger)
+        (The owner must not run another sync meanwhile: see Peer.sync.)"""
+        job = self.begin_sync()
         self.finish_sync(job)
         self.sync_done(job)
 
@@ -1454,19 +1454,11 @@ class Store:
         ranges = self._partial.get(oid)
         return None if ranges is None else [list(pair) for pair in ranges]
 
-    def begin_sync(self, linger: bool = False) -> SyncJob:
+    def begin_sync(self) -> SyncJob:
         """Take the changed objects as duplicated fds and their metadata as it is now,
         for finish_sync in a worker thread. Duplicates keep the files open even if the
-        fd cache closes them meanwhile.
-
-        linger (a client's flush): the synced objects keep their intents. A VM that
-        flushes every few writes writes the same objects again right after: each first
-        write since a sync commits an intent (an LMDB commit, two fdatasyncs) before it
-        may start, and its latency doubled so. Their intents go at the next sync of
-        another kind (the writeback every 30 s, recovery's) that finds them unchanged:
-        a crash leaves no more objects in doubt than a VM that never flushes does."""
+        fd cache closes them meanwhile."""
         job = self._begin()
-        job.linger = linger
         try:
             with _translated("sync store"):
                 for oid in self._dirty:
@@ -1512,7 +1504,8 @@ class Store:
         thread); closes its fds."""
         try:
             with _translated("sync store"):
-                self.io.sync_many(job.fds, job.directories, self.sync_executor)
+                self.io.sync_many(job.fds, job.directories, self.sync_executor,
+                                  self._anchor)
         finally:
             for fd in job.fds:
                 self.io.close(fd)
@@ -1604,23 +1597,10 @@ class Store:
         for oid in job.synced | job.metas.keys():
             if oid not in self._dirty:
                 self._fresh.discard(oid)
-        if not job.linger:
-            idle = [oid for oid in self._lingering if oid not in self._meta
-                    and oid not in self._dirty]
-            self._lingering.clear()
-            self._clear_intents(idle)
         for oid, frozen in job.metas.items():
             meta = self._meta.get(oid)
             if meta is not None and meta.gen == frozen[5] and oid not in self._dirty:
                 del self._meta[oid]
-                if job.linger:
-                    self._lingering.add(oid)
-                else:
-                    self._clear_intents([oid])
-
-    def _clear_intents(self, oids: list[int]) -> None:
-        """Their intents go at the next commit."""
-        for oid in oids:
-            token = self._intents.pop(oid, None)
-            if token is not None:
-                self._intent_clear[oid] = token
+                token = self._intents.pop(oid, None)
+                if token is not None:
+                    self._intent_clear[oid] = token

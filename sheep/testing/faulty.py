@@ -227,7 +227,7 @@ class FaultyIO(FileIO):
             self._files[target] = entry
 
     def sync_many(self, fds: list[int], directories: list[str],
-                  pool: concurrent.futures.Executor) -> None:
+                  pool: concurrent.futures.Executor, anchor: int | None = None) -> None:
         """Each file and directory as its own call, as modelled (a syncfs syncs them
         all, and more besides: never less than this)."""
         self.sync_each(fds, directories, pool)

@@ -5,8 +5,10 @@ extents and keep the holes; a malformed sparse copy is an error, never a copy.""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import struct
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -257,5 +259,56 @@ def test_a_writers_flush_reaches_only_the_members_it_changed(tmp_path: Any) -> N
             assert flushes() == [count + 1 for count in before]
             client.flush(handle)
             assert flushes() == [count + 1 for count in before]
+    finally:
+        cluster.close()
+
+
+def test_a_flush_waits_for_changes_another_flush_under_way_has_taken(tmp_path: Any) -> None:
+    """A writer's change is acknowledged, another client's flush begins (and hangs at
+    one of the change's members), then the writer flushes: the writer's flush syncs
+    the change's members itself rather than count on the flush under way (which may
+    fail, or hang): it answers only once they did. (Had the first flush taken the
+    members to sync for itself, the writer's would have found none and answered at
+    once, the change not yet durable.)"""
+    import concurrent.futures
+
+    cluster = InProcessCluster(str(tmp_path), nodes=5).start()
+    try:
+        with cluster.client(0) as writer, cluster.client(0) as other:
+            writer.format(2, object_size)
+            writer.vdi_create("v", 8 * object_size)
+            handle = writer.vdi_open("v", writable=True)["handle"]
+            writer.vdi_write(handle, 0, b"a" * 4096)
+            writer.flush(handle)  # its first: every member
+            reader = other.vdi_open("v")["handle"]
+            oid = int(writer.vdi_object("v", 0)["oid"])
+            holders = {replica["node_id"] for replica in writer.stat(oid)["replicas"]}
+            held = next(sheep for sheep in cluster.sheep
+                        if sheep.node is not None and sheep.node.node_id in holders)
+            assert held.peer is not None
+            gate: dict[str, asyncio.Event] = {}
+            real_flush = held.peer.flush
+
+            async def make_gate() -> None:
+                gate["open"] = asyncio.Event()
+
+            cluster.run(make_gate())
+
+            async def held_flush(header: Any, payload: bytes) -> Any:
+                await gate["open"].wait()
+                return await real_flush(header, payload)
+
+            held.peer.handlers[Op.FLUSH_PEER] = held_flush
+            writer.vdi_write(handle, 4096, b"b" * 4096)  # changes the holders
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                first = pool.submit(other.flush, reader)  # held at one of the holders
+                time.sleep(0.3)
+                second = pool.submit(writer.flush, handle)
+                time.sleep(0.3)
+                assert not first.done() and not second.done()
+                held.peer.handlers[Op.FLUSH_PEER] = real_flush
+                cluster._loop.call_soon_threadsafe(gate["open"].set)
+                first.result(30)
+                second.result(30)
     finally:
         cluster.close()

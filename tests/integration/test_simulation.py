@@ -32,7 +32,7 @@ import pytest
 from sheep.testing.sim import PLANTS, Simulation
 
 ROOT = Path(__file__).resolve().parents[2]
-ci_seeds = 12
+ci_seeds = 8
 first_catch = {"early-ack": 100, "lost-flush": 117, "no-fence": 2, "stale-read": 255,
                "long-lease": 425}
 # Seeds that failed once, replayed as they were found (seed, nodes, steps): a second

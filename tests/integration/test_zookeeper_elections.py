@@ -49,9 +49,9 @@ lease_s = session_timeout_s / 2
 tick_ms = 500
 vdi_name = "disk"
 vdi_size = 128 * MiB
-# 20 for the elections issue's soak (SHEEPDOG_LEADER_KILLS=20); 8 in the suite, whose
+# 20 for the elections issue's soak (SHEEPDOG_LEADER_KILLS=20); 5 in the suite, whose
 # time is budgeted: every round runs the same path (kill, elect, fio verifies).
-leader_kills = int(os.environ.get("SHEEPDOG_LEADER_KILLS", "8"))
+leader_kills = int(os.environ.get("SHEEPDOG_LEADER_KILLS", "5"))
 fio_region_bytes = 4 * MiB  # a fresh region (a fresh object) each round
 fio_rate = "2m"  # 4 MiB of writes last about 2 s: fio is mid-run at the kill
 kill_after_first_write_s = 0.5

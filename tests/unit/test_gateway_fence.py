@@ -98,6 +98,15 @@ def test_work_in_flight_gives_up_the_moment_the_fence_comes(tmp_path: Path) -> N
         with pytest.raises(asyncio.CancelledError):
             await third
         assert not gateway._fenceable_tasks and not gateway._fenced_out
+        # The fence and a stop cancel the same task in one turn: the stop's stands.
+        fourth = asyncio.ensure_future(gateway._fenceable(stuck("d")))
+        await asyncio.sleep(0.01)
+        state["fenced"] = True
+        assert gateway.fence_check()
+        fourth.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await fourth
+        assert not gateway._fenceable_tasks and not gateway._fenced_out
 
     try:
         asyncio.run(scenario())

@@ -1311,8 +1311,11 @@ def test_several_changed_files_are_synced_by_one_syncfs(
         pytest.skip("no syncfs that reports errors on this kernel")
     failing = {"now": False}
 
+    through: list[int] = []
+
     def recording_syncfs(fd: int) -> int:
         calls.append("syncfs")
+        through.append(fd)
         if failing["now"]:
             ctypes.set_errno(errno.EIO)
             return -1
@@ -1330,6 +1333,9 @@ def test_several_changed_files_are_synced_by_one_syncfs(
         store.create_and_write(oid, 0, b"a")
     store.sync()
     assert calls == ["syncfs"]
+    # Through the store's own fd, opened before any write: a file opened later would
+    # not hear of an earlier one's failed writeback.
+    assert through == [store._anchor]
     calls.clear()
     store.write(2, 0, b"b")
     store.sync()
@@ -1358,6 +1364,7 @@ def test_files_on_other_filesystems_are_synced_each(
     calls: list[str] = []
     monkeypatch.setattr(fileio, "_libc_syncfs", lambda fd: calls.append("syncfs") or 0)
     monkeypatch.setattr(os, "fdatasync", lambda fd: calls.append("fdatasync"))
+    anchor = os.open(tmp_path, os.O_RDONLY)
     here = os.open(tmp_path / "a", os.O_RDWR | os.O_CREAT)
     there = os.open(tmp_path / "b", os.O_RDWR | os.O_CREAT)
     real_fstat = os.fstat
@@ -1365,11 +1372,18 @@ def test_files_on_other_filesystems_are_synced_each(
                         else real_fstat(fd))  # as if b were on another filesystem
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            fileio.FileIO().sync_many([here, there], [], pool)
+            fileio.FileIO().sync_many([here, there], [], pool, anchor)
             assert sorted(calls) == ["fdatasync", "fdatasync"]
             calls.clear()
-            fileio.FileIO().sync_many([here], [str(tmp_path)], pool)
+            fileio.FileIO().sync_many([here], [str(tmp_path)], pool, anchor)
             assert calls == ["syncfs"]
+            calls.clear()
+            # No anchor (an fd opened before the writes): each file on its own, since a
+            # syncfs through a file opened later would not hear of an earlier one's
+            # failed writeback.
+            fileio.FileIO().sync_many([here], [str(tmp_path)], pool)
+            assert calls == ["fdatasync"]
     finally:
+        os.close(anchor)
         os.close(here)
         os.close(there)

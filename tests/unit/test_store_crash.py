@@ -119,7 +119,7 @@ def step(store: Store, model: Model, rng: random.Random) -> None:
         model.current[oid] = None
         model.may_be_absent.add(oid)
     else:
-        store.sync(linger=rng.random() < 0.5)  # a client's flush, or the writeback
+        store.sync()
         for each in oids:
             model.synced(each)
 
@@ -449,48 +449,6 @@ def synced_pair(tmp_path: Path, seed: int, size: int) -> tuple[FaultyIO, Store]:
         store.create_and_write(oid, 0, b"a" * size, version=5)
     store.sync()
     return io, store
-
-
-def test_a_client_flush_keeps_intents_for_the_writes_after_it(tmp_path: Path) -> None:
-    """A client's flush (linger) syncs the objects but keeps their intents: the writes
-    that follow commit none before they start, and a power loss after them still
-    finds those copies in doubt, their checksums recomputed from what the disk kept.
-    The next sync of another kind lets go of the intents of objects not changed since,
-    and keeps those of objects changed since."""
-    io, store = synced_pair(tmp_path, 11, 8192)
-    path = store.path
-    assert store.needs_intent(0x11) and store.needs_intent(0x22)
-    for oid in (0x11, 0x22):
-        asyncio.run(store.ensure_intent(oid, 6))
-        store.write(oid, 0, b"b" * 4096, version=6)
-    store.sync(linger=True)
-    assert not store.needs_intent(0x11) and not store.needs_intent(0x22)
-    store.write(0x11, 4096, b"c" * 4096, version=7)  # no intent committed first
-    crash(store, io, lose_all=True)
-    store = Store(path, io=io)
-    store.open()
-    assert store.counters["recomputed_after_crash"] == 2  # both: either may have changed
-    assert store.read(0x11, 0, 8192) == b"b" * 4096 + b"a" * 4096  # the flushed write
-    assert store.read(0x22, 0, 8192) == b"b" * 4096 + b"a" * 4096
-    for oid in (0x11, 0x22):
-        store.clear_doubt(oid)
-    store.sync()  # the restart's intents stay until a sync after it
-    store.write(0x11, 0, b"d" * 4096)
-    store.sync(linger=True)
-    store.write(0x22, 0, b"e" * 4096)
-    store.sync()  # 0x11 unchanged since the flush: its intent goes; 0x22's was new
-    assert store.needs_intent(0x11) and store.needs_intent(0x22)
-    store.write(0x22, 0, b"f" * 4096)
-    store.sync(linger=True)
-    store.sync()
-    assert store.needs_intent(0x22)
-    store.sync()  # intents let go of are deleted by the commit after (as ever)
-    crash(store, io, lose_all=True)
-    store = Store(path, io=io)
-    store.open()
-    assert store.counters["recomputed_after_crash"] == 0  # nothing in doubt any more
-    assert store.read(0x22, 0, 4096) == b"f" * 4096
-    store.close()
 
 
 def test_a_replaced_or_removed_copy_is_no_longer_in_doubt(tmp_path: Path) -> None:
