@@ -296,6 +296,8 @@ class Store:
                     os.path.join(self.path, "meta"), map_size=constants.lmdb_map_size_bytes,
                     max_dbs=constants.lmdb_max_dbs, sync=True, metasync=True, subdir=True)
             except lmdb.Error as error:
+                os.close(self._anchor)
+                self._anchor = None
                 raise SystemFailure(
                     f"the metadata of the store {self.path} is unreadable ({error}); refusing to"
                     " start rather than serve what it cannot vouch for. Move the directory"
