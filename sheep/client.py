@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -607,30 +609,50 @@ class SyncClient:
 
 
 class _Waiter:
-    """One blocking call's reply. ``done`` is a lock taken at creation and released by
-    the reader thread when the reply is in: the cheapest hand-over between threads
-    (threading.Event adds a Condition and a list of waiters)."""
+    """One blocking call's reply. ``done`` is a lock taken at creation and released,
+    under the connection's pending lock, when the reply is in or the connection failed
+    (``finished``): the cheapest hand-over between threads (threading.Event adds a
+    Condition and a list of waiters)."""
 
-    __slots__ = ("done", "into", "header", "data", "error")
+    __slots__ = ("done", "finished", "into", "header", "data", "error")
 
     def __init__(self, into: memoryview | None) -> None:
         self.done = threading.Lock()
         self.done.acquire()
+        self.finished = False
         self.into = into
         self.header: Header | None = None
         self.data: bytes = b""
         self.error: SheepError | None = None
+
+    def finish(self) -> None:
+        """Under the connection's pending lock."""
+        if not self.finished:
+            self.finished = True
+            self.done.release()
 
 
 class BlockingConnection:
     """One TCP connection shared by many threads (the NBD plugin's).
 
     Requests are pipelined: any thread sends (under a lock, a frame's parts in one
-    sendmsg), and one reader thread takes the replies, matching them by request id.
-    The reader receives through a FrameDecoder, as the sheep do: replies queued
+    sendmsg), and replies are matched by request id. One thread at a time reads them
+    (it holds the reading, ``_reading``):
+    - a caller that finds nobody reading reads itself, until its own reply is in (or
+      its deadline passes). A reply at queue depth 1 then wakes one thread, its
+      caller, where a reader thread would wake and then wake the caller: each
+      hand-over between Python threads costs tens of microseconds on a busy host;
+    - when that caller is done and other calls still wait, it hands the reading to the
+      connection's reader thread, which reads while any call waits and then sleeps
+      until handed the reading again. Under load the reader thread reads without a
+      break, so requests queued behind each other are not handed around.
+    Replies are received through a FrameDecoder, as the sheep do: replies queued
     behind each other come in one system call, and each is checked against its tag
     before a byte of it reaches its caller (a read's data is then copied into the
     buffer its caller passed, nbdkit's own).
+
+    An idle connection is not read: a sheep that closed it is noticed by the next
+    call, which fails with NetworkError as a request lost in flight does.
     """
 
     def __init__(self, host: str, port: int, credentials: CredentialsSource = None,
@@ -660,11 +682,19 @@ class BlockingConnection:
             raise
         self._sock.settimeout(None)
         detect_dead_peer(self._sock)
+        self._poller = select.poll()  # a reading caller's wait, bounded by its deadline
+        self._poller.register(self._sock, select.POLLIN)
         self._send_lock = threading.Lock()
         self._pending: dict[int, _Waiter] = {}
         self._pending_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._error: SheepError | None = None
+        # Under the pending lock: whether a caller or the reader thread reads, and
+        # whether the reader thread sleeps (on _reader_turn, released to wake it).
+        self._reading = False
+        self._reader_asleep = True
+        self._reader_turn = threading.Lock()
+        self._reader_turn.acquire()
         self._reader = threading.Thread(target=self._read_replies, daemon=True,
                                         name=f"sheep-reply-{host}:{port}")
         self._reader.start()
@@ -678,8 +708,8 @@ class BlockingConnection:
         return self._error is not None
 
     def _authenticate(self, credentials: auth.Credentials) -> auth.Sealer:
-        """The handshake, in this thread, before the reader starts (the socket still has
-        its connect timeout)."""
+        """The handshake, before anyone else reads (the socket still has its connect
+        timeout)."""
         handshake = auth.ClientHandshake(credentials)
         try:
             answer = self._exchange(Op.AUTH_HELLO, handshake.hello())
@@ -711,20 +741,33 @@ class BlockingConnection:
 
     def close(self) -> None:
         self._fail(NetworkError(f"connection to {self.endpoint} closed"))
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self._sock.close()
 
     def _fail(self, error: SheepError) -> None:
+        """The connection is over: every call waiting gets the error, the reader thread
+        ends, and the socket is shut down (which wakes whoever reads it)."""
         with self._pending_lock:
             if self._error is None:
                 self._error = error
             pending, self._pending = self._pending, {}
-        for waiter in pending.values():
-            waiter.error = error
-            waiter.done.release()
+            for waiter in pending.values():
+                waiter.error = error
+                waiter.finish()
+            self._wake_reader()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _lost(self, error: Exception) -> None:
+        """The reader's receive failed: the connection is over."""
+        lost = NetworkError(f"connection to {self.endpoint} lost: {error}")
+        with self._pending_lock:
+            filling, self._filling = self._filling, None
+            if filling is not None:  # off the pending list, its caller waiting on it
+                filling.error = lost
+                filling.finish()
+        self._fail(lost)
 
     def _receive(self) -> list[tuple[Header, bytes]]:
         """The frames that the next bytes received complete (often none, or several:
@@ -749,31 +792,93 @@ class BlockingConnection:
             self._filling = waiter
         return waiter.into
 
-    def _read_replies(self) -> None:
-        try:
-            while True:
-                for header, payload in self._receive():
-                    with self._pending_lock:
-                        waiter = self._pending.pop(header.request_id, None) or self._filling
-                        self._filling = None
-                    if waiter is None:  # timed out: its caller has gone
-                        continue
-                    into = waiter.into
-                    if into is not None and not header.result and len(into) == len(payload):
-                        if payload is not into:  # small: staged, or the frame's pieces
-                            into[:] = payload
-                    else:
-                        waiter.data = bytes(payload)
-                    waiter.header = header
-                    waiter.done.release()
-        except (OSError, ConnectionError, proto.ProtocolError) as error:
-            lost = NetworkError(f"connection to {self.endpoint} lost: {error}")
+    def _deliver(self, frames: list[tuple[Header, bytes]]) -> None:
+        for header, payload in frames:
             with self._pending_lock:
-                filling, self._filling = self._filling, None
-            if filling is not None:  # off the pending list, its caller waiting on it
-                filling.error = lost
-                filling.done.release()
-            self._fail(lost)
+                waiter = self._pending.pop(header.request_id, None) or self._filling
+                self._filling = None
+            if waiter is None:  # timed out: its caller has gone
+                continue
+            into = waiter.into
+            if into is not None and not header.result and len(into) == len(payload):
+                if payload is not into:  # small: staged, or the frame's pieces
+                    into[:] = payload
+            else:
+                waiter.data = bytes(payload)
+            waiter.header = header
+            with self._pending_lock:
+                waiter.finish()
+
+    def _wake_reader(self) -> None:
+        """Under the pending lock."""
+        if self._reader_asleep:
+            self._reader_asleep = False
+            self._reader_turn.release()
+
+    def _read_replies(self) -> None:
+        """The reader thread: reads while it holds the reading and a call waits."""
+        while True:
+            self._reader_turn.acquire()
+            try:
+                while True:
+                    with self._pending_lock:
+                        if self._error is not None:
+                            return
+                        if not self._pending and self._filling is None:
+                            self._reading = False
+                            self._reader_asleep = True
+                            break
+                    self._deliver(self._receive())
+            except (OSError, ConnectionError, proto.ProtocolError) as error:
+                self._lost(error)
+                return
+
+    def _read_for(self, waiter: _Waiter, deadline: float) -> None:
+        """A caller reads replies, its own and others', until its own is in or its
+        deadline passes (not while its data is landing in its buffer); then, if other
+        calls wait, the reader thread reads on."""
+        try:
+            while not waiter.finished:
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    wait_ms = max(1, int(remaining * 1000))
+                elif self._filling is waiter:
+                    wait_ms = -1
+                else:
+                    break
+                if self._poller.poll(wait_ms):
+                    self._deliver(self._receive())
+        except (OSError, ConnectionError, proto.ProtocolError) as error:
+            self._lost(error)
+        finally:
+            with self._pending_lock:
+                if (self._pending or self._filling is not None) and self._error is None:
+                    self._wake_reader()  # it holds the reading now
+                else:
+                    self._reading = False
+
+    def _await(self, waiter: _Waiter, request_id: int, timeout_ms: int) -> None:
+        """Until the reply is in or the connection failed: reading replies if nobody
+        else is, else asleep until the reply is handed over."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        with self._pending_lock:
+            reading = not self._reading and not waiter.finished
+            if reading:
+                self._reading = True
+        if reading:
+            self._read_for(waiter, deadline)
+        else:
+            waiter.done.acquire(timeout=max(0.0, deadline - time.monotonic()))
+        if waiter.finished:
+            return
+        with self._pending_lock:
+            filling = self._filling is waiter
+            if not filling and not waiter.finished:
+                self._pending.pop(request_id, None)
+                raise Timeout(f"no reply from {self.endpoint} within {timeout_ms} ms")
+        # Its data is landing in the caller's buffer: the caller may not reuse it until
+        # that ends, whole or with the connection (the reader thread reads it on).
+        waiter.done.acquire()
 
     def call(self, header: Header, payload: bytes | bytearray | memoryview = b"",
              into: memoryview | None = None,
@@ -800,15 +905,7 @@ class BlockingConnection:
                             sent = self._sock.sendmsg(views)
         except OSError as error:
             self._fail(NetworkError(f"connection to {self.endpoint} lost: {error}"))
-        if not waiter.done.acquire(timeout=timeout_ms / 1000):
-            with self._pending_lock:
-                self._pending.pop(request_id, None)
-                filling = self._filling is waiter
-            if not filling:
-                raise Timeout(f"no reply from {self.endpoint} within {timeout_ms} ms")
-            # Its data is landing in the caller's buffer: the caller may not reuse it
-            # until that ends, whole or with the connection.
-            waiter.done.acquire()
+        self._await(waiter, request_id, timeout_ms)
         if waiter.error is not None:
             raise waiter.error
         assert waiter.header is not None
