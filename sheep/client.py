@@ -651,8 +651,9 @@ class BlockingConnection:
     before a byte of it reaches its caller (a read's data is then copied into the
     buffer its caller passed, nbdkit's own).
 
-    An idle connection is not read: a sheep that closed it is noticed by the next
-    call, which fails with NetworkError as a request lost in flight does.
+    An idle connection is not read until ``closed`` is asked (the plugin asks before
+    each request): it takes in what came meanwhile, a sheep that closed the
+    connection or late replies to calls that timed out.
     """
 
     def __init__(self, host: str, port: int, credentials: CredentialsSource = None,
@@ -675,6 +676,7 @@ class BlockingConnection:
         # Replies, framed and opened: small ones staged and taken several per recv.
         self._decoder = proto.FrameDecoder(constants.handshake_payload_max_bytes, self._place)
         self._filling: _Waiter | None = None  # whose buffer a large reply is landing in
+        self._filling_id = 0  # and the request id of that reply
         try:
             self.sealer = self._authenticate(_resolve(credentials))
         except BaseException:
@@ -705,6 +707,11 @@ class BlockingConnection:
 
     @property
     def closed(self) -> bool:
+        """Whether the connection is over. Nobody reads an idle connection, so this
+        looks first: a sheep that closed it makes it closed now, before a request is
+        sent on it (the plugin asks before each request)."""
+        if self._error is None and not self._reading:
+            self._look()
         return self._error is not None
 
     def _authenticate(self, credentials: auth.Credentials) -> auth.Sealer:
@@ -745,14 +752,17 @@ class BlockingConnection:
 
     def _fail(self, error: SheepError) -> None:
         """The connection is over: every call waiting gets the error, the reader thread
-        ends, and the socket is shut down (which wakes whoever reads it)."""
+        ends, and the socket is shut down (which wakes whoever reads it). A reply
+        landing in its caller's buffer is left to the one reading it: that caller may
+        not have its buffer back while a receive can still write into it."""
         with self._pending_lock:
             if self._error is None:
                 self._error = error
             pending, self._pending = self._pending, {}
             for waiter in pending.values():
-                waiter.error = error
-                waiter.finish()
+                if waiter is not self._filling:
+                    waiter.error = error
+                    waiter.finish()
             self._wake_reader()
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
@@ -760,25 +770,37 @@ class BlockingConnection:
             pass
 
     def _lost(self, error: Exception) -> None:
-        """The reader's receive failed: the connection is over."""
+        """Reading failed (the connection broke, a frame failed its tag, or a bug): the
+        connection is over, for the call whose reply was landing in its buffer too."""
         lost = NetworkError(f"connection to {self.endpoint} lost: {error}")
         with self._pending_lock:
             filling, self._filling = self._filling, None
-            if filling is not None:  # off the pending list, its caller waiting on it
+            if filling is not None:
                 filling.error = lost
                 filling.finish()
         self._fail(lost)
 
     def _receive(self) -> list[tuple[Header, bytes]]:
         """The frames that the next bytes received complete (often none, or several:
-        replies queued behind each other come in one system call)."""
+        replies queued behind each other come in one system call). Handshake only:
+        afterwards _take delivers what a stream broken mid-way still gave."""
         count = self._sock.recv_into(self._decoder.get_buffer())
         if count == 0:
             raise ConnectionError("closed by the sheep")
         frames = self._decoder.buffer_updated(count)
         if self._decoder.error is not None:
-            raise self._decoder.error  # after the frames before the break: none are lost
+            raise self._decoder.error
         return frames
+
+    def _take(self) -> None:
+        """Receive what the socket has and hand the replies it completes to their
+        callers; raise when the stream broke, after the replies before the break."""
+        count = self._sock.recv_into(self._decoder.get_buffer())
+        if count == 0:
+            raise ConnectionError("closed by the sheep")
+        self._deliver(self._decoder.buffer_updated(count))
+        if self._decoder.error is not None:
+            raise self._decoder.error
 
     def _place(self, header: Header) -> memoryview | None:
         """Where a large reply's data goes: straight into its caller's buffer (nbdkit's
@@ -789,14 +811,16 @@ class BlockingConnection:
             waiter = self._pending.get(header.request_id)
             if waiter is None or waiter.into is None:
                 return None
-            self._filling = waiter
+            self._filling, self._filling_id = waiter, header.request_id
         return waiter.into
 
     def _deliver(self, frames: list[tuple[Header, bytes]]) -> None:
         for header, payload in frames:
             with self._pending_lock:
-                waiter = self._pending.pop(header.request_id, None) or self._filling
-                self._filling = None
+                waiter = self._pending.pop(header.request_id, None)
+                if self._filling is not None and self._filling_id == header.request_id:
+                    # Off the pending list only if the connection failed meanwhile.
+                    waiter, self._filling = self._filling, None
             if waiter is None:  # timed out: its caller has gone
                 continue
             into = waiter.into
@@ -815,6 +839,14 @@ class BlockingConnection:
             self._reader_asleep = False
             self._reader_turn.release()
 
+    def _hand_on(self) -> None:
+        """Under the pending lock, by a caller that reads and stops: the reader thread
+        reads on while calls wait (or a reply is landing in a buffer)."""
+        if self._filling is not None or (self._pending and self._error is None):
+            self._wake_reader()  # the reading is the reader thread's now
+        else:
+            self._reading = False
+
     def _read_replies(self) -> None:
         """The reader thread: reads while it holds the reading and a call waits."""
         while True:
@@ -822,18 +854,22 @@ class BlockingConnection:
             try:
                 while True:
                     with self._pending_lock:
-                        if self._error is not None:
-                            return
-                        if not self._pending and self._filling is None:
+                        if self._filling is None and (self._error is not None
+                                                      or not self._pending):
                             self._reading = False
+                            if self._error is not None:
+                                return
                             self._reader_asleep = True
                             break
-                    self._deliver(self._receive())
-            except (OSError, ConnectionError, proto.ProtocolError) as error:
+                    self._take()
+            except Exception as error:  # noqa: BLE001 - whatever it is, nobody else reads
                 self._lost(error)
+                with self._pending_lock:
+                    self._reading = False
                 return
 
-    def _read_for(self, waiter: _Waiter, deadline: float) -> None:
+    def _read_for(self, waiter: _Waiter, request_id: int, deadline: float,
+                  timeout_ms: int) -> None:
         """A caller reads replies, its own and others', until its own is in or its
         deadline passes (not while its data is landing in its buffer); then, if other
         calls wait, the reader thread reads on."""
@@ -847,15 +883,33 @@ class BlockingConnection:
                 else:
                     break
                 if self._poller.poll(wait_ms):
-                    self._deliver(self._receive())
-        except (OSError, ConnectionError, proto.ProtocolError) as error:
+                    self._take()
+        except Exception as error:  # noqa: BLE001 - the connection cannot go on
             self._lost(error)
         finally:
             with self._pending_lock:
-                if (self._pending or self._filling is not None) and self._error is None:
-                    self._wake_reader()  # it holds the reading now
-                else:
-                    self._reading = False
+                if not waiter.finished and self._filling is not waiter:
+                    self._pending.pop(request_id, None)
+                    waiter.error = Timeout(f"no reply from {self.endpoint} within"
+                                           f" {timeout_ms} ms")
+                    waiter.finish()
+                self._hand_on()
+
+    def _look(self) -> None:
+        """While nobody reads: take in what came (late replies to calls that timed out,
+        or the sheep closing the connection)."""
+        with self._pending_lock:
+            if self._reading or self._error is not None:
+                return
+            self._reading = True
+        try:
+            while self._poller.poll(0):
+                self._take()
+        except Exception as error:  # noqa: BLE001 - the connection cannot go on
+            self._lost(error)
+        finally:
+            with self._pending_lock:
+                self._hand_on()
 
     def _await(self, waiter: _Waiter, request_id: int, timeout_ms: int) -> None:
         """Until the reply is in or the connection failed: reading replies if nobody
@@ -866,28 +920,28 @@ class BlockingConnection:
             if reading:
                 self._reading = True
         if reading:
-            self._read_for(waiter, deadline)
-        else:
-            waiter.done.acquire(timeout=max(0.0, deadline - time.monotonic()))
-        if waiter.finished:
-            return
+            self._read_for(waiter, request_id, deadline, timeout_ms)
+            return  # finished: with its reply, the connection's failure or a timeout
+        waiter.done.acquire(timeout=max(0.0, deadline - time.monotonic()))
         with self._pending_lock:
-            filling = self._filling is waiter
-            if not filling and not waiter.finished:
-                self._pending.pop(request_id, None)
+            if waiter.finished:
+                return
+            if self._filling is not waiter and request_id in self._pending:
+                self._pending.pop(request_id)
                 raise Timeout(f"no reply from {self.endpoint} within {timeout_ms} ms")
-        # Its data is landing in the caller's buffer: the caller may not reuse it until
-        # that ends, whole or with the connection (the reader thread reads it on).
+        # Its reply is being handed over (copied into the caller's buffer, or landing
+        # there): the caller may not reuse the buffer until that ends, whole or with the
+        # connection.
         waiter.done.acquire()
 
     def call(self, header: Header, payload: bytes | bytearray | memoryview = b"",
              into: memoryview | None = None,
              timeout_ms: int = constants.peer_timeout_ms) -> tuple[Header, bytes]:
         """Send one request, wait for its reply; raise on a failed result."""
-        if self._error is not None:
-            raise self._error
         waiter = _Waiter(into)
         with self._pending_lock:
+            if self._error is not None:  # checked with the insertion: _fail swaps the list
+                raise self._error
             request_id = next(self._ids) & 0xFFFFFFFF
             self._pending[request_id] = waiter
         try:
@@ -905,6 +959,12 @@ class BlockingConnection:
                             sent = self._sock.sendmsg(views)
         except OSError as error:
             self._fail(NetworkError(f"connection to {self.endpoint} lost: {error}"))
+        except Exception:
+            # Not sent, or not whole, and the frame count may have moved on: the stream
+            # cannot go on.
+            self._fail(NetworkError(f"connection to {self.endpoint} abandoned: a request"
+                                    " could not be sent"))
+            raise
         self._await(waiter, request_id, timeout_ms)
         if waiter.error is not None:
             raise waiter.error

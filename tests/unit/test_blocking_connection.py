@@ -69,9 +69,18 @@ class DrivenSheep:
 
     def answer(self, header: Header, payload: bytes = b"", result: int = Result.SUCCESS
                ) -> None:
-        assert self.sock is not None and self.sealer is not None
+        self.send_raw(self.frame(header, payload, result))
+
+    def frame(self, header: Header, payload: bytes = b"", result: int = Result.SUCCESS
+              ) -> bytes:
+        """The reply's bytes, to send in pieces (frames count: send them in this order)."""
+        assert self.sealer is not None
+        return proto.encode(header.reply(result), payload, self.sealer)
+
+    def send_raw(self, data: bytes) -> None:
+        assert self.sock is not None
         with self._send:
-            self.sock.sendall(proto.encode(header.reply(result), payload, self.sealer))
+            self.sock.sendall(data)
 
     def close(self) -> None:
         if self.sock is not None:
@@ -121,13 +130,13 @@ def readers(conn: BlockingConnection) -> int:
 
 def test_a_lone_call_reads_its_own_reply_in_its_own_thread(sheep, connection):
     seen: list[str] = []
-    original = connection._receive
+    original = connection._take
 
-    def receive() -> list[tuple[Header, bytes]]:
+    def take() -> None:
         seen.append(threading.current_thread().name)
-        return original()
+        original()
 
-    connection._receive = receive  # type: ignore[method-assign]
+    connection._take = take  # type: ignore[method-assign]
     thread, outcome = call_in_thread(connection, Header(opcode=Op.PING))
     header, _ = sheep.next()
     sheep.answer(header, b"pong")
@@ -138,11 +147,21 @@ def test_a_lone_call_reads_its_own_reply_in_its_own_thread(sheep, connection):
 
 def test_replies_out_of_order_reach_their_callers_and_the_reader_thread_takes_over(
         sheep, connection):
-    calls = [call_in_thread(connection, Header(opcode=Op.PING, arg0=i)) for i in range(8)]
-    requests = [sheep.next() for _ in range(8)]
-    # The newest first: the first caller (reading) hands the reading on while the
-    # others still wait, and every one gets its own answer.
-    for header, _ in reversed(requests):
+    seen: list[str] = []
+    original = connection._take
+
+    def take() -> None:
+        seen.append(threading.current_thread().name)
+        original()
+
+    connection._take = take  # type: ignore[method-assign]
+    calls = [call_in_thread(connection, Header(opcode=Op.PING, arg0=0))]
+    requests = [sheep.next()]  # the first caller reads: nobody else was
+    calls += [call_in_thread(connection, Header(opcode=Op.PING, arg0=i)) for i in range(1, 8)]
+    requests += [sheep.next() for _ in range(7)]
+    # The reading caller's own first: it hands the reading on while the others wait;
+    # then the rest, the newest first. Every one gets its own answer.
+    for header, _ in [requests[0], *reversed(requests[1:])]:
         sheep.answer(header, f"answer {header.arg0}".encode())
     for (thread, outcome) in calls:
         thread.join(5)
@@ -150,12 +169,15 @@ def test_replies_out_of_order_reach_their_callers_and_the_reader_thread_takes_ov
     for index, (_, outcome) in enumerate(calls):
         reply_header, data = outcome["reply"]  # type: ignore[misc]
         assert reply_header.arg0 == index and data == f"answer {index}".encode()
-    # Once nothing waits, the next call reads for itself again.
+    assert any(name.startswith("sheep-reply-") for name in seen)  # the reader thread read
+    # Once nothing waits, the reader thread sleeps and the next call reads for itself.
+    seen.clear()
     thread, outcome = call_in_thread(connection, Header(opcode=Op.PING, arg0=99))
     header, _ = sheep.next()
     sheep.answer(header, b"last")
     thread.join(5)
     assert outcome["reply"][1] == b"last"  # type: ignore[index]
+    assert seen and set(seen) == {thread.name}
 
 
 def test_a_read_lands_in_the_callers_buffer(sheep, connection):
@@ -225,16 +247,38 @@ def test_a_lost_connection_fails_every_waiting_call_and_later_ones(sheep, connec
         connection.call(Header(opcode=Op.PING))
 
 
-def test_a_sheep_gone_while_idle_fails_the_next_call_not_a_later_one(sheep, connection):
+def test_a_sheep_gone_while_idle_makes_the_connection_closed_before_any_request(
+        sheep, connection):
+    """Nobody reads an idle connection, but asking whether it is closed looks: the
+    plugin asks before each request, and must not send a change on a dead connection
+    (its failover would then resume the lock as a contender that never held it)."""
     thread, outcome = call_in_thread(connection, Header(opcode=Op.PING))
     header, _ = sheep.next()
     sheep.answer(header)
     thread.join(5)
+    assert not connection.closed
     sheep.close()
-    time.sleep(0.1)
+    deadline = time.monotonic() + 5
+    while not connection.closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert connection.closed
+    assert sheep.requests.empty()
     with pytest.raises(NetworkError):
         connection.call(Header(opcode=Op.PING), timeout_ms=5000)
-    assert connection.closed
+
+
+def test_late_replies_on_an_idle_connection_are_taken_in(sheep, connection):
+    with pytest.raises(Timeout):
+        connection.call(Header(opcode=Op.PING, arg0=1), timeout_ms=100)
+    late, _ = sheep.next()
+    sheep.answer(late, b"too late")
+    time.sleep(0.1)
+    assert not connection.closed  # took the late reply in, and dropped it
+    thread, outcome = call_in_thread(connection, Header(opcode=Op.PING, arg0=2))
+    header, _ = sheep.next()
+    sheep.answer(header, b"mine")
+    thread.join(5)
+    assert outcome["reply"][1] == b"mine"  # type: ignore[index]
 
 
 def test_close_wakes_a_caller_reading_and_ends_the_reader_thread(sheep, connection):
@@ -276,7 +320,11 @@ def test_many_threads_many_calls_each_get_their_own_answer(sheep, connection):
     def work(worker: int) -> None:
         for index in range(150):
             tag = worker * 1000 + index
-            _, data = connection.call(Header(opcode=Op.PING, arg0=tag))
+            try:
+                _, data = connection.call(Header(opcode=Op.PING, arg0=tag), timeout_ms=10_000)
+            except Exception as error:  # noqa: BLE001 - a lost wake-up times out here
+                failures.append(f"{tag}: {error!r}")
+                return
             if int.from_bytes(data, "little") != tag:
                 failures.append(f"{tag} got {int.from_bytes(data, 'little')}")
             if index % 17 == worker:
@@ -291,3 +339,125 @@ def test_many_threads_many_calls_each_get_their_own_answer(sheep, connection):
     server.join(5)
     assert not failures
     assert not any(thread.is_alive() for thread in workers)
+
+
+LARGE = 256 * 1024  # above the decoder's staging: received straight into the buffer
+
+
+def test_a_reading_caller_past_its_deadline_keeps_its_buffer_until_the_reply_is_whole(
+        sheep, connection):
+    data = os.urandom(LARGE)
+    into = memoryview(bytearray(LARGE))
+    thread, outcome = call_in_thread(connection, Header(opcode=Op.VDI_READ, count=LARGE),
+                                     into=into, timeout_ms=200)
+    header, _ = sheep.next()
+    frame = sheep.frame(header, data)
+    sheep.send_raw(frame[:LARGE // 2])
+    time.sleep(0.5)  # past the deadline, mid-frame
+    assert thread.is_alive()
+    sheep.send_raw(frame[LARGE // 2:])
+    thread.join(5)
+    assert "error" not in outcome and bytes(into) == data
+
+
+def test_a_waiting_caller_past_its_deadline_keeps_its_buffer_until_the_reply_is_whole(
+        sheep, connection):
+    reader, reader_outcome = call_in_thread(connection, Header(opcode=Op.PING, arg0=1))
+    first, _ = sheep.next()
+    data = os.urandom(LARGE)
+    into = memoryview(bytearray(LARGE))
+    waiter, outcome = call_in_thread(connection, Header(opcode=Op.VDI_READ, count=LARGE),
+                                     into=into, timeout_ms=200)
+    header, _ = sheep.next()
+    frame = sheep.frame(header, data)
+    sheep.send_raw(frame[:LARGE // 2])  # the first caller reads it into the waiter's buffer
+    time.sleep(0.5)
+    assert waiter.is_alive()
+    sheep.send_raw(frame[LARGE // 2:])
+    waiter.join(5)
+    assert "error" not in outcome and bytes(into) == data
+    sheep.answer(first, b"ok")
+    reader.join(5)
+    assert reader_outcome["reply"][1] == b"ok"  # type: ignore[index]
+
+
+def test_a_small_reply_ahead_of_a_large_one_leaves_the_large_one_landing(sheep, connection):
+    """In one receive: a whole small reply, then the start of a large one placed in its
+    caller's buffer. Delivering the small one must not forget the large one landing."""
+    small, small_outcome = call_in_thread(connection, Header(opcode=Op.PING, arg0=1))
+    first, _ = sheep.next()
+    data = os.urandom(LARGE)
+    into = memoryview(bytearray(LARGE))
+    large, outcome = call_in_thread(connection, Header(opcode=Op.VDI_READ, count=LARGE),
+                                    into=into, timeout_ms=200)
+    header, _ = sheep.next()
+    small_frame = sheep.frame(first, b"small")
+    frame = sheep.frame(header, data)
+    sheep.send_raw(small_frame + frame[:LARGE // 2])
+    small.join(5)
+    assert small_outcome["reply"][1] == b"small"  # type: ignore[index]
+    time.sleep(0.5)  # the large call's deadline passes while its reply lands
+    assert large.is_alive()
+    sheep.send_raw(frame[LARGE // 2:])
+    large.join(5)
+    assert "error" not in outcome and bytes(into) == data
+
+
+def test_a_late_reply_never_goes_to_the_call_whose_reply_is_landing(sheep, connection):
+    with pytest.raises(Timeout):
+        connection.call(Header(opcode=Op.PING, arg0=1), timeout_ms=50)
+    gone, _ = sheep.next()
+    data = os.urandom(LARGE)
+    into = memoryview(bytearray(LARGE))
+    thread, outcome = call_in_thread(connection, Header(opcode=Op.VDI_READ, count=LARGE),
+                                     into=into)
+    header, _ = sheep.next()
+    late = sheep.frame(gone, b"x" * 100)
+    frame = sheep.frame(header, data)
+    # In one receive: the late reply whole, then the start of the large one, whose
+    # caller's buffer it lands in.
+    sheep.send_raw(late + frame[:LARGE // 2])
+    time.sleep(0.2)
+    assert thread.is_alive(), outcome  # not finished with the late reply's bytes
+    sheep.send_raw(frame[LARGE // 2:])
+    thread.join(5)
+    reply_header, _ = outcome["reply"]  # type: ignore[misc]
+    assert reply_header.request_id == header.request_id and bytes(into) == data
+
+
+class SlowBuffer:
+    """A caller's buffer that takes its time to be written (a reply's copy under way)."""
+
+    def __init__(self, size: int, seconds: float) -> None:
+        self.data = bytearray(size)
+        self.seconds = seconds
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __setitem__(self, key: slice, value: bytes) -> None:
+        time.sleep(self.seconds)
+        self.data[key] = value
+
+
+def test_a_deadline_passing_while_the_reply_is_copied_waits_for_the_copy(sheep, connection):
+    reader, reader_outcome = call_in_thread(connection, Header(opcode=Op.PING, arg0=1))
+    first, _ = sheep.next()
+    into = SlowBuffer(4096, 0.4)
+    waiter, outcome = call_in_thread(connection, Header(opcode=Op.VDI_READ, count=4096),
+                                     into=into, timeout_ms=200)
+    header, _ = sheep.next()
+    sheep.answer(header, b"d" * 4096)  # copied by the first caller, slowly, past 200 ms
+    waiter.join(5)
+    assert "error" not in outcome, outcome
+    assert bytes(into.data) == b"d" * 4096
+    sheep.answer(first, b"ok")
+    reader.join(5)
+    assert reader_outcome["reply"][1] == b"ok"  # type: ignore[index]
+
+
+def test_a_request_that_cannot_be_sent_abandons_the_connection(sheep, connection):
+    with pytest.raises(Exception) as raised:
+        connection.call(Header(opcode=Op.PING, offset=-1))  # no such u64
+    assert not isinstance(raised.value, Timeout)
+    assert connection.closed and not connection._pending
