@@ -14,10 +14,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import select
 import socket
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -636,24 +634,18 @@ class BlockingConnection:
     """One TCP connection shared by many threads (the NBD plugin's).
 
     Requests are pipelined: any thread sends (under a lock, a frame's parts in one
-    sendmsg), and replies are matched by request id. One thread at a time reads them
-    (it holds the reading, ``_reading``):
-    - a caller that finds nobody reading reads itself, until its own reply is in (or
-      its deadline passes). A reply at queue depth 1 then wakes one thread, its
-      caller, where a reader thread would wake and then wake the caller: each
-      hand-over between Python threads costs tens of microseconds on a busy host;
-    - when that caller is done and other calls still wait, it hands the reading to the
-      connection's reader thread, which reads while any call waits and then sleeps
-      until handed the reading again. Under load the reader thread reads without a
-      break, so requests queued behind each other are not handed around.
-    Replies are received through a FrameDecoder, as the sheep do: replies queued
+    sendmsg), and one reader thread takes the replies, matching them by request id.
+    The reader receives through a FrameDecoder, as the sheep do: replies queued
     behind each other come in one system call, and each is checked against its tag
     before a byte of it reaches its caller (a read's data is then copied into the
-    buffer its caller passed, nbdkit's own).
+    buffer its caller passed, nbdkit's own, or received straight into it when large).
+    A caller gets its buffer back only once nothing more can be written into it: a
+    reply landing there or being copied when the caller's deadline passes is waited
+    for.
 
-    An idle connection is not read until ``closed`` is asked (the plugin asks before
-    each request): it takes in what came meanwhile, a sheep that closed the
-    connection or late replies to calls that timed out.
+    (Callers reading their own replies, leader and followers, so that a reply at
+    queue depth 1 wakes one thread instead of two, measured level with this through
+    nbdkit and fio, and was dropped: docs/design.md.)
     """
 
     def __init__(self, host: str, port: int, credentials: CredentialsSource = None,
@@ -684,19 +676,11 @@ class BlockingConnection:
             raise
         self._sock.settimeout(None)
         detect_dead_peer(self._sock)
-        self._poller = select.poll()  # a reading caller's wait, bounded by its deadline
-        self._poller.register(self._sock, select.POLLIN)
         self._send_lock = threading.Lock()
         self._pending: dict[int, _Waiter] = {}
         self._pending_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._error: SheepError | None = None
-        # Under the pending lock: whether a caller or the reader thread reads, and
-        # whether the reader thread sleeps (on _reader_turn, released to wake it).
-        self._reading = False
-        self._reader_asleep = True
-        self._reader_turn = threading.Lock()
-        self._reader_turn.acquire()
         self._reader = threading.Thread(target=self._read_replies, daemon=True,
                                         name=f"sheep-reply-{host}:{port}")
         self._reader.start()
@@ -707,16 +691,11 @@ class BlockingConnection:
 
     @property
     def closed(self) -> bool:
-        """Whether the connection is over. Nobody reads an idle connection, so this
-        looks first: a sheep that closed it makes it closed now, before a request is
-        sent on it (the plugin asks before each request)."""
-        if self._error is None and not self._reading:
-            self._look()
         return self._error is not None
 
     def _authenticate(self, credentials: auth.Credentials) -> auth.Sealer:
-        """The handshake, before anyone else reads (the socket still has its connect
-        timeout)."""
+        """The handshake, in this thread, before the reader starts (the socket still has
+        its connect timeout)."""
         handshake = auth.ClientHandshake(credentials)
         try:
             answer = self._exchange(Op.AUTH_HELLO, handshake.hello())
@@ -751,10 +730,10 @@ class BlockingConnection:
         self._sock.close()
 
     def _fail(self, error: SheepError) -> None:
-        """The connection is over: every call waiting gets the error, the reader thread
-        ends, and the socket is shut down (which wakes whoever reads it). A reply
-        landing in its caller's buffer is left to the one reading it: that caller may
-        not have its buffer back while a receive can still write into it."""
+        """The connection is over: every call waiting gets the error, and the socket is
+        shut down, which ends the reader. A reply landing in its caller's buffer is
+        left to the reader: that caller may not have its buffer back while a receive
+        can still write into it."""
         with self._pending_lock:
             if self._error is None:
                 self._error = error
@@ -763,7 +742,6 @@ class BlockingConnection:
                 if waiter is not self._filling:
                     waiter.error = error
                     waiter.finish()
-            self._wake_reader()
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -782,7 +760,7 @@ class BlockingConnection:
 
     def _receive(self) -> list[tuple[Header, bytes]]:
         """The frames that the next bytes received complete (often none, or several:
-        replies queued behind each other come in one system call). Handshake only:
+        replies queued behind each other come in one system call). The handshake's:
         afterwards _take delivers what a stream broken mid-way still gave."""
         count = self._sock.recv_into(self._decoder.get_buffer())
         if count == 0:
@@ -833,96 +811,17 @@ class BlockingConnection:
             with self._pending_lock:
                 waiter.finish()
 
-    def _wake_reader(self) -> None:
-        """Under the pending lock."""
-        if self._reader_asleep:
-            self._reader_asleep = False
-            self._reader_turn.release()
-
-    def _hand_on(self) -> None:
-        """Under the pending lock, by a caller that reads and stops: the reader thread
-        reads on while calls wait (or a reply is landing in a buffer)."""
-        if self._filling is not None or (self._pending and self._error is None):
-            self._wake_reader()  # the reading is the reader thread's now
-        else:
-            self._reading = False
-
     def _read_replies(self) -> None:
-        """The reader thread: reads while it holds the reading and a call waits."""
-        while True:
-            self._reader_turn.acquire()
-            try:
-                while True:
-                    with self._pending_lock:
-                        if self._filling is None and (self._error is not None
-                                                      or not self._pending):
-                            self._reading = False
-                            if self._error is not None:
-                                return
-                            self._reader_asleep = True
-                            break
-                    self._take()
-            except Exception as error:  # noqa: BLE001 - whatever it is, nobody else reads
-                self._lost(error)
-                with self._pending_lock:
-                    self._reading = False
-                return
-
-    def _read_for(self, waiter: _Waiter, request_id: int, deadline: float,
-                  timeout_ms: int) -> None:
-        """A caller reads replies, its own and others', until its own is in or its
-        deadline passes (not while its data is landing in its buffer); then, if other
-        calls wait, the reader thread reads on."""
         try:
-            while not waiter.finished:
-                remaining = deadline - time.monotonic()
-                if remaining > 0:
-                    wait_ms = max(1, int(remaining * 1000))
-                elif self._filling is waiter:
-                    wait_ms = -1
-                else:
-                    break
-                if self._poller.poll(wait_ms):
-                    self._take()
-        except Exception as error:  # noqa: BLE001 - the connection cannot go on
-            self._lost(error)
-        finally:
-            with self._pending_lock:
-                if not waiter.finished and self._filling is not waiter:
-                    self._pending.pop(request_id, None)
-                    waiter.error = Timeout(f"no reply from {self.endpoint} within"
-                                           f" {timeout_ms} ms")
-                    waiter.finish()
-                self._hand_on()
-
-    def _look(self) -> None:
-        """While nobody reads: take in what came (late replies to calls that timed out,
-        or the sheep closing the connection)."""
-        with self._pending_lock:
-            if self._reading or self._error is not None:
-                return
-            self._reading = True
-        try:
-            while self._poller.poll(0):
+            while True:
                 self._take()
-        except Exception as error:  # noqa: BLE001 - the connection cannot go on
+        except Exception as error:  # noqa: BLE001 - whatever it is, nobody else reads
             self._lost(error)
-        finally:
-            with self._pending_lock:
-                self._hand_on()
 
     def _await(self, waiter: _Waiter, request_id: int, timeout_ms: int) -> None:
-        """Until the reply is in or the connection failed: reading replies if nobody
-        else is, else asleep until the reply is handed over."""
-        deadline = time.monotonic() + timeout_ms / 1000
-        with self._pending_lock:
-            reading = not self._reading and not waiter.finished
-            if reading:
-                self._reading = True
-        if reading:
-            self._read_for(waiter, request_id, deadline, timeout_ms)
-            return  # finished: with its reply, the connection's failure or a timeout
-        waiter.done.acquire(timeout=max(0.0, deadline - time.monotonic()))
+        """Until the reply is in, the connection failed or the deadline passed."""
+        if waiter.done.acquire(timeout=timeout_ms / 1000):
+            return
         with self._pending_lock:
             if waiter.finished:
                 return
