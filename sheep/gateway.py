@@ -261,7 +261,8 @@ class Gateway:
                         results[index] = error
         finally:
             for request in sent:  # cancelled meanwhile: nobody waits for the rest
-                if isinstance(request, asyncio.Future) and not request.done():
+                if isinstance(request, asyncio.Future):
+                    # Failed already (a connection lost) or later: retrieved either way.
                     request.add_done_callback(_retrieved)
         assert all(result is not None for result in results)
         return results  # type: ignore[return-value]  # every slot filled above

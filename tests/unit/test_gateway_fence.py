@@ -4,16 +4,19 @@ up at once, answered as unavailable, in the requests' own tasks."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sheep.cluster_state import ClusterState
-from sheep.errors import Unavailable
+from sheep.errors import NetworkError, Unavailable
 from sheep.gateway import Gateway, PeerPool
 from sheep.group import Group
+from sheep.node import NodeInfo
 from sheep.peer import Peer
+from sheep.proto import Header, Op
 from sheep.store.store import Store
 
 
@@ -112,3 +115,44 @@ def test_work_in_flight_gives_up_the_moment_the_fence_comes(tmp_path: Path) -> N
         asyncio.run(scenario())
     finally:
         store.close()
+
+
+def test_replies_failed_before_a_cancel_are_retrieved(tmp_path: Path) -> None:
+    """A write sent to a remote replica whose connection is lost at once, while the
+    local copy's write is still under way, then cancelled (the fence, a stop): the
+    failed reply is retrieved, not logged later as 'Future exception was never
+    retrieved' (the simulator printed it, seed 36 with --migrations --lifecycle)."""
+    gateway, store, _ = _gateway(tmp_path)
+    local = NodeInfo("n1", "127.0.0.1", 7000, zone=1, weight=1)
+    remote = NodeInfo("n2", "127.0.0.2", 7000, zone=2, weight=1)
+    unretrieved: list[str] = []
+
+    class Lost:
+        def send(self, header: Header, payload: bytes) -> asyncio.Future[Any]:
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(NetworkError("connection to 127.0.0.2:7000 lost"))
+            return future
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _, context: unretrieved.append(context["message"]))
+        gateway.pool.ready = lambda node: Lost() if node is remote else None  # type: ignore[method-assign]
+
+        async def local_write(*_: Any) -> Any:
+            await asyncio.Event().wait()  # the local copy's write, under way
+
+        gateway.call = local_write  # type: ignore[method-assign]
+        header = Header(opcode=Op.WRITE_OBJ, oid=1, count=1)
+        task = loop.create_task(gateway.call_all([remote, local], header, b"x", 1))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        del task
+        await asyncio.sleep(0.01)
+        gc.collect()
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    store.close()
+    assert not [m for m in unretrieved if "never retrieved" in m], unretrieved
