@@ -749,8 +749,9 @@ class BlockingConnection:
 
     def _lost(self, error: Exception) -> None:
         """Reading failed (the connection broke, a frame failed its tag, or a bug): the
-        connection is over, for the call whose reply was landing in its buffer too."""
-        lost = NetworkError(f"connection to {self.endpoint} lost: {error}")
+        connection is over, for the call whose reply was landing in its buffer too (with
+        the reason the connection was given up, if it was: that ended the receive)."""
+        lost = self._error or NetworkError(f"connection to {self.endpoint} lost: {error}")
         with self._pending_lock:
             filling, self._filling = self._filling, None
             if filling is not None:
@@ -780,14 +781,15 @@ class BlockingConnection:
         if self._decoder.error is not None:
             raise self._decoder.error
 
-    def _place(self, header: Header) -> memoryview | None:
+    def _place(self, header: Header, length: int) -> memoryview | None:
         """Where a large reply's data goes: straight into its caller's buffer (nbdkit's
-        own), which is then being filled until the frame is whole."""
+        own), when it is the reply's length. The decoder then uses it: it is being
+        filled until the frame is whole."""
         if header.result:
             return None
         with self._pending_lock:
             waiter = self._pending.get(header.request_id)
-            if waiter is None or waiter.into is None:
+            if waiter is None or waiter.into is None or len(waiter.into) != length:
                 return None
             self._filling, self._filling_id = waiter, header.request_id
         return waiter.into
@@ -802,11 +804,19 @@ class BlockingConnection:
             if waiter is None:  # timed out: its caller has gone
                 continue
             into = waiter.into
-            if into is not None and not header.result and len(into) == len(payload):
-                if payload is not into:  # small: staged, or the frame's pieces
-                    into[:] = payload
-            else:
-                waiter.data = bytes(payload)
+            try:
+                if into is not None and not header.result and len(into) == len(payload):
+                    if payload is not into:  # small: staged, or the frame's pieces
+                        into[:] = payload
+                else:
+                    waiter.data = bytes(payload)
+            except BaseException as error:
+                # Off the pending list: nobody else would ever finish it.
+                with self._pending_lock:
+                    waiter.error = NetworkError(f"connection to {self.endpoint} lost: the"
+                                                f" reply could not be handed over ({error!r})")
+                    waiter.finish()
+                raise
             waiter.header = header
             with self._pending_lock:
                 waiter.finish()
@@ -825,9 +835,16 @@ class BlockingConnection:
         with self._pending_lock:
             if waiter.finished:
                 return
-            if self._filling is not waiter and request_id in self._pending:
+            filling = self._filling is waiter
+            if not filling and request_id in self._pending:
                 self._pending.pop(request_id)
                 raise Timeout(f"no reply from {self.endpoint} within {timeout_ms} ms")
+        if filling:
+            # Its reply stalled mid-frame, landing in the caller's buffer: the
+            # connection is given up, which ends the reader's receive, and with it the
+            # landing (a sheep alive but stalled would otherwise hold the caller for good).
+            self._fail(NetworkError(f"connection to {self.endpoint} abandoned: a reply"
+                                    f" stalled mid-frame past {timeout_ms} ms"))
         # Its reply is being handed over (copied into the caller's buffer, or landing
         # there): the caller may not reuse the buffer until that ends, whole or with the
         # connection.

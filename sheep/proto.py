@@ -415,15 +415,15 @@ class FrameDecoder:
     staging_bytes = 128 * 1024  # a header and a payload up to direct_min_bytes fit
 
     def __init__(self, payload_max_bytes: int = constants.payload_max_bytes,
-                 place: Callable[[Header], memoryview | None] | None = None) -> None:
+                 place: Callable[[Header, int], memoryview | None] | None = None) -> None:
         self._staging = bytearray(self.staging_bytes)
         self._view = memoryview(self._staging)
         self._start = 0  # undecoded bytes are _staging[_start:_end]
         self._end = 0
         self._header: Header | None = None
-        # Where a large payload may go: place(header) gives a buffer of its caller's, or
-        # None. Used when it is exactly the payload's length (and the payload is not
-        # encrypted): the payload is then received into it, and comes out as it.
+        # Where a large payload may go: place(header, length) gives a buffer of its
+        # caller's of exactly the payload's length, or None. Asked only when the payload
+        # is not encrypted; the payload is then received into it, and comes out as it.
         self._place = place
         # The payload being received in place: its full chunks, the chunk being filled,
         # the chunks decided already (a placed payload's tag).
@@ -601,17 +601,19 @@ class FrameDecoder:
         return header.with_length(len(payload)), payload
 
     def _placed(self, header: Header) -> memoryview | None:
-        """The caller's buffer for this large payload, if it has one that fits."""
+        """The caller's buffer for this large payload, if it has one that fits. It is
+        asked only for a payload it can take (not ciphertext, which is opened into a
+        buffer of the cipher's), and told the payload's length: a buffer it gives is
+        then used, whole."""
         if self._place is None:
             return None
-        place = self._place(header)
-        if place is None:
-            return None
-        if self._sealer is None:
-            return place if len(place) == header.length else None
-        if self._sealer.sealed(header.opcode) or len(place) != header.length - auth.TAG_BYTES:
-            return None  # ciphertext is opened into a buffer of the cipher's
-        return place
+        length = header.length
+        if self._sealer is not None:
+            if self._sealer.sealed(header.opcode):
+                return None
+            length -= auth.TAG_BYTES
+        place = self._place(header, length)
+        return place if place is not None and len(place) == length else None
 
     def _open(self, header: Header, frame: memoryview) -> bytes | memoryview:
         """The payload of a whole staged sealed frame; a wrong tag breaks the stream
