@@ -154,13 +154,20 @@ def test_a_sealed_decoder_opens_frames_whole_or_in_pieces(mode):
 @pytest.mark.parametrize("mode", ["sign", "encrypt"])
 @pytest.mark.parametrize("cut", [None, 1000, 70000])
 def test_a_large_payload_lands_in_the_buffer_its_caller_placed(mode, cut):
-    """place(header) names a buffer (nbdkit's, for a read): a signed payload of exactly
-    its length is received into it and comes out as it; an encrypted one, or a buffer
-    of another length, is opened into the decoder's own."""
+    """place(header, length) names a buffer (nbdkit's, for a read): a signed payload of
+    exactly its length is received into it and comes out as it; an encrypted one, or a
+    buffer of another length, is opened into the decoder's own. The decoder asks only
+    for a payload it can take, telling its length."""
     size = 1 << 20
     buffers = {1: memoryview(bytearray(size)), 2: memoryview(bytearray(size - 1))}
+    asked: list[tuple[int, int]] = []
+
+    def place(header: Header, length: int) -> memoryview | None:
+        asked.append((header.request_id, length))
+        return buffers.get(header.request_id)
+
     client, server = pair(auth.new_key(), mode=mode)
-    decoder = proto.FrameDecoder(1 << 21, lambda header: buffers.get(header.request_id))
+    decoder = proto.FrameDecoder(1 << 21, place)
     decoder.seal(server)
     data = random.Random(3).randbytes(size)
     wire = b"".join(proto.encode(Header(Op.VDI_READ, request_id=i, flags=proto.FLAG_REPLY),
@@ -173,6 +180,7 @@ def test_a_large_payload_lands_in_the_buffer_its_caller_placed(mode, cut):
     assert (got[0][1] is buffers[1]) == (mode == "sign")
     assert bytes(buffers[1]) == (data if mode == "sign" else bytes(size))
     assert got[1][1] is not buffers[2]
+    assert asked == ([] if mode == "encrypt" else [(1, size), (2, size)])
     bad = bytearray(proto.encode(Header(Op.VDI_READ, request_id=1), data, client))
     bad[proto.HEADER_SIZE + 5] ^= 1
     with pytest.raises(proto.ProtocolError, match="integrity"):  # its call fails
