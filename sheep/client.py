@@ -14,13 +14,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from sheep import auth, constants, proto
-from sheep.errors import NetworkError, SheepError, Timeout, error_for
+from sheep.errors import InvalidParameters, NetworkError, SheepError, Timeout, error_for
 from sheep.proto import Header, Op
 from sheep.world import Network
 
@@ -606,6 +608,10 @@ class SyncClient:
         return call
 
 
+class _SendStalled(Exception):
+    """A frame begun could not be finished by its deadline."""
+
+
 class _Waiter:
     """One blocking call's reply. ``done`` is a lock taken at creation and released,
     under the connection's pending lock, when the reply is in or the connection failed
@@ -637,8 +643,9 @@ class BlockingConnection:
     sendmsg), and one reader thread takes the replies, matching them by request id.
     The reader receives through a FrameDecoder, as the sheep do: replies queued
     behind each other come in one system call, and each is checked against its tag
-    before a byte of it reaches its caller (a read's data is then copied into the
-    buffer its caller passed, nbdkit's own, or received straight into it when large).
+    before its caller is told it is in (a read's data is then copied into the buffer
+    its caller passed, nbdkit's own; a large one is received straight into it, and a
+    wrong tag then fails the call: the buffer's bytes are not the reply's).
     A caller gets its buffer back only once nothing more can be written into it: a
     reply landing there or being copied when the caller's deadline passes is waited
     for.
@@ -805,11 +812,15 @@ class BlockingConnection:
                 continue
             into = waiter.into
             try:
-                if into is not None and not header.result and len(into) == len(payload):
+                if into is None or header.result:
+                    waiter.data = bytes(payload)
+                elif len(into) == len(payload):
                     if payload is not into:  # small: staged, or the frame's pieces
                         into[:] = payload
-                else:
-                    waiter.data = bytes(payload)
+                else:  # never success with the caller's buffer left as it was
+                    waiter.error = NetworkError(
+                        f"a reply of {len(payload)} bytes from {self.endpoint} for a"
+                        f" buffer of {len(into)}")
             except BaseException as error:
                 # Off the pending list: nobody else would ever finish it.
                 with self._pending_lock:
@@ -828,16 +839,17 @@ class BlockingConnection:
         except Exception as error:  # noqa: BLE001 - whatever it is, nobody else reads
             self._lost(error)
 
-    def _await(self, waiter: _Waiter, request_id: int, timeout_ms: int) -> None:
+    def _await(self, waiter: _Waiter, request_id: int, seconds: float,
+               timeout_ms: int) -> None:
         """Until the reply is in, the connection failed or the deadline passed."""
-        if waiter.done.acquire(timeout=timeout_ms / 1000):
+        if waiter.done.acquire(timeout=seconds):
             return
         with self._pending_lock:
             if waiter.finished:
                 return
             filling = self._filling is waiter
-            if not filling and request_id in self._pending:
-                self._pending.pop(request_id)
+            if not filling and self._pending.get(request_id) is waiter:
+                del self._pending[request_id]
                 raise Timeout(f"no reply from {self.endpoint} within {timeout_ms} ms")
         if filling:
             # Its reply stalled mid-frame, landing in the caller's buffer: the
@@ -853,26 +865,68 @@ class BlockingConnection:
     def call(self, header: Header, payload: bytes | bytearray | memoryview = b"",
              into: memoryview | None = None,
              timeout_ms: int = constants.peer_timeout_ms) -> tuple[Header, bytes]:
-        """Send one request, wait for its reply; raise on a failed result."""
+        """Send one request, wait for its reply; raise on a failed result. ``into``: a
+        buffer the reply's data must fill exactly (a read's); a reply of another
+        length fails the call. Sending waits no longer than the deadline either: a
+        sheep that stops reading (or reads a trickle) fails the connection."""
+        if not 0 <= timeout_ms <= threading.TIMEOUT_MAX * 1000:
+            raise InvalidParameters(f"timeout of {timeout_ms} ms: from 0 to"
+                                    f" {int(threading.TIMEOUT_MAX * 1000)}")
+        if not isinstance(payload, bytes | bytearray):
+            payload = memoryview(payload).cast("B")  # lengths count bytes, not items
+        if into is not None and isinstance(into, memoryview) and into.itemsize != 1:
+            into = into.cast("B")
+        deadline = time.monotonic() + timeout_ms / 1000
         waiter = _Waiter(into)
         with self._pending_lock:
             if self._error is not None:  # checked with the insertion: _fail swaps the list
                 raise self._error
             request_id = next(self._ids) & 0xFFFFFFFF
+            while request_id in self._pending:  # wrapped around to one still waiting
+                request_id = next(self._ids) & 0xFFFFFFFF
             self._pending[request_id] = waiter
+        self._send(header, payload, request_id, waiter, deadline, timeout_ms)
+        self._await(waiter, request_id, max(0.0, deadline - time.monotonic()), timeout_ms)
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.header is not None
+        if waiter.header.result:
+            raise error_for(waiter.header.result, proto.error_message(waiter.data) or None)
+        return waiter.header, waiter.data
+
+    def _send(self, header: Header, payload: bytes | bytearray | memoryview, request_id: int,
+              waiter: _Waiter, deadline: float, timeout_ms: int) -> None:
+        """The request's frame, whole, by the deadline. Not begun by then (others' frames
+        ahead of it): the call times out and nothing is sent. Begun and not finished:
+        the stream cannot go on, the connection fails."""
+        if not self._send_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            with self._pending_lock:
+                if self._pending.get(request_id) is waiter:
+                    del self._pending[request_id]
+            raise Timeout(f"could not send to {self.endpoint} within {timeout_ms} ms"
+                          " (the requests ahead of it are not being taken)")
         try:
-            with self._send_lock:
-                parts = self.sealer.seal(header.opcode, header.pack_request(
-                    request_id, len(payload) + auth.TAG_BYTES), payload)
-                sent = self._sock.sendmsg(parts)
-                if sent < sum(map(len, parts)):  # the socket's buffer was full: the rest
-                    views = [memoryview(part).cast("B") for part in parts]
-                    while views:
-                        while views and sent >= len(views[0]):
-                            sent -= len(views.pop(0))
-                        if views:
-                            views[0] = views[0][sent:]
-                            sent = self._sock.sendmsg(views)
+            parts = self.sealer.seal(header.opcode, header.pack_request(
+                request_id, len(payload) + auth.TAG_BYTES), payload)
+            views = [memoryview(part).cast("B") for part in parts]
+            while views:
+                try:
+                    sent = self._sock.sendmsg(views, [], socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                while views and sent >= len(views[0]):
+                    sent -= len(views.pop(0))
+                if views:  # the socket's buffer is full: wait for room, by the deadline
+                    views[0] = views[0][sent:]
+                    remaining = deadline - time.monotonic()
+                    room = select.poll()
+                    room.register(self._sock, select.POLLOUT)
+                    if remaining <= 0 or not room.poll(max(1, int(remaining * 1000))):
+                        raise _SendStalled()
+        except _SendStalled:
+            self._fail(NetworkError(f"connection to {self.endpoint} abandoned: a request"
+                                    f" could not be sent within {timeout_ms} ms (the sheep"
+                                    " is not reading)"))
         except OSError as error:
             self._fail(NetworkError(f"connection to {self.endpoint} lost: {error}"))
         except Exception:
@@ -881,13 +935,8 @@ class BlockingConnection:
             self._fail(NetworkError(f"connection to {self.endpoint} abandoned: a request"
                                     " could not be sent"))
             raise
-        self._await(waiter, request_id, timeout_ms)
-        if waiter.error is not None:
-            raise waiter.error
-        assert waiter.header is not None
-        if waiter.header.result:
-            raise error_for(waiter.header.result, proto.error_message(waiter.data) or None)
-        return waiter.header, waiter.data
+        finally:
+            self._send_lock.release()
 
     def json(self, op: Op, body: Any = None, **fields: int) -> Any:
         payload = b"" if body is None else proto.encode_json(body)

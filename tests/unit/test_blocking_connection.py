@@ -4,6 +4,8 @@ any order, late, in pieces, or never."""
 
 from __future__ import annotations
 
+import array
+import itertools
 import os
 import queue
 import socket
@@ -15,7 +17,7 @@ import pytest
 
 from sheep import auth, proto
 from sheep.client import BlockingConnection
-from sheep.errors import NetworkError, NoVdi, Timeout
+from sheep.errors import InvalidParameters, NetworkError, NoVdi, Timeout
 from sheep.proto import Header, Op, Result
 
 
@@ -33,6 +35,8 @@ class DrivenSheep:
         self.sealer: auth.Sealer | None = None
         self._send = threading.Lock()
         self.ready = threading.Event()
+        self.reading = threading.Event()  # cleared: the sheep stops reading requests
+        self.reading.set()
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -43,6 +47,7 @@ class DrivenSheep:
         handshake = auth.ServerHandshake(lambda name: entry, "sign")
         try:
             while True:
+                self.reading.wait()
                 data = sock.recv(1 << 20)
                 if not data:
                     return
@@ -492,3 +497,78 @@ def test_a_request_that_cannot_be_sent_abandons_the_connection(sheep, connection
         connection.call(Header(opcode=Op.PING, offset=-1))  # no such u64
     assert not isinstance(raised.value, Timeout)
     assert connection.closed and not connection._pending
+
+
+@pytest.mark.parametrize("size", [4096, LARGE])
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_a_reply_of_another_length_than_the_buffer_fails_the_call(sheep, connection, size,
+                                                                   delta):
+    """Never success with the caller's buffer left as it was (nbdkit would serve it)."""
+    into = memoryview(bytearray(b"\xaa" * size))
+    thread, outcome = call_in_thread(connection, Header(opcode=Op.VDI_READ, count=size),
+                                     into=into)
+    header, _ = sheep.next()
+    sheep.answer(header, os.urandom(size + delta))
+    thread.join(5)
+    assert isinstance(outcome["error"], NetworkError) and "for a buffer of" in str(
+        outcome["error"])
+    # The stream goes on.
+    thread, outcome = call_in_thread(connection, Header(opcode=Op.PING))
+    header, _ = sheep.next()
+    sheep.answer(header, b"next")
+    thread.join(5)
+    assert outcome["reply"][1] == b"next"  # type: ignore[index]
+
+
+def test_a_sheep_that_stops_reading_fails_the_calls_by_their_deadline(sheep, connection):
+    """Requests pile up unread: the one whose frame cannot be sent by its deadline gives
+    the connection up, and the ones waiting to send time out: nobody waits past its
+    deadline for the send."""
+    sheep.reading.clear()
+    payload = os.urandom(4 << 20)
+    started = time.monotonic()
+    calls = [call_in_thread(connection, Header(opcode=Op.VDI_WRITE, count=len(payload)),
+                            payload=payload, timeout_ms=500) for _ in range(6)]
+    for thread, _ in calls:
+        thread.join(10)
+    assert all(not thread.is_alive() for thread, _ in calls)
+    assert time.monotonic() - started < 5
+    errors = [outcome["error"] for _, outcome in calls]
+    assert all(isinstance(error, NetworkError | Timeout) for error in errors), errors
+    assert any("not reading" in str(error) for error in errors), errors
+    assert connection.closed
+
+
+@pytest.mark.parametrize("timeout_ms", [-5, -1000, 10**13])
+def test_a_timeout_out_of_range_is_refused_before_anything_is_sent(sheep, connection,
+                                                                    timeout_ms):
+    with pytest.raises(InvalidParameters, match="timeout"):
+        connection.call(Header(opcode=Op.PING), timeout_ms=timeout_ms)
+    assert not connection._pending and sheep.requests.empty()
+
+
+def test_request_ids_wrapping_around_skip_one_still_waiting(sheep, connection):
+    first, first_outcome = call_in_thread(connection, Header(opcode=Op.PING, arg0=1),
+                                          timeout_ms=1000)
+    old, _ = sheep.next()
+    connection._ids = itertools.count(old.request_id + (1 << 32))  # 2**32 calls later
+    second, second_outcome = call_in_thread(connection, Header(opcode=Op.PING, arg0=2))
+    new, _ = sheep.next()
+    assert new.request_id != old.request_id
+    sheep.answer(old, b"first's")
+    sheep.answer(new, b"second's")
+    first.join(5)
+    second.join(5)
+    assert first_outcome["reply"][1] == b"first's"  # type: ignore[index]
+    assert second_outcome["reply"][1] == b"second's"  # type: ignore[index]
+
+
+def test_a_payload_of_wide_items_is_sent_as_its_bytes(sheep, connection):
+    payload = memoryview(array.array("I", range(1000)))
+    thread, outcome = call_in_thread(connection, Header(opcode=Op.VDI_WRITE, count=4000),
+                                     payload=payload)
+    header, data = sheep.next()
+    assert data == payload.tobytes()
+    sheep.answer(header)
+    thread.join(5)
+    assert "reply" in outcome
