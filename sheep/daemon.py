@@ -445,9 +445,12 @@ class Sheep:
             if self.joined.is_set() and epoch_before and not self.stopping:
                 self._suspect_returning_copies(epoch_before, state.epoch)
         assert self.node is not None
-        if event.kind is EventKind.JOIN and event.node == self.node:
+        live = event.seq > self.driver.history_seq  # else replayed history
+        if event.kind is EventKind.JOIN and event.node == self.node and live:
             # Before recovery is triggered: a sheep joining again after it was declared
             # dead recovers for its new epoch like any member (found by the simulator).
+            # Only this incarnation's join: an earlier one's, replayed (a new store on a
+            # cluster log that saw this node id before), is history.
             self.joined.set()
         copies_changed = copies_before is not None and result.result is Result.SUCCESS
         if copies_changed and self.joined.is_set() and not self.stopping:
@@ -477,7 +480,9 @@ class Sheep:
             cut = self.server.cut(result.cut)
             log.info("principal %s removed or its key rotated: %d connection(s) cut",
                      result.cut, cut)
-        if result.shutdown and not self.stopping:
+        if result.shutdown and not self.stopping and live:
+            # A shutdown replayed from before this sheep's join stopped an earlier
+            # cluster (or this one while this sheep was away): not this sheep now.
             log.info("cluster shutdown requested")
             self._stop_soon()
         self._applied.set()

@@ -35,6 +35,9 @@ class Snapshot:
     epochs: list[dict[str, Any]] = field(default_factory=list)
 
 
+history_unknown = 1 << 62  # ClusterDriver.history_seq before join() knows it
+
+
 class ClusterDriver(abc.ABC):
     name = "driver"
     can_fence = False  # whether fenced may ever be true
@@ -47,6 +50,11 @@ class ClusterDriver(abc.ABC):
         # Set by sheep's main: what a driver that cannot reach its service yet says
         # to the operator's terminal (a daemon's parent prints it), from any thread.
         self.notice: Callable[[str], None] = lambda text: None
+        # The log's last position before this incarnation's join, set by join() before
+        # it logs the join: events up to it are history, replayed to build the state,
+        # not addressed to this sheep (an earlier incarnation's join, a shutdown that
+        # stopped the cluster it was in). Until join() sets it, everything is history.
+        self.history_seq = history_unknown
 
     @abc.abstractmethod
     async def join(self, node: NodeInfo, from_seq: int) -> None:

@@ -202,6 +202,7 @@ class LocalDriver(ClusterDriver):
                     f"sheep's store has applied {self._from_seq}: the store belongs to another "
                     "cluster log (start it with the -c local:PATH it was created with, or use "
                     "a new store directory)")
+            self.history_seq = self._seq
             records: list[dict[str, Any]] = []
             if node.node_id in self._membership:
                 # We hold this node id's member lock, so that member is a dead incarnation.

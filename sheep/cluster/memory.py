@@ -56,6 +56,7 @@ class MemoryDriver(ClusterDriver):
         self._from_seq = from_seq
         for event in self.bus.log:
             self.deliver(event)
+        self.history_seq = len(self.bus.log)
         self.bus.drivers.append(self)
         if node.node_id in self.bus.members:
             self.bus.append(EventKind.LEAVE, node_id=node.node_id, reason="dead")

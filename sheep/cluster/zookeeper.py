@@ -540,6 +540,7 @@ class ZooKeeperDriver(ClusterDriver):
                 pass
             self._client.create(path, value, ephemeral=True)
         self._await_dead_members()
+        self.history_seq = self._last_delivered
         old = self._membership.get(self._node.node_id)
         if old is not None:
             self._append({"kind": EventKind.LEAVE.value, "node_id": self._node.node_id,

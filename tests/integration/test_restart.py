@@ -4,8 +4,10 @@ back (Sheepdog's rule), says what it waits for, and can be told to go on without
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -68,3 +70,26 @@ def test_recover_force_goes_on_without_a_node_that_is_gone(make_cluster):
     assert dog(port, "cluster", "recover", "force").returncode == 64  # not waiting any more
     with cluster.client(1) as client:
         assert client.vdi_read(client.vdi_open("disk")["handle"], 0, 4) == b"kept"
+
+
+def test_new_stores_on_a_cluster_log_that_saw_a_shutdown_start_and_serve(make_cluster):
+    """The README's quickstart run twice: shut down, stores removed, the cluster log
+    kept. New sheep with the old node ids replay the log, the old shutdown with it: it
+    stopped the cluster they were not in, so they stay up and can be formatted anew."""
+    cluster: LocalCluster = make_cluster(3)
+    cluster.format(3)
+    write_kept_and_shut_down(cluster)
+    for sheep in cluster.sheep:
+        shutil.rmtree(sheep.directory)
+    cluster.start()
+    time.sleep(1.0)
+    assert all(sheep.process is not None and sheep.process.poll() is None
+               for sheep in cluster.sheep), "a new sheep stopped on an old shutdown"
+    port = cluster.sheep[0].port
+    formatted = dog(port, "cluster", "format", "--copies", "3", "--force")
+    assert formatted.returncode == 0, formatted.stderr
+    with cluster.client(1) as client:
+        client.vdi_create("fresh", 8 << 20)
+        handle = client.vdi_open("fresh", writable=True)["handle"]
+        client.vdi_write(handle, 0, b"new")
+        assert client.vdi_read(handle, 0, 3) == b"new"
