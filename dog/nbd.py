@@ -245,10 +245,34 @@ def serve(listen: tuple[str, int] | None, unix: str | None, readonly: bool, fore
     if foreground:  # exec keeps the pid: the record names nbdkit
         nbd_servers.write(server)
         click.echo(f"serving {_serving(server)}", err=True)
+        _warn_if_no_sheep(target, retry)
         sys.stderr.flush()
         os.execv(command[0], command)
     _start_background(server)
     click.echo(f"serving {_serving(server)}")
+    _warn_if_no_sheep(target, retry)
+
+
+def _warn_if_no_sheep(target: Target, retry: float | None) -> None:
+    """nbdkit serves whether or not its sheep answers yet (a service may start before
+    the cluster does), but a sheep that does not answer now, a mistyped -p say, is
+    worth a line: every client would wait for it up to the retry budget."""
+
+    async def ping() -> None:
+        client = await Client.connect(target.address, target.port,
+                                      credentials=target.credentials())
+        try:
+            await client.ping()
+        finally:
+            client.close()
+
+    try:
+        asyncio.run(ping())
+    except SheepError as failure:
+        budget = f"{retry:g} s" if retry is not None else "the retry budget (--retry)"
+        error(f"warning: the sheep at {format_listen(target.address, target.port)} does not"
+              f" serve yet ({failure.message}): clients will wait for it for up to"
+              f" {budget}, then fail")
 
 
 def _old_listen(listen: tuple[str, int] | None, unix: str | None,

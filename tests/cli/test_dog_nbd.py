@@ -300,6 +300,20 @@ def test_missing_nbdkit_names_the_package_to_install(tmp_path):
 
 
 @needs_nbdkit
+def test_serving_a_sheep_that_does_not_answer_says_so(cluster, pidfiles, tmp_path):
+    """nbdkit serves all the same (a service may start before its cluster), but a
+    mistyped -p is named: every client would otherwise wait out the retry budget."""
+    nobody = free_port()
+    pidfiles.append(tmp_path / "nobody.pid")
+    served = dog("-p", str(nobody), "nbd", "serve", "--listen", f":{free_port()}", "--retry",
+                 "5", "--pidfile", str(pidfiles[-1]))
+    assert served.stdout.startswith("serving VDIs of 127.0.0.1:" + str(nobody))
+    warning = [line for line in served.stderr.splitlines() if "warning" in line]
+    assert len(warning) == 1, served.stderr
+    assert f"the sheep at 127.0.0.1:{nobody} does not serve yet" in warning[0]
+    assert "wait for it for up to 5 s, then fail" in warning[0]
+
+
 def test_a_background_nbdkit_is_named_in_the_lock_by_its_real_pid(cluster, pidfiles,
                                                                    tmp_path):
     """The lock names the nbdkit that serves (its pid after it went to the
@@ -307,7 +321,9 @@ def test_a_background_nbdkit_is_named_in_the_lock_by_its_real_pid(cluster, pidfi
     sheep_port = str(cluster.sheep[0].port)
     port = free_port()
     pidfiles.append(tmp_path / "lock.pid")
-    dog("-p", sheep_port, "nbd", "serve", "--listen", f":{port}", "--pidfile", str(pidfiles[-1]))
+    served = dog("-p", sheep_port, "nbd", "serve", "--listen", f":{port}", "--pidfile",
+                 str(pidfiles[-1]))
+    assert "warning" not in served.stderr, served.stderr  # its sheep answers
     pid = int(pidfiles[-1].read_text())
 
     def owner() -> str | None:
