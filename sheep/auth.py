@@ -46,7 +46,7 @@ import re
 import secrets
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
@@ -294,6 +294,7 @@ class Credentials:
 
     name: str
     key: bytes
+    source: str = field(default="", compare=False)  # the keyring it came from, if one
 
     def __repr__(self) -> str:  # never the key
         return f"Credentials({self.name!r})"
@@ -350,9 +351,10 @@ class ClientHandshake:
         name, key, mode = self.credentials.name, self.credentials.key, reply["mode"]
         if not hmac.compare_digest(proof, _proof(key, b"server", name, self.nonce,
                                                  server_nonce, mode)):
+            source = f" (from {self.credentials.source})" if self.credentials.source else ""
             raise AuthFailed(f"authentication as {name} failed: the sheep does not know this"
-                             f" key for {name} (a wrong key, another cluster's, or no such"
-                             " principal)")
+                             f" key for {name}{source}: a wrong key, another cluster's, or"
+                             " no such principal")
         self.mode = mode
         self._keys = _session_keys(key, name, self.nonce, server_nonce, mode)
         return {"proof": _proof(key, b"client", name, self.nonce, server_nonce, mode).hex()}
@@ -555,9 +557,9 @@ def resolve_credentials(keyring: str | None = None, name: str | None = None,
     wanted = [explicit] if explicit is not None else (
         [NODE, ADMIN] if prefer_node else [ADMIN, NODE])
     for candidate in wanted:
-        for _, entries in loaded:
+        for path, entries in loaded:
             if candidate in entries:
-                return Credentials(candidate, entries[candidate].key)
+                return Credentials(candidate, entries[candidate].key, path)
     raise KeyringError(f"no [{wanted[0]}] key in {' or '.join(paths)}")
 
 

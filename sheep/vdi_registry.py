@@ -74,7 +74,8 @@ def copies_problem(copies: Any, zones: int, racks: int | None = None
         return Result.TOO_FEW_ZONES, (
             f"cannot keep {copies} copies on {zones} host{'s' if zones != 1 else ''}{in_racks}:"
             " the copies of an"
-            " object go to distinct hosts (sheep -z RACK/HOST or -z HOST)")
+            " object go to distinct hosts (sheep -z RACK/HOST or -z HOST): start sheep on"
+            " more hosts, or give fewer copies (--copies N)")
     return None
 
 
@@ -326,13 +327,16 @@ class VdiRegistry:
     def _depth(size: int, object_size: int) -> int:
         return radix.depth_for(-(-size // object_size))
 
-    def _locked_by_other(self, vdi: Vdi, body: dict[str, Any]) -> Outcome | None:
+    def _locked_by_other(self, vdi: Vdi, body: dict[str, Any],
+                         forcible: str = "") -> Outcome | None:
+        """forcible: what --force would do anyway, said when it may (body's force)."""
         if vdi.lock is None or body.get("force"):
             return None
         if body.get("session") and vdi.lock.get("session") == body.get("session"):
             return None
-        return _fail(Result.VDI_LOCKED,
-                     f"VDI {vdi.name!r} is in use by {vdi.lock.get('owner') or vdi.lock['node_id']}")
+        hint = f"; --force {forcible} anyway" if forcible else ""
+        return _fail(Result.VDI_LOCKED, f"VDI {vdi.name!r} is in use by"
+                     f" {vdi.lock.get('owner') or vdi.lock['node_id']}{hint}")
 
     # --- handlers --------------------------------------------------------------
 
@@ -382,7 +386,7 @@ class VdiRegistry:
                 return _fail(Result.NO_TAG, f"VDI {vdi.name!r} has no snapshot {tag!r}")
             vdi.snapshots.remove(snap)
             return Outcome(value={"dead": [snap.root.to_json()], "vdi": vdi.to_json()})
-        locked = self._locked_by_other(vdi, body)
+        locked = self._locked_by_other(vdi, body, "deletes it")
         if locked:
             return locked
         del self.vdis[vdi.name]
@@ -466,7 +470,7 @@ class VdiRegistry:
         if snap is None:
             return _fail(Result.NO_TAG,
                          f"VDI {vdi.name!r} has no snapshot {body.get('snapshot')!r}")
-        locked = self._locked_by_other(vdi, body)
+        locked = self._locked_by_other(vdi, body, "rolls it back")
         if locked:
             return locked
         base = self._base(body)

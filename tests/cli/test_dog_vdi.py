@@ -760,7 +760,9 @@ def test_lock_list_and_unlock(port, api, cluster):
         # Others are refused, naming the holder; reading is fine.
         line = fails(port, EXIT_FAILURE, "vdi", "write", "held", stdin=b"theirs")
         assert "VDI 'held' is in use by test-holder" in line
-        assert "in use by test-holder" in fails(port, EXIT_FAILURE, "vdi", "delete", "held")
+        assert "--force" not in line  # no --force for writes
+        line = fails(port, EXIT_FAILURE, "vdi", "delete", "held")
+        assert "in use by test-holder" in line and line.endswith("; --force deletes it anyway")
         assert read(api, "held", 0, 4) == b"mine"
 
         assert out(port, "vdi", "lock", "unlock", "held") == "unlocked 'held'\n"

@@ -118,6 +118,7 @@ def test_copies_go_to_both_racks_and_format_names_the_hosts_it_lacks(make_cluste
     refused = dog(cluster.sheep[0].port, "cluster", "format", "--copies", "3")
     assert refused.returncode != 0
     assert "cannot keep 3 copies on 2 hosts" in refused.stderr, refused.stderr
+    assert "give fewer copies (--copies N)" in refused.stderr
     cluster.format(2)
     listing = dog(cluster.sheep[0].port, "node", "list")
     assert "0/1" in listing.stdout and "1/2" in listing.stdout, listing.stdout

@@ -141,6 +141,7 @@ def test_without_a_keyring_or_with_a_wrong_key_dog_fails_in_one_line_and_changes
     result = dog(port, "--keyring", wrong, "vdi", "create", "nokey", "1G", env=env)
     assert result.returncode == EXIT_PERMISSION
     assert "authentication as client.admin failed" in one_line(result)
+    assert f"(from {wrong})" in one_line(result)  # which keyring held the wrong key
     result = dog(port, "--keyring", wrong, "cluster", "format", "--force", env=env)
     assert result.returncode == EXIT_PERMISSION
     assert "nokey" not in vdi_names(admin) and admin.cluster_info()["status"] == "ok"
