@@ -127,6 +127,15 @@ def call_in_thread(conn: BlockingConnection, header: Header, **kwargs: object
     return thread, outcome
 
 
+def serves(sheep: DrivenSheep, conn: BlockingConnection, answer: bytes) -> None:
+    """The connection still serves: a call gets its answer."""
+    thread, outcome = call_in_thread(conn, Header(opcode=Op.PING))
+    header, _ = sheep.next()
+    sheep.answer(header, answer)
+    thread.join(5)
+    assert outcome["reply"][1] == answer  # type: ignore[index]
+
+
 def readers(conn: BlockingConnection) -> int:
     """This connection's reply reader threads."""
     return sum(1 for t in threading.enumerate() if t.name.startswith("sheep-reply-")
@@ -144,11 +153,7 @@ def test_replies_out_of_order_reach_their_callers(sheep, connection):
     for index, (_, outcome) in enumerate(calls):
         reply_header, data = outcome["reply"]  # type: ignore[misc]
         assert reply_header.arg0 == index and data == f"answer {index}".encode()
-    thread, outcome = call_in_thread(connection, Header(opcode=Op.PING, arg0=99))
-    header, _ = sheep.next()
-    sheep.answer(header, b"last")
-    thread.join(5)
-    assert outcome["reply"][1] == b"last"  # type: ignore[index]
+    serves(sheep, connection, b"last")
 
 
 def test_a_read_lands_in_the_callers_buffer(sheep, connection):
@@ -185,11 +190,7 @@ def test_a_caller_times_out_and_the_others_still_get_their_replies(sheep, connec
         thread.join(5)
         assert outcome["reply"][1] == b"late but fine"  # type: ignore[index]
     # The answer to the call that timed out was dropped; the stream goes on.
-    thread, outcome = call_in_thread(connection, Header(opcode=Op.PING))
-    header, _ = sheep.next()
-    sheep.answer(header, b"next")
-    thread.join(5)
-    assert outcome["reply"][1] == b"next"  # type: ignore[index]
+    serves(sheep, connection, b"next")
 
 
 def test_a_caller_times_out_while_another_waits(sheep, connection):
@@ -245,11 +246,7 @@ def test_late_replies_on_an_idle_connection_are_taken_in(sheep, connection):
     sheep.answer(late, b"too late")
     time.sleep(0.1)
     assert not connection.closed  # took the late reply in, and dropped it
-    thread, outcome = call_in_thread(connection, Header(opcode=Op.PING, arg0=2))
-    header, _ = sheep.next()
-    sheep.answer(header, b"mine")
-    thread.join(5)
-    assert outcome["reply"][1] == b"mine"  # type: ignore[index]
+    serves(sheep, connection, b"mine")
 
 
 def test_close_fails_a_waiting_call_and_ends_the_reader_thread(sheep, connection):
@@ -315,6 +312,18 @@ def test_many_threads_many_calls_each_get_their_own_answer(sheep, connection):
 LARGE = 256 * 1024  # above the decoder's staging: received straight into the buffer
 
 
+def large_read(sheep: DrivenSheep, conn: BlockingConnection, timeout_ms: int = 30_000
+               ) -> tuple[threading.Thread, dict[str, object], memoryview, bytes, bytes]:
+    """A read whose reply lands straight in its caller's buffer: the call under way,
+    its buffer, the data and the reply's bytes, not sent yet."""
+    data = os.urandom(LARGE)
+    into = memoryview(bytearray(LARGE))
+    thread, outcome = call_in_thread(conn, Header(opcode=Op.VDI_READ, count=LARGE), into=into,
+                                     timeout_ms=timeout_ms)
+    header, _ = sheep.next()
+    return thread, outcome, into, data, sheep.frame(header, data)
+
+
 def rest_lands_nowhere(sheep: DrivenSheep, into: memoryview, rest: bytes) -> None:
     """After its call returned, the rest of a reply that was landing in the caller's
     buffer changes nothing there."""
@@ -332,12 +341,7 @@ def test_a_reply_stalled_mid_frame_past_the_deadline_gives_up_the_connection(
     """A sheep alive but stalled halfway through a reply landing in its caller's
     buffer: at the deadline the connection is given up, and the caller returns only
     once nothing more can land in its buffer."""
-    data = os.urandom(LARGE)
-    into = memoryview(bytearray(LARGE))
-    thread, outcome = call_in_thread(connection, Header(opcode=Op.VDI_READ, count=LARGE),
-                                     into=into, timeout_ms=200)
-    header, _ = sheep.next()
-    frame = sheep.frame(header, data)
+    thread, outcome, into, data, frame = large_read(sheep, connection, timeout_ms=200)
     sheep.send_raw(frame[:LARGE // 2])
     thread.join(5)
     assert not thread.is_alive()
@@ -349,12 +353,7 @@ def test_a_reply_stalled_mid_frame_past_the_deadline_gives_up_the_connection(
 def test_a_slow_reply_landing_within_the_deadline_arrives_whole(sheep, connection):
     reader, reader_outcome = call_in_thread(connection, Header(opcode=Op.PING, arg0=1))
     first, _ = sheep.next()
-    data = os.urandom(LARGE)
-    into = memoryview(bytearray(LARGE))
-    waiter, outcome = call_in_thread(connection, Header(opcode=Op.VDI_READ, count=LARGE),
-                                     into=into, timeout_ms=2000)
-    header, _ = sheep.next()
-    frame = sheep.frame(header, data)
+    waiter, outcome, into, data, frame = large_read(sheep, connection, timeout_ms=2000)
     sheep.send_raw(frame[:LARGE // 2])
     time.sleep(0.3)
     sheep.send_raw(frame[LARGE // 2:])
@@ -389,12 +388,7 @@ def test_a_small_reply_ahead_of_a_large_one_leaves_the_large_one_landing(sheep, 
 
 
 def test_close_while_a_reply_lands_returns_only_once_it_stopped(sheep, connection):
-    data = os.urandom(LARGE)
-    into = memoryview(bytearray(LARGE))
-    thread, outcome = call_in_thread(connection, Header(opcode=Op.VDI_READ, count=LARGE),
-                                     into=into)
-    header, _ = sheep.next()
-    frame = sheep.frame(header, data)
+    thread, outcome, into, data, frame = large_read(sheep, connection)
     sheep.send_raw(frame[:LARGE // 2])
     time.sleep(0.1)
     connection.close()
@@ -513,11 +507,7 @@ def test_a_reply_of_another_length_than_the_buffer_fails_the_call(sheep, connect
     assert isinstance(outcome["error"], NetworkError) and "for a buffer of" in str(
         outcome["error"])
     # The stream goes on.
-    thread, outcome = call_in_thread(connection, Header(opcode=Op.PING))
-    header, _ = sheep.next()
-    sheep.answer(header, b"next")
-    thread.join(5)
-    assert outcome["reply"][1] == b"next"  # type: ignore[index]
+    serves(sheep, connection, b"next")
 
 
 def test_a_sheep_that_stops_reading_fails_the_calls_by_their_deadline(sheep, connection):
