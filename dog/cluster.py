@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import time
 from typing import Any
 
 import click
@@ -52,12 +54,35 @@ def format(copies: int, object_size: int, force: bool, encrypt: bool,  # noqa: A
     result = run(lambda client: client.format(copies, object_size, force, encrypt))
     path = output or target.keyring or os.environ.get("DOG_KEYRING") or auth.config_keyring_path()
     admin = result["admin"]
-    auth.merge_into_keyring(path, admin["name"], auth.Entry(
-        auth.decode_key(admin["key"]), auth.Caps.parse(admin["caps"])))
+    entry = auth.Entry(auth.decode_key(admin["key"]), auth.Caps.parse(admin["caps"]))
+    kept = _keep_replaced(path, admin["name"], entry)
+    auth.merge_into_keyring(path, admin["name"], entry)
     click.echo(f"formatted: {result['copies']} copies, "
                f"{format_size(result['object_size'])} objects"
                f"{', frames encrypted' if encrypt else ''}")
     click.echo(f"admin key ({admin['name']}) written to {path}")
+    if kept is not None:
+        click.echo(f"the {admin['name']} key {path} held before (another cluster's, or this"
+                   f" one's before the format) is kept in {kept}")
+
+
+def _keep_replaced(path: str, name: str, entry: auth.Entry) -> str | None:
+    """A keyring shared by two clusters would lose the first one's admin key to the
+    second's format: a different key for the name is kept in a file of its own."""
+    try:
+        old = auth.load_keyring(path).get(name) if os.path.exists(path) else None
+    except auth.KeyringError:
+        return None  # merge_into_keyring says what is wrong with it
+    if old is None or old.key == entry.key:
+        return None
+    for attempt in itertools.count():
+        kept = f"{path}.{time.strftime('%Y%m%d-%H%M%S')}{f'.{attempt}' if attempt else ''}.old"
+        try:
+            auth.write_keyring(kept, {name: old}, exclusive=True)
+        except FileExistsError:
+            continue
+        return kept
+    return None
 
 
 def _status_text(info: dict[str, Any]) -> str:

@@ -516,6 +516,17 @@ def test_the_first_admin_key_from_format_works_and_dog_format_writes_it(tmp_path
         assert set(auth.load_keyring(cluster.keyring)) == {"node", "client.admin"}
         stale = dog(cluster.sheep[0].port, "--keyring", out, "vdi", "list", env=env)
         assert stale.returncode == EXIT_PERMISSION  # the old admin key died with the format
+        # A keyring that held another client.admin key (another cluster's, say) keeps it
+        # in a file of its own.
+        first = auth.load_keyring(out)["client.admin"].key
+        result = dog(cluster.sheep[0].port, "cluster", "format", "-c", "1", "--force",
+                     "--keyring", out, env=env)
+        assert result.returncode == 0, result.stderr
+        kept = result.stdout.strip().splitlines()[-1].rsplit(" is kept in ", 1)[1]
+        assert kept.startswith(out + ".") and kept.endswith(".old")
+        assert auth.load_keyring(kept)["client.admin"].key == first
+        assert os.stat(kept).st_mode & 0o777 == 0o600
+        assert auth.load_keyring(out)["client.admin"].key != first
 
 
 def test_names_and_owners_are_bounded_before_they_reach_the_cluster_log(cluster, admin):
