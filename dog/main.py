@@ -6,6 +6,7 @@ Errors become one line on stderr and Sheepdog's exit codes: 0 ok, 1 failure,
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import click
@@ -49,6 +50,8 @@ dog.add_command(nbd)
 
 
 def main() -> None:
+    # The library's warnings (a keyring open to others) read as dog's own lines.
+    logging.basicConfig(level=logging.WARNING, format="dog: warning: %(message)s")
     if len(sys.argv) == 1:
         click.echo(dog.get_help(click.Context(dog, info_name="dog")))
         sys.exit(0)

@@ -174,6 +174,9 @@ def section_text(name: str, key: bytes, caps: Caps) -> str:
     return f"[{name}]\n\tkey = {encode_key(key)}\n\tcaps = {caps.text()}\n"
 
 
+_warned_open: set[str] = set()  # keyrings open to others, warned about already
+
+
 def load_keyring(path: str) -> dict[str, Entry]:
     """The principals of a keyring file. Refused, naming the problem, if the file is
     missing or malformed; a warning if others than its owner may read it."""
@@ -185,7 +188,9 @@ def load_keyring(path: str) -> dict[str, Entry]:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise KeyringError(f"keyring {path} is not a regular file")
-        if info.st_mode & 0o077:  # as ssh warns; refusing would break 'add > FILE'
+        if info.st_mode & 0o077 and path not in _warned_open:
+            # As ssh warns (refusing would break 'add > FILE'); once per file and process.
+            _warned_open.add(path)
             log.warning("keyring %s is open to others (mode %o): chmod 600 it", path,
                         stat.S_IMODE(info.st_mode))
         if info.st_size > 1 << 20:

@@ -35,7 +35,7 @@ from sheep.proto import Header, Kind, Op
 from sheep.size import format_size
 from sheep.vdi import Objects, Root, VdiEngine
 from sheep.vdi_gc import Collector
-from sheep.vdi_registry import Snapshot, Vdi, vdi_size_max
+from sheep.vdi_registry import Snapshot, Vdi, too_large, vdi_size_max
 
 Broadcast = Callable[[dict[str, Any]], Awaitable[ApplyResult]]
 Handler = Callable[[dict[str, Any], Header], Awaitable[Any]]
@@ -194,7 +194,7 @@ class VdiAdmin:
                 return await self._shrink(current.name, size, session)
             limit = vdi_size_max(object_size)
             if size > limit:
-                raise InvalidParameters(f"size {size} exceeds the largest VDI ({limit} bytes)")
+                raise InvalidParameters(too_large(size, limit))
             if await self._past_the_end(current):
                 raise InvalidParameters(
                     f"VDI {current.name!r} still holds data past its end (a shrink was cut"

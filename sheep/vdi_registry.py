@@ -34,6 +34,7 @@ from sheep.errors import Result
 from sheep.mclock import Qos, burst_default_s
 from sheep.oid import GENERATION_MAX
 from sheep.radix import Root
+from sheep.size import format_size
 
 name_max_chars = 256
 attr_key_max_chars = 256
@@ -81,6 +82,13 @@ def copies_problem(copies: Any, zones: int, racks: int | None = None
 
 def vdi_size_max(object_size: int) -> int:
     return radix.capacity(radix.DEPTH_MAX) * object_size
+
+
+def too_large(size: int, limit: int) -> str:
+    """Why a VDI of this size cannot be, in sizes a reader takes in (and the bytes:
+    a size one byte over reads as the limit once rounded)."""
+    return (f"size {format_size(size)} ({size} bytes) exceeds the largest VDI,"
+            f" {format_size(limit)} ({limit} bytes)")
 
 
 @dataclass
@@ -320,7 +328,7 @@ class VdiRegistry:
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
             return f"size must be a positive number of bytes, not {size!r}"
         if size > limit:
-            return f"size {size} exceeds the largest VDI ({limit} bytes)"
+            return too_large(size, limit)
         return None
 
     @staticmethod

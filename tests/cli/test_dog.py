@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -179,3 +180,12 @@ def test_an_explicit_port_beats_dog_port_before_or_after_the_command(cluster):
     result = subprocess.run([sys.executable, "-m", "dog", "cluster", "info"], capture_output=True,
                             env=env, timeout=60)
     assert result.returncode == EXIT_SYSTEM and f":{dead}" in result.stderr.decode()
+
+
+def test_a_keyring_open_to_others_is_warned_about_once_as_dogs_own_line(cluster, tmp_path):
+    open_keyring = tmp_path / "open.keyring"
+    shutil.copyfile(cluster.keyring, open_keyring)
+    open_keyring.chmod(0o644)
+    result = dog("--keyring", str(open_keyring), "node", "list", port=cluster.sheep[0].port)
+    assert result.stderr.decode().splitlines() == [
+        f"dog: warning: keyring {open_keyring} is open to others (mode 644): chmod 600 it"]

@@ -171,7 +171,8 @@ refused_creates = [
     ("create-zero", "0", EXIT_USAGE, "size must be a positive number of bytes, not 0"),
     ("create-q", "12Q", EXIT_USAGE, "invalid size '12Q'"),
     ("create-neg", "-1G", EXIT_USAGE, "invalid size '-1G'"),
-    ("create-17p", "17P", EXIT_USAGE, "exceeds the largest VDI"),
+    ("create-17p", "17P", EXIT_USAGE, "size 17 PiB (19140298416324608 bytes) exceeds the"
+                                      " largest VDI, 16 PiB (18014398509481984 bytes)"),
     ("create-16p1", str((16 << 50) + 1), EXIT_USAGE, "exceeds the largest VDI"),
 ]
 
