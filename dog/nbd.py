@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 import click
 
 from dog import nbd_servers
-from dog.common import Target, connection_options, json_option
+from dog.common import Target, connection_options, json_option, run
 from dog.nbd_servers import Server, ServerError, format_listen, nbd_port_default
 from dog.output import error, format_time, print_json, print_table
 from dog.vdi import cluster_attachments
@@ -257,17 +257,8 @@ def _warn_if_no_sheep(target: Target, retry: float | None) -> None:
     """nbdkit serves whether or not its sheep answers yet (a service may start before
     the cluster does), but a sheep that does not answer now, a mistyped -p say, is
     worth a line: every client would wait for it up to the retry budget."""
-
-    async def ping() -> None:
-        client = await Client.connect(target.address, target.port,
-                                      credentials=target.credentials())
-        try:
-            await client.ping()
-        finally:
-            client.close()
-
     try:
-        asyncio.run(ping())
+        run(lambda client: client.ping())
     except SheepError as failure:
         budget = f"{retry:g} s" if retry is not None else "the retry budget (--retry)"
         error(f"warning: the sheep at {format_listen(target.address, target.port)} does not"

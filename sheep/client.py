@@ -766,14 +766,18 @@ class BlockingConnection:
                 filling.finish()
         self._fail(lost)
 
-    def _receive(self) -> list[tuple[Header, bytes]]:
+    def _received(self) -> list[tuple[Header, bytes]]:
         """The frames that the next bytes received complete (often none, or several:
-        replies queued behind each other come in one system call). The handshake's:
-        afterwards _take delivers what a stream broken mid-way still gave."""
+        replies queued behind each other come in one system call); those before a
+        break in the stream too (the decoder's error says so)."""
         count = self._sock.recv_into(self._decoder.get_buffer())
         if count == 0:
             raise ConnectionError("closed by the sheep")
-        frames = self._decoder.buffer_updated(count)
+        return self._decoder.buffer_updated(count)
+
+    def _receive(self) -> list[tuple[Header, bytes]]:
+        """The handshake's: the frames received, or the break."""
+        frames = self._received()
         if self._decoder.error is not None:
             raise self._decoder.error
         return frames
@@ -781,10 +785,7 @@ class BlockingConnection:
     def _take(self) -> None:
         """Receive what the socket has and hand the replies it completes to their
         callers; raise when the stream broke, after the replies before the break."""
-        count = self._sock.recv_into(self._decoder.get_buffer())
-        if count == 0:
-            raise ConnectionError("closed by the sheep")
-        self._deliver(self._decoder.buffer_updated(count))
+        self._deliver(self._received())
         if self._decoder.error is not None:
             raise self._decoder.error
 
