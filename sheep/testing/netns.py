@@ -31,6 +31,19 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
 
+def _free_prefix(subnet: int) -> str:
+    """A 10.SUBNET.X/24 that no link on this machine has an address in: tests running
+    side by side (pytest -n) each get their own."""
+    shown = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True,
+                           text=True).stdout
+    start = os.getpid() % 200
+    for step in range(200):
+        prefix = f"10.{subnet}.{(start + step) % 200 + 20}"
+        if f" {prefix}." not in shown:
+            return prefix
+    raise RuntimeError(f"no free 10.{subnet}.X/24 for test hosts")
+
+
 @dataclass
 class Host:
     index: int
@@ -59,7 +72,7 @@ class Network:
     def __init__(self, hosts: int, subnet: int = 77) -> None:
         tag = f"{os.getpid() % 10000}"
         self.bridge = f"sdbr{tag}"
-        self.prefix = f"10.{subnet}.{os.getpid() % 200 + 20}"
+        self.prefix = _free_prefix(subnet)
         self.gateway = f"{self.prefix}.1"
         self.hosts: list[Host] = []
         try:
