@@ -82,6 +82,7 @@ class Connection:
         self._ids = itertools.count(1)
         self._error: SheepError | None = None
         self._deadlines: dict[int, float] = {}
+        self._opcodes: dict[int, int] = {}  # each pending request's, for its reply's check
         self._sweeper: asyncio.TimerHandle | None = None
         self.credentials: auth.Credentials | None = None  # who it authenticates as
         self.sealer: auth.Sealer | None = None  # once the handshake is done
@@ -162,6 +163,16 @@ class Connection:
         self._fail(NetworkError(f"connection to {self.endpoint} closed"))
 
     def _deliver(self, header: Header, payload: bytes) -> None:
+        """Hand a reply to its caller; a frame that cannot be the reply to the request
+        it names fails the connection (nothing more on it can be trusted)."""
+        opcode = self._opcodes.pop(header.request_id, None)
+        if opcode is not None:
+            problem = proto.reply_problem(header, opcode)
+            if problem is not None:
+                self._fail(NetworkError(f"bad reply from {self.endpoint}: {problem}"))
+                if self._transport is not None:
+                    self._transport.close()
+                return
         self._deadlines.pop(header.request_id, None)
         future = self._pending.pop(header.request_id, None)
         if future is not None and not future.done():
@@ -170,6 +181,7 @@ class Connection:
     def _fail(self, error: SheepError) -> None:
         if self._error is None:
             self._error = error
+        self._opcodes.clear()
         pending, self._pending = self._pending, {}
         for future in pending.values():
             if not future.done():
@@ -186,6 +198,7 @@ class Connection:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[Header, bytes]] = loop.create_future()
         self._pending[request_id] = future
+        self._opcodes[request_id] = header.opcode
         # One timer per connection checks the deadlines (asyncio.wait_for per request
         # costs a timer and callbacks on the hot path).
         self._deadlines[request_id] = loop.time() + timeout_ms / 1000
@@ -215,6 +228,7 @@ class Connection:
         now = loop.time()
         for request_id in [rid for rid, deadline in self._deadlines.items() if deadline <= now]:
             del self._deadlines[request_id]
+            self._opcodes.pop(request_id, None)
             future = self._pending.pop(request_id, None)
             if future is not None and not future.done():
                 future.set_exception(Timeout(f"no reply from {self.endpoint} in time"))
@@ -618,12 +632,13 @@ class _Waiter:
     (``finished``): the cheapest hand-over between threads (threading.Event adds a
     Condition and a list of waiters)."""
 
-    __slots__ = ("done", "finished", "into", "header", "data", "error")
+    __slots__ = ("done", "finished", "opcode", "into", "header", "data", "error")
 
-    def __init__(self, into: memoryview | None) -> None:
+    def __init__(self, opcode: int, into: memoryview | None) -> None:
         self.done = threading.Lock()
         self.done.acquire()
         self.finished = False
+        self.opcode = opcode  # its request's: the reply must carry it
         self.into = into
         self.header: Header | None = None
         self.data: bytes = b""
@@ -728,6 +743,9 @@ class BlockingConnection:
         if len(frames) > 1:  # the sheep waits for our next step
             raise proto.ProtocolError("more than one frame in answer")
         header, data = frames[0]
+        problem = proto.reply_problem(header, op)
+        if problem is not None:
+            raise proto.ProtocolError(problem, header)
         if header.result:
             raise error_for(header.result, proto.error_message(data) or None)
         return proto.decode_json(data)
@@ -797,7 +815,8 @@ class BlockingConnection:
             return None
         with self._pending_lock:
             waiter = self._pending.get(header.request_id)
-            if waiter is None or waiter.into is None or len(waiter.into) != length:
+            if (waiter is None or waiter.into is None or len(waiter.into) != length
+                    or proto.reply_problem(header, waiter.opcode) is not None):
                 return None
             self._filling, self._filling_id = waiter, header.request_id
         return waiter.into
@@ -811,6 +830,15 @@ class BlockingConnection:
                     waiter, self._filling = self._filling, None
             if waiter is None:  # timed out: its caller has gone
                 continue
+            problem = proto.reply_problem(header, waiter.opcode)
+            if problem is not None:
+                # Off the pending list: it fails here, the others with the connection.
+                error = NetworkError(f"bad reply from {self.endpoint}: {problem}")
+                with self._pending_lock:
+                    waiter.error = error
+                    waiter.finish()
+                self._fail(error)
+                raise proto.ProtocolError(problem, header)
             into = waiter.into
             try:
                 if into is None or header.result:
@@ -878,7 +906,7 @@ class BlockingConnection:
         if into is not None and isinstance(into, memoryview) and into.itemsize != 1:
             into = into.cast("B")
         deadline = time.monotonic() + timeout_ms / 1000
-        waiter = _Waiter(into)
+        waiter = _Waiter(header.opcode, into)
         with self._pending_lock:
             if self._error is not None:  # checked with the insertion: _fail swaps the list
                 raise self._error

@@ -314,6 +314,19 @@ def unpack_header(buffer: bytes | bytearray | memoryview, offset: int = 0) -> He
                   magic, version)
 
 
+def reply_problem(reply: Header, opcode: int) -> str | None:
+    """Why a frame that names a request we sent cannot be its reply, or None: a reply
+    carries FLAG_REPLY and its request's opcode. Anything else means the stream is
+    not the one we think it is, and no answer on it can be trusted."""
+    if not reply.is_reply:
+        return f"a request (opcode {reply.opcode:#x}) where the reply to request" \
+               f" {reply.request_id} was due"
+    if reply.opcode != opcode:
+        return f"the reply to request {reply.request_id} carries opcode {reply.opcode:#x}," \
+               f" not its request's {opcode:#x}"
+    return None
+
+
 class ProtocolError(Exception):
     """The byte stream cannot be framed any further: the connection must close.
 

@@ -5,6 +5,7 @@ any order, late, in pieces, or never."""
 from __future__ import annotations
 
 import array
+import asyncio
 import itertools
 import os
 import queue
@@ -562,3 +563,58 @@ def test_a_payload_of_wide_items_is_sent_as_its_bytes(sheep, connection):
     sheep.answer(header)
     thread.join(5)
     assert "reply" in outcome
+
+
+@pytest.mark.parametrize("size", [16, 256 * 1024], ids=["small", "in-place"])
+@pytest.mark.parametrize("forged", ["opcode", "not-a-reply"])
+def test_a_frame_that_is_not_its_requests_reply_fails_the_call_and_the_connection(
+        sheep, connection, forged, size):
+    """A sheep (or anything holding the session key) answering a read with another
+    op's reply, or with a request: never taken as the read's data, and the stream is
+    given up (nothing after it can be trusted). A large reply is not received into the
+    caller's buffer either."""
+    into = memoryview(bytearray(b"\xee" * size))
+    thread, outcome = call_in_thread(connection, Header(opcode=Op.VDI_READ, count=size),
+                                     into=into)
+    other, other_outcome = call_in_thread(connection, Header(opcode=Op.PING))
+    header, _ = sheep.next()
+    sheep.next()
+    reply = header.reply()
+    reply = (reply._replace(opcode=Op.VDI_WRITE) if forged == "opcode"
+             else reply._replace(flags=reply.flags & ~proto.FLAG_REPLY))
+    assert sheep.sealer is not None
+    sheep.send_raw(proto.encode(reply, b"x" * size, sheep.sealer))
+    thread.join(5)
+    other.join(5)
+    error = outcome["error"]
+    assert isinstance(error, NetworkError), outcome
+    expected = "carries opcode" if forged == "opcode" else "a request (opcode"
+    assert expected in str(error) and f":{sheep.port}" in str(error), error
+    assert bytes(into) == b"\xee" * size  # the forged data never landed
+    assert isinstance(other_outcome["error"], NetworkError)  # the connection is over
+    assert connection.closed
+
+
+@pytest.mark.parametrize("forged", ["opcode", "not-a-reply"])
+def test_the_asyncio_connection_fails_on_a_frame_that_is_not_its_requests_reply(sheep, forged):
+    """The same check in the gateway's (and dog's) asyncio Connection."""
+    from sheep.client import Connection
+
+    async def run() -> None:
+        connection = await Connection.open("127.0.0.1", sheep.port, sheep.credentials)
+        read = connection.send(Header(opcode=Op.READ_OBJ, oid=1, count=8))
+        ping = connection.send(Header(opcode=Op.PING))
+        header, _ = await asyncio.to_thread(sheep.next)
+        await asyncio.to_thread(sheep.next)
+        reply = header.reply()
+        reply = (reply._replace(opcode=Op.WRITE_OBJ) if forged == "opcode"
+                 else reply._replace(flags=reply.flags & ~proto.FLAG_REPLY))
+        assert sheep.sealer is not None
+        sheep.send_raw(proto.encode(reply, b"forged!!", sheep.sealer))
+        with pytest.raises(NetworkError, match="bad reply from .*(carries opcode|a request)"):
+            await asyncio.wait_for(read, 5)
+        with pytest.raises(NetworkError):
+            await asyncio.wait_for(ping, 5)
+        assert connection.closed
+
+    asyncio.run(run())
