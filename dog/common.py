@@ -1,8 +1,9 @@
 """What every dog command shares: where the sheep is, and how to reach it.
 
--a/--address and -p/--port are accepted both before the command (global, as
-in ``dog -p 7001 node list``) and after it (as Sheepdog takes them:
-``dog node list -p 7001``); DOG_ADDRESS and DOG_PORT set the defaults.
+-a/--address, -p/--port, --keyring and --name are accepted both before the
+command (global, as in ``dog -p 7001 node list``) and after it (as Sheepdog
+takes them: ``dog node list -p 7001``); DOG_ADDRESS, DOG_PORT, DOG_KEYRING and
+DOG_NAME set the defaults.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def _setter(field_name: str) -> Callable[[click.Context, click.Parameter, Any], 
 
 _set_address = _setter("address")
 _set_port = _setter("port")
+_set_keyring = _setter("keyring")
+_set_name = _setter("name")
 
 
 def connection_options(function: Callable[..., Any],
@@ -68,6 +71,16 @@ def connection_options(function: Callable[..., Any],
         "-a", "--address", callback=_set_address, expose_value=False, is_eager=True,
         envvar="DOG_ADDRESS",
         help="Address of the sheep to talk to (default 127.0.0.1).")(function)
+    # DOG_KEYRING and DOG_NAME are read where the key is looked for (auth), not here:
+    # a keyring from the environment is not "given" (dog nbd serve passes only these).
+    function = click.option(
+        "--keyring", "sheep_keyring", type=click.Path(dir_okay=False), callback=_set_keyring,
+        expose_value=False, is_eager=True,
+        help="Keyring file with this principal's key (env DOG_KEYRING). Default:"
+             " ~/.config/sheepdog/keyring, then the one-box cluster's own.")(function)
+    function = click.option(
+        "--name", "sheep_name", callback=_set_name, expose_value=False, is_eager=True,
+        help="Principal to authenticate as (env DOG_NAME; default client.admin).")(function)
     return function
 
 

@@ -27,18 +27,11 @@ from sheep.errors import EXIT_FAILURE, EXIT_USAGE, SheepError
 @click.group(context_settings={"help_option_names": ["-h", "--help"],
                                "auto_envvar_prefix": "DOG"})
 @connection_options
-@click.option("--keyring", type=click.Path(dir_okay=False), default=None,
-              help="Keyring file with this principal's key (env DOG_KEYRING). Default:"
-                   " ~/.config/sheepdog/keyring, then the one-box cluster's own.")
-@click.option("--name", "principal", default=None,
-              help="Principal to authenticate as (env DOG_NAME; default client.admin).")
 @click.version_option(package_name="sheepdog")
 @click.pass_context
-def dog(ctx: click.Context, keyring: str | None, principal: str | None) -> None:
+def dog(ctx: click.Context) -> None:
     """Manage a sheep cluster: its nodes, virtual disks (VDIs) and objects."""
-    target = ctx.ensure_object(Target)
-    target.keyring = keyring
-    target.name = principal
+    ctx.ensure_object(Target)
 
 
 dog.add_command(auth)
@@ -59,7 +52,7 @@ def main() -> None:
         dog.main(standalone_mode=False)
     except click.UsageError as usage:
         hint = f" (see '{usage.ctx.command_path} --help')" if usage.ctx else ""
-        error(f"{usage.format_message()}{hint}")
+        error(f"{_negative(usage) or usage.format_message()}{hint}")
         sys.exit(EXIT_USAGE)
     except click.ClickException as failure:
         failure.show()
@@ -75,3 +68,13 @@ def main() -> None:
     except KeyboardInterrupt:
         error("interrupted")
         sys.exit(130)
+
+
+def _negative(usage: click.UsageError) -> str | None:
+    """A negative size or number ('vdi create x -5G') reads as an unknown option '-5':
+    say what it is instead."""
+    if not isinstance(usage, click.NoSuchOption) or not usage.option_name[1:2].isdigit():
+        return None
+    given = next((arg for arg in sys.argv[1:] if arg.startswith(usage.option_name)),
+                 usage.option_name)
+    return f"{given!r}: sizes and numbers cannot be negative"

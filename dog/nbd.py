@@ -171,10 +171,6 @@ def _old_sheep_port(ctx: click.Context, param: click.Parameter, value: int | Non
 @click.option("--retry", "retry", type=click.FloatRange(0, 86400, min_open=True), default=None,
               help="Seconds a client's request waits and retries while no sheep can serve it"
                    " (dead, fenced, shutting down) before it fails with EIO (default 60).")
-@click.option("--keyring", type=click.Path(dir_okay=False), default=None,
-              help="Keyring the plugin authenticates with (default: as dog finds its own).")
-@click.option("--name", "principal", default=None,
-              help="Principal the plugin authenticates as (default client.admin).")
 @click.option("--tls-psk", "tls_psk", type=click.Path(dir_okay=False), default=None,
               help="Require TLS from every NBD client, with the pre-shared keys of this"
                    " file (made by 'psktool -u USER -p FILE').")
@@ -190,8 +186,8 @@ def _old_sheep_port(ctx: click.Context, param: click.Parameter, value: int | Non
               expose_value=False, is_eager=True, hidden=True)
 @connection_options
 def serve(listen: tuple[str, int] | None, unix: str | None, readonly: bool, foreground: bool,
-          threads: int, pidfile: str | None, retry: float | None, keyring: str | None,
-          principal: str | None, tls_psk: str | None, lock_scope: str,
+          threads: int, pidfile: str | None, retry: float | None,
+          tls_psk: str | None, lock_scope: str,
           print_command: bool, state_dir: str | None, old_bind: str | None) -> None:
     """Serve every VDI as export NAME (read-write) and NAME@TAG (read-only).
 
@@ -212,8 +208,6 @@ def serve(listen: tuple[str, int] | None, unix: str | None, readonly: bool, fore
     unix = os.path.abspath(unix) if unix else None
     address = None if unix else format_listen(*listen)
     target = click.get_current_context().ensure_object(Target)
-    target.keyring = keyring or target.keyring
-    target.name = principal or target.name
     if print_command:
         command = nbdkit_command(shutil.which("nbdkit") or "nbdkit", target, listen, unix,
                                  readonly, foreground, threads, pidfile, retry, tls_psk,

@@ -9,7 +9,7 @@ import click
 from dog.common import RATE, SIZE, connection_options, json_option, run
 from dog.output import StatusLine, print_json, print_table
 from sheep.errors import InvalidParameters
-from sheep.health import cluster_health, health_text
+from sheep.health import cluster_health, health_text, objects_done_text
 from sheep.size import format_size
 
 
@@ -192,7 +192,7 @@ def health() -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 
 def _summary_text(summary: dict[str, Any]) -> str:
-    parts = [f"{summary['recovered']}/{summary['to_recover']} objects recovered"]
+    parts = [objects_done_text(summary)]
     if summary["rate"]:
         parts.append(f"{format_size(int(summary['rate']))}/s")
     if summary["surplus"]:
@@ -212,7 +212,8 @@ def _watch() -> dict[str, Any]:
     line = StatusLine()
     summary, _ = health()
     while summary["phase"]:  # recovering or verifying, whatever else is wrong
-        done = (summary["recovered"] / summary["to_recover"]) if summary["to_recover"] else None
+        done = ((summary["recovered"] + summary["skipped"]) / summary["to_recover"]
+                if summary["to_recover"] else None)
         line.show(_summary_text(summary), done)
         time.sleep(watch_interval_s)
         summary, _ = health()
@@ -228,9 +229,10 @@ def _watch() -> dict[str, Any]:
 @json_option
 @connection_options
 def recovery(max_rate: int | None, watch: bool, as_json: bool) -> None:
-    """Recovery on every node: objects to fetch for the current epoch, done, failed,
-    rate, surplus copies still to remove, and copies still being verified after a
-    restart."""
+    """Recovery on every node: objects to fetch for the current epoch, those copied
+    (Recovered), those that needed no copy after all (Skipped: removed meanwhile, or
+    written here by a client first), failed, rate, surplus copies still to remove, and
+    copies still being verified after a restart."""
     if max_rate is not None:
         run(lambda client: client.set_recovery(max_rate))
         click.echo(f"recovery rate limit: {format_size(max_rate) + '/s' if max_rate else 'none'}")
@@ -248,15 +250,18 @@ def recovery(max_rate: int | None, watch: bool, as_json: bool) -> None:
         print_json(items)
         return
     rows = [[item["index"], item["node_id"], item.get("epoch", "-"),
-             item.get("to_recover", "-"), item.get("recovered", "-"), item.get("failed", "-"),
+             item.get("to_recover", "-"), item.get("recovered", "-"), item.get("skipped", "-"),
+             item.get("failed", "-"),
              _rate(item), _limit(item), item.get("surplus", "-"), item.get("unverified", "-"),
              item.get("phase", "-") if "phase" in item else "unreachable",
              item.get("held_by", "-")]
             for item in items]
-    print_table(["Id", "Node id", "Epoch", "To recover", "Recovered", "Failed", "Rate",
-                 "Allowed", "Surplus", "Unverified", "State", "Held back by"], rows,
-                right=["Id", "Epoch", "To recover", "Recovered", "Failed", "Rate", "Allowed",
-                       "Surplus", "Unverified"])
+    # Skipped: wanted, but nothing to copy after all (removed meanwhile, or a client's
+    # write made the copy here first).
+    print_table(["Id", "Node id", "Epoch", "To recover", "Recovered", "Skipped", "Failed",
+                 "Rate", "Allowed", "Surplus", "Unverified", "State", "Held back by"], rows,
+                right=["Id", "Epoch", "To recover", "Recovered", "Skipped", "Failed", "Rate",
+                       "Allowed", "Surplus", "Unverified"])
     limit = next((item["max_rate"] for item in items if "max_rate" in item), 0)
     click.echo(f"\n{_summary_text(summary)}; rate limit: "
                f"{format_size(limit) + '/s' if limit else 'none'}")

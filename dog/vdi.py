@@ -66,7 +66,13 @@ def create(name: str, size: int, copies: int | None) -> None:
 @json_option
 @connection_options
 def list_(name: str | None, no_usage: bool, as_json: bool) -> None:
-    """List VDIs and their snapshots (marked s; clones marked c)."""
+    """List VDIs and their snapshots (marked s; clones marked c).
+
+    Used and Shared count as Sheepdog did, per image and per copy: Used the data
+    this image wrote itself (the objects of its own generation), Shared the data
+    it reads from the snapshots before it. 'dog vdi du' counts the other way, as
+    rbd du does: all the data an image reaches, and what deleting it frees.
+    """
     items = run(lambda client: client.vdi_list([name] if name else None, not no_usage))
     if name and not items:
         from sheep.errors import NoVdi

@@ -25,7 +25,8 @@ DEGRADED = "degraded"
 UNAVAILABLE = "unavailable"
 _rank = {HEALTHY: 0, RECOVERING: 1, DEGRADED: 2, UNAVAILABLE: 3}
 
-_totals = ("to_recover", "recovered", "failed", "bytes", "surplus", "removed", "unverified")
+_totals = ("to_recover", "recovered", "skipped", "failed", "bytes", "surplus", "removed",
+           "unverified")
 
 
 def recovery_totals(nodes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -73,12 +74,22 @@ def cluster_health(info: dict[str, Any], nodes: list[dict[str, Any]]) -> dict[st
         worse(DEGRADED, f"{totals['unreachable']} node(s) unreachable")
     if totals["running"]:
         phase = "recovering"
-        worse(RECOVERING, f"{totals['running']} node(s) recovering: {totals['recovered']}/"
-                          f"{totals['to_recover']} objects fetched")
+        worse(RECOVERING, f"{totals['running']} node(s) recovering: "
+                          f"{objects_done_text(totals)}")
     if totals["unverified"]:
         phase = phase or "verifying"
         worse(RECOVERING, f"{totals['unverified']} copies to verify after a restart")
     return {"state": state, "phase": phase, "reasons": reasons, **totals}
+
+
+def objects_done_text(totals: dict[str, Any]) -> str:
+    """How far recovery is: "4/10 objects done", and what that was when some needed no
+    copy after all (removed meanwhile, or written here by a client)."""
+    done = int(totals["recovered"]) + int(totals.get("skipped", 0))
+    text = f"{done}/{totals['to_recover']} objects done"
+    if totals.get("skipped"):
+        text += f" ({totals['recovered']} copied, {totals['skipped']} needed no copy)"
+    return text
 
 
 def health_text(health: dict[str, Any]) -> str:

@@ -91,8 +91,11 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("sheepdog_up", "1 while this sheep serves (joined, not"
                                 " fenced, not stopping)", value=1 if state["up"] else 0)
         recovery = state.get("recovery") or {}
+        # Of the running pass only (a pass that ended has nothing left to fetch: what it
+        # wanted and found nothing to copy for counts as done, not as remaining).
         remaining = max(0, int(recovery.get("to_recover", 0)) - int(recovery.get("recovered", 0))
-                        - int(recovery.get("failed", 0)))
+                        - int(recovery.get("skipped", 0)) - int(recovery.get("failed", 0))
+                        ) if recovery.get("running") else 0
         yield GaugeMetricFamily("sheepdog_recovery_objects_remaining", "Objects the running"
                                 " recovery pass has still to fetch, plus copies to verify",
                                 value=remaining + int(recovery.get("unverified", 0)))

@@ -291,6 +291,7 @@ class Recoverer(_Worker):
         self.epoch = 0
         self.to_recover = 0
         self.recovered = 0
+        self.skipped = 0  # wanted, but nothing to copy after all (removed, or written here)
         self.failed = 0
         self.bytes = 0
         self.bytes_total = 0  # since this sheep started, over every pass
@@ -314,7 +315,8 @@ class Recoverer(_Worker):
     def status(self) -> dict[str, Any]:
         elapsed = (self.finished if not self.running else self.clock.monotonic()) - self.started
         return {"epoch": self.epoch, "to_recover": self.to_recover,
-                "recovered": self.recovered, "failed": self.failed, "running": self.running,
+                "recovered": self.recovered, "skipped": self.skipped, "failed": self.failed,
+                "running": self.running,
                 "unverified": self.peer.health.unverified_count, "bytes": self.bytes,
                 "bytes_total": self.bytes_total,
                 "rate": self.bytes / elapsed if elapsed > 0 and self.bytes else 0.0,
@@ -422,7 +424,7 @@ class Recoverer(_Worker):
                          if oid not in here and self._mine(oid, epoch)),
                         key=lambda oid: not self.store.is_partial(oid))
         self.to_recover = len(wanted)
-        self.recovered = self.failed = self.bytes = self.unverified_sources = 0
+        self.recovered = self.skipped = self.failed = self.bytes = self.unverified_sources = 0
         if wanted:
             log.info("epoch %d: recovering %d objects", epoch, len(wanted))
         semaphore = asyncio.Semaphore(recovery_concurrency)
@@ -441,6 +443,8 @@ class Recoverer(_Worker):
                         self.recovered += 1
                     elif fetched is None:
                         self.unverified_sources += 1
+                    else:
+                        self.skipped += 1
                 except SheepError as error:
                     self.failed += 1
                     log.warning("cannot recover %016x: %s", oid, error)

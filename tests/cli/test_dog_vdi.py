@@ -187,6 +187,13 @@ def test_create_refused(port, api):
     assert not names & {name for name, _, _, _ in refused_creates}
 
 
+def test_a_negative_size_without_dashes_is_named_as_one(port, api):
+    """Without '--', '-5G' reads as an option: the error says what it is."""
+    line = fails(port, EXIT_USAGE, "vdi", "create", "create-neg5", "-5G")
+    assert "'-5G': sizes and numbers cannot be negative" in line, line
+    assert "create-neg5" not in {i["name"] for i in listing(api)}
+
+
 def test_create_duplicate(port, api):
     dog(port, "vdi", "create", "create-dup", "1G")
     assert "already exists" in fails(port, EXIT_EXISTS, "vdi", "create", "create-dup", "2G")

@@ -65,7 +65,7 @@ def test_dog_node_recovery_reports_every_node(make_cluster):
     lines = table.stdout.strip().splitlines()
     assert len(lines) == 6 and lines[4] == ""  # header, a row per node, the summary
     assert lines[5] == ("healthy: every node reachable, done recovering, a zone for every"
-                        " copy (0/0 objects recovered); rate limit: none")
+                        " copy (0/0 objects done); rate limit: none")
     listing = json.loads(subprocess.run([*command, "--json"], capture_output=True, text=True,
                                         timeout=60).stdout)
     assert [item["index"] for item in listing] == [0, 1, 2]

@@ -144,6 +144,13 @@ def test_without_a_keyring_or_with_a_wrong_key_dog_fails_in_one_line_and_changes
     assert f"(from {wrong})" in one_line(result)  # which keyring held the wrong key
     result = dog(port, "--keyring", wrong, "cluster", "format", "--force", env=env)
     assert result.returncode == EXIT_PERMISSION
+    # --keyring and --name also after the command, as -p is; the last one given wins.
+    result = dog(port, "vdi", "create", "nokey", "1G", "--keyring", wrong, env=env)
+    assert result.returncode == EXIT_PERMISSION and f"(from {wrong})" in one_line(result)
+    result = dog(port, "--keyring", cluster.keyring, "vdi", "list", "--keyring", wrong, env=env)
+    assert result.returncode == EXIT_PERMISSION and f"(from {wrong})" in one_line(result)
+    result = dog(port, "vdi", "list", "--keyring", wrong, "--name", "client.nobody", env=env)
+    assert result.returncode != 0 and "client.nobody" in one_line(result)
     assert "nokey" not in vdi_names(admin) and admin.cluster_info()["status"] == "ok"
 
 

@@ -25,7 +25,16 @@ def test_a_node_killed_leaves_the_cluster_recovering_while_zones_suffice():
     health = cluster_health(info(zones=3), [member(running=True, to_recover=10, recovered=4),
                                             member(), member()])
     assert (health["state"], health["phase"]) == ("recovering", "recovering")
-    assert health_text(health) == "recovering: 1 node(s) recovering: 4/10 objects fetched"
+    assert health_text(health) == "recovering: 1 node(s) recovering: 4/10 objects done"
+
+
+def test_objects_that_needed_no_copy_count_as_done_and_are_told_apart():
+    """A pass wanted 23 objects, copied 2 and found nothing to copy for 21 (removed
+    meanwhile, or written here by a client): 23/23 done, not "2/23 recovered"."""
+    nodes = [member(running=True, to_recover=23, recovered=2, skipped=21), member(), member()]
+    health = cluster_health(info(zones=3), nodes)
+    assert health_text(health) == ("recovering: 1 node(s) recovering: 23/23 objects done"
+                                   " (2 copied, 21 needed no copy)")
 
 
 def test_too_few_zones_is_degraded_even_while_recovering():
