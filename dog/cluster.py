@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import time
@@ -44,7 +45,7 @@ def _check_object_size(value: int) -> int:
               help="Where to write the first admin key. Default: the keyring dog reads"
                    " (--keyring before the command, DOG_KEYRING), else"
                    " ~/.config/sheepdog/keyring.")
-@connection_options
+@functools.partial(connection_options, credentials=False)
 def format(copies: int, object_size: int, force: bool, encrypt: bool,  # noqa: A001
            output: str | None) -> None:
     """Format the cluster: fix copies and object size, erase all objects, and make the

@@ -62,7 +62,11 @@ _set_name = _setter("name")
 
 
 def connection_options(function: Callable[..., Any],
-                       port_names: tuple[str, ...] = ("-p", "--port")) -> Callable[..., Any]:
+                       port_names: tuple[str, ...] = ("-p", "--port"),
+                       credentials: bool = True) -> Callable[..., Any]:
+    """-a/-p, and --keyring/--name unless credentials is False (a command whose own
+    --keyring means something else: 'dog cluster format --keyring' is where the first
+    admin key goes)."""
     function = click.option(
         *port_names, "sheep_port", type=click.IntRange(1, 65535), callback=_set_port,
         expose_value=False, is_eager=True, envvar="DOG_PORT",
@@ -71,6 +75,8 @@ def connection_options(function: Callable[..., Any],
         "-a", "--address", callback=_set_address, expose_value=False, is_eager=True,
         envvar="DOG_ADDRESS",
         help="Address of the sheep to talk to (default 127.0.0.1).")(function)
+    if not credentials:
+        return function
     # DOG_KEYRING and DOG_NAME are read where the key is looked for (auth), not here:
     # a keyring from the environment is not "given" (dog nbd serve passes only these).
     function = click.option(

@@ -189,3 +189,28 @@ def test_a_keyring_open_to_others_is_warned_about_once_as_dogs_own_line(cluster,
     result = dog("--keyring", str(open_keyring), "node", "list", port=cluster.sheep[0].port)
     assert result.stderr.decode().splitlines() == [
         f"dog: warning: keyring {open_keyring} is open to others (mode 644): chmod 600 it"]
+
+
+def test_every_command_takes_its_options_once_and_the_connection_ones_after_it():
+    """-a/-p/--keyring/--name work after any command that talks to a sheep (as before
+    it); an option declared twice (click only warns, and the later one silently wins)
+    is a bug."""
+    import click
+
+    from dog.main import dog as dog_group
+
+    def commands(command: click.Command, path: str):
+        yield path, command
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                yield from commands(sub, f"{path} {name}")
+
+    for path, command in commands(dog_group, "dog"):
+        names = [o for p in command.params for o in [*p.opts, *getattr(p, "secondary_opts", [])]]
+        assert len(names) == len(set(names)), (path, sorted(names))
+        if "-p" not in names:  # talks to no sheep (dog auth new-keyring)
+            continue
+        wanted = {"-a", "-p", "--keyring", "--name"}
+        if path == "dog cluster format":
+            wanted = {"-a", "-p", "--keyring"}  # its --keyring: where the admin key goes
+        assert wanted <= set(names), (path, sorted(wanted - set(names)))
