@@ -435,9 +435,10 @@ class FrameDecoder:
         self._end = 0
         self._header: Header | None = None
         # Where a large payload may go: place(header, length) gives a buffer of its
-        # caller's of exactly the payload's length, or None. Asked only when the payload
-        # is not encrypted; the payload is then received into it, and comes out as it.
+        # caller's of exactly the payload's length, or None. The payload comes out as
+        # that buffer: received into it, or (encrypted) opened into it once whole.
         self._place = place
+        self._into: memoryview | None = None  # an encrypted payload's placed buffer
         # The payload being received in place: its full chunks, the chunk being filled,
         # the chunks decided already (a placed payload's tag).
         self._direct: bytearray | memoryview | None = None
@@ -528,8 +529,13 @@ class FrameDecoder:
             return [(header, payload)]  # type: ignore[list-item]
         assert self._header_bytes is not None
         header_bytes, self._header_bytes = self._header_bytes, None
+        into, self._into = self._into, None
+        opened: bytes | bytearray | memoryview
         try:
-            opened = self._sealer.open_pieces(header.opcode, header_bytes, chunks)
+            if self._sealer.sealed(header.opcode):  # received whole: one piece
+                opened = self._sealer.open_into(header.opcode, header_bytes, chunks[0], into)
+            else:
+                opened = self._sealer.open_pieces(header.opcode, header_bytes, chunks)
         except BadRequest as bad:
             raise self._break(bad) from None
         return [(header.with_length(len(opened)), opened)]  # type: ignore[list-item]
@@ -584,13 +590,22 @@ class FrameDecoder:
             self._start = start + taken
             self._filled = taken
             place = self._placed(header)
-            if place is None:
+            encrypted = self._sealer is not None and self._sealer.sealed(header.opcode)
+            if sealed and (encrypted or place is None):
+                # The peer has authenticated: the frame's buffer is allocated whole at
+                # once (the doubling below guards memory against strangers only), so
+                # nothing is joined at the end. Ciphertext is opened once whole, into
+                # the caller's buffer if it gave one.
+                self._into = place if encrypted else None
+                self._direct = bytearray(length)
+                self._direct[:taken] = staged
+            elif place is None:
                 self._direct = bytearray(min(length, max(taken, self.direct_min_bytes)))
                 self._direct[:taken] = staged
             elif not sealed:
                 place[:taken] = staged
                 self._direct = place
-            else:  # the payload into place, then its tag
+            else:  # a signed payload into place, then its tag
                 body = len(place)
                 tag = bytearray(auth.TAG_BYTES)
                 place[:min(taken, body)] = staged[:body]
@@ -615,15 +630,12 @@ class FrameDecoder:
 
     def _placed(self, header: Header) -> memoryview | None:
         """The caller's buffer for this large payload, if it has one that fits. It is
-        asked only for a payload it can take (not ciphertext, which is opened into a
-        buffer of the cipher's), and told the payload's length: a buffer it gives is
-        then used, whole."""
+        told the payload's length (without the tag): a buffer it gives is then used,
+        whole (received into, or opened into)."""
         if self._place is None:
             return None
         length = header.length
         if self._sealer is not None:
-            if self._sealer.sealed(header.opcode):
-                return None
             length -= auth.TAG_BYTES
         place = self._place(header, length)
         return place if place is not None and len(place) == length else None

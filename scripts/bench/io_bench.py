@@ -12,6 +12,7 @@ data, not holes) before any measurement:
   frame encrypted; ours-c3 only signs them);
 - ours-c3-before (only with --targets, and SHEEP_BENCH_BEFORE_TREE=PATH): ours-c3
   as built by another checkout (a change's baseline), the way ours-c3-noauth is;
+  ours-c3-encrypt-before the same, formatted with --encrypt;
 - ours-c3-noauth (only with --targets, and SHEEP_BENCH_NOAUTH_TREE=PATH): ours-c3
   as built by another checkout, the one before authentication existed, set up by
   that tree's own code in a child process: ours-c3/ours-c3-noauth is what
@@ -200,6 +201,9 @@ base, size = sys.argv[1], int(sys.argv[2])
 cluster = LocalCluster(base, 3)
 cluster.start()
 cluster.format(3)
+if sys.argv[3:] == ["encrypt"]:
+    with cluster.client(0) as client:  # its connections close after the format
+        client.format(3, 4 << 20, force=True, encrypt=True)
 with cluster.client(0) as client:
     client.set_scrub(max_rate=0)
     client.vdi_create("bench", size)
@@ -217,6 +221,7 @@ class OursWithoutAuth(Target):
 
     variable = "SHEEP_BENCH_NOAUTH_TREE"
     hint = "a checkout from before authentication (git worktree add PATH f4b4006~1)"
+    extra: list[str] = []  # more arguments for _OLD_TREE_TARGET
 
     def start(self) -> None:
         tree = os.environ.get(self.variable)
@@ -225,7 +230,8 @@ class OursWithoutAuth(Target):
         env = {**os.environ, "PYTHONPATH": tree}
         env.pop("DOG_KEYRING", None)
         self.helper = subprocess.Popen(
-            [sys.executable, "-c", _OLD_TREE_TARGET, self.base, str(self.size)], cwd=tree,
+            [sys.executable, "-c", _OLD_TREE_TARGET, self.base, str(self.size), *self.extra],
+            cwd=tree,
             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert self.helper.stdout is not None
         line = self.helper.stdout.readline()
@@ -251,6 +257,12 @@ class OursBefore(OursWithoutAuth):
 
     variable = "SHEEP_BENCH_BEFORE_TREE"
     hint = "the checkout to compare with (git worktree add PATH main)"
+
+
+class OursEncryptedBefore(OursBefore):
+    """ours-c3-encrypt from another checkout (SHEEP_BENCH_BEFORE_TREE)."""
+
+    extra = ["encrypt"]
 
 
 class Local(Target):
@@ -331,7 +343,8 @@ TARGETS: dict[str, type[Target]] = {"ours-c3": Ours, "ours-c1": OursOneCopy,
                                      "ours-c3-fifo": OursFifo,
                                      "ours-c3-encrypt": OursEncrypted,
                                      "ours-c3-noauth": OursWithoutAuth,
-                                     "ours-c3-before": OursBefore, "file": File,
+                                     "ours-c3-before": OursBefore,
+                                     "ours-c3-encrypt-before": OursEncryptedBefore, "file": File,
                                      "qcow2": Qcow2, "pyref": Reference, "ceph": Ceph}
 DEFAULT_TARGETS = ["ours-c3", "ours-c1", "file", "qcow2", "pyref"]
 

@@ -5,7 +5,7 @@ of the stack (self) and anywhere in it (inclusive), as shares of all samples.
 
     scripts/bench/profile [--workload randread|randwrite|seqread|seqwrite|fsync
                                      |randwrite1|randread1]
-                          [--seconds 10] [--copies 3] [--keep DIR]
+                          [--seconds 10] [--copies 3] [--encrypt] [--keep DIR]
 
 py-spy needs ptrace rights (root, or kernel.yama.ptrace_scope=0).
 """
@@ -77,11 +77,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="MiB")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--keep", default=None, help="keep the raw py-spy files here")
+    parser.add_argument("--encrypt", action="store_true",
+                        help="format with --encrypt (every frame encrypted; copies 3)")
     args = parser.parse_args()
     if shutil.which("py-spy") is None:
         sys.exit("py-spy is missing: pip install '.[bench]'")
     root = tempfile.mkdtemp(prefix="sheep-profile-")
-    target_class = io_bench.Ours if args.copies == 3 else io_bench.OursOneCopy
+    target_class = (io_bench.OursEncrypted if args.encrypt else
+                    io_bench.Ours if args.copies == 3 else io_bench.OursOneCopy)
     target = target_class("ours", root, args.size << 20)
     out = args.keep or root
     os.makedirs(out, exist_ok=True)

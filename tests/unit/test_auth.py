@@ -154,10 +154,10 @@ def test_a_sealed_decoder_opens_frames_whole_or_in_pieces(mode):
 @pytest.mark.parametrize("mode", ["sign", "encrypt"])
 @pytest.mark.parametrize("cut", [None, 1000, 70000])
 def test_a_large_payload_lands_in_the_buffer_its_caller_placed(mode, cut):
-    """place(header, length) names a buffer (nbdkit's, for a read): a signed payload of
-    exactly its length is received into it and comes out as it; an encrypted one, or a
-    buffer of another length, is opened into the decoder's own. The decoder asks only
-    for a payload it can take, telling its length."""
+    """place(header, length) names a buffer (nbdkit's, for a read): a payload of exactly
+    its length comes out as it, signed (received into it) or encrypted (opened into it
+    once whole); a buffer of another length is left alone. The decoder asks with the
+    payload's length, tag excluded."""
     size = 1 << 20
     buffers = {1: memoryview(bytearray(size)), 2: memoryview(bytearray(size - 1))}
     asked: list[tuple[int, int]] = []
@@ -177,10 +177,9 @@ def test_a_large_payload_lands_in_the_buffer_its_caller_placed(mode, cut):
     for at in range(0, len(wire), step):
         got += decoder.feed(wire[at:at + step])
     assert [bytes(payload) == data for _, payload in got] == [True, True]
-    assert (got[0][1] is buffers[1]) == (mode == "sign")
-    assert bytes(buffers[1]) == (data if mode == "sign" else bytes(size))
-    assert got[1][1] is not buffers[2]
-    assert asked == ([] if mode == "encrypt" else [(1, size), (2, size)])
+    assert got[0][1] is buffers[1] and bytes(buffers[1]) == data
+    assert got[1][1] is not buffers[2] and bytes(buffers[2]) == bytes(size - 1)
+    assert asked == [(1, size), (2, size)]
     bad = bytearray(proto.encode(Header(Op.VDI_READ, request_id=1), data, client))
     bad[proto.HEADER_SIZE + 5] ^= 1
     with pytest.raises(proto.ProtocolError, match="integrity"):  # its call fails
@@ -333,3 +332,21 @@ def test_without_a_keyring_the_one_box_clusters_node_key_is_found(tmp_path, monk
     assert auth.resolve_credentials(prefer_node=True) == auth.Credentials("node", node.key)
     # The first sheep makes the node keyring; the next ones read the same key.
     assert auth.node_keyring(auth.cluster_keyring_path(default_local_directory())) == node
+
+
+@pytest.mark.parametrize("mode", ["sign", "encrypt"])
+def test_an_authenticated_peers_large_frame_gets_its_whole_buffer_at_once(mode):
+    """Once sealed (the peer authenticated), a large frame is received into one buffer
+    of its whole length: no pieces to join. Before, a stranger's claimed length gets
+    buffers that double with what it actually sent."""
+    size = 1 << 20
+    client, server = pair(auth.new_key(), mode=mode)
+    decoder = proto.FrameDecoder(1 << 21)
+    decoder.seal(server)
+    wire = proto.encode(Header(Op.VDI_WRITE, request_id=1), bytes(size), client)
+    first = proto.HEADER_SIZE + 1000
+    assert decoder.feed(wire[:first]) == []
+    assert len(decoder.get_buffer()) == len(wire) - first  # the rest of it, whole
+    stranger = proto.FrameDecoder(1 << 21)
+    assert stranger.feed(proto.encode(Header(Op.VDI_WRITE, request_id=1), bytes(size))[:first]) == []
+    assert len(stranger.get_buffer()) <= proto.FrameDecoder.direct_min_bytes
