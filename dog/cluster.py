@@ -10,7 +10,16 @@ from typing import Any
 
 import click
 
-from dog.common import DURATION, RATE, SIZE, Target, connection_options, json_option, run
+from dog.common import (
+    DURATION,
+    RATE,
+    SIZE,
+    Target,
+    connection_options,
+    credential_options,
+    json_option,
+    run,
+)
 from dog.output import Progress, StatusLine, format_time, print_json, print_table
 from sheep import auth, constants
 from sheep.errors import EXIT_FAILURE, NoObject, Timeout, Unavailable
@@ -46,6 +55,7 @@ def _check_object_size(value: int) -> int:
                    " (--keyring before the command, DOG_KEYRING), else"
                    " ~/.config/sheepdog/keyring.")
 @functools.partial(connection_options, credentials=False)
+@functools.partial(credential_options, keyring=False)
 def format(copies: int, object_size: int, force: bool, encrypt: bool,  # noqa: A001
            output: str | None) -> None:
     """Format the cluster: fix copies and object size, erase all objects, and make the

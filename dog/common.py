@@ -64,30 +64,34 @@ _set_name = _setter("name")
 def connection_options(function: Callable[..., Any],
                        port_names: tuple[str, ...] = ("-p", "--port"),
                        credentials: bool = True) -> Callable[..., Any]:
-    """-a/-p, and --keyring/--name unless credentials is False (a command whose own
-    --keyring means something else: 'dog cluster format --keyring' is where the first
-    admin key goes)."""
+    """-a/-p, and --keyring/--name (credential_options) unless credentials is False."""
     function = click.option(
         *port_names, "sheep_port", type=click.IntRange(1, 65535), callback=_set_port,
-        expose_value=False, is_eager=True, envvar="DOG_PORT",
+        expose_value=False, is_eager=True, envvar="DOG_PORT", allow_from_autoenv=False,
         help="Port of the sheep to talk to (default 7000).")(function)
     function = click.option(
         "-a", "--address", callback=_set_address, expose_value=False, is_eager=True,
-        envvar="DOG_ADDRESS",
+        envvar="DOG_ADDRESS", allow_from_autoenv=False,
         help="Address of the sheep to talk to (default 127.0.0.1).")(function)
-    if not credentials:
-        return function
-    # DOG_KEYRING and DOG_NAME are read where the key is looked for (auth), not here:
-    # a keyring from the environment is not "given" (dog nbd serve passes only these).
-    function = click.option(
-        "--keyring", "sheep_keyring", type=click.Path(dir_okay=False), callback=_set_keyring,
-        expose_value=False, is_eager=True,
-        help="Keyring file with this principal's key (env DOG_KEYRING). Default:"
-             " ~/.config/sheepdog/keyring, then the one-box cluster's own.")(function)
-    function = click.option(
+    return credential_options(function) if credentials else function
+
+
+def credential_options(function: Callable[..., Any], keyring: bool = True
+                       ) -> Callable[..., Any]:
+    """--keyring and --name, before the command or after it; keyring=False leaves out
+    --keyring (a command whose own --keyring means something else: 'dog cluster format
+    --keyring' is where the first admin key goes)."""
+    if keyring:
+        function = click.option(
+            "--keyring", "sheep_keyring", type=click.Path(dir_okay=False),
+            callback=_set_keyring, expose_value=False, is_eager=True, envvar="DOG_KEYRING",
+            allow_from_autoenv=False,
+            help="Keyring file with this principal's key (env DOG_KEYRING). Default:"
+                 " ~/.config/sheepdog/keyring, then the one-box cluster's own.")(function)
+    return click.option(
         "--name", "sheep_name", callback=_set_name, expose_value=False, is_eager=True,
+        envvar="DOG_NAME", allow_from_autoenv=False,
         help="Principal to authenticate as (env DOG_NAME; default client.admin).")(function)
-    return function
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")

@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 import click
 
 from dog import nbd_servers
-from dog.common import Target, connection_options, json_option, run
+from dog.common import Target, connection_options, credential_options, json_option, run
 from dog.nbd_servers import Server, ServerError, format_listen, nbd_port_default
 from dog.output import error, format_time, print_json, print_table
 from dog.vdi import cluster_attachments
@@ -300,6 +300,7 @@ def _start_background(server: Server) -> None:
 @nbd.command("list")
 @json_option
 @state_dir_option
+@credential_options
 def list_(as_json: bool, state_dir: str | None) -> None:
     """Show the running NBD servers, with their exports and clients.
 

@@ -18,6 +18,7 @@ and the removal of copies a sheep no longer has to hold.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import zlib
 from collections.abc import Callable
@@ -38,6 +39,16 @@ from sheep.store import Store
 from sheep.world import Clock
 
 log = logging.getLogger(__name__)
+
+
+class Fetch(enum.Enum):
+    """What came of fetching one object (Recovery.fetch)."""
+
+    COPIED = "copied"
+    NOT_NEEDED = "not needed"  # removed, or a current copy is here already
+    UNVERIFIED = "unverified"  # only copies not verified yet: a later pass fetches it
+    NO_SOURCE = "no source"  # no copy anywhere to take it from
+
 
 verify_retry_interval_s = 1.0
 # A copy whose change failed here is compared with the others only once that change
@@ -291,7 +302,7 @@ class Recoverer(_Worker):
         self.epoch = 0
         self.to_recover = 0
         self.recovered = 0
-        self.skipped = 0  # wanted, but nothing to copy after all (removed, or written here)
+        self.skipped = 0  # wanted, but no copy needed after all (removed, or written here)
         self.failed = 0
         self.bytes = 0
         self.bytes_total = 0  # since this sheep started, over every pass
@@ -344,7 +355,7 @@ class Recoverer(_Worker):
                 epoch = self.group.epoch
                 async with self.peer.scheduler.running("recovery", self.group.state.object_size):
                     if self.store.is_partial(oid) and await self.fetch(
-                            oid, list(self.group.state.nodes), epoch):
+                            oid, list(self.group.state.nodes), epoch) is Fetch.COPIED:
                         self.recovered_early += 1
             except SheepError as error:
                 log.info("cannot fill the partial copy of %016x yet: %s", oid, error)
@@ -439,12 +450,12 @@ class Recoverer(_Worker):
                     async with self.peer.scheduler.running(
                             "recovery", self.group.state.object_size):
                         fetched = await self.fetch(oid, holders[oid], epoch)
-                    if fetched:
+                    if fetched is Fetch.COPIED:
                         self.recovered += 1
-                    elif fetched is None:
+                    elif fetched is Fetch.UNVERIFIED:
                         self.unverified_sources += 1
-                    else:
-                        self.skipped += 1
+                    elif fetched is Fetch.NOT_NEEDED:
+                        self.skipped += 1  # (NO_SOURCE: counted nowhere, a gap that shows)
                 except SheepError as error:
                     self.failed += 1
                     log.warning("cannot recover %016x: %s", oid, error)
@@ -481,9 +492,11 @@ class Recoverer(_Worker):
     def _mine(self, oid: int, epoch: int) -> bool:
         return any(node.node_id == self.node_id for node in self.group.placement(oid, epoch))
 
-    async def fetch(self, oid: int, nodes: list[Any], epoch: int) -> bool | None:
-        """Copy the newest verified copy of oid here; False if there is none to copy,
-        None if there are only copies not verified yet (a pass run again fetches it)."""
+    async def fetch(self, oid: int, nodes: list[Any], epoch: int) -> Fetch:
+        """Copy the newest verified copy of oid here. What came of it: COPIED;
+        NOT_NEEDED (removed, or a current copy is here already); UNVERIFIED (only copies
+        not verified yet: a pass run again fetches it); NO_SOURCE (no copy anywhere to
+        take it from)."""
         if self.gateway.world.faults.buggify("recovery.fetch-fails"):
             raise Timeout(f"fetching {oid:016x} timed out (buggify)")
         placement = self.group.placement(oid, epoch)
@@ -501,9 +514,11 @@ class Recoverer(_Worker):
             # away that may hold a newer one). Taken as "nothing to fetch", it was
             # fetched by nobody, and the surplus copy it was to replace stayed for ever
             # (simulator seed 14, once copies wait for nodes away).
-            return None
-        if best is None or best.removed:
-            return False
+            return Fetch.UNVERIFIED
+        if best is None:
+            return Fetch.NO_SOURCE
+        if best.removed:
+            return Fetch.NOT_NEEDED
         self.peer.check_space()
         await self.limiter.take(self.group.state.object_size)
         # The copy comes as its extents and only they are written: holes stay holes.
@@ -513,9 +528,9 @@ class Recoverer(_Worker):
             self.peer.fill(oid, extents, version or best.version)
             self.bytes += copied
             self.bytes_total += copied
-            return True
+            return Fetch.COPIED
         if self.store.exists(oid):
-            return False  # a client's write put a current copy here meanwhile
+            return Fetch.NOT_NEEDED  # a client's write put a current copy here meanwhile
         # The version read with the data: a write may have landed since the stat.
         version = version or best.version
         # Written off the loop when the store knows nothing of the object (the common
@@ -525,12 +540,12 @@ class Recoverer(_Worker):
             if self.store.is_partial(oid):
                 self.peer.fill(oid, extents, version)
             elif self.store.exists(oid):
-                return False
+                return Fetch.NOT_NEEDED
             else:
                 self.store.create_from_extents(oid, extents, version)
         self.bytes += copied
         self.bytes_total += copied
-        return True
+        return Fetch.COPIED
 
     async def purge_once(self, epoch: int) -> bool:
         """Drop the surplus copies whose holders all have them; True if some must wait."""

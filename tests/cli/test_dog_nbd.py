@@ -152,6 +152,18 @@ def test_print_command_shows_the_raw_nbdkit_command():
                               check=EXIT_USAGE))
     assert "--listen" in line and "write :10809 (loopback) or HOST:10809" in line, line
 
+    # The plugin gets the keyring and name dog would use, given before or after the
+    # command or by DOG_KEYRING/DOG_NAME (a printed command must not fall back to another
+    # keyring when it runs without them); an option beats the environment.
+    env = {**os.environ, "DOG_KEYRING": "env.keyring", "DOG_NAME": "client.env",
+           "DOG_SHEEP_KEYRING": "auto.keyring"}
+    command = shlex.split(dog("nbd", "serve", "--print-command", env=env).stdout)
+    assert f"keyring={os.path.abspath('env.keyring')}" in command, command
+    assert "name=client.env" in command and not any("auto" in arg for arg in command)
+    command = shlex.split(dog("--keyring", "a.keyring", "nbd", "serve", "--keyring", "b.keyring",
+                              "--name", "client.b", "--print-command", env=env).stdout)
+    assert f"keyring={os.path.abspath('b.keyring')}" in command and "name=client.b" in command
+
     # Old scripts' --bind (the NBD side) still works, deprecated.
     result = dog("nbd", "serve", "-p", "7001", "--bind", "0.0.0.0", "--print-command")
     command = shlex.split(result.stdout)

@@ -26,7 +26,8 @@ class DrivenSheep:
     """One connection's sheep side: the handshake, then each request queued for the
     test, answered by answer()."""
 
-    def __init__(self) -> None:
+    def __init__(self, forge_hello: bool = False) -> None:
+        self.forge_hello = forge_hello  # answer the handshake's first step as another op
         self.key = auth.new_key()
         self.credentials = auth.Credentials("client.test", self.key)
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -60,7 +61,10 @@ class DrivenSheep:
                         else:
                             principal = handshake.prove(body)
                             answer = {"principal": principal.name, "caps": "admin"}
-                        sock.sendall(proto.encode(header.reply(), proto.encode_json(answer)))
+                        reply = header.reply()
+                        if self.forge_hello and header.opcode == Op.AUTH_HELLO:
+                            reply = reply._replace(opcode=Op.AUTH_PROVE)
+                        sock.sendall(proto.encode(reply, proto.encode_json(answer)))
                         if header.opcode == Op.AUTH_PROVE:
                             self.sealer = handshake.sealer()
                             decoder.seal(self.sealer)
@@ -618,3 +622,13 @@ def test_the_asyncio_connection_fails_on_a_frame_that_is_not_its_requests_reply(
         assert connection.closed
 
     asyncio.run(run())
+
+
+def test_a_handshake_answer_for_another_step_fails_the_connection():
+    """The handshake's own exchange checks its answers the same way."""
+    server = DrivenSheep(forge_hello=True)
+    try:
+        with pytest.raises(NetworkError, match="bad handshake reply .*carries opcode"):
+            BlockingConnection("127.0.0.1", server.port, server.credentials)
+    finally:
+        server.close()
