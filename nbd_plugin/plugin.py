@@ -179,6 +179,9 @@ def config_complete() -> None:
             raise RuntimeError(f"sheep={item!r}: use HOST:PORT[,HOST:PORT...]")
         addresses.append((host, int(port)))
     auth, _, errors, _ = _import_client()
+    from sheep.allocator import keep_large_blocks_in_the_heap
+
+    keep_large_blocks_in_the_heap()  # nbdkit's process: a read's buffers, not new mappings
     try:  # keyring=FILE name=NAME, else DOG_KEYRING, DOG_NAME and the defaults
         credentials = auth.resolve_credentials(_config.get("keyring"), _config.get("name"))
     except errors.SheepError as error:

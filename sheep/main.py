@@ -26,6 +26,7 @@ import click
 import uvloop
 
 from sheep import auth, constants, world
+from sheep.allocator import keep_large_blocks_in_the_heap
 from sheep.cluster.driver import default_local_directory, make_driver
 from sheep.daemon import Sheep, SheepConfig
 from sheep.errors import EXIT_FAILURE, EXIT_USAGE, SheepError, UsageError
@@ -349,6 +350,7 @@ def command(directory: str, port: int, address: str, driver: str, zone: str | No
                          weight=weight_bytes, io_scheduler=io_scheduler, node_key=node_key,
                          keyring_path=_keyring_path(keyring, driver),
                          handoff_wait_s=handoff_wait_s)
+    keep_large_blocks_in_the_heap()  # a frame's buffers without fresh mappings
     sheep = Sheep(config, Store(directory, checksums=not no_checksums), cluster_driver)
     # uvloop (libuv) runs the same asyncio code with far less overhead per event.
     code = uvloop.run(_run(sheep, sock, ready_fd, metrics_port))
