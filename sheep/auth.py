@@ -446,8 +446,6 @@ class Sealer:
     def __init__(self, send_key: bytes, receive_key: bytes, encrypt: bool) -> None:
         self._encrypt = AESGCM(send_key).encrypt
         self._decrypt = AESGCM(receive_key).decrypt
-        # (decrypt_into is in cryptography's newer releases: else decrypt and a copy.)
-        self._decrypt_into = getattr(AESGCM(receive_key), "decrypt_into", None)
         self._send_key = send_key
         self._receive_key = receive_key
         self.encrypt = encrypt
@@ -491,25 +489,36 @@ class Sealer:
                              " order)") from None
         return frame[header_bytes:-TAG_BYTES]
 
-    def open_into(self, opcode: int, header: bytes, sealed: bytearray | memoryview,
+    def open_into(self, opcode: int, header: bytes, pieces: list[bytearray | memoryview],
                   into: memoryview | None) -> bytes | memoryview:
-        """open() of an encrypted frame's payload received whole after its header
-        (ciphertext and tag): decrypted into ``into`` (a buffer of the payload's length,
-        which comes back) or into a buffer of its own. On a wrong tag ``into`` may hold
-        anything: the call it was for fails."""
+        """open() of an encrypted frame received in pieces after its header (ciphertext
+        and tag, cut anywhere): decrypted piece by piece, nothing joined, into ``into``
+        (a buffer of the payload's length, which comes back) or into a buffer of its
+        own. On a wrong tag ``into`` may hold anything: the call it was for fails."""
         nonce = self._received.to_bytes(12, "little")
         self._received += 1
+        body = sum(len(piece) for piece in pieces) - TAG_BYTES
+        bad = BadRequest("frame failed its integrity check (tampered, replayed or out of"
+                         " order)")
+        if body < 0 or (into is not None and len(into) != body):
+            raise bad
+        out = into if into is not None else memoryview(bytearray(body))
+        decryptor = Cipher(algorithms.AES(self._receive_key), modes.GCM(nonce)).decryptor()
+        decryptor.authenticate_additional_data(header)
+        tag = bytearray()
+        done = 0
+        for piece in pieces:
+            view = memoryview(piece)
+            part = min(len(view), body - done)
+            if part > 0:
+                decryptor.update_into(view[:part], out[done:done + part])
+                done += part
+            tag += view[max(part, 0):]
         try:
-            if into is None:
-                return self._decrypt(nonce, sealed, header)
-            if self._decrypt_into is not None:
-                self._decrypt_into(nonce, sealed, header, into)
-            else:
-                into[:] = self._decrypt(nonce, sealed, header)
-            return into
-        except (InvalidTag, ValueError):  # ValueError: shorter than a tag
-            raise BadRequest("frame failed its integrity check (tampered, replayed or out of"
-                             " order)") from None
+            decryptor.finalize_with_tag(bytes(tag))
+        except (InvalidTag, ValueError):
+            raise bad from None
+        return out if into is not None else out.obj  # type: ignore[return-value]
 
     def open_pieces(self, opcode: int, header: bytes,
                     pieces: list[bytearray | memoryview]) -> bytes | bytearray | memoryview:

@@ -532,8 +532,8 @@ class FrameDecoder:
         into, self._into = self._into, None
         opened: bytes | bytearray | memoryview
         try:
-            if self._sealer.sealed(header.opcode):  # received whole: one piece
-                opened = self._sealer.open_into(header.opcode, header_bytes, chunks[0], into)
+            if self._sealer.sealed(header.opcode):
+                opened = self._sealer.open_into(header.opcode, header_bytes, chunks, into)
             else:
                 opened = self._sealer.open_pieces(header.opcode, header_bytes, chunks)
         except BadRequest as bad:
@@ -591,15 +591,11 @@ class FrameDecoder:
             self._filled = taken
             place = self._placed(header)
             encrypted = self._sealer is not None and self._sealer.sealed(header.opcode)
-            if sealed and (encrypted or place is None):
-                # The peer has authenticated: the frame's buffer is allocated whole at
-                # once (the doubling below guards memory against strangers only), so
-                # nothing is joined at the end. Ciphertext is opened once whole, into
-                # the caller's buffer if it gave one.
+            if place is None or encrypted:
+                # Buffers that double with what came (an authenticated peer that claims
+                # 64 MiB and stalls costs what it sent too). Ciphertext is opened piece
+                # by piece when whole, into the caller's buffer if it gave one.
                 self._into = place if encrypted else None
-                self._direct = bytearray(length)
-                self._direct[:taken] = staged
-            elif place is None:
                 self._direct = bytearray(min(length, max(taken, self.direct_min_bytes)))
                 self._direct[:taken] = staged
             elif not sealed:
