@@ -192,14 +192,15 @@ def health() -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 
 def _summary_text(summary: dict[str, Any]) -> str:
-    parts = [objects_done_text(summary)]
+    # While a pass runs, the health text says how far it is already.
+    parts = [] if summary["running"] else [objects_done_text(summary)]
     if summary["rate"]:
         parts.append(f"{format_size(int(summary['rate']))}/s")
     if summary["surplus"]:
         parts.append(f"{summary['surplus']} surplus copies to remove")
     if summary["unverified"]:
         parts.append(f"{summary['unverified']} copies to verify")
-    return f"{health_text(summary)} ({', '.join(parts)})"
+    return f"{health_text(summary)} ({', '.join(parts)})" if parts else health_text(summary)
 
 
 watch_interval_s = 0.5

@@ -103,3 +103,15 @@ def test_capacity_limits_name_the_node_that_fills_first_and_what_is_stranded():
     # Unreachable and weightless nodes count for nothing; none left: no answer.
     assert capacity_limits([{**_storing(0, T, T), "status": "unreachable"},
                             _storing(1, 0, T)], 1) is None
+
+
+def test_dogs_recovery_line_says_how_far_once():
+    """'dog node recovery' (and --watch) add the totals to the health text only when it
+    does not give them already (no pass running)."""
+    from dog.node import _summary_text
+
+    running = cluster_health(info(), [member(running=True, to_recover=2, recovered=1),
+                                      member(), member()])
+    assert _summary_text(running).count("objects done") == 1, _summary_text(running)
+    idle = cluster_health(info(), [member(to_recover=30, recovered=2, skipped=28), member()])
+    assert _summary_text(idle).endswith(" (30/30 objects done (2 copied, 28 needed no copy))")
