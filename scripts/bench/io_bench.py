@@ -199,20 +199,26 @@ from sheep.testing.cluster import LocalCluster
 from sheep.testing.nbd import NbdServer
 base, size = sys.argv[1], int(sys.argv[2])
 cluster = LocalCluster(base, 3)
-cluster.start()
-cluster.format(3)
-if sys.argv[3:] == ["encrypt"]:
-    with cluster.client(0) as client:  # its connections close after the format
-        client.format(3, 4 << 20, force=True, encrypt=True)
-with cluster.client(0) as client:
-    client.set_scrub(max_rate=0)
-    client.vdi_create("bench", size)
-nbd = NbdServer([n.port for n in cluster.sheep], os.path.join(base, "nbdkit.log"), threads=16)
-print(json.dumps({"uri": nbd.uri("bench"), "sheep": [n.process.pid for n in cluster.sheep],
-                  "nbdkit": nbd.process.pid}), flush=True)
-sys.stdin.read()
-nbd.stop()
-cluster.close()
+try:  # a setup that fails stops what it started
+    cluster.start()
+    cluster.format(3)
+    if sys.argv[3:] == ["encrypt"]:
+        with cluster.client(0) as client:  # its connections close after the format
+            client.format(3, 4 << 20, force=True, encrypt=True)
+    with cluster.client(0) as client:
+        client.set_scrub(max_rate=0)
+        client.vdi_create("bench", size)
+    nbd = NbdServer([n.port for n in cluster.sheep], os.path.join(base, "nbdkit.log"),
+                    threads=16)
+    try:
+        print(json.dumps({"uri": nbd.uri("bench"),
+                          "sheep": [n.process.pid for n in cluster.sheep],
+                          "nbdkit": nbd.process.pid}), flush=True)
+        sys.stdin.read()
+    finally:
+        nbd.stop()
+finally:
+    cluster.close()
 """
 
 
