@@ -478,15 +478,13 @@ class Sealer:
         """The payload of a received frame, whole in frame (a memoryview: header_bytes of
         header, the payload, the tag); BadRequest if its tag is wrong: tampered, replayed,
         reordered or injected. A signed payload comes back as a view into frame."""
-        nonce = self._received.to_bytes(12, "little")
-        self._received += 1
+        nonce = self._next_received()
         try:
             if self.sealed(opcode):
                 return self._decrypt(nonce, frame[header_bytes:], frame[:header_bytes])
             self._decrypt(nonce, frame[-TAG_BYTES:], frame[:-TAG_BYTES])
         except InvalidTag:
-            raise BadRequest("frame failed its integrity check (tampered, replayed or out of"
-                             " order)") from None
+            raise _tampered() from None
         return frame[header_bytes:-TAG_BYTES]
 
     def open_into(self, opcode: int, header: bytes, pieces: list[bytearray | memoryview],
@@ -495,58 +493,73 @@ class Sealer:
         and tag, cut anywhere): decrypted piece by piece, nothing joined, into ``into``
         (a buffer of the payload's length, which comes back) or into a buffer of its
         own. On a wrong tag ``into`` may hold anything: the call it was for fails."""
-        nonce = self._received.to_bytes(12, "little")
-        self._received += 1
-        body = sum(len(piece) for piece in pieces) - TAG_BYTES
-        bad = BadRequest("frame failed its integrity check (tampered, replayed or out of"
-                         " order)")
-        if body < 0 or (into is not None and len(into) != body):
-            raise bad
-        out = into if into is not None else memoryview(bytearray(body))
+        nonce = self._next_received()
+        body, tag = _body_and_tag(pieces)
+        length = sum(len(view) for view in body)
+        if len(tag) != TAG_BYTES or (into is not None and len(into) != length):
+            raise _tampered()
+        out = into if into is not None else memoryview(bytearray(length))
         decryptor = Cipher(algorithms.AES(self._receive_key), modes.GCM(nonce)).decryptor()
         decryptor.authenticate_additional_data(header)
-        tag = bytearray()
         done = 0
-        for piece in pieces:
-            view = memoryview(piece)
-            part = min(len(view), body - done)
-            if part > 0:
-                decryptor.update_into(view[:part], out[done:done + part])
-                done += part
-            tag += view[max(part, 0):]
+        for view in body:
+            decryptor.update_into(view, out[done:done + len(view)])
+            done += len(view)
         try:
-            decryptor.finalize_with_tag(bytes(tag))
-        except (InvalidTag, ValueError):
-            raise bad from None
+            decryptor.finalize_with_tag(tag)
+        except InvalidTag:
+            raise _tampered() from None
         return out if into is not None else out.obj  # type: ignore[return-value]
 
     def open_pieces(self, opcode: int, header: bytes,
                     pieces: list[bytearray | memoryview]) -> bytes | bytearray | memoryview:
-        """open() of a large frame received in pieces after its header (its payload and
-        tag, cut anywhere), checked where they lie. Pieces are joined only when the
-        payload is in several; a payload whole in the first piece, with the tag alone
-        in the second, comes back as that first piece itself."""
-        nonce = self._received.to_bytes(12, "little")
-        self._received += 1
+        """open() of a large signed frame received in pieces after its header (its
+        payload and tag, cut anywhere), checked where they lie. Pieces are joined only
+        when the payload is in several; a payload whole in the first piece comes back
+        as that first piece itself. (Encrypted frames: open_into.)"""
+        nonce = self._next_received()
+        views, tag = _body_and_tag(pieces)
+        body: bytearray | memoryview
+        if len(views) == 1 and len(views[0]) == len(pieces[0]):
+            body = pieces[0]
+        else:
+            body = views[0] if len(views) == 1 else bytearray().join(views)
         try:
-            if self.sealed(opcode):
-                sealed = pieces[0] if len(pieces) == 1 else bytearray().join(pieces)
-                return self._decrypt(nonce, sealed, header)
-            body: bytearray | memoryview
-            if len(pieces) > 1 and len(pieces[-1]) == TAG_BYTES:
-                body = pieces[0] if len(pieces) == 2 else bytearray().join(pieces[:-1])
-                tag = bytes(pieces[-1])
-            else:
-                rest = memoryview(pieces[0] if len(pieces) == 1 else bytearray().join(pieces))
-                body, tag = rest[:-TAG_BYTES], bytes(rest[-TAG_BYTES:])
             gmac = Cipher(algorithms.AES(self._receive_key), modes.GCM(nonce, tag)).decryptor()
             gmac.authenticate_additional_data(header)
             gmac.authenticate_additional_data(body)
             gmac.finalize()
         except (InvalidTag, ValueError):  # ValueError: a tag cut short
-            raise BadRequest("frame failed its integrity check (tampered, replayed or out of"
-                             " order)") from None
+            raise _tampered() from None
         return body
+
+    def _next_received(self) -> bytes:
+        """The nonce of the next frame received."""
+        nonce = self._received.to_bytes(12, "little")
+        self._received += 1
+        return nonce
+
+
+def _body_and_tag(pieces: list[bytearray | memoryview]) -> tuple[list[memoryview], bytes]:
+    """A payload received in pieces, cut anywhere: views of its body, and its tag (the
+    last TAG_BYTES; shorter if the pieces are)."""
+    length = sum(len(piece) for piece in pieces) - TAG_BYTES
+    body: list[memoryview] = []
+    tag = bytearray()
+    done = 0
+    for piece in pieces:
+        view = memoryview(piece)
+        part = max(0, min(len(view), length - done))
+        if part:
+            body.append(view[:part])
+            done += part
+        tag += view[part:]
+    return body, bytes(tag)
+
+
+def _tampered() -> SheepError:
+    """The error of a frame whose tag is wrong (BadRequest)."""
+    return BadRequest("frame failed its integrity check (tampered, replayed or out of order)")
 
 
 # --- where dog and the client library find their key -----------------------------------
